@@ -7,6 +7,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,16 @@ def read_records(wandb_file):
     return [wandb_internal_pb2.Record.FromString(record) for record in records]
 
 
-def _item_key(item):
-    return item.key or "/".join(item.nested_key)
+def _items_to_dict(items):
+    """History/summary/config items as a dict; nested keys (e.g. a logged image's fields) nest."""
+    result = {}
+    for item in items:
+        path = [item.key] if item.key else list(item.nested_key)
+        target = result
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = json.loads(item.value_json)
+    return result
 
 
 class RunLog:
@@ -59,9 +68,9 @@ class RunLog:
         for record in read_records(wandb_file):
             kind = record.WhichOneof("record_type")
             if kind == "history":
-                self.history.append({_item_key(i): json.loads(i.value_json) for i in record.history.item})
+                self.history.append(_items_to_dict(record.history.item))
             elif kind == "summary":
-                self.summary.update({_item_key(i): json.loads(i.value_json) for i in record.summary.update})
+                self.summary.update(_items_to_dict(record.summary.update))
             elif kind == "artifact":
                 artifact = record.artifact
                 self.artifacts.append({"name": artifact.name, "type": artifact.type,
@@ -69,14 +78,14 @@ class RunLog:
                                        "metadata": json.loads(artifact.metadata or "{}"),
                                        "files": [entry.path for entry in artifact.manifest.contents]})
             elif kind == "config":
-                self.config.update({_item_key(i): json.loads(i.value_json) for i in record.config.update})
+                self.config.update(_items_to_dict(record.config.update))
             elif kind == "metric":
                 self.metrics.append(record.metric)
             elif kind == "exit":
                 self.exit_code = record.exit.exit_code
             elif kind == "run":
                 self.run_id = record.run.run_id
-                self.config.update({_item_key(i): json.loads(i.value_json) for i in record.run.config.update})
+                self.config.update(_items_to_dict(record.run.config.update))
 
     def rows_with(self, key):
         return [row for row in self.history if key in row]
@@ -85,10 +94,17 @@ class RunLog:
         return [row[key] for row in self.rows_with(key)]
 
 
-def run_logs(wandb_dir):
-    """RunLog of every run written under WANDB_DIR, oldest first."""
-    files = sorted(glob.glob(os.path.join(wandb_dir, "wandb", "*run-*", "run-*.wandb")), key=os.path.getmtime)
-    return [RunLog(path) for path in files]
+def run_logs(wandb_dir, timeout=60):
+    """RunLog of every run written under WANDB_DIR, oldest first, once each holds its exit record.
+
+    wandb's service writes the file after run.finish() returns, so wait for the exit record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        files = sorted(glob.glob(os.path.join(wandb_dir, "wandb", "*run-*", "run-*.wandb")), key=os.path.getmtime)
+        logs = [RunLog(path) for path in files]
+        if all(log.exit_code is not None for log in logs) or time.monotonic() > deadline:
+            return logs
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -299,10 +315,12 @@ def _validate_worker(rank, world_size, init_file, result_file):
     batches = linear_batches(4, batch_size=6)
     metrics = wbflow.validate(linear_classifier(), batches[rank::world_size], CE_LOSS)
     torch.save(metrics, f"{result_file}.{rank}")
+    best = wbflow.save_best({"rank": rank}, 50.0, None, f"{result_file}.best")
+    torch.save(best, f"{result_file}.best-return.{rank}")
     dist.destroy_process_group()
 
 
-def test_validate_all_reduces_sums_across_ranks(tmp_path):
+def test_validate_all_reduces_sums_and_only_rank_0_saves_best(tmp_path):
     import torch.multiprocessing as mp
     result_file = tmp_path / "metrics"
     mp.spawn(_validate_worker, args=(2, tmp_path / "init", result_file), nprocs=2)
@@ -311,6 +329,8 @@ def test_validate_all_reduces_sums_across_ranks(tmp_path):
         metrics = torch.load(f"{result_file}.{rank}", weights_only=True)
         assert metrics["samples"] == 24
         assert metrics["loss"] == pytest.approx(whole["loss"]) and metrics["accuracy"] == pytest.approx(whole["accuracy"])
+        assert torch.load(f"{result_file}.best-return.{rank}", weights_only=True) == (50.0, True)
+    assert wbflow.load_checkpoint(f"{result_file}.best") == {"rank": 0}
 
 
 # ----------------------------------------------------------------------------- W&B run helper
@@ -390,6 +410,19 @@ def test_define_epoch_metrics_puts_epoch_metrics_on_the_epoch_axis(offline_wandb
     assert metrics["val/*"] == "epoch" and metrics["train/epoch_loss"] == "epoch"
 
 
+def test_watch_model_refuses_log_freq_below_100_and_logs_histograms(offline_wandb):
+    model = linear_classifier()
+    with pytest.raises(ValueError, match="log_freq"):
+        wbflow.watch_model(None, model, log_freq=10)
+    with wbflow.wandb_run(project="test") as run:
+        wbflow.watch_model(run, model, log="all", log_freq=100)
+        wbflow.train_epoch(model, linear_batches(100, batch_size=2), torch.optim.SGD(model.parameters(), lr=0.01),
+                           CE_LOSS, run=run, log_every=50, progress=False)
+    keys = set().union(*run_logs(offline_wandb)[0].history)
+    assert {"gradients/weight", "gradients/bias", "parameters/weight"} <= keys
+    assert run_logs(offline_wandb)[0].values("gradients/weight")[0]["_type"] == "histogram"
+
+
 def test_log_artifact_records_name_type_aliases_and_metadata(offline_wandb, tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"w": torch.ones(2)}, path)
@@ -435,10 +468,10 @@ def test_load_checkpoint_refuses_a_pickle_that_carries_code(tmp_path):
     assert not created.exists()
 
 
-@pytest.mark.parametrize("content", [os.urandom(4096), b"", b"PK\x03\x04 truncated zip"],
-                         ids=["random-bytes", "empty", "truncated-zip"])
-def test_load_checkpoint_names_the_file_that_is_not_a_checkpoint(tmp_path, content):
-    path = tmp_path / "broken.pt"
+@settings(max_examples=200, deadline=None)
+@given(content=st.binary(max_size=600) | st.sampled_from([b"", b"PK\x03\x04 truncated zip", b"\x80\x02}q\x00."[:-1]]))
+def test_load_checkpoint_names_the_file_that_is_not_a_checkpoint(tmp_path_factory, content):
+    path = tmp_path_factory.mktemp("bad") / "broken.pt"
     path.write_bytes(content)
     with pytest.raises(ValueError, match="broken.pt"):
         wbflow.load_checkpoint(path)

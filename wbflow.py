@@ -4,7 +4,7 @@ Sections, in data-flow order:
   device & data   default_device, to_device, setup_distributed, is_main_process
   losses          classification_loss
   training        autocast_dtype, make_scaler, make_ema, train_epoch, validate
-  W&B             wandb_run, log_metrics, define_epoch_metrics, log_artifact
+  W&B             wandb_run, log_metrics, define_epoch_metrics, watch_model, log_artifact
   checkpoints     save_checkpoint, load_checkpoint, save_best
 
 Every public function takes what it needs as arguments and imports wandb lazily, so it keeps
@@ -13,11 +13,9 @@ working when pasted alone (with its imports) into another project.
 import contextlib
 import math
 import os
-import pickle
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import torch
@@ -391,6 +389,18 @@ def define_epoch_metrics(run, names, epoch_key="epoch"):
         run.define_metric(name, step_metric=epoch_key)
 
 
+def watch_model(run, model, log="gradients", log_freq=100):
+    """wandb.watch `model` (gradient / parameter histograms) every `log_freq` >= 100 steps.
+
+    Histograms are costly: more often than every 100 steps slows training, so that is refused.
+    Usage: watch_model(run, model, log="all", log_freq=100)
+    """
+    if log_freq < 100:
+        raise ValueError(f"watch_model: log_freq={log_freq} would slow training; use 100 or more")
+    if run is not None:
+        run.watch(model, log=log, log_freq=log_freq)
+
+
 def log_artifact(run, path, name, type="model", aliases=("latest",), metadata=None):
     """Upload the file or folder at `path` as a W&B artifact; a no-op returning None without a run.
 
@@ -444,8 +454,9 @@ def load_checkpoint(path, map_location="cpu"):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile,
-            AttributeError, ImportError, TypeError) as error:
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a malformed file can fail anywhere in the unpickler
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path} is not a loadable checkpoint (torch.load with weights_only=True "
                          f"refused it: {reason[:300]})") from None
