@@ -315,21 +315,31 @@ def _validate_worker(rank, world_size, init_file, result_file):
     batches = linear_batches(4, batch_size=6)
     metrics = wbflow.validate(linear_classifier(), batches[rank::world_size], CE_LOSS)
     torch.save(metrics, f"{result_file}.{rank}")
+    model = linear_classifier()
+    train = wbflow.train_epoch(model, batches[rank::world_size], torch.optim.SGD(model.parameters(), lr=0.0),
+                               CE_LOSS, progress=False)
+    torch.save(train, f"{result_file}.train.{rank}")
     best = wbflow.save_best({"rank": rank}, 50.0, None, f"{result_file}.best")
     torch.save(best, f"{result_file}.best-return.{rank}")
     dist.destroy_process_group()
 
 
-def test_validate_all_reduces_sums_and_only_rank_0_saves_best(tmp_path):
+def test_train_epoch_and_validate_all_reduce_and_only_rank_0_saves_best(tmp_path):
     import torch.multiprocessing as mp
     result_file = tmp_path / "metrics"
     mp.spawn(_validate_worker, args=(2, tmp_path / "init", result_file), nprocs=2)
     whole = wbflow.validate(linear_classifier(), linear_batches(4, batch_size=6), CE_LOSS)
+    model = linear_classifier()
+    whole_train = wbflow.train_epoch(model, linear_batches(4, batch_size=6), torch.optim.SGD(model.parameters(), lr=0.0),
+                                     CE_LOSS, progress=False)
     for rank in range(2):
         metrics = torch.load(f"{result_file}.{rank}", weights_only=True)
         assert metrics["samples"] == 24
         assert metrics["loss"] == pytest.approx(whole["loss"]) and metrics["accuracy"] == pytest.approx(whole["accuracy"])
         assert torch.load(f"{result_file}.best-return.{rank}", weights_only=True) == (50.0, True)
+        train = torch.load(f"{result_file}.train.{rank}", weights_only=True)
+        assert train["samples"] == 24 and train["steps"] == 2
+        assert train["loss"] == pytest.approx(whole_train["loss"]) and train["accuracy"] == pytest.approx(whole_train["accuracy"])
     assert wbflow.load_checkpoint(f"{result_file}.best") == {"rank": 0}
 
 

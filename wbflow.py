@@ -183,7 +183,8 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
     Every `log_every` steps, `run.log` receives, at W&B step = global step, the means over the steps
     since the last log under `log_keys` (roles loss, learning_rate, grad_norm, epoch, and optionally
     accuracy (percent), batch, skipped_steps) — by default train/loss, train/learning_rate,
-    train/grad_norm, train/epoch.
+    train/grad_norm, train/epoch. Under torch.distributed the returned means (loss, accuracy,
+    grad_norm) and counts are all-reduced over ranks; the logged ones are rank 0's.
     Usage: stats = train_epoch(model, loader, opt, loss_fn, run=run, step=step); step = stats["step"]
     """
     from tqdm.auto import tqdm
@@ -241,9 +242,12 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
                          if row.get(role) is not None}, step=step)
             bar.set_postfix(loss=f"{window['loss']:.4f}", grad_norm=f"{window['grad_norm']:.3f}")
     bar.close()
-    current = totals.tolist()
+    sums = torch.cat([totals, zero.view(1) + n_samples_total])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)  # every rank returns the means over all ranks
+    *current, n_samples_total = sums.tolist()
     return {**_window_means(current, n_samples_total, has_accuracy), "steps": step - start_step,
-            "skipped": int(current[4]), "samples": n_samples_total, "step": step,
+            "skipped": int(current[4]), "samples": int(n_samples_total), "step": step,
             "seconds": time.perf_counter() - started}
 
 
