@@ -4,20 +4,37 @@ import json
 import math
 import os
 import pickle
+import random
 import struct
 import subprocess
 import sys
 import time
+import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+import yaml
 from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
 
+import train_fire
+import train_flow
 import wbflow
 
 HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: these tiny models gain little from two, and lose much when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- reading a run back
@@ -550,3 +567,1166 @@ def test_save_best_records_summary_and_uploads_best_and_latest(offline_wandb, tm
     [artifact] = log.artifacts
     assert artifact["name"] == "best_model" and set(artifact["aliases"]) == {"best", "latest"}
     assert artifact["metadata"] == {"val_acc": 71.5, "epoch": 4}
+
+
+# ============================================================================= FID and Inception Score (parity with pytorch-fid / torch-fidelity)
+
+FEATURE_TOLERANCE = 1e-4
+
+
+def _calibrated_fid_inception():
+    # Random weights alone make every image look alike; BatchNorm statistics measured on images
+    # (with a positive shift so the ReLUs stay mostly open) give features that differ per image.
+    torch.manual_seed(0)
+    model = wbflow.FIDInceptionV3().requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+            module.bias.fill_(1.0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        model.train()(wbflow._preprocess(images, "tensorflow"))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def weights_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / wbflow.FID_WEIGHTS_FILE
+    torch.save(_calibrated_fid_inception().state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def inception(weights_path):
+    return wbflow.load_fid_inception(weights_path)
+
+
+@pytest.fixture(scope="session")
+def images_uint8():
+    return torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def tensorflow_outputs(inception, images_uint8):
+    return wbflow.inception_features(images_uint8, inception, resize="tensorflow")
+
+
+def test_state_dict_keys_are_pytorch_fids(weights_path, monkeypatch):
+    import pytorch_fid.inception as pytorch_fid_inception
+    state_dict = torch.load(weights_path, weights_only=True)
+    monkeypatch.setattr(pytorch_fid_inception, "load_state_dict_from_url",
+                        lambda *args, **kwargs: state_dict)
+    reference = pytorch_fid_inception.fid_inception_v3()
+    assert set(reference.state_dict()) == set(wbflow.FIDInceptionV3().state_dict())
+
+
+def test_features_differ_between_images(tensorflow_outputs):
+    features, _ = tensorflow_outputs
+    assert features.shape == (10, 2048)
+    assert features.std(dim=0).mean() > 1000 * FEATURE_TOLERANCE
+
+
+def test_pytorch_fid_mode_matches_pytorch_fid_features(weights_path, inception, images_uint8,
+                                                       monkeypatch):
+    import pytorch_fid.inception as pytorch_fid_inception
+    state_dict = torch.load(weights_path, weights_only=True)
+    monkeypatch.setattr(pytorch_fid_inception, "load_state_dict_from_url",
+                        lambda *args, **kwargs: state_dict)
+    reference = pytorch_fid_inception.InceptionV3([3]).eval()
+    with torch.no_grad():
+        expected = reference(images_uint8.float() / 255)[0].flatten(1)
+    features, _ = wbflow.inception_features(images_uint8, inception, resize="pytorch-fid")
+    assert (features - expected).abs().max() < FEATURE_TOLERANCE
+
+
+def _torch_fidelity_extractor(weights_path):
+    import torch_fidelity.feature_extractor_inceptionv3 as extractor_module
+    return extractor_module.FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048", "logits_unbiased"],
+        feature_extractor_weights_path=weights_path)
+
+
+def test_tensorflow_mode_matches_torch_fidelity_features(weights_path, images_uint8,
+                                                         tensorflow_outputs):
+    with torch.no_grad():
+        expected_features, expected_logits = _torch_fidelity_extractor(weights_path)(images_uint8)
+    features, logits = tensorflow_outputs
+    assert (features - expected_features).abs().max() < FEATURE_TOLERANCE
+    assert (logits - expected_logits).abs().max() < FEATURE_TOLERANCE
+
+
+def test_unfused_model_gives_the_same_features(weights_path, images_uint8, tensorflow_outputs):
+    unfused = wbflow.load_fid_inception(weights_path, fuse=False)
+    features, _ = wbflow.inception_features(images_uint8, unfused)
+    assert (features - tensorflow_outputs[0]).abs().max() < FEATURE_TOLERANCE
+
+
+def test_inception_score_matches_torch_fidelity_isc(weights_path, inception, images_uint8,
+                                                     tensorflow_outputs):
+    import torch_fidelity.metric_isc as metric_isc
+    _, logits = tensorflow_outputs
+    with torch.no_grad():
+        _, reference_logits = _torch_fidelity_extractor(weights_path)(images_uint8)
+    expected = metric_isc.isc_features_to_metric(reference_logits, splits=5)
+    mean, std = wbflow.inception_score(images_uint8, splits=5, inception=inception)
+    assert mean == pytest.approx(expected["inception_score_mean"], rel=1e-5)
+    assert std == pytest.approx(expected["inception_score_std"], rel=1e-3, abs=1e-6)
+    assert wbflow.inception_score(logits, splits=5) == pytest.approx((mean, std), rel=1e-5, abs=1e-8)
+
+
+def test_inception_score_of_logits_equals_torch_fidelity_exactly():
+    import torch_fidelity.metric_isc as metric_isc
+    logits = torch.randn(200, 1008, generator=torch.Generator().manual_seed(3)) * 3
+    expected = metric_isc.isc_features_to_metric(logits)
+    assert wbflow.inception_score(logits) == pytest.approx(
+        (expected["inception_score_mean"], expected["inception_score_std"]), rel=1e-12)
+
+
+def _random_statistics(dims, samples, seed):
+    features = np.random.default_rng(seed).standard_normal((samples, dims)) @ np.diag(
+        np.linspace(0.5, 2, dims))
+    return wbflow.feature_statistics(torch.from_numpy(features + seed))
+
+
+def test_frechet_distance_matches_pytorch_fid():
+    import pytorch_fid.fid_score as fid_score
+    real, fake = _random_statistics(64, 500, 1), _random_statistics(64, 500, 2)
+    expected = fid_score.calculate_frechet_distance(*real, *fake)
+    assert abs(wbflow.frechet_distance(*real, *fake) - expected) <= 1e-9 * abs(expected)
+
+
+def test_singular_covariances_give_real_distance_equal_to_full_precision_value():
+    real, fake = _random_statistics(64, 10, 1), _random_statistics(64, 12, 2)
+    distance = wbflow.frechet_distance(*real, *fake)
+    import scipy.linalg  # reference: sqrtm of the product, real part, in float64
+    covariance_mean = scipy.linalg.sqrtm(real[1] @ fake[1]).real
+    expected = (np.sum((real[0] - fake[0]) ** 2) + np.trace(real[1]) + np.trace(fake[1])
+                - 2 * np.trace(covariance_mean))
+    assert isinstance(distance, float) and np.isfinite(distance)
+    assert distance == pytest.approx(expected, rel=1e-6)
+
+
+feature_sets = arrays(np.float64, st.tuples(st.integers(3, 12), st.integers(2, 6)),
+                      elements=st.floats(-10, 10, allow_nan=False, width=32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(features=feature_sets)
+def test_fid_of_a_set_with_itself_is_zero(features):
+    features = torch.from_numpy(features)
+    scale = 1 + features.square().sum().item()
+    assert wbflow.fid(features, features) == pytest.approx(0, abs=1e-6 * scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(real=feature_sets, seed=st.integers(0, 1000))
+def test_fid_is_symmetric_and_non_negative(real, seed):
+    real = torch.from_numpy(real)
+    noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float64)
+    fake = real * 0.5 + noise
+    forward, backward = wbflow.fid(real, fake), wbflow.fid(fake, real)
+    scale = 1 + real.square().sum().item() + fake.square().sum().item()
+    assert forward == pytest.approx(backward, abs=1e-8 * scale)
+    assert forward >= -1e-8 * scale
+
+
+@settings(max_examples=40, deadline=None)
+@given(real=feature_sets, seed=st.integers(0, 1000))
+def test_frechet_distance_is_invariant_to_a_common_rotation(real, seed):
+    real = torch.from_numpy(real)
+    generator = torch.Generator().manual_seed(seed)
+    fake = torch.randn(real.shape, generator=generator, dtype=torch.float64) * 2
+    rotation, _ = torch.linalg.qr(torch.randn(real.shape[1], real.shape[1], generator=generator,
+                                              dtype=torch.float64))
+    scale = 1 + real.square().sum().item() + fake.square().sum().item()
+    assert wbflow.fid(real @ rotation, fake @ rotation) == pytest.approx(
+        wbflow.fid(real, fake), abs=1e-8 * scale)
+
+
+def test_fid_accepts_every_input_kind(inception, images_uint8, tensorflow_outputs, tmp_path):
+    real_uint8, real_features = images_uint8[:4], tensorflow_outputs[0][:4]
+    fake_uint8 = images_uint8.flip(0)[:6].roll(5, dims=3)
+    expected = wbflow.fid(real_features, fake_uint8, inception=inception)
+    mu, sigma = wbflow.feature_statistics(real_features)
+    np.savez(tmp_path / "real.npz", mu=mu, sigma=sigma)
+    labels = torch.zeros(len(real_uint8))
+    real_kinds = {
+        "uint8 tensor": real_uint8,
+        "float tensor": real_uint8.float() / 255,
+        "batches": torch.utils.data.DataLoader(real_uint8, batch_size=3),
+        "pairs": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(real_uint8, labels),
+                                             batch_size=3),
+        "numpy features": real_features.numpy(),
+        "(mu, sigma)": (mu, sigma),
+        "npz path": str(tmp_path / "real.npz"),
+    }
+    fake_features, _ = wbflow.inception_features(fake_uint8, inception)
+    for kind, real in real_kinds.items():
+        assert wbflow.fid(real, fake_features, inception=inception) == pytest.approx(
+            expected, rel=1e-4), kind
+
+
+def test_num_images_caps_each_side(inception, images_uint8):
+    batches = torch.utils.data.DataLoader(images_uint8, batch_size=3)
+    features, logits = wbflow.inception_features(batches, inception, num_images=4)
+    assert features.shape == (4, 2048) and logits.shape == (4, 1008)
+
+
+def test_save_statistics_writes_pytorch_fid_npz_and_reuses_it(weights_path, images_uint8,
+                                                               tmp_path, monkeypatch):
+    path = wbflow.save_statistics(images_uint8[:6], tmp_path, "toy", weights_path=weights_path)
+    assert wbflow.file_sha256(weights_path)[:12] in os.path.basename(path)
+    with np.load(path) as stored:
+        assert stored["mu"].shape == (2048,) and stored["sigma"].shape == (2048, 2048)
+    monkeypatch.setattr(wbflow, "inception_features", lambda *a, **k: pytest.fail("recomputed"))
+    cached = wbflow.save_statistics(images_uint8[:6], tmp_path, "toy", weights_path=weights_path)
+    assert cached == path
+    assert wbflow.fid(path, path) == pytest.approx(0, abs=1e-6)
+
+
+def test_missing_weights_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth"):
+        wbflow.load_fid_inception(tmp_path / "absent.pth")
+
+
+def test_weights_path_can_come_from_the_environment(weights_path, monkeypatch):
+    monkeypatch.setenv(wbflow.FID_WEIGHTS_ENV, weights_path)
+    assert wbflow.fid_weights_path() == weights_path
+
+
+def test_offline_without_weights_says_which_file_to_put_where(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.delenv(wbflow.FID_WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    expected_path = os.path.join(str(tmp_path), "checkpoints", wbflow.FID_WEIGHTS_FILE)
+    with pytest.raises(RuntimeError) as error:
+        wbflow.fid_weights_path()
+    assert expected_path in str(error.value) and wbflow.FID_WEIGHTS_URL in str(error.value)
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_weights_file_with_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "hostile.pth"
+    with open(path, "wb") as file:
+        pickle.dump({"fc.weight": _RunsCodeWhenUnpickled()}, file)
+    with pytest.raises(ValueError, match="weights_only"):
+        wbflow.load_fid_inception(path)
+
+
+def test_weights_file_with_other_keys_is_refused(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="keys"):
+        wbflow.load_fid_inception(path)
+
+
+def _gather_on_rank(rank, world_size, init_file, results):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}",
+                                         rank=rank, world_size=world_size)
+    rows = torch.full((rank + 2, 3), float(rank))  # uneven: rank 0 has 2 rows, rank 1 has 3
+    gathered = wbflow._gather_across_ranks(rows)
+    torch.distributed.destroy_process_group()
+    torch.save(gathered, f"{results}.{rank}")
+
+
+def test_features_are_gathered_across_ranks_with_uneven_counts(tmp_path):
+    import torch.multiprocessing
+    results = tmp_path / "gathered"
+    torch.multiprocessing.spawn(_gather_on_rank, args=(2, tmp_path / "init", results), nprocs=2)
+    expected = torch.tensor([[0.0] * 3] * 2 + [[1.0] * 3] * 3)
+    for rank in range(2):
+        assert torch.equal(torch.load(f"{results}.{rank}", weights_only=True), expected)
+
+# ============================================================================= rectified flow: data, model, samplers, train_flow.py
+
+TINY_UNET = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, head_channels=16, dropout=0.0)
+
+
+def write_cifar_batches(data_dir, per_batch=40, test_images=20, seed=0):
+    """CIFAR-10's python layout (data_batch_1..5, test_batch, batches.meta) with small learnable images."""
+    folder = Path(data_dir) / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    images = wbflow.synthetic_images(5 * per_batch + test_images, seed=seed).numpy().reshape(-1, 3072)
+    labels = np.random.RandomState(seed).randint(0, 10, len(images)).tolist()
+    names = [f"data_batch_{index}" for index in range(1, 6)] + ["test_batch"]
+    for index, name in enumerate(names):
+        rows = slice(index * per_batch, index * per_batch + (per_batch if index < 5 else test_images))
+        with open(folder / name, "wb") as file:
+            pickle.dump({"batch_label": name, "data": images[rows], "labels": labels[rows],
+                         "filenames": [f"{i}.png" for i in range(len(images[rows]))]}, file)
+    with open(folder / "batches.meta", "wb") as file:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                     "ship", "truck"], "num_cases_per_batch": per_batch}, file)
+    return images.reshape(-1, 3, 32, 32), labels
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    write_cifar_batches(tmp_path / "data")
+    return tmp_path / "data"
+
+
+def test_load_cifar10_reads_the_pickle_batches_as_one_uint8_tensor(tmp_path):
+    images, labels = write_cifar_batches(tmp_path)
+    train_images, train_labels = wbflow.load_cifar10(tmp_path, download=False)
+    test_images, _ = wbflow.load_cifar10(tmp_path, train=False, download=False)
+    assert train_images.dtype == torch.uint8 and train_images.shape == (200, 3, 32, 32)
+    assert torch.equal(train_images, torch.from_numpy(images[:200]))
+    assert train_labels.tolist() == labels[:200] and test_images.shape == (20, 3, 32, 32)
+
+
+def test_load_cifar10_refuses_a_batch_file_that_carries_code(tmp_path):
+    write_cifar_batches(tmp_path)
+    created = tmp_path / "pwned"
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as file:
+        pickle.dump({"data": _Hostile(str(created)), "labels": []}, file)
+    with pytest.raises(ValueError, match="data_batch_3"):
+        wbflow.load_cifar10(tmp_path, download=False)
+    assert not created.exists()
+
+
+def test_load_cifar10_offline_says_which_archive_to_put_where(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(wbflow.torchvision.datasets, "CIFAR10", no_network)
+    with pytest.raises(FileNotFoundError) as error:
+        wbflow.load_cifar10(tmp_path / "data")
+    message = str(error.value)
+    assert "cifar-10-python.tar.gz" in message and str(tmp_path / "data") in message
+    assert wbflow.CIFAR10_URL in message
+
+
+def test_driver_without_data_offline_exits_with_the_message_and_no_traceback(tmp_path, monkeypatch):
+    monkeypatch.setattr(wbflow.torchvision.datasets, "CIFAR10",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    with pytest.raises(SystemExit) as exit_info:
+        train_flow.main(["--data-dir", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "out"), "--no-wandb"])
+    assert "cifar-10-python.tar.gz" in str(exit_info.value.code)
+
+
+def _ids_loader(count=100, batch_size=16, **kwargs):
+    """Images whose pixel (0, 0, 0) is the index and whose left half is 0, right half 255 (flip visible)."""
+    images = torch.zeros(count, 3, 4, 4, dtype=torch.uint8)
+    images[:, :, :, 2:] = 255
+    images[:, 0, 0, 0] = torch.arange(count, dtype=torch.uint8)
+    images[:, 0, 0, 3] = torch.arange(count, dtype=torch.uint8)
+    return wbflow.DeviceImageLoader(images, batch_size, **kwargs)
+
+
+def _ids(batch):
+    uint8 = ((batch + 1) * 127.5).round().long()
+    return uint8[:, 0, 0, 0].tolist(), (uint8[:, 1, 0, 0] == 255).tolist()
+
+
+def test_device_loader_yields_a_seeded_permutation_in_minus_one_to_one_with_random_flips():
+    loader = _ids_loader(seed=3)
+    loader.set_epoch(1)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 6 and all(b.shape == (16, 3, 4, 4) for b in batches)
+    assert all(b.dtype == torch.float32 and b.min() >= -1 and b.max() <= 1 for b in batches)
+    ids, flipped = zip(*[_ids(b) for b in batches])
+    ids, flipped = sum(ids, []), sum(flipped, [])
+    assert len(set(ids)) == 96 and ids != sorted(ids)  # no repeats, shuffled, last partial batch dropped
+    assert 25 < sum(flipped) < 71  # about half flipped
+    loader.set_epoch(1)
+    assert sum([_ids(b)[0] for b in loader], []) == ids  # the order is a function of (seed, epoch)
+    loader.set_epoch(2)
+    assert sum([_ids(b)[0] for b in loader], []) != ids
+
+
+def test_device_loader_shards_one_permutation_across_ranks():
+    shards = []
+    for rank in range(2):
+        loader = _ids_loader(count=64, batch_size=8, seed=0, rank=rank, world_size=2, drop_last=False)
+        loader.set_epoch(5)
+        shards.append(sum([_ids(b)[0] for b in loader], []))
+    assert len(shards[0]) == len(shards[1]) == 32 and sorted(shards[0] + shards[1]) == list(range(64))
+
+
+def test_rectified_flow_loss_regresses_the_straight_line_velocity():
+    seen = {}
+
+    def model(x, t):
+        seen["x"], seen["t"] = x, t
+        return torch.zeros_like(x)
+
+    data = torch.randn(8, 3, 4, 4)
+    torch.manual_seed(0)
+    loss = wbflow.rectified_flow_loss(model, (data, torch.zeros(8)))
+    torch.manual_seed(0)
+    noise, t = torch.randn_like(data), torch.rand(8)
+    torch.testing.assert_close(seen["t"], t)
+    torch.testing.assert_close(seen["x"], t.view(-1, 1, 1, 1) * data + (1 - t.view(-1, 1, 1, 1)) * noise)
+    torch.testing.assert_close(loss, ((data - noise) ** 2).mean())
+
+
+def test_flow_unet_defaults_follow_the_torchcfm_recipe_with_35_7m_parameters():
+    model = wbflow.FlowUNet()
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(35.7e6, rel=0.002)
+    attention_channels = [m.qkv.in_channels for m in model.modules() if isinstance(m, wbflow._FlowAttention)]
+    assert attention_channels == [256] * 6  # 2 down + 3 up blocks at 16x16, 1 in the middle
+
+
+def test_flow_unet_output_depends_on_x_and_t_and_keeps_the_shape():
+    torch.manual_seed(0)
+    model = wbflow.FlowUNet(**TINY_UNET)
+    for parameter in model.parameters():  # leave the zero initialisation, so the output is not zero
+        nn.init.normal_(parameter, std=0.05)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x, torch.tensor([0.1, 0.1]))
+    assert out.shape == x.shape
+    assert not torch.allclose(out, model(x, torch.tensor([0.9, 0.9])))
+    assert not torch.allclose(out, model(x.flip(3), torch.tensor([0.1, 0.1])))
+
+
+def test_channels_last_and_bf16_autocast_paths_match_the_float32_contiguous_ones():
+    torch.manual_seed(0)
+    model = wbflow.FlowUNet(**TINY_UNET)
+    for parameter in model.parameters():
+        nn.init.normal_(parameter, std=0.05)
+    loader = wbflow.DeviceImageLoader(wbflow.synthetic_images(8), 4, channels_last=True)
+    images = next(iter(loader))
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    t = torch.rand(4)
+    with torch.no_grad():
+        expected = model(images.contiguous(), t)
+        torch.testing.assert_close(model.to(memory_format=torch.channels_last)(images, t), expected,
+                                   rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = wbflow.rectified_flow_loss(model, images)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    noise = torch.randn(4, 3, 32, 32)
+    samples = wbflow.euler_sample(model, noise, 4, dtype=torch.bfloat16)
+    assert samples.dtype == torch.float32
+    assert (samples - wbflow.euler_sample(model, noise, 4)).abs().max() < 0.1
+
+
+class _LinearField(nn.Module):
+    """v(x, t) = a * x, so x(1) = x(0) * exp(a); counts evaluations and records the modes it ran in."""
+
+    def __init__(self, a=1.0):
+        super().__init__()
+        self.a, self.calls, self.grad_enabled = a, 0, []
+
+    def forward(self, x, t):
+        self.calls += 1
+        self.grad_enabled.append(torch.is_grad_enabled() or self.training)
+        return self.a * x
+
+
+def test_euler_and_heun_converge_at_first_and_second_order_with_steps_and_2x_steps_evaluations():
+    noise = torch.randn(4, 3, 8, 8)
+    exact = noise * math.e
+    errors = {}
+    for name, sampler, evaluations in [("euler", wbflow.euler_sample, 1), ("heun", wbflow.heun_sample, 2)]:
+        for steps in (10, 20):
+            field = _LinearField().train()
+            samples = sampler(field, noise, steps)
+            assert field.calls == evaluations * steps and not any(field.grad_enabled) and field.training
+            errors[name, steps] = (samples - exact).abs().max().item()
+    assert 1.8 < errors["euler", 10] / errors["euler", 20] < 2.2
+    assert 3.6 < errors["heun", 10] / errors["heun", 20] < 4.4
+    assert errors["heun", 10] < errors["euler", 20] / 10
+
+
+def test_rk45_is_accurate_and_reports_the_evaluations_it_used():
+    noise = torch.randn(2, 3, 4, 4)
+    field = _LinearField()
+    samples, nfe = wbflow.rk45_sample(field, noise, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(samples, noise * math.e, rtol=1e-5, atol=1e-5)
+    assert nfe == field.calls and 6 <= nfe < 200
+
+
+def test_compare_solvers_gives_one_row_per_solver_and_budget():
+    rows = wbflow.compare_solvers(_LinearField(), torch.randn(2, 3, 4, 4), nfes=(1, 2, 4), rtol=1e-3, atol=1e-3)
+    assert [(row["solver"], row["nfe"]) for row in rows[:5]] == [
+        ("euler", 1), ("euler", 2), ("euler", 4), ("heun", 2), ("heun", 4)]
+    assert rows[5]["solver"] == "rk45" and rows[5]["nfe"] > 0 and len(rows) == 6
+
+
+def _mixture_of_gaussians(count, generator, modes=8, radius=4.0, std=0.3):
+    angles = 2 * math.pi * torch.randint(0, modes, (count,), generator=generator) / modes
+    centres = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+    return centres + std * torch.randn(count, 2, generator=generator)
+
+
+class _TimeMLP(nn.Module):
+    def __init__(self, width=128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2))
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, t.expand(x.shape[0])[:, None]], dim=1))
+
+
+def test_objective_and_sampler_learn_a_2d_mixture_of_gaussians():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = _TimeMLP()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    batches = [_mixture_of_gaussians(256, generator) for _ in range(1500)]
+    wbflow.train_epoch(model, batches, optimizer, wbflow.rectified_flow_loss, progress=False, log_every=10**6,
+                       scheduler=wbflow.warmup_scheduler(optimizer, 100), grad_clip=1.0)
+    data, noise = _mixture_of_gaussians(4000, generator), torch.randn(4000, 2, generator=generator)
+    samples = wbflow.euler_sample(model, noise, 50)
+
+    def frechet(points):
+        return wbflow.frechet_distance(*wbflow.feature_statistics(points), *wbflow.feature_statistics(data))
+
+    assert frechet(noise) > 5.0 and frechet(samples) < frechet(noise) / 20
+    centres = 4.0 * torch.stack([torch.cos(torch.arange(8) * math.pi / 4), torch.sin(torch.arange(8) * math.pi / 4)], 1)
+    nearest = torch.cdist(samples, centres).min(dim=1)
+    assert (nearest.values < 1.0).float().mean() > 0.8  # mass on the modes, not just matching moments
+    assert nearest.indices.bincount(minlength=8).min() > 4000 / 8 / 3  # and every mode covered
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.randn()  # leaves a cached gaussian in numpy's state
+    wbflow.save_checkpoint({"rng": wbflow.capture_rng_state()}, tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.randn(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    wbflow.restore_rng_state(wbflow.load_checkpoint(tmp_path / "rng.pt")["rng"])
+    again = (torch.rand(3), np.random.randn(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_warmup_scheduler_rises_linearly_then_stays_constant_and_resumes(tmp_path):
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = wbflow.warmup_scheduler(optimizer, 4)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step(), scheduler.step()
+    assert rates == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    wbflow.save_checkpoint({"scheduler": scheduler.state_dict()}, tmp_path / "s.pt")
+    fresh_optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    fresh = wbflow.warmup_scheduler(fresh_optimizer, 4)
+    fresh.load_state_dict(wbflow.load_checkpoint(tmp_path / "s.pt")["scheduler"])
+    assert fresh.last_epoch == 6 and fresh.get_last_lr() == pytest.approx([0.1])
+
+
+def test_load_yaml_config_applies_typed_overrides_and_rejects_unknown_keys():
+    path = HERE / "configs" / "cifar10_rectified_flow.yaml"
+    config = wbflow.load_yaml_config(path, ["training.gradient_clip=0.5", "model.channel_mults=[1, 2]",
+                                               "logging.entity=null", "training.learning_rate=1e-3"])
+    assert config["training"]["gradient_clip"] == 0.5 and config["model"]["channel_mults"] == [1, 2]
+    assert config["logging"]["entity"] is None and config["training"]["learning_rate"] == 1e-3
+    seed_keys = {"use_wandb", "project_name", "entity", "run_name", "tags", "notes", "log_images_interval",
+                 "log_model_interval"}
+    assert seed_keys <= set(config["logging"])
+    assert {"log_interval", "save_interval", "sample_interval", "gradient_clip"} <= set(config["training"])
+    with pytest.raises(KeyError, match="training.gradient_clp"):
+        wbflow.load_yaml_config(path, ["training.gradient_clp=0.5"])
+
+
+def test_fetch_checkpoint_downloads_the_model_artifact(tmp_path, monkeypatch):
+    import wandb
+    asked = {}
+
+    class FakeArtifact:
+        def download(self, root=None):
+            folder = tmp_path / "artifact"
+            folder.mkdir()
+            wbflow.save_checkpoint({"epoch": 10}, folder / "checkpoint_epoch_10.pt")
+            return str(folder)
+
+    class FakeApi:
+        default_entity = "me"
+
+        def artifact(self, name, type=None):
+            asked["name"], asked["type"] = name, type
+            return FakeArtifact()
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    path = wbflow.fetch_checkpoint("model-epoch-10", project="flow")
+    assert asked == {"name": "me/flow/model-epoch-10:latest", "type": "model"}
+    assert wbflow.load_checkpoint(path)["epoch"] == 10
+    assert wbflow.fetch_checkpoint(path) == path
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        wbflow.fetch_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_driver_accepts_the_seed_spelling_of_the_eval_flags_and_plain_training_flags():
+    args = train_flow.parse_args(["--eval", "--checkpoint", "c.pt", "--num_samples", "10000", "--metric", "both",
+                                  "--use_wandb", "--wandb_project", "flow_matching_cifar10_eval"])
+    assert args.num_samples == 10000 and args.use_wandb and args.wandb_project == "flow_matching_cifar10_eval"
+    config = train_flow.load_config(train_flow.parse_args(
+        ["--data-dir", "/d", "--out-dir", "/o", "--epochs", "3", "--batch-size", "64", "--no-wandb",
+         "--set", "training.gradient_clip=0.5", "--set", "logging.tags=[a, b]"]))
+    assert (config["data"]["data_dir"], config["data"]["out_dir"]) == ("/d", "/o")
+    assert (config["training"]["epochs"], config["training"]["batch_size"]) == (3, 64)
+    assert config["training"]["gradient_clip"] == 0.5 and config["logging"]["tags"] == ["a", "b"]
+    assert config["logging"]["use_wandb"] is False
+
+
+SMALL = ["--set", "data.max_images=64", "--set", "training.log_interval=1"]
+
+
+def _table_data(wandb_dir, run_id=""):
+    """Columns and rows of the eval/samples_table a run under wandb_dir wrote (the one with run_id)."""
+    [path] = glob.glob(str(Path(wandb_dir) / "wandb" / f"*run-*{run_id}" / "files" / "media" / "table" / "eval" /
+                           "samples_table_*.table.json"))
+    table = json.loads(Path(path).read_text())
+    return table["columns"], table["data"]
+
+
+def test_smoke_run_on_cifar_files_logs_every_seed_key_table_image_and_artifact(offline_wandb, cifar_dir, tmp_path,
+                                                                              capsys):
+    out_dir = tmp_path / "out"
+    train_flow.main(["--smoke", "--data-dir", str(cifar_dir), "--out-dir", str(out_dir), "--epochs", "2",
+                     "--set", "training.log_interval=2", "--set", "training.save_interval=2"])
+    printed = capsys.readouterr().out
+    assert "CIFAR-10: 200 training images" in printed and "images/s" in printed
+    [log] = run_logs(offline_wandb)
+    assert log.exit_code == 0
+    step_rows = log.rows_with("train/loss")
+    assert [row["_step"] for row in step_rows] == [2, 4, 6, 8, 10, 12]  # 200 images // 32 = 6 steps per epoch
+    for row in step_rows:
+        assert {"train/learning_rate", "train/grad_norm", "train/epoch"} <= set(row)
+    assert [row["train/epoch"] for row in step_rows] == [1, 1, 1, 2, 2, 2]
+    epoch_losses = log.values("train/epoch_loss")
+    assert len(epoch_losses) == 2 and all(math.isfinite(loss) for loss in epoch_losses)
+    assert all(rate > 0 for rate in log.values("train/images_per_second"))
+    images = log.values("eval/generated_samples")
+    assert len(images) == 2 and all(image["_type"] == "image-file" for image in images)
+    assert sorted(p.name for p in (out_dir / "samples").glob("epoch_000?.png")) == ["epoch_0001.png", "epoch_0002.png"]
+
+    [table] = log.values("eval/samples_table")
+    assert table["_type"] == "table-file" and table["nrows"] == 12  # 2 epochs x (3 euler + 2 heun + 1 rk45)
+    columns, data = _table_data(offline_wandb)
+    assert columns == ["epoch", "solver", "nfe", "seconds", "samples"]
+    assert {(row[0], row[1], row[2]) for row in data if row[1] != "rk45"} == {
+        (epoch, solver, nfe) for epoch in (1, 2) for solver, nfe in
+        [("euler", 1), ("euler", 2), ("euler", 4), ("heun", 2), ("heun", 4)]}
+    [table_artifact] = [a for a in log.artifacts if a["type"] == "run_table"]
+    table_images = sorted(Path(name).name for name in table_artifact["files"] if name.endswith(".png"))
+    assert table_images == sorted(f"epoch_{row[0]:04d}_{row[1]}_nfe{row[2]:03d}.png" for row in data)
+
+    models = [a for a in log.artifacts if a["type"] == "model"]
+    assert [a["name"] for a in models] == ["model-epoch-1", "model-epoch-2"]
+    assert set(models[0]["aliases"]) == {"latest", "best"}
+    assert set(models[1]["aliases"]) == ({"latest", "best"} if epoch_losses[1] < epoch_losses[0] else {"latest"})
+    assert models[1]["metadata"]["epoch"] == 2 and models[1]["metadata"]["global_step"] == 12
+    assert models[1]["metadata"]["config"]["training"]["gradient_clip"] == 1.0
+    assert models[1]["files"] == ["checkpoint_epoch_2.pt"]
+    assert {"data", "model", "training", "logging", "sampling", "eval"} <= set(log.config)
+    checkpoint = wbflow.load_checkpoint(out_dir / "checkpoint_epoch_2.pt")
+    assert checkpoint["global_step"] == 12 and checkpoint["wandb_run_id"] == log.run_id
+    assert sorted(p.name for p in out_dir.glob("*.pt")) == ["checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt"]
+
+
+def test_killed_run_resumed_ends_at_the_same_step_and_continues_the_loss_curve(offline_wandb, tmp_path, monkeypatch,
+                                                                               capsys):
+    flags = ["--smoke", "--epochs", "3"] + SMALL
+    train_flow.main(flags + ["--out-dir", str(tmp_path / "whole")])
+    assert "synthetic images" in capsys.readouterr().out
+    save_checkpoint = wbflow.save_checkpoint
+
+    def save_then_die_after_epoch_2(state, path):
+        saved = save_checkpoint(state, path)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
+        return saved
+
+    monkeypatch.setattr(wbflow, "save_checkpoint", save_then_die_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_flow.main(flags + ["--out-dir", str(tmp_path / "killed")])
+    monkeypatch.setattr(wbflow, "save_checkpoint", save_checkpoint)
+    result = train_flow.main(flags + ["--out-dir", str(tmp_path / "killed"),
+                                      "--resume", str(tmp_path / "killed" / "checkpoint_epoch_2.pt")])
+    whole, killed, resumed = run_logs(offline_wandb)
+    assert killed.exit_code == 1 and resumed.exit_code == 0
+    assert resumed.run_id == killed.run_id != whole.run_id
+    assert result["step"] == whole.history[-1]["_step"] == 6
+    killed_steps = [row["_step"] for row in killed.rows_with("train/loss")]
+    resumed_steps = [row["_step"] for row in resumed.rows_with("train/loss")]
+    assert killed_steps == [1, 2, 3, 4] and resumed_steps == [5, 6]
+    # RNG, optimiser, EMA and data order are restored: the curve is the one the whole run drew.
+    assert killed.values("train/loss") + resumed.values("train/loss") == pytest.approx(whole.values("train/loss"),
+                                                                                       rel=1e-5)
+    assert resumed.values("train/learning_rate") == pytest.approx(whole.values("train/learning_rate")[4:])
+    assert {row[0] for row in _table_data(offline_wandb, resumed.run_id)[1]} == {1, 2, 3}  # rows survive the resume
+    whole_end, resumed_end = (wbflow.load_checkpoint(tmp_path / run / "checkpoint_epoch_3.pt")
+                              for run in ("whole", "killed"))
+    for key in ("model", "ema"):
+        for name, tensor in whole_end[key].items():
+            torch.testing.assert_close(resumed_end[key][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def _random_fid_inception_weights(path):
+    """A randomly initialised FID Inception whose BatchNorm statistics are calibrated on noise images."""
+    torch.manual_seed(0)
+    model = wbflow.FIDInceptionV3()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # cumulative average over the calibration pass
+    with torch.no_grad():
+        model.train()(torch.rand(4, 3, 299, 299) * 2 - 1)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_eval_logs_fid_and_inception_score_against_cached_training_statistics(offline_wandb, cifar_dir, tmp_path,
+                                                                               monkeypatch):
+    out_dir = tmp_path / "out"
+    train_flow.main(["--smoke", "--no-wandb", "--epochs", "1", "--data-dir", str(cifar_dir), "--out-dir", str(out_dir)]
+                    + SMALL)
+    weights = _random_fid_inception_weights(tmp_path / "fid_inception.pth")
+    monkeypatch.setenv("WBFLOW_FID_WEIGHTS", str(weights))
+    flags = ["--smoke", "--eval", "--checkpoint", str(out_dir / "checkpoint_epoch_1.pt"), "--num-samples", "10",
+             "--metric", "both", "--solver", "heun", "--nfe", "4", "--data-dir", str(cifar_dir),
+             "--out-dir", str(out_dir), "--set", "eval.num_real_images=20"]
+    metrics = train_flow.main(flags + ["--use-wandb", "--wandb-project", "flow_eval"])
+    [log] = run_logs(offline_wandb)
+    for key in ("eval/fid_score", "eval/inception_score_mean", "eval/inception_score_std"):
+        assert log.summary[key] == pytest.approx(metrics[key]) and math.isfinite(metrics[key])
+    assert metrics["eval/fid_score"] >= 0 and metrics["eval/inception_score_mean"] >= 1
+    assert log.values("eval/sample_images")[0]["_type"] == "image-file"
+    assert log.config["solver"] == "heun" and log.config["nfe"] == 4
+    [statistics] = (cifar_dir / "fid_stats").glob("cifar10-train-20-tensorflow-*.npz")
+
+    def must_not_read_cifar(*args, **kwargs):
+        raise AssertionError("the cached statistics should have been used")
+
+    monkeypatch.setattr(wbflow, "load_cifar10", must_not_read_cifar)
+    again = train_flow.main(flags + ["--metric", "fid"])  # W&B off without --use-wandb
+    assert again["eval/fid_score"] == pytest.approx(metrics["eval/fid_score"], rel=1e-6)
+    assert len(run_logs(offline_wandb)) == 1 and statistics.is_file()
+
+
+def test_torchrun_two_gloo_processes_train_with_rank_0_logging_and_saving(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(HERE / "train_flow.py"), "--smoke", "--out-dir", str(tmp_path / "out"), "--epochs", "1",
+               "--set", "data.max_images=64", "--set", "training.log_interval=1", "--set", "sampling.table_nfes=[1]"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("epoch 1: loss") == 1  # printed by rank 0 only
+    [log] = run_logs(tmp_path)
+    assert [row["_step"] for row in log.rows_with("train/loss")] == [1, 2]  # 64 images / global batch 32
+    assert [a["name"] for a in log.artifacts if a["type"] == "model"] == ["model-epoch-1"]
+    assert [p.name for p in (tmp_path / "out").glob("*.pt")] == ["checkpoint_epoch_1.pt"]
+
+# ============================================================================= fire-safety classifier: data, losses, train_fire.py
+
+SEED_CLASSES = ["高风险", "中风险", "低风险", "无风险", "非楼道"]
+
+
+def pattern_image(label, rng, size=32):
+    """A noisy black-and-white pattern whose class is its shape, not its colour: horizontal stripes,
+    vertical stripes, a checkerboard, diagonal stripes, or blank."""
+    from PIL import Image
+    y, x = np.mgrid[0:size, 0:size]
+    shift_y, shift_x = rng.integers(0, 8, 2)
+    rows, cols = (y + shift_y) // 4 % 2, (x + shift_x) // 4 % 2
+    on = [rows, cols, rows ^ cols, (x + y + shift_x) // 4 % 2, np.zeros_like(x)][label % 5]
+    pixels = np.where(on[..., None] == 1, 220, 35) + rng.normal(0, 10, (size, size, 3))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def write_pattern_folders(root, per_class, classes=SEED_CLASSES, seed=0):
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            pattern_image(label, rng).save(root / name / f"{index}.png")
+    return root
+
+
+def fire_args(data_dir, out_dir, *extra):
+    return ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--model", "resnet18", "--weights", "none",
+            "--image-size", "32", "--batch-size", "8", "--learning-rate", "0.001", "--num-workers", "0",
+            "--project", "test", *extra]
+
+
+def logged_media(row, key):
+    """A media value in a history row: a dict under `key`, or flattened into `key/...` items."""
+    if key in row:
+        return row[key]
+    return {name[len(key) + 1:]: value for name, value in row.items() if name.startswith(key + "/")}
+
+
+def custom_chart(config, key):
+    """The panel wandb.plot.* registers for `key` in the run config (nested or flattened)."""
+    return config.get("_wandb", {}).get("visualize", {}).get(key) or config.get(f"_wandb/visualize/{key}")
+
+
+def table_json(wandb_dir, key):
+    [path] = glob.glob(os.path.join(wandb_dir, "wandb", "*run-*", "files", "media", "table", f"{key}_*.table.json"))
+    return json.loads(Path(path).read_text())
+
+
+def test_train_fire_learns_patterns_and_logs_the_seed_workflow(offline_wandb, tmp_path):
+    data = write_pattern_folders(tmp_path / "data", per_class=50)
+    (data / "高风险" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "checkpoints"
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
+        best_acc = train_fire.main(fire_args(data, out, "--epochs", "4", "--watch"))
+    assert best_acc >= 90.0
+
+    [log] = run_logs(offline_wandb)
+    assert log.exit_code == 0
+    for key, value in {"model": "resnet18", "epochs": 4, "batch_size": 8, "learning_rate": 0.001,
+                       "optimizer": "Adam", "loss_function": "CrossEntropyLoss",
+                       "scheduler": "CosineAnnealingLR", "image_size": 32}.items():
+        assert log.config[key] == value
+    assert sorted(log.config["classes"]) == sorted(SEED_CLASSES)
+
+    # every 10 batches (train_epoch's global step), 25 steps an epoch
+    batch_rows = log.rows_with("batch")
+    assert [row["_step"] for row in batch_rows] == list(range(10, 101, 10))
+    for row in batch_rows:
+        assert {"epoch", "batch", "train_loss", "train_acc", "learning_rate"} <= set(row)
+    learning_rates = [row["learning_rate"] for row in batch_rows]
+    assert learning_rates == sorted(learning_rates, reverse=True) and learning_rates[0] < 0.001
+
+    epoch_rows = log.rows_with("val_acc")
+    assert [row["epoch"] for row in epoch_rows] == [0, 1, 2, 3]
+    for row in epoch_rows:
+        assert {"train_loss", "train_acc", "val_loss", "val_acc"} <= set(row)
+    step_metrics = {(m.name or m.glob_name): m.step_metric for m in log.metrics}
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc"):
+        assert step_metrics[key] == "epoch"
+    best_so_far = np.maximum.accumulate(log.values("val_acc"))
+    improved = [i for i in range(4) if i == 0 or best_so_far[i] > best_so_far[i - 1]]
+    assert [row["epoch"] for row in log.rows_with("best_val_acc")] == improved
+    assert log.values("best_val_acc") == [best_so_far[i] for i in improved]
+    assert log.summary["best_val_acc"] == best_acc == max(log.values("val_acc"))
+
+    # the best model: one artifact per improvement, aliases best + latest, metadata epoch/val_acc/config
+    models = [artifact for artifact in log.artifacts if artifact["type"] == "model"]
+    assert [artifact["metadata"]["epoch"] for artifact in models] == improved
+    for artifact in models:
+        assert artifact["name"] == "best_model"
+        assert set(artifact["aliases"]) == {"best", "latest"} and artifact["files"] == ["best_model.pth"]
+        assert artifact["metadata"]["config"]["model"] == "resnet18"
+    best = wbflow.load_checkpoint(out / "best_model.pth")
+    assert best["val_acc"] == best_acc and best["epoch"] == improved[-1]
+
+    # wandb.watch(model, log="all", log_freq=100): 100 backward passes give one gradient histogram
+    assert any(key.startswith("gradients/") for row in log.history for key in row)
+    assert any(key.startswith("parameters/") for row in log.history for key in row)
+
+    # after training: predictions table, confusion matrix, per-class precision and recall
+    [report] = [row for row in log.history if logged_media(row, "predictions")]
+    assert report["_step"] == 101
+    for key in ("predictions", "confusion_matrix_table", "per_class_metrics"):
+        assert logged_media(report, key)["_type"] == "table-file"
+    assert custom_chart(log.config, "confusion_matrix")["panel_config"]["panelDefId"] == "wandb/confusion_matrix/v1"
+    confusion = table_json(offline_wandb, "confusion_matrix_table")
+    assert confusion["columns"] == ["Actual", "Predicted", "nPredictions"]
+    assert sum(row[2] for row in confusion["data"]) == 50
+    predictions = table_json(offline_wandb, "predictions")
+    assert predictions["columns"] == ["image", "true", "predicted", "confidence"]
+    assert len(predictions["data"]) == 32
+    assert {row[1] for row in predictions["data"]} == set(SEED_CLASSES)
+    assert all(0 < row[3] <= 1 for row in predictions["data"])
+    # the run's table artifact holds the table with its 32 images
+    [table_artifact] = [a for a in log.artifacts if a["type"] == "run_table" and a["name"].endswith("-predictions")]
+    assert sum(path.startswith("media/images/") for path in table_artifact["files"]) == 32
+    per_class = table_json(offline_wandb, "per_class_metrics")
+    assert per_class["columns"] == ["class", "precision", "recall", "support"]
+    assert sorted(row[0] for row in per_class["data"]) == sorted(SEED_CLASSES)
+    for name in SEED_CLASSES:
+        assert 0 <= log.summary[f"precision/{name}"] <= 1 and 0 <= log.summary[f"recall/{name}"] <= 1
+
+
+def test_killed_run_resumes_the_same_wandb_run_for_the_remaining_epochs_and_keeps_the_best_file(
+        offline_wandb, tmp_path, monkeypatch):
+    data = write_pattern_folders(tmp_path / "data", per_class=8)
+    out = tmp_path / "checkpoints"
+    argv = fire_args(data, out, "--epochs", "3", "--loss", "focal", "--optimizer", "adamw",
+                     "--class-weights", "balanced")
+    real_train_epoch, real_validate = wbflow.train_epoch, wbflow.validate
+    val_accs = iter([50.0, 80.0, 60.0])  # epoch 2, after the resume, must not replace epoch 1's best
+
+    def killed_in_epoch_2(*args, **kwargs):
+        if kwargs["epoch"] == 2:
+            raise KeyboardInterrupt
+        return real_train_epoch(*args, **kwargs)
+
+    def scripted_validate(*args, **kwargs):
+        return {**real_validate(*args, **kwargs), "accuracy": next(val_accs)}
+
+    monkeypatch.setattr(wbflow, "validate", scripted_validate)
+    monkeypatch.setattr(wbflow, "train_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_fire.main(argv)
+    best_file_after_kill = (out / "best_model.pth").read_bytes()
+    assert wbflow.load_checkpoint(out / "last.pth")["epoch"] == 1
+
+    monkeypatch.setattr(wbflow, "train_epoch", real_train_epoch)
+    train_fire.main(argv + ["--resume", str(out / "last.pth")])
+
+    killed, resumed = run_logs(offline_wandb)
+    assert killed.exit_code == 1 and resumed.exit_code == 0
+    assert resumed.run_id == killed.run_id
+    assert resumed.config["loss_function"] == "FocalLoss" and resumed.config["optimizer"] == "AdamW"
+    assert [row["epoch"] for row in killed.rows_with("val_acc")] == [0, 1]
+    assert [row["epoch"] for row in resumed.rows_with("val_acc")] == [2]
+    assert min(row["_step"] for row in resumed.history) > max(row["_step"] for row in killed.history)
+
+    assert killed.values("val_acc") + resumed.values("val_acc") == [50.0, 80.0, 60.0]
+    assert (out / "best_model.pth").read_bytes() == best_file_after_kill
+    best = wbflow.load_checkpoint(out / "best_model.pth")
+    assert best["epoch"] == 1 and best["val_acc"] == 80.0
+    assert killed.values("best_val_acc") == [50.0, 80.0] and not resumed.rows_with("best_val_acc")
+    assert [a["metadata"]["epoch"] for a in resumed.artifacts if a["type"] == "model"] == []
+    last = wbflow.load_checkpoint(out / "last.pth")
+    steps_per_epoch = 30 // 8  # 6 of each class's 8 images train, the last batch of 6 is dropped
+    assert last["epoch"] == 2 and last["step"] == 3 * steps_per_epoch
+    assert last["scheduler"]["last_epoch"] == 3 * steps_per_epoch and last["wandb_run_id"] == killed.run_id
+    assert last["best_val_acc"] == 80.0
+
+
+def test_torchrun_with_two_processes_logs_one_run_and_saves_one_best_file(offline_wandb, tmp_path):
+    data = write_pattern_folders(tmp_path / "data", per_class=7)
+    out = tmp_path / "checkpoints"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(HERE / "train_fire.py"), *fire_args(data, out, "--epochs", "2")]
+    env = {**os.environ, "PYTHONPATH": str(HERE), "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU, also on a GPU host
+    result = subprocess.run(command, cwd=tmp_path, env=env,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("Epoch: 0 |") == 1 and result.stdout.count("Epoch: 1 |") == 1
+
+    [log] = run_logs(offline_wandb)
+    assert log.exit_code == 0 and log.config["world_size"] == 2
+    assert [row["epoch"] for row in log.rows_with("val_acc")] == [0, 1]
+    n_val = log.config["val_images"]
+    for val_acc in log.values("val_acc"):  # all-reduced over both shards: a count out of every val image
+        assert val_acc * n_val / 100 == pytest.approx(round(val_acc * n_val / 100))
+    assert sorted(path.name for path in out.iterdir()) == ["best_model.pth", "last.pth"]
+    models = [artifact for artifact in log.artifacts if artifact["type"] == "model"]
+    assert len(models) == len(log.rows_with("best_val_acc")) >= 1
+    assert [row for row in log.history if logged_media(row, "predictions")]
+
+
+def test_unavailable_imagenet_weights_end_with_a_message_naming_the_file_and_folder(tmp_path, monkeypatch):
+    def no_network(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    data = write_pattern_folders(tmp_path / "data", per_class=3)
+    argv = fire_args(data, tmp_path / "out", "--no-wandb") + ["--weights", "imagenet"]
+    with pytest.raises(SystemExit) as exit_info:
+        train_fire.main(argv)
+    message = str(exit_info.value)
+    assert "resnet18-f37072fd.pth" in message and "--weights none" in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    assert not list((tmp_path / "torch").rglob("*.pth"))
+
+
+def test_build_classifier_uses_imagenet_weights_from_the_hub_cache(tmp_path, monkeypatch):
+    import torchvision
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded"))
+    cached = torchvision.models.resnet18().state_dict()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(cached, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    model = wbflow.build_classifier("resnet18", num_classes=5, weights="imagenet")
+    assert torch.equal(model.conv1.weight, cached["conv1.weight"])
+    assert torch.equal(model.layer4[1].bn2.running_var, cached["layer4.1.bn2.running_var"])
+    assert model.fc.out_features == 5
+
+
+@pytest.mark.parametrize("name", wbflow.CLASSIFIER_NAMES)
+def test_build_classifier_replaces_the_head_for_the_class_count(name):
+    model = wbflow.build_classifier(name, num_classes=5, weights="none").eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_bad_data_folder_ends_with_a_clear_message(tmp_path):
+    with pytest.raises(SystemExit, match="data not found"):
+        train_fire.main(fire_args(tmp_path / "missing", tmp_path / "out", "--no-wandb"))
+
+
+def test_train_and_val_folders_give_both_splits_with_folder_class_names(tmp_path):
+    write_pattern_folders(tmp_path / "train", per_class=3)
+    write_pattern_folders(tmp_path / "val", per_class=2)
+    train, val, class_names = wbflow.find_image_samples(tmp_path)
+    assert class_names == sorted(SEED_CLASSES)
+    assert len(train) == 15 and len(val) == 10
+    assert all(Path(path).parent.name == class_names[label] for path, label in train + val)
+    assert all("/val/" in path for path, _ in val)
+
+
+def test_class_folders_are_split_stratified_and_seeded_with_the_given_class_order(tmp_path):
+    write_pattern_folders(tmp_path, per_class=10)
+    train, val, class_names = wbflow.find_image_samples(tmp_path, class_names=SEED_CLASSES,
+                                                           val_split=0.2, seed=3)
+    assert class_names == SEED_CLASSES
+    assert np.bincount([label for _, label in val]).tolist() == [2] * 5
+    assert np.bincount([label for _, label in train]).tolist() == [8] * 5
+    assert not set(train) & set(val)
+    assert wbflow.find_image_samples(tmp_path, class_names=SEED_CLASSES, val_split=0.2, seed=3)[1] == val
+    assert wbflow.find_image_samples(tmp_path, class_names=SEED_CLASSES, val_split=0.2, seed=4)[1] != val
+
+
+def test_csv_of_path_and_label_is_read_relative_to_its_folder(tmp_path):
+    write_pattern_folders(tmp_path / "images", per_class=4, classes=SEED_CLASSES[:2])
+    rows = ["path,label"] + [f"images/{name}/{i}.png,{name}" for name in SEED_CLASSES[:2] for i in range(4)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    train, val, class_names = wbflow.find_image_samples(tmp_path / "labels.csv", val_split=0.25,
+                                                           class_names=SEED_CLASSES[:2])
+    assert class_names == SEED_CLASSES[:2]
+    assert len(train) == 6 and len(val) == 2 and sorted(label for _, label in val) == [0, 1]
+    assert all(os.path.isfile(path) for path, _ in train + val)
+
+
+def test_unreadable_images_are_skipped_with_one_warning_that_counts_them(tmp_path):
+    write_pattern_folders(tmp_path, per_class=3, classes=["a", "b"])
+    (tmp_path / "a" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "b" / "garbage.png").write_bytes(os.urandom(300))
+    pattern_image(0, np.random.default_rng(0), size=64).save(tmp_path / "b" / "whole.jpg")
+    data = (tmp_path / "b" / "whole.jpg").read_bytes()
+    (tmp_path / "b" / "truncated.jpg").write_bytes(data[:len(data) // 2])
+    (tmp_path / "a" / "notes.txt").write_text("not an image, not counted")
+    with pytest.warns(UserWarning, match="skipped 3 unreadable image") as caught:
+        train, val, _ = wbflow.find_image_samples(tmp_path, val_split=0.25)
+    assert len(caught) == 1
+    names = sorted(Path(path).name for path, _ in train + val)
+    assert len(names) == 7 and "whole.jpg" in names
+    assert not {"empty.jpg", "garbage.png", "truncated.jpg", "notes.txt"} & set(names)
+
+
+def test_an_image_that_breaks_mid_epoch_is_replaced_not_fatal(tmp_path):
+    write_pattern_folders(tmp_path, per_class=2, classes=["a"])
+    dataset = wbflow.ImageSamples([(str(tmp_path / "a" / "0.png"), 0), (str(tmp_path / "a" / "1.png"), 0)],
+                                     wbflow.image_transforms(32, train=False))
+    (tmp_path / "a" / "0.png").write_bytes(b"gone bad")
+    with pytest.warns(UserWarning, match="0.png"):
+        image, label = dataset[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 0
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda root: (root / "a").mkdir(parents=True), "no readable images"),
+    (lambda root: (write_pattern_folders(root, 2, ["a"]), (root / "b").mkdir()), "no readable images in .*: b"),
+    (lambda root: root.mkdir(), "no class folders"),
+])
+def test_empty_data_is_a_clear_error(tmp_path, make, match):
+    make(tmp_path / "data")
+    with pytest.raises(ValueError, match=match):
+        wbflow.find_image_samples(tmp_path / "data")
+
+
+def test_a_named_class_without_a_folder_is_a_clear_error(tmp_path):
+    write_pattern_folders(tmp_path, per_class=2, classes=["a"])
+    with pytest.raises(FileNotFoundError, match="class folder.*not found.*高风险"):
+        wbflow.find_image_samples(tmp_path, class_names=["a", "高风险"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(1, 30), min_size=1, max_size=6), fraction=st.floats(0.05, 0.95),
+       seed=st.integers(0, 2**16))
+def test_stratified_split_keeps_every_class_on_both_sides_in_proportion(counts, fraction, seed):
+    labels = np.repeat(np.arange(len(counts)), counts)
+    train_index, val_index = wbflow.stratified_split(labels, fraction, seed=seed)
+    assert sorted(train_index + val_index) == list(range(len(labels)))
+    for label, count in enumerate(counts):
+        n_val = int(np.sum(labels[val_index] == label))
+        assert abs(n_val - fraction * count) <= 1
+        assert 1 <= n_val <= count - 1 if count >= 2 else n_val == 0
+    assert wbflow.stratified_split(labels, fraction, seed=seed) == (train_index, val_index)
+
+
+def test_loaders_shard_validation_without_padding_and_shuffle_training_by_epoch():
+    train_set = torch.utils.data.TensorDataset(torch.arange(20.0), torch.zeros(20, dtype=torch.long))
+    val_set = torch.utils.data.TensorDataset(torch.arange(7.0), torch.zeros(7, dtype=torch.long))
+    shards = [wbflow.classifier_loaders(train_set, val_set, 4, rank=rank, world_size=2) for rank in (0, 1)]
+    seen = sorted(x.item() for _, val_loader in shards for x, _ in val_loader.dataset)
+    assert seen == list(range(7))
+    train_loader = shards[0][0]
+    orders = []
+    for epoch in (0, 1):
+        train_loader.sampler.set_epoch(epoch)
+        orders.append([x.tolist() for x, _ in train_loader])
+    assert orders[0] != orders[1] and len(orders[0]) == 2  # 10 per rank, batch 4, last 2 dropped
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 16), classes=st.integers(2, 6), seed=st.integers(0, 2**16),
+       weighted=st.booleans())
+def test_focal_loss_with_gamma_0_is_weighted_cross_entropy(batch, classes, seed, weighted):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, classes, generator=generator) * 3
+    targets = torch.randint(0, classes, (batch,), generator=generator)
+    alpha = torch.rand(classes, generator=generator) + 0.1 if weighted else None
+    expected = F.cross_entropy(logits, targets, weight=alpha)
+    assert torch.allclose(wbflow.focal_loss(logits, targets, gamma=0.0, alpha=alpha), expected, atol=1e-6)
+
+
+def test_focal_loss_down_weights_confident_correct_predictions():
+    logits = torch.tensor([[4.0, 0.0], [0.2, 0.0]])
+    targets = torch.tensor([0, 0])
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    focal = wbflow.focal_loss(logits, targets, gamma=2.0, reduction="none")
+    assert torch.all(focal < ce)
+    assert focal[0] / ce[0] < focal[1] / ce[1]
+
+
+def test_class_balanced_weights_give_rare_classes_more_weight():
+    weights = wbflow.class_balanced_weights([0, 0, 0, 1, 2, 2], num_classes=4)
+    assert weights.tolist() == pytest.approx([6 / 12, 6 / 4, 6 / 8, 0.0])
+
+
+def test_per_class_precision_and_recall():
+    precision, recall, support = wbflow.per_class_precision_recall([0, 0, 1, 1, 2], [0, 1, 1, 1, 0], 3)
+    assert precision == pytest.approx([0.5, 2 / 3, 0.0])
+    assert recall == pytest.approx([0.5, 1.0, 0.0])
+    assert support == [2, 2, 1]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--batch-size", "16", "--learning-rate", "0.01", "--watch", "--no-wandb=true"],
+    ["--batch_size=16", "--learning_rate=0.01", "--watch=True", "--no_wandb=1"],
+])
+def test_flags_take_dash_and_underscore_forms_and_sweep_booleans(argv):
+    args = train_fire.parse_args(argv)
+    assert (args.batch_size, args.learning_rate, args.watch, args.no_wandb) == (16, 0.01, True, True)
+
+
+@pytest.mark.parametrize("text, value", [("False", False), ("false", False), ("0", False), ("no", False),
+                                         ("True", True), ("1", True), ("yes", True)])
+def test_str2bool_reads_what_the_sweep_agent_writes(text, value):
+    assert train_fire.parse_args([f"--watch={text}"]).watch is value
+    assert wbflow.str2bool(text) is value
+
+
+def test_str2bool_refuses_other_words():
+    with pytest.raises(SystemExit):
+        train_fire.parse_args(["--watch=maybe"])
+
+
+def test_sweep_yaml_is_a_bayes_search_whose_agent_command_parses():
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+    sweep = yaml.safe_load((HERE / "sweep.yaml").read_text())
+    assert sweep["method"] == "bayes" and sweep["metric"] == {"name": "val_acc", "goal": "maximize"}
+    assert set(sweep["parameters"]) == {"learning_rate", "batch_size", "model"}
+    assert set(sweep["parameters"]["model"]["values"]) <= set(wbflow.CLASSIFIER_NAMES)
+    assert sweep["program"] == "train_fire.py"
+    assert sweep["command"] == ["${env}", "${interpreter}", "${program}", "${args}"]
+    # what wandb agent runs, built as wandb_agent.Agent._command_run does
+    params = {"learning_rate": {"value": 0.001}, "batch_size": {"value": 32}, "model": {"value": "resnet18"},
+              "watch": {"value": False}}
+    macros = {**create_sweep_command_args({"args": params}), "env": ["/usr/bin/env"],
+              "interpreter": ["python"], "program": [sweep["program"]]}
+    command = [part for chunk in sweep["command"] for part in macros[chunk[2:-1]]]
+    assert command[:3] == ["/usr/bin/env", "python", "train_fire.py"]
+    assert "--learning_rate=0.001" in command and "--watch=False" in command
+    args = train_fire.parse_args(command[3:])
+    assert (args.learning_rate, args.batch_size, args.model, args.watch) == (0.001, 32, "resnet18", False)

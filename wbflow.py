@@ -1,25 +1,48 @@
 """wbflow: a minimal PyTorch + Weights & Biases training kit of plain, copyable functions.
 
 Sections, in data-flow order:
-  device & data   default_device, to_device, setup_distributed, is_main_process
-  losses          classification_loss
-  training        autocast_dtype, make_scaler, make_ema, train_epoch, validate
-  W&B             wandb_run, log_metrics, define_epoch_metrics, watch_model, log_artifact
-  checkpoints     save_checkpoint, load_checkpoint, save_best
+  device & data     default_device, to_device, is_main_process, setup_distributed,
+                    load_cifar10, synthetic_images, DeviceImageLoader (CIFAR-10 on the device),
+                    find_image_samples, stratified_split, drop_unreadable_images, ImageSamples,
+                    image_transforms, classifier_loaders (image folders / CSV)
+  models            FlowUNet, build_classifier, build_optimizer
+  losses            classification_loss, focal_loss, class_balanced_weights, rectified_flow_loss
+  training          autocast_dtype, make_scaler, make_ema, train_epoch, validate, warmup_scheduler,
+                    capture_rng_state, restore_rng_state, predict_dataset
+  sampling          euler_sample, heun_sample, rk45_sample, sample_flow, compare_solvers
+  metrics           FIDInceptionV3, load_fid_inception, inception_features, feature_statistics,
+                    frechet_distance, fid, save_statistics, inception_score, per_class_precision_recall
+  images & W&B      wandb_run, log_metrics, define_epoch_metrics, watch_model, log_artifact,
+                    sample_grid, save_png, log_image_grid, samples_table, log_classification_report
+  checkpoints       save_checkpoint, load_checkpoint, save_best, fetch_checkpoint
+  config            load_yaml_config, str2bool, add_sweep_argument
 
-Every public function takes what it needs as arguments and imports wandb lazily, so it keeps
-working when pasted alone (with its imports) into another project.
+Every public function takes what it needs as arguments and imports wandb, scipy, PIL and yaml
+lazily, so it keeps working when pasted alone (with its imports) into another project.
 """
+
+import argparse
+import concurrent.futures
 import contextlib
+import copy
+import csv
+import hashlib
 import math
 import os
+import pickle
+import random
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
 
 
 # ----------------------------------------------------------------------------- device & data
@@ -81,6 +104,524 @@ def _batch_size(batch):
     return _batch_size(batch[0])
 
 
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+def load_cifar10(data_dir, train=True, download=True):
+    """CIFAR-10 from `data_dir`/cifar-10-batches-py as (images_uint8 (N, 3, 32, 32), labels int64), on the CPU.
+
+    Reads the python-pickle batches directly (data_batch_1..5, or test_batch). When they are absent
+    and `download` is true, torchvision downloads and extracts the archive into `data_dir` (it also
+    extracts a cifar-10-python.tar.gz already placed there, offline). If that fails, the
+    FileNotFoundError says which archive to put where.
+    Usage: images_uint8, labels = load_cifar10("data")
+    """
+    folder = Path(data_dir) / "cifar-10-batches-py"
+    names = [f"data_batch_{index}" for index in range(1, 6)] if train else ["test_batch"]
+    if download and not all((folder / name).is_file() for name in names):
+        try:
+            torchvision.datasets.CIFAR10(str(data_dir), train=train, download=True)
+        except Exception as error:  # noqa: BLE001 - any download failure gets the same instructions
+            raise FileNotFoundError(
+                f"CIFAR-10 is not in {folder} and could not be downloaded ({type(error).__name__}: "
+                f"{error}). Download {CIFAR10_URL} and put cifar-10-python.tar.gz in {Path(data_dir)}/ "
+                f"(it is extracted on the next run), or extract it so that {folder}/data_batch_1 exists."
+            ) from None
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"CIFAR-10 batches {missing} are missing from {folder}; put "
+                                f"{CIFAR10_URL} (extracted) there")
+    images, labels = [], []
+    for name in names:
+        with open(folder / name, "rb") as file:
+            try:
+                batch = _CifarUnpickler(file, encoding="latin1").load()
+            except (pickle.UnpicklingError, EOFError, ValueError) as error:
+                raise ValueError(f"{folder / name} is not a CIFAR-10 batch ({error})") from None
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(batch.get("labels", batch.get("fine_labels", [])))
+    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10's batches (dicts of numpy arrays, lists, strings) and refuses any other
+    global, so a tampered file cannot run code (the format is a pickle, as torchvision reads it)."""
+
+    def find_class(self, module, name):
+        module = module.replace("numpy.core.", "numpy._core.")  # numpy 1 pickles, numpy >= 1.26 names
+        if (module, name) in (("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+                              ("numpy", "dtype"), ("_codecs", "encode")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
+
+
+def synthetic_images(count, size=32, seed=0):
+    """`count` uint8 (count, 3, size, size) images of coloured discs on colour gradients: a small
+    learnable stand-in for CIFAR-10 when no data is at hand (smoke runs, benchmarks).
+
+    Usage: images_uint8 = synthetic_images(256)
+    """
+    generator = torch.Generator().manual_seed(seed)
+    coords = torch.linspace(-1, 1, size)
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    background = torch.rand(count, 3, 2, generator=generator)
+    images = background[..., :1, None] * (1 + x) / 2 + background[..., 1:, None] * (1 - x) / 2
+    centre = torch.rand(count, 2, 1, 1, generator=generator) - 0.5
+    radius = 0.2 + 0.3 * torch.rand(count, 1, 1, generator=generator)
+    disc = ((x - centre[:, 0]) ** 2 + (y - centre[:, 1]) ** 2 < radius ** 2).unsqueeze(1)
+    images = torch.where(disc, torch.rand(count, 3, 1, 1, generator=generator), images)
+    return (images * 255).round().to(torch.uint8)
+
+
+class DeviceImageLoader:
+    """Batches of images held as one uint8 tensor on the training device: a seeded randperm per
+    epoch, index_select slices, random horizontal flips, scaled to [-1, 1] float32. No workers, no
+    per-image Python, no host-device copy per batch.
+
+    Flips pick, per image and epoch, between the image and a mirrored copy made once on the device
+    (twice the uint8 memory, 300 MB for CIFAR-10), so a batch is one gather and its scaling.
+    Under DDP each rank takes every world_size-th index of the same permutation (pass the per-rank
+    batch size). The order depends only on (seed, epoch): call set_epoch(epoch) before iterating,
+    and a resumed run sees the same batches.
+    Usage: loader = DeviceImageLoader(images_uint8, 128, device="cuda"); loader.set_epoch(1); for x in loader: ...
+    """
+
+    def __init__(self, images_uint8, batch_size, *, device="cpu", shuffle=True, flip=True, drop_last=True,
+                 seed=0, rank=0, world_size=1, channels_last=False):
+        self.device = torch.device(device)
+        images_uint8 = images_uint8.to(self.device, non_blocking=True)
+        self.count = images_uint8.shape[0]
+        self.images_and_mirrors = torch.cat([images_uint8, images_uint8.flip(3)]) if flip else images_uint8
+        self.batch_size, self.shuffle, self.flip, self.drop_last = batch_size, shuffle, flip, drop_last
+        self.seed, self.rank, self.world_size, self.channels_last = seed, rank, world_size, channels_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        shard_size = len(range(self.rank, self.count, self.world_size))
+        return shard_size // self.batch_size if self.drop_last else math.ceil(shard_size / self.batch_size)
+
+    def __iter__(self):
+        generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = (torch.randperm(self.count, generator=generator, device=self.device) if self.shuffle
+                 else torch.arange(self.count, device=self.device))
+        if self.flip:  # an index past count selects the mirrored copy
+            order = order + self.count * (torch.rand(self.count, generator=generator, device=self.device) < 0.5)
+        order = order[self.rank::self.world_size]
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            images = self.images_and_mirrors.index_select(0, order[start:start + self.batch_size])
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images.float().div_(127.5).sub_(1.0)
+
+
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
+    """Train and validation samples, lists of (path, label index), and the class names.
+
+    `data` is one of: a folder with train/<class>/* and val/<class>/*; a folder of class folders
+    (or train/ alone), split per class by stratified_split(val_split, seed); a CSV file of
+    `path,label` rows (an optional header, paths relative to the CSV), split the same way.
+    Class names are the sorted folder names / CSV labels; `class_names` fixes which and their order.
+    Unreadable images are dropped with one warning that counts them (drop_unreadable_images).
+    A missing folder or file raises FileNotFoundError; no images or an empty class, ValueError.
+    Usage: train_samples, val_samples, class_names = find_image_samples("data", val_split=0.2)
+    """
+    data = Path(data)
+    if not data.exists():
+        raise FileNotFoundError(f"data not found: {data} (expected a folder of class folders, "
+                                f"train/ and val/ folders of class folders, or a CSV of path,label)")
+    if data.is_file():
+        samples, class_names = _csv_samples(data, class_names)
+        roots = [data.parent]
+    else:
+        train_root = data / "train" if (data / "train").is_dir() else data
+        samples, class_names = _folder_samples(train_root, class_names)
+        roots = [train_root]
+        if (data / "val").is_dir() and train_root != data:
+            val_samples, _ = _folder_samples(data / "val", class_names)
+            roots.append(data / "val")
+            good = set(drop_unreadable_images(samples + val_samples))
+            train_samples = [s for s in samples if s in good]
+            val_samples = [s for s in val_samples if s in good]
+            for root, split in zip(roots, (train_samples, val_samples)):
+                _check_every_class_has_images(split, class_names, root)
+            return train_samples, val_samples, class_names
+    samples = drop_unreadable_images(samples)
+    _check_every_class_has_images(samples, class_names, roots[0])
+    if not 0 < val_split < 1:
+        raise ValueError(f"val_split must be between 0 and 1 when {data} has no val/ folder, not {val_split}")
+    train_index, val_index = stratified_split([label for _, label in samples], val_split, seed=seed)
+    return [samples[i] for i in train_index], [samples[i] for i in val_index], class_names
+
+
+def _folder_samples(root, class_names):
+    """(path, label) for the image files in root/<class>/ (recursively), and the class names."""
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if class_names is None:
+        class_names = folders
+    missing = [name for name in class_names if name not in folders]
+    if missing:
+        raise FileNotFoundError(f"class folder(s) not found in {root}: {', '.join(missing)}")
+    if not class_names:
+        raise ValueError(f"no class folders in {root}: expected {root}/<class name>/<images>")
+    samples = [(str(path), label) for label, name in enumerate(class_names)
+               for path in sorted((root / name).rglob("*"))
+               if path.suffix.lower() in _IMAGE_EXTENSIONS and path.is_file()]
+    return samples, list(class_names)
+
+
+def _csv_samples(csv_path, class_names):
+    """(path, label) rows of a `path,label` CSV (header optional), and the class names."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as csv_file:
+        rows = [row for row in csv.reader(csv_file) if row and any(cell.strip() for cell in row)]
+    if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    if any(len(row) < 2 for row in rows):
+        raise ValueError(f"{csv_path}: every row must be path,label")
+    labels = [row[1].strip() for row in rows]
+    class_names = list(class_names) if class_names is not None else sorted(set(labels))
+    unknown = sorted(set(labels) - set(class_names))
+    if unknown:
+        raise ValueError(f"{csv_path}: labels not in the class names: {', '.join(unknown)}")
+    label_index = {name: index for index, name in enumerate(class_names)}
+    return [(str(csv_path.parent / row[0].strip()), label_index[label])
+            for row, label in zip(rows, labels)], class_names
+
+
+def _check_every_class_has_images(samples, class_names, root):
+    counts = np.bincount([label for _, label in samples], minlength=len(class_names))
+    if not len(samples):
+        raise ValueError(f"no readable images found in {root} (extensions: {' '.join(_IMAGE_EXTENSIONS)})")
+    empty = [name for name, count in zip(class_names, counts) if count == 0]
+    if empty:
+        raise ValueError(f"class(es) with no readable images in {root}: {', '.join(empty)}")
+
+
+def stratified_split(labels, val_fraction, seed=0):
+    """Sorted index lists (train, val) holding `val_fraction` of every class in val.
+
+    Each class is shuffled by its own generator seeded with (seed, label), so a class's split does
+    not depend on the other classes. Every class keeps at least one sample in train, and one in val
+    when it has two or more.
+    Usage: train_index, val_index = stratified_split([0, 0, 0, 1, 1, 1], 1 / 3, seed=0)
+    """
+    labels = np.asarray(labels)
+    train_index, val_index = [], []
+    for label in np.unique(labels):
+        index = np.flatnonzero(labels == label)
+        np.random.default_rng([seed, int(label)]).shuffle(index)
+        n_val = min(max(int(round(val_fraction * len(index))), 1), len(index) - 1) if val_fraction > 0 else 0
+        val_index += index[:n_val].tolist()
+        train_index += index[n_val:].tolist()
+    return sorted(train_index), sorted(val_index)
+
+
+def drop_unreadable_images(samples, max_workers=8):
+    """The (path, label) samples whose image decodes; the others are skipped with one warning that counts them.
+
+    Each file is fully decoded (JPEGs at 1/8 scale via PIL's draft mode, which still reads every
+    byte), so truncated files are caught here, not mid-epoch. Decoding runs in threads.
+    Usage: samples = drop_unreadable_images([("a.jpg", 0), ("broken.jpg", 1)])
+    """
+    with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
+        readable = list(pool.map(_is_readable_image, [path for path, _ in samples]))
+    bad = [path for (path, _), ok in zip(samples, readable) if not ok]
+    if bad:
+        examples = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {examples}", stacklevel=2)
+    return [sample for sample, ok in zip(samples, readable) if ok]
+
+
+def _is_readable_image(path):
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (64, 64))
+            image.load()
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises many types for broken files; all mean unreadable
+        return False
+
+
+class ImageSamples(torch.utils.data.Dataset):
+    """(transformed image, label) for a list of (path, label); images are opened with PIL as RGB.
+
+    A file that fails to load mid-epoch (changed after find_image_samples checked it) is replaced
+    by the next sample, with a warning, so one file never stops an epoch.
+    Usage: dataset = ImageSamples(train_samples, image_transforms(256, train=True))
+    """
+
+    def __init__(self, samples, transform=None):
+        self.samples, self.transform = list(samples), transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    @property
+    def labels(self):
+        return [label for _, label in self.samples]
+
+    def __getitem__(self, index):
+        from PIL import Image
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                with Image.open(path) as image:
+                    image = image.convert("RGB")
+            except Exception as error:  # noqa: BLE001 - see the class docstring
+                warnings.warn(f"could not read {path} ({error}); using the next image instead")
+                continue
+            return (self.transform(image) if self.transform is not None else image), label
+        raise RuntimeError("no readable image left in the dataset")
+
+
+def image_transforms(image_size, *, train, normalize=True, crop_scale=(0.25, 1.0)):
+    """Training: random resized crop (area `crop_scale`) and horizontal flip; validation: resize to
+    image_size * 256/224 and center crop. Then a float tensor with ImageNet normalisation, or with
+    normalize=False the cropped PIL image (for display). crop_scale is milder than ImageNet's
+    (0.08, 1) because a hazard may sit anywhere in a corridor photo and must stay in the crop.
+    Usage: transform = image_transforms(256, train=True)
+    """
+    from torchvision.transforms import v2
+    if train:
+        steps = [v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        steps = [v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)]
+    if normalize:
+        steps = [v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True),
+                 v2.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)]
+    return v2.Compose(steps)
+
+
+def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device="cpu", seed=0,
+                       rank=0, world_size=1):
+    """(train_loader, val_loader) for one process of `world_size`.
+
+    Training batches come from a seeded DistributedSampler (also when world_size is 1, so the order
+    is reproducible: call train_loader.sampler.set_epoch(epoch) each epoch); a last batch smaller
+    than batch_size is dropped when there is more than one batch (BatchNorm cannot train on one
+    image). Validation is sharded by rank without padding, so all-reduced sums count every image
+    once. Pinned memory on CUDA; workers persist across epochs.
+    Usage: train_loader, val_loader = classifier_loaders(train_set, val_set, 32, num_workers=4)
+    """
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank,
+                                                  shuffle=True, seed=seed)
+    options = {"num_workers": num_workers, "pin_memory": torch.device(device).type == "cuda",
+               "persistent_workers": num_workers > 0}
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler,
+                                               drop_last=len(sampler) > batch_size, **options)
+    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=batch_size, shuffle=False, **options)
+    return train_loader, val_loader
+
+
+# ----------------------------------------------------------------------------- models
+
+def _timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of t (N,) as in guided-diffusion / torchcfm (t used as given, in [0, 1])."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * frequencies[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def _group_norm(channels):
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class _FlowResBlock(nn.Module):
+    def __init__(self, in_channels, out_channels, embed_dim, dropout):
+        super().__init__()
+        self.in_layers = nn.Sequential(_group_norm(in_channels), nn.SiLU(),
+                                       nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.embed = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, out_channels))
+        self.out_layers = nn.Sequential(_group_norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        nn.init.zeros_(self.out_layers[-1].weight)  # each block starts as the identity
+        nn.init.zeros_(self.out_layers[-1].bias)
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x, embedding):
+        h = self.in_layers(x) + self.embed(embedding)[:, :, None, None].to(x.dtype)
+        return self.skip(x) + self.out_layers(h)
+
+
+class _FlowAttention(nn.Module):
+    def __init__(self, channels, head_channels):
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        self.norm = _group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x, embedding=None):
+        batch, channels, height, width = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(batch, 3, self.heads, channels // self.heads, height * width)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (batch, heads, positions, head_channels)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(batch, channels, height, width))
+
+
+class _FlowDown(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x, embedding=None):
+        return self.conv(x)
+
+
+class _FlowUp(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, embedding=None):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class FlowUNet(nn.Module):
+    """A time-conditioned UNet for velocity fields, called as model(x, t) with t (N,) in [0, 1].
+
+    The architecture of guided-diffusion's UNet as torchcfm's CIFAR-10 example configures it:
+    residual blocks with the time embedding added, self-attention at the resolutions listed (and in
+    the middle), strided-conv down / nearest+conv up, skip connections. The defaults are that recipe
+    (128 channels, multipliers 1,2,2,2, two blocks per level, attention at 16x16 with 64-channel
+    heads, dropout 0.1): about 35.7M parameters.
+    Usage: model = FlowUNet(); velocity = model(x, torch.rand(x.shape[0]))
+    """
+
+    def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
+                 attention_resolutions=(16,), head_channels=64, dropout=0.1, image_size=32):
+        super().__init__()
+        self.base_channels = base_channels
+        embed_dim = 4 * base_channels
+        self.time_embed = nn.Sequential(nn.Linear(base_channels, embed_dim), nn.SiLU(),
+                                        nn.Linear(embed_dim, embed_dim))
+        self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_channels, channels, resolution = [base_channels], base_channels, image_size
+        for level, mult in enumerate(channel_mults):
+            for _ in range(num_res_blocks):
+                layers = [_FlowResBlock(channels, base_channels * mult, embed_dim, dropout)]
+                channels = base_channels * mult
+                if resolution in attention_resolutions:
+                    layers.append(_FlowAttention(channels, head_channels))
+                self.down.append(nn.ModuleList(layers))
+                skip_channels.append(channels)
+            if level != len(channel_mults) - 1:
+                self.down.append(nn.ModuleList([_FlowDown(channels)]))
+                skip_channels.append(channels)
+                resolution //= 2
+        self.middle = nn.ModuleList([_FlowResBlock(channels, channels, embed_dim, dropout),
+                                     _FlowAttention(channels, head_channels),
+                                     _FlowResBlock(channels, channels, embed_dim, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            for index in range(num_res_blocks + 1):
+                layers = [_FlowResBlock(channels + skip_channels.pop(), base_channels * mult, embed_dim, dropout)]
+                channels = base_channels * mult
+                if resolution in attention_resolutions:
+                    layers.append(_FlowAttention(channels, head_channels))
+                if level and index == num_res_blocks:
+                    layers.append(_FlowUp(channels))
+                    resolution *= 2
+                self.up.append(nn.ModuleList(layers))
+        self.output = nn.Sequential(_group_norm(channels), nn.SiLU(), nn.Conv2d(channels, in_channels, 3, padding=1))
+        nn.init.zeros_(self.output[-1].weight)
+        nn.init.zeros_(self.output[-1].bias)
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        embedding = self.time_embed(_timestep_embedding(t, self.base_channels).to(self.input_conv.weight.dtype))
+        h = self.input_conv(x)
+        skips = [h]
+        for layers in self.down:
+            for layer in layers:
+                h = layer(h, embedding)
+            skips.append(h)
+        for layer in self.middle:
+            h = layer(h, embedding)
+        for layers in self.up:
+            h = torch.cat([h, skips.pop()], dim=1)
+            for layer in layers:
+                h = layer(h, embedding)
+        return self.output(h)
+
+
+CLASSIFIER_NAMES = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "efficientnet_b4")
+
+
+def build_classifier(name, num_classes, weights="none"):
+    """A torchvision `name` (see CLASSIFIER_NAMES) with its last layer replaced for `num_classes`.
+
+    weights="imagenet" loads torchvision's default ImageNet weights from the torch hub cache
+    ($TORCH_HOME/hub/checkpoints, ~/.cache/torch by default), downloading them there when missing;
+    when that fails, FileNotFoundError says which file to put where, or to pass --weights none.
+    weights="none" (or None) starts from random weights.
+    Usage: model = build_classifier("resnet50", num_classes=5, weights="imagenet")
+    """
+    if name not in CLASSIFIER_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(CLASSIFIER_NAMES)}")
+    if weights not in ("imagenet", "none", None):
+        raise ValueError(f"weights must be 'imagenet' or 'none', not {weights!r}")
+    model = torchvision.models.get_model(name, weights=None)
+    if weights == "imagenet":
+        model.load_state_dict(_imagenet_state_dict(name))
+    if hasattr(model, "fc"):
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    else:
+        model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
+    return model
+
+
+def _imagenet_state_dict(name):
+    """torchvision's default ImageNet weights for `name`, from the hub cache or downloaded into it,
+    loaded with torch.load(weights_only=True) through load_checkpoint."""
+    from urllib.parse import urlparse
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    file_name = os.path.basename(urlparse(url).path)
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(folder, file_name)
+    if not os.path.isfile(path):
+        hash_match = torch.hub.HASH_REGEX.search(file_name)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            torch.hub.download_url_to_file(url, path, hash_match.group(1) if hash_match else None)
+        except Exception as error:  # noqa: BLE001 - no network, proxy, disk: the advice is the same
+            raise FileNotFoundError(
+                f"could not download the ImageNet weights for {name} ({type(error).__name__}: {error}).\n"
+                f"  Download {url}\n  and put it at {path}\n  (the torch hub checkpoints folder; "
+                f"set TORCH_HOME to move it), or pass --weights none to train from scratch.") from None
+    return load_checkpoint(path)
+
+
+def build_optimizer(name, parameters, learning_rate, *, weight_decay=0.0, momentum=0.9, fused=None):
+    """torch.optim.Adam ("adam"), AdamW ("adamw") or SGD with Nesterov momentum ("sgd").
+
+    fused=True (CUDA) lets train_epoch skip a bad step without a host sync.
+    Usage: optimizer = build_optimizer("adamw", model.parameters(), 3e-4, weight_decay=0.05)
+    """
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=learning_rate, momentum=momentum, nesterov=True,
+                               weight_decay=weight_decay, fused=fused)
+    raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
+
+
 # ----------------------------------------------------------------------------- losses
 
 def classification_loss(criterion):
@@ -103,6 +644,51 @@ def _split_loss_output(output, batch):
         return output, None, _batch_size(batch)
     loss, n_correct, n_samples = output
     return loss, n_correct, n_samples
+
+
+def rectified_flow_loss(model, batch):
+    """Rectified-flow (flow-matching) loss: x_t = t*x1 + (1-t)*x0 with x0 ~ N(0, I), t ~ U(0, 1),
+    regressing model(x_t, t) onto the velocity x1 - x0 (mean squared error, float32).
+
+    `batch` is data x1 of any shape (N, ...) or an (x1, labels) pair; fits train_epoch's loss_fn.
+    Usage: stats = wbflow.train_epoch(model, loader, optimizer, rectified_flow_loss)
+    """
+    data = batch[0] if isinstance(batch, (tuple, list)) else batch
+    noise = torch.randn_like(data)
+    t = torch.rand(data.shape[0], device=data.device, dtype=data.dtype)
+    t_data = t.view(-1, *([1] * (data.dim() - 1)))
+    velocity = model(t_data * data + (1 - t_data) * noise, t)
+    return F.mse_loss(velocity.float(), (data - noise).float())
+
+
+def focal_loss(logits, targets, *, gamma=2.0, alpha=None, reduction="mean"):
+    """Multi-class focal loss (Lin et al. 2017): -alpha[y] * (1 - p_y)^gamma * log p_y.
+
+    alpha: per-class weights (num_classes values) or None for all ones. "mean" divides by the sum of
+    alpha[y] over the batch, as F.cross_entropy(weight=alpha) does, so gamma=0 is exactly weighted
+    cross-entropy; "sum" and "none" as usual. Computed in float32 even under autocast.
+    Usage: criterion = functools.partial(focal_loss, gamma=2.0, alpha=class_weights)
+    """
+    log_p = F.log_softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1)
+    loss = -(1 - log_p.exp()).clamp(min=0).pow(gamma) * log_p
+    weight = (torch.ones_like(loss) if alpha is None
+              else torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)[targets])
+    loss = loss * weight
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / weight.sum()
+
+
+def class_balanced_weights(labels, num_classes):
+    """Per-class weights n / (num_classes * count[c]) ("balanced"): rare classes weigh more; mean weight
+    over the samples is 1. A class with no samples gets weight 0.
+    Usage: nn.CrossEntropyLoss(weight=class_balanced_weights(train_set.labels, 5))
+    """
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes).double()
+    weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), 0.0)
+    return weights.float()
 
 
 # ----------------------------------------------------------------------------- training
@@ -309,7 +895,613 @@ def validate(model, loader, loss_fn, *, device=None, amp=None, progress=False):
             "samples": int(n_samples)}
 
 
-# ----------------------------------------------------------------------------- W&B
+def warmup_scheduler(optimizer, warmup_steps):
+    """A per-step LambdaLR: the learning rate rises linearly over `warmup_steps`, then stays constant.
+
+    The factor at step s is min(1, (s + 1) / warmup_steps), so the first step already learns.
+    Its state_dict holds plain numbers only (loads under weights_only=True).
+    Usage: scheduler = warmup_scheduler(optimizer, 5000); train_epoch(..., scheduler=scheduler)
+    """
+    warmup_steps = max(1, int(warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
+
+
+def capture_rng_state():
+    """The torch (CPU and every CUDA device), numpy and python RNG states as tensors and plain values,
+    so they go into a checkpoint that loads with weights_only=True.
+
+    Usage: state["rng"] = capture_rng_state(); ...; restore_rng_state(state["rng"])
+    """
+    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    python_version, python_state, python_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(numpy_keys.astype(np.int64)), "pos": int(numpy_pos),
+                       "has_gauss": int(numpy_has_gauss), "cached_gaussian": float(numpy_gauss)},
+             "python": {"version": python_version, "state": torch.tensor(python_state, dtype=torch.int64),
+                        "gauss_next": python_gauss}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state):
+    """Put back RNG states taken by capture_rng_state (CUDA states only when the device count matches).
+
+    Usage: restore_rng_state(load_checkpoint("last.pt")["rng"])
+    """
+    torch.set_rng_state(state["torch"].cpu())
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].cpu().numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"].cpu().tolist()), python_state["gauss_next"]))
+    cuda_states = state.get("cuda")
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in cuda_states])
+
+
+def predict_dataset(model, dataset, *, device="cpu", batch_size=64, num_workers=0):
+    """Class probabilities [N, K] (float32, CPU) and labels [N] for every (image, label) in `dataset`,
+    in order, with the model in eval mode (its mode is restored).
+    Usage: probs, labels = predict_dataset(model, val_set, device="cuda")
+    """
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    was_training = model.training
+    model.eval()
+    probs, labels = [], []
+    with torch.inference_mode():
+        for images, batch_labels in loader:
+            probs.append(model(images.to(device)).float().softmax(dim=1).cpu())
+            labels.append(batch_labels)
+    model.train(was_training)
+    return torch.cat(probs), torch.cat(labels)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _flow_steps(model, noise, steps, t_start, t_end, dtype, heun):
+    was_training = model.training
+    model.eval()
+    x = noise.float().clone()
+    times = torch.linspace(t_start, t_end, steps + 1).tolist()
+    t = torch.empty(x.shape[0], device=x.device)
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype or torch.float32,
+                                                enabled=dtype is not None):
+        for t_now, t_next in zip(times[:-1], times[1:]):
+            dt = t_next - t_now
+            velocity = model(x, t.fill_(t_now))
+            if heun:
+                prediction = x + dt * velocity
+                velocity = (velocity + model(prediction, t.fill_(t_next))) / 2
+            x.add_(velocity, alpha=dt)
+    model.train(was_training)
+    return x
+
+
+def euler_sample(model, noise, steps, *, t_start=0.0, t_end=1.0, dtype=None):
+    """Integrate dx/dt = model(x, t) from t_start (noise) to t_end (data) with `steps` Euler steps,
+    one model evaluation each, in inference mode and eval mode; `dtype` is an autocast dtype
+    (e.g. wbflow.autocast_dtype(device)) or None for float32. Returns float32 samples.
+
+    Usage: images = euler_sample(ema_model.module, torch.randn(64, 3, 32, 32), steps=100)
+    """
+    return _flow_steps(model, noise, steps, t_start, t_end, dtype, heun=False)
+
+
+def heun_sample(model, noise, steps, *, t_start=0.0, t_end=1.0, dtype=None):
+    """Like euler_sample with Heun's second-order method: 2 model evaluations per step (NFE = 2*steps).
+
+    Usage: images = heun_sample(ema_model.module, torch.randn(64, 3, 32, 32), steps=50)
+    """
+    return _flow_steps(model, noise, steps, t_start, t_end, dtype, heun=True)
+
+
+def rk45_sample(model, noise, *, rtol=1e-5, atol=1e-5, t_start=0.0, t_end=1.0, dtype=None):
+    """Integrate the flow ODE with adaptive RK45 (scipy.integrate.solve_ivp, float64 state);
+    returns (samples float32, number of model evaluations used).
+
+    Usage: images, nfe = rk45_sample(ema_model.module, torch.randn(64, 3, 32, 32), rtol=1e-5, atol=1e-5)
+    """
+    from scipy.integrate import solve_ivp
+    was_training = model.training
+    model.eval()
+    shape, device = noise.shape, noise.device
+
+    def velocity(t_now, x_flat):
+        x = torch.from_numpy(x_flat).to(device=device, dtype=torch.float32).reshape(shape)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
+                                                    enabled=dtype is not None):
+            v = model(x, torch.full((shape[0],), t_now, device=device))
+        return v.float().cpu().numpy().reshape(-1).astype(np.float64)
+
+    solution = solve_ivp(velocity, (t_start, t_end), noise.detach().cpu().double().numpy().reshape(-1),
+                         method="RK45", rtol=rtol, atol=atol, t_eval=[t_end])
+    model.train(was_training)
+    if not solution.success:
+        raise RuntimeError(f"RK45 failed: {solution.message}")
+    samples = torch.from_numpy(solution.y[:, -1]).reshape(shape).to(device=device, dtype=torch.float32)
+    return samples, int(solution.nfev)
+
+
+def sample_flow(model, noise, solver="euler", nfe=100, *, rtol=1e-5, atol=1e-5, dtype=None):
+    """One entry to the samplers: solver "euler" (nfe steps), "heun" (nfe // 2 steps) or "rk45"
+    (adaptive; nfe ignored, rtol/atol used); returns (samples, evaluations actually used).
+
+    Usage: images, used = sample_flow(ema_model.module, noise, "heun", nfe=50)
+    """
+    if solver == "euler":
+        return euler_sample(model, noise, nfe, dtype=dtype), nfe
+    if solver == "heun":
+        steps = max(1, nfe // 2)
+        return heun_sample(model, noise, steps, dtype=dtype), 2 * steps
+    if solver == "rk45":
+        return rk45_sample(model, noise, rtol=rtol, atol=atol, dtype=dtype)
+    raise ValueError(f"solver must be 'euler', 'heun' or 'rk45', not {solver!r}")
+
+
+def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1, 2, 4, 10, 50, 100),
+                    rtol=1e-5, atol=1e-5, dtype=None):
+    """Sample the same noise with every solver at every NFE budget; returns a list of rows
+    {"solver", "nfe" (evaluations used), "seconds", "images"}. Heun takes the even budgets (2 per
+    step), RK45 runs once at its tolerances and reports the evaluations it needed.
+
+    Usage: rows = compare_solvers(ema_model.module, fixed_noise, nfes=(1, 2, 4, 10, 50, 100))
+    """
+    rows = []
+    for solver in solvers:
+        budgets = {"euler": list(nfes), "heun": [n for n in nfes if n >= 2 and n % 2 == 0],
+                   "rk45": [None]}[solver]
+        for budget in budgets:
+            started = time.perf_counter()
+            images, used = sample_flow(model, noise, solver, budget, rtol=rtol, atol=atol, dtype=dtype)
+            rows.append({"solver": solver, "nfe": used, "seconds": time.perf_counter() - started,
+                         "images": images})
+    return rows
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def per_class_precision_recall(y_true, y_pred, num_classes):
+    """(precision, recall, support) lists, one value per class; a class never predicted (or absent)
+    has precision (recall) 0.0.
+    Usage: precision, recall, support = per_class_precision_recall([0, 1, 1], [0, 1, 0], 2)
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    precision, recall, support = [], [], []
+    for label in range(num_classes):
+        true_positive = int(np.sum((y_pred == label) & (y_true == label)))
+        n_predicted, n_true = int(np.sum(y_pred == label)), int(np.sum(y_true == label))
+        precision.append(true_positive / n_predicted if n_predicted else 0.0)
+        recall.append(true_positive / n_true if n_true else 0.0)
+        support.append(n_true)
+    return precision, recall, support
+
+
+FID_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth"
+)
+
+
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+
+
+FID_WEIGHTS_ENV = "WBFLOW_FID_WEIGHTS"
+
+
+class _FIDInceptionA(torchvision.models.inception.InceptionA):
+    def forward(self, x):
+        branch_pool = self.branch_pool(_avg_pool_valid_only(x))
+        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), branch5x5, branch3x3dbl, branch_pool], 1)
+
+
+class _FIDInceptionC(torchvision.models.inception.InceptionC):
+    def forward(self, x):
+        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        branch7x7dbl = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                     self.branch7x7dbl_4, self.branch7x7dbl_5):
+            branch7x7dbl = conv(branch7x7dbl)
+        branch_pool = self.branch_pool(_avg_pool_valid_only(x))
+        return torch.cat([self.branch1x1(x), branch7x7, branch7x7dbl, branch_pool], 1)
+
+
+class _FIDInceptionE(torchvision.models.inception.InceptionE):
+    def forward(self, x):
+        branch3x3 = self.branch3x3_1(x)
+        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
+        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        branch3x3dbl = torch.cat(
+            [self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
+        branch_pool = self.branch_pool(self._pool(x))
+        return torch.cat([self.branch1x1(x), branch3x3, branch3x3dbl, branch_pool], 1)
+
+    def _pool(self, x):
+        return _avg_pool_valid_only(x)
+
+
+class _FIDInceptionEMaxPool(_FIDInceptionE):
+    # The TF graph's last block max-pools here, unlike the paper; the published numbers use it.
+    def _pool(self, x):
+        return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+
+def _avg_pool_valid_only(x):
+    # TensorFlow's average pool ignores the zero padding at borders.
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionV3(torchvision.models.inception.Inception3):
+    """Inception v3 as in the FID TensorFlow graph; state_dict keys match pytorch-fid's weights.
+
+    Input: (N, 3, 299, 299) floats in [-1, 1]. Output: (pool features (N, 2048), logits without
+    the fc bias (N, 1008)) from one pass; the unbiased logits are what the original IS code used.
+
+        features, logits_unbiased = FIDInceptionV3()(images_minus1_to_1)
+    """
+
+    def __init__(self):
+        blocks = [torchvision.models.inception.BasicConv2d, _FIDInceptionA,
+                  torchvision.models.inception.InceptionB, _FIDInceptionC,
+                  torchvision.models.inception.InceptionD, _FIDInceptionE,
+                  torchvision.models.inception.InceptionAux]
+        super().__init__(num_classes=1008, aux_logits=False, inception_blocks=blocks,
+                         init_weights=False)
+        self.Mixed_7c = _FIDInceptionEMaxPool(2048)
+
+    def forward(self, x):
+        for layer in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, self.maxpool1,
+                      self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, self.maxpool2,
+                      self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
+                      self.Mixed_6c, self.Mixed_6d, self.Mixed_6e,
+                      self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = layer(x)
+        pool_features = x.mean(dim=(2, 3))
+        return pool_features, pool_features @ self.fc.weight.T
+
+
+def fid_weights_path(weights_path=None):
+    """Path of the FID Inception weights: argument, then $WBFLOW_FID_WEIGHTS, then the torch hub
+    cache, downloading pytorch-fid's release file there once when online.
+
+        path = fid_weights_path()  # e.g. ~/.cache/torch/hub/checkpoints/pt_inception-...pth
+    """
+    path = weights_path or os.environ.get(FID_WEIGHTS_ENV)
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"FID Inception weights file {path!r} does not exist; expected "
+                                    f"pytorch-fid's {FID_WEIGHTS_FILE} from {FID_WEIGHTS_URL}")
+        return str(path)
+    cached_path = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_FILE)
+    if not os.path.isfile(cached_path):
+        try:
+            torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=False, weights_only=True,
+                                               map_location="cpu")
+        except Exception as error:
+            raise RuntimeError(
+                f"FID Inception weights are not available offline and could not be downloaded "
+                f"({type(error).__name__}: {error}). Download {FID_WEIGHTS_URL} and put it at "
+                f"{cached_path}, or pass weights_path=..., or set ${FID_WEIGHTS_ENV}.") from error
+    return cached_path
+
+
+def _load_state_dict(path):
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise ValueError(f"{path} is not a plain tensor state dict that loads with "
+                         f"weights_only=True (refusing to unpickle it): {error}") from None
+    if not isinstance(state_dict, dict) or not all(
+            torch.is_tensor(value) for value in state_dict.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return state_dict
+
+
+def _fuse_batchnorm_into_conv(model):
+    # Inference-only speed-up: conv -> BN(eval) is one conv with scaled weights and a bias.
+    for module in model.modules():
+        if isinstance(module, torchvision.models.inception.BasicConv2d):
+            scale = module.bn.weight / torch.sqrt(module.bn.running_var + module.bn.eps)
+            fused_conv = copy.deepcopy(module.conv)
+            fused_conv.weight = nn.Parameter(module.conv.weight * scale[:, None, None, None])
+            fused_conv.bias = nn.Parameter(module.bn.bias - module.bn.running_mean * scale)
+            module.conv, module.bn = fused_conv, nn.Identity()
+    return model
+
+
+def load_fid_inception(weights_path=None, device="cpu", fuse=True):
+    """Load the FID Inception v3 in eval mode (strict keys, weights_only=True).
+
+    fuse=True folds BatchNorm into the convolutions and uses channels_last: faster, same features
+    within float32 rounding, but its state_dict no longer matches the weights file.
+
+        inception = load_fid_inception("pt_inception-2015-12-05-6726825d.pth", device="cuda")
+    """
+    path = fid_weights_path(weights_path)
+    model = FIDInceptionV3()
+    try:
+        model.load_state_dict(_load_state_dict(path), strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not have the keys and shapes of pytorch-fid's "
+                         f"{FID_WEIGHTS_FILE}: {error}") from None
+    model = model.eval().requires_grad_(False)
+    if fuse:
+        with torch.no_grad():
+            model = _fuse_batchnorm_into_conv(model).to(memory_format=torch.channels_last)
+    return model.to(device)
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file, read in chunks; keys statistics caches to the weights used.
+
+        key = file_sha256(fid_weights_path())[:12]
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensorflow_resize_matrix(in_size, out_size, device):
+    # TF 1.x legacy bilinear: source = destination * in/out (no half-pixel offset), coordinates
+    # in float32 as torch-fidelity computes them; rows of the matrix hold the two lerp weights.
+    source = torch.arange(out_size, dtype=torch.float32) * torch.tensor(in_size / out_size)
+    low = source.long()
+    high = (low + 1).clamp_max(in_size - 1)
+    frac = source - low.float()
+    rows = torch.arange(out_size)
+    matrix = torch.zeros(out_size, in_size)
+    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
+    matrix.index_put_((rows, high), frac, accumulate=True)
+    return matrix.to(device)
+
+
+def _preprocess(images, resize, size=299):
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    is_uint8 = images.dtype == torch.uint8
+    if resize == "tensorflow":
+        images_255 = images.float() if is_uint8 else images.float() * 255
+        rows = _tensorflow_resize_matrix(images.shape[2], size, images.device)
+        cols = _tensorflow_resize_matrix(images.shape[3], size, images.device)
+        return (rows @ images_255 @ cols.T - 128) / 128
+    if resize == "pytorch-fid":
+        images_01 = images.float() / 255 if is_uint8 else images.float()
+        resized = F.interpolate(images_01, size=(size, size), mode="bilinear", align_corners=False)
+        return 2 * resized - 1
+    raise ValueError(f"resize must be 'tensorflow' or 'pytorch-fid', not {resize!r}")
+
+
+def fid_reference(resize="tensorflow"):
+    """Which published implementation a number computed with this resize mode reproduces.
+
+        wandb.log({"fid": fid(real, fake), "fid_reference": fid_reference()})
+    """
+    return {"tensorflow": "TensorFlow FID / torch-fidelity 0.4.0 inception-v3-compat",
+            "pytorch-fid": "pytorch-fid 0.3.0 InceptionV3"}[resize]
+
+
+def _image_batches(images, batch_size, num_images):
+    if torch.is_tensor(images):
+        images = images[:num_images]
+        yield from images.split(batch_size)
+        return
+    remaining = float("inf") if num_images is None else num_images
+    for batch in images:
+        batch = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if remaining <= 0:
+            return
+        yield batch[:remaining] if remaining < len(batch) else batch
+        remaining -= len(batch)
+
+
+def _gather_across_ranks(rows):
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()):
+        return rows
+    world_size = distributed.get_world_size()
+    # all_gather needs equal shapes: pad every rank to the largest count, then trim.
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world_size)]
+    distributed.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]))
+    padded[:rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    distributed.all_gather(gathered, padded)
+    return torch.cat([part[:n] for part, n in zip(gathered, counts)])
+
+
+def inception_features(images, inception=None, *, resize="tensorflow", batch_size=50,
+                       num_images=None, weights_path=None, device="cpu"):
+    """One Inception pass per batch -> (pool features (N, 2048), unbiased logits (N, 1008)), float32
+    on the CPU, gathered over all ranks under torch.distributed (rank order).
+
+    images: (N, 3, H, W) uint8 in 0..255 or float in [0, 1], or an iterable of such batches or
+    of (images, labels) pairs.
+
+        features, logits = inception_features(images_uint8, load_fid_inception(device="cuda"))
+    """
+    if inception is None:
+        inception = load_fid_inception(weights_path, device)
+    model_device = next(inception.parameters()).device
+    feature_batches, logit_batches = [], []
+    # TF32 convolutions would move features by ~1e-3, past the references' agreement.
+    with torch.inference_mode(), torch.backends.cudnn.flags(
+            enabled=True, benchmark=torch.backends.cudnn.benchmark,
+            deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+        for batch in _image_batches(images, batch_size, num_images):
+            batch = _preprocess(batch.to(model_device), resize)
+            features, logits = inception(batch.contiguous(memory_format=torch.channels_last))
+            feature_batches.append(features.float())
+            logit_batches.append(logits.float())
+    if not feature_batches:
+        raise ValueError("no images to compute Inception features from")
+    features = _gather_across_ranks(torch.cat(feature_batches))
+    logits = _gather_across_ranks(torch.cat(logit_batches))
+    return features.cpu(), logits.cpu()
+
+
+def feature_statistics(features):
+    """Mean and unbiased covariance (float64 numpy) of (N, D) features, as pytorch-fid stores them.
+
+        mu, sigma = feature_statistics(features)
+    """
+    features = torch.as_tensor(features).double()
+    mu = features.mean(dim=0)
+    centered = features - mu
+    sigma = centered.T @ centered / (features.shape[0] - 1)
+    return mu.numpy(), sigma.numpy()
+
+
+def _drop_rounding_noise(eigenvalues):
+    # Eigenvalues that are zero in exact arithmetic come out as +-1e-16 * largest; their square
+    # roots (1e-8 each, thousands of them) would add a visible bias when covariances are singular.
+    noise_floor = eigenvalues.abs().max() * eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps
+    return torch.where(eigenvalues > noise_floor, eigenvalues, 0.0)
+
+
+def _psd_sqrt(matrix):
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    return (eigenvectors * _drop_rounding_noise(eigenvalues).sqrt()) @ eigenvectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64, without sqrtm.
+
+    tr sqrt(S1 S2) = sum sqrt(eig(L^T S2 L)) with S1 = L L^T (Cholesky; symmetric eigensolve on a
+    PSD matrix, so no complex parts); a singular S1 (fewer samples than dims) uses sqrt(S1) instead.
+
+        distance = frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+    """
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(np.asarray(value), dtype=torch.float64)
+                                for value in (mu1, sigma1, mu2, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics differ in shape: {tuple(mu1.shape)} vs {tuple(mu2.shape)}")
+    factor, info = torch.linalg.cholesky_ex(sigma1)
+    if info != 0:
+        factor = _psd_sqrt(sigma1)
+    product = factor.T @ sigma2 @ factor
+    eigenvalues = torch.linalg.eigvalsh((product + product.T) / 2)
+    trace_sqrt_product = _drop_rounding_noise(eigenvalues).sqrt().sum()
+    mean_term = (mu1 - mu2).square().sum()
+    return float(mean_term + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt_product)
+
+
+def _is_statistics(source):
+    return (isinstance(source, (tuple, list)) and len(source) == 2
+            and all(hasattr(part, "shape") for part in source)
+            and len(source[0].shape) == 1 and len(source[1].shape) == 2)
+
+
+def _statistics_of(source, load_inception, **feature_options):
+    if isinstance(source, (str, os.PathLike)):
+        with np.load(source, allow_pickle=False) as stored:
+            return stored["mu"], stored["sigma"]
+    if _is_statistics(source):
+        return tuple(torch.as_tensor(np.asarray(part)).double().numpy() for part in source)
+    if isinstance(source, np.ndarray):
+        source = torch.from_numpy(source)
+    if torch.is_tensor(source) and source.dim() == 2:
+        return feature_statistics(source)
+    features, _ = inception_features(source, load_inception(), **feature_options)
+    return feature_statistics(features)
+
+
+def fid(real, fake, *, resize="tensorflow", batch_size=50, device="cpu", num_images=None,
+        weights_path=None, inception=None):
+    """Fréchet Inception Distance between two image sets; resize picks the reference it reproduces:
+    "tensorflow" (TF original, torch-fidelity 0.4.0: the CIFAR-10 numbers in papers) or
+    "pytorch-fid" (pytorch-fid 0.3.0).
+
+    Each side: images (N, 3, H, W) uint8 0..255 or float [0, 1]; an iterable/DataLoader of such
+    batches or (images, labels) pairs; features (N, D); (mu, sigma); or an .npz path with mu/sigma.
+    num_images caps the images read from each side. Under torch.distributed each rank passes its
+    shard of images and every rank gets the FID over all of them; features and statistics are
+    taken as given.
+
+        score = fid("stats/cifar10-train-tensorflow-6726825d.npz", samples_uint8, device="cuda")
+    """
+    loaded = []
+
+    def load_inception():
+        if not loaded:
+            loaded.append(load_fid_inception(weights_path, device) if inception is None
+                          else inception)
+        return loaded[0]
+
+    feature_options = dict(resize=resize, batch_size=batch_size, num_images=num_images)
+    real_statistics = _statistics_of(real, load_inception, **feature_options)
+    fake_statistics = _statistics_of(fake, load_inception, **feature_options)
+    return frechet_distance(*real_statistics, *fake_statistics)
+
+
+def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow", batch_size=50,
+                    device="cpu", num_images=None, weights_path=None, overwrite=False):
+    """Compute mu/sigma once and save them as pytorch-fid's .npz format; the file name carries the
+    resize mode and the weights file's hash, so a cached file is reused only for the same network.
+
+        cifar10_statistics = save_statistics(train_images_uint8, "stats", "cifar10-train")
+        score = fid(cifar10_statistics, samples_uint8)
+    """
+    weights_path = fid_weights_path(weights_path)
+    weights_hash = file_sha256(weights_path)
+    path = os.path.join(cache_dir, f"{name}-{resize}-{weights_hash[:12]}.npz")
+    if os.path.isfile(path) and not overwrite:
+        return path
+    features, _ = inception_features(images, load_fid_inception(weights_path, device),
+                                     resize=resize, batch_size=batch_size, num_images=num_images)
+    mu, sigma = feature_statistics(features)
+    distributed = torch.distributed
+    is_distributed = distributed.is_available() and distributed.is_initialized()
+    if not is_distributed or distributed.get_rank() == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        partial_path = f"{path}.partial.npz"
+        np.savez(partial_path, mu=mu, sigma=sigma, weights_sha256=weights_hash, resize=resize,
+                 num_images=len(features))
+        os.replace(partial_path, path)  # atomic: a crash never leaves a truncated cache entry
+    if is_distributed:
+        distributed.barrier()
+    return path
+
+
+def _inception_score_of_logits(logits, splits, seed):
+    count = logits.shape[0]
+    # torch-fidelity shuffles with this generator before splitting; same order, same numbers.
+    shuffled = torch.as_tensor(logits)[np.random.RandomState(seed).permutation(count)].double()
+    probabilities = shuffled.softmax(dim=1)
+    log_probabilities = shuffled.log_softmax(dim=1)
+    scores = []
+    for split in range(splits):
+        rows = slice(split * count // splits, (split + 1) * count // splits)
+        p = probabilities[rows]
+        log_marginal = p.mean(dim=0, keepdim=True).log()
+        kl = (p * (log_probabilities[rows] - log_marginal)).sum(dim=1).mean()
+        scores.append(float(kl.exp()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, device="cpu",
+                    num_images=None, weights_path=None, inception=None, seed=2020):
+    """Inception Score (mean, population std over splits), equal to torch-fidelity 0.4.0's ISC:
+    logits without the fc bias, shuffled with numpy RandomState(2020), KL in float64.
+
+    images: as for fid, or precomputed unbiased logits (N, 1008).
+
+        is_mean, is_std = inception_score(samples_uint8, device="cuda")
+    """
+    if torch.is_tensor(images) and images.dim() == 2:
+        return _inception_score_of_logits(images, splits, seed)
+    _, logits = inception_features(images, inception, weights_path=weights_path, device=device,
+                                   resize=resize, batch_size=batch_size,
+                                   num_images=num_images)
+    return _inception_score_of_logits(logits, splits, seed)
+
+
+# ----------------------------------------------------------------------------- images & W&B
 
 @contextlib.contextmanager
 def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, **init_kwargs):
@@ -422,6 +1614,99 @@ def log_artifact(run, path, name, type="model", aliases=("latest",), metadata=No
     return run.log_artifact(artifact, aliases=list(aliases))
 
 
+def images_to_uint8(images):
+    """Model-space images in [-1, 1] -> uint8 0..255 (clamped, rounded), same shape and device.
+
+    Usage: samples_uint8 = images_to_uint8(euler_sample(model, noise, 100))
+    """
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def sample_grid(images, nrow=None):
+    """A grid of images (N, C, H, W), floats in [-1, 1] or uint8, as a uint8 numpy array (H', W', C),
+    ready for wandb.Image or a PNG; nrow defaults to a square layout.
+
+    Usage: grid = sample_grid(samples[:64])  # 8 x 8 images
+    """
+    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    images_uint8 = images if images.dtype == torch.uint8 else images_to_uint8(images)
+    grid = torchvision.utils.make_grid(images_uint8.cpu(), nrow=nrow, padding=2)
+    return grid.permute(1, 2, 0).numpy()
+
+
+def save_png(grid_uint8, path):
+    """Write a uint8 (H, W, C) array as a PNG (PIL), creating the folder; returns the path.
+
+    Usage: save_png(sample_grid(samples), "checkpoints/samples/epoch_0010.png")
+    """
+    from PIL import Image
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid_uint8).save(path)
+    return path
+
+
+def log_image_grid(run, key, grid_uint8, *, step=None, caption=None):
+    """run.log({key: wandb.Image(grid, caption)}, step=step), or nothing without a run.
+
+    Usage: log_image_grid(run, "eval/generated_samples", sample_grid(samples), step=global_step)
+    """
+    if run is not None:
+        import wandb
+        run.log({key: wandb.Image(grid_uint8, caption=caption)}, step=step)
+
+
+def samples_table(rows):
+    """A wandb.Table with columns epoch, solver, nfe, seconds, samples from rows holding those keys,
+    "samples" being a PNG path or a uint8 grid, so solvers and NFEs compare side by side.
+
+    Usage: run.log({"eval/samples_table": samples_table(rows)})
+    """
+    import wandb
+    columns = ["epoch", "solver", "nfe", "seconds", "samples"]
+    data = [[row["epoch"], row["solver"], row["nfe"], round(row["seconds"], 3),
+             wandb.Image(row["samples"], caption=f"epoch {row['epoch']} {row['solver']} NFE {row['nfe']}")]
+            for row in rows]
+    return wandb.Table(columns=columns, data=data)
+
+
+def log_classification_report(run, probs, labels, class_names, *, images=None, table_rows=32, step=None):
+    """Log a classifier's results on a labelled set; returns {"precision", "recall", "support"}.
+
+    W&B keys: `predictions`, a table (image, true, predicted, confidence) of `table_rows` samples
+    spread evenly over the set (always the same ones); `confusion_matrix` (wandb.plot.confusion_matrix);
+    `per_class_metrics`, a table (class, precision, recall, support); and precision/<class>,
+    recall/<class> in the summary. images[i][0] (or images[i]) is the display image of sample i,
+    e.g. an ImageSamples with image_transforms(..., normalize=False); without it the table has no
+    image column. Nothing is logged when `run` is None.
+    Usage: log_classification_report(run, probs, labels, ["高风险", "中风险"], images=display_set)
+    """
+    probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
+    confidence, predicted = probs.max(dim=1)
+    precision, recall, support = per_class_precision_recall(labels.tolist(), predicted.tolist(), len(class_names))
+    report = {"precision": precision, "recall": recall, "support": support}
+    if run is None:
+        return report
+    import wandb
+    columns = (["image"] if images is not None else []) + ["true", "predicted", "confidence"]
+    predictions = wandb.Table(columns=columns)
+    for index in np.unique(np.linspace(0, len(labels) - 1, min(table_rows, len(labels))).round().astype(int)):
+        row = [class_names[int(labels[index])], class_names[int(predicted[index])], float(confidence[index])]
+        if images is not None:
+            image = images[int(index)]
+            row.insert(0, wandb.Image(image[0] if isinstance(image, tuple) else image))
+        predictions.add_data(*row)
+    per_class = wandb.Table(columns=["class", "precision", "recall", "support"],
+                            data=[list(row) for row in zip(class_names, precision, recall, support)])
+    confusion = wandb.plot.confusion_matrix(y_true=labels.tolist(), preds=predicted.tolist(),
+                                            class_names=list(class_names))
+    run.log({"predictions": predictions, "confusion_matrix": confusion, "per_class_metrics": per_class}, step=step)
+    for name, class_precision, class_recall in zip(class_names, precision, recall):
+        run.summary[f"precision/{name}"] = class_precision
+        run.summary[f"recall/{name}"] = class_recall
+    return report
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(state, path):
@@ -491,3 +1776,95 @@ def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None
             log_artifact(run, path, artifact_name or Path(path).stem, aliases=("best", "latest"),
                          metadata={name: metric, **(metadata or {})})
     return metric, True
+
+
+def fetch_checkpoint(reference, *, project=None, entity=None, root=None):
+    """The local path of a checkpoint given as a file path or as a W&B model artifact
+    ("model-epoch-10:latest", "entity/project/model-epoch-10:best"), downloading the artifact.
+
+    Raises FileNotFoundError saying why when it is neither.
+    Usage: state = wbflow.load_checkpoint(fetch_checkpoint("model-epoch-10:best", project="flow"))
+    """
+    reference = str(reference)
+    if os.path.isfile(reference):
+        return Path(reference)
+    if reference.endswith((".pt", ".pth")):  # a path with a typo: no W&B lookup (which may prompt)
+        raise FileNotFoundError(f"checkpoint not found: {reference}")
+    try:
+        import wandb
+        api = wandb.Api()
+        name = reference if ":" in reference else f"{reference}:latest"
+        parts = name.split("/")
+        if len(parts) < 3:  # "name:alias" or "project/name:alias" -> "entity/project/name:alias"
+            name = "/".join([entity or api.default_entity, project][:3 - len(parts)] + parts)
+        directory = Path(api.artifact(name, type="model").download(root=root))
+    except Exception as error:  # noqa: BLE001 - offline, unknown artifact, no credentials: one message
+        raise FileNotFoundError(f"{reference} is neither a checkpoint file nor a W&B model artifact that "
+                                f"could be downloaded ({type(error).__name__}: {error})") from None
+    files = sorted(directory.glob("*.pt"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"artifact {name} should hold one .pt checkpoint, found {[f.name for f in files]}")
+    return files[0]
+
+
+# ----------------------------------------------------------------------------- config & command line
+
+def _parse_override_value(text):
+    import yaml
+    value = yaml.safe_load(text)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def load_yaml_config(path, overrides=()):
+    """A YAML config as nested dicts, with "section.key=value" overrides applied (values parsed as
+    YAML: numbers, lists [1, 2], true/false, null). Overriding a key the file lacks is an error.
+
+    Usage: config = load_yaml_config("configs/cifar10_rectified_flow.yaml", ["training.gradient_clip=0.5"])
+    """
+    import yaml
+    with open(path, encoding="utf-8") as file:
+        config = yaml.safe_load(file) or {}
+    for override in overrides:
+        dotted, separator, text = override.partition("=")
+        if not separator:
+            raise ValueError(f"override {override!r} is not of the form section.key=value")
+        *parents, key = dotted.strip().split(".")
+        section = config
+        for parent in parents:
+            section = section.get(parent) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or key not in section:
+            raise KeyError(f"{dotted!r} is not a key of {path}")
+        section[key] = _parse_override_value(text)
+    return config
+
+
+def str2bool(value):
+    """argparse type for booleans written as a W&B sweep agent does: --flag=False, --flag=true, 0/1,
+    yes/no, on/off (argparse's type=bool reads "False" as true).
+    Usage: parser.add_argument("--watch", type=str2bool, nargs="?", const=True, default=False)
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "t", "yes", "y", "1", "on"):
+        return True
+    if text in ("false", "f", "no", "n", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), not {value!r}")
+
+
+def add_sweep_argument(parser, flag, **kwargs):
+    """parser.add_argument for `flag` in both spellings, --batch-size and --batch_size (the sweep
+    agent writes the config key). With type=str2bool the flag also works bare (--watch means true).
+    Usage: add_sweep_argument(parser, "--batch-size", type=int, default=32)
+    """
+    name = flag.lstrip("-")
+    spellings = dict.fromkeys([flag, "--" + name.replace("_", "-"), "--" + name.replace("-", "_")])
+    if kwargs.get("type") is str2bool:
+        kwargs = {"nargs": "?", "const": True, **kwargs}
+    return parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)

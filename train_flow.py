@@ -1,0 +1,276 @@
+"""Rectified flow on CIFAR-10, tracked in W&B the way seed 000 describes.
+
+  python train_flow.py                                         # one GPU, configs/cifar10_rectified_flow.yaml
+  torchrun --standalone --nproc_per_node=8 train_flow.py       # DDP on one node (gloo on CPU)
+  python train_flow.py --smoke                                 # the whole workflow on CPU, offline, < 2 min
+  python train_flow.py --epochs 10 --batch-size 256 --set training.gradient_clip=0.5 --no-wandb
+  python train_flow.py --resume checkpoints/checkpoint_epoch_10.pt       # or --resume model-epoch-10:latest
+  python train_flow.py --eval --checkpoint checkpoints/checkpoint_epoch_1020.pt --num-samples 10000 \
+      --metric both --solver euler --nfe 100 --use-wandb --wandb-project flow_matching_cifar10_eval
+
+Recipe: config -> data, model, optimiser -> epochs of wbflow.train_epoch on the rectified-flow loss,
+with EMA samples, the solver table, checkpoints and artifacts -> (--eval) FID / Inception Score.
+"""
+import argparse
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import wbflow
+
+HERE = Path(__file__).resolve().parent
+# --smoke: a tiny UNet on a few hundred images, every interval one epoch, small sample counts.
+SMOKE_OVERRIDES = [
+    "data.max_images=256", "model.base_channels=16", "model.channel_mults=[1, 2]", "model.num_res_blocks=1",
+    "model.head_channels=16", "model.dropout=0.0", "training.epochs=1", "training.batch_size=32",
+    "training.warmup_steps=10", "training.ema_decay=0.9", "training.log_interval=2", "training.save_interval=1",
+    "training.sample_interval=1", "logging.log_images_interval=1", "logging.log_model_interval=1",
+    "sampling.num_images=16", "sampling.nfe=10", "sampling.table_nfes=[1, 2, 4]", "sampling.rk45_tolerance=1.0e-3",
+    "eval.sample_batch_size=16", "eval.inception_batch_size=10"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(HERE / "configs" / "cifar10_rectified_flow.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any config key, e.g. --set training.gradient_clip=0.5")
+    parser.add_argument("--data-dir", "--data_dir", help="folder holding cifar-10-batches-py/")
+    parser.add_argument("--out-dir", "--out_dir", help="checkpoints and sample PNGs")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", "--batch_size", type=int)
+    parser.add_argument("--no-wandb", "--no_wandb", action="store_true")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny UNet, a few hundred images (--data-dir, else synthetic), CPU, W&B offline")
+    parser.add_argument("--resume", metavar="PATH|ARTIFACT", help="checkpoint file or W&B model artifact")
+    evaluation = parser.add_argument_group("evaluation (--eval)")
+    evaluation.add_argument("--eval", action="store_true")
+    evaluation.add_argument("--checkpoint", metavar="PATH|ARTIFACT")
+    evaluation.add_argument("--num-samples", "--num_samples", type=int, default=10000)
+    evaluation.add_argument("--metric", choices=("fid", "is", "both"), default="both")
+    evaluation.add_argument("--solver", choices=("euler", "heun", "rk45"))
+    evaluation.add_argument("--nfe", type=int)
+    evaluation.add_argument("--use-wandb", "--use_wandb", action="store_true")
+    evaluation.add_argument("--wandb-project", "--wandb_project")
+    return parser.parse_args(argv)
+
+
+def load_config(args):
+    flags = {"training.epochs": args.epochs, "training.batch_size": args.batch_size}
+    overrides = ((SMOKE_OVERRIDES if args.smoke else []) + args.set
+                 + [f"{key}={value}" for key, value in flags.items() if value is not None])
+    config = wbflow.load_yaml_config(args.config, overrides)
+    for key in ("data_dir", "out_dir"):  # paths are set as given, not parsed as YAML
+        config["data"][key] = getattr(args, key) or config["data"][key]
+    if args.no_wandb:
+        config["logging"]["use_wandb"] = False
+    return config
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = load_config(args)
+    if args.smoke:
+        os.environ.setdefault("WANDB_MODE", "offline")
+    try:
+        return evaluate(config, args) if args.eval else train(config, args)
+    except FileNotFoundError as error:  # missing data, checkpoint or weights: the message says what to do
+        raise SystemExit(f"train_flow.py: {error}") from None
+
+
+def train(config, args):
+    data, training, logging, sampling = config["data"], config["training"], config["logging"], config["sampling"]
+    rank, world_size, device = wbflow.setup_distributed()
+    device = torch.device("cpu") if args.smoke else device
+    is_main = wbflow.is_main_process()
+    say = print if is_main else (lambda *_, **__: None)
+    out_dir = Path(data["out_dir"])
+    torch.manual_seed(training["seed"] + rank)
+
+    # Data: the training set as one uint8 tensor on the device (rank 0 downloads first).
+    if args.smoke and not args.data_dir:
+        images_uint8 = wbflow.synthetic_images(data["max_images"], seed=training["seed"])
+        say(f"smoke: {len(images_uint8)} synthetic images (pass --data-dir to use CIFAR-10)")
+    else:
+        if world_size > 1 and not is_main:
+            dist.barrier()
+        images_uint8 = wbflow.load_cifar10(data["data_dir"], download=is_main)[0][:data["max_images"]]
+        if world_size > 1 and is_main:
+            dist.barrier()
+        say(f"CIFAR-10: {len(images_uint8)} training images from {data['data_dir']}")
+    channels_last = training["channels_last"] and device.type == "cuda"
+    loader = wbflow.DeviceImageLoader(images_uint8, training["batch_size"] // world_size, device=device,
+                                         seed=training["seed"], rank=rank, world_size=world_size,
+                                         channels_last=channels_last)
+    if len(loader) == 0:
+        raise SystemExit(f"train_flow.py: {len(images_uint8)} images make no batch of {loader.batch_size} per rank")
+
+    # A checkpoint to resume from fixes the architecture too.
+    state = None
+    if args.resume:
+        path = wbflow.fetch_checkpoint(args.resume, project=logging["project_name"], entity=logging["entity"])
+        state = wbflow.load_checkpoint(path, map_location=device)
+        config["model"] = state["config"]["model"]
+
+    # Model, EMA, optimiser, warm-up schedule, AMP scaler (enabled only for fp16).
+    model = wbflow.FlowUNet(**config["model"]).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema_model = wbflow.make_ema(model, training["ema_decay"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=training["learning_rate"], fused=True)
+    scheduler = wbflow.warmup_scheduler(optimizer, training["warmup_steps"])
+    scaler = wbflow.make_scaler(device)
+    say(f"FlowUNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} x {device}")
+
+    start_epoch, step, best_loss, run_id, table_rows = 1, 0, None, None, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema_model.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step, best_loss = state["epoch"] + 1, state["global_step"], state["best_loss"]
+        run_id, table_rows = state["wandb_run_id"], state["table_rows"]
+        wbflow.restore_rng_state(state["rng"])
+        if rank:  # the checkpoint holds rank 0's generator; the others must draw different noise
+            torch.manual_seed(training["seed"] + rank + step)
+        say(f"resumed from {args.resume} at epoch {state['epoch']}, step {step}")
+
+    train_model = torch.compile(model) if training["compile"] else model
+    if world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    # The same seeded noise every time, so eval/generated_samples show progress, not new noise.
+    fixed_noise = torch.randn(sampling["num_images"], 3, 32, 32,
+                              generator=torch.Generator().manual_seed(sampling["seed"])).to(device)
+    amp_dtype = wbflow.autocast_dtype(device)
+
+    with wbflow.wandb_run(config, project=logging["project_name"], enabled=logging["use_wandb"], run_id=run_id,
+                          entity=logging["entity"], name=logging["run_name"], tags=logging["tags"],
+                          notes=logging["notes"]) as run:
+        wbflow.define_epoch_metrics(run, ["train/epoch_loss", "train/images_per_second"], epoch_key="train/epoch")
+        for epoch in range(start_epoch, training["epochs"] + 1):
+            loader.set_epoch(epoch)
+            stats = wbflow.train_epoch(train_model, loader, optimizer, wbflow.rectified_flow_loss, device=device,
+                                       scheduler=scheduler, ema_model=ema_model, grad_clip=training["gradient_clip"],
+                                       scaler=scaler, run=run, step=step, epoch=epoch,
+                                       log_every=training["log_interval"], progress=is_main)
+            # train_epoch's loss and sample count are over all ranks already
+            step, epoch_loss, images_per_second = stats["step"], stats["loss"], stats["samples"] / stats["seconds"]
+            say(f"epoch {epoch}: loss {epoch_loss:.4f}, {images_per_second:.0f} images/s, step {step}")
+            wbflow.log_metrics(run, {"train/epoch_loss": epoch_loss, "train/images_per_second": images_per_second,
+                                     "train/epoch": epoch}, step=step)
+            is_best = not math.isnan(epoch_loss) and (best_loss is None or epoch_loss < best_loss)
+            best_loss = epoch_loss if is_best else best_loss
+            if not is_main:
+                continue
+
+            if epoch % logging["log_images_interval"] == 0:
+                tolerance = sampling["rk45_tolerance"]
+                samples, nfe = wbflow.sample_flow(ema_model.module, fixed_noise, sampling["solver"], sampling["nfe"],
+                                                     rtol=tolerance, atol=tolerance, dtype=amp_dtype)
+                grid = wbflow.sample_grid(samples)
+                wbflow.save_png(grid, out_dir / "samples" / f"epoch_{epoch:04d}.png")
+                wbflow.log_image_grid(run, "eval/generated_samples", grid, step=step,
+                                         caption=f"epoch {epoch}, EMA, {sampling['solver']} NFE {nfe}")
+            if epoch % training["sample_interval"] == 0 or epoch == training["epochs"]:
+                table_rows += solver_rows(ema_model.module, fixed_noise, sampling, epoch, out_dir, amp_dtype)
+
+            upload = epoch % logging["log_model_interval"] == 0
+            if epoch % training["save_interval"] == 0 or upload or epoch == training["epochs"]:
+                checkpoint = {"model": model.state_dict(), "ema": ema_model.state_dict(),
+                              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                              "scheduler": scheduler.state_dict(), "epoch": epoch, "global_step": step,
+                              "epoch_loss": epoch_loss, "best_loss": best_loss, "config": config,
+                              "rng": wbflow.capture_rng_state(), "table_rows": table_rows,
+                              "wandb_run_id": run.id if run is not None else run_id}
+                path = wbflow.save_checkpoint(checkpoint, out_dir / f"checkpoint_epoch_{epoch}.pt")
+                say(f"saved {path}")
+                if upload:
+                    wbflow.log_artifact(run, path, f"model-epoch-{epoch}", aliases=["latest"] + ["best"] * is_best,
+                                        metadata={"epoch": epoch, "global_step": step, "config": config})
+
+        if run is not None and table_rows:
+            run.log({"eval/samples_table": wbflow.samples_table(table_rows)}, step=step)
+    if world_size > 1:
+        dist.destroy_process_group()
+    return {"step": step, "best_loss": best_loss, "out_dir": out_dir}
+
+
+def solver_rows(model, noise, sampling, epoch, out_dir, amp_dtype):
+    """This epoch's rows of eval/samples_table; each grid goes to a PNG that the table reads at the end."""
+    rows = []
+    for row in wbflow.compare_solvers(model, noise, solvers=sampling["table_solvers"], nfes=sampling["table_nfes"],
+                                         rtol=sampling["rk45_tolerance"], atol=sampling["rk45_tolerance"],
+                                         dtype=amp_dtype):
+        name = f"epoch_{epoch:04d}_{row['solver']}_nfe{row['nfe']:03d}.png"
+        path = wbflow.save_png(wbflow.sample_grid(row["images"]), out_dir / "samples" / name)
+        rows.append({"epoch": epoch, "solver": row["solver"], "nfe": row["nfe"], "seconds": row["seconds"],
+                     "samples": str(path)})
+    return rows
+
+
+def cifar10_train_batches(data_dir, batch_size):
+    """CIFAR-10 training images in batches, read only when the FID statistics are not cached yet."""
+    images_uint8, _ = wbflow.load_cifar10(data_dir)
+    yield from images_uint8.split(batch_size)
+
+
+def evaluate(config, args):
+    data, sampling, evaluation, logging = config["data"], config["sampling"], config["eval"], config["logging"]
+    device = torch.device("cpu") if args.smoke else wbflow.default_device()
+    if not args.checkpoint:
+        raise SystemExit("train_flow.py: --eval needs --checkpoint PATH|ARTIFACT")
+
+    # Samples from the EMA weights, with the same seeded noise every time.
+    path = wbflow.fetch_checkpoint(args.checkpoint, project=logging["project_name"], entity=logging["entity"])
+    state = wbflow.load_checkpoint(path, map_location=device)
+    ema_model = wbflow.make_ema(wbflow.FlowUNet(**state["config"]["model"]).to(device))
+    ema_model.load_state_dict(state["ema"])
+    solver, nfe, tolerance = args.solver or sampling["solver"], args.nfe or sampling["nfe"], sampling["rk45_tolerance"]
+    generator, batches = torch.Generator().manual_seed(sampling["seed"]), []
+    for start in range(0, args.num_samples, evaluation["sample_batch_size"]):
+        noise = torch.randn(min(evaluation["sample_batch_size"], args.num_samples - start), 3, 32, 32,
+                            generator=generator).to(device)
+        # float32, as the published FIDs sample (training previews use the AMP dtype)
+        samples, used = wbflow.sample_flow(ema_model.module, noise, solver, nfe, rtol=tolerance, atol=tolerance)
+        batches.append(wbflow.images_to_uint8(samples).cpu())
+    samples_uint8 = torch.cat(batches)
+    print(f"sampled {len(samples_uint8)} images from {path} (epoch {state['epoch']}) with {solver}, NFE {used}")
+
+    # One Inception pass over the samples serves both FID (features) and IS (logits).
+    inception = wbflow.load_fid_inception(evaluation["fid_weights"], device)
+    features, logits = wbflow.inception_features(samples_uint8, inception,
+                                                   batch_size=evaluation["inception_batch_size"])
+    metrics = {}
+    if args.metric in ("fid", "both"):
+        real = evaluation["num_real_images"]
+        statistics = wbflow.save_statistics(
+            cifar10_train_batches(data["data_dir"], evaluation["inception_batch_size"]),
+            evaluation["stats_dir"] or Path(data["data_dir"]) / "fid_stats",
+            f"cifar10-train-{real}" if real else "cifar10-train",
+            batch_size=evaluation["inception_batch_size"], device=device, num_images=real,
+            weights_path=evaluation["fid_weights"])
+        metrics["eval/fid_score"] = wbflow.fid(statistics, features)
+    if args.metric in ("is", "both"):
+        metrics["eval/inception_score_mean"], metrics["eval/inception_score_std"] = wbflow.inception_score(
+            logits, splits=min(10, len(logits)))
+    print(", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
+
+    grid = wbflow.sample_grid(samples_uint8[:64])
+    wbflow.save_png(grid, Path(data["out_dir"]) / "samples" / f"eval_epoch_{state['epoch']:04d}.png")
+    eval_config = {"checkpoint": str(args.checkpoint), "epoch": state["epoch"], "global_step": state["global_step"],
+                   "num_samples": args.num_samples, "metric": args.metric, "solver": solver, "nfe": used,
+                   "model": state["config"]["model"], "fid_reference": wbflow.fid_reference()}
+    with wbflow.wandb_run(eval_config, project=args.wandb_project or f"{logging['project_name']}_eval",
+                          enabled=args.use_wandb, entity=logging["entity"], job_type="eval") as run:
+        wbflow.log_metrics(run, metrics)
+        wbflow.log_image_grid(run, "eval/sample_images", grid,
+                                 caption=f"{solver} NFE {used}, epoch {state['epoch']}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
