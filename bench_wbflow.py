@@ -291,11 +291,14 @@ BENCHMARKS = {"train": lambda args: bench_train_epoch(),
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", default=list(BENCHMARKS), choices=list(BENCHMARKS))
+    parser.add_argument("which", nargs="*", help=f"any of {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--data-dir", help="flow: folder holding cifar-10-batches-py (default: synthetic)")
     parser.add_argument("--batch-size", type=int, default=128, help="flow: loader batch size")
     parser.add_argument("--steps", type=int, default=20, help="flow: Euler steps")
     parser.add_argument("--device", default="cpu", help="flow: device for the Euler benchmark")
     arguments = parser.parse_args()
-    for name in arguments.which:
+    unknown = set(arguments.which) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
+    for name in arguments.which or BENCHMARKS:
         BENCHMARKS[name](arguments)

@@ -803,9 +803,19 @@ def test_offline_without_weights_says_which_file_to_put_where(tmp_path, monkeypa
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     expected_path = os.path.join(str(tmp_path), "checkpoints", wbflow.FID_WEIGHTS_FILE)
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(FileNotFoundError) as error:
         wbflow.fid_weights_path()
     assert expected_path in str(error.value) and wbflow.FID_WEIGHTS_URL in str(error.value)
+    checkpoint = tmp_path / "flow.pt"
+    wbflow.save_checkpoint({"config": {"model": {"base_channels": 8, "channel_mults": (1,), "num_res_blocks": 1,
+                                                  "attention_resolutions": (), "head_channels": 8}},
+                            "ema": wbflow.make_ema(wbflow.FlowUNet(base_channels=8, channel_mults=(1,), num_res_blocks=1,
+                                                                   attention_resolutions=(), head_channels=8)).state_dict(),
+                            "epoch": 1, "global_step": 2}, checkpoint)
+    with pytest.raises(SystemExit) as exit_info:  # the driver ends with the message, not a traceback
+        train_flow.main(["--eval", "--smoke", "--checkpoint", str(checkpoint), "--num-samples", "4", "--nfe", "1",
+                         "--data-dir", str(tmp_path)])
+    assert expected_path in str(exit_info.value.code)
 
 
 class _RunsCodeWhenUnpickled:
@@ -949,6 +959,16 @@ def test_device_loader_shards_one_permutation_across_ranks():
         loader.set_epoch(5)
         shards.append(sum([_ids(b)[0] for b in loader], []))
     assert len(shards[0]) == len(shards[1]) == 32 and sorted(shards[0] + shards[1]) == list(range(64))
+
+
+@pytest.mark.parametrize("count, batch_size, drop_last", [(255, 64, True), (17, 4, False), (9, 2, True)])
+def test_device_loader_gives_every_rank_the_same_number_of_batches(count, batch_size, drop_last):
+    """Unequal batch counts would leave DDP ranks waiting for each other forever."""
+    lengths = []
+    for rank in range(2):
+        loader = _ids_loader(count=count, batch_size=batch_size, seed=0, rank=rank, world_size=2, drop_last=drop_last)
+        lengths.append((len(loader), len(list(loader))))
+    assert lengths[0] == lengths[1] and lengths[0][0] == lengths[0][1] > 0
 
 
 def test_rectified_flow_loss_regresses_the_straight_line_velocity():

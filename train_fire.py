@@ -108,7 +108,8 @@ def main(argv=None):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16 (bf16 or CPU)
+            scaler.load_state_dict(state["scaler"])
         start_epoch, step = state["epoch"] + 1, state["step"]
         best_acc, run_id = state["best_val_acc"], state["wandb_run_id"]
         if master:
@@ -128,7 +129,6 @@ def main(argv=None):
                                     epoch_key="epoch")
         if run is not None:
             run_id = run.id
-            step = max(step, run.step)  # a resumed online run may have logged past the last checkpoint
             if args.watch:
                 wbflow.watch_model(run, model, log="all", log_freq=100)
 

@@ -129,7 +129,8 @@ def train(config, args):
         model.load_state_dict(state["model"])
         ema_model.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16 (bf16 or CPU)
+            scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, step, best_loss = state["epoch"] + 1, state["global_step"], state["best_loss"]
         run_id, table_rows = state["wandb_run_id"], state["table_rows"]

@@ -200,7 +200,7 @@ class DeviceImageLoader:
         self.epoch = epoch
 
     def __len__(self):
-        shard_size = len(range(self.rank, self.count, self.world_size))
+        shard_size = self.count // self.world_size  # equal on every rank, or DDP would wait forever
         return shard_size // self.batch_size if self.drop_last else math.ceil(shard_size / self.batch_size)
 
     def __iter__(self):
@@ -209,7 +209,7 @@ class DeviceImageLoader:
                  else torch.arange(self.count, device=self.device))
         if self.flip:  # an index past count selects the mirrored copy
             order = order + self.count * (torch.rand(self.count, generator=generator, device=self.device) < 0.5)
-        order = order[self.rank::self.world_size]
+        order = order[self.rank:self.count // self.world_size * self.world_size:self.world_size]
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             images = self.images_and_mirrors.index_select(0, order[start:start + self.batch_size])
             if self.channels_last:
@@ -609,7 +609,8 @@ def _imagenet_state_dict(name):
 def build_optimizer(name, parameters, learning_rate, *, weight_decay=0.0, momentum=0.9, fused=None):
     """torch.optim.Adam ("adam"), AdamW ("adamw") or SGD with Nesterov momentum ("sgd").
 
-    fused=True (CUDA) lets train_epoch skip a bad step without a host sync.
+    fused=True (CUDA) lets train_epoch skip a bad Adam/AdamW step without a host sync; SGD is never
+    fused, since torch's fused SGD corrupts its momentum buffer on a skipped first step.
     Usage: optimizer = build_optimizer("adamw", model.parameters(), 3e-4, weight_decay=0.05)
     """
     if name == "adam":
@@ -618,7 +619,7 @@ def build_optimizer(name, parameters, learning_rate, *, weight_decay=0.0, moment
         return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused)
     if name == "sgd":
         return torch.optim.SGD(parameters, lr=learning_rate, momentum=momentum, nesterov=True,
-                               weight_decay=weight_decay, fused=fused)
+                               weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
 
 
@@ -705,7 +706,7 @@ def autocast_dtype(device, amp=None):
         amp = device.type == "cuda"
     if not amp:
         return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.float16
     return torch.bfloat16
 
@@ -747,7 +748,7 @@ def _update_ema(ema_model, model):
                                   itertools.chain(model.parameters(), model.buffers())):
         ema_group, group = groups.setdefault((ema_tensor.device, ema_tensor.dtype), ([], []))
         ema_group.append(ema_tensor.detach())
-        group.append(tensor.detach().to(ema_tensor.device, non_blocking=True))
+        group.append(tensor.detach().to(ema_tensor.device, non_blocking=ema_tensor.is_cuda))
     for ema_group, group in groups.values():
         ema_model.multi_avg_fn(ema_group, group, ema_model.n_averaged)
     ema_model.n_averaged += 1
@@ -765,18 +766,21 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
     finite is skipped and counted. Loss, counts and norms accumulate on the device and are read only
     every `log_every` steps and at the end, so the step path never waits for the GPU, except where
     torch itself must: an fp16 GradScaler, or skipping a bad step with an optimiser that cannot take
-    a device-side skip flag (pass fused=True to Adam/AdamW/SGD to avoid it).
+    a device-side skip flag (pass fused=True to Adam/AdamW to avoid it).
     Every `log_every` steps, `run.log` receives, at W&B step = global step, the means over the steps
     since the last log under `log_keys` (roles loss, learning_rate, grad_norm, epoch, and optionally
     accuracy (percent), batch, skipped_steps) — by default train/loss, train/learning_rate,
-    train/grad_norm, train/epoch. Under torch.distributed the returned means (loss, accuracy,
-    grad_norm) and counts are all-reduced over ranks; the logged ones are rank 0's.
+    train/grad_norm, train/epoch, train/skipped_steps. Pass the fp16 `scaler` (make_scaler) to
+    keep its loss scale across epochs; without one, each call starts a fresh scale. Under
+    torch.distributed the returned means (loss, accuracy, grad_norm) and counts are all-reduced
+    over ranks; the logged ones are rank 0's.
     Usage: stats = train_epoch(model, loader, opt, loss_fn, run=run, step=step); step = stats["step"]
     """
     from tqdm.auto import tqdm
     if log_keys is None:
         log_keys = {"loss": "train/loss", "learning_rate": "train/learning_rate",
-                    "grad_norm": "train/grad_norm", "epoch": "train/epoch"}
+                    "grad_norm": "train/grad_norm", "epoch": "train/epoch",
+                    "skipped_steps": "train/skipped_steps"}
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = autocast_dtype(device, amp)
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -1138,8 +1142,7 @@ class FIDInceptionV3(torchvision.models.inception.Inception3):
 
     Input: (N, 3, 299, 299) floats in [-1, 1]. Output: (pool features (N, 2048), logits without
     the fc bias (N, 1008)) from one pass; the unbiased logits are what the original IS code used.
-
-        features, logits_unbiased = FIDInceptionV3()(images_minus1_to_1)
+    Usage: features, logits_unbiased = FIDInceptionV3()(images_minus1_to_1)
     """
 
     def __init__(self):
@@ -1165,8 +1168,7 @@ class FIDInceptionV3(torchvision.models.inception.Inception3):
 def fid_weights_path(weights_path=None):
     """Path of the FID Inception weights: argument, then $WBFLOW_FID_WEIGHTS, then the torch hub
     cache, downloading pytorch-fid's release file there once when online.
-
-        path = fid_weights_path()  # e.g. ~/.cache/torch/hub/checkpoints/pt_inception-...pth
+    Usage: path = fid_weights_path()  # e.g. ~/.cache/torch/hub/checkpoints/pt_inception-...pth
     """
     path = weights_path or os.environ.get(FID_WEIGHTS_ENV)
     if path:
@@ -1179,8 +1181,8 @@ def fid_weights_path(weights_path=None):
         try:
             torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=False, weights_only=True,
                                                map_location="cpu")
-        except Exception as error:
-            raise RuntimeError(
+        except Exception as error:  # noqa: BLE001 - no network, proxy, disk: the advice is the same
+            raise FileNotFoundError(
                 f"FID Inception weights are not available offline and could not be downloaded "
                 f"({type(error).__name__}: {error}). Download {FID_WEIGHTS_URL} and put it at "
                 f"{cached_path}, or pass weights_path=..., or set ${FID_WEIGHTS_ENV}.") from error
@@ -1216,8 +1218,7 @@ def load_fid_inception(weights_path=None, device="cpu", fuse=True):
 
     fuse=True folds BatchNorm into the convolutions and uses channels_last: faster, same features
     within float32 rounding, but its state_dict no longer matches the weights file.
-
-        inception = load_fid_inception("pt_inception-2015-12-05-6726825d.pth", device="cuda")
+    Usage: inception = load_fid_inception("pt_inception-2015-12-05-6726825d.pth", device="cuda")
     """
     path = fid_weights_path(weights_path)
     model = FIDInceptionV3()
@@ -1235,8 +1236,7 @@ def load_fid_inception(weights_path=None, device="cpu", fuse=True):
 
 def file_sha256(path):
     """Hex SHA-256 of a file, read in chunks; keys statistics caches to the weights used.
-
-        key = file_sha256(fid_weights_path())[:12]
+    Usage: key = file_sha256(fid_weights_path())[:12]
     """
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -1277,8 +1277,7 @@ def _preprocess(images, resize, size=299):
 
 def fid_reference(resize="tensorflow"):
     """Which published implementation a number computed with this resize mode reproduces.
-
-        wandb.log({"fid": fid(real, fake), "fid_reference": fid_reference()})
+    Usage: wandb.log({"fid": fid(real, fake), "fid_reference": fid_reference()})
     """
     return {"tensorflow": "TensorFlow FID / torch-fidelity 0.4.0 inception-v3-compat",
             "pytorch-fid": "pytorch-fid 0.3.0 InceptionV3"}[resize]
@@ -1303,6 +1302,8 @@ def _gather_across_ranks(rows):
     if not (distributed.is_available() and distributed.is_initialized()):
         return rows
     world_size = distributed.get_world_size()
+    if distributed.get_backend() == "nccl":
+        rows = rows.to(torch.cuda.current_device())
     # all_gather needs equal shapes: pad every rank to the largest count, then trim.
     count = torch.tensor([rows.shape[0]], device=rows.device)
     counts = [torch.zeros_like(count) for _ in range(world_size)]
@@ -1322,22 +1323,26 @@ def inception_features(images, inception=None, *, resize="tensorflow", batch_siz
 
     images: (N, 3, H, W) uint8 in 0..255 or float in [0, 1], or an iterable of such batches or
     of (images, labels) pairs.
-
-        features, logits = inception_features(images_uint8, load_fid_inception(device="cuda"))
+    Usage: features, logits = inception_features(images_uint8, load_fid_inception(device="cuda"))
     """
     if inception is None:
         inception = load_fid_inception(weights_path, device)
     model_device = next(inception.parameters()).device
     feature_batches, logit_batches = [], []
-    # TF32 convolutions would move features by ~1e-3, past the references' agreement.
-    with torch.inference_mode(), torch.backends.cudnn.flags(
-            enabled=True, benchmark=torch.backends.cudnn.benchmark,
-            deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
-        for batch in _image_batches(images, batch_size, num_images):
-            batch = _preprocess(batch.to(model_device), resize)
-            features, logits = inception(batch.contiguous(memory_format=torch.channels_last))
-            feature_batches.append(features.float())
-            logit_batches.append(logits.float())
+    # TF32 convolutions or matmuls would move features by ~1e-3, past the references' agreement.
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode(), torch.backends.cudnn.flags(
+                enabled=True, benchmark=torch.backends.cudnn.benchmark,
+                deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            for batch in _image_batches(images, batch_size, num_images):
+                batch = _preprocess(batch.to(model_device), resize)
+                features, logits = inception(batch.contiguous(memory_format=torch.channels_last))
+                feature_batches.append(features.float())
+                logit_batches.append(logits.float())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     if not feature_batches:
         raise ValueError("no images to compute Inception features from")
     features = _gather_across_ranks(torch.cat(feature_batches))
@@ -1347,8 +1352,7 @@ def inception_features(images, inception=None, *, resize="tensorflow", batch_siz
 
 def feature_statistics(features):
     """Mean and unbiased covariance (float64 numpy) of (N, D) features, as pytorch-fid stores them.
-
-        mu, sigma = feature_statistics(features)
+    Usage: mu, sigma = feature_statistics(features)
     """
     features = torch.as_tensor(features).double()
     mu = features.mean(dim=0)
@@ -1360,35 +1364,34 @@ def feature_statistics(features):
 def _drop_rounding_noise(eigenvalues):
     # Eigenvalues that are zero in exact arithmetic come out as +-1e-16 * largest; their square
     # roots (1e-8 each, thousands of them) would add a visible bias when covariances are singular.
-    noise_floor = eigenvalues.abs().max() * eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps
-    return torch.where(eigenvalues > noise_floor, eigenvalues, 0.0)
-
-
-def _psd_sqrt(matrix):
-    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
-    return (eigenvectors * _drop_rounding_noise(eigenvalues).sqrt()) @ eigenvectors.T
+    noise_floor = np.abs(eigenvalues).max() * eigenvalues.size * np.finfo(eigenvalues.dtype).eps
+    return np.where(eigenvalues > noise_floor, eigenvalues, 0.0)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64, without sqrtm.
 
-    tr sqrt(S1 S2) = sum sqrt(eig(L^T S2 L)) with S1 = L L^T (Cholesky; symmetric eigensolve on a
-    PSD matrix, so no complex parts); a singular S1 (fewer samples than dims) uses sqrt(S1) instead.
-
-        distance = frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+    tr sqrt(S1 S2) = sum sqrt(eig(L^T S2 L)) with S1 = L L^T (Cholesky; a symmetric eigensolve of a
+    PSD matrix, so no complex parts); a singular S1 (fewer samples than dims) uses sqrt(S1) for L.
+    Usage: distance = frechet_distance(*feature_statistics(real), *feature_statistics(fake))
     """
-    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(np.asarray(value), dtype=torch.float64)
-                                for value in (mu1, sigma1, mu2, sigma2))
+    import scipy.linalg
+    from scipy.linalg import blas
+    mu1, sigma1, mu2, sigma2 = (np.asarray(value, dtype=np.float64) for value in (mu1, sigma1, mu2, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics differ in shape: {tuple(mu1.shape)} vs {tuple(mu2.shape)}")
-    factor, info = torch.linalg.cholesky_ex(sigma1)
-    if info != 0:
-        factor = _psd_sqrt(sigma1)
-    product = factor.T @ sigma2 @ factor
-    eigenvalues = torch.linalg.eigvalsh((product + product.T) / 2)
-    trace_sqrt_product = _drop_rounding_noise(eigenvalues).sqrt().sum()
-    mean_term = (mu1 - mu2).square().sum()
-    return float(mean_term + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt_product)
+        raise ValueError(f"statistics differ in shape: {mu1.shape} vs {mu2.shape}")
+    try:
+        factor = scipy.linalg.cholesky(sigma1, lower=True, check_finite=False)
+        # L^T (S2 L) as two triangular products (BLAS trmm): half the work of general matmuls
+        product = blas.dtrmm(1.0, factor, blas.dtrmm(1.0, factor, sigma2, side=1, lower=1), lower=1, trans_a=1)
+    except np.linalg.LinAlgError:
+        eigenvalues, eigenvectors = scipy.linalg.eigh(sigma1, check_finite=False)
+        root = (eigenvectors * np.sqrt(_drop_rounding_noise(eigenvalues))) @ eigenvectors.T
+        product = root @ sigma2 @ root
+    eigenvalues = scipy.linalg.eigh((product + product.T) / 2, eigvals_only=True, driver="evr", check_finite=False)
+    trace_sqrt_product = np.sqrt(_drop_rounding_noise(eigenvalues)).sum()
+    mean_term = np.square(mu1 - mu2).sum()
+    return float(mean_term + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product)
 
 
 def _is_statistics(source):
@@ -1422,8 +1425,7 @@ def fid(real, fake, *, resize="tensorflow", batch_size=50, device="cpu", num_ima
     num_images caps the images read from each side. Under torch.distributed each rank passes its
     shard of images and every rank gets the FID over all of them; features and statistics are
     taken as given.
-
-        score = fid("stats/cifar10-train-tensorflow-6726825d.npz", samples_uint8, device="cuda")
+    Usage: score = fid("stats/cifar10-train-tensorflow-6726825d.npz", samples_uint8, device="cuda")
     """
     loaded = []
 
@@ -1443,9 +1445,7 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
                     device="cpu", num_images=None, weights_path=None, overwrite=False):
     """Compute mu/sigma once and save them as pytorch-fid's .npz format; the file name carries the
     resize mode and the weights file's hash, so a cached file is reused only for the same network.
-
-        cifar10_statistics = save_statistics(train_images_uint8, "stats", "cifar10-train")
-        score = fid(cifar10_statistics, samples_uint8)
+    Usage: cifar10_statistics = save_statistics(train_images_uint8, "stats", "cifar10-train"); score = fid(cifar10_statistics, samples_uint8)
     """
     weights_path = fid_weights_path(weights_path)
     weights_hash = file_sha256(weights_path)
@@ -1459,10 +1459,18 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
     is_distributed = distributed.is_available() and distributed.is_initialized()
     if not is_distributed or distributed.get_rank() == 0:
         os.makedirs(cache_dir, exist_ok=True)
-        partial_path = f"{path}.partial.npz"
-        np.savez(partial_path, mu=mu, sigma=sigma, weights_sha256=weights_hash, resize=resize,
-                 num_images=len(features))
-        os.replace(partial_path, path)  # atomic: a crash never leaves a truncated cache entry
+        handle, partial_path = tempfile.mkstemp(prefix=".statistics.", suffix=".npz", dir=cache_dir)
+        try:
+            with os.fdopen(handle, "wb") as partial_file:
+                np.savez(partial_file, mu=mu, sigma=sigma, weights_sha256=weights_hash, resize=resize,
+                         num_images=len(features))
+                partial_file.flush()
+                os.fsync(partial_file.fileno())
+            os.replace(partial_path, path)  # atomic: a crash never leaves a truncated cache entry
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial_path)
+            raise
     if is_distributed:
         distributed.barrier()
     return path
@@ -1490,8 +1498,7 @@ def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, de
     logits without the fc bias, shuffled with numpy RandomState(2020), KL in float64.
 
     images: as for fid, or precomputed unbiased logits (N, 1008).
-
-        is_mean, is_std = inception_score(samples_uint8, device="cuda")
+    Usage: is_mean, is_std = inception_score(samples_uint8, device="cuda")
     """
     if torch.is_tensor(images) and images.dim() == 2:
         return _inception_score_of_logits(images, splits, seed)
@@ -1801,9 +1808,9 @@ def fetch_checkpoint(reference, *, project=None, entity=None, root=None):
     except Exception as error:  # noqa: BLE001 - offline, unknown artifact, no credentials: one message
         raise FileNotFoundError(f"{reference} is neither a checkpoint file nor a W&B model artifact that "
                                 f"could be downloaded ({type(error).__name__}: {error})") from None
-    files = sorted(directory.glob("*.pt"))
+    files = sorted([*directory.glob("*.pt"), *directory.glob("*.pth")])
     if len(files) != 1:
-        raise FileNotFoundError(f"artifact {name} should hold one .pt checkpoint, found {[f.name for f in files]}")
+        raise FileNotFoundError(f"artifact {name} should hold one .pt/.pth checkpoint, found {[f.name for f in files]}")
     return files[0]
 
 
