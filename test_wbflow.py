@@ -796,6 +796,13 @@ def test_weights_path_can_come_from_the_environment(weights_path, monkeypatch):
     assert wbflow.fid_weights_path() == weights_path
 
 
+def test_fid_refuses_images_outside_zero_one_and_wrong_shapes(inception):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        wbflow.inception_features(torch.rand(2, 3, 8, 8) * 2 - 1, inception)
+    with pytest.raises(ValueError, match="shape"):
+        wbflow.inception_features(torch.rand(2, 8, 8), inception)
+
+
 def test_offline_without_weights_says_which_file_to_put_where(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise OSError("network is unreachable")

@@ -139,10 +139,12 @@ def train(config, args):
             torch.manual_seed(training["seed"] + rank + step)
         say(f"resumed from {args.resume} at epoch {state['epoch']}, step {step}")
 
-    train_model = torch.compile(model) if training["compile"] else model
+    train_model = model
     if world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if training["compile"]:  # compile outside DDP, so DDP's bucketing splits the graph
+        train_model = torch.compile(train_model)
     # The same seeded noise every time, so eval/generated_samples show progress, not new noise.
     fixed_noise = torch.randn(sampling["num_images"], 3, 32, 32,
                               generator=torch.Generator().manual_seed(sampling["seed"])).to(device)

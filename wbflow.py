@@ -2,18 +2,19 @@
 
 Sections, in data-flow order:
   device & data     default_device, to_device, is_main_process, setup_distributed,
-                    load_cifar10, synthetic_images, DeviceImageLoader (CIFAR-10 on the device),
+                    CIFAR10_URL, load_cifar10, synthetic_images, DeviceImageLoader (CIFAR-10 on the device),
                     find_image_samples, stratified_split, drop_unreadable_images, ImageSamples,
                     image_transforms, classifier_loaders (image folders / CSV)
-  models            FlowUNet, build_classifier, build_optimizer
+  models            FlowUNet, CLASSIFIER_NAMES, build_classifier, build_optimizer
   losses            classification_loss, focal_loss, class_balanced_weights, rectified_flow_loss
   training          autocast_dtype, make_scaler, make_ema, train_epoch, validate, warmup_scheduler,
                     capture_rng_state, restore_rng_state, predict_dataset
   sampling          euler_sample, heun_sample, rk45_sample, sample_flow, compare_solvers
-  metrics           FIDInceptionV3, load_fid_inception, inception_features, feature_statistics,
-                    frechet_distance, fid, save_statistics, inception_score, per_class_precision_recall
+  metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
+                    inception_features, feature_statistics, frechet_distance, fid, save_statistics,
+                    inception_score, per_class_precision_recall
   images & W&B      wandb_run, log_metrics, define_epoch_metrics, watch_model, log_artifact,
-                    sample_grid, save_png, log_image_grid, samples_table, log_classification_report
+                    images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
   checkpoints       save_checkpoint, load_checkpoint, save_best, fetch_checkpoint
   config            load_yaml_config, str2bool, add_sweep_argument
 
@@ -27,6 +28,7 @@ import contextlib
 import copy
 import csv
 import hashlib
+import itertools
 import math
 import os
 import pickle
@@ -739,7 +741,6 @@ def _update_ema(ema_model, model):
     For an EMA (multi_avg_fn, buffers averaged, already initialised) the counter changes nothing,
     so this calls the same swa_utils update on each (device, dtype) group directly.
     """
-    import itertools
     if ema_model.multi_avg_fn is None or not ema_model.use_buffers:
         ema_model.update_parameters(model)
         return
@@ -1260,9 +1261,13 @@ def _tensorflow_resize_matrix(in_size, out_size, device):
 
 
 def _preprocess(images, resize, size=299):
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images of shape (N, 3, H, W) or (N, 1, H, W), got {tuple(images.shape)}")
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     is_uint8 = images.dtype == torch.uint8
+    if not is_uint8 and images.numel() and (images.min() < 0 or images.max() > 1):
+        raise ValueError("float images must be in [0, 1] (model outputs in [-1, 1]: images_to_uint8 first)")
     if resize == "tensorflow":
         images_255 = images.float() if is_uint8 else images.float() * 255
         rows = _tensorflow_resize_matrix(images.shape[2], size, images.device)
