@@ -73,9 +73,10 @@ def bench_train_epoch(steps=50, batch_size=32, rounds=9):
 
             bare_loop(), with_train_epoch()  # warm-up
             bare_seconds, train_epoch_seconds = [], []
-            for _ in range(rounds):  # interleaved, so load changes hit both alike
-                bare_seconds.append(_best_seconds(bare_loop, 1, warm_up=False))
-                train_epoch_seconds.append(_best_seconds(with_train_epoch, 1, warm_up=False))
+            for round_index in range(rounds):  # interleaved, first one then the other, so load hits both alike
+                contenders = [(bare_loop, bare_seconds), (with_train_epoch, train_epoch_seconds)]
+                for run_once, seconds in contenders[::1 if round_index % 2 else -1]:
+                    seconds.append(_best_seconds(run_once, 1, warm_up=False))
     bare, ours = statistics.median(bare_seconds), statistics.median(train_epoch_seconds)
     ratio = ours / bare
     print(f"train_epoch vs bare loop ({steps} steps, batch {batch_size}, small CNN, CPU, "
