@@ -808,7 +808,7 @@ def test_offline_without_weights_says_which_file_to_put_where(tmp_path, monkeypa
         raise OSError("network is unreachable")
     monkeypatch.delenv(wbflow.FID_WEIGHTS_ENV, raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     expected_path = os.path.join(str(tmp_path), "checkpoints", wbflow.FID_WEIGHTS_FILE)
     with pytest.raises(FileNotFoundError) as error:
         wbflow.fid_weights_path()

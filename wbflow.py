@@ -1180,8 +1180,8 @@ def fid_weights_path(weights_path=None):
     cached_path = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_FILE)
     if not os.path.isfile(cached_path):
         try:
-            torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=False, weights_only=True,
-                                               map_location="cpu")
+            os.makedirs(os.path.dirname(cached_path), exist_ok=True)
+            torch.hub.download_url_to_file(FID_WEIGHTS_URL, cached_path, progress=False)
         except Exception as error:  # noqa: BLE001 - no network, proxy, disk: the advice is the same
             raise FileNotFoundError(
                 f"FID Inception weights are not available offline and could not be downloaded "
@@ -1191,13 +1191,8 @@ def fid_weights_path(weights_path=None):
 
 
 def _load_state_dict(path):
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        raise ValueError(f"{path} is not a plain tensor state dict that loads with "
-                         f"weights_only=True (refusing to unpickle it): {error}") from None
-    if not isinstance(state_dict, dict) or not all(
-            torch.is_tensor(value) for value in state_dict.values()):
+    state_dict = load_checkpoint(path)
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(value) for value in state_dict.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
     return state_dict
 
