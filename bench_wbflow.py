@@ -116,17 +116,10 @@ def bench_frechet_distance():
 
 
 def _calibrated_weights_file(directory):
-    torch.manual_seed(0)
-    model = wbflow.FIDInceptionV3().requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-            module.bias.fill_(1.0)
-    with torch.no_grad():
-        images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-        model.train()(wbflow._preprocess(images, "tensorflow"))
+    """The tests' calibrated random FID-Inception, saved as a weights file (the real one needs the network)."""
+    from test_wbflow import _calibrated_fid_inception
     path = os.path.join(directory, wbflow.FID_WEIGHTS_FILE)
-    torch.save(model.state_dict(), path)
+    torch.save(_calibrated_fid_inception().state_dict(), path)
     return path
 
 

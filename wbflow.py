@@ -588,24 +588,30 @@ def build_classifier(name, num_classes, weights="none"):
 
 
 def _imagenet_state_dict(name):
-    """torchvision's default ImageNet weights for `name`, from the hub cache or downloaded into it,
-    loaded with torch.load(weights_only=True) through load_checkpoint."""
-    from urllib.parse import urlparse
+    """torchvision's default ImageNet weights for `name`, from the hub cache (downloaded there when
+    missing), loaded with torch.load(weights_only=True) through load_checkpoint."""
     url = torchvision.models.get_model_weights(name).DEFAULT.url
+    return load_checkpoint(_hub_cached_file(url, f"the ImageNet weights for {name}",
+                                            "pass --weights none to train from scratch", check_hash=True))
+
+
+def _hub_cached_file(url, what, alternative, check_hash=False):
+    """The file of `url` in the torch hub checkpoints folder, downloaded there when missing; when that
+    fails, FileNotFoundError says which file to put where, or `alternative`."""
+    from urllib.parse import urlparse
     file_name = os.path.basename(urlparse(url).path)
-    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-    path = os.path.join(folder, file_name)
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
     if not os.path.isfile(path):
-        hash_match = torch.hub.HASH_REGEX.search(file_name)
+        hash_match = torch.hub.HASH_REGEX.search(file_name) if check_hash else None
         try:
-            os.makedirs(folder, exist_ok=True)
-            torch.hub.download_url_to_file(url, path, hash_match.group(1) if hash_match else None)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(url, path, hash_match.group(1) if hash_match else None, progress=False)
         except Exception as error:  # noqa: BLE001 - no network, proxy, disk: the advice is the same
             raise FileNotFoundError(
-                f"could not download the ImageNet weights for {name} ({type(error).__name__}: {error}).\n"
-                f"  Download {url}\n  and put it at {path}\n  (the torch hub checkpoints folder; "
-                f"set TORCH_HOME to move it), or pass --weights none to train from scratch.") from None
-    return load_checkpoint(path)
+                f"could not download {what} ({type(error).__name__}: {error}).\n  Download {url}\n"
+                f"  and put it at {path}\n  (the torch hub checkpoints folder; set TORCH_HOME to move it),"
+                f" or {alternative}.") from None
+    return path
 
 
 def build_optimizer(name, parameters, learning_rate, *, weight_decay=0.0, momentum=0.9, fused=None):
@@ -1177,17 +1183,8 @@ def fid_weights_path(weights_path=None):
             raise FileNotFoundError(f"FID Inception weights file {path!r} does not exist; expected "
                                     f"pytorch-fid's {FID_WEIGHTS_FILE} from {FID_WEIGHTS_URL}")
         return str(path)
-    cached_path = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_FILE)
-    if not os.path.isfile(cached_path):
-        try:
-            os.makedirs(os.path.dirname(cached_path), exist_ok=True)
-            torch.hub.download_url_to_file(FID_WEIGHTS_URL, cached_path, progress=False)
-        except Exception as error:  # noqa: BLE001 - no network, proxy, disk: the advice is the same
-            raise FileNotFoundError(
-                f"FID Inception weights are not available offline and could not be downloaded "
-                f"({type(error).__name__}: {error}). Download {FID_WEIGHTS_URL} and put it at "
-                f"{cached_path}, or pass weights_path=..., or set ${FID_WEIGHTS_ENV}.") from error
-    return cached_path
+    return _hub_cached_file(FID_WEIGHTS_URL, "the FID Inception weights",
+                            f"pass weights_path=... or set ${FID_WEIGHTS_ENV}")
 
 
 def _load_state_dict(path):
