@@ -1,0 +1,136 @@
+"""Shared test helpers: one torch thread, offline W&B, and reading a run's record log back.
+
+Test files import the helpers with `from conftest import RunLog, run_logs, read_records`."""
+import glob
+import json
+import os
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: these tiny models gain little from two, and lose much when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- reading a run back
+
+def read_records(wandb_file):
+    """Parse a run-*.wandb file: a 7-byte header, then 32 KiB blocks of chunks, each with a 7-byte
+    header (crc32 u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+    data = Path(wandb_file).read_bytes()
+    position, pieces, records = 7, b"", []
+    while position + 7 <= len(data):
+        space_left = 32768 - position % 32768
+        if space_left < 7:
+            position += space_left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        chunk = data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind == 1:
+            records.append(chunk)
+        elif kind == 2:
+            pieces = chunk
+        elif kind == 3:
+            pieces += chunk
+        elif kind == 4:
+            records.append(pieces + chunk)
+    return [wandb_internal_pb2.Record.FromString(record) for record in records]
+
+
+def _items_to_dict(items):
+    """History/summary/config items as a dict; nested keys (e.g. a logged image's fields) nest."""
+    result = {}
+    for item in items:
+        path = [item.key] if item.key else list(item.nested_key)
+        target = result
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = json.loads(item.value_json)
+    return result
+
+
+class RunLog:
+    """What one offline run logged: history rows, the final summary, artifacts, config, exit code."""
+
+    def __init__(self, wandb_file):
+        self.history, self.summary, self.artifacts, self.config = [], {}, [], {}
+        self.metrics, self.exit_code, self.run_id = [], None, None
+        for record in read_records(wandb_file):
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                self.history.append(_items_to_dict(record.history.item))
+            elif kind == "summary":
+                self.summary.update(_items_to_dict(record.summary.update))
+            elif kind == "artifact":
+                artifact = record.artifact
+                self.artifacts.append({"name": artifact.name, "type": artifact.type,
+                                       "aliases": list(artifact.aliases),
+                                       "metadata": json.loads(artifact.metadata or "{}"),
+                                       "files": [entry.path for entry in artifact.manifest.contents]})
+            elif kind == "config":
+                self.config.update(_items_to_dict(record.config.update))
+            elif kind == "metric":
+                self.metrics.append(record.metric)
+            elif kind == "exit":
+                self.exit_code = record.exit.exit_code
+            elif kind == "run":
+                self.run_id = record.run.run_id
+                self.config.update(_items_to_dict(record.run.config.update))
+
+    def rows_with(self, key):
+        return [row for row in self.history if key in row]
+
+    def values(self, key):
+        return [row[key] for row in self.rows_with(key)]
+
+
+def run_logs(wandb_dir, timeout=60):
+    """RunLog of every run written under WANDB_DIR, oldest first, once each holds its exit record.
+
+    wandb's service writes the file after run.finish() returns, so wait for the exit record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        files = sorted(glob.glob(os.path.join(wandb_dir, "wandb", "*run-*", "run-*.wandb")), key=os.path.getmtime)
+        logs = [RunLog(path) for path in files]
+        if all(log.exit_code is not None for log in logs) or time.monotonic() > deadline:
+            return logs
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """Offline, silent W&B writing under a temp WANDB_DIR; yields that folder."""
+    wandb_dir = tmp_path / "wandb_dir"
+    wandb_dir.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    return wandb_dir
+
+
+# ----------------------------------------------------------------------------- the copy rule
+
+def paste_alone(*names, module_path=Path(__file__).resolve().parent / "wbflow.py"):
+    """Execute wbflow's import block plus the source of `names` alone in a fresh namespace, as a user
+    who pastes those definitions into their own file would, and return that namespace."""
+    import ast
+    import inspect
+    import wbflow
+    tree = ast.parse(module_path.read_text())
+    import_block = "\n".join(ast.get_source_segment(module_path.read_text(), node) for node in tree.body
+                             if isinstance(node, (ast.Import, ast.ImportFrom)))
+    sources = [inspect.getsource(getattr(wbflow, name)) for name in names]
+    namespace = {"__name__": "pasted"}
+    exec(compile(import_block + "\n\n" + "\n\n".join(sources), "<pasted>", "exec"), namespace)
+    return namespace
