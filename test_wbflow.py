@@ -1532,9 +1532,10 @@ def test_an_image_that_breaks_mid_epoch_is_replaced_not_fatal(tmp_path):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda root: (root / "a").mkdir(parents=True), "no readable images"),
+    (lambda root: ((root / "a").mkdir(parents=True), (root / "b").mkdir()), "no readable images"),
     (lambda root: (write_pattern_folders(root, 2, ["a"]), (root / "b").mkdir()), "no readable images in .*: b"),
-    (lambda root: root.mkdir(), "no class folders"),
+    (lambda root: root.mkdir(), "at least two classes; .* has 0"),
+    (lambda root: write_pattern_folders(root, 2, ["a"]), "at least two classes; .* has 1: a"),
 ])
 def test_empty_data_is_a_clear_error(tmp_path, make, match):
     make(tmp_path / "data")

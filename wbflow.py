@@ -4,7 +4,7 @@ Sections, in data-flow order:
   device & data     default_device, to_device, is_main_process, setup_distributed,
                     CIFAR10_URL, load_cifar10, synthetic_images, DeviceImageLoader (CIFAR-10 on the device),
                     find_image_samples, stratified_split, drop_unreadable_images, ImageSamples,
-                    image_transforms, classifier_loaders (image folders / CSV)
+                    image_transforms, classifier_loaders, check_same_on_every_rank (image folders / CSV)
   models            FlowUNet, CLASSIFIER_NAMES, build_classifier, build_optimizer
   losses            classification_loss, focal_loss, class_balanced_weights, rectified_flow_loss
   training          autocast_dtype, make_scaler, make_ema, train_epoch, validate, warmup_scheduler,
@@ -15,7 +15,8 @@ Sections, in data-flow order:
                     inception_score, per_class_precision_recall
   images & W&B      wandb_run, log_metrics, define_epoch_metrics, watch_model, log_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
-  checkpoints       save_checkpoint, load_checkpoint, save_best, fetch_checkpoint
+  checkpoints       save_checkpoint, load_checkpoint, prepare_out_dir,
+                    rotate_checkpoints, save_best, fetch_checkpoint
   config            load_yaml_config, str2bool, add_sweep_argument
 
 Every public function takes what it needs as arguments and imports wandb, scipy, PIL and yaml
@@ -27,6 +28,7 @@ import concurrent.futures
 import contextlib
 import copy
 import csv
+import errno
 import hashlib
 import itertools
 import math
@@ -219,92 +221,98 @@ class DeviceImageLoader:
             yield images.float().div_(127.5).sub_(1.0)
 
 
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
     """Train and validation samples, lists of (path, label index), and the class names.
 
     `data` is one of: a folder with train/<class>/* and val/<class>/*; a folder of class folders
-    (or train/ alone), split per class by stratified_split(val_split, seed); a CSV file of
+    (or train/ alone), split per class as stratified_split(val_split, seed) does; a CSV file of
     `path,label` rows (an optional header, paths relative to the CSV), split the same way.
     Class names are the sorted folder names / CSV labels; `class_names` fixes which and their order.
-    Unreadable images are dropped with one warning that counts them (drop_unreadable_images).
-    A missing folder or file raises FileNotFoundError; no images or an empty class, ValueError.
+    Unreadable images are dropped with one warning that counts them (as drop_unreadable_images does).
+    A missing folder or file raises FileNotFoundError; no images, fewer than two classes or an empty
+    class, ValueError.
     Usage: train_samples, val_samples, class_names = find_image_samples("data", val_split=0.2)
     """
+    from PIL import Image
+    extensions = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+    def folder_samples(root, class_names):
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        class_names = folders if class_names is None else class_names
+        missing = [name for name in class_names if name not in folders]
+        if missing:
+            raise FileNotFoundError(f"class folder(s) not found in {root}: {', '.join(missing)}")
+        return [(str(path), label) for label, name in enumerate(class_names)
+                for path in sorted((root / name).rglob("*"))
+                if path.suffix.lower() in extensions and path.is_file()], list(class_names)
+
+    def csv_samples(csv_path, class_names):
+        with open(csv_path, newline="", encoding="utf-8-sig") as csv_file:
+            rows = [row for row in csv.reader(csv_file) if row and any(cell.strip() for cell in row)]
+        if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["path", "label"]:
+            rows = rows[1:]
+        if any(len(row) < 2 for row in rows):
+            raise ValueError(f"{csv_path}: every row must be path,label")
+        labels = [row[1].strip() for row in rows]
+        class_names = list(class_names) if class_names is not None else sorted(set(labels))
+        unknown = sorted(set(labels) - set(class_names))
+        if unknown:
+            raise ValueError(f"{csv_path}: labels not in the class names: {', '.join(unknown)}")
+        label_index = {name: index for index, name in enumerate(class_names)}
+        return [(str(csv_path.parent / row[0].strip()), label_index[label])
+                for row, label in zip(rows, labels)], class_names
+
+    def readable(path):
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (64, 64))  # JPEGs decode at 1/8 scale, still reading every byte
+                image.load()
+            return True
+        except Exception:  # noqa: BLE001 - PIL raises many types for broken files; all mean unreadable
+            return False
+
+    def check_every_class_has_images(samples, root):
+        if not samples:
+            raise ValueError(f"no readable images found in {root} (extensions: {' '.join(extensions)})")
+        counts = np.bincount([label for _, label in samples], minlength=len(class_names))
+        empty = [name for name, count in zip(class_names, counts) if count == 0]
+        if empty:
+            raise ValueError(f"class(es) with no readable images in {root}: {', '.join(empty)}")
+
     data = Path(data)
     if not data.exists():
         raise FileNotFoundError(f"data not found: {data} (expected a folder of class folders, "
                                 f"train/ and val/ folders of class folders, or a CSV of path,label)")
-    if data.is_file():
-        samples, class_names = _csv_samples(data, class_names)
-        roots = [data.parent]
-    else:
-        train_root = data / "train" if (data / "train").is_dir() else data
-        samples, class_names = _folder_samples(train_root, class_names)
-        roots = [train_root]
-        if (data / "val").is_dir() and train_root != data:
-            val_samples, _ = _folder_samples(data / "val", class_names)
-            roots.append(data / "val")
-            good = set(drop_unreadable_images(samples + val_samples))
-            train_samples = [s for s in samples if s in good]
-            val_samples = [s for s in val_samples if s in good]
-            for root, split in zip(roots, (train_samples, val_samples)):
-                _check_every_class_has_images(split, class_names, root)
-            return train_samples, val_samples, class_names
-    samples = drop_unreadable_images(samples)
-    _check_every_class_has_images(samples, class_names, roots[0])
+    train_root = data if data.is_file() else data / "train" if (data / "train").is_dir() else data
+    samples, class_names = (csv_samples if data.is_file() else folder_samples)(train_root, class_names)
+    if len(class_names) < 2:
+        raise ValueError(f"a classifier needs at least two classes; {train_root} has "
+                         f"{len(class_names)}{': ' + ', '.join(class_names) if class_names else ''} "
+                         f"(expected {train_root}/<class name>/<images> or a CSV of path,label)")
+    val_root = data / "val" if data.is_dir() and train_root != data and (data / "val").is_dir() else None
+    val_samples = folder_samples(val_root, class_names)[0] if val_root else []
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        is_readable = dict(zip(samples + val_samples, pool.map(readable, [p for p, _ in samples + val_samples])))
+    bad = [path for (path, _), ok in is_readable.items() if not ok]
+    if bad:
+        examples = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {examples}", stacklevel=2)
+    samples = [sample for sample in samples if is_readable[sample]]
+    check_every_class_has_images(samples, train_root.parent if data.is_file() else train_root)
+    if val_root:
+        val_samples = [sample for sample in val_samples if is_readable[sample]]
+        check_every_class_has_images(val_samples, val_root)
+        return samples, val_samples, class_names
     if not 0 < val_split < 1:
         raise ValueError(f"val_split must be between 0 and 1 when {data} has no val/ folder, not {val_split}")
-    train_index, val_index = stratified_split([label for _, label in samples], val_split, seed=seed)
-    return [samples[i] for i in train_index], [samples[i] for i in val_index], class_names
-
-
-def _folder_samples(root, class_names):
-    """(path, label) for the image files in root/<class>/ (recursively), and the class names."""
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if class_names is None:
-        class_names = folders
-    missing = [name for name in class_names if name not in folders]
-    if missing:
-        raise FileNotFoundError(f"class folder(s) not found in {root}: {', '.join(missing)}")
-    if not class_names:
-        raise ValueError(f"no class folders in {root}: expected {root}/<class name>/<images>")
-    samples = [(str(path), label) for label, name in enumerate(class_names)
-               for path in sorted((root / name).rglob("*"))
-               if path.suffix.lower() in _IMAGE_EXTENSIONS and path.is_file()]
-    return samples, list(class_names)
-
-
-def _csv_samples(csv_path, class_names):
-    """(path, label) rows of a `path,label` CSV (header optional), and the class names."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as csv_file:
-        rows = [row for row in csv.reader(csv_file) if row and any(cell.strip() for cell in row)]
-    if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["path", "label"]:
-        rows = rows[1:]
-    if any(len(row) < 2 for row in rows):
-        raise ValueError(f"{csv_path}: every row must be path,label")
-    labels = [row[1].strip() for row in rows]
-    class_names = list(class_names) if class_names is not None else sorted(set(labels))
-    unknown = sorted(set(labels) - set(class_names))
-    if unknown:
-        raise ValueError(f"{csv_path}: labels not in the class names: {', '.join(unknown)}")
-    label_index = {name: index for index, name in enumerate(class_names)}
-    return [(str(csv_path.parent / row[0].strip()), label_index[label])
-            for row, label in zip(rows, labels)], class_names
-
-
-def _check_every_class_has_images(samples, class_names, root):
-    counts = np.bincount([label for _, label in samples], minlength=len(class_names))
-    if not len(samples):
-        raise ValueError(f"no readable images found in {root} (extensions: {' '.join(_IMAGE_EXTENSIONS)})")
-    empty = [name for name, count in zip(class_names, counts) if count == 0]
-    if empty:
-        raise ValueError(f"class(es) with no readable images in {root}: {', '.join(empty)}")
+    labels, train_index, val_index = np.asarray([label for _, label in samples]), [], []
+    for label in np.unique(labels):  # stratified_split, inlined so that this function copies alone
+        index = np.flatnonzero(labels == label)
+        np.random.default_rng([seed, int(label)]).shuffle(index)
+        n_val = min(max(int(round(val_split * len(index))), 1), len(index) - 1)
+        val_index += index[:n_val].tolist()
+        train_index += index[n_val:].tolist()
+    return [samples[i] for i in sorted(train_index)], [samples[i] for i in sorted(val_index)], class_names
 
 
 def stratified_split(labels, val_fraction, seed=0):
@@ -333,28 +341,29 @@ def drop_unreadable_images(samples, max_workers=8):
     byte), so truncated files are caught here, not mid-epoch. Decoding runs in threads.
     Usage: samples = drop_unreadable_images([("a.jpg", 0), ("broken.jpg", 1)])
     """
+    from PIL import Image
+
+    def readable(path):
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (64, 64))
+                image.load()
+            return True
+        except Exception:  # noqa: BLE001 - PIL raises many types for broken files; all mean unreadable
+            return False
+
     with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
-        readable = list(pool.map(_is_readable_image, [path for path, _ in samples]))
-    bad = [path for (path, _), ok in zip(samples, readable) if not ok]
+        is_readable = list(pool.map(readable, [path for path, _ in samples]))
+    bad = [path for (path, _), ok in zip(samples, is_readable) if not ok]
     if bad:
         examples = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
         warnings.warn(f"skipped {len(bad)} unreadable image file(s): {examples}", stacklevel=2)
-    return [sample for sample, ok in zip(samples, readable) if ok]
-
-
-def _is_readable_image(path):
-    from PIL import Image
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (64, 64))
-            image.load()
-        return True
-    except Exception:  # noqa: BLE001 - PIL raises many types for broken files; all mean unreadable
-        return False
+    return [sample for sample, ok in zip(samples, is_readable) if ok]
 
 
 class ImageSamples(torch.utils.data.Dataset):
-    """(transformed image, label) for a list of (path, label); images are opened with PIL as RGB.
+    """(transformed image, label) for a list of (path, label); images are opened with PIL as RGB
+    (16-bit grayscale scaled to 8 bits, keeping its contrast).
 
     A file that fails to load mid-epoch (changed after find_image_samples checked it) is replaced
     by the next sample, with a warning, so one file never stops an epoch.
@@ -377,6 +386,9 @@ class ImageSamples(torch.utils.data.Dataset):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
                 with Image.open(path) as image:
+                    if image.mode.startswith("I"):  # 16-bit: scale to 8 bits (convert would clip)
+                        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255)
+                                                .astype(np.uint8))
                     image = image.convert("RGB")
             except Exception as error:  # noqa: BLE001 - see the class docstring
                 warnings.warn(f"could not read {path} ({error}); using the next image instead")
@@ -399,7 +411,7 @@ def image_transforms(image_size, *, train, normalize=True, crop_scale=(0.25, 1.0
         steps = [v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)]
     if normalize:
         steps = [v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True),
-                 v2.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)]
+                 v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]  # ImageNet's
     return v2.Compose(steps)
 
 
@@ -423,6 +435,22 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=batch_size, shuffle=False, **options)
     return train_loader, val_loader
+
+
+def check_same_on_every_rank(counts):
+    """Raise ValueError naming every rank's counts when the ranks of a torch.distributed group do not
+    see the same `counts` (a dict such as {"training images": 900}), e.g. a node holding a partial
+    copy of the data, which would otherwise hang at the first collective. Does nothing outside DDP.
+    Usage: check_same_on_every_rank({"training images": len(train_set), "validation images": len(val_set)})
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, dict(counts))
+    if any(rank_counts != every_rank[0] for rank_counts in every_rank):
+        raise ValueError("the ranks see different data: " + "; ".join(
+            f"rank {rank}: " + ", ".join(f"{value} {name}" for name, value in rank_counts.items())
+            for rank, rank_counts in enumerate(every_rank)))
 
 
 # ----------------------------------------------------------------------------- models
@@ -1714,23 +1742,30 @@ def log_classification_report(run, probs, labels, class_names, *, images=None, t
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(state, path):
-    """torch.save `state` to `path` atomically: written to a temporary file in the same folder,
-    flushed to disk, then renamed over `path`, so a crash never leaves a truncated checkpoint.
+    """torch.save `state` to `path` atomically: written to a temporary file `.NAME.*.tmp` in the same
+    folder, flushed to disk, then renamed over `path`, so a crash never leaves a truncated checkpoint
+    and a failed save (a full disk) leaves the previous file as it was. The file gets the permissions
+    of the user's umask, like any file Python opens.
 
+    Raises OSError naming the path when the write fails; "no space left" says so in one line.
     Usage: save_checkpoint({"model": model.state_dict(), "step": step}, "checkpoints/last.pt")
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp_path = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        with os.fdopen(handle, "wb") as temp_file:
+        # os.open applies the umask to 0o666 (tempfile.mkstemp would leave the file 0600)
+        with os.fdopen(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as temp_file:
             torch.save(state, temp_file)
             temp_file.flush()
             os.fsync(temp_file.fileno())
         os.replace(temp_path, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp_path)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
+                                        f"the previous file there is unchanged") from None
         raise
     return path
 
@@ -1743,6 +1778,8 @@ def load_checkpoint(path, map_location="cpu"):
     Usage: state = load_checkpoint("checkpoints/last.pt"); model.load_state_dict(state["model"])
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -1753,6 +1790,71 @@ def load_checkpoint(path, map_location="cpu"):
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path} is not a loadable checkpoint (torch.load with weights_only=True "
                          f"refused it: {reason[:300]})") from None
+
+
+def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
+                    patterns=("best_model.pth", "last.pth", "last.pt", "checkpoint_epoch_*.pt")):
+    """Make `out_dir` ready for a run without ever replacing an earlier run's checkpoints.
+
+    Refuses (ValueError, one line) when out_dir is a file or not writable, and when it already holds
+    checkpoints matching `patterns` unless `resume` is a file inside it (the same run goes on) or
+    overwrite=True (the earlier files are deleted first). Stale `.*.tmp` files that a kill during
+    save_checkpoint left behind are removed. Returns out_dir as a Path.
+    Usage: out_dir = prepare_out_dir("checkpoints", resume=args.resume, overwrite=args.overwrite)
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--out-dir {out_dir} is not writable ({error.strerror or error})") from None
+    for stale in out_dir.glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+    earlier = sorted({path for pattern in patterns for path in out_dir.glob(pattern)})
+    resume_path = Path(resume).resolve() if resume and os.path.isfile(resume) else None
+    if not earlier or (resume_path is not None and resume_path.parent == out_dir.resolve()):
+        return out_dir
+    if overwrite:
+        for path in earlier:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return out_dir
+    newest = max(earlier, key=lambda path: path.stat().st_mtime)
+    raise ValueError(f"--out-dir {out_dir} holds an earlier run's checkpoints ({', '.join(p.name for p in earlier[:4])}"
+                     f"{', ...' if len(earlier) > 4 else ''}): pass --resume {newest} to continue it, "
+                     f"another --out-dir, or --overwrite to delete them")
+
+
+def rotate_checkpoints(folder, keep=3, *, pattern="checkpoint_epoch_*.pt", metric="epoch_loss", mode="min"):
+    """Delete all but the newest `keep` checkpoints matching `pattern` (numbered: the last number in
+    the name orders them), never the best one by state[metric] (mode "min" or "max"), so at most
+    keep + 1 files remain and the best survives every rotation. keep=0 keeps all. The metric is
+    read with torch.load(mmap=True), which leaves the tensors on disk. Returns the deleted paths.
+    Usage: rotate_checkpoints("checkpoints", keep=3)  # after each save_checkpoint(..., "checkpoint_epoch_N.pt")
+    """
+    import re
+    paths = sorted(Path(folder).glob(pattern), key=lambda path: int(re.findall(r"\d+", path.name)[-1]))
+    if keep <= 0 or len(paths) <= keep:
+        return []
+    scores = {}
+    for path in paths:
+        try:
+            value = float(torch.load(path, map_location="cpu", weights_only=True, mmap=True)[metric])
+        except Exception:  # noqa: BLE001 - a file without the metric cannot be the best
+            continue
+        if not math.isnan(value):
+            scores[path] = value if mode == "min" else -value
+    best = min(scores, key=scores.get) if scores else None
+    deleted = [path for path in paths[:-keep] if path != best]
+    for path in deleted:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return deleted
 
 
 def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None,
@@ -1813,20 +1915,11 @@ def fetch_checkpoint(reference, *, project=None, entity=None, root=None):
 
 # ----------------------------------------------------------------------------- config & command line
 
-def _parse_override_value(text):
-    import yaml
-    value = yaml.safe_load(text)
-    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
 def load_yaml_config(path, overrides=()):
     """A YAML config as nested dicts, with "section.key=value" overrides applied (values parsed as
-    YAML: numbers, lists [1, 2], true/false, null). Overriding a key the file lacks is an error.
+    YAML: numbers, lists [1, 2], true/false, null). Overriding a key the file lacks is a KeyError; a
+    value of another type than the file's is a ValueError naming it (an int is a valid float, a key
+    that is null in the file takes any value, and a string key takes the text as written).
 
     Usage: config = load_yaml_config("configs/cifar10_rectified_flow.yaml", ["training.gradient_clip=0.5"])
     """
@@ -1843,7 +1936,18 @@ def load_yaml_config(path, overrides=()):
             section = section.get(parent) if isinstance(section, dict) else None
         if not isinstance(section, dict) or key not in section:
             raise KeyError(f"{dotted!r} is not a key of {path}")
-        section[key] = _parse_override_value(text)
+        default, value = section[key], yaml.safe_load(text)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(default, str):
+            value = text.strip()
+        elif isinstance(default, float) and type(value) is int:
+            value = float(value)
+        if default is not None and type(value) is not type(default):
+            raise ValueError(f"{dotted}={text.strip()}: expected {type(default).__name__} "
+                             f"like the config's {default!r}, got {type(value).__name__}")
+        section[key] = value
     return config
 
 
