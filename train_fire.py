@@ -18,6 +18,7 @@ The learning rate follows a cosine from --learning-rate to 0, stepped every opti
 """
 import argparse
 import functools
+import os
 import warnings
 from pathlib import Path
 
@@ -28,56 +29,125 @@ import torch.nn as nn
 import wbflow
 
 LOSS_NAMES = {"ce": "CrossEntropyLoss", "focal": "FocalLoss"}
+# what --resume needs in a checkpoint (last.pth holds them; best_model.pth does not)
+RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "config")
 # train_epoch's log roles -> the seed's per-batch W&B keys
 BATCH_LOG_KEYS = {"epoch": "epoch", "batch": "batch", "loss": "train_loss", "accuracy": "train_acc",
                   "learning_rate": "learning_rate"}
 
 
+def default_num_workers():
+    """4 loader workers per process, but never more than this process's share of the cores it may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = functools.partial(wbflow.add_sweep_argument, parser)
-    add("--data-dir", default="data", help="image folders or a path,label CSV (default: %(default)s)")
-    add("--class-names", type=lambda text: text.split(","), help="comma-separated, in label order")
+    add("--data-dir", default="data", help="image folders or a path,label CSV")
+    add("--class-names", type=lambda text: text.split(","),
+        help="comma-separated, in label order (None: the sorted folder names / CSV labels)")
     add("--val-split", type=float, default=0.2, help="val fraction when there is no val/ folder")
-    add("--model", choices=wbflow.CLASSIFIER_NAMES, default="resnet50")
-    add("--weights", choices=("imagenet", "none"), default="imagenet")
-    add("--loss", choices=tuple(LOSS_NAMES), default="ce")
-    add("--focal-gamma", type=float, default=2.0)
+    add("--model", choices=wbflow.CLASSIFIER_NAMES, default="resnet50", help="architecture")
+    add("--weights", choices=("imagenet", "none"), default="imagenet", help="initial weights")
+    add("--loss", choices=tuple(LOSS_NAMES), default="ce", help="cross-entropy or focal loss")
+    add("--focal-gamma", type=float, default=2.0, help="focusing parameter of --loss focal")
     add("--class-weights", choices=("none", "balanced"), default="none",
         help="balanced: CE weights / focal alpha of n / (classes * count)")
-    add("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
-    add("--learning-rate", type=float, default=0.003)
-    add("--weight-decay", type=float, default=0.0)
-    add("--epochs", type=int, default=10)
-    add("--batch-size", type=int, default=32)
-    add("--image-size", type=int, default=256)
+    add("--optimizer", choices=("adam", "adamw", "sgd"), default="adam", help="sgd: Nesterov momentum 0.9")
+    add("--learning-rate", type=float, default=0.003, help="peak of the cosine schedule")
+    add("--weight-decay", type=float, default=0.0, help="optimiser weight decay")
+    add("--epochs", type=int, default=10, help="epochs to train; a resumed run keeps its own")
+    add("--batch-size", type=int, default=32, help="images per process and optimiser step")
+    add("--image-size", type=int, default=256, help="side of the square crop the model sees")
     add("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns clipping off")
-    add("--amp", type=wbflow.str2bool, default=None, help="default: on for CUDA only")
-    add("--num-workers", type=int, default=4)
-    add("--seed", type=int, default=0)
-    add("--out-dir", default="checkpoints")
+    add("--amp", type=wbflow.str2bool, default=None, help="mixed precision (None: on for CUDA only)")
+    add("--num-workers", type=int, default=default_num_workers(),
+        help="loader processes per process (default: at most 4 and this process's share of the cores)")
+    add("--seed", type=int, default=0, help="seeds the split, the data order and the initial weights")
+    add("--out-dir", default="checkpoints",
+        help="best_model.pth and last.pth; a new run refuses a folder holding an earlier run's checkpoints")
+    add("--overwrite", type=wbflow.str2bool, default=False,
+        help="delete an earlier run's checkpoints in --out-dir instead of refusing to start")
     add("--resume", help="OUT/last.pth of the run to continue (pass the same flags)")
     add("--num-predictions", type=int, default=32, help="validation images in the predictions table")
     add("--watch", type=wbflow.str2bool, default=False, help='wandb.watch(model, log="all", log_freq=100)')
-    add("--no-wandb", type=wbflow.str2bool, default=False)
-    add("--project", default="tianchi-fire-safety")
-    add("--run-name")
+    add("--no-wandb", type=wbflow.str2bool, default=False, help="train without W&B")
+    add("--project", default="tianchi-fire-safety", help="W&B project")
+    add("--run-name", help="W&B run name (None: W&B picks one)")
     return parser.parse_args(argv)
+
+
+def check_args(args, world_size):
+    """One line naming the first bad setting, before any data is read or any process group is joined."""
+    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--image-size": args.image_size,
+                "--learning-rate": args.learning_rate}
+    not_negative = {"--num-workers": args.num_workers, "--num-predictions": args.num_predictions,
+                    "--grad-clip": args.grad_clip, "--weight-decay": args.weight_decay,
+                    "--focal-gamma": args.focal_gamma}
+    for flag, value in positive.items():
+        if not value > 0:
+            raise SystemExit(f"train_fire: {flag} must be positive, not {value}")
+    for flag, value in not_negative.items():
+        if not value >= 0:
+            raise SystemExit(f"train_fire: {flag} must not be negative, not {value}")
+    if not 0 <= args.val_split < 1:
+        raise SystemExit(f"train_fire: --val-split must be at least 0 and below 1, not {args.val_split}")
+    if args.class_names is not None and len(set(args.class_names)) != len(args.class_names):
+        raise SystemExit(f"train_fire: --class-names repeats a name: {','.join(args.class_names)}")
+    if world_size < 1:
+        raise SystemExit(f"train_fire: WORLD_SIZE must be positive, not {world_size}")
+
+
+def load_resume_checkpoint(args, class_names, device):
+    """The --resume checkpoint, refused in one line unless it is this driver's last.pth for the same
+    model, classes (in the same order), image size and epochs."""
+    try:
+        state = wbflow.load_checkpoint(args.resume, map_location=device)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"train_fire: --resume: {error}") from None
+    where = f"train_fire: --resume {args.resume}"
+    config = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(config, dict) or state.get("driver", "train_fire") != "train_fire" or "ema" in state:
+        raise SystemExit(f"{where} is not a train_fire checkpoint (a train_flow.py one is resumed by train_flow.py)")
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise SystemExit(f"{where} cannot be resumed: it lacks {', '.join(missing)} "
+                         f"(best_model.pth holds weights only; resume from OUT/last.pth)")
+    expected = {"model": args.model, "classes": list(class_names), "image_size": args.image_size,
+                "epochs": args.epochs}
+    for key, value in expected.items():
+        if config.get(key) != value:
+            hint = {"epochs": " (its cosine schedule ends there; changing --epochs would make the learning rate "
+                              "climb back up: resume with the run's --epochs, or start a new run)",
+                    "classes": " (the labels keep their indices: pass --class-names in the checkpoint's order)"}
+            hint = hint.get(key, "")
+            raise SystemExit(f"{where} was trained with {key} {config.get(key)}, this run has {value}{hint}")
+    return state
 
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    try:
+        out_dir = wbflow.prepare_out_dir(args.out_dir, resume=args.resume, overwrite=args.overwrite)
+    except ValueError as error:
+        raise SystemExit(f"train_fire: {error}") from None
     rank, world_size, device = wbflow.setup_distributed()
     master = rank == 0  # the only process that prints, logs to W&B and writes checkpoints
     if not master:
         warnings.simplefilter("ignore")
     torch.manual_seed(args.seed)
-    out_dir = Path(args.out_dir)
 
     # data and model; a bad data folder or unavailable weights ends with the message, no traceback
     try:
         train_samples, val_samples, class_names = wbflow.find_image_samples(
             args.data_dir, class_names=args.class_names, val_split=args.val_split, seed=args.seed)
+        wbflow.check_same_on_every_rank({"training images": len(train_samples),
+                                         "validation images": len(val_samples)})
+        state = load_resume_checkpoint(args, class_names, device) if args.resume else None
         model = wbflow.build_classifier(args.model, len(class_names), args.weights).to(device)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"train_fire: {error}") from None
@@ -103,8 +173,7 @@ def main(argv=None):
     scaler = wbflow.make_scaler(device, args.amp)
 
     start_epoch, step, best_acc, run_id = 0, 0, None, None
-    if args.resume:
-        state = wbflow.load_checkpoint(args.resume, map_location=device)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -115,13 +184,13 @@ def main(argv=None):
         if master:
             print(f"resuming after epoch {state['epoch']} (best val_acc {best_acc}) from {args.resume}")
 
-    config = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
-              "learning_rate": args.learning_rate, "optimizer": type(optimizer).__name__,
-              "loss_function": LOSS_NAMES[args.loss], "scheduler": "CosineAnnealingLR",
-              "image_size": args.image_size, "classes": class_names, "weights": args.weights,
-              "focal_gamma": args.focal_gamma, "class_weights": args.class_weights,
-              "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "seed": args.seed,
-              "world_size": world_size, "train_images": len(train_set), "val_images": len(val_set)}
+    # every setting as given, then what they became (names as the seed logs them)
+    settings = {key: value for key, value in vars(args).items() if key != "resume"}
+    config = {**settings, "optimizer": type(optimizer).__name__, "loss_function": LOSS_NAMES[args.loss],
+              "scheduler": "CosineAnnealingLR", "classes": class_names,
+              "amp": str(wbflow.autocast_dtype(device, args.amp) or "off").replace("torch.", ""),
+              "device": device.type, "world_size": world_size, "train_images": len(train_set),
+              "val_images": len(val_set), "steps_per_epoch": len(train_loader)}
 
     with wbflow.wandb_run(config, project=args.project, enabled=not args.no_wandb, run_id=run_id,
                           name=args.run_name) as run:
@@ -154,7 +223,8 @@ def main(argv=None):
                 wbflow.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                         "epoch": epoch, "step": step, "best_val_acc": best_acc,
-                                        "wandb_run_id": run_id, "config": config}, out_dir / "last.pth")
+                                        "wandb_run_id": run_id, "config": config, "driver": "train_fire"},
+                                       out_dir / "last.pth")
                 print(f"Epoch: {epoch} | Train Loss: {train['loss']:.4f} | Train Acc: {train['accuracy']:.2f}% | "
                       f"Val Loss: {val['loss']:.4f} | Val Acc: {val['accuracy']:.2f}%"
                       + (f" | best, saved to {out_dir / 'best_model.pth'}" if improved else ""))

@@ -12,6 +12,7 @@ Recipe: config -> data, model, optimiser -> epochs of wbflow.train_epoch on the 
 with EMA samples, the solver table, checkpoints and artifacts -> (--eval) FID / Inception Score.
 """
 import argparse
+import errno
 import math
 import os
 from pathlib import Path
@@ -30,30 +31,49 @@ SMOKE_OVERRIDES = [
     "training.sample_interval=1", "logging.log_images_interval=1", "logging.log_model_interval=1",
     "sampling.num_images=16", "sampling.nfe=10", "sampling.table_nfes=[1, 2, 4]", "sampling.rk45_tolerance=1.0e-3",
     "eval.sample_batch_size=16", "eval.inception_batch_size=10"]
+# what --resume needs in a checkpoint; the driver field, when present, must say train_flow
+RESUME_KEYS = ("model", "ema", "optimizer", "scheduler", "epoch", "global_step", "config")
+
+
+SOLVERS = ("euler", "heun", "rk45")
+DEFAULT_CONFIG = HERE / "configs" / "cifar10_rectified_flow.yaml"
 
 
 def parse_args(argv=None):
+    defaults = wbflow.load_yaml_config(DEFAULT_CONFIG)  # for the defaults --help shows
+    data, training, sampling = defaults["data"], defaults["training"], defaults["sampling"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(HERE / "configs" / "cifar10_rectified_flow.yaml"))
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override any config key, e.g. --set training.gradient_clip=0.5")
-    parser.add_argument("--data-dir", "--data_dir", help="folder holding cifar-10-batches-py/")
-    parser.add_argument("--out-dir", "--out_dir", help="checkpoints and sample PNGs")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", "--batch_size", type=int)
-    parser.add_argument("--no-wandb", "--no_wandb", action="store_true")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny UNet, a few hundred images (--data-dir, else synthetic), CPU, W&B offline")
-    parser.add_argument("--resume", metavar="PATH|ARTIFACT", help="checkpoint file or W&B model artifact")
+                        help="override any config key, e.g. --set training.gradient_clip=0.5 (default: none)")
+    parser.add_argument("--data-dir", "--data_dir",
+                        help=f"folder holding cifar-10-batches-py/ (default: data.data_dir, {data['data_dir']})")
+    parser.add_argument("--out-dir", "--out_dir", help=f"checkpoints and sample PNGs; a new run refuses a folder "
+                                                       f"holding checkpoints (default: data.out_dir, {data['out_dir']})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an earlier run's checkpoints in --out-dir instead of refusing (default: off)")
+    parser.add_argument("--epochs", type=int, help=f"default: training.epochs, {training['epochs']}")
+    parser.add_argument("--batch-size", "--batch_size", type=int,
+                        help=f"global, over all ranks (default: training.batch_size, {training['batch_size']})")
+    parser.add_argument("--no-wandb", "--no_wandb", action="store_true",
+                        help="train without W&B (default: logging.use_wandb decides)")
+    parser.add_argument("--smoke", action="store_true", help="tiny UNet, a few hundred images (--data-dir, else "
+                                                             "synthetic), CPU, W&B offline (default: off)")
+    parser.add_argument("--resume", metavar="PATH|ARTIFACT",
+                        help="checkpoint file or W&B model artifact of the run to continue (default: none)")
     evaluation = parser.add_argument_group("evaluation (--eval)")
-    evaluation.add_argument("--eval", action="store_true")
-    evaluation.add_argument("--checkpoint", metavar="PATH|ARTIFACT")
-    evaluation.add_argument("--num-samples", "--num_samples", type=int, default=10000)
-    evaluation.add_argument("--metric", choices=("fid", "is", "both"), default="both")
-    evaluation.add_argument("--solver", choices=("euler", "heun", "rk45"))
-    evaluation.add_argument("--nfe", type=int)
-    evaluation.add_argument("--use-wandb", "--use_wandb", action="store_true")
-    evaluation.add_argument("--wandb-project", "--wandb_project")
+    evaluation.add_argument("--eval", action="store_true", help="FID / Inception Score of --checkpoint (default: off)")
+    evaluation.add_argument("--checkpoint", metavar="PATH|ARTIFACT", help="what --eval samples from (default: none)")
+    evaluation.add_argument("--num-samples", "--num_samples", type=int, default=10000,
+                            help="images to sample (default: %(default)s)")
+    evaluation.add_argument("--metric", choices=("fid", "is", "both"), default="both", help="default: %(default)s")
+    evaluation.add_argument("--solver", choices=SOLVERS, help=f"default: sampling.solver, {sampling['solver']}")
+    evaluation.add_argument("--nfe", type=int, help=f"model evaluations per sample (default: sampling.nfe, "
+                                                    f"{sampling['nfe']})")
+    evaluation.add_argument("--use-wandb", "--use_wandb", action="store_true",
+                            help="log the scores to W&B (default: off)")
+    evaluation.add_argument("--wandb-project", "--wandb_project",
+                            help=f"default: {defaults['logging']['project_name']}_eval")
     return parser.parse_args(argv)
 
 
@@ -61,7 +81,10 @@ def load_config(args):
     flags = {"training.epochs": args.epochs, "training.batch_size": args.batch_size}
     overrides = ((SMOKE_OVERRIDES if args.smoke else []) + args.set
                  + [f"{key}={value}" for key, value in flags.items() if value is not None])
-    config = wbflow.load_yaml_config(args.config, overrides)
+    try:
+        config = wbflow.load_yaml_config(args.config, overrides)
+    except (OSError, KeyError, ValueError) as error:  # a missing file, an unknown key, a value of the wrong type
+        raise SystemExit(f"train_flow.py: {error.args[0] if isinstance(error, KeyError) else error}") from None
     for key in ("data_dir", "out_dir"):  # paths are set as given, not parsed as YAML
         config["data"][key] = getattr(args, key) or config["data"][key]
     if args.no_wandb:
@@ -69,15 +92,66 @@ def load_config(args):
     return config
 
 
+def check_settings(config, args, world_size):
+    """One line naming the first bad setting, before any data is read or any process group is joined."""
+    training, sampling = config["training"], config["sampling"]
+    positive = {f"{section}.{key}": config[section][key] for section, keys in {
+        "training": ("epochs", "batch_size", "log_interval", "save_interval", "sample_interval"),
+        "logging": ("log_images_interval", "log_model_interval"), "sampling": ("num_images", "nfe"),
+        "eval": ("sample_batch_size", "inception_batch_size")}.items() for key in keys}
+    positive.update({"--num-samples": args.num_samples, "--nfe": args.nfe or 1,
+                     "data.max_images": config["data"]["max_images"] or 1})
+    for name, value in positive.items():
+        if not value > 0:
+            raise SystemExit(f"train_flow.py: {name} must be positive, not {value}")
+    for name in ("warmup_steps", "keep_checkpoints"):
+        if not training.get(name, 0) >= 0:
+            raise SystemExit(f"train_flow.py: training.{name} must not be negative, not {training[name]}")
+    if training["batch_size"] < world_size:
+        raise SystemExit(f"train_flow.py: training.batch_size {training['batch_size']} is smaller than the "
+                         f"{world_size} ranks (it is the global batch, split over them)")
+    for solver in [sampling["solver"], *sampling["table_solvers"]]:
+        if solver not in SOLVERS:
+            raise SystemExit(f"train_flow.py: unknown solver {solver!r} in sampling.solver / sampling.table_solvers;"
+                             f" choose from {', '.join(SOLVERS)}")
+
+
+def check_resume_checkpoint(state, config, reference):
+    """Refuse in one line a --resume / --checkpoint file that is not this driver's, or that holds another model."""
+    where = f"train_flow.py: {reference}"
+    saved_config = state.get("config") if isinstance(state, dict) else None
+    if (not isinstance(saved_config, dict) or not isinstance(saved_config.get("model"), dict)
+            or state.get("driver", "train_flow") != "train_flow"):
+        raise SystemExit(f"{where} is not a train_flow checkpoint (a train_fire.py one is resumed by train_fire.py)")
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise SystemExit(f"{where} cannot be resumed: it lacks {', '.join(missing)}")
+    changed = [f"{key} {saved_config['model'].get(key)!r} there, {value!r} here"
+               for key, value in config["model"].items() if saved_config["model"].get(key) != value]
+    if changed:
+        raise SystemExit(f"{where} holds another model ({'; '.join(changed)}): pass the --config/--set "
+                         f"(and --smoke) of the run it came from")
+
+
 def main(argv=None):
     args = parse_args(argv)
     config = load_config(args)
+    check_settings(config, args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
     if args.smoke:
         os.environ.setdefault("WANDB_MODE", "offline")
+    try:
+        if not args.eval:
+            wbflow.prepare_out_dir(config["data"]["out_dir"], resume=args.resume, overwrite=args.overwrite)
+    except ValueError as error:
+        raise SystemExit(f"train_flow.py: {error}") from None
     try:
         return evaluate(config, args) if args.eval else train(config, args)
     except FileNotFoundError as error:  # missing data, checkpoint or weights: the message says what to do
         raise SystemExit(f"train_flow.py: {error}") from None
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise SystemExit(f"train_flow.py: {error.strerror}") from None
 
 
 def train(config, args):
@@ -88,6 +162,16 @@ def train(config, args):
     say = print if is_main else (lambda *_, **__: None)
     out_dir = Path(data["out_dir"])
     torch.manual_seed(training["seed"] + rank)
+
+    # A checkpoint to resume from must fit: this driver's, the same model (checked before any data is read).
+    state = None
+    if args.resume:
+        path = wbflow.fetch_checkpoint(args.resume, project=logging["project_name"], entity=logging["entity"])
+        try:
+            state = wbflow.load_checkpoint(path, map_location=device)
+        except ValueError as error:
+            raise SystemExit(f"train_flow.py: --resume: {error}") from None
+        check_resume_checkpoint(state, config, f"--resume {args.resume}")
 
     # Data: the training set as one uint8 tensor on the device (rank 0 downloads first).
     if args.smoke and not args.data_dir:
@@ -100,19 +184,16 @@ def train(config, args):
         if world_size > 1 and is_main:
             dist.barrier()
         say(f"CIFAR-10: {len(images_uint8)} training images from {data['data_dir']}")
+    try:
+        wbflow.check_same_on_every_rank({"training images": len(images_uint8)})
+    except ValueError as error:
+        raise SystemExit(f"train_flow.py: {error}") from None
     channels_last = training["channels_last"] and device.type == "cuda"
     loader = wbflow.DeviceImageLoader(images_uint8, training["batch_size"] // world_size, device=device,
                                          seed=training["seed"], rank=rank, world_size=world_size,
                                          channels_last=channels_last)
     if len(loader) == 0:
         raise SystemExit(f"train_flow.py: {len(images_uint8)} images make no batch of {loader.batch_size} per rank")
-
-    # A checkpoint to resume from fixes the architecture too.
-    state = None
-    if args.resume:
-        path = wbflow.fetch_checkpoint(args.resume, project=logging["project_name"], entity=logging["entity"])
-        state = wbflow.load_checkpoint(path, map_location=device)
-        config["model"] = state["config"]["model"]
 
     # Model, EMA, optimiser, warm-up schedule, AMP scaler (enabled only for fp16).
     model = wbflow.FlowUNet(**config["model"]).to(device)
@@ -188,8 +269,9 @@ def train(config, args):
                               "scheduler": scheduler.state_dict(), "epoch": epoch, "global_step": step,
                               "epoch_loss": epoch_loss, "best_loss": best_loss, "config": config,
                               "rng": wbflow.capture_rng_state(), "table_rows": table_rows,
-                              "wandb_run_id": run.id if run is not None else run_id}
+                              "wandb_run_id": run.id if run is not None else run_id, "driver": "train_flow"}
                 path = wbflow.save_checkpoint(checkpoint, out_dir / f"checkpoint_epoch_{epoch}.pt")
+                wbflow.rotate_checkpoints(out_dir, keep=training.get("keep_checkpoints", 3))
                 say(f"saved {path}")
                 if upload:
                     wbflow.log_artifact(run, path, f"model-epoch-{epoch}", aliases=["latest"] + ["best"] * is_best,
@@ -221,15 +303,37 @@ def cifar10_train_batches(data_dir, batch_size):
     yield from images_uint8.split(batch_size)
 
 
+def check_eval_inputs(fid_weights, statistics_dir, statistics_name, data_dir, need_statistics):
+    """The FID weights, and for FID the cached CIFAR-10 statistics or CIFAR-10 itself, found (or fetched)
+    before sampling starts; a FileNotFoundError says which file to put where."""
+    weights_path = wbflow.fid_weights_path(fid_weights)
+    cached = Path(statistics_dir) / f"{statistics_name}-tensorflow-{wbflow.file_sha256(weights_path)[:12]}.npz"
+    if need_statistics and not cached.is_file():
+        wbflow.load_cifar10(data_dir)  # downloads when absent, else says which archive to put where
+
+
 def evaluate(config, args):
     data, sampling, evaluation, logging = config["data"], config["sampling"], config["eval"], config["logging"]
     device = torch.device("cpu") if args.smoke else wbflow.default_device()
     if not args.checkpoint:
         raise SystemExit("train_flow.py: --eval needs --checkpoint PATH|ARTIFACT")
 
-    # Samples from the EMA weights, with the same seeded noise every time.
+    # Everything the scores need is checked first: sampling can take hours.
     path = wbflow.fetch_checkpoint(args.checkpoint, project=logging["project_name"], entity=logging["entity"])
-    state = wbflow.load_checkpoint(path, map_location=device)
+    try:
+        state = wbflow.load_checkpoint(path, map_location=device)
+    except ValueError as error:
+        raise SystemExit(f"train_flow.py: --checkpoint: {error}") from None
+    if not (isinstance(state, dict) and "ema" in state and isinstance(state.get("config"), dict)
+            and state.get("driver", "train_flow") == "train_flow"):
+        raise SystemExit(f"train_flow.py: --checkpoint {args.checkpoint} is not a train_flow checkpoint "
+                         f"(it needs the EMA weights and the config of a train_flow.py run)")
+    statistics_name = f"cifar10-train-{evaluation['num_real_images']}" if evaluation["num_real_images"] else "cifar10-train"
+    statistics_dir = evaluation["stats_dir"] or Path(data["data_dir"]) / "fid_stats"
+    check_eval_inputs(evaluation["fid_weights"], statistics_dir, statistics_name, data["data_dir"],
+                      need_statistics=args.metric in ("fid", "both"))
+
+    # Samples from the EMA weights, with the same seeded noise every time.
     ema_model = wbflow.make_ema(wbflow.FlowUNet(**state["config"]["model"]).to(device))
     ema_model.load_state_dict(state["ema"])
     solver, nfe, tolerance = args.solver or sampling["solver"], args.nfe or sampling["nfe"], sampling["rk45_tolerance"]
@@ -249,13 +353,10 @@ def evaluate(config, args):
                                                    batch_size=evaluation["inception_batch_size"])
     metrics = {}
     if args.metric in ("fid", "both"):
-        real = evaluation["num_real_images"]
         statistics = wbflow.save_statistics(
-            cifar10_train_batches(data["data_dir"], evaluation["inception_batch_size"]),
-            evaluation["stats_dir"] or Path(data["data_dir"]) / "fid_stats",
-            f"cifar10-train-{real}" if real else "cifar10-train",
-            batch_size=evaluation["inception_batch_size"], device=device, num_images=real,
-            weights_path=evaluation["fid_weights"])
+            cifar10_train_batches(data["data_dir"], evaluation["inception_batch_size"]), statistics_dir,
+            statistics_name, batch_size=evaluation["inception_batch_size"], device=device,
+            num_images=evaluation["num_real_images"], weights_path=evaluation["fid_weights"])
         metrics["eval/fid_score"] = wbflow.fid(statistics, features)
     if args.metric in ("is", "both"):
         metrics["eval/inception_score_mean"], metrics["eval/inception_score_std"] = wbflow.inception_score(
