@@ -110,6 +110,9 @@ def check_settings(config, args, world_size):
     if training["batch_size"] < world_size:
         raise SystemExit(f"train_flow.py: training.batch_size {training['batch_size']} is smaller than the "
                          f"{world_size} ranks (it is the global batch, split over them)")
+    for flag, reference in (("--resume", args.resume), ("--checkpoint", args.checkpoint)):
+        if reference and os.path.isdir(reference):
+            raise SystemExit(f"train_flow.py: {flag} {reference} is a folder, not a checkpoint file")
     for solver in [sampling["solver"], *sampling["table_solvers"]]:
         if solver not in SOLVERS:
             raise SystemExit(f"train_flow.py: unknown solver {solver!r} in sampling.solver / sampling.table_solvers;"

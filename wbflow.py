@@ -1824,10 +1824,11 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         return out_dir
-    newest = max(earlier, key=lambda path: path.stat().st_mtime)
+    resumable = [path for path in earlier if not path.name.startswith("best")]
+    resume_hint = f"--resume {max(resumable, key=os.path.getmtime)} to continue it, " if resumable else ""
     raise ValueError(f"--out-dir {out_dir} holds an earlier run's checkpoints ({', '.join(p.name for p in earlier[:4])}"
-                     f"{', ...' if len(earlier) > 4 else ''}): pass --resume {newest} to continue it, "
-                     f"another --out-dir, or --overwrite to delete them")
+                     f"{', ...' if len(earlier) > 4 else ''}): pass {resume_hint}another --out-dir, "
+                     f"or --overwrite to delete them")
 
 
 def rotate_checkpoints(folder, keep=3, *, pattern="checkpoint_epoch_*.pt", metric="epoch_loss", mode="min"):

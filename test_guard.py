@@ -1,0 +1,540 @@
+"""Nothing lost, nothing half-done: out-dir policy, checkpoint rotation and files, settings refused before
+training, --resume that must fit, 16-bit images, DDP data checks, --help defaults and the copy rule."""
+import errno
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import train_fire
+import train_flow
+import wbflow
+from conftest import paste_alone, run_logs
+from test_wbflow import SEED_CLASSES, fire_args, write_cifar_batches, write_pattern_folders
+
+HERE = Path(__file__).resolve().parent
+FLOW_SMOKE = ["--smoke", "--set", "data.max_images=64", "--set", "sampling.table_nfes=[1]",
+              "--set", "sampling.table_solvers=[euler]"]
+
+
+def refused(main, argv, match, seconds=10):
+    """main(argv) exits with one line matching `match`, quickly."""
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    message = str(exit_info.value.code)
+    assert "\n" not in message.strip(), message
+    assert re.search(match, message), message
+    assert time.monotonic() - start < seconds
+    return message
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+def test_checkpoint_files_get_the_users_umask_permissions(tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        path = wbflow.save_checkpoint({"w": torch.ones(2)}, tmp_path / "c.pt")
+    finally:
+        os.umask(old_umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_full_disk_during_save_is_one_clear_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = wbflow.save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+    real_save = torch.save
+
+    def disk_full(state, file, *args, **kwargs):
+        file.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"no space left .*last\.pt.*unchanged") as error:
+        wbflow.save_checkpoint({"epoch": 2}, path)
+    assert error.value.errno == errno.ENOSPC and "\n" not in str(error.value)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert wbflow.load_checkpoint(path) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left
+
+
+def test_full_disk_in_a_driver_is_one_line_without_traceback(tmp_path, monkeypatch):
+    def disk_full(state, path):
+        raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; the previous file there "
+                                    f"is unchanged")
+
+    monkeypatch.setattr(wbflow, "save_checkpoint", disk_full)
+    refused(train_flow.main, FLOW_SMOKE + ["--no-wandb", "--epochs", "1", "--out-dir", str(tmp_path / "out")],
+            r"no space left .*checkpoint_epoch_1\.pt", seconds=120)
+
+
+def test_stale_temp_files_of_a_killed_save_are_removed_at_start(tmp_path):
+    (tmp_path / ".last.pt.123.abcd.tmp").write_bytes(b"half")
+    (tmp_path / "keep.txt").write_text("mine")
+    wbflow.prepare_out_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_both_drivers_clear_stale_temp_files_before_refusing_anything(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".checkpoint_epoch_3.pt.1.ff.tmp").write_bytes(b"half")
+    refused(train_flow.main, ["--epochs", "0", "--out-dir", str(out)], "training.epochs")  # settings come first
+    assert (out / ".checkpoint_epoch_3.pt.1.ff.tmp").exists()
+    data = write_pattern_folders(tmp_path / "data", per_class=1, classes=["a"])
+    refused(train_fire.main, fire_args(data, out), "at least two classes")
+    assert list(out.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- out-dir policy
+
+@pytest.mark.parametrize("earlier", ["best_model.pth", "last.pth", "last.pt", "checkpoint_epoch_7.pt"])
+def test_a_new_run_refuses_an_out_dir_holding_an_earlier_runs_checkpoints(tmp_path, earlier):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / earlier).write_bytes(b"an earlier, better result")
+    data = write_pattern_folders(tmp_path / "data", per_class=2, classes=["a", "b"])
+    refused(train_fire.main, fire_args(data, out), f"holds an earlier run's checkpoints.*{earlier}.*another --out-dir")
+    refused(train_flow.main, FLOW_SMOKE + ["--out-dir", str(out)], f"{earlier}.*--overwrite")
+    assert (out / earlier).read_bytes() == b"an earlier, better result"
+
+
+def test_resume_into_the_folder_or_overwrite_lets_the_run_start(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint_epoch_1.pt").write_bytes(b"x")
+    (out / "best_model.pth").write_bytes(b"y")
+    assert wbflow.prepare_out_dir(out, resume=out / "checkpoint_epoch_1.pt") == out
+    assert (out / "best_model.pth").exists()
+    elsewhere = tmp_path / "other.pt"
+    elsewhere.write_bytes(b"z")
+    with pytest.raises(ValueError, match="earlier run"):
+        wbflow.prepare_out_dir(out, resume=elsewhere)
+    wbflow.prepare_out_dir(out, overwrite=True)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("driver", ["flow", "fire"])
+def test_an_out_dir_that_is_a_file_or_unwritable_is_refused(tmp_path, driver):
+    data = write_pattern_folders(tmp_path / "data", per_class=2, classes=["a", "b"])
+    main, base = ((train_flow.main, FLOW_SMOKE) if driver == "flow" else (train_fire.main, fire_args(data, "x")))
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    refused(main, base + ["--out-dir", str(a_file)], r"--out-dir .*file is a file")
+    if os.geteuid() == 0:
+        return  # root writes anywhere
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    refused(main, base + ["--out-dir", str(locked)], r"--out-dir .*locked is not writable")
+
+
+# ----------------------------------------------------------------------------- rotation
+
+@settings(max_examples=60, deadline=None)
+@given(losses=st.lists(st.floats(0.1, 10) | st.just(float("nan")), min_size=1, max_size=9), keep=st.integers(1, 4))
+def test_rotation_keeps_the_newest_k_and_the_lowest_loss(tmp_path_factory, losses, keep):
+    folder = tmp_path_factory.mktemp("rotation")
+    for epoch, loss in enumerate(losses, start=1):
+        wbflow.save_checkpoint({"epoch": epoch, "epoch_loss": loss}, folder / f"checkpoint_epoch_{epoch}.pt")
+        wbflow.rotate_checkpoints(folder, keep=keep)
+    kept = sorted(int(p.stem.rsplit("_", 1)[1]) for p in folder.glob("checkpoint_epoch_*.pt"))
+    finite = [(loss, epoch) for epoch, loss in enumerate(losses, start=1) if not np.isnan(loss)]
+    newest = list(range(max(1, len(losses) - keep + 1), len(losses) + 1))
+    best = [min(finite)[1]] if finite else []
+    assert kept == sorted(set(newest + best))
+
+
+def test_flow_run_keeps_the_last_k_checkpoints_plus_the_best(tmp_path, monkeypatch):
+    losses = iter([0.5, 0.1, 0.4, 0.3, 0.2])  # epoch 2 is the best and is rotated out of the last 2
+    real_train_epoch = wbflow.train_epoch
+
+    def scripted_loss(*args, **kwargs):
+        return {**real_train_epoch(*args, **kwargs), "loss": next(losses)}
+
+    monkeypatch.setattr(wbflow, "train_epoch", scripted_loss)
+    out = tmp_path / "out"
+    train_flow.main(FLOW_SMOKE + ["--no-wandb", "--epochs", "5", "--out-dir", str(out), "--set",
+                                  "training.keep_checkpoints=2", "--set", "logging.log_images_interval=100",
+                                  "--set", "training.sample_interval=100"])
+    assert sorted(p.name for p in out.glob("checkpoint_epoch_*.pt")) == [
+        "checkpoint_epoch_2.pt", "checkpoint_epoch_4.pt", "checkpoint_epoch_5.pt"]
+    assert wbflow.load_checkpoint(out / "checkpoint_epoch_2.pt")["epoch_loss"] == 0.1
+
+
+# ----------------------------------------------------------------------------- bad settings, refused in seconds
+
+@pytest.mark.parametrize("argv, match", [
+    (["--epochs", "0"], r"training\.epochs must be positive, not 0"),
+    (["--epochs", "-3"], r"training\.epochs must be positive, not -3"),
+    (["--batch-size", "0"], r"training\.batch_size must be positive, not 0"),
+    (["--eval", "--checkpoint", "c.pt", "--num-samples", "0"], r"--num-samples must be positive, not 0"),
+    (["--set", "training.no_such_key=1"], r"'training\.no_such_key' is not a key"),
+    (["--set", "training.epochs=1.5"], r"training\.epochs=1\.5: expected int"),
+    (["--set", "training.compile=yes please"], r"training\.compile=yes please: expected bool"),
+    (["--set", "training.epochs=null"], r"training\.epochs=null: expected int"),
+    (["--set", "sampling.solver=midpoint"], r"unknown solver 'midpoint'"),
+    (["--set", "sampling.table_solvers=[euler, rk4]"], r"unknown solver 'rk4'"),
+    (["--config", "missing.yaml"], r"missing\.yaml"),
+])
+def test_train_flow_refuses_a_bad_setting_in_one_line(argv, match, tmp_path):
+    refused(train_flow.main, FLOW_SMOKE + ["--out-dir", str(tmp_path / "out")] + argv, match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_flow_refuses_an_unknown_solver_flag_and_a_batch_smaller_than_the_ranks(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit):
+        train_flow.parse_args(["--solver", "midpoint"])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("RANK", raising=False)
+    refused(train_flow.main, FLOW_SMOKE + ["--batch-size", "2"], r"batch_size 2 is smaller than the 4 ranks")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--epochs", "0"], r"--epochs must be positive, not 0"),
+    (["--batch-size", "0"], r"--batch-size must be positive, not 0"),
+    (["--image-size", "0"], r"--image-size must be positive, not 0"),
+    (["--num-workers", "-1"], r"--num-workers must not be negative, not -1"),
+    (["--val-split", "1.5"], r"--val-split must be .* not 1\.5"),
+    (["--learning-rate", "0"], r"--learning-rate must be positive"),
+])
+def test_train_fire_refuses_a_bad_setting_in_one_line(argv, match, tmp_path):
+    data = write_pattern_folders(tmp_path / "data", per_class=2, classes=["a", "b"])
+    refused(train_fire.main, fire_args(data, tmp_path / "out") + argv, match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_data_folder_with_one_class_is_refused(tmp_path):
+    data = write_pattern_folders(tmp_path / "data", per_class=3, classes=["高风险"])
+    refused(train_fire.main, fire_args(data, tmp_path / "out"), r"at least two classes; .* has 1: 高风险")
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("train_flow.py", ["--smoke", "--set", "training.nope=1"]),
+    ("train_flow.py", ["--smoke", "--set", "training.epochs=many"]),
+    ("train_fire.py", ["--epochs", "-1"]),
+])
+def test_a_bad_setting_prints_no_traceback(tmp_path, script, argv):
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(HERE / script), *argv, "--out-dir", str(tmp_path / "o")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)})
+    assert result.returncode != 0 and "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert time.monotonic() - start < 30
+
+
+# ----------------------------------------------------------------------------- --eval checks before sampling
+
+def _flow_like_checkpoint(path):
+    return wbflow.save_checkpoint({"ema": {}, "config": {"model": {}}, "epoch": 1, "global_step": 1}, path)
+
+
+def test_eval_without_fid_weights_stops_before_sampling(tmp_path, monkeypatch):
+    monkeypatch.setattr(wbflow, "sample_flow", lambda *a, **k: pytest.fail("sampled before checking"))
+    monkeypatch.setenv("WBFLOW_FID_WEIGHTS", str(tmp_path / "absent.pth"))
+    checkpoint = _flow_like_checkpoint(tmp_path / "c.pt")
+    refused(train_flow.main, ["--eval", "--smoke", "--checkpoint", str(checkpoint)], r"absent\.pth.*does not exist")
+
+
+def test_eval_without_cifar10_or_cached_statistics_stops_before_sampling(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(wbflow, "sample_flow", lambda *a, **k: pytest.fail("sampled before checking"))
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    (tmp_path / "weights.pth").write_bytes(b"any file: only its hash names the cache")
+    monkeypatch.setenv("WBFLOW_FID_WEIGHTS", str(tmp_path / "weights.pth"))
+    checkpoint = _flow_like_checkpoint(tmp_path / "c.pt")
+    argv = ["--eval", "--smoke", "--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "nodata")]
+    refused(train_flow.main, argv, r"CIFAR-10 is not in .*nodata")
+    def reached_the_model(*args, **kwargs):
+        raise RuntimeError("checks passed")
+
+    monkeypatch.setattr(wbflow, "make_ema", reached_the_model)
+    with pytest.raises(RuntimeError, match="checks passed"):  # --metric is needs no CIFAR-10
+        train_flow.main(argv + ["--metric", "is"])
+
+
+def test_eval_of_a_checkpoint_that_is_not_train_flows_is_refused(tmp_path):
+    path = wbflow.save_checkpoint({"model": {}, "config": {"model": "resnet18"}}, tmp_path / "last.pth")
+    refused(train_flow.main, ["--eval", "--smoke", "--checkpoint", str(path)], "not a train_flow checkpoint")
+
+
+# ----------------------------------------------------------------------------- --resume must fit
+
+@pytest.fixture(scope="module")
+def fire_run(tmp_path_factory):
+    """A finished 1-epoch train_fire run on two classes: (data, out dir, argv)."""
+    root = tmp_path_factory.mktemp("fire")
+    data = write_pattern_folders(root / "data", per_class=4, classes=["a", "b"])
+    argv = fire_args(data, root / "out", "--epochs", "2", "--no-wandb")
+    train_fire.main(argv)
+    return data, root / "out", argv
+
+
+@pytest.fixture(scope="module")
+def flow_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flow") / "out"
+    train_flow.main(FLOW_SMOKE + ["--no-wandb", "--epochs", "1", "--out-dir", str(out)])
+    return out / "checkpoint_epoch_1.pt"
+
+
+def _resume_targets(tmp_path, fire_run, flow_checkpoint):
+    data, out, _ = fire_run
+    truncated = tmp_path / "cut.pth"
+    truncated.write_bytes((out / "last.pth").read_bytes()[:3000])
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": _Hostile(str(tmp_path / "pwned"))}, evil)
+    return {"missing": (tmp_path / "nope.pth", r"not found: .*nope\.pth"),
+            "directory": (tmp_path, r"is a folder, not a checkpoint file"),
+            "truncated": (truncated, r"cut\.pth is not a loadable checkpoint"),
+            "pickled code": (evil, r"evil\.pth is not a loadable checkpoint"),
+            "other driver": (flow_checkpoint, r"not a train_fire checkpoint"),
+            "best model": (out / "best_model.pth", r"lacks optimizer, scheduler, step.*last\.pth")}
+
+
+class _Hostile:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "truncated", "pickled code", "other driver", "best model"])
+def test_train_fire_resume_refuses_a_file_that_does_not_fit(tmp_path, fire_run, flow_checkpoint, case):
+    data, out, argv = fire_run
+    path, match = _resume_targets(tmp_path, fire_run, flow_checkpoint)[case]
+    refused(train_fire.main, fire_args(data, tmp_path / "new") + ["--epochs", "2", "--resume", str(path)], match)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("change, match", [
+    (["--model", "resnet34"], r"trained with model resnet18, this run has resnet34"),
+    (["--class-names", "b,a"], r"classes \['a', 'b'\], this run has \['b', 'a'\].*--class-names"),
+    (["--image-size", "48"], r"image_size 32, this run has 48"),
+    (["--epochs", "4"], r"epochs 2, this run has 4 .*climb back up"),
+])
+def test_train_fire_resume_refuses_another_model_class_order_image_size_or_epochs(fire_run, change, match):
+    data, out, argv = fire_run
+    refused(train_fire.main, argv + ["--resume", str(out / "last.pth")] + change, match)
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "truncated", "pickled code", "fire checkpoint",
+                                  "another model"])
+def test_train_flow_resume_refuses_a_file_that_does_not_fit(tmp_path, fire_run, flow_checkpoint, case):
+    targets = _resume_targets(tmp_path, fire_run, flow_checkpoint)
+    path, match = {**{key: targets[key] for key in ("missing", "directory", "truncated", "pickled code")},
+                   "fire checkpoint": (fire_run[1] / "last.pth", "not a train_flow checkpoint"),
+                   "another model": (flow_checkpoint, r"holds another model \(base_channels 16 there, 8 here")}[case]
+    if case == "missing":
+        path = tmp_path / "nope.pt"
+        match = r"not found: .*nope\.pt"
+    refused(train_flow.main, FLOW_SMOKE + ["--out-dir", str(tmp_path / "new"), "--resume", str(path),
+                                           "--set", f"model.base_channels={8 if case == 'another model' else 16}"],
+            match)
+
+
+def test_train_flow_resumed_with_more_epochs_follows_the_longer_runs_learning_rate(offline_wandb, tmp_path):
+    flags = FLOW_SMOKE + ["--set", "training.log_interval=1", "--set", "training.warmup_steps=3"]
+    train_flow.main(flags + ["--epochs", "3", "--out-dir", str(tmp_path / "whole")])
+    train_flow.main(flags + ["--epochs", "2", "--out-dir", str(tmp_path / "short")])
+    train_flow.main(flags + ["--epochs", "3", "--out-dir", str(tmp_path / "short"),
+                             "--resume", str(tmp_path / "short" / "checkpoint_epoch_2.pt")])
+    whole, short, resumed = run_logs(offline_wandb)
+    rates = short.values("train/learning_rate") + resumed.values("train/learning_rate")
+    assert rates == pytest.approx(whole.values("train/learning_rate"))
+    after_warmup = rates[3:]
+    assert after_warmup and all(later <= earlier for earlier, later in zip(after_warmup, after_warmup[1:]))
+
+
+# ----------------------------------------------------------------------------- images
+
+def test_a_16_bit_grayscale_png_keeps_its_contrast(tmp_path):
+    from PIL import Image
+    gradient = np.tile(np.linspace(0, 65535, 16).astype(np.uint16), (16, 1))
+    Image.fromarray(gradient).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    image, _ = wbflow.ImageSamples([(str(tmp_path / "g16.png"), 0)])[0]
+    pixels = np.asarray(image)
+    assert pixels.shape == (16, 16, 3)
+    assert pixels[0, 0, 0] == 0 and pixels[0, -1, 0] == 255
+    np.testing.assert_allclose(pixels[0, :, 0], np.round(gradient[0] / 257), atol=1)
+
+
+# ----------------------------------------------------------------------------- DDP and workers
+
+def _count_check_on_rank(rank, world_size, init_file, results):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size)
+    try:
+        wbflow.check_same_on_every_rank({"training images": 100 - 20 * rank, "validation images": 25})
+        message = "no error"
+    except ValueError as error:
+        message = str(error)
+    torch.distributed.destroy_process_group()
+    Path(f"{results}.{rank}").write_text(message)
+
+
+def test_ranks_that_see_different_data_stop_with_every_ranks_counts(tmp_path):
+    import torch.multiprocessing
+    torch.multiprocessing.spawn(_count_check_on_rank, args=(2, tmp_path / "init", tmp_path / "r"), nprocs=2)
+    for rank in range(2):
+        assert Path(f"{tmp_path / 'r'}.{rank}").read_text() == (
+            "the ranks see different data: rank 0: 100 training images, 25 validation images; "
+            "rank 1: 80 training images, 25 validation images")
+
+
+def test_torchrun_ranks_with_different_data_stop_at_start(tmp_path):
+    # rank 1 reads a partial copy: its CIFAR-10 is cut short by data.max_images set through its environment
+    write_cifar_batches(tmp_path / "data")
+    script = tmp_path / "partial_copy.py"
+    script.write_text(
+        "import os, sys, wbflow\n"
+        "real = wbflow.load_cifar10\n"
+        "def partial(*a, **k):\n"
+        "    images, labels = real(*a, **k)\n"
+        "    return (images[:150], labels[:150]) if os.environ['RANK'] == '1' else (images, labels)\n"
+        "wbflow.load_cifar10 = partial\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "import train_flow\n"
+        "train_flow.main()\n")
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(HERE), "CUDA_VISIBLE_DEVICES": ""}
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), "--smoke", "--data-dir", str(tmp_path / "data"), "--out-dir",
+                             str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "rank 0: 200 training images; rank 1: 150 training images" in result.stderr + result.stdout
+    assert time.monotonic() - start < 90
+
+
+@pytest.mark.parametrize("cores, local_ranks, expected", [(16, 1, 4), (2, 1, 2), (1, 1, 1), (4, 2, 2), (2, 4, 0)])
+def test_default_num_workers_never_exceeds_the_available_cores(monkeypatch, cores, local_ranks, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
+    assert train_fire.parse_args([]).num_workers == expected
+
+
+# ----------------------------------------------------------------------------- --help and W&B config
+
+def _help_blocks(main):
+    """{option: its help text} from `main(["--help"])`."""
+    import contextlib
+    import io
+    import re
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), pytest.raises(SystemExit):
+        main(["--help"])
+    blocks, current = {}, None
+    for line in text.getvalue().splitlines():
+        match = re.match(r"\s{2}(-[-\w]+)", line)
+        if match:
+            current = match.group(1)
+            blocks[current] = line
+        elif current and line.startswith("    "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return {option: re.sub(r"\s+", " ", block) for option, block in blocks.items()}
+
+
+@pytest.mark.parametrize("module", [train_flow, train_fire])
+def test_help_shows_every_default(module, monkeypatch):
+    blocks = _help_blocks(module.main)
+    parser_defaults = vars(module.parse_args([]))
+    assert len(blocks) >= 10
+    for option, block in blocks.items():
+        if option == "-h":
+            continue
+        assert "default" in block, block
+        dest = option.lstrip("-").replace("-", "_")
+        value = parser_defaults.get(dest)
+        if value not in (None, False, []):
+            assert f"default:{value}".replace(" ", "") in block.replace(" ", ""), block  # wrapped lines
+    if module is train_flow:
+        assert "default: training.epochs, 1025" in blocks["--epochs"]
+
+
+def test_train_fire_logs_every_setting_to_the_wandb_config(offline_wandb, tmp_path):
+    data = write_pattern_folders(tmp_path / "data", per_class=4, classes=SEED_CLASSES[:2])
+    argv = fire_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "0.25", "--num-predictions", "2")
+    train_fire.main(argv)
+    [log] = run_logs(offline_wandb)
+    for key, value in vars(train_fire.parse_args(argv)).items():
+        if key in ("resume", "optimizer", "amp"):  # amp: None becomes what it chose
+            continue
+        assert log.config[key] == value, key
+    assert log.config["optimizer"] == "Adam" and log.config["amp"] == "off" and log.config["num_workers"] == 0
+    assert log.config["val_split"] == 0.25 and log.config["device"] == "cpu" and log.config["steps_per_epoch"] == 1
+
+
+# ----------------------------------------------------------------------------- config and the copy rule
+
+@pytest.mark.parametrize("override, value", [
+    ("training.gradient_clip=1", 1.0), ("training.learning_rate=1e-3", 1e-3), ("logging.notes=123", "123"),
+    ("logging.entity=me", "me"), ("data.max_images=100", 100), ("training.compile=true", True)])
+def test_load_yaml_config_accepts_values_of_the_files_type(override, value):
+    config = wbflow.load_yaml_config(train_flow.DEFAULT_CONFIG, [override])
+    section, key = override.split("=")[0].split(".")
+    assert config[section][key] == value and type(config[section][key]) is type(value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(labels=st.lists(st.integers(0, 3), min_size=8, max_size=40), fraction=st.floats(0.1, 0.6),
+       seed=st.integers(0, 5))
+def test_find_image_samples_splits_as_stratified_split_does(tmp_path_factory, labels, fraction, seed):
+    from PIL import Image
+    root = tmp_path_factory.mktemp("csv")
+    labels = [0, 1] + labels  # at least two classes
+    for index in range(len(labels)):
+        Image.new("RGB", (4, 4)).save(root / f"{index}.png")
+    (root / "data.csv").write_text("\n".join(f"{index}.png,{label}" for index, label in enumerate(labels)))
+    train, val, names = wbflow.find_image_samples(root / "data.csv", val_split=fraction, seed=seed)
+    train_index, val_index = wbflow.stratified_split(labels, fraction, seed=seed)
+    assert [int(Path(p).stem) for p, _ in train] == train_index
+    assert [int(Path(p).stem) for p, _ in val] == val_index
+
+
+COPYABLE = ["save_checkpoint", "load_checkpoint", "prepare_out_dir", "rotate_checkpoints", "load_yaml_config",
+            "str2bool", "add_sweep_argument", "find_image_samples", "stratified_split", "drop_unreadable_images",
+            "ImageSamples", "image_transforms", "classifier_loaders", "check_same_on_every_rank"]
+
+
+@pytest.mark.parametrize("name", COPYABLE)
+def test_function_runs_pasted_alone(name, tmp_path):
+    import argparse
+    pasted = paste_alone(name)[name]
+    data = write_pattern_folders(tmp_path / "data", per_class=3, classes=["a", "b"])
+    samples = [(str(path), index) for index, path in enumerate(sorted(data.rglob("*.png"))[:2])]
+    calls = {
+        "save_checkpoint": lambda: pasted({"w": torch.ones(1)}, tmp_path / "c.pt").is_file(),
+        "load_checkpoint": lambda: pasted(wbflow.save_checkpoint({"s": 1}, tmp_path / "d.pt")) == {"s": 1},
+        "prepare_out_dir": lambda: pasted(tmp_path / "o") == tmp_path / "o",
+        "rotate_checkpoints": lambda: pasted(tmp_path) == [],
+        "load_yaml_config": lambda: pasted(train_flow.DEFAULT_CONFIG, ["training.epochs=3"])["training"]["epochs"] == 3,
+        "str2bool": lambda: pasted("False") is False,
+        "add_sweep_argument": lambda: pasted(argparse.ArgumentParser(), "--batch-size", type=int).dest == "batch_size",
+        "find_image_samples": lambda: pasted(data, val_split=0.34)[2] == ["a", "b"],
+        "stratified_split": lambda: sorted(sum(pasted([0, 0, 1, 1], 0.5), [])) == [0, 1, 2, 3],
+        "drop_unreadable_images": lambda: pasted(samples) == samples,
+        "ImageSamples": lambda: pasted(samples)[1][1] == 1,
+        "image_transforms": lambda: pasted(8, train=False)(pasted_image(samples)).shape == (3, 8, 8),
+        "classifier_loaders": lambda: len(pasted(list(range(4)), list(range(2)), 2)[0]) == 2,
+        "check_same_on_every_rank": lambda: pasted({"images": 3}) is None,
+    }
+    assert calls[name]()
+
+
+def pasted_image(samples):
+    from PIL import Image
+    return Image.open(samples[0][0]).convert("RGB")
