@@ -495,7 +495,7 @@ def test_load_yaml_config_accepts_values_of_the_files_type(override, value):
 def test_find_image_samples_splits_as_stratified_split_does(tmp_path_factory, labels, fraction, seed):
     from PIL import Image
     root = tmp_path_factory.mktemp("csv")
-    labels = [0, 1] + labels  # at least two classes
+    labels = [0, 1, 2, 3] + labels  # every class present: CSV label "k" is class index k
     for index in range(len(labels)):
         Image.new("RGB", (4, 4)).save(root / f"{index}.png")
     (root / "data.csv").write_text("\n".join(f"{index}.png,{label}" for index, label in enumerate(labels)))

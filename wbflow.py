@@ -1974,6 +1974,6 @@ def add_sweep_argument(parser, flag, **kwargs):
     """
     name = flag.lstrip("-")
     spellings = dict.fromkeys([flag, "--" + name.replace("_", "-"), "--" + name.replace("-", "_")])
-    if kwargs.get("type") is str2bool:
+    if getattr(kwargs.get("type"), "__name__", None) == "str2bool":  # by name: pasted alone, without str2bool
         kwargs = {"nargs": "?", "const": True, **kwargs}
     return parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
