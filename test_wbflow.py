@@ -269,10 +269,10 @@ def test_wandb_run_without_wandb_installed_warns_once_and_trains(tmp_path):
             "    model = torch.nn.Linear(2, 1)\n"
             "    stats = wbflow.train_epoch(model, [torch.randn(4, 2)], torch.optim.SGD(model.parameters(), lr=0.1),\n"
             "        lambda m, b: m(b).pow(2).mean(), run=run, log_every=1, progress=False)\n"
-            "    wbflow.log_metrics(run, {'x': 1}); print('run', run, 'steps', stats['steps'])\n")
+            "    run.log({'x': 1}); print('run', bool(run), 'steps', stats['steps'])\n")
     result = _run_clean_python(code, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "run None steps 1" in result.stdout
+    assert "run False steps 1" in result.stdout
     warnings = [line for line in result.stderr.splitlines() if "wandb" in line]
     assert len(warnings) == 1 and "not installed" in warnings[0]
 
@@ -294,8 +294,9 @@ def test_wandb_run_is_none_when_switched_off(enabled, mode, monkeypatch, tmp_pat
     monkeypatch.setenv("WANDB_MODE", mode)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     with wbflow.wandb_run(project="test", enabled=enabled) as run:
-        assert run is None
-        wbflow.log_metrics(run, {"x": 1})
+        assert not run
+        run.log({"x": 1})
+        run.summary["best"] = 1.0
         assert wbflow.log_artifact(run, __file__, "nothing") is None
     assert not list(tmp_path.glob("wandb/*run-*"))
 
@@ -321,9 +322,11 @@ def test_wandb_run_resumes_the_same_run_id_and_steps_keep_increasing(offline_wan
     assert [row["_step"] for log in logs for row in log.rows_with("train/loss")] == [10, 11]
 
 
-def test_define_epoch_metrics_puts_epoch_metrics_on_the_epoch_axis(offline_wandb):
+def test_define_metric_through_the_guard_puts_epoch_metrics_on_the_epoch_axis(offline_wandb):
     with wbflow.wandb_run(project="test") as run:
-        wbflow.define_epoch_metrics(run, ["val/*", "train/epoch_loss"], epoch_key="epoch")
+        run.define_metric("epoch")
+        for name in ["val/*", "train/epoch_loss"]:
+            run.define_metric(name, step_metric="epoch")
     metrics = {(m.name or m.glob_name): m.step_metric for m in run_logs(offline_wandb)[0].metrics}
     assert metrics["val/*"] == "epoch" and metrics["train/epoch_loss"] == "epoch"
 
@@ -456,7 +459,7 @@ def test_save_best_records_summary_and_uploads_best_and_latest(offline_wandb, tm
     log = run_logs(offline_wandb)[0]
     assert log.summary["best_val_acc"] == 71.5
     [artifact] = log.artifacts
-    assert artifact["name"] == "best_model" and set(artifact["aliases"]) == {"best", "latest"}
+    assert artifact["name"] == f"model-{log.run_id}" and set(artifact["aliases"]) == {"best", "latest"}
     assert artifact["metadata"] == {"val_acc": 71.5, "epoch": 4}
 
 
