@@ -1134,9 +1134,9 @@ def test_smoke_run_on_cifar_files_logs_every_seed_key_table_image_and_artifact(o
     assert table_images == sorted(f"epoch_{row[0]:04d}_{row[1]}_nfe{row[2]:03d}.png" for row in data)
 
     models = [a for a in log.artifacts if a["type"] == "model"]
-    assert [a["name"] for a in models] == ["model-epoch-1", "model-epoch-2"]
-    assert set(models[0]["aliases"]) == {"latest", "best"}
-    assert set(models[1]["aliases"]) == ({"latest", "best"} if epoch_losses[1] < epoch_losses[0] else {"latest"})
+    assert [a["name"] for a in models] == [f"model-{log.run_id}"] * 2
+    assert set(models[0]["aliases"]) == {"latest", "best", "epoch-1"}
+    assert set(models[1]["aliases"]) == {"latest", "epoch-2"} | ({"best"} if epoch_losses[1] < epoch_losses[0] else set())
     assert models[1]["metadata"]["epoch"] == 2 and models[1]["metadata"]["global_step"] == 12
     assert models[1]["metadata"]["config"]["training"]["gradient_clip"] == 1.0
     assert models[1]["files"] == ["checkpoint_epoch_2.pt"]
@@ -1236,7 +1236,7 @@ def test_torchrun_two_gloo_processes_train_with_rank_0_logging_and_saving(tmp_pa
     assert result.stdout.count("epoch 1: loss") == 1  # printed by rank 0 only
     [log] = run_logs(tmp_path)
     assert [row["_step"] for row in log.rows_with("train/loss")] == [1, 2]  # 64 images / global batch 32
-    assert [a["name"] for a in log.artifacts if a["type"] == "model"] == ["model-epoch-1"]
+    assert [a["name"] for a in log.artifacts if a["type"] == "model"] == [f"model-{log.run_id}"]
     assert [p.name for p in (tmp_path / "out").glob("*.pt")] == ["checkpoint_epoch_1.pt"]
 
 # ============================================================================= fire-safety classifier: data, losses, train_fire.py
@@ -1315,9 +1315,9 @@ def test_train_fire_learns_patterns_and_logs_the_seed_workflow(offline_wandb, tm
     epoch_rows = log.rows_with("val_acc")
     assert [row["epoch"] for row in epoch_rows] == [0, 1, 2, 3]
     for row in epoch_rows:
-        assert {"train_loss", "train_acc", "val_loss", "val_acc"} <= set(row)
+        assert {"epoch/train_loss", "epoch/train_acc", "val_loss", "val_acc"} <= set(row)
     step_metrics = {(m.name or m.glob_name): m.step_metric for m in log.metrics}
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc"):
+    for key in ("epoch/train_loss", "epoch/train_acc", "val_loss", "val_acc", "best_val_acc"):
         assert step_metrics[key] == "epoch"
     best_so_far = np.maximum.accumulate(log.values("val_acc"))
     improved = [i for i in range(4) if i == 0 or best_so_far[i] > best_so_far[i - 1]]
@@ -1329,8 +1329,8 @@ def test_train_fire_learns_patterns_and_logs_the_seed_workflow(offline_wandb, tm
     models = [artifact for artifact in log.artifacts if artifact["type"] == "model"]
     assert [artifact["metadata"]["epoch"] for artifact in models] == improved
     for artifact in models:
-        assert artifact["name"] == "best_model"
-        assert set(artifact["aliases"]) == {"best", "latest"} and artifact["files"] == ["best_model.pth"]
+        assert artifact["name"] == f"model-{log.run_id}" and artifact["files"] == ["best_model.pth"]
+        assert set(artifact["aliases"]) == {"best", "latest", f"epoch-{artifact['metadata']['epoch']}"}
         assert artifact["metadata"]["config"]["model"] == "resnet18"
     best = wbflow.load_checkpoint(out / "best_model.pth")
     assert best["val_acc"] == best_acc and best["epoch"] == improved[-1]
@@ -1636,7 +1636,7 @@ def test_str2bool_refuses_other_words():
 def test_sweep_yaml_is_a_bayes_search_whose_agent_command_parses():
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
     sweep = yaml.safe_load((HERE / "sweep.yaml").read_text())
-    assert sweep["method"] == "bayes" and sweep["metric"] == {"name": "val_acc", "goal": "maximize"}
+    assert sweep["method"] == "bayes" and sweep["metric"] == {"name": "best_val_acc", "goal": "maximize"}
     assert set(sweep["parameters"]) == {"learning_rate", "batch_size", "model"}
     assert set(sweep["parameters"]["model"]["values"]) <= set(wbflow.CLASSIFIER_NAMES)
     assert sweep["program"] == "train_fire.py"

@@ -1719,7 +1719,12 @@ def log_classification_report(run, probs, labels, class_names, *, images=None, t
     """
     probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
     confidence, predicted = probs.max(dim=1)
-    precision, recall, support = per_class_precision_recall(labels.tolist(), predicted.tolist(), len(class_names))
+    n = len(class_names)
+    confusion = np.bincount(labels.numpy() * n + predicted.numpy(), minlength=n * n).reshape(n, n)
+    true_positive, n_predicted, n_true = confusion.diagonal(), confusion.sum(axis=0), confusion.sum(axis=1)
+    precision = [float(tp / count) if count else 0.0 for tp, count in zip(true_positive, n_predicted)]
+    recall = [float(tp / count) if count else 0.0 for tp, count in zip(true_positive, n_true)]
+    support = n_true.tolist()
     report = {"precision": precision, "recall": recall, "support": support}
     if not run:
         return report
