@@ -1840,10 +1840,11 @@ def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None
 
 def fetch_checkpoint(reference, *, project=None, entity=None, root=None):
     """The local path of a checkpoint given as a file path or as a W&B model artifact
-    ("model-epoch-10:latest", "entity/project/model-epoch-10:best"), downloading the artifact.
+    ("model-1a2b3c4d:best", "entity/project/model-1a2b3c4d:epoch-10"; no alias means :latest),
+    downloading the artifact.
 
     Raises FileNotFoundError saying why when it is neither.
-    Usage: state = wbflow.load_checkpoint(fetch_checkpoint("model-epoch-10:best", project="flow"))
+    Usage: state = load_checkpoint(fetch_checkpoint("model-1a2b3c4d:best", project="flow"))
     """
     reference = str(reference)
     if os.path.isfile(reference):
