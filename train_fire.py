@@ -74,6 +74,8 @@ def parse_args(argv=None):
     add("--resume", help="OUT/last.pth of the run to continue (pass the same flags)")
     add("--num-predictions", type=int, default=32, help="validation images in the predictions table")
     add("--watch", type=wbflow.str2bool, default=False, help='wandb.watch(model, log="all", log_freq=100)')
+    add("--log-graph", type=wbflow.str2bool, default=False,
+        help="log the model graph as model_graph (torchviz + Graphviz), else W&B's own graph")
     add("--no-wandb", type=wbflow.str2bool, default=False, help="train without W&B")
     add("--project", default="tianchi-fire-safety", help="W&B project")
     add("--run-name", help="W&B run name (None: W&B picks one)")
@@ -126,6 +128,28 @@ def load_resume_checkpoint(args, class_names, device):
             hint = hint.get(key, "")
             raise SystemExit(f"{where} was trained with {key} {config.get(key)}, this run has {value}{hint}")
     return state
+def log_model_graph(run, model, example_input, step=None):
+    """Log the autograd graph of model(example_input) as the image `model_graph` (torchviz, Graphviz
+    `dot`), as seed 003 does; returns False, saying what to install, when either is missing."""
+    import shutil
+    try:
+        from torchviz import make_dot
+    except ImportError:
+        make_dot = None
+    if make_dot is None or shutil.which("dot") is None:
+        print("train_fire: --log-graph draws the graph with torchviz and Graphviz (pip install torchviz; "
+              "apt-get install graphviz); logging W&B's own graph instead")
+        return False
+    import tempfile
+    import wandb
+    was_training = model.training
+    model.eval()
+    dot = make_dot(model(example_input), params=dict(model.named_parameters()))
+    model.train(was_training)
+    with tempfile.TemporaryDirectory() as folder:
+        png = dot.render(Path(folder) / "model_graph", format="png")
+        run.log({"model_graph": wandb.Image(png)}, step=step)
+    return True
 
 
 def main(argv=None):
@@ -194,12 +218,21 @@ def main(argv=None):
 
     with wbflow.wandb_run(config, project=args.project, enabled=not args.no_wandb, run_id=run_id,
                           name=args.run_name) as run:
-        wbflow.define_epoch_metrics(run, ["train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc"],
-                                    epoch_key="epoch")
-        if run is not None:
+        # every 10 batches: train_loss, train_acc on the global step; every epoch the seed's epoch means
+        # as epoch/train_loss, epoch/train_acc (their own keys, so neither overwrites the other) and
+        # val_*, on the epoch axis; summaries hold the best value, which the sweep optimises
+        run.define_metric("train_loss", summary="min")
+        run.define_metric("train_acc", summary="max")
+        run.define_metric("epoch")
+        for key, summary in {"epoch/train_loss": "min", "epoch/train_acc": "max", "val_loss": "min",
+                             "val_acc": "max", "best_val_acc": "last"}.items():
+            run.define_metric(key, step_metric="epoch", summary=summary)
+        if run:
             run_id = run.id
-            if args.watch:
-                wbflow.watch_model(run, model, log="all", log_freq=100)
+        graph_logged = args.log_graph and run and log_model_graph(run, model, val_set[0][0][None].to(device), step)
+        if args.watch or (args.log_graph and not graph_logged):
+            wbflow.watch_model(run, model, log="all" if args.watch else None, log_freq=100,
+                               log_graph=args.log_graph and not graph_logged)
 
         for epoch in range(start_epoch, args.epochs):
             train_loader.sampler.set_epoch(epoch)
@@ -213,12 +246,13 @@ def main(argv=None):
             best_state = {"model": model.state_dict(), "epoch": epoch, "val_acc": val["accuracy"],
                           "class_names": class_names, "config": config}
             best_acc, improved = wbflow.save_best(best_state, val["accuracy"], best_acc, out_dir / "best_model.pth",
-                                                  run=run, metadata={"epoch": epoch, "config": config})
-            epoch_metrics = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["accuracy"],
+                                                  run=run, aliases=(f"epoch-{epoch}",),
+                                                  metadata={"epoch": epoch, "global_step": step, "config": config})
+            epoch_metrics = {"epoch": epoch, "epoch/train_loss": train["loss"], "epoch/train_acc": train["accuracy"],
                              "val_loss": val["loss"], "val_acc": val["accuracy"]}
             if improved:
                 epoch_metrics["best_val_acc"] = best_acc
-            wbflow.log_metrics(run, epoch_metrics, step=step)
+            run.log(epoch_metrics, step=step)
             if master:
                 wbflow.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),

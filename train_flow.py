@@ -4,7 +4,7 @@
   torchrun --standalone --nproc_per_node=8 train_flow.py       # DDP on one node (gloo on CPU)
   python train_flow.py --smoke                                 # the whole workflow on CPU, offline, < 2 min
   python train_flow.py --epochs 10 --batch-size 256 --set training.gradient_clip=0.5 --no-wandb
-  python train_flow.py --resume checkpoints/checkpoint_epoch_10.pt       # or --resume model-epoch-10:latest
+  python train_flow.py --resume checkpoints/checkpoint_epoch_10.pt       # or --resume model-<run id>:latest
   python train_flow.py --eval --checkpoint checkpoints/checkpoint_epoch_1020.pt --num-samples 10000 \
       --metric both --solver euler --nfe 100 --use-wandb --wandb-project flow_matching_cifar10_eval
 
@@ -237,7 +237,11 @@ def train(config, args):
     with wbflow.wandb_run(config, project=logging["project_name"], enabled=logging["use_wandb"], run_id=run_id,
                           entity=logging["entity"], name=logging["run_name"], tags=logging["tags"],
                           notes=logging["notes"]) as run:
-        wbflow.define_epoch_metrics(run, ["train/epoch_loss", "train/images_per_second"], epoch_key="train/epoch")
+        # per-step series on the global step; epoch ones on train/epoch; summaries hold the best, not the last
+        run.define_metric("train/loss", summary="min")
+        run.define_metric("train/epoch")
+        run.define_metric("train/epoch_loss", step_metric="train/epoch", summary="min")
+        run.define_metric("train/images_per_second", step_metric="train/epoch")
         for epoch in range(start_epoch, training["epochs"] + 1):
             loader.set_epoch(epoch)
             stats = wbflow.train_epoch(train_model, loader, optimizer, wbflow.rectified_flow_loss, device=device,
@@ -247,8 +251,8 @@ def train(config, args):
             # train_epoch's loss and sample count are over all ranks already
             step, epoch_loss, images_per_second = stats["step"], stats["loss"], stats["samples"] / stats["seconds"]
             say(f"epoch {epoch}: loss {epoch_loss:.4f}, {images_per_second:.0f} images/s, step {step}")
-            wbflow.log_metrics(run, {"train/epoch_loss": epoch_loss, "train/images_per_second": images_per_second,
-                                     "train/epoch": epoch}, step=step)
+            run.log({"train/epoch_loss": epoch_loss, "train/images_per_second": images_per_second,
+                     "train/epoch": epoch}, step=step)
             is_best = not math.isnan(epoch_loss) and (best_loss is None or epoch_loss < best_loss)
             best_loss = epoch_loss if is_best else best_loss
             if not is_main:
@@ -272,23 +276,25 @@ def train(config, args):
                               "scheduler": scheduler.state_dict(), "epoch": epoch, "global_step": step,
                               "epoch_loss": epoch_loss, "best_loss": best_loss, "config": config,
                               "rng": wbflow.capture_rng_state(), "table_rows": table_rows,
-                              "wandb_run_id": run.id if run is not None else run_id, "driver": "train_flow"}
+                              "wandb_run_id": run.id if run else run_id, "driver": "train_flow"}
                 path = wbflow.save_checkpoint(checkpoint, out_dir / f"checkpoint_epoch_{epoch}.pt")
                 wbflow.rotate_checkpoints(out_dir, keep=training.get("keep_checkpoints", 3))
                 say(f"saved {path}")
                 if upload:
-                    wbflow.log_artifact(run, path, f"model-epoch-{epoch}", aliases=["latest"] + ["best"] * is_best,
+                    wbflow.log_artifact(run, path, f"model-{run.id}",
+                                        aliases=["latest", f"epoch-{epoch}"] + ["best"] * is_best,
                                         metadata={"epoch": epoch, "global_step": step, "config": config})
 
-        if run is not None and table_rows:
-            run.log({"eval/samples_table": wbflow.samples_table(table_rows)}, step=step)
+        if run and table_rows:
+            run.log({"eval/samples_table": wbflow.samples_table(table_rows, root=out_dir)}, step=step)
     if world_size > 1:
         dist.destroy_process_group()
     return {"step": step, "best_loss": best_loss, "out_dir": out_dir}
 
 
 def solver_rows(model, noise, sampling, epoch, out_dir, amp_dtype):
-    """This epoch's rows of eval/samples_table; each grid goes to a PNG that the table reads at the end."""
+    """This epoch's rows of eval/samples_table; each grid goes to a PNG that the table reads at the end,
+    named relative to out_dir so the rows in a checkpoint survive moving the folder or the machine."""
     rows = []
     for row in wbflow.compare_solvers(model, noise, solvers=sampling["table_solvers"], nfes=sampling["table_nfes"],
                                          rtol=sampling["rk45_tolerance"], atol=sampling["rk45_tolerance"],
@@ -296,7 +302,7 @@ def solver_rows(model, noise, sampling, epoch, out_dir, amp_dtype):
         name = f"epoch_{epoch:04d}_{row['solver']}_nfe{row['nfe']:03d}.png"
         path = wbflow.save_png(wbflow.sample_grid(row["images"]), out_dir / "samples" / name)
         rows.append({"epoch": epoch, "solver": row["solver"], "nfe": row["nfe"], "seconds": row["seconds"],
-                     "samples": str(path)})
+                     "samples": str(path.relative_to(out_dir))})
     return rows
 
 
@@ -373,7 +379,7 @@ def evaluate(config, args):
                    "model": state["config"]["model"], "fid_reference": wbflow.fid_reference()}
     with wbflow.wandb_run(eval_config, project=args.wandb_project or f"{logging['project_name']}_eval",
                           enabled=args.use_wandb, entity=logging["entity"], job_type="eval") as run:
-        wbflow.log_metrics(run, metrics)
+        run.log(metrics)
         wbflow.log_image_grid(run, "eval/sample_images", grid,
                                  caption=f"{solver} NFE {used}, epoch {state['epoch']}")
     return metrics

@@ -13,7 +13,7 @@ Sections, in data-flow order:
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, save_statistics,
                     inception_score, per_class_precision_recall
-  images & W&B      wandb_run, log_metrics, define_epoch_metrics, watch_model, log_artifact,
+  images & W&B      wandb_run, watch_model, log_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
   checkpoints       save_checkpoint, load_checkpoint, prepare_out_dir,
                     rotate_checkpoints, save_best, fetch_checkpoint
@@ -35,6 +35,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -1536,113 +1537,141 @@ def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, de
 # ----------------------------------------------------------------------------- images & W&B
 
 @contextlib.contextmanager
-def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, **init_kwargs):
-    """Open a W&B run for a `with` block and always finish it; yields the run, or None when off.
+def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_timeout=10, **init_kwargs):
+    """Open a W&B run for a `with` block and always finish it; yields the run behind a guard.
 
-    Never prompts and never crashes training: W&B is off (one line says why) when `enabled` is
-    false, WANDB_MODE=disabled, wandb is not installed, or wandb.init fails; without credentials
-    and with WANDB_MODE unset it logs offline and says how to sync. Only rank 0 of a
-    torch.distributed group opens a run. `run_id` resumes that run (resume="allow"). WANDB_DIR and
-    WANDB_MODE are honoured; other keyword arguments go to wandb.init (entity, name, tags, notes...).
-    The run is finished with exit code 1 if the block raises (Ctrl-C included).
-    Usage: with wandb_run({"lr": 2e-4}, project="flow") as run: log_metrics(run, {"loss": 0.1}, step=1)
+    The guard never lets W&B stop training: a failing call (log, log_artifact, summary[...] = ...)
+    prints one warning, returns None, and later failures are silent. When W&B is off the guard is
+    falsy and every call on it does nothing, so `run.log({...})` needs no `if`. W&B is off (one line
+    says why) when `enabled` is false, WANDB_MODE=disabled, wandb is not installed, wandb.init fails,
+    or on a torch.distributed rank other than 0. Without credentials for the configured server
+    (wandb's own settings, WANDB_API_KEY, or the netrc entry `wandb login` wrote) and with WANDB_MODE
+    unset, it logs offline; when the server does not answer within `init_timeout` seconds it logs
+    offline too. Either way a line gives the `wandb sync` command for the run's folder. `run_id`
+    resumes that run (resume="allow"). WANDB_DIR is honoured; other keyword arguments go to
+    wandb.init (entity, name, tags, notes...). The run finishes with exit code 1 if the block raises.
+    Usage: with wandb_run({"lr": 2e-4}, project="flow") as run: run.log({"loss": 0.1}, step=1)
     """
-    run = _init_wandb(config, project, enabled, run_id, init_kwargs) if is_main_process() else None
+    class GuardedRun:
+        """Calls on `target` (a wandb Run, its summary, ...) that warn once instead of raising."""
+
+        def __init__(self, target, failures):
+            self._target, self._failures = target, failures
+
+        def __bool__(self):
+            return self._target is not None
+
+        def _guard(self, what, call, *args, **kwargs):
+            if self._target is None:
+                return None
+            try:
+                return call(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
+                if not self._failures:
+                    print(f"wbflow: W&B {what} failed ({type(error).__name__}: {error}); training goes on, "
+                          "further W&B errors are not shown", file=sys.stderr)
+                self._failures.append(error)
+                return None
+
+        def __call__(self, *args, **kwargs):
+            return self._guard("call", self._target, *args, **kwargs)
+
+        def __setitem__(self, key, value):
+            self._guard(f"[{key!r}] = ...", lambda: self._target.__setitem__(key, value))
+
+        def __getattr__(self, name):
+            if self._target is None:
+                return self
+            value = getattr(self._target, name)
+            if isinstance(value, (str, bytes, int, float, bool, type(None), list, tuple, dict, os.PathLike)):
+                return value
+            return GuardedRun(value, self._failures) if not callable(value) else (
+                lambda *args, **kwargs: self._guard(name, value, *args, **kwargs))
+
+    def open_run(wandb):
+        from wandb.sdk.lib import wbauth
+        settings = wandb.setup().settings  # what wandb.init reads: settings files and WANDB_* variables
+        logged_in = (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
+                     or settings.api_key or wbauth.read_netrc_auth(host=settings.base_url))
+        mode = os.environ.get("WANDB_MODE")
+        if mode is None and not logged_in:
+            mode = "offline"
+            print(f"wbflow: no W&B credentials for {settings.base_url} (WANDB_API_KEY or `wandb login`), "
+                  "logging offline", file=sys.stderr)
+        # WANDB_DIR is read here, not left to wandb, which caches settings for the life of the process.
+        kwargs = {"dir": os.environ.get("WANDB_DIR"), "resume": "allow" if run_id else None,
+                  "settings": wandb.Settings(init_timeout=init_timeout), **init_kwargs}
+        runs_dir = Path(kwargs["dir"] or settings.root_dir) / "wandb"
+        before = set(runs_dir.glob("run-*"))
+        try:
+            run = wandb.init(project=project, config=config, mode=mode, id=run_id, **kwargs)
+        except wandb.errors.CommError as error:  # a key but no server: keep the whole record offline
+            for folder in set(runs_dir.glob("run-*")) - before:  # the failed attempt's empty record
+                shutil.rmtree(folder, ignore_errors=True)
+            print(f"wbflow: W&B server {settings.base_url} did not answer ({str(error).splitlines()[0]}), "
+                  "logging offline", file=sys.stderr)
+            run = wandb.init(project=project, config=config, mode="offline", id=run_id, **kwargs)
+        if run.settings._offline:
+            print(f"wbflow: W&B is offline; upload this run later with: wandb sync {run.settings.sync_dir}",
+                  file=sys.stderr)
+        return run
+
+    run = None
+    main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if enabled and main_process and os.environ.get("WANDB_MODE") != "disabled":
+        try:
+            import wandb
+        except ImportError:
+            print("wbflow: wandb is not installed, so W&B logging is off (pip install wandb)", file=sys.stderr)
+        else:
+            try:
+                run = open_run(wandb)
+            except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
+                print(f"wbflow: wandb.init failed ({type(error).__name__}: {error}); W&B logging is off",
+                      file=sys.stderr)
+    guarded = GuardedRun(run, [])
     try:
-        yield run
+        yield guarded
     except BaseException:
-        if run is not None:
-            run.finish(exit_code=1)
+        guarded.finish(exit_code=1)
         raise
-    if run is not None:
-        run.finish()
+    guarded.finish()
 
 
-def _init_wandb(config, project, enabled, run_id, init_kwargs):
-    if not enabled or os.environ.get("WANDB_MODE") == "disabled":
-        return None
-    try:
-        import wandb
-    except ImportError:
-        print("wbflow: wandb is not installed, so W&B logging is off (pip install wandb)", file=sys.stderr)
-        return None
-    mode = os.environ.get("WANDB_MODE")
-    if mode is None and not _has_wandb_credentials():
-        mode = "offline"
-        print("wbflow: no W&B credentials (WANDB_API_KEY or `wandb login`), logging offline; "
-              "upload later with: wandb sync wandb/offline-run-*", file=sys.stderr)
-    # WANDB_DIR is read here, not left to wandb, which caches settings for the life of the process.
-    init_kwargs.setdefault("dir", os.environ.get("WANDB_DIR"))
-    try:
-        return wandb.init(project=project, config=config, mode=mode, id=run_id,
-                          resume="allow" if run_id else None, **init_kwargs)
-    except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
-        print(f"wbflow: wandb.init failed ({type(error).__name__}: {error}); W&B logging is off",
-              file=sys.stderr)
-        return None
-
-
-def _has_wandb_credentials():
-    """True when an API key is in the environment or in the netrc file `wandb login` writes."""
-    import netrc
-    from urllib.parse import urlparse
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    netrc_path = os.environ.get("NETRC", os.path.join(os.path.expanduser("~"), ".netrc"))
-    try:
-        return netrc.netrc(netrc_path).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def log_metrics(run, metrics, step=None):
-    """run.log(metrics, step=step), or nothing when `run` is None (W&B off, or not rank 0).
-
-    Usage: log_metrics(run, {"train/epoch_loss": 0.12}, step=global_step)
-    """
-    if run is not None:
-        run.log(metrics, step=step)
-
-
-def define_epoch_metrics(run, names, epoch_key="epoch"):
-    """Plot `names` (globs allowed, e.g. "val/*") against `epoch_key` instead of the global step.
-
-    Usage: define_epoch_metrics(run, ["train/epoch_loss", "val/*"], epoch_key="train/epoch")
-    """
-    if run is None:
-        return
-    run.define_metric(epoch_key)
-    for name in names:
-        run.define_metric(name, step_metric=epoch_key)
-
-
-def watch_model(run, model, log="gradients", log_freq=100):
-    """wandb.watch `model` (gradient / parameter histograms) every `log_freq` >= 100 steps.
+def watch_model(run, model, log="gradients", log_freq=100, log_graph=False):
+    """wandb.watch `model` (gradient / parameter histograms, and W&B's graph with log_graph=True)
+    every `log_freq` >= 100 steps; nothing without a run.
 
     Histograms are costly: more often than every 100 steps slows training, so that is refused.
     Usage: watch_model(run, model, log="all", log_freq=100)
     """
     if log_freq < 100:
         raise ValueError(f"watch_model: log_freq={log_freq} would slow training; use 100 or more")
-    if run is not None:
-        run.watch(model, log=log, log_freq=log_freq)
+    if run:
+        run.watch(model, log=log, log_freq=log_freq, log_graph=log_graph)
 
 
-def log_artifact(run, path, name, type="model", aliases=("latest",), metadata=None):
-    """Upload the file or folder at `path` as a W&B artifact; a no-op returning None without a run.
+def log_artifact(run, path, name, type="model", aliases=("latest",), metadata=None, policy="immutable"):
+    """Upload the file or folder at `path` as a new version of the W&B artifact `name`; a no-op
+    returning None without a run.
 
-    Usage: log_artifact(run, "checkpoints/best.pt", "model-epoch-10", aliases=("latest", "best"),
-                        metadata={"epoch": 10})
+    W&B moves an alias to the newest version that carries it, so with one name per run
+    (f"model-{run.id}", as Lightning's WandbLogger) "name:latest" and "name:best" find the latest and
+    the best model. The file is uploaded from where it is (policy="immutable"), not copied into W&B's
+    staging folder (~/.local/share/wandb/artifacts/staging) for every version, so it must stay
+    unchanged until uploaded (offline: until `wandb sync`); pass policy="mutable" for a file that
+    will be overwritten before then.
+    Usage: log_artifact(run, "checkpoints/checkpoint_epoch_10.pt", f"model-{run.id}",
+                        aliases=("latest", "best", "epoch-10"), metadata={"epoch": 10})
     """
-    if run is None:
+    if not run:
         return None
     import wandb
     artifact = wandb.Artifact(name, type=type, metadata=dict(metadata or {}))
     if os.path.isdir(path):
-        artifact.add_dir(str(path))
+        artifact.add_dir(str(path), policy=policy)
     else:
-        artifact.add_file(str(path))
+        artifact.add_file(str(path), policy=policy)
     return run.log_artifact(artifact, aliases=list(aliases))
 
 
@@ -1683,21 +1712,24 @@ def log_image_grid(run, key, grid_uint8, *, step=None, caption=None):
 
     Usage: log_image_grid(run, "eval/generated_samples", sample_grid(samples), step=global_step)
     """
-    if run is not None:
+    if run:
         import wandb
         run.log({key: wandb.Image(grid_uint8, caption=caption)}, step=step)
 
 
-def samples_table(rows):
+def samples_table(rows, root="."):
     """A wandb.Table with columns epoch, solver, nfe, seconds, samples from rows holding those keys,
-    "samples" being a PNG path or a uint8 grid, so solvers and NFEs compare side by side.
+    "samples" being a uint8 grid or a PNG path relative to `root`, so solvers and NFEs compare side
+    by side. Relative paths keep rows saved in a checkpoint valid when the folder moves.
 
-    Usage: run.log({"eval/samples_table": samples_table(rows)})
+    Usage: run.log({"eval/samples_table": samples_table(rows, root="checkpoints")})
     """
     import wandb
     columns = ["epoch", "solver", "nfe", "seconds", "samples"]
     data = [[row["epoch"], row["solver"], row["nfe"], round(row["seconds"], 3),
-             wandb.Image(row["samples"], caption=f"epoch {row['epoch']} {row['solver']} NFE {row['nfe']}")]
+             wandb.Image(row["samples"] if not isinstance(row["samples"], (str, os.PathLike))
+                         else str(Path(root) / row["samples"]),
+                         caption=f"epoch {row['epoch']} {row['solver']} NFE {row['nfe']}")]
             for row in rows]
     return wandb.Table(columns=columns, data=data)
 
@@ -1715,9 +1747,14 @@ def log_classification_report(run, probs, labels, class_names, *, images=None, t
     """
     probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
     confidence, predicted = probs.max(dim=1)
-    precision, recall, support = per_class_precision_recall(labels.tolist(), predicted.tolist(), len(class_names))
+    n = len(class_names)
+    confusion = np.bincount(labels.numpy() * n + predicted.numpy(), minlength=n * n).reshape(n, n)
+    true_positive, n_predicted, n_true = confusion.diagonal(), confusion.sum(axis=0), confusion.sum(axis=1)
+    precision = [float(tp / count) if count else 0.0 for tp, count in zip(true_positive, n_predicted)]
+    recall = [float(tp / count) if count else 0.0 for tp, count in zip(true_positive, n_true)]
+    support = n_true.tolist()
     report = {"precision": precision, "recall": recall, "support": support}
-    if run is None:
+    if not run:
         return report
     import wandb
     columns = (["image"] if images is not None else []) + ["true", "predicted", "confidence"]
@@ -1859,15 +1896,19 @@ def rotate_checkpoints(folder, keep=3, *, pattern="checkpoint_epoch_*.pt", metri
 
 
 def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None,
-              artifact_name=None, metadata=None):
+              artifact_name=None, aliases=(), metadata=None):
     """Save `state` to `path` only when `metric` beats `best`; returns (new_best, improved).
 
     mode="max" (accuracy) or "min" (loss); best=None means nothing saved yet; a NaN metric never
-    improves. On improvement the file is written atomically (save_checkpoint), `best_<name>` goes
-    to run.summary, and the file is uploaded with log_artifact under `artifact_name` (default: the
-    file's stem) with aliases "best" and "latest" and metadata {name: metric, **metadata}. Under
-    torch.distributed only rank 0 writes; every rank gets the same return value.
-    Usage: best_acc, improved = save_best(state, val_acc, best_acc, "checkpoints/best_model.pth", run=run)
+    improves. On improvement the file is replaced atomically (temporary file, fsync, rename),
+    `best_<name>` goes to run.summary, and the file becomes a new version of the model artifact
+    `artifact_name` (default f"model-{run.id}", one collection per run) with aliases "best",
+    "latest" and `aliases` (e.g. f"epoch-{epoch}"), metadata {name: metric, **metadata}. Online
+    it is uploaded from `path`; an offline run keeps a copy per version for `wandb sync`, since
+    `path` is overwritten by the next best. Under torch.distributed only rank 0 writes; every rank
+    gets the same return value.
+    Usage: best_acc, improved = save_best(state, val_acc, best_acc, "checkpoints/best_model.pth", run=run,
+                                          aliases=(f"epoch-{epoch}",), metadata={"epoch": epoch})
     """
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', not {mode!r}")
@@ -1876,21 +1917,41 @@ def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None
         best is None or math.isnan(best) or (metric > best if mode == "max" else metric < best))
     if not improved:
         return best, False
-    if is_main_process():
-        save_checkpoint(state, path)
-        if run is not None:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # save_checkpoint's atomic write, inlined so that save_best can be pasted alone
+        temp_path = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        try:
+            with os.fdopen(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as temp_file:
+                torch.save(state, temp_file)
+                temp_file.flush()
+                os.fsync(temp_file.fileno())
+            os.replace(temp_path, path)
+        except BaseException as error:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temp_path)
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
+                                            f"the previous file there is unchanged") from None
+            raise
+        if run:
+            import wandb
             run.summary[f"best_{name}"] = metric
-            log_artifact(run, path, artifact_name or Path(path).stem, aliases=("best", "latest"),
-                         metadata={name: metric, **(metadata or {})})
+            artifact = wandb.Artifact(artifact_name or f"model-{run.id}", type="model",
+                                      metadata={name: metric, **(metadata or {})})
+            artifact.add_file(str(path), policy="mutable" if run.settings.mode == "offline" else "immutable")
+            run.log_artifact(artifact, aliases=["best", "latest", *aliases])
     return metric, True
 
 
 def fetch_checkpoint(reference, *, project=None, entity=None, root=None):
     """The local path of a checkpoint given as a file path or as a W&B model artifact
-    ("model-epoch-10:latest", "entity/project/model-epoch-10:best"), downloading the artifact.
+    ("model-1a2b3c4d:best", "entity/project/model-1a2b3c4d:epoch-10"; no alias means :latest),
+    downloading the artifact.
 
     Raises FileNotFoundError saying why when it is neither.
-    Usage: state = wbflow.load_checkpoint(fetch_checkpoint("model-epoch-10:best", project="flow"))
+    Usage: state = load_checkpoint(fetch_checkpoint("model-1a2b3c4d:best", project="flow"))
     """
     reference = str(reference)
     if os.path.isfile(reference):

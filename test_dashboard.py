@@ -1,0 +1,339 @@
+"""What the W&B dashboard shows, read back from real offline record logs: summaries, artifacts,
+keys that never collide, credentials, an unreachable server, W&B errors, the model graph, and each
+public W&B function pasted alone."""
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_fire
+import train_flow
+import wbflow
+from conftest import paste_alone, run_logs
+
+HERE = Path(__file__).resolve().parent
+
+
+def clean_python(code, tmp_path, **env):
+    """Run `code` in a fresh interpreter with no W&B credentials or mode, HOME in tmp_path."""
+    base = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "NETRC"))}
+    base.update({"HOME": str(tmp_path), "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+                 "PYTHONPATH": str(HERE), "WANDB_DATA_DIR": str(tmp_path / "data"), **env})
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], env=base, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=180)
+    return result, time.monotonic() - started
+
+
+def closed_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket closes
+
+
+# ----------------------------------------------------------------------------- summaries and sweeps
+
+def test_val_acc_summary_is_the_best_value_not_the_last(offline_wandb, tmp_path):
+    val_accs = [50.0, 80.0, 60.0]
+    with wbflow.wandb_run(project="test") as run:
+        run.define_metric("epoch")
+        run.define_metric("val_acc", step_metric="epoch", summary="max")
+        run.define_metric("val_loss", step_metric="epoch", summary="min")
+        best = None
+        for epoch, (val_acc, val_loss) in enumerate(zip(val_accs, [2.0, 1.0, 1.5])):
+            best, improved = wbflow.save_best({"epoch": epoch}, val_acc, best, tmp_path / "best.pth", run=run)
+            run.log({"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss,
+                     **({"best_val_acc": best} if improved else {})})
+    [log] = run_logs(offline_wandb)
+    assert log.summary["val_acc"] == {"max": max(log.values("val_acc"))} == {"max": 80.0}
+    assert log.summary["val_loss"] == {"min": 1.0}
+    assert log.summary["best_val_acc"] == 80.0
+
+
+def test_sweep_optimises_best_val_acc_whose_summary_is_a_plain_number():
+    import yaml
+    sweep = yaml.safe_load((HERE / "sweep.yaml").read_text())
+    assert sweep["metric"] == {"name": "best_val_acc", "goal": "maximize"}
+
+
+# ----------------------------------------------------------------------------- train_fire's keys
+
+def write_patterns(root, per_class, classes=("a", "b", "c", "d", "e")):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = np.full((16, 16, 3), 40 * label, np.uint8) + rng.integers(0, 20, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index}.png")
+    return root
+
+
+def fire_argv(data, out, *extra):
+    return ["--data-dir", str(data), "--out-dir", str(out), "--model", "resnet18", "--weights", "none",
+            "--image-size", "16", "--batch-size", "2", "--num-workers", "0", "--project", "test", *extra]
+
+
+def test_train_fire_epoch_means_never_overwrite_the_batch_row_of_the_same_step(offline_wandb, tmp_path):
+    # 5 classes x 5 images, 4 train each: 20 images / batch 2 = 10 steps, an epoch ends on step 10
+    data = write_patterns(tmp_path / "data", per_class=5)
+    val_accs = iter([40.0, 80.0, 60.0])
+    real_validate = wbflow.validate
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wbflow, "validate", lambda *a, **k: {**real_validate(*a, **k), "accuracy": next(val_accs)})
+        train_fire.main(fire_argv(data, tmp_path / "out", "--epochs", "3", "--val-split", "0.2"))
+    [log] = run_logs(offline_wandb)
+    batch_rows = log.rows_with("batch")
+    assert [row["_step"] for row in batch_rows] == [10, 20, 30]
+    epoch_rows = log.rows_with("epoch/train_loss")
+    assert [row["_step"] for row in epoch_rows] == [10, 20, 30]  # the same steps, yet each keeps its own value
+    for batch_row, epoch_row in zip(batch_rows, epoch_rows):
+        assert "train_loss" in batch_row and "epoch/train_acc" in epoch_row
+    # the window of the last 10 steps is the whole epoch here, so the two means agree; both survive
+    assert log.values("train_loss") == pytest.approx(log.values("epoch/train_loss"))
+    step_metrics = {m.name: (m.step_metric, m.summary) for m in log.metrics if m.name}
+    assert step_metrics["epoch/train_loss"][0] == step_metrics["val_acc"][0] == "epoch"
+    assert log.summary["val_acc"] == {"max": 80.0} and log.summary["best_val_acc"] == 80.0
+    assert log.summary["epoch/train_loss"] == {"min": min(log.values("epoch/train_loss"))}
+    # the best model: versions of one collection, aliases latest/best/epoch-N, the seed's metadata
+    models = [a for a in log.artifacts if a["type"] == "model"]
+    assert [a["name"] for a in models] == [f"model-{log.run_id}"] * 2
+    assert [set(a["aliases"]) for a in models] == [{"best", "latest", "epoch-0"}, {"best", "latest", "epoch-1"}]
+    assert [a["metadata"]["epoch"] for a in models] == [0, 1]
+    assert models[1]["metadata"]["global_step"] == 20 and models[1]["metadata"]["config"]["model"] == "resnet18"
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+def staging_bytes(data_dir):
+    return sum(path.stat().st_size for path in Path(data_dir).rglob("*") if path.is_file())
+
+
+def test_log_artifact_versions_one_collection_without_staging_copies(offline_wandb, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))  # where W&B stages artifact files
+    with wbflow.wandb_run(project="test") as run:
+        for epoch in (1, 2, 3):
+            path = wbflow.save_checkpoint({"w": torch.randn(250_000)}, tmp_path / f"checkpoint_epoch_{epoch}.pt")
+            wbflow.log_artifact(run, path, f"model-{run.id}", aliases=["latest", f"epoch-{epoch}"] + ["best"] * (epoch == 2),
+                                metadata={"epoch": epoch, "global_step": 10 * epoch})
+    [log] = run_logs(offline_wandb)
+    assert [a["name"] for a in log.artifacts] == [f"model-{log.run_id}"] * 3
+    assert [set(a["aliases"]) for a in log.artifacts] == [
+        {"latest", "epoch-1"}, {"latest", "epoch-2", "best"}, {"latest", "epoch-3"}]
+    assert staging_bytes(tmp_path / "data") < 1_000_000 / 10  # the three 1 MB files were not copied
+
+
+def test_train_flow_artifacts_are_versions_of_one_model_collection(offline_wandb, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
+    train_flow.main(["--smoke", "--epochs", "2", "--out-dir", str(tmp_path / "out"),
+                     "--set", "data.max_images=64", "--set", "sampling.table_nfes=[1]"])
+    [log] = run_logs(offline_wandb)
+    models = [a for a in log.artifacts if a["type"] == "model"]
+    assert [a["name"] for a in models] == [f"model-{log.run_id}"] * 2
+    assert {"latest", "best", "epoch-1"} == set(models[0]["aliases"])
+    assert {"latest", "epoch-2"} <= set(models[1]["aliases"])
+    assert models[1]["metadata"]["epoch"] == 2 and models[1]["metadata"]["global_step"] == 4
+    assert "config" in models[1]["metadata"]
+    checkpoint_bytes = (tmp_path / "out" / "checkpoint_epoch_1.pt").stat().st_size
+    assert staging_bytes(tmp_path / "data") < checkpoint_bytes / 4  # tables' media only, no checkpoint copies
+    assert log.summary["train/epoch_loss"] == {"min": min(log.values("train/epoch_loss"))}
+
+
+def test_fetch_checkpoint_resolves_the_best_alias_of_the_run_collection(tmp_path, monkeypatch):
+    import wandb
+    asked = []
+
+    class FakeApi:
+        default_entity = "me"
+
+        def artifact(self, name, type=None):
+            asked.append(name)
+            folder = tmp_path / str(len(asked))
+            wbflow.save_checkpoint({"epoch": 7}, folder / "checkpoint_epoch_7.pt")
+            return type_artifact(folder)
+
+    def type_artifact(folder):
+        return type("Artifact", (), {"download": lambda self, root=None: str(folder)})()
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    assert wbflow.load_checkpoint(wbflow.fetch_checkpoint("model-abc123:best", project="flow"))["epoch"] == 7
+    wbflow.fetch_checkpoint("team/flow/model-abc123", project="x")
+    assert asked == ["me/flow/model-abc123:best", "team/flow/model-abc123:latest"]
+
+
+# ----------------------------------------------------------------------------- samples table after a move
+
+def test_flow_samples_table_builds_after_a_resume_from_a_moved_out_dir(offline_wandb, tmp_path, monkeypatch):
+    flags = ["--smoke", "--epochs", "2", "--set", "data.max_images=64", "--set", "sampling.table_nfes=[1]"]
+    save_checkpoint = wbflow.save_checkpoint
+
+    def save_then_die(state, path):
+        saved = save_checkpoint(state, path)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+        return saved
+
+    monkeypatch.setattr(wbflow, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_flow.main(flags + ["--out-dir", str(tmp_path / "first")])
+    monkeypatch.setattr(wbflow, "save_checkpoint", save_checkpoint)
+    shutil.move(tmp_path / "first", tmp_path / "moved")  # another machine, or another --out-dir
+    train_flow.main(flags + ["--out-dir", str(tmp_path / "moved"),
+                             "--resume", str(tmp_path / "moved" / "checkpoint_epoch_1.pt")])
+    killed, resumed = run_logs(offline_wandb)
+    assert resumed.exit_code == 0
+    [table] = resumed.values("eval/samples_table")
+    assert table["nrows"] == 4  # 2 epochs x (euler 1 + rk45)
+    rows = wbflow.load_checkpoint(tmp_path / "moved" / "checkpoint_epoch_2.pt")["table_rows"]
+    assert all(not Path(row["samples"]).is_absolute() for row in rows)
+
+
+# ----------------------------------------------------------------------------- credentials and server
+
+def test_a_netrc_entry_for_the_configured_non_default_host_counts_as_logged_in(tmp_path):
+    port = closed_port()
+    (tmp_path / "netrc").write_text(f"machine 127.0.0.1:{port}\n  login user\n  password {'k' * 40}\n")
+    code = ("import wbflow\n"
+            "with wbflow.wandb_run(project='p', init_timeout=2) as run:\n"
+            "    pass\n")
+    result, _ = clean_python(code, tmp_path, NETRC=str(tmp_path / "netrc"),
+                             WANDB_BASE_URL=f"http://127.0.0.1:{port}")
+    assert result.returncode == 0, result.stderr
+    assert "no W&B credentials" not in result.stderr  # it tried the server, which did not answer
+    assert f"127.0.0.1:{port} did not answer" in result.stderr
+
+
+def test_without_credentials_for_the_configured_host_it_logs_offline(tmp_path):
+    (tmp_path / "netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {'k' * 40}\n")
+    code = "import wbflow\nwith wbflow.wandb_run(project='p') as run:\n    print('mode', run.settings.mode)\n"
+    result, _ = clean_python(code, tmp_path, NETRC=str(tmp_path / "netrc"), WANDB_BASE_URL="http://127.0.0.1:9")
+    assert result.returncode == 0, result.stderr
+    assert "mode offline" in result.stdout and "no W&B credentials for http://127.0.0.1:9" in result.stderr
+
+
+def test_a_key_without_a_reachable_server_starts_fast_and_keeps_the_record_offline(tmp_path):
+    code = ("import time, wbflow\n"
+            "started = time.monotonic()\n"
+            "with wbflow.wandb_run({'lr': 0.1}, project='p') as run:\n"
+            "    print('started after', time.monotonic() - started)\n"
+            "    for step in range(1, 4):\n"
+            "        run.log({'train/loss': 1.0 / step}, step=step)\n")
+    wandb_dir = tmp_path / "elsewhere"
+    wandb_dir.mkdir()
+    result, _ = clean_python(code, tmp_path, WANDB_API_KEY="k" * 40, WANDB_DIR=str(wandb_dir),
+                             WANDB_BASE_URL=f"http://127.0.0.1:{closed_port()}")
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.split("started after")[1]) < 15
+    [log] = run_logs(wandb_dir)
+    assert log.values("train/loss") == [1.0, 0.5, 1.0 / 3] and log.config["lr"] == 0.1 and log.exit_code == 0
+    [folder] = glob.glob(str(wandb_dir / "wandb" / "offline-run-*"))
+    assert f"wandb sync {folder}" in result.stderr
+    assert not glob.glob(str(wandb_dir / "wandb" / "run-*"))  # no empty record of the failed attempt
+
+
+# ----------------------------------------------------------------------------- W&B errors after init
+
+def test_a_failing_wandb_call_warns_once_and_training_goes_on(offline_wandb, tmp_path, capsys):
+    model = torch.nn.Linear(2, 2)
+    with wbflow.wandb_run(project="test") as run:
+        def broken(*args, **kwargs):
+            raise ConnectionError("upload failed")
+
+        run._target.log = broken
+        run._target.log_artifact = broken
+        for step in range(1, 4):
+            run.log({"x": step}, step=step)
+        path = wbflow.save_checkpoint({"w": torch.ones(1)}, tmp_path / "c.pt")
+        assert wbflow.log_artifact(run, path, "model-x") is None
+        stats = wbflow.train_epoch(model, [(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))] * 2,
+                                   torch.optim.SGD(model.parameters(), lr=0.1),
+                                   wbflow.classification_loss(torch.nn.CrossEntropyLoss()),
+                                   run=run, log_every=1, progress=False)
+        run.summary["after"] = 1.0
+    assert stats["steps"] == 2
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "W&B" in line and "failed" in line]
+    assert len(warnings) == 1 and "upload failed" in warnings[0]
+    [log] = run_logs(offline_wandb)
+    assert log.exit_code == 0 and log.summary["after"] == 1.0 and not log.rows_with("x")
+
+
+# ----------------------------------------------------------------------------- the model graph
+
+def test_log_graph_logs_the_torchviz_picture_as_model_graph(offline_wandb, tmp_path):
+    import torchviz  # noqa: F401 - requirements-test.txt; .ci/run installs Graphviz
+    assert shutil.which("dot"), "Graphviz's dot is missing: apt-get install graphviz"
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+    model(torch.zeros(1, 3, 8, 8))
+    with wbflow.wandb_run(project="test") as run:
+        assert train_fire.log_model_graph(run, model, torch.zeros(1, 3, 8, 8), step=0)
+    [log] = run_logs(offline_wandb)
+    [graph] = log.values("model_graph")
+    assert graph["_type"] == "image-file" and graph["width"] > 10 and graph["height"] > 10
+    assert glob.glob(str(offline_wandb / "wandb" / "*run-*" / "files" / graph["path"]))
+
+
+def test_log_graph_without_dot_says_what_to_install_and_uses_wandbs_graph(offline_wandb, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    data = write_patterns(tmp_path / "data", per_class=3)
+    train_fire.main(fire_argv(data, tmp_path / "out", "--epochs", "1", "--log-graph", "--val-split", "0.34"))
+    printed = capsys.readouterr().out
+    assert printed.count("apt-get install graphviz") == 1 and "pip install torchviz" in printed
+    [log] = run_logs(offline_wandb)
+    assert not log.rows_with("model_graph")
+    # wandb.watch(..., log_graph=True): W&B's own graph, numbered per process (graph_0, graph_1, ...)
+    graphs = [value for key, value in log.summary.items() if key.startswith("graph_")]
+    assert [graph["_type"] for graph in graphs] == ["graph-file"]
+
+
+# ----------------------------------------------------------------------------- copy rule
+
+def test_wandb_run_works_pasted_alone(offline_wandb):
+    pasted = paste_alone("wandb_run")
+    with pasted["wandb_run"]({"a": 1}, project="test") as run:
+        run.log({"x": 1.0}, step=1)
+    [log] = run_logs(offline_wandb)
+    assert log.values("x") == [1.0] and log.config["a"] == 1
+
+
+def test_artifact_and_best_functions_work_pasted_alone(offline_wandb, tmp_path):
+    pasted = paste_alone("wandb_run", "log_artifact", "save_best", "watch_model")
+    model = torch.nn.Linear(2, 1)
+    with pasted["wandb_run"](project="test") as run:
+        pasted["watch_model"](run, model, log_freq=100)
+        best, improved = pasted["save_best"]({"w": torch.ones(1)}, 0.5, None, tmp_path / "best.pt", run=run)
+        path = wbflow.save_checkpoint({"w": torch.ones(1)}, tmp_path / "c.pt")
+        pasted["log_artifact"](run, path, "model-x")
+    [log] = run_logs(offline_wandb)
+    assert improved and [a["name"] for a in log.artifacts] == [f"model-{log.run_id}", "model-x"]
+
+
+def test_image_functions_work_pasted_alone(offline_wandb, tmp_path):
+    pasted = paste_alone("images_to_uint8", "sample_grid", "save_png", "log_image_grid", "samples_table",
+                         "log_classification_report", "wandb_run")
+    images = torch.rand(4, 3, 8, 8) * 2 - 1
+    assert pasted["images_to_uint8"](images).dtype == torch.uint8
+    grid = pasted["sample_grid"](images)
+    pasted["save_png"](grid, tmp_path / "samples" / "a.png")
+    with pasted["wandb_run"](project="test") as run:
+        pasted["log_image_grid"](run, "grid", grid, step=1)
+        run.log({"table": pasted["samples_table"](
+            [{"epoch": 1, "solver": "euler", "nfe": 1, "seconds": 0.1, "samples": "samples/a.png"}], root=tmp_path)},
+            step=2)
+        probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
+        report = pasted["log_classification_report"](run, probs, torch.tensor([0, 1, 0]), ["x", "y"], step=3)
+    assert report == {"precision": [1.0, 0.5], "recall": [0.5, 1.0], "support": [2, 1]}
+    [log] = run_logs(offline_wandb)
+    assert log.values("grid")[0]["_type"] == "image-file" and log.values("table")[0]["nrows"] == 1
+
+
+def test_fetch_checkpoint_works_pasted_alone(tmp_path):
+    path = wbflow.save_checkpoint({"a": 1}, tmp_path / "c.pt")
+    assert paste_alone("fetch_checkpoint")["fetch_checkpoint"](path) == path
