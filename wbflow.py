@@ -11,12 +11,13 @@ Sections, in data-flow order:
                     capture_rng_state, restore_rng_state, predict_dataset
   sampling          euler_sample, heun_sample, rk45_sample, sample_flow, compare_solvers
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
-                    inception_features, feature_statistics, frechet_distance, fid, save_statistics,
+                    inception_features, feature_statistics, frechet_distance, fid, kid, save_statistics,
                     inception_score, per_class_precision_recall
   images & W&B      wandb_run, log_metrics, define_epoch_metrics, watch_model, log_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
   checkpoints       save_checkpoint, load_checkpoint, save_best, fetch_checkpoint
   config            load_yaml_config, str2bool, add_sweep_argument
+  command line      python wbflow.py fid DIR_OR_NPZ DIR_OR_NPZ [--resize pytorch-fid] (pytorch-fid's CLI)
 
 Every public function takes what it needs as arguments and imports wandb, scipy, PIL and yaml
 lazily, so it keeps working when pasted alone (with its imports) into another project.
