@@ -30,7 +30,7 @@ SMOKE_OVERRIDES = [
     "training.warmup_steps=10", "training.ema_decay=0.9", "training.log_interval=2", "training.save_interval=1",
     "training.sample_interval=1", "logging.log_images_interval=1", "logging.log_model_interval=1",
     "sampling.num_images=16", "sampling.nfe=10", "sampling.table_nfes=[1, 2, 4]", "sampling.rk45_tolerance=1.0e-3",
-    "eval.sample_batch_size=16", "eval.inception_batch_size=10"]
+    "eval.sample_batch_size=16", "eval.inception_batch_size=10", "eval.fid_interval=0"]
 # what --resume needs in a checkpoint; the driver field, when present, must say train_flow
 RESUME_KEYS = ("model", "ema", "optimizer", "scheduler", "epoch", "global_step", "config")
 
@@ -242,6 +242,11 @@ def train(config, args):
         run.define_metric("train/epoch")
         run.define_metric("train/epoch_loss", step_metric="train/epoch", summary="min")
         run.define_metric("train/images_per_second", step_metric="train/epoch")
+        run.define_metric("eval/fid_score", step_metric="train/epoch", summary="min")
+        run.define_metric("eval/inception_score_*", step_metric="train/epoch")
+        inception = None
+        if config["eval"]["fid_interval"]:  # a missing weights file stops the run before it trains
+            wbflow.fid_weights_path(config["eval"]["fid_weights"])
         for epoch in range(start_epoch, training["epochs"] + 1):
             loader.set_epoch(epoch)
             stats = wbflow.train_epoch(train_model, loader, optimizer, wbflow.rectified_flow_loss, device=device,
@@ -253,6 +258,13 @@ def train(config, args):
             say(f"epoch {epoch}: loss {epoch_loss:.4f}, {images_per_second:.0f} images/s, step {step}")
             run.log({"train/epoch_loss": epoch_loss, "train/images_per_second": images_per_second,
                      "train/epoch": epoch}, step=step)
+            if config["eval"]["fid_interval"] and epoch % config["eval"]["fid_interval"] == 0:
+                # FID/IS of the EMA model over training; every rank samples a share, rank 0 logs
+                inception = inception or wbflow.load_fid_inception(config["eval"]["fid_weights"], device)
+                quality = ema_quality(ema_model.module, inception, images_uint8, config, device, rank, world_size,
+                                      stats_dir=None if args.data_dir or not args.smoke else out_dir / "fid_stats")
+                say(f"epoch {epoch}: FID {quality['eval/fid_score']:.2f} on {config['eval']['fid_num_samples']} samples")
+                run.log({**quality, "train/epoch": epoch}, step=step)
             is_best = not math.isnan(epoch_loss) and (best_loss is None or epoch_loss < best_loss)
             best_loss = epoch_loss if is_best else best_loss
             if not is_main:
@@ -304,6 +316,31 @@ def solver_rows(model, noise, sampling, epoch, out_dir, amp_dtype):
         rows.append({"epoch": epoch, "solver": row["solver"], "nfe": row["nfe"], "seconds": row["seconds"],
                      "samples": str(path.relative_to(out_dir))})
     return rows
+
+
+def ema_quality(ema_model, inception, train_images_uint8, config, device, rank, world_size, stats_dir=None):
+    """eval/fid_score and eval/inception_score_* of eval.fid_num_samples EMA samples (one Inception pass)
+    against the cached statistics of the training images. The noise comes from its own generator and
+    nothing here draws from the global one, so the training run goes on exactly as without it."""
+    evaluation, sampling = config["eval"], config["sampling"]
+    count = len(range(rank, evaluation["fid_num_samples"], world_size))
+    generator, batches = torch.Generator().manual_seed(sampling["seed"] + 1 + rank), []
+    for start in range(0, count, evaluation["sample_batch_size"]):
+        noise = torch.randn(min(evaluation["sample_batch_size"], count - start), 3, 32, 32, generator=generator)
+        samples, _ = wbflow.sample_flow(ema_model, noise.to(device), sampling["solver"], sampling["nfe"],
+                                        rtol=sampling["rk45_tolerance"], atol=sampling["rk45_tolerance"])
+        batches.append(wbflow.images_to_uint8(samples))
+    # gathered over the ranks: every rank holds the features of all samples
+    features, logits = wbflow.inception_features(torch.cat(batches), inception,
+                                                 batch_size=evaluation["inception_batch_size"])
+    name = "synthetic" if stats_dir else "cifar10-train"
+    statistics = wbflow.save_statistics(
+        train_images_uint8[rank::world_size], stats_dir or evaluation["stats_dir"] or Path(config["data"]["data_dir"]) / "fid_stats",
+        name if len(train_images_uint8) == 50000 else f"{name}-{len(train_images_uint8)}",
+        batch_size=evaluation["inception_batch_size"], device=device, weights_path=evaluation["fid_weights"])
+    inception_score_mean, inception_score_std = wbflow.inception_score(logits, splits=min(10, len(logits)))
+    return {"eval/fid_score": wbflow.fid(statistics, features), "eval/inception_score_mean": inception_score_mean,
+            "eval/inception_score_std": inception_score_std}
 
 
 def cifar10_train_batches(data_dir, batch_size):

@@ -11,13 +11,14 @@ Sections, in data-flow order:
                     capture_rng_state, restore_rng_state, predict_dataset
   sampling          euler_sample, heun_sample, rk45_sample, sample_flow, compare_solvers
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
-                    inception_features, feature_statistics, frechet_distance, fid, save_statistics,
+                    inception_features, feature_statistics, frechet_distance, fid, kid, save_statistics,
                     inception_score, per_class_precision_recall
   images & W&B      wandb_run, watch_model, log_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
   checkpoints       save_checkpoint, load_checkpoint, prepare_out_dir,
                     rotate_checkpoints, save_best, fetch_checkpoint
   config            load_yaml_config, str2bool, add_sweep_argument
+  command line      python wbflow.py fid DIR_OR_NPZ DIR_OR_NPZ [--resize pytorch-fid] (pytorch-fid's CLI)
 
 Every public function takes what it needs as arguments and imports wandb, scipy, PIL and yaml
 lazily, so it keeps working when pasted alone (with its imports) into another project.
@@ -1117,6 +1118,7 @@ def per_class_precision_recall(y_true, y_pred, num_classes):
     return precision, recall, support
 
 
+# fid_weights_path spells these three out again so that it can be pasted alone; a test keeps them equal.
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
     "pt_inception-2015-12-05-6726825d.pth"
@@ -1179,6 +1181,7 @@ class FIDInceptionV3(torchvision.models.inception.Inception3):
     Input: (N, 3, 299, 299) floats in [-1, 1]. Output: (pool features (N, 2048), logits without
     the fc bias (N, 1008)) from one pass; the unbiased logits are what the original IS code used.
     Usage: features, logits_unbiased = FIDInceptionV3()(images_minus1_to_1)
+    Copy with: _FIDInceptionA, _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only
     """
 
     def __init__(self):
@@ -1205,97 +1208,94 @@ def fid_weights_path(weights_path=None):
     """Path of the FID Inception weights: argument, then $WBFLOW_FID_WEIGHTS, then the torch hub
     cache, downloading pytorch-fid's release file there once when online.
     Usage: path = fid_weights_path()  # e.g. ~/.cache/torch/hub/checkpoints/pt_inception-...pth
+    Copy with: _hub_cached_file
     """
-    path = weights_path or os.environ.get(FID_WEIGHTS_ENV)
+    file_name = "pt_inception-2015-12-05-6726825d.pth"
+    url = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{file_name}"
+    path = weights_path or os.environ.get("WBFLOW_FID_WEIGHTS")
     if path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"FID Inception weights file {path!r} does not exist; expected "
-                                    f"pytorch-fid's {FID_WEIGHTS_FILE} from {FID_WEIGHTS_URL}")
+                                    f"pytorch-fid's {file_name} from {url}")
         return str(path)
-    return _hub_cached_file(FID_WEIGHTS_URL, "the FID Inception weights",
-                            f"pass weights_path=... or set ${FID_WEIGHTS_ENV}")
-
-
-def _load_state_dict(path):
-    state_dict = load_checkpoint(path)
-    if not isinstance(state_dict, dict) or not all(torch.is_tensor(value) for value in state_dict.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return state_dict
-
-
-def _fuse_batchnorm_into_conv(model):
-    # Inference-only speed-up: conv -> BN(eval) is one conv with scaled weights and a bias.
-    for module in model.modules():
-        if isinstance(module, torchvision.models.inception.BasicConv2d):
-            scale = module.bn.weight / torch.sqrt(module.bn.running_var + module.bn.eps)
-            fused_conv = copy.deepcopy(module.conv)
-            fused_conv.weight = nn.Parameter(module.conv.weight * scale[:, None, None, None])
-            fused_conv.bias = nn.Parameter(module.bn.bias - module.bn.running_mean * scale)
-            module.conv, module.bn = fused_conv, nn.Identity()
-    return model
+    return _hub_cached_file(url, "the FID Inception weights",
+                            "pass weights_path=... or set $WBFLOW_FID_WEIGHTS")
 
 
 def load_fid_inception(weights_path=None, device="cpu", fuse=True):
-    """Load the FID Inception v3 in eval mode (strict keys, weights_only=True).
+    """Load the FID Inception v3 in eval mode (strict keys, weights_only=True). It is built on the
+    meta device, so loading it draws nothing from the global random generator.
 
-    fuse=True folds BatchNorm into the convolutions and uses channels_last: faster, same features
-    within float32 rounding, but its state_dict no longer matches the weights file.
+    fuse=True folds BatchNorm into the convolutions (torch.nn.utils.fuse_conv_bn_eval) and uses
+    channels_last: faster, same features within float32 rounding, but its state_dict no longer
+    matches the weights file.
     Usage: inception = load_fid_inception("pt_inception-2015-12-05-6726825d.pth", device="cuda")
+    Copy with: FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool,
+      _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
     """
     path = fid_weights_path(weights_path)
-    model = FIDInceptionV3()
+    state_dict = load_checkpoint(path)
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(value) for value in state_dict.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    with torch.device("meta"):
+        model = FIDInceptionV3()
     try:
-        model.load_state_dict(_load_state_dict(path), strict=True)
+        model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as error:
         raise ValueError(f"{path} does not have the keys and shapes of pytorch-fid's "
-                         f"{FID_WEIGHTS_FILE}: {error}") from None
+                         f"pt_inception-2015-12-05-6726825d.pth: {error}") from None
     model = model.eval().requires_grad_(False)
     if fuse:
-        with torch.no_grad():
-            model = _fuse_batchnorm_into_conv(model).to(memory_format=torch.channels_last)
+        for module in model.modules():
+            if isinstance(module, torchvision.models.inception.BasicConv2d):
+                module.conv = torch.nn.utils.fuse_conv_bn_eval(module.conv, module.bn)
+                module.bn = nn.Identity()
+        model = model.requires_grad_(False).to(memory_format=torch.channels_last)
     return model.to(device)
 
 
 def file_sha256(path):
-    """Hex SHA-256 of a file, read in chunks; keys statistics caches to the weights used.
+    """Hex SHA-256 of a file (hashlib.file_digest); keys statistics caches to the weights used.
     Usage: key = file_sha256(fid_weights_path())[:12]
     """
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def _tensorflow_resize_matrix(in_size, out_size, device):
-    # TF 1.x legacy bilinear: source = destination * in/out (no half-pixel offset), coordinates
-    # in float32 as torch-fidelity computes them; rows of the matrix hold the two lerp weights.
-    source = torch.arange(out_size, dtype=torch.float32) * torch.tensor(in_size / out_size)
-    low = source.long()
-    high = (low + 1).clamp_max(in_size - 1)
-    frac = source - low.float()
-    rows = torch.arange(out_size)
-    matrix = torch.zeros(out_size, in_size)
-    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
-    matrix.index_put_((rows, high), frac, accumulate=True)
-    return matrix.to(device)
+def _resize_like_tensorflow(images, size):
+    # torch-fidelity 0.4.0's interpolate_bilinear_2d_like_tensorflow1x (align_corners=False, "slow"):
+    # TF 1.x's legacy bilinear (source = destination * in/out, no half-pixel offset), with the same
+    # float32 operations in the same order, so the resized pixels are bit-identical to its.
+    def taps(in_size):
+        source = (torch.arange(size, dtype=torch.float32, device=images.device)
+                  * torch.tensor(in_size / size, dtype=torch.float32))
+        low = source.long()
+        return low, (low + 1).clamp_max(in_size - 1), source - low.float()
+
+    row_low, row_high, row_fraction = taps(images.shape[2])
+    column_low, column_high, column_fraction = taps(images.shape[3])
+    top, bottom = images[:, :, row_low], images[:, :, row_high]
+    top_left, bottom_left = top[:, :, :, column_low], bottom[:, :, :, column_low]
+    top = top_left + (top[:, :, :, column_high] - top_left) * column_fraction
+    bottom = bottom_left + (bottom[:, :, :, column_high] - bottom_left) * column_fraction
+    return top + (bottom - top) * row_fraction[:, None]
 
 
-def _preprocess(images, resize, size=299):
+def _preprocess(images, resize, quantize=True, size=299):
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images of shape (N, 3, H, W) or (N, 1, H, W), got {tuple(images.shape)}")
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
-    is_uint8 = images.dtype == torch.uint8
-    if not is_uint8 and images.numel() and (images.min() < 0 or images.max() > 1):
-        raise ValueError("float images must be in [0, 1] (model outputs in [-1, 1]: images_to_uint8 first)")
+    if images.dtype != torch.uint8:
+        if images.numel() and (images.min() < 0 or images.max() > 1):
+            raise ValueError("float images must be in [0, 1] (model outputs in [-1, 1]: images_to_uint8 first)")
+        if quantize:  # what saving a PNG keeps: torchvision.utils.save_image's rounding
+            images = (images.float() * 255 + 0.5).clamp(0, 255).to(torch.uint8)
     if resize == "tensorflow":
-        images_255 = images.float() if is_uint8 else images.float() * 255
-        rows = _tensorflow_resize_matrix(images.shape[2], size, images.device)
-        cols = _tensorflow_resize_matrix(images.shape[3], size, images.device)
-        return (rows @ images_255 @ cols.T - 128) / 128
+        images_255 = images.float() if images.dtype == torch.uint8 else images.float() * 255
+        return (_resize_like_tensorflow(images_255, size) - 128) / 128
     if resize == "pytorch-fid":
-        images_01 = images.float() / 255 if is_uint8 else images.float()
+        images_01 = images.float() / 255 if images.dtype == torch.uint8 else images.float()
         resized = F.interpolate(images_01, size=(size, size), mode="bilinear", align_corners=False)
         return 2 * resized - 1
     raise ValueError(f"resize must be 'tensorflow' or 'pytorch-fid', not {resize!r}")
@@ -1310,6 +1310,8 @@ def fid_reference(resize="tensorflow"):
 
 
 def _image_batches(images, batch_size, num_images):
+    if isinstance(images, (str, os.PathLike)):
+        images = _folder_batches(images, batch_size)
     if torch.is_tensor(images):
         images = images[:num_images]
         yield from images.split(batch_size)
@@ -1321,6 +1323,27 @@ def _image_batches(images, batch_size, num_images):
             return
         yield batch[:remaining] if remaining < len(batch) else batch
         remaining -= len(batch)
+
+
+def _folder_batches(folder, batch_size):
+    # pytorch-fid's file types, its sorted order and its PIL .convert("RGB") (gray, palette and
+    # 16-bit images become 8-bit RGB); consecutive images of one size share a batch.
+    from PIL import Image
+    extensions = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} is neither a folder of images nor an .npz of statistics")
+    paths = sorted(path for path in Path(folder).iterdir() if path.suffix.lower() in extensions)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(sorted(extensions))}) in {folder}")
+    batch = []
+    for path in paths:
+        with Image.open(path) as image:
+            image_uint8 = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        if batch and (len(batch) == batch_size or batch[0].shape != image_uint8.shape):
+            yield torch.stack(batch)
+            batch = []
+        batch.append(image_uint8)
+    yield torch.stack(batch)
 
 
 def _gather_across_ranks(rows):
@@ -1343,13 +1366,19 @@ def _gather_across_ranks(rows):
 
 
 def inception_features(images, inception=None, *, resize="tensorflow", batch_size=50,
-                       num_images=None, weights_path=None, device="cpu"):
+                       num_images=None, weights_path=None, device="cpu", quantize=True):
     """One Inception pass per batch -> (pool features (N, 2048), unbiased logits (N, 1008)), float32
     on the CPU, gathered over all ranks under torch.distributed (rank order).
 
-    images: (N, 3, H, W) uint8 in 0..255 or float in [0, 1], or an iterable of such batches or
-    of (images, labels) pairs.
+    images: (N, 3, H, W) or (N, 1, H, W) uint8 in 0..255 or float in [0, 1]; an iterable of such
+    batches or of (images, labels) pairs; or a folder of image files (png, jpg, jpeg, bmp, ppm, pgm,
+    tif, tiff, webp; read as pytorch-fid reads them). Float images are rounded to uint8 first, as
+    saving them to PNG does, so a number is the same as for the saved files; quantize=False feeds
+    the unrounded floats instead.
     Usage: features, logits = inception_features(images_uint8, load_fid_inception(device="cuda"))
+    Copy with: _preprocess, _resize_like_tensorflow, _image_batches, _folder_batches, _gather_across_ranks,
+      load_fid_inception, FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool,
+      _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
     """
     if inception is None:
         inception = load_fid_inception(weights_path, device)
@@ -1363,7 +1392,7 @@ def inception_features(images, inception=None, *, resize="tensorflow", batch_siz
                 enabled=True, benchmark=torch.backends.cudnn.benchmark,
                 deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
             for batch in _image_batches(images, batch_size, num_images):
-                batch = _preprocess(batch.to(model_device), resize)
+                batch = _preprocess(batch.to(model_device), resize, quantize)
                 features, logits = inception(batch.contiguous(memory_format=torch.channels_last))
                 feature_batches.append(features.float())
                 logit_batches.append(logits.float())
@@ -1387,99 +1416,163 @@ def feature_statistics(features):
     return mu.numpy(), sigma.numpy()
 
 
-def _drop_rounding_noise(eigenvalues):
-    # Eigenvalues that are zero in exact arithmetic come out as +-1e-16 * largest; their square
-    # roots (1e-8 each, thousands of them) would add a visible bias when covariances are singular.
-    noise_floor = np.abs(eigenvalues).max() * eigenvalues.size * np.finfo(eigenvalues.dtype).eps
-    return np.where(eigenvalues > noise_floor, eigenvalues, 0.0)
-
-
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64, without sqrtm.
 
     tr sqrt(S1 S2) = sum sqrt(eig(L^T S2 L)) with S1 = L L^T (Cholesky; a symmetric eigensolve of a
     PSD matrix, so no complex parts); a singular S1 (fewer samples than dims) uses sqrt(S1) for L.
+    Raises ValueError for statistics that are no Gaussian: mismatched shapes, NaN or inf, or a
+    covariance that is not symmetric or has a negative eigenvalue beyond the rounding of its dtype.
     Usage: distance = frechet_distance(*feature_statistics(real), *feature_statistics(fake))
     """
     import scipy.linalg
     from scipy.linalg import blas
-    mu1, sigma1, mu2, sigma2 = (np.asarray(value, dtype=np.float64) for value in (mu1, sigma1, mu2, sigma2))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics differ in shape: {mu1.shape} vs {mu2.shape}")
+    given = {"mu1": mu1, "sigma1": sigma1, "mu2": mu2, "sigma2": sigma2}
+    # rounding allowed for (the coarser of) the dtypes given, e.g. float32 statistics files
+    epsilon = max(np.finfo(np.float64).eps, *(np.finfo(np.asarray(value).dtype).eps for value in given.values()
+                                              if np.issubdtype(np.asarray(value).dtype, np.floating)))
+    mu1, sigma1, mu2, sigma2 = (np.asarray(value, dtype=np.float64) for value in given.values())
+    dims = mu1.shape[0] if mu1.ndim == 1 else -1
+    if not (mu1.ndim == 1 and mu2.shape == mu1.shape and sigma1.shape == sigma2.shape == (dims, dims)):
+        raise ValueError(f"statistics must be mu (D,) and sigma (D, D) on both sides; got mu1 {mu1.shape}, "
+                         f"sigma1 {sigma1.shape}, mu2 {mu2.shape}, sigma2 {sigma2.shape}")
+    for name, value in zip(given, (mu1, sigma1, mu2, sigma2)):
+        if not np.isfinite(value).all():
+            raise ValueError(f"{name} holds NaN or inf")
+    for name, sigma in (("sigma1", sigma1), ("sigma2", sigma2)):
+        if np.abs(sigma - sigma.T).max() > np.sqrt(epsilon) * np.abs(sigma).max():
+            raise ValueError(f"{name} is not symmetric, so it is no covariance matrix")
+
+    def positive_part(eigenvalues, name):
+        # Eigenvalues that are zero in exact arithmetic come out as +-eps * largest; their square roots
+        # (thousands of them) would add a visible bias when covariances are singular. Below that noise
+        # floor a negative eigenvalue is real: the matrix is no covariance.
+        noise_floor = np.abs(eigenvalues).max(initial=0.0) * eigenvalues.size * epsilon
+        if eigenvalues.min(initial=0.0) < -noise_floor:
+            raise ValueError(f"{name} is not positive semi-definite (eigenvalue {eigenvalues.min():.3g}), "
+                             f"so it is no covariance matrix")
+        return np.where(eigenvalues > noise_floor, eigenvalues, 0.0)
+
     try:
         factor = scipy.linalg.cholesky(sigma1, lower=True, check_finite=False)
-        # L^T (S2 L) as two triangular products (BLAS trmm): half the work of general matmuls
+        # L^T (S2 L) as two triangular products (BLAS trmm): half the work of general matmuls. L is
+        # invertible, so the product has the signs of S2's eigenvalues (Sylvester's law of inertia).
         product = blas.dtrmm(1.0, factor, blas.dtrmm(1.0, factor, sigma2, side=1, lower=1), lower=1, trans_a=1)
+        product_name = "sigma2"
     except np.linalg.LinAlgError:
         eigenvalues, eigenvectors = scipy.linalg.eigh(sigma1, check_finite=False)
-        root = (eigenvectors * np.sqrt(_drop_rounding_noise(eigenvalues))) @ eigenvectors.T
-        product = root @ sigma2 @ root
+        root = (eigenvectors * np.sqrt(positive_part(eigenvalues, "sigma1"))) @ eigenvectors.T
+        positive_part(scipy.linalg.eigh(sigma2, eigvals_only=True, driver="evr", check_finite=False), "sigma2")
+        product, product_name = root @ sigma2 @ root, "sqrt(sigma1) sigma2 sqrt(sigma1)"
     eigenvalues = scipy.linalg.eigh((product + product.T) / 2, eigvals_only=True, driver="evr", check_finite=False)
-    trace_sqrt_product = np.sqrt(_drop_rounding_noise(eigenvalues)).sum()
+    trace_sqrt_product = np.sqrt(positive_part(eigenvalues, product_name)).sum()
     mean_term = np.square(mu1 - mu2).sum()
     return float(mean_term + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product)
 
 
-def _is_statistics(source):
-    return (isinstance(source, (tuple, list)) and len(source) == 2
-            and all(hasattr(part, "shape") for part in source)
-            and len(source[0].shape) == 1 and len(source[1].shape) == 2)
-
-
-def _statistics_of(source, load_inception, **feature_options):
-    if isinstance(source, (str, os.PathLike)):
-        with np.load(source, allow_pickle=False) as stored:
-            return stored["mu"], stored["sigma"]
-    if _is_statistics(source):
-        return tuple(torch.as_tensor(np.asarray(part)).double().numpy() for part in source)
-    if isinstance(source, np.ndarray):
-        source = torch.from_numpy(source)
-    if torch.is_tensor(source) and source.dim() == 2:
-        return feature_statistics(source)
-    features, _ = inception_features(source, load_inception(), **feature_options)
-    return feature_statistics(features)
-
-
 def fid(real, fake, *, resize="tensorflow", batch_size=50, device="cpu", num_images=None,
-        weights_path=None, inception=None):
+        weights_path=None, inception=None, quantize=True):
     """Fréchet Inception Distance between two image sets; resize picks the reference it reproduces:
     "tensorflow" (TF original, torch-fidelity 0.4.0: the CIFAR-10 numbers in papers) or
     "pytorch-fid" (pytorch-fid 0.3.0).
 
-    Each side: images (N, 3, H, W) uint8 0..255 or float [0, 1]; an iterable/DataLoader of such
-    batches or (images, labels) pairs; features (N, D); (mu, sigma); or an .npz path with mu/sigma.
-    num_images caps the images read from each side. Under torch.distributed each rank passes its
-    shard of images and every rank gets the FID over all of them; features and statistics are
-    taken as given.
+    Each side: images (N, 3, H, W) or (N, 1, H, W), uint8 0..255 or float [0, 1]; an
+    iterable/DataLoader of such batches or (images, labels) pairs; a folder of image files;
+    features (N, D); (mu, sigma); or an .npz path with mu/sigma. Float images are rounded to uint8
+    first, as saving them to PNG does (quantize=False skips that). num_images caps the images read
+    from each side. Under torch.distributed each rank passes its shard of images and every rank
+    gets the FID over all of them; features and statistics are taken as given.
     Usage: score = fid("stats/cifar10-train-tensorflow-6726825d.npz", samples_uint8, device="cuda")
+    Copy with: feature_statistics, frechet_distance, inception_features, _preprocess, _resize_like_tensorflow,
+      _image_batches, _folder_batches, _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA,
+      _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path,
+      _hub_cached_file, load_checkpoint
     """
-    loaded = []
+    statistics = []
+    for source in (real, fake):
+        if isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz"):
+            with np.load(source, allow_pickle=False) as stored:
+                statistics += [stored["mu"], stored["sigma"]]
+            continue
+        if (isinstance(source, (tuple, list)) and len(source) == 2 and all(hasattr(part, "shape") for part in source)
+                and len(source[0].shape) == 1 and len(source[1].shape) == 2):  # (mu, sigma)
+            statistics += [torch.as_tensor(np.asarray(part)).double().numpy() for part in source]
+            continue
+        if not (hasattr(source, "shape") and len(source.shape) == 2):  # not features: images or a folder
+            if inception is None:
+                inception = load_fid_inception(weights_path, device)
+            source, _ = inception_features(source, inception, resize=resize, batch_size=batch_size,
+                                           num_images=num_images, quantize=quantize)
+        statistics += feature_statistics(source)
+    return frechet_distance(*statistics)
 
-    def load_inception():
-        if not loaded:
-            loaded.append(load_fid_inception(weights_path, device) if inception is None
-                          else inception)
-        return loaded[0]
 
-    feature_options = dict(resize=resize, batch_size=batch_size, num_images=num_images)
-    real_statistics = _statistics_of(real, load_inception, **feature_options)
-    fake_statistics = _statistics_of(fake, load_inception, **feature_options)
-    return frechet_distance(*real_statistics, *fake_statistics)
+def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef0=1, seed=2020,
+        resize="tensorflow", batch_size=50, device="cpu", num_images=None, weights_path=None,
+        inception=None, quantize=True):
+    """Kernel Inception Distance (mean, population std over `subsets` random subsets): the unbiased
+    MMD² between `subset_size` features of each side under the kernel (x·y gamma + coef0)^degree,
+    gamma = 1/D when None. Equal to torch-fidelity 0.4.0's kernel_inception_distance_mean/_std for
+    the same features and settings: the same numpy RandomState(seed) draws, in the features' dtype.
+
+    Each side: features (N, D), or images / batches / a folder as for fid (float images rounded to
+    uint8 first unless quantize=False), which need the network.
+    Usage: kid_mean, kid_std = kid(real_uint8, samples_uint8, subset_size=100)
+    Copy with: inception_features, _preprocess, _resize_like_tensorflow, _image_batches, _folder_batches,
+      _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
+      _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
+    """
+    features = []
+    for source in (real, fake):
+        if not (hasattr(source, "shape") and len(source.shape) == 2):  # images or a folder
+            if inception is None:
+                inception = load_fid_inception(weights_path, device)
+            source, _ = inception_features(source, inception, resize=resize, batch_size=batch_size,
+                                           num_images=num_images, quantize=quantize)
+        features.append(source.cpu().numpy() if torch.is_tensor(source) else np.asarray(source))
+    real_features, fake_features = features
+    if real_features.shape[1] != fake_features.shape[1]:
+        raise ValueError(f"features differ in width: {real_features.shape[1]} vs {fake_features.shape[1]}")
+    if min(len(real_features), len(fake_features)) < subset_size:
+        raise ValueError(f"KID subsets of {subset_size} need at least that many images on each side, got "
+                         f"{len(real_features)} and {len(fake_features)}; pass a smaller subset_size")
+    gamma = 1.0 / real_features.shape[1] if gamma is None else gamma
+    m = subset_size
+    random_state = np.random.RandomState(seed)
+    mmds = np.zeros(subsets)
+    for subset in range(subsets):
+        x = real_features[random_state.choice(len(real_features), m, replace=False)]
+        y = fake_features[random_state.choice(len(fake_features), m, replace=False)]
+        # torch-fidelity's kernel_poly and mmd2 (unbiased), expression for expression
+        kernel_xx = (np.matmul(x, x.T) * gamma + coef0) ** degree
+        kernel_yy = (np.matmul(y, y.T) * gamma + coef0) ** degree
+        kernel_xy = (np.matmul(x, y.T) * gamma + coef0) ** degree
+        sum_xx = (kernel_xx.sum(axis=1) - np.diagonal(kernel_xx)).sum()
+        sum_yy = (kernel_yy.sum(axis=1) - np.diagonal(kernel_yy)).sum()
+        mmd2 = (sum_xx + sum_yy) / (m * (m - 1))
+        mmd2 -= 2 * kernel_xy.sum(axis=0).sum() / (m * m)
+        mmds[subset] = mmd2
+    return float(np.mean(mmds)), float(np.std(mmds))
 
 
 def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow", batch_size=50,
-                    device="cpu", num_images=None, weights_path=None, overwrite=False):
+                    device="cpu", num_images=None, weights_path=None, overwrite=False, quantize=True):
     """Compute mu/sigma once and save them as pytorch-fid's .npz format; the file name carries the
     resize mode and the weights file's hash, so a cached file is reused only for the same network.
+    Float images are rounded to uint8 first, as for fid (quantize=False skips that).
     Usage: cifar10_statistics = save_statistics(train_images_uint8, "stats", "cifar10-train"); score = fid(cifar10_statistics, samples_uint8)
+    Copy with: file_sha256, feature_statistics, inception_features, _preprocess, _resize_like_tensorflow,
+      _image_batches, _folder_batches, _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA,
+      _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path,
+      _hub_cached_file, load_checkpoint
     """
     weights_path = fid_weights_path(weights_path)
     weights_hash = file_sha256(weights_path)
     path = os.path.join(cache_dir, f"{name}-{resize}-{weights_hash[:12]}.npz")
     if os.path.isfile(path) and not overwrite:
         return path
-    features, _ = inception_features(images, load_fid_inception(weights_path, device),
-                                     resize=resize, batch_size=batch_size, num_images=num_images)
+    features, _ = inception_features(images, load_fid_inception(weights_path, device), resize=resize,
+                                     batch_size=batch_size, num_images=num_images, quantize=quantize)
     mu, sigma = feature_statistics(features)
     distributed = torch.distributed
     is_distributed = distributed.is_available() and distributed.is_initialized()
@@ -1502,7 +1595,24 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
     return path
 
 
-def _inception_score_of_logits(logits, splits, seed):
+def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, device="cpu",
+                    num_images=None, weights_path=None, inception=None, seed=2020, quantize=True):
+    """Inception Score (mean, population std over splits), equal to torch-fidelity 0.4.0's ISC:
+    logits without the fc bias, shuffled with numpy RandomState(2020), KL in float64.
+
+    images: as for fid (float images rounded to uint8 first unless quantize=False; a folder too),
+    or precomputed unbiased logits (N, 1008), which need no network.
+    Usage: is_mean, is_std = inception_score(samples_uint8, device="cuda")
+    Copy with: inception_features, _preprocess, _resize_like_tensorflow, _image_batches, _folder_batches,
+      _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
+      _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
+    """
+    if torch.is_tensor(images) and images.dim() == 2:
+        logits = images
+    else:
+        _, logits = inception_features(images, inception, weights_path=weights_path, device=device,
+                                       resize=resize, batch_size=batch_size, num_images=num_images,
+                                       quantize=quantize)
     count = logits.shape[0]
     # torch-fidelity shuffles with this generator before splitting; same order, same numbers.
     shuffled = torch.as_tensor(logits)[np.random.RandomState(seed).permutation(count)].double()
@@ -1516,22 +1626,6 @@ def _inception_score_of_logits(logits, splits, seed):
         kl = (p * (log_probabilities[rows] - log_marginal)).sum(dim=1).mean()
         scores.append(float(kl.exp()))
     return float(np.mean(scores)), float(np.std(scores))
-
-
-def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, device="cpu",
-                    num_images=None, weights_path=None, inception=None, seed=2020):
-    """Inception Score (mean, population std over splits), equal to torch-fidelity 0.4.0's ISC:
-    logits without the fc bias, shuffled with numpy RandomState(2020), KL in float64.
-
-    images: as for fid, or precomputed unbiased logits (N, 1008).
-    Usage: is_mean, is_std = inception_score(samples_uint8, device="cuda")
-    """
-    if torch.is_tensor(images) and images.dim() == 2:
-        return _inception_score_of_logits(images, splits, seed)
-    _, logits = inception_features(images, inception, weights_path=weights_path, device=device,
-                                   resize=resize, batch_size=batch_size,
-                                   num_images=num_images)
-    return _inception_score_of_logits(logits, splits, seed)
 
 
 # ----------------------------------------------------------------------------- images & W&B
@@ -2038,3 +2132,51 @@ def add_sweep_argument(parser, flag, **kwargs):
     if getattr(kwargs.get("type"), "__name__", None) == "str2bool":  # by name: pasted alone, without str2bool
         kwargs = {"nargs": "?", "const": True, **kwargs}
     return parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _command_line(argv=None):
+    """python wbflow.py fid DIR_OR_NPZ DIR_OR_NPZ: pytorch-fid's command line on wbflow's FID."""
+    parser = argparse.ArgumentParser(prog="python wbflow.py", description="wbflow's command line")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fid_parser = commands.add_parser(
+        "fid", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="FID between two folders of images or .npz statistics (pytorch-fid's command line)",
+        description="Prints 'FID:  <value>' as python -m pytorch_fid does; with --resize pytorch-fid and "
+                    "the same weights file, the same number.")
+    fid_parser.add_argument("path", nargs=2, help="folders of images or .npz files with mu/sigma "
+                                                  "(with --save-stats: a folder, then the .npz to write)")
+    fid_parser.add_argument("--resize", choices=("tensorflow", "pytorch-fid"), default="tensorflow",
+                            help="tensorflow: TF FID / torch-fidelity numbers; pytorch-fid: pytorch-fid's")
+    fid_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    fid_parser.add_argument("--batch-size", type=int, default=50)
+    fid_parser.add_argument("--weights", help="pt_inception-2015-12-05-6726825d.pth (default: "
+                                              "$WBFLOW_FID_WEIGHTS, then the torch hub cache)")
+    fid_parser.add_argument("--save-stats", action="store_true",
+                            help="write the first path's mu/sigma to the second path (.npz) instead")
+    args = parser.parse_args(argv)
+    inputs = args.path[:1] if args.save_stats else args.path
+    for path in inputs:
+        if not os.path.exists(path):
+            parser.error(f"{path} does not exist")
+    if args.save_stats and os.path.exists(args.path[1]):
+        parser.error(f"{args.path[1]} exists already")
+    try:
+        inception = load_fid_inception(args.weights, args.device)
+        if args.save_stats:
+            features, _ = inception_features(args.path[0], inception, resize=args.resize,
+                                             batch_size=args.batch_size)
+            mu, sigma = feature_statistics(features)
+            np.savez_compressed(args.path[1], mu=mu, sigma=sigma)
+            print(f"saved the statistics of {len(features)} images to {args.path[1]}")
+            return None
+        value = fid(*args.path, resize=args.resize, batch_size=args.batch_size, inception=inception)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"wbflow.py fid: {error}") from None
+    print("FID: ", value)
+    return value
+
+
+if __name__ == "__main__":
+    _command_line()
