@@ -103,6 +103,19 @@ def load_cifar10(data_dir, train=True, download=True):
     FileNotFoundError says which archive to put where.
     Usage: images_uint8, labels = load_cifar10("data")
     """
+    url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # CIFAR10_URL, repeated to paste alone
+
+    class CifarUnpickler(pickle.Unpickler):
+        """Unpickles CIFAR-10's batches (dicts of numpy arrays, lists, strings) and refuses any other
+        global, so a tampered file cannot run code (the format is a pickle, as torchvision reads it)."""
+
+        def find_class(self, module, name):
+            module = module.replace("numpy.core.", "numpy._core.")  # numpy 1 pickles, numpy >= 1.26 names
+            if (module, name) in (("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+                                  ("numpy", "dtype"), ("_codecs", "encode")):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
+
     folder = Path(data_dir) / "cifar-10-batches-py"
     names = [f"data_batch_{index}" for index in range(1, 6)] if train else ["test_batch"]
     if download and not all((folder / name).is_file() for name in names):
@@ -111,35 +124,23 @@ def load_cifar10(data_dir, train=True, download=True):
         except Exception as error:  # noqa: BLE001 - any download failure gets the same instructions
             raise FileNotFoundError(
                 f"CIFAR-10 is not in {folder} and could not be downloaded ({type(error).__name__}: "
-                f"{error}). Download {CIFAR10_URL} and put cifar-10-python.tar.gz in {Path(data_dir)}/ "
+                f"{error}). Download {url} and put cifar-10-python.tar.gz in {Path(data_dir)}/ "
                 f"(it is extracted on the next run), or extract it so that {folder}/data_batch_1 exists."
             ) from None
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"CIFAR-10 batches {missing} are missing from {folder}; put "
-                                f"{CIFAR10_URL} (extracted) there")
+                                f"{url} (extracted) there")
     images, labels = [], []
     for name in names:
         with open(folder / name, "rb") as file:
             try:
-                batch = _CifarUnpickler(file, encoding="latin1").load()
+                batch = CifarUnpickler(file, encoding="latin1").load()
             except (pickle.UnpicklingError, EOFError, ValueError) as error:
                 raise ValueError(f"{folder / name} is not a CIFAR-10 batch ({error})") from None
         images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(batch.get("labels", batch.get("fine_labels", [])))
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR-10's batches (dicts of numpy arrays, lists, strings) and refuses any other
-    global, so a tampered file cannot run code (the format is a pickle, as torchvision reads it)."""
-
-    def find_class(self, module, name):
-        module = module.replace("numpy.core.", "numpy._core.")  # numpy 1 pickles, numpy >= 1.26 names
-        if (module, name) in (("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
-                              ("numpy", "dtype"), ("_codecs", "encode")):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
 
 
 def synthetic_images(count, size=32, seed=0):
@@ -518,6 +519,7 @@ class FlowUNet(nn.Module):
     (128 channels, multipliers 1,2,2,2, two blocks per level, attention at 16x16 with 64-channel
     heads, dropout 0.1): about 35.7M parameters.
     Usage: model = FlowUNet(); velocity = model(x, torch.rand(x.shape[0]))
+    Copy with: _timestep_embedding, _group_norm, _FlowResBlock, _FlowAttention, _FlowDown, _FlowUp
     """
 
     def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
@@ -590,8 +592,9 @@ def build_classifier(name, num_classes, weights="none"):
     weights="none" (or None) starts from random weights.
     Usage: model = build_classifier("resnet50", num_classes=5, weights="imagenet")
     """
-    if name not in CLASSIFIER_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(CLASSIFIER_NAMES)}")
+    names = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "efficientnet_b4")  # CLASSIFIER_NAMES, to paste alone
+    if name not in names:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(names)}")
     if weights not in ("imagenet", "none", None):
         raise ValueError(f"weights must be 'imagenet' or 'none', not {weights!r}")
     model = torchvision.models.get_model(name, weights=None)
