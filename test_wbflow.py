@@ -271,7 +271,7 @@ def test_wandb_run_without_wandb_installed_warns_once_and_trains(tmp_path):
             "with wbflow.wandb_run({'a': 1}) as run:\n"
             "    model = torch.nn.Linear(2, 1)\n"
             "    stats = wbflow.train_epoch(model, [torch.randn(4, 2)], torch.optim.SGD(model.parameters(), lr=0.1),\n"
-            "        lambda m, b: m(b).pow(2).mean(), run=run, log_every=1, progress=False)\n"
+            "        lambda m, b: m(b).pow(2).mean(), log_every=1, progress=False)\n"
             "    wbflow.log_metrics(run, {'x': 1}); print('run', run, 'steps', stats['steps'])\n")
     result = _run_clean_python(code, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -338,7 +338,8 @@ def test_watch_model_refuses_log_freq_below_100_and_logs_histograms(offline_wand
     with wbflow.wandb_run(project="test") as run:
         wbflow.watch_model(run, model, log="all", log_freq=100)
         wbflow.train_epoch(model, linear_batches(100, batch_size=2), torch.optim.SGD(model.parameters(), lr=0.01),
-                           CE_LOSS, run=run, log_every=50, progress=False)
+                           CE_LOSS, log_every=50, progress=False,
+                           on_log=lambda step, window: run.log({"train/loss": window["loss"]}, step=step))
     keys = set().union(*run_logs(offline_wandb)[0].history)
     assert {"gradients/weight", "gradients/bias", "parameters/weight"} <= keys
     assert run_logs(offline_wandb)[0].values("gradients/weight")[0]["_type"] == "histogram"

@@ -1,15 +1,15 @@
 """wbflow: a minimal PyTorch + Weights & Biases training kit of plain, copyable functions.
 
 Sections, in data-flow order:
-  device & data     default_device, to_device, is_main_process, setup_distributed,
+  device & data     to_device, is_main_process, setup_distributed,
                     CIFAR10_URL, load_cifar10, synthetic_images, DeviceImageLoader (CIFAR-10 on the device),
                     find_image_samples, stratified_split, drop_unreadable_images, ImageSamples,
                     image_transforms, classifier_loaders (image folders / CSV)
   models            FlowUNet, CLASSIFIER_NAMES, build_classifier, build_optimizer
   losses            classification_loss, focal_loss, class_balanced_weights, rectified_flow_loss
-  training          autocast_dtype, make_scaler, make_ema, train_epoch, validate, warmup_scheduler,
+  training          autocast_dtype, make_scaler, make_ema, train_epoch, validate, stop_on_signals,
                     capture_rng_state, restore_rng_state, predict_dataset
-  sampling          euler_sample, heun_sample, rk45_sample, sample_flow, compare_solvers
+  sampling          euler_sample, rk45_sample, compare_solvers
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, save_statistics,
                     inception_score, per_class_precision_recall
