@@ -67,8 +67,9 @@ def bench_train_epoch(steps=50, batch_size=32, rounds=9):
             state = {"step": 0}
 
             def with_train_epoch():
-                stats = wbflow.train_epoch(model, batches, optimizer, loss_fn, run=run, step=state["step"],
-                                           log_every=10, progress=False)
+                stats = wbflow.train_epoch(model, batches, optimizer, loss_fn, step=state["step"], log_every=10,
+                                           on_log=lambda step, window: run.log({"train/loss": window["loss"]},
+                                                                               step=step), progress=False)
                 state["step"] = stats["step"]
 
             bare_loop(), with_train_epoch()  # warm-up

@@ -50,8 +50,12 @@ def test_train_epoch_logs_loss_lr_grad_norm_epoch_at_global_steps(offline_wandb)
     model = linear_classifier()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with wbflow.wandb_run({"lr": 0.1}, project="test") as run:
-        stats = wbflow.train_epoch(model, linear_batches(25), optimizer, CE_LOSS, run=run, step=5,
-                                   epoch=3, log_every=10, progress=False)
+        def on_log(step, window):
+            run.log({"train/loss": window["loss"], "train/learning_rate": window["learning_rate"],
+                     "train/grad_norm": window["grad_norm"], "train/epoch": window["epoch"]}, step=step)
+
+        stats = wbflow.train_epoch(model, linear_batches(25), optimizer, CE_LOSS, step=5, epoch=3,
+                                   log_every=10, on_log=on_log, progress=False)
     assert stats["step"] == 30 and stats["steps"] == 25 and stats["samples"] == 200
     log = run_logs(offline_wandb)[0]
     rows = log.rows_with("train/loss")
@@ -63,7 +67,7 @@ def test_train_epoch_logs_loss_lr_grad_norm_epoch_at_global_steps(offline_wandb)
     assert log.config["lr"] == 0.1 and log.exit_code == 0
 
 
-def test_train_epoch_logged_loss_is_the_mean_since_the_last_log(offline_wandb):
+def test_train_epoch_logged_loss_is_the_mean_since_the_last_log():
     losses = [float(i) for i in range(1, 9)]
     model = nn.Linear(1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -72,23 +76,22 @@ def test_train_epoch_logged_loss_is_the_mean_since_the_last_log(offline_wandb):
         return model(batch[0]).sum() * 0 + batch[1][0]
 
     batches = [(torch.ones(1, 1), torch.tensor([value])) for value in losses]
-    with wbflow.wandb_run(project="test") as run:
-        stats = wbflow.train_epoch(model, batches, optimizer, loss_fn, run=run, log_every=4, progress=False)
-    assert run_logs(offline_wandb)[0].values("train/loss") == [2.5, 6.5]
+    windows = []
+    stats = wbflow.train_epoch(model, batches, optimizer, loss_fn, log_every=4, progress=False,
+                               on_log=lambda step, window: windows.append(window))
+    assert [window["loss"] for window in windows] == [2.5, 6.5] and "accuracy" not in windows[0]
     assert stats["loss"] == pytest.approx(4.5) and stats["accuracy"] is None
 
 
-def test_train_epoch_custom_log_keys_with_accuracy_and_batch(offline_wandb):
-    keys = {"loss": "train_loss", "accuracy": "train_acc", "learning_rate": "learning_rate",
-            "epoch": "epoch", "batch": "batch"}
+def test_train_epoch_windows_carry_accuracy_batch_and_epoch():
     model = linear_classifier()
-    with wbflow.wandb_run(project="test") as run:
-        stats = wbflow.train_epoch(model, linear_batches(20), torch.optim.SGD(model.parameters(), lr=0.1),
-                                   CE_LOSS, run=run, epoch=2, log_every=10, log_keys=keys, progress=False)
-    rows = run_logs(offline_wandb)[0].rows_with("train_loss")
-    assert [row["batch"] for row in rows] == [9, 19]
-    assert all(set(keys.values()) <= set(row) and 0 <= row["train_acc"] <= 100 for row in rows)
-    assert "train/loss" not in run_logs(offline_wandb)[0].summary
+    windows = []
+    stats = wbflow.train_epoch(model, linear_batches(20), torch.optim.SGD(model.parameters(), lr=0.1),
+                               CE_LOSS, epoch=2, log_every=10, progress=False,
+                               on_log=lambda step, window: windows.append(window))
+    assert [window["batch"] for window in windows] == [9, 19]
+    assert all(window["epoch"] == 2 and 0 <= window["accuracy"] <= 100 for window in windows)
+    assert all(type(value) in (int, float) for window in windows for value in window.values())
     assert 0 <= stats["accuracy"] <= 100
 
 
@@ -146,7 +149,7 @@ def test_grad_norm_is_pre_clip_norm_and_clipping_scales_the_step():
     lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
     lambda params: torch.optim.Adam(params, lr=0.1, fused=True),
 ], ids=["sgd-host-skip", "fused-adam-device-skip"])
-def test_non_finite_loss_skips_the_step_and_counts_it(make_optimizer, offline_wandb):
+def test_non_finite_loss_skips_the_step_and_counts_it(make_optimizer):
     model = linear_classifier()
     optimizer = make_optimizer(model.parameters())
     batches = linear_batches(4)
@@ -157,16 +160,16 @@ def test_non_finite_loss_skips_the_step_and_counts_it(make_optimizer, offline_wa
         loss, n_correct, n = CE_LOSS(model, batch)
         return (loss * math.nan if len(snapshots) == 3 else loss), n_correct, n
 
-    with wbflow.wandb_run(project="test") as run:
-        stats = wbflow.train_epoch(model, batches, optimizer, loss_fn, run=run, log_every=4, progress=False,
-                                   log_keys={"loss": "train/loss", "skipped_steps": "train/skipped_steps"})
+    windows = []
+    stats = wbflow.train_epoch(model, batches, optimizer, loss_fn, log_every=4, progress=False,
+                               on_log=lambda step, window: windows.append(window))
     after_bad_step = model.weight.detach()
     assert stats["skipped"] == 1 and math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
     assert not torch.equal(snapshots[1], snapshots[2])  # good steps moved the weights
     # The bad step (third) changed nothing: the fourth step starts where the third did.
     torch.testing.assert_close(snapshots[3], snapshots[2], rtol=0, atol=0)
     assert torch.isfinite(after_bad_step).all()
-    assert run_logs(offline_wandb)[0].values("train/skipped_steps") == [1]
+    assert [(window["steps"], window["skipped"]) for window in windows] == [(4, 1)]
 
 
 def test_train_epoch_updates_ema_after_each_step():
@@ -269,7 +272,7 @@ def test_wandb_run_without_wandb_installed_warns_once_and_trains(tmp_path):
             "with wbflow.wandb_run({'a': 1}) as run:\n"
             "    model = torch.nn.Linear(2, 1)\n"
             "    stats = wbflow.train_epoch(model, [torch.randn(4, 2)], torch.optim.SGD(model.parameters(), lr=0.1),\n"
-            "        lambda m, b: m(b).pow(2).mean(), run=run, log_every=1, progress=False)\n"
+            "        lambda m, b: m(b).pow(2).mean(), log_every=1, progress=False)\n"
             "    run.log({'x': 1}); print('run', bool(run), 'steps', stats['steps'])\n")
     result = _run_clean_python(code, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -339,7 +342,8 @@ def test_watch_model_refuses_log_freq_below_100_and_logs_histograms(offline_wand
     with wbflow.wandb_run(project="test") as run:
         wbflow.watch_model(run, model, log="all", log_freq=100)
         wbflow.train_epoch(model, linear_batches(100, batch_size=2), torch.optim.SGD(model.parameters(), lr=0.01),
-                           CE_LOSS, run=run, log_every=50, progress=False)
+                           CE_LOSS, log_every=50, progress=False,
+                           on_log=lambda step, window: run.log({"train/loss": window["loss"]}, step=step))
     # wandb names the histograms of the n-th model watched in a process gradients/graph_<n>weight
     keys = {re.sub(r"/graph_\d+", "/", key) for key in set().union(*run_logs(offline_wandb)[0].history)}
     assert {"gradients/weight", "gradients/bias", "parameters/weight"} <= keys
@@ -951,10 +955,10 @@ def test_euler_and_heun_converge_at_first_and_second_order_with_steps_and_2x_ste
     noise = torch.randn(4, 3, 8, 8)
     exact = noise * math.e
     errors = {}
-    for name, sampler, evaluations in [("euler", wbflow.euler_sample, 1), ("heun", wbflow.heun_sample, 2)]:
+    for name, evaluations in [("euler", 1), ("heun", 2)]:
         for steps in (10, 20):
             field = _LinearField().train()
-            samples = sampler(field, noise, steps)
+            samples = wbflow.euler_sample(field, noise, steps, heun=name == "heun")
             assert field.calls == evaluations * steps and not any(field.grad_enabled) and field.training
             errors[name, steps] = (samples - exact).abs().max().item()
     assert 1.8 < errors["euler", 10] / errors["euler", 20] < 2.2
@@ -965,13 +969,13 @@ def test_euler_and_heun_converge_at_first_and_second_order_with_steps_and_2x_ste
 def test_rk45_is_accurate_and_reports_the_evaluations_it_used():
     noise = torch.randn(2, 3, 4, 4)
     field = _LinearField()
-    samples, nfe = wbflow.rk45_sample(field, noise, rtol=1e-6, atol=1e-6)
+    samples, nfe = wbflow.rk45_sample(field, noise, tolerance=1e-6)
     torch.testing.assert_close(samples, noise * math.e, rtol=1e-5, atol=1e-5)
     assert nfe == field.calls and 6 <= nfe < 200
 
 
 def test_compare_solvers_gives_one_row_per_solver_and_budget():
-    rows = wbflow.compare_solvers(_LinearField(), torch.randn(2, 3, 4, 4), nfes=(1, 2, 4), rtol=1e-3, atol=1e-3)
+    rows = wbflow.compare_solvers(_LinearField(), torch.randn(2, 3, 4, 4), nfes=(1, 2, 4), tolerance=1e-3)
     assert [(row["solver"], row["nfe"]) for row in rows[:5]] == [
         ("euler", 1), ("euler", 2), ("euler", 4), ("heun", 2), ("heun", 4)]
     assert rows[5]["solver"] == "rk45" and rows[5]["nfe"] > 0 and len(rows) == 6
@@ -1000,7 +1004,7 @@ def test_objective_and_sampler_learn_a_2d_mixture_of_gaussians():
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     batches = [_mixture_of_gaussians(256, generator) for _ in range(1500)]
     wbflow.train_epoch(model, batches, optimizer, wbflow.rectified_flow_loss, progress=False, log_every=10**6,
-                       scheduler=wbflow.warmup_scheduler(optimizer, 100), grad_clip=1.0)
+                       scheduler=torch.optim.lr_scheduler.LinearLR(optimizer, 1 / 100, total_iters=99), grad_clip=1.0)
     data, noise = _mixture_of_gaussians(4000, generator), torch.randn(4000, 2, generator=generator)
     samples = wbflow.euler_sample(model, noise, 50)
 
@@ -1025,9 +1029,10 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
 
 
-def test_warmup_scheduler_rises_linearly_then_stays_constant_and_resumes(tmp_path):
+def test_linear_lr_warmup_rises_linearly_then_stays_constant_and_resumes(tmp_path):
+    """train_flow's warm-up: LinearLR(1 / warmup_steps, total_iters=warmup_steps - 1) is lr * (step + 1) / warmup_steps."""
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    scheduler = wbflow.warmup_scheduler(optimizer, 4)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1 / 4, total_iters=3)
     rates = []
     for _ in range(6):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -1035,7 +1040,7 @@ def test_warmup_scheduler_rises_linearly_then_stays_constant_and_resumes(tmp_pat
     assert rates == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
     wbflow.save_checkpoint({"scheduler": scheduler.state_dict()}, tmp_path / "s.pt")
     fresh_optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    fresh = wbflow.warmup_scheduler(fresh_optimizer, 4)
+    fresh = torch.optim.lr_scheduler.LinearLR(fresh_optimizer, 1 / 4, total_iters=3)
     fresh.load_state_dict(wbflow.load_checkpoint(tmp_path / "s.pt")["scheduler"])
     assert fresh.last_epoch == 6 and fresh.get_last_lr() == pytest.approx([0.1])
 
@@ -1147,11 +1152,11 @@ def test_smoke_run_on_cifar_files_logs_every_seed_key_table_image_and_artifact(o
     assert {"data", "model", "training", "logging", "sampling", "eval"} <= set(log.config)
     checkpoint = wbflow.load_checkpoint(out_dir / "checkpoint_epoch_2.pt")
     assert checkpoint["global_step"] == 12 and checkpoint["wandb_run_id"] == log.run_id
-    assert sorted(p.name for p in out_dir.glob("*.pt")) == ["checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt"]
+    assert sorted(p.name for p in out_dir.glob("*.pt")) == ["checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt", "last.pt"]
 
 
-def test_killed_run_resumed_ends_at_the_same_step_and_continues_the_loss_curve(offline_wandb, tmp_path, monkeypatch,
-                                                                               capsys):
+def test_crashed_run_resumed_from_last_pt_continues_the_loss_curve_in_a_new_run(offline_wandb, tmp_path, monkeypatch,
+                                                                                capsys):
     flags = ["--smoke", "--epochs", "3"] + SMALL
     train_flow.main(flags + ["--out-dir", str(tmp_path / "whole")])
     assert "synthetic images" in capsys.readouterr().out
@@ -1167,11 +1172,15 @@ def test_killed_run_resumed_ends_at_the_same_step_and_continues_the_loss_curve(o
     with pytest.raises(KeyboardInterrupt):
         train_flow.main(flags + ["--out-dir", str(tmp_path / "killed")])
     monkeypatch.setattr(wbflow, "save_checkpoint", save_checkpoint)
+    assert not (tmp_path / "killed" / "checkpoint_epoch_2.pt").exists()  # the crash came while saving last.pt
     result = train_flow.main(flags + ["--out-dir", str(tmp_path / "killed"),
-                                      "--resume", str(tmp_path / "killed" / "checkpoint_epoch_2.pt")])
+                                      "--resume", str(tmp_path / "killed" / "last.pt")])
+    assert "W&B: a new run" in capsys.readouterr().out
     whole, killed, resumed = run_logs(offline_wandb)
     assert killed.exit_code == 1 and resumed.exit_code == 0
-    assert resumed.run_id == killed.run_id != whole.run_id
+    assert resumed.run_id not in (killed.run_id, whole.run_id)  # the killed run may hold steps past the checkpoint
+    assert resumed.config["resumed_from"] == {"run_id": killed.run_id, "step": 4,
+                                              "checkpoint": str(tmp_path / "killed" / "last.pt")}
     assert result["step"] == whole.history[-1]["_step"] == 6
     killed_steps = [row["_step"] for row in killed.rows_with("train/loss")]
     resumed_steps = [row["_step"] for row in resumed.rows_with("train/loss")]
@@ -1241,7 +1250,7 @@ def test_torchrun_two_gloo_processes_train_with_rank_0_logging_and_saving(tmp_pa
     [log] = run_logs(tmp_path)
     assert [row["_step"] for row in log.rows_with("train/loss")] == [1, 2]  # 64 images / global batch 32
     assert [a["name"] for a in log.artifacts if a["type"] == "model"] == [f"model-{log.run_id}"]
-    assert [p.name for p in (tmp_path / "out").glob("*.pt")] == ["checkpoint_epoch_1.pt"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.pt")) == ["checkpoint_epoch_1.pt", "last.pt"]
 
 # ============================================================================= fire-safety classifier: data, losses, train_fire.py
 
@@ -1308,9 +1317,9 @@ def test_train_fire_learns_patterns_and_logs_the_seed_workflow(offline_wandb, tm
         assert log.config[key] == value
     assert sorted(log.config["classes"]) == sorted(SEED_CLASSES)
 
-    # every 10 batches (train_epoch's global step), 25 steps an epoch
+    # every 10 batches (train_epoch's global step) and the rest of each 25-step epoch at its end
     batch_rows = log.rows_with("batch")
-    assert [row["_step"] for row in batch_rows] == list(range(10, 101, 10))
+    assert [row["_step"] for row in batch_rows] == [10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 100]
     for row in batch_rows:
         assert {"epoch", "batch", "train_loss", "train_acc", "learning_rate"} <= set(row)
     learning_rates = [row["learning_rate"] for row in batch_rows]
@@ -1367,7 +1376,7 @@ def test_train_fire_learns_patterns_and_logs_the_seed_workflow(offline_wandb, tm
         assert 0 <= log.summary[f"precision/{name}"] <= 1 and 0 <= log.summary[f"recall/{name}"] <= 1
 
 
-def test_killed_run_resumes_the_same_wandb_run_for_the_remaining_epochs_and_keeps_the_best_file(
+def test_crashed_run_resumes_in_a_new_wandb_run_for_the_remaining_epochs_and_keeps_the_best_file(
         offline_wandb, tmp_path, monkeypatch):
     data = write_pattern_folders(tmp_path / "data", per_class=8)
     out = tmp_path / "checkpoints"
@@ -1396,7 +1405,7 @@ def test_killed_run_resumes_the_same_wandb_run_for_the_remaining_epochs_and_keep
 
     killed, resumed = run_logs(offline_wandb)
     assert killed.exit_code == 1 and resumed.exit_code == 0
-    assert resumed.run_id == killed.run_id
+    assert resumed.run_id != killed.run_id and resumed.config["resumed_from"]["run_id"] == killed.run_id
     assert resumed.config["loss_function"] == "FocalLoss" and resumed.config["optimizer"] == "AdamW"
     assert [row["epoch"] for row in killed.rows_with("val_acc")] == [0, 1]
     assert [row["epoch"] for row in resumed.rows_with("val_acc")] == [2]
@@ -1411,7 +1420,7 @@ def test_killed_run_resumes_the_same_wandb_run_for_the_remaining_epochs_and_keep
     last = wbflow.load_checkpoint(out / "last.pth")
     steps_per_epoch = 30 // 8  # 6 of each class's 8 images train, the last batch of 6 is dropped
     assert last["epoch"] == 2 and last["step"] == 3 * steps_per_epoch
-    assert last["scheduler"]["last_epoch"] == 3 * steps_per_epoch and last["wandb_run_id"] == killed.run_id
+    assert last["scheduler"]["last_epoch"] == 3 * steps_per_epoch and last["wandb_run_id"] == resumed.run_id
     assert last["best_val_acc"] == 80.0
 
 

@@ -19,6 +19,9 @@ The learning rate follows a cosine from --learning-rate to 0, stepped every opti
 import argparse
 import functools
 import os
+import shlex
+import signal
+import sys
 import warnings
 from pathlib import Path
 
@@ -31,9 +34,6 @@ import wbflow
 LOSS_NAMES = {"ce": "CrossEntropyLoss", "focal": "FocalLoss"}
 # what --resume needs in a checkpoint (last.pth holds them; best_model.pth does not)
 RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "config")
-# train_epoch's log roles -> the seed's per-batch W&B keys
-BATCH_LOG_KEYS = {"epoch": "epoch", "batch": "batch", "loss": "train_loss", "accuracy": "train_acc",
-                  "learning_rate": "learning_rate"}
 
 
 def default_num_workers():
@@ -128,6 +128,8 @@ def load_resume_checkpoint(args, class_names, device):
             hint = hint.get(key, "")
             raise SystemExit(f"{where} was trained with {key} {config.get(key)}, this run has {value}{hint}")
     return state
+
+
 def log_model_graph(run, model, example_input, step=None):
     """Log the autograd graph of model(example_input) as the image `model_graph` (torchviz, Graphviz
     `dot`), as seed 003 does; returns False, saying what to install, when either is missing."""
@@ -152,7 +154,30 @@ def log_model_graph(run, model, example_input, step=None):
     return True
 
 
+def resume_command(argv, checkpoint, world_size):
+    """The command line that continues this run from `checkpoint`: the same flags, --resume replaced."""
+    flags, skip = [], False
+    for flag in argv:
+        if not skip and not flag.startswith("--resume="):
+            skip = flag == "--resume"
+            flags += [] if skip else [flag]
+        else:
+            skip = False
+    launcher = f"torchrun --standalone --nproc_per_node={world_size}" if world_size > 1 else "python"
+    return shlex.join([*launcher.split(), Path(__file__).name, *flags, "--resume", str(checkpoint)])
+
+
+def rng_states(world_size):
+    """Every rank's RNG states, gathered for rank 0's checkpoint, so each rank resumes its own."""
+    if world_size == 1:
+        return [wbflow.capture_rng_state()]
+    states = [None] * world_size
+    dist.all_gather_object(states, wbflow.capture_rng_state())
+    return states
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     check_args(args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
     try:
@@ -163,7 +188,7 @@ def main(argv=None):
     master = rank == 0  # the only process that prints, logs to W&B and writes checkpoints
     if not master:
         warnings.simplefilter("ignore")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + rank)  # each rank its own randomness
 
     # data and model; a bad data folder or unavailable weights ends with the message, no traceback
     try:
@@ -196,17 +221,27 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(train_loader))
     scaler = wbflow.make_scaler(device, args.amp)
 
-    start_epoch, step, best_acc, run_id = 0, 0, None, None
+    start_epoch, step, best_acc, run_id, skipped_steps, epoch_state, resumed_from = 0, 0, None, None, 0, None, None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when saved without fp16 (bf16 or CPU)
             scaler.load_state_dict(state["scaler"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        best_acc, run_id = state["best_val_acc"], state["wandb_run_id"]
+        step, best_acc, skipped_steps = state["step"], state["best_val_acc"], state["skipped_steps"]
+        epoch_state = state["train_state"]
+        start_epoch = state["epoch"] + (epoch_state is None)  # a stopped epoch is finished first
+        wbflow.restore_rng_state(state["rng"][rank])
+        if state["wandb_last_act"]:  # written when the run stopped: the run has nothing after it
+            run_id = state["wandb_run_id"]
+        else:  # an epoch checkpoint: the run may have logged past it, and W&B would drop those steps
+            resumed_from = {"run_id": state["wandb_run_id"], "step": step, "checkpoint": str(args.resume)}
         if master:
-            print(f"resuming after epoch {state['epoch']} (best val_acc {best_acc}) from {args.resume}")
+            print(f"resuming epoch {start_epoch} at batch {epoch_state['batches'] if epoch_state else 0}, step {step} "
+                  f"(best val_acc {best_acc}) from {args.resume}; W&B: "
+                  + (f"continuing run {run_id}" if run_id else
+                     f"a new run (config resumed_from: run {resumed_from['run_id']}, step {step}), since "
+                     f"run {resumed_from['run_id']} may have logged past this checkpoint"))
 
     # every setting as given, then what they became (names as the seed logs them)
     settings = {key: value for key, value in vars(args).items() if key != "resume"}
@@ -216,8 +251,17 @@ def main(argv=None):
               "device": device.type, "world_size": world_size, "train_images": len(train_set),
               "val_images": len(val_set), "steps_per_epoch": len(train_loader)}
 
-    with wbflow.wandb_run(config, project=args.project, enabled=not args.no_wandb, run_id=run_id,
-                          name=args.run_name) as run:
+    def checkpoint(epoch, train_state=None, last_act=False):
+        """Everything a resume needs; train_state is a stopped epoch's, last_act marks the run's final write."""
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_val_acc": best_acc,
+                "skipped_steps": skipped_steps, "rng": rng_states(world_size), "train_state": train_state,
+                "wandb_run_id": run_id, "wandb_last_act": last_act, "config": config,
+                "driver": "train_fire"}
+
+    run_config = config if resumed_from is None else {**config, "resumed_from": resumed_from}
+    with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
+            run_config, project=args.project, enabled=not args.no_wandb, run_id=run_id, name=args.run_name) as run:
         # every 10 batches: train_loss, train_acc on the global step; every epoch the seed's epoch means
         # as epoch/train_loss, epoch/train_acc (their own keys, so neither overwrites the other) and
         # val_*, on the epoch axis; summaries hold the best value, which the sweep optimises
@@ -234,13 +278,26 @@ def main(argv=None):
             wbflow.watch_model(run, model, log="all" if args.watch else None, log_freq=100,
                                log_graph=args.log_graph and not graph_logged)
 
+        def log_window(step, window):
+            nonlocal skipped_steps
+            skipped_steps += window["skipped"]
+            run.log({"epoch": window["epoch"], "batch": window["batch"], "train_loss": window["loss"],
+                     "train_acc": window["accuracy"], "learning_rate": window["learning_rate"]}, step=step)
+
         for epoch in range(start_epoch, args.epochs):
-            train_loader.sampler.set_epoch(epoch)
+            train_loader.sampler.set_epoch(epoch, skip_batches=epoch_state["batches"] if epoch_state else 0)
             train = wbflow.train_epoch(train_model, train_loader, optimizer, loss_fn, device=device,
                                        scheduler=scheduler, grad_clip=args.grad_clip or None, amp=args.amp,
-                                       scaler=scaler, run=run, step=step, epoch=epoch, log_every=10,
-                                       log_keys=BATCH_LOG_KEYS, progress=master)
-            step = train["step"]
+                                       scaler=scaler, step=step, epoch=epoch, log_every=10, on_log=log_window,
+                                       stop=stop, resume=epoch_state, progress=master)
+            step, epoch_state = train["step"], None
+            if train["stopped"]:  # SIGTERM or Ctrl-C: save where this epoch stands, and say how to go on
+                state = checkpoint(epoch, train_state=train["state"], last_act=True)
+                if master:
+                    path = wbflow.save_checkpoint(state, out_dir / "last.pth")
+                    print(f"stopped at step {step} (epoch {epoch}); continue with:\n  "
+                          f"{resume_command(argv, path, world_size)}", flush=True)
+                raise SystemExit(128 + (stop.signal or signal.SIGTERM))
             # the unwrapped model: DDP's forward would sync buffers, and val shards differ in length
             val = wbflow.validate(model, val_loader, loss_fn, device=device, amp=args.amp)
             best_state = {"model": model.state_dict(), "epoch": epoch, "val_acc": val["accuracy"],
@@ -253,16 +310,16 @@ def main(argv=None):
             if improved:
                 epoch_metrics["best_val_acc"] = best_acc
             run.log(epoch_metrics, step=step)
+            state = checkpoint(epoch)  # every rank takes part in gathering the RNG states
             if master:
-                wbflow.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                        "epoch": epoch, "step": step, "best_val_acc": best_acc,
-                                        "wandb_run_id": run_id, "config": config, "driver": "train_fire"},
-                                       out_dir / "last.pth")
+                wbflow.save_checkpoint(state, out_dir / "last.pth")
                 print(f"Epoch: {epoch} | Train Loss: {train['loss']:.4f} | Train Acc: {train['accuracy']:.2f}% | "
                       f"Val Loss: {val['loss']:.4f} | Val Acc: {val['accuracy']:.2f}%"
                       + (f" | best, saved to {out_dir / 'best_model.pth'}" if improved else ""))
 
+        state = checkpoint(args.epochs - 1, last_act=True)  # only the report follows: a resume may continue the run
+        if master and start_epoch < args.epochs:
+            wbflow.save_checkpoint(state, out_dir / "last.pth")
         # the final report uses the best model on the whole validation set, once, on rank 0
         if master and (out_dir / "best_model.pth").is_file():
             model.load_state_dict(wbflow.load_checkpoint(out_dir / "best_model.pth", map_location=device)["model"])

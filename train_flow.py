@@ -15,7 +15,11 @@ import argparse
 import errno
 import math
 import os
+import shlex
+import sys
 from pathlib import Path
+
+import signal
 
 import torch
 import torch.distributed as dist
@@ -137,6 +141,7 @@ def check_resume_checkpoint(state, config, reference):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     config = load_config(args)
     check_settings(config, args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
@@ -148,7 +153,7 @@ def main(argv=None):
     except ValueError as error:
         raise SystemExit(f"train_flow.py: {error}") from None
     try:
-        return evaluate(config, args) if args.eval else train(config, args)
+        return evaluate(config, args) if args.eval else train(config, args, argv)
     except FileNotFoundError as error:  # missing data, checkpoint or weights: the message says what to do
         raise SystemExit(f"train_flow.py: {error}") from None
     except OSError as error:
@@ -157,7 +162,29 @@ def main(argv=None):
         raise SystemExit(f"train_flow.py: {error.strerror}") from None
 
 
-def train(config, args):
+def resume_command(argv, checkpoint, world_size):
+    """The command line that continues this run from `checkpoint`: the same flags, --resume replaced."""
+    flags, skip = [], False
+    for flag in argv:
+        if not skip and not flag.startswith(("--resume=",)):
+            skip = flag == "--resume"
+            flags += [] if skip else [flag]
+        else:
+            skip = False
+    launcher = f"torchrun --standalone --nproc_per_node={world_size}" if world_size > 1 else "python"
+    return shlex.join([*launcher.split(), Path(__file__).name, *flags, "--resume", str(checkpoint)])
+
+
+def rng_states(world_size):
+    """Every rank's RNG states, gathered for rank 0's checkpoint, so each rank resumes its own."""
+    if world_size == 1:
+        return [wbflow.capture_rng_state()]
+    states = [None] * world_size
+    dist.all_gather_object(states, wbflow.capture_rng_state())
+    return states
+
+
+def train(config, args, argv):
     data, training, logging, sampling = config["data"], config["training"], config["logging"], config["sampling"]
     rank, world_size, device = wbflow.setup_distributed()
     device = torch.device("cpu") if args.smoke else device
@@ -204,11 +231,13 @@ def train(config, args):
         model = model.to(memory_format=torch.channels_last)
     ema_model = wbflow.make_ema(model, training["ema_decay"])
     optimizer = torch.optim.Adam(model.parameters(), lr=training["learning_rate"], fused=True)
-    scheduler = wbflow.warmup_scheduler(optimizer, training["warmup_steps"])
+    warmup_steps = max(1, training["warmup_steps"])  # lr * (step + 1) / warmup_steps, then constant
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1 / warmup_steps, total_iters=warmup_steps - 1)
     scaler = wbflow.make_scaler(device)
     say(f"FlowUNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} x {device}")
 
-    start_epoch, step, best_loss, run_id, table_rows = 1, 0, None, None, []
+    start_epoch, step, best_loss, run_id, table_rows, skipped_steps = 1, 0, None, None, [], 0
+    epoch_state, resumed_from = None, None
     if state is not None:
         model.load_state_dict(state["model"])
         ema_model.load_state_dict(state["ema"])
@@ -216,12 +245,19 @@ def train(config, args):
         if state["scaler"]:  # empty when saved without fp16 (bf16 or CPU)
             scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step, best_loss = state["epoch"] + 1, state["global_step"], state["best_loss"]
-        run_id, table_rows = state["wandb_run_id"], state["table_rows"]
-        wbflow.restore_rng_state(state["rng"])
-        if rank:  # the checkpoint holds rank 0's generator; the others must draw different noise
-            torch.manual_seed(training["seed"] + rank + step)
-        say(f"resumed from {args.resume} at epoch {state['epoch']}, step {step}")
+        step, best_loss, table_rows = state["global_step"], state["best_loss"], state["table_rows"]
+        skipped_steps, epoch_state = state["skipped_steps"], state["train_state"]
+        start_epoch = state["epoch"] + (epoch_state is None)  # a stopped epoch is finished first
+        wbflow.restore_rng_state(state["rng"][rank])
+        say(f"resumed from {args.resume} at epoch {state['epoch']}"
+            f"{', batch ' + str(epoch_state['batches']) if epoch_state else ''}, step {step}")
+        if state["wandb_last_act"]:  # written when the run stopped: the run has nothing after it
+            run_id = state["wandb_run_id"]
+            say(f"W&B: continuing run {run_id} from step {step}")
+        else:  # an epoch checkpoint: the run may have logged past it, and W&B would drop those steps
+            resumed_from = {"run_id": state["wandb_run_id"], "step": step, "checkpoint": str(path)}
+            say(f"W&B: a new run (config resumed_from: run {resumed_from['run_id']}, step {step}), since "
+                f"run {resumed_from['run_id']} may have logged past this checkpoint")
 
     train_model = model
     if world_size > 1:
@@ -234,9 +270,18 @@ def train(config, args):
                               generator=torch.Generator().manual_seed(sampling["seed"])).to(device)
     amp_dtype = wbflow.autocast_dtype(device)
 
-    with wbflow.wandb_run(config, project=logging["project_name"], enabled=logging["use_wandb"], run_id=run_id,
-                          entity=logging["entity"], name=logging["run_name"], tags=logging["tags"],
-                          notes=logging["notes"]) as run:
+    def checkpoint(epoch, train_state=None, last_act=False):
+        """Everything a resume needs; train_state is a stopped epoch's, last_act marks the run's final write."""
+        return {"model": model.state_dict(), "ema": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                "global_step": step, "best_loss": best_loss, "config": config, "rng": rng_states(world_size),
+                "table_rows": table_rows, "skipped_steps": skipped_steps, "train_state": train_state,
+                "wandb_run_id": run.id if run else run_id, "wandb_last_act": last_act, "driver": "train_flow"}
+
+    run_config = config if resumed_from is None else {**config, "resumed_from": resumed_from}
+    with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
+            run_config, project=logging["project_name"], enabled=logging["use_wandb"], run_id=run_id,
+            entity=logging["entity"], name=logging["run_name"], tags=logging["tags"], notes=logging["notes"]) as run:
         # per-step series on the global step; epoch ones on train/epoch; summaries hold the best, not the last
         run.define_metric("train/loss", summary="min")
         run.define_metric("train/epoch")
@@ -247,12 +292,28 @@ def train(config, args):
         inception = None
         if config["eval"]["fid_interval"]:  # a missing weights file stops the run before it trains
             wbflow.fid_weights_path(config["eval"]["fid_weights"])
+
+        def log_window(step, window):
+            nonlocal skipped_steps
+            skipped_steps += window["skipped"]
+            run.log({"train/loss": window["loss"], "train/learning_rate": window["learning_rate"],
+                     "train/grad_norm": window["grad_norm"], "train/epoch": window["epoch"],
+                     "train/skipped_steps": skipped_steps}, step=step)
+
         for epoch in range(start_epoch, training["epochs"] + 1):
-            loader.set_epoch(epoch)
+            loader.set_epoch(epoch, skip_batches=epoch_state["batches"] if epoch_state else 0)
             stats = wbflow.train_epoch(train_model, loader, optimizer, wbflow.rectified_flow_loss, device=device,
                                        scheduler=scheduler, ema_model=ema_model, grad_clip=training["gradient_clip"],
-                                       scaler=scaler, run=run, step=step, epoch=epoch,
-                                       log_every=training["log_interval"], progress=is_main)
+                                       scaler=scaler, step=step, epoch=epoch, log_every=training["log_interval"],
+                                       on_log=log_window, stop=stop, resume=epoch_state, progress=is_main)
+            step, epoch_state = stats["step"], None
+            if stats["stopped"]:  # SIGTERM or Ctrl-C: save where this epoch stands, and say how to go on
+                state = checkpoint(epoch, train_state=stats["state"], last_act=True)
+                if is_main:
+                    path = wbflow.save_checkpoint(state, out_dir / "last.pt")
+                    print(f"stopped at step {step} (epoch {epoch}); continue with:\n  "
+                          f"{resume_command(argv, path, world_size)}", flush=True)
+                raise SystemExit(128 + (stop.signal or signal.SIGTERM))
             # train_epoch's loss and sample count are over all ranks already
             step, epoch_loss, images_per_second = stats["step"], stats["loss"], stats["samples"] / stats["seconds"]
             say(f"epoch {epoch}: loss {epoch_loss:.4f}, {images_per_second:.0f} images/s, step {step}")
@@ -267,13 +328,13 @@ def train(config, args):
                 run.log({**quality, "train/epoch": epoch}, step=step)
             is_best = not math.isnan(epoch_loss) and (best_loss is None or epoch_loss < best_loss)
             best_loss = epoch_loss if is_best else best_loss
+            state = checkpoint(epoch)  # every rank takes part in gathering the RNG states
             if not is_main:
                 continue
 
             if epoch % logging["log_images_interval"] == 0:
-                tolerance = sampling["rk45_tolerance"]
-                samples, nfe = wbflow.sample_flow(ema_model.module, fixed_noise, sampling["solver"], sampling["nfe"],
-                                                     rtol=tolerance, atol=tolerance, dtype=amp_dtype)
+                samples, nfe = sample(ema_model.module, fixed_noise, sampling["solver"], sampling["nfe"],
+                                      sampling["rk45_tolerance"], dtype=amp_dtype)
                 grid = wbflow.sample_grid(samples)
                 wbflow.save_png(grid, out_dir / "samples" / f"epoch_{epoch:04d}.png")
                 wbflow.log_image_grid(run, "eval/generated_samples", grid, step=step,
@@ -281,16 +342,12 @@ def train(config, args):
             if epoch % training["sample_interval"] == 0 or epoch == training["epochs"]:
                 table_rows += solver_rows(ema_model.module, fixed_noise, sampling, epoch, out_dir, amp_dtype)
 
+            state["table_rows"], state["epoch_loss"] = table_rows, epoch_loss
+            wbflow.save_checkpoint(state, out_dir / "last.pt")  # each epoch: a crash loses at most one
             upload = epoch % logging["log_model_interval"] == 0
             if epoch % training["save_interval"] == 0 or upload or epoch == training["epochs"]:
-                checkpoint = {"model": model.state_dict(), "ema": ema_model.state_dict(),
-                              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                              "scheduler": scheduler.state_dict(), "epoch": epoch, "global_step": step,
-                              "epoch_loss": epoch_loss, "best_loss": best_loss, "config": config,
-                              "rng": wbflow.capture_rng_state(), "table_rows": table_rows,
-                              "wandb_run_id": run.id if run else run_id, "driver": "train_flow"}
-                path = wbflow.save_checkpoint(checkpoint, out_dir / f"checkpoint_epoch_{epoch}.pt")
-                wbflow.rotate_checkpoints(out_dir, keep=training.get("keep_checkpoints", 3))
+                path = wbflow.save_checkpoint(state, out_dir / f"checkpoint_epoch_{epoch}.pt")
+                wbflow.rotate_checkpoints(out_dir, keep=training["keep_checkpoints"])
                 say(f"saved {path}")
                 if upload:
                     wbflow.log_artifact(run, path, f"model-{run.id}",
@@ -299,9 +356,21 @@ def train(config, args):
 
         if run and table_rows:
             run.log({"eval/samples_table": wbflow.samples_table(table_rows, root=out_dir)}, step=step)
+        state = checkpoint(training["epochs"], last_act=True)  # the run's last act: a resume may continue it
+        if is_main and start_epoch <= training["epochs"]:
+            wbflow.save_checkpoint(state, out_dir / "last.pt")
     if world_size > 1:
         dist.destroy_process_group()
     return {"step": step, "best_loss": best_loss, "out_dir": out_dir}
+
+
+def sample(model, noise, solver, nfe, tolerance, dtype=None):
+    """(samples, evaluations used) with solver "euler" (nfe steps), "heun" (nfe // 2 steps) or "rk45"
+    (adaptive at `tolerance`; nfe unused)."""
+    if solver == "rk45":
+        return wbflow.rk45_sample(model, noise, tolerance=tolerance, dtype=dtype)
+    steps = max(1, nfe // 2) if solver == "heun" else nfe
+    return wbflow.euler_sample(model, noise, steps, heun=solver == "heun", dtype=dtype), steps * (1 + (solver == "heun"))
 
 
 def solver_rows(model, noise, sampling, epoch, out_dir, amp_dtype):
@@ -309,8 +378,7 @@ def solver_rows(model, noise, sampling, epoch, out_dir, amp_dtype):
     named relative to out_dir so the rows in a checkpoint survive moving the folder or the machine."""
     rows = []
     for row in wbflow.compare_solvers(model, noise, solvers=sampling["table_solvers"], nfes=sampling["table_nfes"],
-                                         rtol=sampling["rk45_tolerance"], atol=sampling["rk45_tolerance"],
-                                         dtype=amp_dtype):
+                                      tolerance=sampling["rk45_tolerance"], dtype=amp_dtype):
         name = f"epoch_{epoch:04d}_{row['solver']}_nfe{row['nfe']:03d}.png"
         path = wbflow.save_png(wbflow.sample_grid(row["images"]), out_dir / "samples" / name)
         rows.append({"epoch": epoch, "solver": row["solver"], "nfe": row["nfe"], "seconds": row["seconds"],
@@ -360,7 +428,7 @@ def check_eval_inputs(fid_weights, statistics_dir, statistics_name, data_dir, ne
 
 def evaluate(config, args):
     data, sampling, evaluation, logging = config["data"], config["sampling"], config["eval"], config["logging"]
-    device = torch.device("cpu") if args.smoke else wbflow.default_device()
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if not args.checkpoint:
         raise SystemExit("train_flow.py: --eval needs --checkpoint PATH|ARTIFACT")
 
@@ -388,7 +456,7 @@ def evaluate(config, args):
         noise = torch.randn(min(evaluation["sample_batch_size"], args.num_samples - start), 3, 32, 32,
                             generator=generator).to(device)
         # float32, as the published FIDs sample (training previews use the AMP dtype)
-        samples, used = wbflow.sample_flow(ema_model.module, noise, solver, nfe, rtol=tolerance, atol=tolerance)
+        samples, used = sample(ema_model.module, noise, solver, nfe, tolerance)
         batches.append(wbflow.images_to_uint8(samples).cpu())
     samples_uint8 = torch.cat(batches)
     print(f"sampled {len(samples_uint8)} images from {path} (epoch {state['epoch']}) with {solver}, NFE {used}")

@@ -1,15 +1,15 @@
 """wbflow: a minimal PyTorch + Weights & Biases training kit of plain, copyable functions.
 
 Sections, in data-flow order:
-  device & data     default_device, to_device, is_main_process, setup_distributed,
+  device & data     to_device, is_main_process, setup_distributed,
                     CIFAR10_URL, load_cifar10, synthetic_images, DeviceImageLoader (CIFAR-10 on the device),
                     find_image_samples, stratified_split, drop_unreadable_images, ImageSamples,
                     image_transforms, classifier_loaders, check_same_on_every_rank (image folders / CSV)
   models            FlowUNet, CLASSIFIER_NAMES, build_classifier, build_optimizer
   losses            classification_loss, focal_loss, class_balanced_weights, rectified_flow_loss
-  training          autocast_dtype, make_scaler, make_ema, train_epoch, validate, warmup_scheduler,
+  training          autocast_dtype, make_scaler, make_ema, train_epoch, validate, stop_on_signals,
                     capture_rng_state, restore_rng_state, predict_dataset
-  sampling          euler_sample, heun_sample, rk45_sample, sample_flow, compare_solvers
+  sampling          euler_sample, rk45_sample, compare_solvers
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, save_statistics,
                     inception_score, per_class_precision_recall
@@ -27,7 +27,6 @@ lazily, so it keeps working when pasted alone (with its imports) into another pr
 import argparse
 import concurrent.futures
 import contextlib
-import copy
 import csv
 import errno
 import hashlib
@@ -37,8 +36,10 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -52,14 +53,6 @@ import torchvision
 
 
 # ----------------------------------------------------------------------------- device & data
-
-def default_device():
-    """The best available device: CUDA when present, else CPU.
-
-    Usage: device = default_device()
-    """
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 def to_device(batch, device):
     """Move a tensor, or a (nested) tuple / list / dict of tensors, to `device` without blocking.
@@ -86,11 +79,11 @@ def is_main_process():
 def setup_distributed():
     """Join the torchrun process group when launched by torchrun; returns (rank, world_size, device).
 
-    nccl on CUDA (one GPU per local rank), gloo on CPU; (0, 1, default_device()) when not under torchrun.
+    nccl on CUDA (one GPU per local rank), gloo on CPU; (0, 1, CUDA if present else CPU) when not under torchrun.
     Usage: rank, world_size, device = setup_distributed()
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, default_device()
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -99,15 +92,6 @@ def setup_distributed():
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def _batch_size(batch):
-    """Number of samples in a batch: the first dimension of its first tensor."""
-    if torch.is_tensor(batch):
-        return batch.shape[0]
-    if isinstance(batch, dict):
-        batch = list(batch.values())
-    return _batch_size(batch[0])
 
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -122,6 +106,19 @@ def load_cifar10(data_dir, train=True, download=True):
     FileNotFoundError says which archive to put where.
     Usage: images_uint8, labels = load_cifar10("data")
     """
+    url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # CIFAR10_URL, repeated to paste alone
+
+    class CifarUnpickler(pickle.Unpickler):
+        """Unpickles CIFAR-10's batches (dicts of numpy arrays, lists, strings) and refuses any other
+        global, so a tampered file cannot run code (the format is a pickle, as torchvision reads it)."""
+
+        def find_class(self, module, name):
+            module = module.replace("numpy.core.", "numpy._core.")  # numpy 1 pickles, numpy >= 1.26 names
+            if (module, name) in (("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+                                  ("numpy", "dtype"), ("_codecs", "encode")):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
+
     folder = Path(data_dir) / "cifar-10-batches-py"
     names = [f"data_batch_{index}" for index in range(1, 6)] if train else ["test_batch"]
     if download and not all((folder / name).is_file() for name in names):
@@ -130,35 +127,23 @@ def load_cifar10(data_dir, train=True, download=True):
         except Exception as error:  # noqa: BLE001 - any download failure gets the same instructions
             raise FileNotFoundError(
                 f"CIFAR-10 is not in {folder} and could not be downloaded ({type(error).__name__}: "
-                f"{error}). Download {CIFAR10_URL} and put cifar-10-python.tar.gz in {Path(data_dir)}/ "
+                f"{error}). Download {url} and put cifar-10-python.tar.gz in {Path(data_dir)}/ "
                 f"(it is extracted on the next run), or extract it so that {folder}/data_batch_1 exists."
             ) from None
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"CIFAR-10 batches {missing} are missing from {folder}; put "
-                                f"{CIFAR10_URL} (extracted) there")
+                                f"{url} (extracted) there")
     images, labels = [], []
     for name in names:
         with open(folder / name, "rb") as file:
             try:
-                batch = _CifarUnpickler(file, encoding="latin1").load()
+                batch = CifarUnpickler(file, encoding="latin1").load()
             except (pickle.UnpicklingError, EOFError, ValueError) as error:
                 raise ValueError(f"{folder / name} is not a CIFAR-10 batch ({error})") from None
         images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(batch.get("labels", batch.get("fine_labels", [])))
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR-10's batches (dicts of numpy arrays, lists, strings) and refuses any other
-    global, so a tampered file cannot run code (the format is a pickle, as torchvision reads it)."""
-
-    def find_class(self, module, name):
-        module = module.replace("numpy.core.", "numpy._core.")  # numpy 1 pickles, numpy >= 1.26 names
-        if (module, name) in (("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
-                              ("numpy", "dtype"), ("_codecs", "encode")):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
 
 
 def synthetic_images(count, size=32, seed=0):
@@ -188,7 +173,8 @@ class DeviceImageLoader:
     (twice the uint8 memory, 300 MB for CIFAR-10), so a batch is one gather and its scaling.
     Under DDP each rank takes every world_size-th index of the same permutation (pass the per-rank
     batch size). The order depends only on (seed, epoch): call set_epoch(epoch) before iterating,
-    and a resumed run sees the same batches.
+    and a resumed run sees the same batches; set_epoch(epoch, skip_batches=k) starts that epoch at
+    its batch k (continuing an epoch that a stop interrupted).
     Usage: loader = DeviceImageLoader(images_uint8, 128, device="cuda"); loader.set_epoch(1); for x in loader: ...
     """
 
@@ -200,10 +186,10 @@ class DeviceImageLoader:
         self.images_and_mirrors = torch.cat([images_uint8, images_uint8.flip(3)]) if flip else images_uint8
         self.batch_size, self.shuffle, self.flip, self.drop_last = batch_size, shuffle, flip, drop_last
         self.seed, self.rank, self.world_size, self.channels_last = seed, rank, world_size, channels_last
-        self.epoch = 0
+        self.epoch, self.skip_batches = 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip_batches=0):
+        self.epoch, self.skip_batches = epoch, skip_batches
 
     def __len__(self):
         shard_size = self.count // self.world_size  # equal on every rank, or DDP would wait forever
@@ -216,7 +202,7 @@ class DeviceImageLoader:
         if self.flip:  # an index past count selects the mirrored copy
             order = order + self.count * (torch.rand(self.count, generator=generator, device=self.device) < 0.5)
         order = order[self.rank:self.count // self.world_size * self.world_size:self.world_size]
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        for start in range(self.skip_batches * self.batch_size, len(self) * self.batch_size, self.batch_size):
             images = self.images_and_mirrors.index_select(0, order[start:start + self.batch_size])
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -369,8 +355,12 @@ class ImageSamples(torch.utils.data.Dataset):
 
     A file that fails to load mid-epoch (changed after find_image_samples checked it) is replaced
     by the next sample, with a warning, so one file never stops an epoch.
+    dataset[(index, seed, epoch)], as classifier_loaders' sampler asks, runs the transform on the
+    CPU generator seeded by exactly those three (then restored): a sample's augmentation is the
+    same whatever the worker count, the rank, or where a run was stopped and resumed.
     Usage: dataset = ImageSamples(train_samples, image_transforms(256, train=True))
     """
+    seeded_augmentation = True  # classifier_loaders' sampler sends (index, seed, epoch) keys
 
     def __init__(self, samples, transform=None):
         self.samples, self.transform = list(samples), transform
@@ -384,6 +374,9 @@ class ImageSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         from PIL import Image
+        key = None
+        if isinstance(index, tuple):
+            key, index = index, index[0]
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
@@ -395,7 +388,13 @@ class ImageSamples(torch.utils.data.Dataset):
             except Exception as error:  # noqa: BLE001 - see the class docstring
                 warnings.warn(f"could not read {path} ({error}); using the next image instead")
                 continue
-            return (self.transform(image) if self.transform is not None else image), label
+            if self.transform is None:
+                return image, label
+            if key is None:
+                return self.transform(image), label
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+                return self.transform(image), label
         raise RuntimeError("no readable image left in the dataset")
 
 
@@ -422,20 +421,37 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
     """(train_loader, val_loader) for one process of `world_size`.
 
     Training batches come from a seeded DistributedSampler (also when world_size is 1, so the order
-    is reproducible: call train_loader.sampler.set_epoch(epoch) each epoch); a last batch smaller
-    than batch_size is dropped when there is more than one batch (BatchNorm cannot train on one
-    image). Validation is sharded by rank without padding, so all-reduced sums count every image
-    once. Pinned memory on CUDA; workers persist across epochs.
+    is reproducible: call train_loader.sampler.set_epoch(epoch) each epoch, or
+    set_epoch(epoch, skip_batches=k) to start that epoch at its batch k when resuming); a last batch
+    smaller than batch_size is dropped when there is more than one batch (BatchNorm cannot train on
+    one image). A dataset with seeded_augmentation = True (ImageSamples) is asked for
+    (index, seed, epoch) keys, so its augmentation does not depend on workers or resumes.
+    Validation is sharded by rank without padding, so all-reduced sums count every image once.
+    Pinned memory on CUDA; workers persist across epochs. The loaders draw their worker seeds from
+    their own generators, not from torch's global one.
     Usage: train_loader, val_loader = classifier_loaders(train_set, val_set, 32, num_workers=4)
     """
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank,
-                                                  shuffle=True, seed=seed)
+    class EpochSampler(torch.utils.data.DistributedSampler):
+        """set_epoch(epoch, skip_batches) and, for a seeded_augmentation dataset, (index, seed, epoch) keys."""
+
+        def set_epoch(self, epoch, skip_batches=0):
+            super().set_epoch(epoch)
+            self.skip_batches = skip_batches
+
+        def __iter__(self):
+            indices = list(super().__iter__())[getattr(self, "skip_batches", 0) * batch_size:]
+            keys = getattr(train_set, "seeded_augmentation", False)
+            return iter([(index, self.seed, self.epoch) for index in indices] if keys else indices)
+
+    sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     options = {"num_workers": num_workers, "pin_memory": torch.device(device).type == "cuda",
                "persistent_workers": num_workers > 0}
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler,
-                                               drop_last=len(sampler) > batch_size, **options)
+                                               drop_last=len(sampler) > batch_size,
+                                               generator=torch.Generator().manual_seed(seed + rank), **options)
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=batch_size, shuffle=False, **options)
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=batch_size, shuffle=False,
+                                             generator=torch.Generator().manual_seed(seed + rank), **options)
     return train_loader, val_loader
 
 
@@ -531,6 +547,7 @@ class FlowUNet(nn.Module):
     (128 channels, multipliers 1,2,2,2, two blocks per level, attention at 16x16 with 64-channel
     heads, dropout 0.1): about 35.7M parameters.
     Usage: model = FlowUNet(); velocity = model(x, torch.rand(x.shape[0]))
+    Copy with: _timestep_embedding, _group_norm, _FlowResBlock, _FlowAttention, _FlowDown, _FlowUp
     """
 
     def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
@@ -603,8 +620,9 @@ def build_classifier(name, num_classes, weights="none"):
     weights="none" (or None) starts from random weights.
     Usage: model = build_classifier("resnet50", num_classes=5, weights="imagenet")
     """
-    if name not in CLASSIFIER_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(CLASSIFIER_NAMES)}")
+    names = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "efficientnet_b4")  # CLASSIFIER_NAMES, to paste alone
+    if name not in names:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(names)}")
     if weights not in ("imagenet", "none", None):
         raise ValueError(f"weights must be 'imagenet' or 'none', not {weights!r}")
     model = torchvision.models.get_model(name, weights=None)
@@ -677,14 +695,6 @@ def classification_loss(criterion):
     return loss_fn
 
 
-def _split_loss_output(output, batch):
-    """A loss_fn returns a loss, or (loss, n_correct, n_samples); return the triple (n_correct None when unknown)."""
-    if torch.is_tensor(output):
-        return output, None, _batch_size(batch)
-    loss, n_correct, n_samples = output
-    return loss, n_correct, n_samples
-
-
 def rectified_flow_loss(model, batch):
     """Rectified-flow (flow-matching) loss: x_t = t*x1 + (1-t)*x0 with x0 ~ N(0, I), t ~ U(0, 1),
     regressing model(x_t, t) onto the velocity x1 - x0 (mean squared error, float32).
@@ -750,91 +760,134 @@ def autocast_dtype(device, amp=None):
 
 
 def make_scaler(device, amp=None):
-    """A GradScaler that is enabled only when autocast runs in fp16 (bf16 and fp32 need none).
+    """A GradScaler that is enabled only when autocast runs in fp16 (bf16 and fp32 need none): on CUDA
+    with amp on (amp=None means on for CUDA) where bf16 is not supported.
 
     A disabled scaler passes scale/step/update straight through, so the training loop has no branch.
     Usage: scaler = make_scaler(device); train_epoch(..., scaler=scaler)
     """
     device = torch.device(device)
-    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, amp) == torch.float16)
+    fp16 = (device.type == "cuda" and amp is not False
+            and not torch.cuda.is_bf16_supported(including_emulation=False))
+    return torch.amp.GradScaler(device.type, enabled=fp16)
 
 
 def make_ema(model, decay=0.9999):
-    """An exponential moving average of `model`'s weights and buffers (torch.optim.swa_utils).
+    """An exponential moving average of `model`'s weights and buffers (torch.optim.swa_utils), on the
+    model's device with its update counter on the CPU.
 
     train_epoch updates it after each optimiser step; evaluate or sample with ema_model.module.
     Usage: ema_model = make_ema(model, decay=0.9999)
     """
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     ema_model = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    ema_model.update_parameters(model)  # the first update copies, so later ones can skip that check
+    ema_model.update_parameters(model)  # the first update copies the weights
     return ema_model
 
 
-def _update_ema(ema_model, model):
-    """ema_model.update_parameters(model) without its two host reads of the step counter per step.
-
-    For an EMA (multi_avg_fn, buffers averaged, already initialised) the counter changes nothing,
-    so this calls the same swa_utils update on each (device, dtype) group directly.
-    """
-    if ema_model.multi_avg_fn is None or not ema_model.use_buffers:
-        ema_model.update_parameters(model)
-        return
-    groups = {}
-    for ema_tensor, tensor in zip(itertools.chain(ema_model.module.parameters(), ema_model.module.buffers()),
-                                  itertools.chain(model.parameters(), model.buffers())):
-        ema_group, group = groups.setdefault((ema_tensor.device, ema_tensor.dtype), ([], []))
-        ema_group.append(ema_tensor.detach())
-        group.append(tensor.detach().to(ema_tensor.device, non_blocking=ema_tensor.is_cuda))
-    for ema_group, group in groups.values():
-        ema_model.multi_avg_fn(ema_group, group, ema_model.n_averaged)
-    ema_model.n_averaged += 1
-
-
 def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=None, ema_model=None,
-                grad_clip=None, amp=None, scaler=None, run=None, step=0, epoch=0, log_every=10,
-                log_keys=None, progress=True):
-    """Train `model` for one pass over `loader`; returns the epoch means and the new global step.
+                grad_clip=None, amp=None, scaler=None, step=0, epoch=0, log_every=10, on_log=None,
+                stop=None, resume=None, progress=True):
+    """Train `model` for one pass over `loader`; returns the epoch means, the new global step and,
+    when `stop` ended the epoch early, the state to finish it with.
 
     loss_fn(model, batch) returns a loss tensor, or (loss, n_correct, n_samples) for accuracy.
-    Each step: batch to device (non-blocking), autocast (see autocast_dtype), backward, the pre-clip
-    global L2 gradient norm (clipped to `grad_clip` when given), optimiser step, per-step
-    `scheduler.step()`, the EMA update of `ema_model` (make_ema). A step whose loss or gradients are not
-    finite is skipped and counted. Loss, counts and norms accumulate on the device and are read only
-    every `log_every` steps and at the end, so the step path never waits for the GPU, except where
-    torch itself must: an fp16 GradScaler, or skipping a bad step with an optimiser that cannot take
-    a device-side skip flag (pass fused=True to Adam/AdamW to avoid it).
-    Every `log_every` steps, `run.log` receives, at W&B step = global step, the means over the steps
-    since the last log under `log_keys` (roles loss, learning_rate, grad_norm, epoch, and optionally
-    accuracy (percent), batch, skipped_steps) — by default train/loss, train/learning_rate,
-    train/grad_norm, train/epoch, train/skipped_steps. Pass the fp16 `scaler` (make_scaler) to
-    keep its loss scale across epochs; without one, each call starts a fresh scale. Under
-    torch.distributed the returned means (loss, accuracy, grad_norm) and counts are all-reduced
-    over ranks; the logged ones are rank 0's.
-    Usage: stats = train_epoch(model, loader, opt, loss_fn, run=run, step=step); step = stats["step"]
+    Each step: batch to device (non-blocking), autocast (bf16 on CUDA, fp16 where bf16 is missing,
+    off on CPU unless amp=True), backward, the pre-clip global L2 gradient norm (clipped to
+    `grad_clip` when given), optimiser step, per-step `scheduler.step()`, the EMA update of
+    `ema_model` (make_ema). A step whose loss or gradients are not finite is skipped and counted.
+    Sums stay on the device and are read only at log points, so the step path never waits for the
+    GPU, except where torch itself must: an fp16 GradScaler, or skipping a bad step with an
+    optimiser that cannot take a device-side skip flag (pass fused=True to Adam/AdamW to avoid it).
+
+    Logging: every optimiser step lands in exactly one window. A window closes when the global
+    step is a multiple of `log_every`, and at the end of the epoch (a shorter window); then
+    on_log(step, window) gets plain floats: loss and grad_norm (means over the window's finite
+    steps), accuracy (percent, only when loss_fn counts), learning_rate (the rate the window's LAST
+    step used, read before scheduler.step()), steps and skipped (counts in the window), batch (the
+    epoch's 0-based index of the last batch) and epoch. The caller names the W&B keys.
+
+    Stopping: `stop` (a threading.Event or a callable returning bool; see stop_on_signals) is checked
+    after every step with no host sync (under torch.distributed at log points, where the ranks agree);
+    when set, the epoch returns at that step boundary with stopped=True and a `state` of tensors and
+    plain numbers (loads with weights_only=True). Pass it back as `resume=` with a loader that skips
+    the state["batches"] batches already done, and the epoch continues exactly: the same windows,
+    the same epoch means. `state` is None when the epoch ran to its end.
+    Pass the fp16 `scaler` (make_scaler) to keep its loss scale across epochs. Under
+    torch.distributed the returned means and counts are all-reduced over ranks; each rank's
+    on_log sees its own windows.
+    Usage: stats = train_epoch(model, loader, opt, loss_fn, step=step, on_log=lambda s, w: print(s, w))
     """
     from tqdm.auto import tqdm
-    if log_keys is None:
-        log_keys = {"loss": "train/loss", "learning_rate": "train/learning_rate",
-                    "grad_norm": "train/grad_norm", "epoch": "train/epoch",
-                    "skipped_steps": "train/skipped_steps"}
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    dtype = autocast_dtype(device, amp)
+    if amp is None:
+        amp = device.type == "cuda"
+    dtype = None if not amp else (torch.float16 if device.type == "cuda" and not
+                                  torch.cuda.is_bf16_supported(including_emulation=False) else torch.bfloat16)
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    device_skip = getattr(optimizer, "_step_supports_amp_scaling", False)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    ema_groups = {}  # swa_utils' own EMA update per (device, dtype), minus update_parameters' host read of its counter
+    if ema_model is not None and ema_model.multi_avg_fn is not None and ema_model.use_buffers:
+        for ema_tensor, tensor in zip(itertools.chain(ema_model.module.parameters(), ema_model.module.buffers()),
+                                      itertools.chain(model.parameters(), model.buffers())):
+            ema_group, group = ema_groups.setdefault((ema_tensor.device, ema_tensor.dtype), ([], []))
+            ema_group.append(ema_tensor.detach())
+            group.append(tensor.detach())
+        if any(tensor.device != ema_tensor.device for ema_group, group in ema_groups.values()
+               for ema_tensor, tensor in zip(ema_group, group)):
+            ema_groups = {}  # an EMA kept on another device: update_parameters copies each step
+
+    def to_device(batch):
+        if torch.is_tensor(batch):
+            return batch.to(device, non_blocking=True)
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(to_device(item) for item in batch)
+        if isinstance(batch, dict):
+            return {key: to_device(value) for key, value in batch.items()}
+        return batch
+
+    def stop_requested():
+        return stop is not None and (stop.is_set() if hasattr(stop, "is_set") else bool(stop()))
+
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    # Running sums on the device: loss, n_correct, grad_norm, finite steps, skipped steps.
-    totals = torch.zeros(5, dtype=torch.float64, device=device)
-    logged, n_samples_total, logged_samples, start_step = [0.0] * 5, 0, 0, step
-    has_accuracy = False
+    # Running sums on the device: loss, n_correct, grad_norm, finite steps, skipped steps, samples;
+    # `logged` is their value at the last log point (host), so a window is totals - logged.
+    totals, logged, batch_index = torch.zeros(6, dtype=torch.float64, device=device), [0.0] * 6, -1
+    has_accuracy, learning_rate, start_step = False, float(optimizer.param_groups[0]["lr"]), step
+    if resume is not None:
+        totals = resume["totals"][rank].to(device=device, dtype=torch.float64)
+        logged, batch_index = resume["logged"][rank].tolist(), resume["batches"] - 1
+        has_accuracy, learning_rate = resume["has_accuracy"], resume["learning_rate"]
+
+    def emit(current):
+        window = [c - p for c, p in zip(current, logged)]
+        loss_sum, n_correct, grad_norm_sum, n_finite, n_skipped, n_samples = window
+        if on_log is None or n_finite + n_skipped == 0:
+            return
+        values = {"loss": loss_sum / n_finite if n_finite else math.nan,
+                  "grad_norm": grad_norm_sum / n_finite if n_finite else math.nan,
+                  "learning_rate": float(learning_rate), "steps": int(n_finite + n_skipped),
+                  "skipped": int(n_skipped), "batch": batch_index, "epoch": epoch}
+        if has_accuracy:
+            values["accuracy"] = 100.0 * n_correct / n_samples if n_samples else math.nan
+        on_log(step, values)
+
     model.train()
-    started = time.perf_counter()
+    started = time.perf_counter() - (resume["seconds"] if resume is not None else 0.0)
+    stopped = not distributed and stop_requested()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
-    for batch_index, batch in enumerate(bar):
-        batch = to_device(batch, device)
+    for batch in ([] if stopped else bar):
+        batch = to_device(batch)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, n_correct, n_samples = _split_loss_output(loss_fn(model, batch), batch)
+            output = loss_fn(model, batch)
+        loss, n_correct, n_samples = (output, None, None) if torch.is_tensor(output) else output
+        if n_samples is None:  # the first dimension of the batch's first tensor
+            first = batch
+            while not torch.is_tensor(first):
+                first = next(iter(first.values())) if isinstance(first, dict) else first[0]
+            n_samples = first.shape[0]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -843,62 +896,77 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-        _optimizer_step(optimizer, scaler, finite, device_skip)
+        learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step uses, before scheduler.step()
+        if scaler.is_enabled():  # an enabled GradScaler skips a non-finite step by itself
+            scaler.step(optimizer)
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Fused Adam/AdamW take the skip flag on the device, as GradScaler passes it: through the
+            # optimiser attributes grad_scale / found_inf, read by their step(). torch has no public
+            # argument for this; test_fused_optimizer_still_reads_found_inf fails if that changes.
+            optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.grad_scale, optimizer.found_inf
+        elif finite:  # any other optimiser: one host read, only to skip
+            optimizer.step()
         scaler.update()
         if scheduler is not None:
             scheduler.step()
+        for ema_group, group in ema_groups.values():
+            ema_model.multi_avg_fn(ema_group, group, ema_model.n_averaged)
         if ema_model is not None:
-            _update_ema(ema_model, model)
+            if ema_groups:
+                ema_model.n_averaged += 1
+            else:
+                ema_model.update_parameters(model)
         has_accuracy = n_correct is not None
         correct = n_correct.detach().double() if torch.is_tensor(n_correct) else zero + (n_correct or 0)
         totals += torch.stack([torch.where(finite, loss.detach().double(), zero), correct,
                                torch.where(finite, grad_norm.detach().double(), zero),
-                               finite.double(), (~finite).double()])
-        n_samples_total += int(n_samples)
-        step += 1
-        if step % log_every == 0:
+                               finite.double(), (~finite).double(), zero + n_samples])
+        step, batch_index = step + 1, batch_index + 1
+        at_log_point = step % log_every == 0
+        if at_log_point:
             current = totals.tolist()  # the one host-device sync, at log points only
-            window = _window_means([c - p for c, p in zip(current, logged)],
-                                   n_samples_total - logged_samples, has_accuracy)
-            logged, logged_samples = current, n_samples_total
-            row = {"loss": window["loss"], "learning_rate": float(optimizer.param_groups[0]["lr"]),
-                   "grad_norm": window["grad_norm"], "epoch": epoch, "accuracy": window["accuracy"],
-                   "batch": batch_index, "skipped_steps": int(current[4])}
-            if run is not None:
-                run.log({key: row[role] for role, key in log_keys.items()
-                         if row.get(role) is not None}, step=step)
-            bar.set_postfix(loss=f"{window['loss']:.4f}", grad_norm=f"{window['grad_norm']:.3f}")
+            emit(current)
+            logged = current
+            bar.set_postfix(loss=f"{current[0] / max(current[3], 1):.4f}")  # the epoch's running mean
+        if distributed:
+            if at_log_point:  # every rank must stop at the same step, or the next collective hangs
+                flag = torch.tensor(float(stop_requested()), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopped = flag.item() > 0
+        else:
+            stopped = stop_requested()
+        if stopped:
+            break
     bar.close()
-    sums = torch.cat([totals, zero.view(1) + n_samples_total])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)  # every rank returns the means over all ranks
-    *current, n_samples_total = sums.tolist()
-    return {**_window_means(current, n_samples_total, has_accuracy), "steps": step - start_step,
-            "skipped": int(current[4]), "samples": int(n_samples_total), "step": step,
-            "seconds": time.perf_counter() - started}
-
-
-def _optimizer_step(optimizer, scaler, finite, device_skip):
-    """Step unless `finite` is false: an enabled GradScaler skips by itself, fused optimisers take a
-    device-side found_inf flag, and any other optimiser needs the flag on the host (one sync)."""
-    if scaler.is_enabled():
-        scaler.step(optimizer)
-    elif device_skip:
-        optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale, optimizer.found_inf
-    elif finite:
-        optimizer.step()
-
-
-def _window_means(sums, n_samples, has_accuracy):
-    """Turn accumulated [loss, n_correct, grad_norm, finite steps, skipped steps] sums into means."""
-    loss_sum, n_correct, grad_norm_sum, n_finite, _ = sums
+    current = totals.tolist()
+    state = None
+    if stopped:
+        sums = torch.stack([totals, torch.tensor(logged, dtype=torch.float64, device=device)])
+        if distributed:
+            gathered = [torch.zeros_like(sums) for _ in range(world_size)]
+            dist.all_gather(gathered, sums)
+            sums = torch.stack(gathered)
+        else:
+            sums = sums[None]
+        state = {"totals": sums[:, 0].cpu(), "logged": sums[:, 1].cpu(), "batches": batch_index + 1,
+                 "has_accuracy": has_accuracy, "learning_rate": float(learning_rate),
+                 "seconds": time.perf_counter() - started}
+    else:
+        emit(current)  # the epoch's last, partial window
+    if distributed:  # every rank returns the means over all ranks
+        epoch_sums = torch.tensor(current, dtype=torch.float64, device=device)
+        dist.all_reduce(epoch_sums)
+        current = epoch_sums.tolist()
+    loss_sum, n_correct, grad_norm_sum, n_finite, n_skipped, n_samples = current
     return {"loss": loss_sum / n_finite if n_finite else math.nan,
             "accuracy": 100.0 * n_correct / n_samples if has_accuracy and n_samples else None,
-            "grad_norm": grad_norm_sum / n_finite if n_finite else math.nan}
+            "grad_norm": grad_norm_sum / n_finite if n_finite else math.nan,
+            "steps": step - start_step, "skipped": int(n_skipped), "samples": int(n_samples), "step": step,
+            "seconds": time.perf_counter() - started, "stopped": stopped, "state": state}
 
 
 def validate(model, loader, loss_fn, *, device=None, amp=None, progress=False):
@@ -911,23 +979,40 @@ def validate(model, loader, loss_fn, *, device=None, amp=None, progress=False):
     """
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    dtype = autocast_dtype(device, amp)
+    if amp is None:
+        amp = device.type == "cuda"
+    dtype = None if not amp else (torch.float16 if device.type == "cuda" and not
+                                  torch.cuda.is_bf16_supported(including_emulation=False) else torch.bfloat16)
+
+    def to_device(batch):
+        if torch.is_tensor(batch):
+            return batch.to(device, non_blocking=True)
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(to_device(item) for item in batch)
+        if isinstance(batch, dict):
+            return {key: to_device(value) for key, value in batch.items()}
+        return batch
+
     was_training = model.training
     model.eval()
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n_samples, n_correct
-    n_samples_total, has_accuracy = 0, False
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n_samples, n_correct, n_samples
+    has_accuracy = False
     with torch.inference_mode():
         for batch in tqdm(loader, desc="validate", disable=not progress, leave=False):
-            batch = to_device(batch, device)
+            batch = to_device(batch)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss, n_correct, n_samples = _split_loss_output(loss_fn(model, batch), batch)
+                output = loss_fn(model, batch)
+            loss, n_correct, n_samples = (output, None, None) if torch.is_tensor(output) else output
+            if n_samples is None:  # the first dimension of the batch's first tensor
+                first = batch
+                while not torch.is_tensor(first):
+                    first = next(iter(first.values())) if isinstance(first, dict) else first[0]
+                n_samples = first.shape[0]
             has_accuracy = n_correct is not None
             correct = n_correct.double() if torch.is_tensor(n_correct) else zero + (n_correct or 0)
-            totals += torch.stack([loss.double() * int(n_samples), correct])
-            n_samples_total += int(n_samples)
+            totals += torch.stack([loss.double() * n_samples, correct, zero + n_samples])
     model.train(was_training)
-    totals = torch.cat([totals, zero.view(1) + n_samples_total])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     loss_sum, n_correct, n_samples = totals.tolist()
@@ -936,15 +1021,32 @@ def validate(model, loader, loss_fn, *, device=None, amp=None, progress=False):
             "samples": int(n_samples)}
 
 
-def warmup_scheduler(optimizer, warmup_steps):
-    """A per-step LambdaLR: the learning rate rises linearly over `warmup_steps`, then stays constant.
-
-    The factor at step s is min(1, (s + 1) / warmup_steps), so the first step already learns.
-    Its state_dict holds plain numbers only (loads under weights_only=True).
-    Usage: scheduler = warmup_scheduler(optimizer, 5000); train_epoch(..., scheduler=scheduler)
+@contextlib.contextmanager
+def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
+    """For a `with` block, turn SIGINT (Ctrl-C) and SIGTERM (what schedulers send before preemption)
+    into a request to stop: yields a threading.Event that the first signal sets, with the signal's
+    number in event.signal (None until then), for train_epoch(stop=...) to end the epoch at the next
+    step boundary. A second signal raises KeyboardInterrupt, for a stop that will not wait. The
+    previous handlers are restored on exit; outside the main thread nothing is installed.
+    Usage: with stop_on_signals() as stop: stats = train_epoch(..., stop=stop); if stop.is_set(): save, exit
     """
-    warmup_steps = max(1, int(warmup_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
+    stop = threading.Event()
+    stop.signal = None
+
+    def request_stop(number, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.signal = number
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {number: signal.signal(number, request_stop) for number in signals}
+    try:
+        yield stop
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def capture_rng_state():
@@ -1000,11 +1102,18 @@ def predict_dataset(model, dataset, *, device="cpu", batch_size=64, num_workers=
 
 # ----------------------------------------------------------------------------- sampling
 
-def _flow_steps(model, noise, steps, t_start, t_end, dtype, heun):
+def euler_sample(model, noise, steps, *, heun=False, dtype=None):
+    """Integrate dx/dt = model(x, t) from t=0 (noise) to t=1 (data) in `steps` equal steps: Euler
+    (one model evaluation a step) or, with heun=True, Heun's second-order method (two). Runs in
+    inference mode and eval mode (the model's mode is restored); `dtype` is an autocast dtype
+    (e.g. wbflow.autocast_dtype(device)) or None for float32. Returns float32 samples.
+
+    Usage: images = euler_sample(ema_model.module, torch.randn(64, 3, 32, 32), steps=100)
+    """
     was_training = model.training
     model.eval()
     x = noise.float().clone()
-    times = torch.linspace(t_start, t_end, steps + 1).tolist()
+    times = torch.linspace(0.0, 1.0, steps + 1).tolist()
     t = torch.empty(x.shape[0], device=x.device)
     with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype or torch.float32,
                                                 enabled=dtype is not None):
@@ -1012,36 +1121,17 @@ def _flow_steps(model, noise, steps, t_start, t_end, dtype, heun):
             dt = t_next - t_now
             velocity = model(x, t.fill_(t_now))
             if heun:
-                prediction = x + dt * velocity
-                velocity = (velocity + model(prediction, t.fill_(t_next))) / 2
+                velocity = (velocity + model(x + dt * velocity, t.fill_(t_next))) / 2
             x.add_(velocity, alpha=dt)
     model.train(was_training)
     return x
 
 
-def euler_sample(model, noise, steps, *, t_start=0.0, t_end=1.0, dtype=None):
-    """Integrate dx/dt = model(x, t) from t_start (noise) to t_end (data) with `steps` Euler steps,
-    one model evaluation each, in inference mode and eval mode; `dtype` is an autocast dtype
-    (e.g. wbflow.autocast_dtype(device)) or None for float32. Returns float32 samples.
+def rk45_sample(model, noise, *, tolerance=1e-5, dtype=None):
+    """Integrate the flow ODE from t=0 to 1 with adaptive RK45 (scipy.integrate.solve_ivp, float64
+    state, rtol = atol = `tolerance`); returns (samples float32, number of model evaluations used).
 
-    Usage: images = euler_sample(ema_model.module, torch.randn(64, 3, 32, 32), steps=100)
-    """
-    return _flow_steps(model, noise, steps, t_start, t_end, dtype, heun=False)
-
-
-def heun_sample(model, noise, steps, *, t_start=0.0, t_end=1.0, dtype=None):
-    """Like euler_sample with Heun's second-order method: 2 model evaluations per step (NFE = 2*steps).
-
-    Usage: images = heun_sample(ema_model.module, torch.randn(64, 3, 32, 32), steps=50)
-    """
-    return _flow_steps(model, noise, steps, t_start, t_end, dtype, heun=True)
-
-
-def rk45_sample(model, noise, *, rtol=1e-5, atol=1e-5, t_start=0.0, t_end=1.0, dtype=None):
-    """Integrate the flow ODE with adaptive RK45 (scipy.integrate.solve_ivp, float64 state);
-    returns (samples float32, number of model evaluations used).
-
-    Usage: images, nfe = rk45_sample(ema_model.module, torch.randn(64, 3, 32, 32), rtol=1e-5, atol=1e-5)
+    Usage: images, nfe = rk45_sample(ema_model.module, torch.randn(64, 3, 32, 32), tolerance=1e-5)
     """
     from scipy.integrate import solve_ivp
     was_training = model.training
@@ -1055,8 +1145,8 @@ def rk45_sample(model, noise, *, rtol=1e-5, atol=1e-5, t_start=0.0, t_end=1.0, d
             v = model(x, torch.full((shape[0],), t_now, device=device))
         return v.float().cpu().numpy().reshape(-1).astype(np.float64)
 
-    solution = solve_ivp(velocity, (t_start, t_end), noise.detach().cpu().double().numpy().reshape(-1),
-                         method="RK45", rtol=rtol, atol=atol, t_eval=[t_end])
+    solution = solve_ivp(velocity, (0.0, 1.0), noise.detach().cpu().double().numpy().reshape(-1),
+                         method="RK45", rtol=tolerance, atol=tolerance, t_eval=[1.0])
     model.train(was_training)
     if not solution.success:
         raise RuntimeError(f"RK45 failed: {solution.message}")
@@ -1064,39 +1154,26 @@ def rk45_sample(model, noise, *, rtol=1e-5, atol=1e-5, t_start=0.0, t_end=1.0, d
     return samples, int(solution.nfev)
 
 
-def sample_flow(model, noise, solver="euler", nfe=100, *, rtol=1e-5, atol=1e-5, dtype=None):
-    """One entry to the samplers: solver "euler" (nfe steps), "heun" (nfe // 2 steps) or "rk45"
-    (adaptive; nfe ignored, rtol/atol used); returns (samples, evaluations actually used).
-
-    Usage: images, used = sample_flow(ema_model.module, noise, "heun", nfe=50)
-    """
-    if solver == "euler":
-        return euler_sample(model, noise, nfe, dtype=dtype), nfe
-    if solver == "heun":
-        steps = max(1, nfe // 2)
-        return heun_sample(model, noise, steps, dtype=dtype), 2 * steps
-    if solver == "rk45":
-        return rk45_sample(model, noise, rtol=rtol, atol=atol, dtype=dtype)
-    raise ValueError(f"solver must be 'euler', 'heun' or 'rk45', not {solver!r}")
-
-
 def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1, 2, 4, 10, 50, 100),
-                    rtol=1e-5, atol=1e-5, dtype=None):
+                    tolerance=1e-5, dtype=None):
     """Sample the same noise with every solver at every NFE budget; returns a list of rows
     {"solver", "nfe" (evaluations used), "seconds", "images"}. Heun takes the even budgets (2 per
-    step), RK45 runs once at its tolerances and reports the evaluations it needed.
+    step), RK45 runs once at `tolerance` and reports the evaluations it needed.
 
     Usage: rows = compare_solvers(ema_model.module, fixed_noise, nfes=(1, 2, 4, 10, 50, 100))
+    Copy with: euler_sample, rk45_sample
     """
     rows = []
     for solver in solvers:
-        budgets = {"euler": list(nfes), "heun": [n for n in nfes if n >= 2 and n % 2 == 0],
-                   "rk45": [None]}[solver]
+        budgets = {"euler": list(nfes), "heun": [n for n in nfes if n >= 2 and n % 2 == 0], "rk45": [None]}[solver]
         for budget in budgets:
             started = time.perf_counter()
-            images, used = sample_flow(model, noise, solver, budget, rtol=rtol, atol=atol, dtype=dtype)
-            rows.append({"solver": solver, "nfe": used, "seconds": time.perf_counter() - started,
-                         "images": images})
+            if solver == "rk45":
+                images, used = rk45_sample(model, noise, tolerance=tolerance, dtype=dtype)
+            else:
+                steps = budget // 2 if solver == "heun" else budget
+                images, used = euler_sample(model, noise, steps, heun=solver == "heun", dtype=dtype), budget
+            rows.append({"solver": solver, "nfe": used, "seconds": time.perf_counter() - started, "images": images})
     return rows
 
 
