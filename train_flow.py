@@ -395,8 +395,7 @@ def ema_quality(ema_model, inception, train_images_uint8, config, device, rank, 
     generator, batches = torch.Generator().manual_seed(sampling["seed"] + 1 + rank), []
     for start in range(0, count, evaluation["sample_batch_size"]):
         noise = torch.randn(min(evaluation["sample_batch_size"], count - start), 3, 32, 32, generator=generator)
-        samples, _ = wbflow.sample_flow(ema_model, noise.to(device), sampling["solver"], sampling["nfe"],
-                                        rtol=sampling["rk45_tolerance"], atol=sampling["rk45_tolerance"])
+        samples, _ = sample(ema_model, noise.to(device), sampling["solver"], sampling["nfe"], sampling["rk45_tolerance"])
         batches.append(wbflow.images_to_uint8(samples))
     # gathered over the ranks: every rank holds the features of all samples
     features, logits = wbflow.inception_features(torch.cat(batches), inception,

@@ -627,20 +627,21 @@ def build_classifier(name, num_classes, weights="none"):
         raise ValueError(f"weights must be 'imagenet' or 'none', not {weights!r}")
     model = torchvision.models.get_model(name, weights=None)
     if weights == "imagenet":
-        model.load_state_dict(_imagenet_state_dict(name))
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+        try:  # the torch hub cache, downloaded there when missing
+            model.load_state_dict(torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False,
+                                                                     check_hash=True, weights_only=True))
+        except Exception as error:  # noqa: BLE001 - no network, a proxy, a damaged file: the advice is the same
+            path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+            raise FileNotFoundError(
+                f"could not load the ImageNet weights for {name} ({type(error).__name__}: {error}).\n"
+                f"  Download {url}\n  and put it at {path}\n  (the torch hub checkpoints folder; set TORCH_HOME "
+                f"to move it), or pass --weights none to train from scratch.") from None
     if hasattr(model, "fc"):
         model.fc = nn.Linear(model.fc.in_features, num_classes)
     else:
         model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
     return model
-
-
-def _imagenet_state_dict(name):
-    """torchvision's default ImageNet weights for `name`, from the hub cache (downloaded there when
-    missing), loaded with torch.load(weights_only=True) through load_checkpoint."""
-    url = torchvision.models.get_model_weights(name).DEFAULT.url
-    return load_checkpoint(_hub_cached_file(url, f"the ImageNet weights for {name}",
-                                            "pass --weights none to train from scratch", check_hash=True))
 
 
 def _hub_cached_file(url, what, alternative, check_hash=False):
@@ -839,13 +840,13 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
                for ema_tensor, tensor in zip(ema_group, group)):
             ema_groups = {}  # an EMA kept on another device: update_parameters copies each step
 
-    def to_device(batch):
+    def on_device(batch):
         if torch.is_tensor(batch):
             return batch.to(device, non_blocking=True)
         if isinstance(batch, (list, tuple)):
-            return type(batch)(to_device(item) for item in batch)
+            return type(batch)(on_device(item) for item in batch)
         if isinstance(batch, dict):
-            return {key: to_device(value) for key, value in batch.items()}
+            return {key: on_device(value) for key, value in batch.items()}
         return batch
 
     def stop_requested():
@@ -879,7 +880,7 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
     stopped = not distributed and stop_requested()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     for batch in ([] if stopped else bar):
-        batch = to_device(batch)
+        batch = on_device(batch)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             output = loss_fn(model, batch)
         loss, n_correct, n_samples = (output, None, None) if torch.is_tensor(output) else output
@@ -984,13 +985,13 @@ def validate(model, loader, loss_fn, *, device=None, amp=None, progress=False):
     dtype = None if not amp else (torch.float16 if device.type == "cuda" and not
                                   torch.cuda.is_bf16_supported(including_emulation=False) else torch.bfloat16)
 
-    def to_device(batch):
+    def on_device(batch):
         if torch.is_tensor(batch):
             return batch.to(device, non_blocking=True)
         if isinstance(batch, (list, tuple)):
-            return type(batch)(to_device(item) for item in batch)
+            return type(batch)(on_device(item) for item in batch)
         if isinstance(batch, dict):
-            return {key: to_device(value) for key, value in batch.items()}
+            return {key: on_device(value) for key, value in batch.items()}
         return batch
 
     was_training = model.training
@@ -1000,7 +1001,7 @@ def validate(model, loader, loss_fn, *, device=None, amp=None, progress=False):
     has_accuracy = False
     with torch.inference_mode():
         for batch in tqdm(loader, desc="validate", disable=not progress, leave=False):
-            batch = to_device(batch)
+            batch = on_device(batch)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 output = loss_fn(model, batch)
             loss, n_correct, n_samples = (output, None, None) if torch.is_tensor(output) else output
@@ -1861,8 +1862,9 @@ def sample_grid(images, nrow=None):
     Usage: grid = sample_grid(samples[:64])  # 8 x 8 images
     """
     nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    images_uint8 = images if images.dtype == torch.uint8 else images_to_uint8(images)
-    grid = torchvision.utils.make_grid(images_uint8.cpu(), nrow=nrow, padding=2)
+    if images.dtype != torch.uint8:  # images_to_uint8, inlined so that sample_grid pastes alone
+        images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow, padding=2)
     return grid.permute(1, 2, 0).numpy()
 
 
