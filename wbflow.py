@@ -2045,7 +2045,8 @@ def rotate_checkpoints(folder, keep=3, *, pattern="checkpoint_epoch_*.pt", metri
     """Delete all but the newest `keep` checkpoints matching `pattern` (numbered: the last number in
     the name orders them), never the best one by state[metric] (mode "min" or "max"), so at most
     keep + 1 files remain and the best survives every rotation. keep=0 keeps all. The metric is
-    read with torch.load(mmap=True), which leaves the tensors on disk. Returns the deleted paths.
+    read with torch.load(weights_only=True, mmap=True), which leaves the tensors on disk.
+    Returns the deleted paths.
     Usage: rotate_checkpoints("checkpoints", keep=3)  # after each save_checkpoint(..., "checkpoint_epoch_N.pt")
     """
     import re
