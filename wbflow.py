@@ -20,8 +20,15 @@ Sections, in data-flow order:
   config            load_yaml_config, str2bool, add_sweep_argument
   command line      python wbflow.py fid DIR_OR_NPZ DIR_OR_NPZ [--resize pytorch-fid] (pytorch-fid's CLI)
 
-Every public function takes what it needs as arguments and imports wandb, scipy, PIL and yaml
-lazily, so it keeps working when pasted alone (with its imports) into another project.
+The copy rule: every public definition takes what it needs as arguments and imports wandb, scipy,
+PIL, yaml and torchviz lazily, so its source pasted under this module's import block runs with no
+other definition of wbflow. The exceptions end their docstrings with a `Copy with:` line naming
+exactly the definitions to paste along: FlowUNet (its blocks), compare_solvers (the two integrators),
+fid_weights_path (the hub download helper), and what runs the Inception on images: FIDInceptionV3,
+load_fid_inception, inception_features, fid, kid, inception_score, save_statistics (fid, kid and
+inception_score given features or logits run alone).
+test_copy.py checks this for every public definition, and each section's tests call its functions
+pasted that way.
 """
 
 import argparse
