@@ -192,6 +192,23 @@ def test_command_line_prints_what_pytorch_fids_prints(weights_path, images_uint8
     assert float(from_npz.split()[-1]) == pytest.approx(ours, rel=1e-9)
 
 
+def test_command_line_prints_pytorch_fids_number_for_statistics_of_more_than_2048_samples(weights_path, tmp_path):
+    # With full-rank covariances pytorch-fid's sqrtm is accurate, so both print the same number.
+    torch_home = tmp_path / "torch_home"
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    os.link(weights_path, torch_home / "hub" / "checkpoints" / wbflow.FID_WEIGHTS_FILE)
+    generator = np.random.default_rng(0)
+    for name, shift in (("real", 0.0), ("fake", 0.3)):
+        features = generator.standard_normal((3000, 2048)) @ (np.eye(2048) + 0.01 * generator.standard_normal((2048, 2048)))
+        np.savez(tmp_path / f"{name}.npz", mu=features.mean(0) + shift, sigma=np.cov(features, rowvar=False))
+    paths = [str(tmp_path / "real.npz"), str(tmp_path / "fake.npz")]
+    expected = _run("-m", "pytorch_fid", *paths, "--device", "cpu", TORCH_HOME=str(torch_home))
+    printed = _run("wbflow.py", "fid", *paths, "--resize", "pytorch-fid", "--device", "cpu", TORCH_HOME=str(torch_home))
+    theirs, ours = expected.strip().splitlines()[-1], printed.strip().splitlines()[-1]
+    assert ours.startswith("FID:  ") and theirs.startswith("FID:  ")
+    assert float(ours.split()[-1]) == pytest.approx(float(theirs.split()[-1]), rel=1e-9)
+
+
 def test_command_line_refuses_a_missing_folder_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "wbflow.py", "fid", str(tmp_path / "absent"), str(tmp_path)],
                             capture_output=True, text=True, cwd=HERE)
