@@ -274,7 +274,7 @@ def test_log_graph_logs_the_torchviz_picture_as_model_graph(offline_wandb, tmp_p
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(5))
     model(torch.zeros(1, 3, 8, 8))
     with wbflow.wandb_run(project="test") as run:
-        assert train_fire.log_model_graph(run, model, torch.zeros(1, 3, 8, 8), step=0)
+        assert wbflow.log_model_graph(run, model, torch.zeros(1, 3, 8, 8), step=0)
     [log] = run_logs(offline_wandb)
     [graph] = log.values("model_graph")
     assert graph["_type"] == "image-file" and graph["width"] > 10 and graph["height"] > 10

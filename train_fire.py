@@ -19,7 +19,6 @@ The learning rate follows a cosine from --learning-rate to 0, stepped every opti
 import argparse
 import functools
 import os
-import shlex
 import signal
 import sys
 import warnings
@@ -82,108 +81,35 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def check_args(args, world_size):
-    """One line naming the first bad setting, before any data is read or any process group is joined."""
-    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--image-size": args.image_size,
-                "--learning-rate": args.learning_rate}
-    not_negative = {"--num-workers": args.num_workers, "--num-predictions": args.num_predictions,
-                    "--grad-clip": args.grad_clip, "--weight-decay": args.weight_decay,
-                    "--focal-gamma": args.focal_gamma}
-    for flag, value in positive.items():
-        if not value > 0:
-            raise SystemExit(f"train_fire: {flag} must be positive, not {value}")
-    for flag, value in not_negative.items():
-        if not value >= 0:
-            raise SystemExit(f"train_fire: {flag} must not be negative, not {value}")
-    if not 0 <= args.val_split < 1:
-        raise SystemExit(f"train_fire: --val-split must be at least 0 and below 1, not {args.val_split}")
-    if args.class_names is not None and len(set(args.class_names)) != len(args.class_names):
-        raise SystemExit(f"train_fire: --class-names repeats a name: {','.join(args.class_names)}")
-    if world_size < 1:
-        raise SystemExit(f"train_fire: WORLD_SIZE must be positive, not {world_size}")
-
-
-def load_resume_checkpoint(args, class_names, device):
+def load_resume_checkpoint(resume, device, *, model, class_names, image_size, epochs):
     """The --resume checkpoint, refused in one line unless it is this driver's last.pth for the same
     model, classes (in the same order), image size and epochs."""
-    try:
-        state = wbflow.load_checkpoint(args.resume, map_location=device)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"train_fire: --resume: {error}") from None
-    where = f"train_fire: --resume {args.resume}"
-    config = state.get("config") if isinstance(state, dict) else None
-    if not isinstance(config, dict) or state.get("driver", "train_fire") != "train_fire" or "ema" in state:
-        raise SystemExit(f"{where} is not a train_fire checkpoint (a train_flow.py one is resumed by train_flow.py)")
-    missing = [key for key in RESUME_KEYS if key not in state]
-    if missing:
-        raise SystemExit(f"{where} cannot be resumed: it lacks {', '.join(missing)} "
-                         f"(best_model.pth holds weights only; resume from OUT/last.pth)")
-    expected = {"model": args.model, "classes": list(class_names), "image_size": args.image_size,
-                "epochs": args.epochs}
-    for key, value in expected.items():
-        if config.get(key) != value:
-            hint = {"epochs": " (its cosine schedule ends there; changing --epochs would make the learning rate "
-                              "climb back up: resume with the run's --epochs, or start a new run)",
-                    "classes": " (the labels keep their indices: pass --class-names in the checkpoint's order)"}
-            hint = hint.get(key, "")
-            raise SystemExit(f"{where} was trained with {key} {config.get(key)}, this run has {value}{hint}")
+    with wbflow.exit_on_error(f"train_fire: --resume {resume}", (FileNotFoundError, ValueError)):
+        state = wbflow.load_checkpoint(resume, map_location=device)
+        wbflow.check_checkpoint(state, driver="train_fire", required=RESUME_KEYS, expected={
+            "model": model, "classes": list(class_names), "image_size": image_size, "epochs": epochs}, hints={
+            "optimizer": " (best_model.pth holds weights only; resume from OUT/last.pth)",
+            "epochs": " (its cosine schedule ends there; changing --epochs would make the learning rate climb "
+                      "back up: resume with the run's --epochs, or start a new run)",
+            "classes": " (the labels keep their indices: pass --class-names in the checkpoint's order)"})
     return state
-
-
-def log_model_graph(run, model, example_input, step=None):
-    """Log the autograd graph of model(example_input) as the image `model_graph` (torchviz, Graphviz
-    `dot`), as seed 003 does; returns False, saying what to install, when either is missing."""
-    import shutil
-    try:
-        from torchviz import make_dot
-    except ImportError:
-        make_dot = None
-    if make_dot is None or shutil.which("dot") is None:
-        print("train_fire: --log-graph draws the graph with torchviz and Graphviz (pip install torchviz; "
-              "apt-get install graphviz); logging W&B's own graph instead")
-        return False
-    import tempfile
-    import wandb
-    was_training = model.training
-    model.eval()
-    dot = make_dot(model(example_input), params=dict(model.named_parameters()))
-    model.train(was_training)
-    with tempfile.TemporaryDirectory() as folder:
-        png = dot.render(Path(folder) / "model_graph", format="png")
-        run.log({"model_graph": wandb.Image(png)}, step=step)
-    return True
-
-
-def resume_command(argv, checkpoint, world_size):
-    """The command line that continues this run from `checkpoint`: the same flags, --resume replaced."""
-    flags, skip = [], False
-    for flag in argv:
-        if not skip and not flag.startswith("--resume="):
-            skip = flag == "--resume"
-            flags += [] if skip else [flag]
-        else:
-            skip = False
-    launcher = f"torchrun --standalone --nproc_per_node={world_size}" if world_size > 1 else "python"
-    return shlex.join([*launcher.split(), Path(__file__).name, *flags, "--resume", str(checkpoint)])
-
-
-def rng_states(world_size):
-    """Every rank's RNG states, gathered for rank 0's checkpoint, so each rank resumes its own."""
-    if world_size == 1:
-        return [wbflow.capture_rng_state()]
-    states = [None] * world_size
-    dist.all_gather_object(states, wbflow.capture_rng_state())
-    return states
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    check_args(args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
-    try:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    with wbflow.exit_on_error("train_fire", (ValueError,)):  # every setting, before any data or process group
+        wbflow.check_numbers({"--epochs": args.epochs, "--batch-size": args.batch_size, "--image-size": args.image_size,
+                              "--learning-rate": args.learning_rate, "WORLD_SIZE": world_size},
+                             {"--num-workers": args.num_workers, "--num-predictions": args.num_predictions,
+                              "--grad-clip": args.grad_clip, "--weight-decay": args.weight_decay,
+                              "--focal-gamma": args.focal_gamma})
+        if not 0 <= args.val_split < 1:
+            raise ValueError(f"--val-split must be at least 0 and below 1, not {args.val_split}")
+        if args.class_names is not None and len(set(args.class_names)) != len(args.class_names):
+            raise ValueError(f"--class-names repeats a name: {','.join(args.class_names)}")
         out_dir = wbflow.prepare_out_dir(args.out_dir, resume=args.resume, overwrite=args.overwrite)
-    except ValueError as error:
-        raise SystemExit(f"train_fire: {error}") from None
     rank, world_size, device = wbflow.setup_distributed()
     master = rank == 0  # the only process that prints, logs to W&B and writes checkpoints
     if not master:
@@ -191,15 +117,12 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)  # each rank its own randomness
 
     # data and model; a bad data folder or unavailable weights ends with the message, no traceback
-    try:
+    with wbflow.exit_on_error("train_fire", (FileNotFoundError, ValueError)):
         train_samples, val_samples, class_names = wbflow.find_image_samples(
             args.data_dir, class_names=args.class_names, val_split=args.val_split, seed=args.seed)
         wbflow.check_same_on_every_rank({"training images": len(train_samples),
                                          "validation images": len(val_samples)})
-        state = load_resume_checkpoint(args, class_names, device) if args.resume else None
         model = wbflow.build_classifier(args.model, len(class_names), args.weights).to(device)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"train_fire: {error}") from None
     train_set = wbflow.ImageSamples(train_samples, wbflow.image_transforms(args.image_size, train=True))
     val_set = wbflow.ImageSamples(val_samples, wbflow.image_transforms(args.image_size, train=False))
     train_loader, val_loader = wbflow.classifier_loaders(
@@ -221,8 +144,11 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(train_loader))
     scaler = wbflow.make_scaler(device, args.amp)
 
+    # resume: this driver's last.pth of the same run; W&B continues the run only from its last act
     start_epoch, step, best_acc, run_id, skipped_steps, epoch_state, resumed_from = 0, 0, None, None, 0, None, None
-    if state is not None:
+    if args.resume:
+        state = load_resume_checkpoint(args.resume, device, model=args.model, class_names=class_names,
+                                       image_size=args.image_size, epochs=args.epochs)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -255,7 +181,8 @@ def main(argv=None):
         """Everything a resume needs; train_state is a stopped epoch's, last_act marks the run's final write."""
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_val_acc": best_acc,
-                "skipped_steps": skipped_steps, "rng": rng_states(world_size), "train_state": train_state,
+                "skipped_steps": skipped_steps, "rng": wbflow.gather_from_ranks(wbflow.capture_rng_state()),
+                "train_state": train_state,
                 "wandb_run_id": run_id, "wandb_last_act": last_act, "config": config,
                 "driver": "train_fire"}
 
@@ -273,7 +200,7 @@ def main(argv=None):
             run.define_metric(key, step_metric="epoch", summary=summary)
         if run:
             run_id = run.id
-        graph_logged = args.log_graph and run and log_model_graph(run, model, val_set[0][0][None].to(device), step)
+        graph_logged = args.log_graph and run and wbflow.log_model_graph(run, model, val_set[0][0][None].to(device), step)
         if args.watch or (args.log_graph and not graph_logged):
             wbflow.watch_model(run, model, log="all" if args.watch else None, log_freq=100,
                                log_graph=args.log_graph and not graph_logged)
@@ -296,7 +223,7 @@ def main(argv=None):
                 if master:
                     path = wbflow.save_checkpoint(state, out_dir / "last.pth")
                     print(f"stopped at step {step} (epoch {epoch}); continue with:\n  "
-                          f"{resume_command(argv, path, world_size)}", flush=True)
+                          f"{wbflow.resume_command(__file__, argv, path, world_size)}", flush=True)
                 raise SystemExit(128 + (stop.signal or signal.SIGTERM))
             # the unwrapped model: DDP's forward would sync buffers, and val shards differ in length
             val = wbflow.validate(model, val_loader, loss_fn, device=device, amp=args.amp)

@@ -12,14 +12,11 @@ Recipe: config -> data, model, optimiser -> epochs of wbflow.train_epoch on the 
 with EMA samples, the solver table, checkpoints and artifacts -> (--eval) FID / Inception Score.
 """
 import argparse
-import errno
 import math
 import os
-import shlex
+import signal
 import sys
 from pathlib import Path
-
-import signal
 
 import torch
 import torch.distributed as dist
@@ -37,8 +34,10 @@ SMOKE_OVERRIDES = [
     "eval.sample_batch_size=16", "eval.inception_batch_size=10", "eval.fid_interval=0"]
 # what --resume needs in a checkpoint; the driver field, when present, must say train_flow
 RESUME_KEYS = ("model", "ema", "optimizer", "scheduler", "epoch", "global_step", "config")
-
-
+# settings that must be above 0, checked before any data is read
+POSITIVE = {"training": ("epochs", "batch_size", "log_interval", "save_interval", "sample_interval"),
+            "logging": ("log_images_interval", "log_model_interval"), "sampling": ("num_images", "nfe"),
+            "eval": ("sample_batch_size", "inception_batch_size")}
 SOLVERS = ("euler", "heun", "rk45")
 DEFAULT_CONFIG = HERE / "configs" / "cifar10_rectified_flow.yaml"
 
@@ -96,115 +95,60 @@ def load_config(args):
     return config
 
 
-def check_settings(config, args, world_size):
-    """One line naming the first bad setting, before any data is read or any process group is joined."""
-    training, sampling = config["training"], config["sampling"]
-    positive = {f"{section}.{key}": config[section][key] for section, keys in {
-        "training": ("epochs", "batch_size", "log_interval", "save_interval", "sample_interval"),
-        "logging": ("log_images_interval", "log_model_interval"), "sampling": ("num_images", "nfe"),
-        "eval": ("sample_batch_size", "inception_batch_size")}.items() for key in keys}
-    positive.update({"--num-samples": args.num_samples, "--nfe": args.nfe or 1,
-                     "data.max_images": config["data"]["max_images"] or 1})
-    for name, value in positive.items():
-        if not value > 0:
-            raise SystemExit(f"train_flow.py: {name} must be positive, not {value}")
-    for name in ("warmup_steps", "keep_checkpoints"):
-        if not training.get(name, 0) >= 0:
-            raise SystemExit(f"train_flow.py: training.{name} must not be negative, not {training[name]}")
-    if training["batch_size"] < world_size:
-        raise SystemExit(f"train_flow.py: training.batch_size {training['batch_size']} is smaller than the "
-                         f"{world_size} ranks (it is the global batch, split over them)")
-    for flag, reference in (("--resume", args.resume), ("--checkpoint", args.checkpoint)):
-        if reference and os.path.isdir(reference):
-            raise SystemExit(f"train_flow.py: {flag} {reference} is a folder, not a checkpoint file")
-    for solver in [sampling["solver"], *sampling["table_solvers"]]:
-        if solver not in SOLVERS:
-            raise SystemExit(f"train_flow.py: unknown solver {solver!r} in sampling.solver / sampling.table_solvers;"
-                             f" choose from {', '.join(SOLVERS)}")
-
-
-def check_resume_checkpoint(state, config, reference):
-    """Refuse in one line a --resume / --checkpoint file that is not this driver's, or that holds another model."""
-    where = f"train_flow.py: {reference}"
-    saved_config = state.get("config") if isinstance(state, dict) else None
-    if (not isinstance(saved_config, dict) or not isinstance(saved_config.get("model"), dict)
-            or state.get("driver", "train_flow") != "train_flow"):
-        raise SystemExit(f"{where} is not a train_flow checkpoint (a train_fire.py one is resumed by train_fire.py)")
-    missing = [key for key in RESUME_KEYS if key not in state]
-    if missing:
-        raise SystemExit(f"{where} cannot be resumed: it lacks {', '.join(missing)}")
-    changed = [f"{key} {saved_config['model'].get(key)!r} there, {value!r} here"
-               for key, value in config["model"].items() if saved_config["model"].get(key) != value]
-    if changed:
-        raise SystemExit(f"{where} holds another model ({'; '.join(changed)}): pass the --config/--set "
-                         f"(and --smoke) of the run it came from")
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     config = load_config(args)
-    check_settings(config, args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    data, training = config["data"], config["training"]
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    with wbflow.exit_on_error("train_flow.py", (ValueError,)):  # every setting, before any data or process group
+        wbflow.check_numbers({**{f"{section}.{key}": config[section][key] for section, keys in POSITIVE.items()
+                                 for key in keys}, "--num-samples": args.num_samples, "--nfe": args.nfe or 1,
+                              "data.max_images": data["max_images"] or 1},
+                             {f"training.{key}": training[key] for key in ("warmup_steps", "keep_checkpoints")})
+        if training["batch_size"] < world_size:
+            raise ValueError(f"training.batch_size {training['batch_size']} is smaller than the {world_size} ranks "
+                             f"(it is the global batch, split over them)")
+        for flag, reference in (("--resume", args.resume), ("--checkpoint", args.checkpoint)):
+            if reference and os.path.isdir(reference):
+                raise ValueError(f"{flag} {reference} is a folder, not a checkpoint file")
+        for solver in [config["sampling"]["solver"], *config["sampling"]["table_solvers"]]:
+            if solver not in SOLVERS:
+                raise ValueError(f"unknown solver {solver!r} in sampling.solver / sampling.table_solvers; "
+                                 f"choose from {', '.join(SOLVERS)}")
+        if args.eval and not args.checkpoint:
+            raise ValueError("--eval needs --checkpoint PATH|ARTIFACT")
+        if not args.eval:
+            wbflow.prepare_out_dir(data["out_dir"], resume=args.resume, overwrite=args.overwrite)
     if args.smoke:
         os.environ.setdefault("WANDB_MODE", "offline")
-    try:
+    with wbflow.exit_on_error("train_flow.py"):  # missing data, checkpoint or weights; a full disk
         if not args.eval:
-            wbflow.prepare_out_dir(config["data"]["out_dir"], resume=args.resume, overwrite=args.overwrite)
-    except ValueError as error:
-        raise SystemExit(f"train_flow.py: {error}") from None
-    try:
-        return evaluate(config, args) if args.eval else train(config, args, argv)
-    except FileNotFoundError as error:  # missing data, checkpoint or weights: the message says what to do
-        raise SystemExit(f"train_flow.py: {error}") from None
-    except OSError as error:
-        if error.errno != errno.ENOSPC:
-            raise
-        raise SystemExit(f"train_flow.py: {error.strerror}") from None
+            return train(config, argv, resume=args.resume, smoke=args.smoke, synthetic=args.smoke and not args.data_dir)
+        sampling, evaluation, logging = config["sampling"], config["eval"], config["logging"]
+        return evaluate(args.checkpoint, num_samples=args.num_samples, metric=args.metric,
+                        solver=args.solver or sampling["solver"], nfe=args.nfe or sampling["nfe"],
+                        tolerance=sampling["rk45_tolerance"], seed=sampling["seed"], data_dir=data["data_dir"],
+                        out_dir=data["out_dir"], stats_dir=evaluation["stats_dir"],
+                        num_real_images=evaluation["num_real_images"], sample_batch_size=evaluation["sample_batch_size"],
+                        inception_batch_size=evaluation["inception_batch_size"], fid_weights=evaluation["fid_weights"],
+                        project=logging["project_name"], entity=logging["entity"], use_wandb=args.use_wandb,
+                        eval_project=args.wandb_project or f"{logging['project_name']}_eval",
+                        device=torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
 
 
-def resume_command(argv, checkpoint, world_size):
-    """The command line that continues this run from `checkpoint`: the same flags, --resume replaced."""
-    flags, skip = [], False
-    for flag in argv:
-        if not skip and not flag.startswith(("--resume=",)):
-            skip = flag == "--resume"
-            flags += [] if skip else [flag]
-        else:
-            skip = False
-    launcher = f"torchrun --standalone --nproc_per_node={world_size}" if world_size > 1 else "python"
-    return shlex.join([*launcher.split(), Path(__file__).name, *flags, "--resume", str(checkpoint)])
-
-
-def rng_states(world_size):
-    """Every rank's RNG states, gathered for rank 0's checkpoint, so each rank resumes its own."""
-    if world_size == 1:
-        return [wbflow.capture_rng_state()]
-    states = [None] * world_size
-    dist.all_gather_object(states, wbflow.capture_rng_state())
-    return states
-
-
-def train(config, args, argv):
-    data, training, logging, sampling = config["data"], config["training"], config["logging"], config["sampling"]
+def train(config, argv, *, resume=None, smoke=False, synthetic=False):
+    data, training, logging = config["data"], config["training"], config["logging"]
+    sampling, evaluation = config["sampling"], config["eval"]
     rank, world_size, device = wbflow.setup_distributed()
-    device = torch.device("cpu") if args.smoke else device
-    is_main = wbflow.is_main_process()
+    device = torch.device("cpu") if smoke else device
+    is_main = rank == 0  # the only process that prints, logs to W&B and writes checkpoints
     say = print if is_main else (lambda *_, **__: None)
     out_dir = Path(data["out_dir"])
     torch.manual_seed(training["seed"] + rank)
 
-    # A checkpoint to resume from must fit: this driver's, the same model (checked before any data is read).
-    state = None
-    if args.resume:
-        path = wbflow.fetch_checkpoint(args.resume, project=logging["project_name"], entity=logging["entity"])
-        try:
-            state = wbflow.load_checkpoint(path, map_location=device)
-        except ValueError as error:
-            raise SystemExit(f"train_flow.py: --resume: {error}") from None
-        check_resume_checkpoint(state, config, f"--resume {args.resume}")
-
     # Data: the training set as one uint8 tensor on the device (rank 0 downloads first).
-    if args.smoke and not args.data_dir:
+    if synthetic:
         images_uint8 = wbflow.synthetic_images(data["max_images"], seed=training["seed"])
         say(f"smoke: {len(images_uint8)} synthetic images (pass --data-dir to use CIFAR-10)")
     else:
@@ -214,18 +158,16 @@ def train(config, args, argv):
         if world_size > 1 and is_main:
             dist.barrier()
         say(f"CIFAR-10: {len(images_uint8)} training images from {data['data_dir']}")
-    try:
+    with wbflow.exit_on_error("train_flow.py", (ValueError,)):
         wbflow.check_same_on_every_rank({"training images": len(images_uint8)})
-    except ValueError as error:
-        raise SystemExit(f"train_flow.py: {error}") from None
     channels_last = training["channels_last"] and device.type == "cuda"
     loader = wbflow.DeviceImageLoader(images_uint8, training["batch_size"] // world_size, device=device,
-                                         seed=training["seed"], rank=rank, world_size=world_size,
-                                         channels_last=channels_last)
+                                      seed=training["seed"], rank=rank, world_size=world_size,
+                                      channels_last=channels_last)
     if len(loader) == 0:
         raise SystemExit(f"train_flow.py: {len(images_uint8)} images make no batch of {loader.batch_size} per rank")
 
-    # Model, EMA, optimiser, warm-up schedule, AMP scaler (enabled only for fp16).
+    # Model, EMA, optimiser, warm-up schedule; AMP chosen once: bf16 (fp16 with a scaler where bf16 is missing) on CUDA.
     model = wbflow.FlowUNet(**config["model"]).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -233,12 +175,19 @@ def train(config, args, argv):
     optimizer = torch.optim.Adam(model.parameters(), lr=training["learning_rate"], fused=True)
     warmup_steps = max(1, training["warmup_steps"])  # lr * (step + 1) / warmup_steps, then constant
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1 / warmup_steps, total_iters=warmup_steps - 1)
-    scaler = wbflow.make_scaler(device)
+    amp_dtype = wbflow.autocast_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     say(f"FlowUNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} x {device}")
 
+    # Resume: this driver's checkpoint of the same model; W&B continues the run only from its last act.
     start_epoch, step, best_loss, run_id, table_rows, skipped_steps = 1, 0, None, None, [], 0
     epoch_state, resumed_from = None, None
-    if state is not None:
+    if resume:
+        path = wbflow.fetch_checkpoint(resume, project=logging["project_name"], entity=logging["entity"])
+        with wbflow.exit_on_error(f"train_flow.py: --resume {resume}", (ValueError,)):
+            state = wbflow.load_checkpoint(path, map_location=device)
+            wbflow.check_checkpoint(state, driver="train_flow", required=RESUME_KEYS, expected={"model": config["model"]},
+                                    hints={"model": ": pass the --config/--set (and --smoke) of the run it came from"})
         model.load_state_dict(state["model"])
         ema_model.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -249,7 +198,7 @@ def train(config, args, argv):
         skipped_steps, epoch_state = state["skipped_steps"], state["train_state"]
         start_epoch = state["epoch"] + (epoch_state is None)  # a stopped epoch is finished first
         wbflow.restore_rng_state(state["rng"][rank])
-        say(f"resumed from {args.resume} at epoch {state['epoch']}"
+        say(f"resumed from {resume} at epoch {state['epoch']}"
             f"{', batch ' + str(epoch_state['batches']) if epoch_state else ''}, step {step}")
         if state["wandb_last_act"]:  # written when the run stopped: the run has nothing after it
             run_id = state["wandb_run_id"]
@@ -268,13 +217,14 @@ def train(config, args, argv):
     # The same seeded noise every time, so eval/generated_samples show progress, not new noise.
     fixed_noise = torch.randn(sampling["num_images"], 3, 32, 32,
                               generator=torch.Generator().manual_seed(sampling["seed"])).to(device)
-    amp_dtype = wbflow.autocast_dtype(device)
+    solver, nfe, tolerance = sampling["solver"], sampling["nfe"], sampling["rk45_tolerance"]
 
     def checkpoint(epoch, train_state=None, last_act=False):
         """Everything a resume needs; train_state is a stopped epoch's, last_act marks the run's final write."""
         return {"model": model.state_dict(), "ema": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                "global_step": step, "best_loss": best_loss, "config": config, "rng": rng_states(world_size),
+                "global_step": step, "best_loss": best_loss, "config": config,
+                "rng": wbflow.gather_from_ranks(wbflow.capture_rng_state()),  # each rank resumes its own
                 "table_rows": table_rows, "skipped_steps": skipped_steps, "train_state": train_state,
                 "wandb_run_id": run.id if run else run_id, "wandb_last_act": last_act, "driver": "train_flow"}
 
@@ -290,8 +240,8 @@ def train(config, args, argv):
         run.define_metric("eval/fid_score", step_metric="train/epoch", summary="min")
         run.define_metric("eval/inception_score_*", step_metric="train/epoch")
         inception = None
-        if config["eval"]["fid_interval"]:  # a missing weights file stops the run before it trains
-            wbflow.fid_weights_path(config["eval"]["fid_weights"])
+        if evaluation["fid_interval"]:  # a missing weights file stops the run before it trains
+            wbflow.fid_weights_path(evaluation["fid_weights"])
 
         def log_window(step, window):
             nonlocal skipped_steps
@@ -312,19 +262,28 @@ def train(config, args, argv):
                 if is_main:
                     path = wbflow.save_checkpoint(state, out_dir / "last.pt")
                     print(f"stopped at step {step} (epoch {epoch}); continue with:\n  "
-                          f"{resume_command(argv, path, world_size)}", flush=True)
+                          f"{wbflow.resume_command(__file__, argv, path, world_size)}", flush=True)
                 raise SystemExit(128 + (stop.signal or signal.SIGTERM))
             # train_epoch's loss and sample count are over all ranks already
-            step, epoch_loss, images_per_second = stats["step"], stats["loss"], stats["samples"] / stats["seconds"]
+            epoch_loss, images_per_second = stats["loss"], stats["samples"] / stats["seconds"]
             say(f"epoch {epoch}: loss {epoch_loss:.4f}, {images_per_second:.0f} images/s, step {step}")
             run.log({"train/epoch_loss": epoch_loss, "train/images_per_second": images_per_second,
                      "train/epoch": epoch}, step=step)
-            if config["eval"]["fid_interval"] and epoch % config["eval"]["fid_interval"] == 0:
-                # FID/IS of the EMA model over training; every rank samples a share, rank 0 logs
-                inception = inception or wbflow.load_fid_inception(config["eval"]["fid_weights"], device)
-                quality = ema_quality(ema_model.module, inception, images_uint8, config, device, rank, world_size,
-                                      stats_dir=None if args.data_dir or not args.smoke else out_dir / "fid_stats")
-                say(f"epoch {epoch}: FID {quality['eval/fid_score']:.2f} on {config['eval']['fid_num_samples']} samples")
+            if evaluation["fid_interval"] and epoch % evaluation["fid_interval"] == 0:
+                # FID/IS of the EMA model against the training images; every rank samples a share, rank 0 logs
+                inception = inception or wbflow.load_fid_inception(evaluation["fid_weights"], device)
+                name = "synthetic" if synthetic else "cifar10-train"
+                statistics = wbflow.save_statistics(
+                    images_uint8[rank::world_size], out_dir / "fid_stats" if synthetic else
+                    evaluation["stats_dir"] or Path(data["data_dir"]) / "fid_stats",
+                    name if len(images_uint8) == 50000 else f"{name}-{len(images_uint8)}",
+                    batch_size=evaluation["inception_batch_size"], device=device, weights_path=evaluation["fid_weights"])
+                samples_uint8, _ = sample_images(
+                    ema_model.module, len(range(rank, evaluation["fid_num_samples"], world_size)),
+                    batch_size=evaluation["sample_batch_size"], seed=sampling["seed"] + 1 + rank, solver=solver,
+                    nfe=nfe, tolerance=tolerance, device=device)
+                quality = scores(samples_uint8, inception, statistics, batch_size=evaluation["inception_batch_size"])
+                say(f"epoch {epoch}: FID {quality['eval/fid_score']:.2f} on {evaluation['fid_num_samples']} samples")
                 run.log({**quality, "train/epoch": epoch}, step=step)
             is_best = not math.isnan(epoch_loss) and (best_loss is None or epoch_loss < best_loss)
             best_loss = epoch_loss if is_best else best_loss
@@ -333,14 +292,14 @@ def train(config, args, argv):
                 continue
 
             if epoch % logging["log_images_interval"] == 0:
-                samples, nfe = sample(ema_model.module, fixed_noise, sampling["solver"], sampling["nfe"],
-                                      sampling["rk45_tolerance"], dtype=amp_dtype)
+                samples, nfe_used = sample(ema_model.module, fixed_noise, solver, nfe, tolerance, dtype=amp_dtype)
                 grid = wbflow.sample_grid(samples)
                 wbflow.save_png(grid, out_dir / "samples" / f"epoch_{epoch:04d}.png")
                 wbflow.log_image_grid(run, "eval/generated_samples", grid, step=step,
-                                         caption=f"epoch {epoch}, EMA, {sampling['solver']} NFE {nfe}")
+                                      caption=f"epoch {epoch}, EMA, {solver} NFE {nfe_used}")
             if epoch % training["sample_interval"] == 0 or epoch == training["epochs"]:
-                table_rows += solver_rows(ema_model.module, fixed_noise, sampling, epoch, out_dir, amp_dtype)
+                table_rows += solver_rows(ema_model.module, fixed_noise, epoch, out_dir, solvers=sampling["table_solvers"],
+                                          nfes=sampling["table_nfes"], tolerance=tolerance, dtype=amp_dtype)
 
             state["table_rows"], state["epoch_loss"] = table_rows, epoch_loss
             wbflow.save_checkpoint(state, out_dir / "last.pt")  # each epoch: a crash loses at most one
@@ -373,41 +332,39 @@ def sample(model, noise, solver, nfe, tolerance, dtype=None):
     return wbflow.euler_sample(model, noise, steps, heun=solver == "heun", dtype=dtype), steps * (1 + (solver == "heun"))
 
 
-def solver_rows(model, noise, sampling, epoch, out_dir, amp_dtype):
+def sample_images(model, count, *, batch_size, seed, solver, nfe, tolerance, device):
+    """(count samples as uint8 on the CPU, evaluations used per sample), in float32 as the published FIDs
+    sample. The noise comes from its own generator and nothing here draws from the global one, so a
+    training run goes on exactly as without it."""
+    generator, batches = torch.Generator().manual_seed(seed), []
+    for start in range(0, count, batch_size):
+        noise = torch.randn(min(batch_size, count - start), 3, 32, 32, generator=generator).to(device)
+        samples, used = sample(model, noise, solver, nfe, tolerance)
+        batches.append(wbflow.images_to_uint8(samples).cpu())
+    return torch.cat(batches), used
+
+
+def scores(samples_uint8, inception, statistics=None, *, inception_score=True, batch_size):
+    """eval/fid_score against `statistics` (when given) and eval/inception_score_*, from one Inception
+    pass over the samples (features for FID, logits for IS; gathered over the ranks)."""
+    features, logits = wbflow.inception_features(samples_uint8, inception, batch_size=batch_size)
+    metrics = {} if statistics is None else {"eval/fid_score": wbflow.fid(statistics, features)}
+    if inception_score:
+        metrics["eval/inception_score_mean"], metrics["eval/inception_score_std"] = wbflow.inception_score(
+            logits, splits=min(10, len(logits)))
+    return metrics
+
+
+def solver_rows(model, noise, epoch, out_dir, *, solvers, nfes, tolerance, dtype):
     """This epoch's rows of eval/samples_table; each grid goes to a PNG that the table reads at the end,
     named relative to out_dir so the rows in a checkpoint survive moving the folder or the machine."""
     rows = []
-    for row in wbflow.compare_solvers(model, noise, solvers=sampling["table_solvers"], nfes=sampling["table_nfes"],
-                                      tolerance=sampling["rk45_tolerance"], dtype=amp_dtype):
+    for row in wbflow.compare_solvers(model, noise, solvers=solvers, nfes=nfes, tolerance=tolerance, dtype=dtype):
         name = f"epoch_{epoch:04d}_{row['solver']}_nfe{row['nfe']:03d}.png"
         path = wbflow.save_png(wbflow.sample_grid(row["images"]), out_dir / "samples" / name)
         rows.append({"epoch": epoch, "solver": row["solver"], "nfe": row["nfe"], "seconds": row["seconds"],
                      "samples": str(path.relative_to(out_dir))})
     return rows
-
-
-def ema_quality(ema_model, inception, train_images_uint8, config, device, rank, world_size, stats_dir=None):
-    """eval/fid_score and eval/inception_score_* of eval.fid_num_samples EMA samples (one Inception pass)
-    against the cached statistics of the training images. The noise comes from its own generator and
-    nothing here draws from the global one, so the training run goes on exactly as without it."""
-    evaluation, sampling = config["eval"], config["sampling"]
-    count = len(range(rank, evaluation["fid_num_samples"], world_size))
-    generator, batches = torch.Generator().manual_seed(sampling["seed"] + 1 + rank), []
-    for start in range(0, count, evaluation["sample_batch_size"]):
-        noise = torch.randn(min(evaluation["sample_batch_size"], count - start), 3, 32, 32, generator=generator)
-        samples, _ = sample(ema_model, noise.to(device), sampling["solver"], sampling["nfe"], sampling["rk45_tolerance"])
-        batches.append(wbflow.images_to_uint8(samples))
-    # gathered over the ranks: every rank holds the features of all samples
-    features, logits = wbflow.inception_features(torch.cat(batches), inception,
-                                                 batch_size=evaluation["inception_batch_size"])
-    name = "synthetic" if stats_dir else "cifar10-train"
-    statistics = wbflow.save_statistics(
-        train_images_uint8[rank::world_size], stats_dir or evaluation["stats_dir"] or Path(config["data"]["data_dir"]) / "fid_stats",
-        name if len(train_images_uint8) == 50000 else f"{name}-{len(train_images_uint8)}",
-        batch_size=evaluation["inception_batch_size"], device=device, weights_path=evaluation["fid_weights"])
-    inception_score_mean, inception_score_std = wbflow.inception_score(logits, splits=min(10, len(logits)))
-    return {"eval/fid_score": wbflow.fid(statistics, features), "eval/inception_score_mean": inception_score_mean,
-            "eval/inception_score_std": inception_score_std}
 
 
 def cifar10_train_batches(data_dir, batch_size):
@@ -416,76 +373,45 @@ def cifar10_train_batches(data_dir, batch_size):
     yield from images_uint8.split(batch_size)
 
 
-def check_eval_inputs(fid_weights, statistics_dir, statistics_name, data_dir, need_statistics):
-    """The FID weights, and for FID the cached CIFAR-10 statistics or CIFAR-10 itself, found (or fetched)
-    before sampling starts; a FileNotFoundError says which file to put where."""
-    weights_path = wbflow.fid_weights_path(fid_weights)
-    cached = Path(statistics_dir) / f"{statistics_name}-tensorflow-{wbflow.file_sha256(weights_path)[:12]}.npz"
-    if need_statistics and not cached.is_file():
-        wbflow.load_cifar10(data_dir)  # downloads when absent, else says which archive to put where
-
-
-def evaluate(config, args):
-    data, sampling, evaluation, logging = config["data"], config["sampling"], config["eval"], config["logging"]
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    if not args.checkpoint:
-        raise SystemExit("train_flow.py: --eval needs --checkpoint PATH|ARTIFACT")
-
+def evaluate(checkpoint, *, num_samples, metric, solver, nfe, tolerance, seed, data_dir, out_dir, stats_dir,
+             num_real_images, sample_batch_size, inception_batch_size, fid_weights, project, entity, use_wandb,
+             eval_project, device):
+    """--eval: FID and/or Inception Score of `checkpoint`'s EMA model, logged to its own W&B run in eval_project
+    (`project` is the training run's, where a model artifact is looked up)."""
     # Everything the scores need is checked first: sampling can take hours.
-    path = wbflow.fetch_checkpoint(args.checkpoint, project=logging["project_name"], entity=logging["entity"])
-    try:
+    path = wbflow.fetch_checkpoint(checkpoint, project=project, entity=entity)
+    with wbflow.exit_on_error(f"train_flow.py: --checkpoint {checkpoint}", (ValueError,)):
         state = wbflow.load_checkpoint(path, map_location=device)
-    except ValueError as error:
-        raise SystemExit(f"train_flow.py: --checkpoint: {error}") from None
-    if not (isinstance(state, dict) and "ema" in state and isinstance(state.get("config"), dict)
-            and state.get("driver", "train_flow") == "train_flow"):
-        raise SystemExit(f"train_flow.py: --checkpoint {args.checkpoint} is not a train_flow checkpoint "
-                         f"(it needs the EMA weights and the config of a train_flow.py run)")
-    statistics_name = f"cifar10-train-{evaluation['num_real_images']}" if evaluation["num_real_images"] else "cifar10-train"
-    statistics_dir = evaluation["stats_dir"] or Path(data["data_dir"]) / "fid_stats"
-    check_eval_inputs(evaluation["fid_weights"], statistics_dir, statistics_name, data["data_dir"],
-                      need_statistics=args.metric in ("fid", "both"))
+        wbflow.check_checkpoint(state, driver="train_flow", required=("ema", "config", "epoch", "global_step"),
+                                hints={"ema": " (not a train_flow checkpoint: every one holds the EMA weights)"})
+    statistics_name = f"cifar10-train-{num_real_images}" if num_real_images else "cifar10-train"
+    statistics_dir = stats_dir or Path(data_dir) / "fid_stats"
+    weights_hash = wbflow.file_sha256(wbflow.fid_weights_path(fid_weights))[:12]
+    if metric != "is" and not (Path(statistics_dir) / f"{statistics_name}-tensorflow-{weights_hash}.npz").is_file():
+        wbflow.load_cifar10(data_dir)  # downloads when absent, else says which archive to put where
 
     # Samples from the EMA weights, with the same seeded noise every time.
     ema_model = wbflow.make_ema(wbflow.FlowUNet(**state["config"]["model"]).to(device))
     ema_model.load_state_dict(state["ema"])
-    solver, nfe, tolerance = args.solver or sampling["solver"], args.nfe or sampling["nfe"], sampling["rk45_tolerance"]
-    generator, batches = torch.Generator().manual_seed(sampling["seed"]), []
-    for start in range(0, args.num_samples, evaluation["sample_batch_size"]):
-        noise = torch.randn(min(evaluation["sample_batch_size"], args.num_samples - start), 3, 32, 32,
-                            generator=generator).to(device)
-        # float32, as the published FIDs sample (training previews use the AMP dtype)
-        samples, used = sample(ema_model.module, noise, solver, nfe, tolerance)
-        batches.append(wbflow.images_to_uint8(samples).cpu())
-    samples_uint8 = torch.cat(batches)
+    samples_uint8, used = sample_images(ema_model.module, num_samples, batch_size=sample_batch_size, seed=seed,
+                                        solver=solver, nfe=nfe, tolerance=tolerance, device=device)
     print(f"sampled {len(samples_uint8)} images from {path} (epoch {state['epoch']}) with {solver}, NFE {used}")
 
-    # One Inception pass over the samples serves both FID (features) and IS (logits).
-    inception = wbflow.load_fid_inception(evaluation["fid_weights"], device)
-    features, logits = wbflow.inception_features(samples_uint8, inception,
-                                                   batch_size=evaluation["inception_batch_size"])
-    metrics = {}
-    if args.metric in ("fid", "both"):
-        statistics = wbflow.save_statistics(
-            cifar10_train_batches(data["data_dir"], evaluation["inception_batch_size"]), statistics_dir,
-            statistics_name, batch_size=evaluation["inception_batch_size"], device=device,
-            num_images=evaluation["num_real_images"], weights_path=evaluation["fid_weights"])
-        metrics["eval/fid_score"] = wbflow.fid(statistics, features)
-    if args.metric in ("is", "both"):
-        metrics["eval/inception_score_mean"], metrics["eval/inception_score_std"] = wbflow.inception_score(
-            logits, splits=min(10, len(logits)))
+    inception = wbflow.load_fid_inception(fid_weights, device)
+    statistics = None if metric == "is" else wbflow.save_statistics(
+        cifar10_train_batches(data_dir, inception_batch_size), statistics_dir, statistics_name,
+        batch_size=inception_batch_size, device=device, num_images=num_real_images, weights_path=fid_weights)
+    metrics = scores(samples_uint8, inception, statistics, inception_score=metric != "fid", batch_size=inception_batch_size)
     print(", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
 
     grid = wbflow.sample_grid(samples_uint8[:64])
-    wbflow.save_png(grid, Path(data["out_dir"]) / "samples" / f"eval_epoch_{state['epoch']:04d}.png")
-    eval_config = {"checkpoint": str(args.checkpoint), "epoch": state["epoch"], "global_step": state["global_step"],
-                   "num_samples": args.num_samples, "metric": args.metric, "solver": solver, "nfe": used,
+    wbflow.save_png(grid, Path(out_dir) / "samples" / f"eval_epoch_{state['epoch']:04d}.png")
+    eval_config = {"checkpoint": str(checkpoint), "epoch": state["epoch"], "global_step": state["global_step"],
+                   "num_samples": num_samples, "metric": metric, "solver": solver, "nfe": used,
                    "model": state["config"]["model"], "fid_reference": wbflow.fid_reference()}
-    with wbflow.wandb_run(eval_config, project=args.wandb_project or f"{logging['project_name']}_eval",
-                          enabled=args.use_wandb, entity=logging["entity"], job_type="eval") as run:
+    with wbflow.wandb_run(eval_config, project=eval_project, enabled=use_wandb, entity=entity, job_type="eval") as run:
         run.log(metrics)
-        wbflow.log_image_grid(run, "eval/sample_images", grid,
-                                 caption=f"{solver} NFE {used}, epoch {state['epoch']}")
+        wbflow.log_image_grid(run, "eval/sample_images", grid, caption=f"{solver} NFE {used}, epoch {state['epoch']}")
     return metrics
 
 

@@ -8,16 +8,16 @@ Sections, in data-flow order:
   models            FlowUNet, CLASSIFIER_NAMES, build_classifier, build_optimizer
   losses            classification_loss, focal_loss, class_balanced_weights, rectified_flow_loss
   training          autocast_dtype, make_scaler, make_ema, train_epoch, validate, stop_on_signals,
-                    capture_rng_state, restore_rng_state, predict_dataset
+                    capture_rng_state, restore_rng_state, gather_from_ranks, predict_dataset
   sampling          euler_sample, rk45_sample, compare_solvers
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, save_statistics,
                     inception_score, per_class_precision_recall
-  images & W&B      wandb_run, watch_model, log_artifact,
+  images & W&B      wandb_run, watch_model, log_model_graph, log_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
   checkpoints       save_checkpoint, load_checkpoint, prepare_out_dir,
-                    rotate_checkpoints, save_best, fetch_checkpoint
-  config            load_yaml_config, str2bool, add_sweep_argument
+                    rotate_checkpoints, save_best, check_checkpoint, resume_command, fetch_checkpoint
+  config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, exit_on_error
   command line      python wbflow.py fid DIR_OR_NPZ DIR_OR_NPZ [--resize pytorch-fid] (pytorch-fid's CLI)
 
 The copy rule: every public definition takes what it needs as arguments and imports wandb, scipy,
@@ -42,6 +42,7 @@ import math
 import os
 import pickle
 import random
+import shlex
 import shutil
 import signal
 import sys
@@ -1091,6 +1092,19 @@ def restore_rng_state(state):
         torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in cuda_states])
 
 
+def gather_from_ranks(value):
+    """Every rank's `value` as a list indexed by rank (torch.distributed.all_gather_object), or
+    [value] when not distributed; every rank must call it.
+
+    Usage: state["rng"] = gather_from_ranks(capture_rng_state()); ...; restore_rng_state(state["rng"][rank])
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def predict_dataset(model, dataset, *, device="cpu", batch_size=64, num_workers=0):
     """Class probabilities [N, K] (float32, CPU) and labels [N] for every (image, label) in `dataset`,
     in order, with the model in eval mode (its mode is restored).
@@ -1830,6 +1844,31 @@ def watch_model(run, model, log="gradients", log_freq=100, log_graph=False):
         run.watch(model, log=log, log_freq=log_freq, log_graph=log_graph)
 
 
+def log_model_graph(run, model, example_input, step=None):
+    """Log the autograd graph of model(example_input) as the image `model_graph` (torchviz, Graphviz
+    `dot`), as seed 003 does; returns False, saying what to install, when either is missing.
+
+    Usage: if not log_model_graph(run, model, images[:1]): watch_model(run, model, log_graph=True)
+    """
+    try:
+        from torchviz import make_dot
+    except ImportError:
+        make_dot = None
+    if make_dot is None or shutil.which("dot") is None:
+        print("log_model_graph draws the graph with torchviz and Graphviz (pip install torchviz; "
+              "apt-get install graphviz); logging W&B's own graph instead")
+        return False
+    import wandb
+    was_training = model.training
+    model.eval()
+    dot = make_dot(model(example_input), params=dict(model.named_parameters()))
+    model.train(was_training)
+    with tempfile.TemporaryDirectory() as folder:
+        png = dot.render(Path(folder) / "model_graph", format="png")
+        run.log({"model_graph": wandb.Image(png)}, step=step)
+    return True
+
+
 def log_artifact(run, path, name, type="model", aliases=("latest",), metadata=None, policy="immutable"):
     """Upload the file or folder at `path` as a new version of the W&B artifact `name`; a no-op
     returning None without a run.
@@ -2126,6 +2165,52 @@ def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None
     return metric, True
 
 
+def check_checkpoint(state, *, driver, required=(), expected=None, hints=None):
+    """Refuse a checkpoint that does not fit the run about to use it, with a one-line ValueError that
+    reads after "FILE: ": one that is not a dict, whose "driver" field names another driver (a file
+    without the field passes), that lacks a key of `required`, or whose state["config"] differs from
+    `expected` ({config key: this run's value}; the first difference is named, a dict value key by
+    key). `hints` ({key: text}) are appended when that key is missing or differs.
+
+    Usage: check_checkpoint(state, driver="train", required=("model", "optimizer"), expected={"lr": 0.1})
+    """
+    hints = hints or {}
+    other = state.get("driver", driver) if isinstance(state, dict) else None
+    if other != driver:
+        raise ValueError(f"not a {driver} checkpoint" + (f" ({other} wrote it)" if other else ""))
+    missing = [key for key in required if key not in state]
+    if missing:
+        hint = next((hints[key] for key in missing if key in hints), "")
+        raise ValueError(f"lacks {', '.join(missing)}{hint}")
+    saved = state.get("config")
+    for key, value in (expected or {}).items():
+        old = saved.get(key) if isinstance(saved, dict) else None
+        if old == value:
+            continue
+        if isinstance(value, dict) and isinstance(old, dict):
+            changed = [f"{name} {old.get(name)!r} there, {new!r} here"
+                       for name, new in value.items() if old.get(name) != new]
+            raise ValueError(f"holds another {key} ({'; '.join(changed)}){hints.get(key, '')}")
+        raise ValueError(f"trained with {key} {old}, this run has {value}{hints.get(key, '')}")
+
+
+def resume_command(script, argv, checkpoint, world_size=1):
+    """The command line that continues a run from `checkpoint`: `script` with the same flags and
+    --resume replaced, under torchrun when world_size > 1; ready to paste into a shell.
+
+    Usage: print("continue with:", resume_command(__file__, sys.argv[1:], "out/last.pt", world_size))
+    """
+    flags, skip = [], False
+    for flag in argv:
+        if not skip and not flag.startswith("--resume="):
+            skip = flag == "--resume"
+            flags += [] if skip else [flag]
+        else:
+            skip = False
+    launcher = ["torchrun", "--standalone", f"--nproc_per_node={world_size}"] if world_size > 1 else ["python"]
+    return shlex.join([*launcher, Path(script).name, *flags, "--resume", str(checkpoint)])
+
+
 def fetch_checkpoint(reference, *, project=None, entity=None, root=None):
     """The local path of a checkpoint given as a file path or as a W&B model artifact
     ("model-1a2b3c4d:best", "entity/project/model-1a2b3c4d:epoch-10"; no alias means :latest),
@@ -2219,6 +2304,38 @@ def add_sweep_argument(parser, flag, **kwargs):
     if getattr(kwargs.get("type"), "__name__", None) == "str2bool":  # by name: pasted alone, without str2bool
         kwargs = {"nargs": "?", "const": True, **kwargs}
     return parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
+
+
+def check_numbers(positive=None, not_negative=None):
+    """Raise ValueError naming the first setting of `positive` ({name: value}) that is not above 0, or
+    of `not_negative` that is below 0 (NaN fails both): "--epochs must be positive, not 0".
+
+    Usage: check_numbers({"--epochs": args.epochs}, {"--num-workers": args.num_workers})
+    """
+    for name, value in (positive or {}).items():
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, not {value}")
+    for name, value in (not_negative or {}).items():
+        if not value >= 0:
+            raise ValueError(f"{name} must not be negative, not {value}")
+
+
+@contextlib.contextmanager
+def exit_on_error(program, errors=(FileNotFoundError,)):
+    """For a `with` block: an exception of a type in `errors`, or an OSError for a full disk, ends the
+    program with SystemExit("PROGRAM: message"), one line and no traceback (a KeyError's message
+    without its quotes); anything else propagates as it is.
+
+    Usage: with exit_on_error("train.py", (FileNotFoundError, ValueError)): data = load(args.data_dir)
+    """
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - filtered just below
+        full_disk = isinstance(error, OSError) and error.errno == errno.ENOSPC
+        if not (full_disk or isinstance(error, errors)):
+            raise
+        message = error.strerror if full_disk else error.args[0] if isinstance(error, KeyError) else error
+        raise SystemExit(f"{program}: {message}") from None
 
 
 # ----------------------------------------------------------------------------- command line
