@@ -328,6 +328,32 @@ def test_train_fire_resume_refuses_another_model_class_order_image_size_or_epoch
     refused(train_fire.main, argv + ["--resume", str(out / "last.pth")] + change, match)
 
 
+@pytest.mark.parametrize("change, match", [
+    (lambda state: state.pop("train_state"), r"lacks train_state"),  # a last.pth written before exact resume
+    (lambda state: state["config"].update(world_size=2), r"world_size 2, this run has 1 processes"),
+])
+def test_train_fire_resume_refuses_an_older_format_or_another_number_of_ranks(fire_run, change, match):
+    data, out, argv = fire_run
+    state = wbflow.load_checkpoint(out / "last.pth")
+    change(state)
+    path = wbflow.save_checkpoint(state, out / "changed.pth")
+    try:
+        refused(train_fire.main, argv + ["--resume", str(path)], match)
+    finally:
+        path.unlink()
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda state: state.pop("rng"), r"lacks rng"),
+    (lambda state: state["config"].update(world_size=2), r"world_size 2, this run has 1 processes"),
+])
+def test_train_flow_resume_refuses_an_older_format_or_another_number_of_ranks(tmp_path, flow_checkpoint, change, match):
+    state = wbflow.load_checkpoint(flow_checkpoint)
+    change(state)
+    path = wbflow.save_checkpoint(state, tmp_path / "changed.pt")
+    refused(train_flow.main, FLOW_SMOKE + ["--out-dir", str(tmp_path / "new"), "--resume", str(path)], match)
+
+
 @pytest.mark.parametrize("case", ["missing", "directory", "truncated", "pickled code", "fire checkpoint",
                                   "another model"])
 def test_train_flow_resume_refuses_a_file_that_does_not_fit(tmp_path, fire_run, flow_checkpoint, case):

@@ -22,7 +22,6 @@ import os
 import signal
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,7 +31,8 @@ import wbflow
 
 LOSS_NAMES = {"ce": "CrossEntropyLoss", "focal": "FocalLoss"}
 # what --resume needs in a checkpoint (last.pth holds them; best_model.pth does not)
-RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "config")
+RESUME_KEYS = ("model", "optimizer", "scheduler", "step", "scaler", "epoch", "best_val_acc", "skipped_steps", "rng",
+               "train_state", "wandb_run_id", "wandb_last_act", "config")
 
 
 def default_num_workers():
@@ -81,17 +81,19 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_resume_checkpoint(resume, device, *, model, class_names, image_size, epochs):
+def load_resume_checkpoint(resume, device, *, model, class_names, image_size, epochs, world_size):
     """The --resume checkpoint, refused in one line unless it is this driver's last.pth for the same
-    model, classes (in the same order), image size and epochs."""
+    model, classes (in the same order), image size, epochs and number of processes."""
     with wbflow.exit_on_error(f"train_fire: --resume {resume}", (FileNotFoundError, ValueError)):
         state = wbflow.load_checkpoint(resume, map_location=device)
         wbflow.check_checkpoint(state, driver="train_fire", required=RESUME_KEYS, expected={
-            "model": model, "classes": list(class_names), "image_size": image_size, "epochs": epochs}, hints={
+            "model": model, "classes": list(class_names), "image_size": image_size, "epochs": epochs,
+            "world_size": world_size}, hints={
             "optimizer": " (best_model.pth holds weights only; resume from OUT/last.pth)",
             "epochs": " (its cosine schedule ends there; changing --epochs would make the learning rate climb "
                       "back up: resume with the run's --epochs, or start a new run)",
-            "classes": " (the labels keep their indices: pass --class-names in the checkpoint's order)"})
+            "classes": " (the labels keep their indices: pass --class-names in the checkpoint's order)",
+            "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)"})
     return state
 
 
@@ -148,7 +150,7 @@ def main(argv=None):
     start_epoch, step, best_acc, run_id, skipped_steps, epoch_state, resumed_from = 0, 0, None, None, 0, None, None
     if args.resume:
         state = load_resume_checkpoint(args.resume, device, model=args.model, class_names=class_names,
-                                       image_size=args.image_size, epochs=args.epochs)
+                                       image_size=args.image_size, epochs=args.epochs, world_size=world_size)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

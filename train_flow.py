@@ -33,7 +33,8 @@ SMOKE_OVERRIDES = [
     "sampling.num_images=16", "sampling.nfe=10", "sampling.table_nfes=[1, 2, 4]", "sampling.rk45_tolerance=1.0e-3",
     "eval.sample_batch_size=16", "eval.inception_batch_size=10", "eval.fid_interval=0"]
 # what --resume needs in a checkpoint; the driver field, when present, must say train_flow
-RESUME_KEYS = ("model", "ema", "optimizer", "scheduler", "epoch", "global_step", "config")
+RESUME_KEYS = ("model", "ema", "optimizer", "scheduler", "scaler", "epoch", "global_step", "best_loss", "table_rows",
+               "skipped_steps", "rng", "train_state", "wandb_run_id", "wandb_last_act", "config")
 # settings that must be above 0, checked before any data is read
 POSITIVE = {"training": ("epochs", "batch_size", "log_interval", "save_interval", "sample_interval"),
             "logging": ("log_images_interval", "log_model_interval"), "sampling": ("num_images", "nfe"),
@@ -141,6 +142,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False):
     data, training, logging = config["data"], config["training"], config["logging"]
     sampling, evaluation = config["sampling"], config["eval"]
     rank, world_size, device = wbflow.setup_distributed()
+    config["world_size"] = world_size  # in W&B and in checkpoints: a resume needs the same number of ranks
     device = torch.device("cpu") if smoke else device
     is_main = rank == 0  # the only process that prints, logs to W&B and writes checkpoints
     say = print if is_main else (lambda *_, **__: None)
@@ -186,8 +188,11 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False):
         path = wbflow.fetch_checkpoint(resume, project=logging["project_name"], entity=logging["entity"])
         with wbflow.exit_on_error(f"train_flow.py: --resume {resume}", (ValueError,)):
             state = wbflow.load_checkpoint(path, map_location=device)
-            wbflow.check_checkpoint(state, driver="train_flow", required=RESUME_KEYS, expected={"model": config["model"]},
-                                    hints={"model": ": pass the --config/--set (and --smoke) of the run it came from"})
+            wbflow.check_checkpoint(
+                state, driver="train_flow", required=RESUME_KEYS,
+                expected={"model": config["model"], "world_size": world_size},
+                hints={"model": ": pass the --config/--set (and --smoke) of the run it came from",
+                       "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)"})
         model.load_state_dict(state["model"])
         ema_model.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])

@@ -2065,7 +2065,7 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-test.{os.getpid()}.{os.urandom(4).hex()}.tmp"
         probe.touch()
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # another rank's sweep of stale .tmp files may have taken it
     except OSError as error:
         raise ValueError(f"--out-dir {out_dir} is not writable ({error.strerror or error})") from None
     for stale in out_dir.glob(".*.tmp"):
