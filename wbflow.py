@@ -490,7 +490,12 @@ def _timestep_embedding(t, dim, max_period=10000):
 
 
 def _group_norm(channels):
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    # torchcfm's GroupNorm(32, c) where each group holds at least 4 channels; fewer groups below that,
+    # since a group of one channel normalises away the time embedding's per-channel shift exactly
+    groups = math.gcd(32, channels)
+    while groups > 1 and channels // groups < 4:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
 
 
 class _FlowResBlock(nn.Module):
