@@ -160,16 +160,18 @@ def main(argv=None):
         epoch_state = state["train_state"]
         start_epoch = state["epoch"] + (epoch_state is None)  # a stopped epoch is finished first
         wbflow.restore_rng_state(state["rng"][rank])
-        if state["wandb_last_act"]:  # written when the run stopped: the run has nothing after it
+        if state["wandb_run_id"] is None:  # trained with --no-wandb: there is no run to continue
+            wandb_plan = "a new run (the checkpoint's run had no W&B run)"
+        elif state["wandb_last_act"]:  # written when the run stopped: the run has nothing after it
             run_id = state["wandb_run_id"]
+            wandb_plan = f"continuing run {run_id}"
         else:  # an epoch checkpoint: the run may have logged past it, and W&B would drop those steps
             resumed_from = {"run_id": state["wandb_run_id"], "step": step, "checkpoint": str(args.resume)}
+            wandb_plan = (f"a new run (config resumed_from: run {resumed_from['run_id']}, step {step}), since "
+                          f"run {resumed_from['run_id']} may have logged past this checkpoint")
         if master:
             print(f"resuming epoch {start_epoch} at batch {epoch_state['batches'] if epoch_state else 0}, step {step} "
-                  f"(best val_acc {best_acc}) from {args.resume}; W&B: "
-                  + (f"continuing run {run_id}" if run_id else
-                     f"a new run (config resumed_from: run {resumed_from['run_id']}, step {step}), since "
-                     f"run {resumed_from['run_id']} may have logged past this checkpoint"))
+                  f"(best val_acc {best_acc}) from {args.resume}; W&B: {'off' if args.no_wandb else wandb_plan}")
 
     # every setting as given, then what they became (names as the seed logs them)
     settings = {key: value for key, value in vars(args).items() if key != "resume"}
