@@ -76,3 +76,35 @@ def test_train_fire_without_wandb_resumed_after_its_last_epoch_only_reports(whol
     assert "resuming epoch 2 at batch 0, step 20" in printed and "W&B: off" in printed
     assert best_acc == wbflow.load_checkpoint(whole / "best_model.pth")["val_acc"]
     assert (whole / "last.pth").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- resume with other settings
+
+@pytest.mark.parametrize("change, match", [
+    (["--learning-rate", "0.01"], r"trained with learning_rate 0.001, this run has 0.01 .*--learning-rate"),
+    (["--batch-size", "4"], r"trained with batch_size 8, this run has 4 .*--batch-size"),
+    (["--weight-decay", "0.1"], r"trained with weight_decay 0.0, this run has 0.1"),
+    (["--optimizer", "sgd"], r"trained with optimizer Adam, this run has SGD .*--optimizer"),
+    (["--loss", "focal"], r"trained with loss ce, this run has focal"),
+    (["--focal-gamma", "1"], r"trained with focal_gamma 2.0, this run has 1.0"),
+    (["--class-weights", "balanced"], r"trained with class_weights none, this run has balanced"),
+    (["--grad-clip", "0.5"], r"trained with grad_clip 1.0, this run has 0.5"),
+    (["--seed", "1"], r"trained with seed 0, this run has 1 .*--seed"),
+    (["--val-split", "0.3"], r"trained with val_split 0.2, this run has 0.3"),
+])
+def test_train_fire_resume_refuses_another_setting_naming_the_checkpoints_value(whole_run, change, match):
+    data, whole, argv, _ = whole_run
+    refused(train_fire.main, argv + ["--resume", str(whole / "last.pth")] + change, match)
+
+
+@pytest.mark.parametrize("key, saved, match", [
+    ("weights", "imagenet", r"trained with weights imagenet, this run has none"),
+    ("train_images", 99, r"trained with train_images 99, this run has 80 \(the data is not the data"),
+])
+def test_train_fire_resume_refuses_other_initial_weights_or_other_data(whole_run, tmp_path, key, saved, match):
+    data, whole, argv, _ = whole_run
+    state = wbflow.load_checkpoint(whole / "last.pth")
+    state["config"][key] = saved
+    path = wbflow.save_checkpoint(state, tmp_path / "changed.pth")
+    refused(train_fire.main, fire_args(data, tmp_path / "out", "--epochs", "2", "--no-wandb", "--resume", str(path)),
+            match)

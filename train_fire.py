@@ -33,6 +33,11 @@ LOSS_NAMES = {"ce": "CrossEntropyLoss", "focal": "FocalLoss"}
 # what --resume needs in a checkpoint (last.pth holds them; best_model.pth does not)
 RESUME_KEYS = ("model", "optimizer", "scheduler", "step", "scaler", "epoch", "best_val_acc", "skipped_steps", "rng",
                "train_state", "wandb_run_id", "wandb_last_act", "config")
+# the config a resume must share with its checkpoint: a resumed run is the same run, so the schedule (laid
+# out over epochs * steps_per_epoch), the data split and order, and the W&B config must not change under it
+RESUME_SAME = ("model", "classes", "image_size", "epochs", "world_size", "batch_size", "learning_rate",
+               "optimizer", "weight_decay", "grad_clip", "loss", "focal_gamma", "class_weights", "weights", "seed",
+               "val_split", "train_images", "val_images")
 
 
 def default_num_workers():
@@ -81,19 +86,24 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_resume_checkpoint(resume, device, *, model, class_names, image_size, epochs, world_size):
-    """The --resume checkpoint, refused in one line unless it is this driver's last.pth for the same
-    model, classes (in the same order), image size, epochs and number of processes."""
+def load_resume_checkpoint(resume, device, expected):
+    """The --resume checkpoint, refused in one line unless it is this driver's last.pth whose config holds
+    `expected` (this run's values of RESUME_SAME), naming the checkpoint's value of the first that differs."""
+    hints = {key: f" (a resumed run goes on as the same run: resume with the run's --{key.replace('_', '-')}, "
+                  f"or start a new run)" for key in expected}
+    hints.update({
+        "epochs": " (its cosine schedule ends there; changing --epochs would make the learning rate climb "
+                  "back up: resume with the run's --epochs, or start a new run)",
+        "classes": " (the labels keep their indices: pass --class-names in the checkpoint's order)",
+        "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)",
+        "train_images": " (the data is not the data the run trained on: resume with the run's data, or start a "
+                        "new run)"})
+    hints["val_images"] = hints["train_images"]
     with wbflow.exit_on_error(f"train_fire: --resume {resume}", (FileNotFoundError, ValueError)):
         state = wbflow.load_checkpoint(resume, map_location=device)
-        wbflow.check_checkpoint(state, driver="train_fire", required=RESUME_KEYS, expected={
-            "model": model, "classes": list(class_names), "image_size": image_size, "epochs": epochs,
-            "world_size": world_size}, hints={
-            "optimizer": " (best_model.pth holds weights only; resume from OUT/last.pth)",
-            "epochs": " (its cosine schedule ends there; changing --epochs would make the learning rate climb "
-                      "back up: resume with the run's --epochs, or start a new run)",
-            "classes": " (the labels keep their indices: pass --class-names in the checkpoint's order)",
-            "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)"})
+        wbflow.check_checkpoint(state, driver="train_fire", required=RESUME_KEYS,
+                                hints={"optimizer": " (best_model.pth holds weights only; resume from OUT/last.pth)"})
+        wbflow.check_checkpoint(state, driver="train_fire", expected=expected, hints=hints)
     return state
 
 
@@ -146,11 +156,18 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(train_loader))
     scaler = wbflow.make_scaler(device, args.amp)
 
+    # every setting as given, then what they became (names as the seed logs them)
+    settings = {key: value for key, value in vars(args).items() if key != "resume"}
+    config = {**settings, "optimizer": type(optimizer).__name__, "loss_function": LOSS_NAMES[args.loss],
+              "scheduler": "CosineAnnealingLR", "classes": class_names,
+              "amp": str(wbflow.autocast_dtype(device, args.amp) or "off").replace("torch.", ""),
+              "device": device.type, "world_size": world_size, "train_images": len(train_set),
+              "val_images": len(val_set), "steps_per_epoch": len(train_loader)}
+
     # resume: this driver's last.pth of the same run; W&B continues the run only from its last act
     start_epoch, step, best_acc, run_id, skipped_steps, epoch_state, resumed_from = 0, 0, None, None, 0, None, None
     if args.resume:
-        state = load_resume_checkpoint(args.resume, device, model=args.model, class_names=class_names,
-                                       image_size=args.image_size, epochs=args.epochs, world_size=world_size)
+        state = load_resume_checkpoint(args.resume, device, {key: config[key] for key in RESUME_SAME})
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -172,14 +189,6 @@ def main(argv=None):
         if master:
             print(f"resuming epoch {start_epoch} at batch {epoch_state['batches'] if epoch_state else 0}, step {step} "
                   f"(best val_acc {best_acc}) from {args.resume}; W&B: {'off' if args.no_wandb else wandb_plan}")
-
-    # every setting as given, then what they became (names as the seed logs them)
-    settings = {key: value for key, value in vars(args).items() if key != "resume"}
-    config = {**settings, "optimizer": type(optimizer).__name__, "loss_function": LOSS_NAMES[args.loss],
-              "scheduler": "CosineAnnealingLR", "classes": class_names,
-              "amp": str(wbflow.autocast_dtype(device, args.amp) or "off").replace("torch.", ""),
-              "device": device.type, "world_size": world_size, "train_images": len(train_set),
-              "val_images": len(val_set), "steps_per_epoch": len(train_loader)}
 
     def checkpoint(epoch, train_state=None, last_act=False):
         """Everything a resume needs; train_state is a stopped epoch's, last_act marks the run's final write."""
