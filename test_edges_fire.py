@@ -108,3 +108,48 @@ def test_train_fire_resume_refuses_other_initial_weights_or_other_data(whole_run
     path = wbflow.save_checkpoint(state, tmp_path / "changed.pth")
     refused(train_fire.main, fire_args(data, tmp_path / "out", "--epochs", "2", "--no-wandb", "--resume", str(path)),
             match)
+
+
+# ----------------------------------------------------------------------------- preemption of the process group
+
+# At step 2 a process outside the group signals the whole group, as SLURM, timeout and Ctrl-C do: the loader
+# workers too. (A signal from the main process itself would not show it: torch's workers exit quietly on a
+# SIGTERM that their parent sends.)
+GROUP_SIGTERM = """\
+import os, signal, subprocess, sys
+sys.path.insert(0, {here!r})
+import train_fire, wbflow
+real = wbflow.classification_loss
+def signal_the_group_at_step_2(criterion):
+    loss_fn, calls = real(criterion), []
+    def counted(model, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            subprocess.run([sys.executable, "-c", f"import os; os.killpg({{os.getpgid(0)}}, {{signal.SIGTERM}})"],
+                           start_new_session=True, check=True)
+        return loss_fn(model, batch)
+    return counted
+wbflow.classification_loss = signal_the_group_at_step_2
+train_fire.main()
+"""
+
+
+def test_train_fire_with_loader_workers_stops_cleanly_on_a_sigterm_to_its_process_group(tmp_path):
+    data = write_pattern_folders(tmp_path / "data", per_class=8, classes=["a", "b", "c", "d", "e"])
+    script = tmp_path / "group_sigterm.py"
+    script.write_text(GROUP_SIGTERM.format(here=str(HERE)))
+    argv = fire_args(data, tmp_path / "out", "--epochs", "1", "--no-wandb", "--num-workers", "2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(HERE)}
+    stopped = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True,
+                             timeout=180, start_new_session=True)  # its own group: the test is not signalled
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    assert wbflow.load_checkpoint(tmp_path / "out" / "last.pth")["train_state"]["batches"] == 2
+    [command] = [line.strip() for line in stopped.stdout.splitlines() if "--resume" in line]
+    assert command == shlex.join(["python", "train_fire.py", *argv, "--resume", str(tmp_path / "out" / "last.pth")])
+
+    resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=HERE, env=env, capture_output=True,
+                             text=True, timeout=180, start_new_session=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    end = wbflow.load_checkpoint(tmp_path / "out" / "last.pth")
+    assert end["train_state"] is None and end["step"] == 3 and end["epoch"] == 0  # 30 training images

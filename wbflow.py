@@ -24,7 +24,8 @@ The copy rule: every public definition takes what it needs as arguments and impo
 PIL, yaml and torchviz lazily, so its source pasted under this module's import block runs with no
 other definition of wbflow. The exceptions end their docstrings with a `Copy with:` line naming
 exactly the definitions to paste along: FlowUNet (its blocks), compare_solvers (the two integrators),
-fid_weights_path (the hub download helper), and what runs the Inception on images: FIDInceptionV3,
+fid_weights_path (the hub download helper), classifier_loaders (its worker init), and what runs the
+Inception on images: FIDInceptionV3,
 load_fid_inception, inception_features, fid, kid, inception_score, save_statistics (fid, kid and
 inception_score given features or logits run alone).
 test_copy.py checks this for every public definition, and each section's tests call its functions
@@ -424,6 +425,15 @@ def image_transforms(image_size, *, train, normalize=True, crop_scale=(0.25, 1.0
     return v2.Compose(steps)
 
 
+def _leave_stop_signals_to_main(worker_id):
+    """A DataLoader worker_init_fn: Ctrl-C, `timeout` and SLURM signal the whole process group, and
+    a worker they killed would end the run in a RuntimeError before the main process could save its
+    stop checkpoint; the worker exits when the main process shuts it down. At module level, so that
+    spawn and forkserver workers can unpickle it."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+
+
 def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device="cpu", seed=0,
                        rank=0, world_size=1):
     """(train_loader, val_loader) for one process of `world_size`.
@@ -435,9 +445,11 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
     one image). A dataset with seeded_augmentation = True (ImageSamples) is asked for
     (index, seed, epoch) keys, so its augmentation does not depend on workers or resumes.
     Validation is sharded by rank without padding, so all-reduced sums count every image once.
-    Pinned memory on CUDA; workers persist across epochs. The loaders draw their worker seeds from
-    their own generators, not from torch's global one.
+    Pinned memory on CUDA; workers persist across epochs and ignore SIGINT and SIGTERM, which the
+    main process handles (see stop_on_signals). The loaders draw their worker seeds from their own
+    generators, not from torch's global one.
     Usage: train_loader, val_loader = classifier_loaders(train_set, val_set, 32, num_workers=4)
+    Copy with: _leave_stop_signals_to_main
     """
     class EpochSampler(torch.utils.data.DistributedSampler):
         """set_epoch(epoch, skip_batches) and, for a seeded_augmentation dataset, (index, seed, epoch) keys."""
@@ -453,7 +465,7 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
 
     sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     options = {"num_workers": num_workers, "pin_memory": torch.device(device).type == "cuda",
-               "persistent_workers": num_workers > 0}
+               "persistent_workers": num_workers > 0, "worker_init_fn": _leave_stop_signals_to_main}
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler,
                                                drop_last=len(sampler) > batch_size,
                                                generator=torch.Generator().manual_seed(seed + rank), **options)
