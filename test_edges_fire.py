@@ -153,3 +153,72 @@ def test_train_fire_with_loader_workers_stops_cleanly_on_a_sigterm_to_its_proces
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     end = wbflow.load_checkpoint(tmp_path / "out" / "last.pth")
     assert end["train_state"] is None and end["step"] == 3 and end["epoch"] == 0  # 30 training images
+
+
+# ----------------------------------------------------------------------------- data that does not fit
+
+def test_a_val_class_folder_missing_from_train_or_the_other_way_round_is_refused(tmp_path):
+    layouts = {"extra_val": {"train": ["a", "b"], "val": ["a", "b", "c"]},
+               "extra_train": {"train": ["a", "b", "c"], "val": ["b", "c"]}}
+    for name, splits in layouts.items():
+        for split, classes in splits.items():
+            write_pattern_folders(tmp_path / name / split, per_class=2, classes=classes)
+    with pytest.raises(ValueError, match=r"class folder\(s\) in .*extra_val/val that .*extra_val/train lacks: c$"):
+        wbflow.find_image_samples(tmp_path / "extra_val")
+    with pytest.raises(FileNotFoundError, match=r"class folder\(s\) not found in .*extra_train/val: a$"):
+        wbflow.find_image_samples(tmp_path / "extra_train")
+    train, val, names = wbflow.find_image_samples(tmp_path / "extra_val", class_names=["b", "a"])
+    assert names == ["b", "a"] and len(train) == len(val) == 4  # named classes pick folders, in both
+
+
+def _csv_folder(root, rows, images=("0.png", "1.png", "2.png", "3.png", "4.png", "5.png")):
+    root.mkdir()
+    for name in images:
+        Image.new("RGB", (8, 8)).save(root / name)
+    (root / "data.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    return root / "data.csv"
+
+
+def test_a_csv_row_repeating_an_earlier_one_is_dropped_with_a_warning_that_counts_them(tmp_path):
+    rows = ["0.png,a", "1.png,a", "2.png,a", "3.png,b", "4.png,b", "5.png,b", "0.png,a", "./0.png,a", "3.png,b"]
+    with pytest.warns(UserWarning, match=r"data\.csv: dropped 3 row\(s\) repeating an earlier one"):
+        train, val, _ = wbflow.find_image_samples(_csv_folder(tmp_path / "csv", rows), val_split=0.34)
+    paths = [Path(path).name for path, _ in train + val]
+    assert sorted(paths) == ["0.png", "1.png", "2.png", "3.png", "4.png", "5.png"]
+
+
+def test_a_csv_listing_one_file_with_two_labels_is_refused(tmp_path):
+    rows = ["0.png,a", "1.png,a", "2.png,b", "3.png,b", "1.png,b"]
+    with pytest.raises(ValueError, match=r"data\.csv: 1 file\(s\) listed with two labels: .*1\.png \(a and b\)$"):
+        wbflow.find_image_samples(_csv_folder(tmp_path / "csv", rows))
+
+
+def test_csv_rows_naming_files_that_do_not_exist_are_refused_in_one_line_before_training(tmp_path):
+    rows = ["0.png,a", "1.png,a", "2.png,b", "3.png,b"] + [f"gone{index}.png,a" for index in range(5)]
+    csv_path = _csv_folder(tmp_path / "csv", rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not "unreadable": refused
+        message = refused(train_fire.main, fire_args(csv_path, tmp_path / "out", "--no-wandb"),
+                          r"data\.csv: 5 listed file\(s\) do not exist: .*gone0\.png, .*gone1\.png, .*gone2\.png, \.\.\.$")
+    assert "gone3" not in message and not (tmp_path / "out" / "last.pth").exists()
+
+
+def test_a_196_megapixel_image_is_kept_and_read_and_a_broken_one_still_skipped(tmp_path):
+    for name in ("a", "b"):
+        write_pattern_folders(tmp_path / "data", per_class=2, classes=[name])
+    big = Image.new("1", (14000, 14000))  # 196 megapixels, 1 bit each: cheap to write, decoded in full
+    big.paste(1, (0, 0, 7000, 7000))
+    big.save(tmp_path / "data" / "a" / "big.png")
+    broken = (tmp_path / "data" / "a" / "big.png").read_bytes()
+    (tmp_path / "data" / "b" / "broken.png").write_bytes(broken[:len(broken) // 2])
+    limit = Image.MAX_IMAGE_PIXELS
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\): .*broken\.png$") as caught:
+        train, val, _ = wbflow.find_image_samples(tmp_path / "data", val_split=0.34)
+    assert len(caught) == 1
+    assert str(tmp_path / "data" / "a" / "big.png") in [path for path, _ in train + val]
+    assert wbflow.drop_unreadable_images([(str(tmp_path / "data" / "a" / "big.png"), 0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "could not read ...; using the next image" would be a warning
+        image, label = wbflow.ImageSamples([(str(tmp_path / "data" / "a" / "big.png"), 0)])[0]
+    assert image.size == (14000, 14000) and image.getpixel((0, 0)) == (255, 255, 255) and label == 0
+    assert Image.MAX_IMAGE_PIXELS == limit  # PIL's limit is lifted only while reading
