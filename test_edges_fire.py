@@ -222,3 +222,21 @@ def test_a_196_megapixel_image_is_kept_and_read_and_a_broken_one_still_skipped(t
         image, label = wbflow.ImageSamples([(str(tmp_path / "data" / "a" / "big.png"), 0)])[0]
     assert image.size == (14000, 14000) and image.getpixel((0, 0)) == (255, 255, 255) and label == 0
     assert Image.MAX_IMAGE_PIXELS == limit  # PIL's limit is lifted only while reading
+
+
+def test_torchrun_ranks_with_the_same_counts_but_other_class_names_stop_at_start(tmp_path):
+    write_pattern_folders(tmp_path / "data0", per_class=4, classes=["a", "b"])
+    write_pattern_folders(tmp_path / "data1", per_class=4, classes=["a", "c"])
+    script = tmp_path / "other_classes.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(HERE)!r})\nimport train_fire\n"
+                      "train_fire.main(sys.argv[2:] + ['--data-dir', sys.argv[1].replace('RANK', os.environ['RANK'])])\n")
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(HERE), "CUDA_VISIBLE_DEVICES": ""}
+    argv = [str(tmp_path / "dataRANK"), *fire_args(tmp_path / "unused", tmp_path / "out", "--no-wandb")[2:]]
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), *argv], env=env, capture_output=True, text=True, timeout=150)
+    assert result.returncode != 0
+    assert ("the ranks see different data: rank 0: 6 training images, 2 validation images, classes a b; "
+            "rank 1: 6 training images, 2 validation images, classes a c") in result.stderr + result.stdout
+    assert not (tmp_path / "out" / "last.pth").exists() and time.monotonic() - start < 120

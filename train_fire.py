@@ -133,7 +133,7 @@ def main(argv=None):
         train_samples, val_samples, class_names = wbflow.find_image_samples(
             args.data_dir, class_names=args.class_names, val_split=args.val_split, seed=args.seed)
         wbflow.check_same_on_every_rank({"training images": len(train_samples),
-                                         "validation images": len(val_samples)})
+                                         "validation images": len(val_samples)}, class_names=class_names)
         model = wbflow.build_classifier(args.model, len(class_names), args.weights).to(device)
     train_set = wbflow.ImageSamples(train_samples, wbflow.image_transforms(args.image_size, train=True))
     val_set = wbflow.ImageSamples(val_samples, wbflow.image_transforms(args.image_size, train=False))

@@ -517,20 +517,22 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
     return train_loader, val_loader
 
 
-def check_same_on_every_rank(counts):
-    """Raise ValueError naming every rank's counts when the ranks of a torch.distributed group do not
-    see the same `counts` (a dict such as {"training images": 900}), e.g. a node holding a partial
-    copy of the data, which would otherwise hang at the first collective. Does nothing outside DDP.
-    Usage: check_same_on_every_rank({"training images": len(train_set), "validation images": len(val_set)})
+def check_same_on_every_rank(counts, class_names=None):
+    """Raise ValueError naming every rank's counts (and class names) when the ranks of a
+    torch.distributed group do not see the same `counts` (a dict such as {"training images": 900}) and
+    `class_names`, e.g. a node holding a partial or another copy of the data, which would otherwise
+    hang at the first collective or train one model on two labellings. Does nothing outside DDP.
+    Usage: check_same_on_every_rank({"training images": len(train_set)}, class_names=["cat", "dog"])
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
     every_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(every_rank, dict(counts))
-    if any(rank_counts != every_rank[0] for rank_counts in every_rank):
+    dist.all_gather_object(every_rank, (dict(counts), class_names and list(class_names)))
+    if any(seen != every_rank[0] for seen in every_rank):
         raise ValueError("the ranks see different data: " + "; ".join(
-            f"rank {rank}: " + ", ".join(f"{value} {name}" for name, value in rank_counts.items())
-            for rank, rank_counts in enumerate(every_rank)))
+            f"rank {rank}: " + ", ".join([f"{value} {name}" for name, value in rank_counts.items()]
+                                         + ([f"classes {' '.join(names)}"] if names else []))
+            for rank, (rank_counts, names) in enumerate(every_rank)))
 
 
 # ----------------------------------------------------------------------------- models
