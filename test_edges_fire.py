@@ -27,6 +27,12 @@ from test_wbflow import fire_args, write_pattern_folders
 HERE = Path(__file__).resolve().parent
 
 
+def headline(out_dir):
+    """The last line a finished train_fire run prints, from its best_model.pth."""
+    best = wbflow.load_checkpoint(out_dir / "best_model.pth")
+    return f"best val_acc {best['val_acc']:.2f}% (epoch {best['epoch']}), model: {out_dir / 'best_model.pth'}"
+
+
 @pytest.fixture(scope="module")
 def whole_run(tmp_path_factory):
     """An uninterrupted 2-epoch train_fire run without W&B (10 steps an epoch): (data, out dir, argv, stdout)."""
@@ -75,6 +81,7 @@ def test_train_fire_without_wandb_resumed_after_its_last_epoch_only_reports(whol
     printed = capsys.readouterr().out
     assert "resuming epoch 2 at batch 0, step 20" in printed and "W&B: off" in printed
     assert best_acc == wbflow.load_checkpoint(whole / "best_model.pth")["val_acc"]
+    assert printed.splitlines()[-1] == headline(whole)
     assert (whole / "last.pth").read_bytes() == before
 
 
@@ -240,3 +247,50 @@ def test_torchrun_ranks_with_the_same_counts_but_other_class_names_stop_at_start
     assert ("the ranks see different data: rank 0: 6 training images, 2 validation images, classes a b; "
             "rank 1: 6 training images, 2 validation images, classes a c") in result.stderr + result.stdout
     assert not (tmp_path / "out" / "last.pth").exists() and time.monotonic() - start < 120
+
+
+# ----------------------------------------------------------------------------- a newcomer's first run
+
+def test_train_fire_run_after_train_flow_in_the_same_folder_uses_its_own_default_folders(tmp_path, monkeypatch):
+    flow_defaults = wbflow.load_yaml_config(train_flow.DEFAULT_CONFIG)["data"]
+    fire_defaults = train_fire.parse_args([])
+    assert fire_defaults.out_dir != flow_defaults["out_dir"] and fire_defaults.data_dir != flow_defaults["data_dir"]
+    monkeypatch.chdir(tmp_path)
+    for name in ("last.pt", "checkpoint_epoch_1.pt"):  # what train_flow leaves in its --out-dir
+        wbflow.save_checkpoint({"driver": "train_flow"}, Path(flow_defaults["out_dir"]) / name)
+    write_pattern_folders(Path(fire_defaults.data_dir), per_class=4, classes=["a", "b"])
+    train_fire.main(fire_args("unused", "unused", "--epochs", "1", "--no-wandb")[4:])  # default folders
+    assert (Path(fire_defaults.out_dir) / "best_model.pth").is_file()
+    assert (Path(flow_defaults["out_dir"]) / "last.pt").is_file()
+
+
+def test_the_out_dir_refusal_names_only_train_fires_resumable_file(tmp_path):
+    data = write_pattern_folders(tmp_path / "data", per_class=4, classes=["a", "b"])
+    wbflow.save_checkpoint({"driver": "train_fire"}, tmp_path / "out" / "last.pth")
+    os.utime(tmp_path / "out" / "last.pth", (1, 1))
+    wbflow.save_checkpoint({"driver": "train_flow"}, tmp_path / "out" / "last.pt")  # newer
+    message = refused(train_fire.main, fire_args(data, tmp_path / "out"),
+                      rf"holds an earlier run's checkpoints \(last\.pth\): pass --resume {tmp_path / 'out' / 'last.pth'} ")
+    assert "last.pt " not in message and "last.pt)" not in message
+
+
+def test_a_sweep_agents_runs_each_get_their_own_default_out_dir(monkeypatch):
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep1")
+    monkeypatch.setenv("WANDB_RUN_ID", "run7")
+    assert train_fire.parse_args([]).out_dir == "runs/fire/run7"
+
+
+def test_a_finished_run_ends_with_the_best_val_acc_its_epoch_and_the_model_file(whole_run):
+    data, whole, argv, printed = whole_run
+    best = wbflow.load_checkpoint(whole / "best_model.pth")
+    assert best["epoch"] in (0, 1) and printed.splitlines()[-1] == headline(whole)
+    assert f"Val Acc: {best['val_acc']:.2f}%" in printed
+
+
+def test_train_fire_help_says_each_default_once_and_what_resume_needs_of_epochs():
+    blocks = _help_blocks(train_fire.main)
+    for option, block in blocks.items():
+        if option != "-h":
+            assert block.count("default") == 1 and "(None" not in block, block
+    assert "--resume needs the run's own" in blocks["--epochs"] and "keeps its own" not in blocks["--epochs"]
+    assert "default: on for CUDA only" in blocks["--amp"]
