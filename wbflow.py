@@ -220,9 +220,9 @@ class DeviceImageLoader:
 
 @contextlib.contextmanager
 def _no_pixel_limit():
-    """Lift PIL's decompression-bomb limit (an error above 179 megapixels) for a `with` block, in the
-    calling thread's process: the limit guards against files from strangers, and training data is
-    the user's own (a 196-megapixel photo is an image, not an attack). Restored on exit."""
+    """Lift PIL's decompression-bomb limit (an error above 179 megapixels) while a `with` block runs;
+    PIL keeps it in a module global, so it is restored on exit. The limit guards against files from
+    strangers, and training data is the user's own (a 196-megapixel photo is an image, not an attack)."""
     from PIL import Image
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
