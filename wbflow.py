@@ -24,7 +24,8 @@ The copy rule: every public definition takes what it needs as arguments and impo
 PIL, yaml and torchviz lazily, so its source pasted under this module's import block runs with no
 other definition of wbflow. The exceptions end their docstrings with a `Copy with:` line naming
 exactly the definitions to paste along: FlowUNet (its blocks), compare_solvers (the two integrators),
-fid_weights_path (the hub download helper), and what runs the Inception on images: FIDInceptionV3,
+fid_weights_path (the hub download helper), find_image_samples, drop_unreadable_images and ImageSamples
+(the pixel-limit lift), classifier_loaders (its worker init), and what runs the Inception on images: FIDInceptionV3,
 load_fid_inception, inception_features, fid, kid, inception_score, save_statistics (fid, kid and
 inception_score given features or logits run alone).
 test_copy.py checks this for every public definition, and each section's tests call its functions
@@ -217,6 +218,19 @@ class DeviceImageLoader:
             yield images.float().div_(127.5).sub_(1.0)
 
 
+@contextlib.contextmanager
+def _no_pixel_limit():
+    """Lift PIL's decompression-bomb limit (an error above 179 megapixels) while a `with` block runs;
+    PIL keeps it in a module global, so it is restored on exit. The limit guards against files from
+    strangers, and training data is the user's own (a 196-megapixel photo is an image, not an attack)."""
+    from PIL import Image
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
     """Train and validation samples, lists of (path, label index), and the class names.
 
@@ -224,16 +238,26 @@ def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
     (or train/ alone), split per class as stratified_split(val_split, seed) does; a CSV file of
     `path,label` rows (an optional header, paths relative to the CSV), split the same way.
     Class names are the sorted folder names / CSV labels; `class_names` fixes which and their order.
-    Unreadable images are dropped with one warning that counts them (as drop_unreadable_images does).
-    A missing folder or file raises FileNotFoundError; no images, fewer than two classes or an empty
-    class, ValueError.
+    Unreadable images are dropped with one warning that counts them (as drop_unreadable_images does);
+    images of any size are read (PIL's pixel limit is lifted while they are checked).
+    A CSV row repeating an earlier one is dropped with one warning that counts them.
+    A missing folder, or CSV rows naming files that do not exist (their count and the first few), raise
+    FileNotFoundError; no images, fewer than two classes, an empty class, a file listed with two labels
+    or (without `class_names`) a val/ class folder that train/ lacks, ValueError.
     Usage: train_samples, val_samples, class_names = find_image_samples("data", val_split=0.2)
+    Copy with: _no_pixel_limit
     """
     from PIL import Image
     extensions = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
+    def first_few(paths):
+        return ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+    def class_folders(root):
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
     def folder_samples(root, class_names):
-        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        folders = class_folders(root)
         class_names = folders if class_names is None else class_names
         missing = [name for name in class_names if name not in folders]
         if missing:
@@ -255,8 +279,21 @@ def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
         if unknown:
             raise ValueError(f"{csv_path}: labels not in the class names: {', '.join(unknown)}")
         label_index = {name: index for index, name in enumerate(class_names)}
-        return [(str(csv_path.parent / row[0].strip()), label_index[label])
-                for row, label in zip(rows, labels)], class_names
+        samples = [(os.path.normpath(csv_path.parent / row[0].strip()), label_index[label])
+                   for row, label in zip(rows, labels)]
+        missing = [path for path in dict.fromkeys(path for path, _ in samples) if not os.path.isfile(path)]
+        if missing:
+            raise FileNotFoundError(f"{csv_path}: {len(missing)} listed file(s) do not exist: {first_few(missing)}")
+        labels_of = {}
+        for path, label in samples:
+            labels_of.setdefault(path, set()).add(class_names[label])
+        conflicting = [f"{path} ({' and '.join(sorted(names))})" for path, names in labels_of.items() if len(names) > 1]
+        if conflicting:
+            raise ValueError(f"{csv_path}: {len(conflicting)} file(s) listed with two labels: {first_few(conflicting)}")
+        if len(labels_of) < len(samples):  # the same image in train and val would inflate val_acc
+            warnings.warn(f"{csv_path}: dropped {len(samples) - len(labels_of)} row(s) repeating an earlier one",
+                          stacklevel=3)
+        return list(dict.fromkeys(samples)), class_names
 
     def readable(path):
         try:
@@ -280,19 +317,22 @@ def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
         raise FileNotFoundError(f"data not found: {data} (expected a folder of class folders, "
                                 f"train/ and val/ folders of class folders, or a CSV of path,label)")
     train_root = data if data.is_file() else data / "train" if (data / "train").is_dir() else data
+    given_names = class_names
     samples, class_names = (csv_samples if data.is_file() else folder_samples)(train_root, class_names)
     if len(class_names) < 2:
         raise ValueError(f"a classifier needs at least two classes; {train_root} has "
                          f"{len(class_names)}{': ' + ', '.join(class_names) if class_names else ''} "
                          f"(expected {train_root}/<class name>/<images> or a CSV of path,label)")
     val_root = data / "val" if data.is_dir() and train_root != data and (data / "val").is_dir() else None
+    only_in_val = sorted(set(class_folders(val_root)) - set(class_names)) if val_root and not given_names else []
+    if only_in_val:
+        raise ValueError(f"class folder(s) in {val_root} that {train_root} lacks: {', '.join(only_in_val)}")
     val_samples = folder_samples(val_root, class_names)[0] if val_root else []
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    with concurrent.futures.ThreadPoolExecutor(8) as pool, _no_pixel_limit():
         is_readable = dict(zip(samples + val_samples, pool.map(readable, [p for p, _ in samples + val_samples])))
     bad = [path for (path, _), ok in is_readable.items() if not ok]
     if bad:
-        examples = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {examples}", stacklevel=2)
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {first_few(bad)}", stacklevel=2)
     samples = [sample for sample in samples if is_readable[sample]]
     check_every_class_has_images(samples, train_root.parent if data.is_file() else train_root)
     if val_root:
@@ -334,8 +374,10 @@ def drop_unreadable_images(samples, max_workers=8):
     """The (path, label) samples whose image decodes; the others are skipped with one warning that counts them.
 
     Each file is fully decoded (JPEGs at 1/8 scale via PIL's draft mode, which still reads every
-    byte), so truncated files are caught here, not mid-epoch. Decoding runs in threads.
+    byte), so truncated files are caught here, not mid-epoch. Decoding runs in threads. Images of
+    any size count as readable (PIL's pixel limit is lifted while they are checked).
     Usage: samples = drop_unreadable_images([("a.jpg", 0), ("broken.jpg", 1)])
+    Copy with: _no_pixel_limit
     """
     from PIL import Image
 
@@ -348,7 +390,7 @@ def drop_unreadable_images(samples, max_workers=8):
         except Exception:  # noqa: BLE001 - PIL raises many types for broken files; all mean unreadable
             return False
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers) as pool, _no_pixel_limit():
         is_readable = list(pool.map(readable, [path for path, _ in samples]))
     bad = [path for (path, _), ok in zip(samples, is_readable) if not ok]
     if bad:
@@ -358,8 +400,8 @@ def drop_unreadable_images(samples, max_workers=8):
 
 
 class ImageSamples(torch.utils.data.Dataset):
-    """(transformed image, label) for a list of (path, label); images are opened with PIL as RGB
-    (16-bit grayscale scaled to 8 bits, keeping its contrast).
+    """(transformed image, label) for a list of (path, label); images of any size are opened with PIL
+    as RGB (16-bit grayscale scaled to 8 bits, keeping its contrast).
 
     A file that fails to load mid-epoch (changed after find_image_samples checked it) is replaced
     by the next sample, with a warning, so one file never stops an epoch.
@@ -367,6 +409,7 @@ class ImageSamples(torch.utils.data.Dataset):
     CPU generator seeded by exactly those three (then restored): a sample's augmentation is the
     same whatever the worker count, the rank, or where a run was stopped and resumed.
     Usage: dataset = ImageSamples(train_samples, image_transforms(256, train=True))
+    Copy with: _no_pixel_limit
     """
     seeded_augmentation = True  # classifier_loaders' sampler sends (index, seed, epoch) keys
 
@@ -388,7 +431,7 @@ class ImageSamples(torch.utils.data.Dataset):
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                with Image.open(path) as image:
+                with _no_pixel_limit(), Image.open(path) as image:
                     if image.mode.startswith("I"):  # 16-bit: scale to 8 bits (convert would clip)
                         image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255)
                                                 .astype(np.uint8))
@@ -424,6 +467,15 @@ def image_transforms(image_size, *, train, normalize=True, crop_scale=(0.25, 1.0
     return v2.Compose(steps)
 
 
+def _leave_stop_signals_to_main(worker_id):
+    """A DataLoader worker_init_fn: Ctrl-C, `timeout` and SLURM signal the whole process group, and
+    a worker they killed would end the run in a RuntimeError before the main process could save its
+    stop checkpoint; the worker exits when the main process shuts it down. At module level, so that
+    spawn and forkserver workers can unpickle it."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+
+
 def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device="cpu", seed=0,
                        rank=0, world_size=1):
     """(train_loader, val_loader) for one process of `world_size`.
@@ -435,9 +487,11 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
     one image). A dataset with seeded_augmentation = True (ImageSamples) is asked for
     (index, seed, epoch) keys, so its augmentation does not depend on workers or resumes.
     Validation is sharded by rank without padding, so all-reduced sums count every image once.
-    Pinned memory on CUDA; workers persist across epochs. The loaders draw their worker seeds from
-    their own generators, not from torch's global one.
+    Pinned memory on CUDA; workers persist across epochs and ignore SIGINT and SIGTERM, which the
+    main process handles (see stop_on_signals). The loaders draw their worker seeds from their own
+    generators, not from torch's global one.
     Usage: train_loader, val_loader = classifier_loaders(train_set, val_set, 32, num_workers=4)
+    Copy with: _leave_stop_signals_to_main
     """
     class EpochSampler(torch.utils.data.DistributedSampler):
         """set_epoch(epoch, skip_batches) and, for a seeded_augmentation dataset, (index, seed, epoch) keys."""
@@ -453,7 +507,7 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
 
     sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     options = {"num_workers": num_workers, "pin_memory": torch.device(device).type == "cuda",
-               "persistent_workers": num_workers > 0}
+               "persistent_workers": num_workers > 0, "worker_init_fn": _leave_stop_signals_to_main}
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler,
                                                drop_last=len(sampler) > batch_size,
                                                generator=torch.Generator().manual_seed(seed + rank), **options)
@@ -463,20 +517,22 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
     return train_loader, val_loader
 
 
-def check_same_on_every_rank(counts):
-    """Raise ValueError naming every rank's counts when the ranks of a torch.distributed group do not
-    see the same `counts` (a dict such as {"training images": 900}), e.g. a node holding a partial
-    copy of the data, which would otherwise hang at the first collective. Does nothing outside DDP.
-    Usage: check_same_on_every_rank({"training images": len(train_set), "validation images": len(val_set)})
+def check_same_on_every_rank(counts, class_names=None):
+    """Raise ValueError naming every rank's counts (and class names) when the ranks of a
+    torch.distributed group do not see the same `counts` (a dict such as {"training images": 900}) and
+    `class_names`, e.g. a node holding a partial or another copy of the data, which would otherwise
+    hang at the first collective or train one model on two labellings. Does nothing outside DDP.
+    Usage: check_same_on_every_rank({"training images": len(train_set)}, class_names=["cat", "dog"])
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
     every_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(every_rank, dict(counts))
-    if any(rank_counts != every_rank[0] for rank_counts in every_rank):
+    dist.all_gather_object(every_rank, (dict(counts), class_names and list(class_names)))
+    if any(seen != every_rank[0] for seen in every_rank):
         raise ValueError("the ranks see different data: " + "; ".join(
-            f"rank {rank}: " + ", ".join(f"{value} {name}" for name, value in rank_counts.items())
-            for rank, rank_counts in enumerate(every_rank)))
+            f"rank {rank}: " + ", ".join([f"{value} {name}" for name, value in rank_counts.items()]
+                                         + ([f"classes {' '.join(names)}"] if names else []))
+            for rank, (rank_counts, names) in enumerate(every_rank)))
 
 
 # ----------------------------------------------------------------------------- models
