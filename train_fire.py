@@ -189,7 +189,7 @@ def main(argv=None):
                 "driver": "train_fire"}
 
     run_config = config if resumed_from is None else {**config, "resumed_from": resumed_from}
-    with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
+    with wbflow.exit_on_error("train_fire", ()), wbflow.stop_on_signals() as stop, wbflow.wandb_run(
             run_config, project=args.project, enabled=not args.no_wandb, run_id=run_id, name=args.run_name) as run:
         # every 10 batches: train_loss, train_acc on the global step; every epoch the seed's epoch means
         # as epoch/train_loss, epoch/train_acc (their own keys, so neither overwrites the other) and

@@ -2008,7 +2008,8 @@ def save_checkpoint(state, path):
     and a failed save (a full disk) leaves the previous file as it was. The file gets the permissions
     of the user's umask, like any file Python opens.
 
-    Raises OSError naming the path when the write fails; "no space left" says so in one line.
+    Raises OSError naming the path when the write fails; a full disk (also when torch's zip writer turns
+    it into a RuntimeError) is one OSError(ENOSPC) line, "no space left ...".
     Usage: save_checkpoint({"model": model.state_dict(), "step": step}, "checkpoints/last.pt")
     """
     path = Path(path)
@@ -2024,7 +2025,8 @@ def save_checkpoint(state, path):
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp_path)
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        # torch's zip writer raises a RuntimeError of its own on top of the OSError of a full disk
+        if any(isinstance(each, OSError) and each.errno == errno.ENOSPC for each in (error, error.__context__)):
             raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
                                         f"the previous file there is unchanged") from None
         raise
@@ -2156,7 +2158,7 @@ def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None
         except BaseException as error:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temp_path)
-            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            if any(isinstance(each, OSError) and each.errno == errno.ENOSPC for each in (error, error.__context__)):
                 raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
                                             f"the previous file there is unchanged") from None
             raise

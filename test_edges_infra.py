@@ -1,0 +1,83 @@
+"""Edges of the out-dir, checkpoint files and the W&B record (issue 15): --overwrite deletes the earlier run
+only once every check has passed, one run per out-dir at a time, a real full disk, a record that keeps what
+a run killed with SIGKILL logged, and an offline fallback that prints only paths that exist."""
+import errno
+import glob
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_fire
+import train_flow
+import wbflow
+from conftest import RunLog, paste_alone
+from test_dashboard import clean_python, closed_port
+from test_guard import FLOW_SMOKE, refused
+from test_wbflow import fire_args, write_pattern_folders
+
+HERE = Path(__file__).resolve().parent
+EARLIER_RUN = {"best_model.pth": b"the earlier run's best model", "last.pt": b"the earlier run's last.pt",
+               "checkpoint_epoch_7.pt": b"the earlier run's epoch 7"}
+
+
+# ----------------------------------------------------------------------------- a real full disk
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs at tmp_path/disk, unmounted afterwards; skips only where mounting is not permitted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                                capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command here")
+    if result.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({result.stderr.strip()})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+SAVES = {"save_checkpoint": lambda state, metric, path: wbflow.save_checkpoint(state, path),
+         "save_best": lambda state, metric, path: wbflow.save_best(state, metric, metric - 1, path)}
+
+
+@pytest.mark.parametrize("save", sorted(SAVES))
+def test_a_real_full_disk_is_one_line_and_keeps_the_previous_file(small_disk, save):
+    path = small_disk / "last.pt"
+    SAVES[save]({"w": torch.ones(1000)}, 1.0, path)
+    saved = path.read_bytes()
+    with pytest.raises(SystemExit) as exit_info, wbflow.exit_on_error("train.py"):
+        SAVES[save]({"w": torch.ones(1_000_000)}, 2.0, path)  # 4 MB on a 1 MiB disk
+    message = str(exit_info.value.code)
+    assert "\n" not in message and re.fullmatch(r"train\.py: no space left .*last\.pt; .* unchanged", message)
+    assert path.read_bytes() == saved and os.listdir(small_disk) == ["last.pt"]  # no temporary file left
+    with pytest.raises(OSError) as error:
+        SAVES[save]({"w": torch.ones(1_000_000)}, 3.0, path)
+    assert error.value.errno == errno.ENOSPC and error.value.__suppress_context__  # one traceback, not two
+
+
+@pytest.mark.parametrize("driver", ["train_flow", "train_fire"])
+def test_a_driver_on_a_full_disk_ends_in_one_line_without_a_traceback(small_disk, tmp_path, driver):
+    out = small_disk / "out"
+    if driver == "train_flow":
+        argv = FLOW_SMOKE + ["--no-wandb", "--out-dir", str(out)]
+    else:
+        argv = fire_args(write_pattern_folders(tmp_path / "data", per_class=2, classes=["a", "b"]), out,
+                         "--no-wandb", "true", "--epochs", "1")
+    result = subprocess.run([sys.executable, str(HERE / f"{driver}.py"), *argv], capture_output=True, text=True,
+                            cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.fullmatch(rf"{driver}(\.py)?: no space left on the device while saving {re.escape(str(out))}/\S+; "
+                        r"the previous file there is unchanged", result.stderr.strip().splitlines()[-1])
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+
+
