@@ -81,3 +81,19 @@ def test_a_driver_on_a_full_disk_ends_in_one_line_without_a_traceback(small_disk
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
 
 
+# ----------------------------------------------------------------------------- what W&B prints
+
+def test_the_offline_fallback_prints_only_paths_that_exist(tmp_path):
+    code = ("import wbflow\n"
+            "with wbflow.wandb_run({'lr': 0.1}, project='p', init_timeout=2) as run:\n"
+            "    run.log({'train/loss': 1.0}, step=1)\n")
+    wandb_dir = tmp_path / "elsewhere"
+    wandb_dir.mkdir()
+    result, _ = clean_python(code, tmp_path, WANDB_API_KEY="k" * 40, WANDB_DIR=str(wandb_dir), WANDB_SILENT="false",
+                             WANDB_BASE_URL=f"http://127.0.0.1:{closed_port()}")
+    assert result.returncode == 0, result.stderr
+    output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
+    assert output.count("Find logs at:") == 2  # the failed online attempt's and the offline run's
+    assert "upload this run later with: wandb sync" in output
+    paths = re.findall(r"(?:Find logs at:|wandb sync|saved locally in) (\S+)", output)
+    assert [path for path in paths if not (tmp_path / path).exists()] == []  # relative ones are from the cwd

@@ -1745,9 +1745,10 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
     or on a torch.distributed rank other than 0. Without credentials for the configured server
     (wandb's own settings, WANDB_API_KEY, or the netrc entry `wandb login` wrote) and with WANDB_MODE
     unset, it logs offline; when the server does not answer within `init_timeout` seconds it logs
-    offline too. Either way a line gives the `wandb sync` command for the run's folder. `run_id`
-    resumes that run (resume="allow"). WANDB_DIR is honoured; other keyword arguments go to
-    wandb.init (entity, name, tags, notes...). The run finishes with exit code 1 if the block raises.
+    offline too (the failed attempt leaves its logs, no record to sync). Either way a line gives the
+    `wandb sync` command for the run's folder. `run_id` resumes that run (resume="allow"). WANDB_DIR is
+    honoured; other keyword arguments go to wandb.init (entity, name, tags, notes...). The run finishes
+    with exit code 1 if the block raises.
     Usage: with wandb_run({"lr": 2e-4}, project="flow") as run: run.log({"loss": 0.1}, step=1)
     """
     class GuardedRun:
@@ -1804,12 +1805,13 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
         try:
             run = wandb.init(project=project, config=config, mode=mode, id=run_id, **kwargs)
         except wandb.errors.CommError as error:  # a key but no server: keep the whole record offline
-            for folder in set(runs_dir.glob("run-*")) - before:  # the failed attempt's empty record
-                shutil.rmtree(folder, ignore_errors=True)
+            for folder in set(runs_dir.glob("run-*")) - before:  # the failed attempt: no record to sync, but
+                for record in folder.glob("*.wandb"):           # its logs stay, which wandb names at exit
+                    record.unlink(missing_ok=True)
             print(f"wbflow: W&B server {settings.base_url} did not answer ({str(error).splitlines()[0]}), "
                   "logging offline", file=sys.stderr)
             run = wandb.init(project=project, config=config, mode="offline", id=run_id, **kwargs)
-        if run.settings._offline:
+        if run.offline:
             print(f"wbflow: W&B is offline; upload this run later with: wandb sync {run.settings.sync_dir}",
                   file=sys.stderr)
         return run
