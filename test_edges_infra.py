@@ -26,6 +26,46 @@ EARLIER_RUN = {"best_model.pth": b"the earlier run's best model", "last.pt": b"t
                "checkpoint_epoch_7.pt": b"the earlier run's epoch 7"}
 
 
+def earlier_run_in(out):
+    out.mkdir()
+    for name, content in EARLIER_RUN.items():
+        (out / name).write_bytes(content)
+
+
+def checkpoints_in(out):
+    return {path.name: path.read_bytes() for path in out.iterdir() if path.is_file() and not path.name.startswith(".")}
+
+
+# ----------------------------------------------------------------------------- --overwrite
+
+def test_train_flow_overwrite_deletes_the_earlier_run_only_once_every_check_has_passed(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    earlier_run_in(out)
+    monkeypatch.setattr(wbflow.torchvision.datasets, "CIFAR10",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    argv = FLOW_SMOKE + ["--no-wandb", "--overwrite", "--out-dir", str(out)]
+    refused(train_flow.main, argv + ["--data-dir", str(tmp_path / "typo")], "cifar-10-python.tar.gz", seconds=60)
+    refused(train_flow.main, argv + ["--resume", str(tmp_path / "typo.pt")], "typo.pt", seconds=60)
+    assert checkpoints_in(out) == EARLIER_RUN
+    train_flow.main(argv)
+    assert sorted(checkpoints_in(out)) == ["checkpoint_epoch_1.pt", "last.pt"]
+    assert wbflow.load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_train_fire_overwrite_deletes_the_earlier_run_only_once_every_check_has_passed(tmp_path):
+    out = tmp_path / "out"
+    earlier_run_in(out)
+    data = write_pattern_folders(tmp_path / "data", per_class=2, classes=["a", "b"])
+    flags = ("--overwrite", "true", "--no-wandb", "true", "--epochs", "1")
+    refused(train_fire.main, fire_args(tmp_path / "typo", out, *flags), "typo", seconds=60)
+    refused(train_fire.main, fire_args(data, out, *flags, "--resume", str(tmp_path / "typo.pth")), "typo.pth",
+            seconds=60)
+    assert checkpoints_in(out) == EARLIER_RUN
+    train_fire.main(fire_args(data, out, *flags))
+    assert sorted(checkpoints_in(out)) == ["best_model.pth", "last.pth"]
+    assert wbflow.load_checkpoint(out / "best_model.pth")["class_names"] == ["a", "b"]
+
+
 # ----------------------------------------------------------------------------- a real full disk
 
 @pytest.fixture

@@ -111,7 +111,7 @@ def main(argv=None):
             raise ValueError(f"--val-split must be at least 0 and below 1, not {args.val_split}")
         if args.class_names is not None and len(set(args.class_names)) != len(args.class_names):
             raise ValueError(f"--class-names repeats a name: {','.join(args.class_names)}")
-        out_dir = wbflow.prepare_out_dir(args.out_dir, resume=args.resume, overwrite=args.overwrite)
+        out_dir, earlier_run = wbflow.prepare_out_dir(args.out_dir, resume=args.resume, overwrite=args.overwrite)
     rank, world_size, device = wbflow.setup_distributed()
     master = rank == 0  # the only process that prints, logs to W&B and writes checkpoints
     if not master:
@@ -213,6 +213,9 @@ def main(argv=None):
             run.log({"epoch": window["epoch"], "batch": window["batch"], "train_loss": window["loss"],
                      "train_acc": window["accuracy"], "learning_rate": window["learning_rate"]}, step=step)
 
+        if master:  # --overwrite: every check has passed, so the earlier run's checkpoints go now
+            for path in earlier_run:
+                path.unlink(missing_ok=True)
         for epoch in range(start_epoch, args.epochs):
             train_loader.sampler.set_epoch(epoch, skip_batches=epoch_state["batches"] if epoch_state else 0)
             train = wbflow.train_epoch(train_model, train_loader, optimizer, loss_fn, device=device,

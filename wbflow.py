@@ -2059,13 +2059,16 @@ def load_checkpoint(path, map_location="cpu"):
 
 def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
                     patterns=("best_model.pth", "last.pth", "last.pt", "checkpoint_epoch_*.pt")):
-    """Make `out_dir` ready for a run without ever replacing an earlier run's checkpoints.
+    """Make `out_dir` ready for a run without ever replacing an earlier run's checkpoints; returns
+    (out_dir as a Path, the earlier run's checkpoints that this run replaces).
 
     Refuses (ValueError, one line) when out_dir is a file or not writable, and when it already holds
-    checkpoints matching `patterns` unless `resume` is a file inside it (the same run goes on) or
-    overwrite=True (the earlier files are deleted first). Stale `.*.tmp` files that a kill during
-    save_checkpoint left behind are removed. Returns out_dir as a Path.
-    Usage: out_dir = prepare_out_dir("checkpoints", resume=args.resume, overwrite=args.overwrite)
+    checkpoints matching `patterns` unless `resume` is a file inside it (the same run goes on) or overwrite=True. Those are returned,
+    not deleted: delete them right before the first write, once every other check has passed, so that
+    a typo in another setting leaves them. Stale `.*.tmp` files that a kill during save_checkpoint left
+    behind are removed.
+    Usage: out_dir, earlier_run = prepare_out_dir("checkpoints", resume=args.resume, overwrite=args.overwrite)
+           # ... data, model and resume checks ..., then: for path in earlier_run: path.unlink(missing_ok=True)
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -2083,12 +2086,9 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
     earlier = sorted({path for pattern in patterns for path in out_dir.glob(pattern)})
     resume_path = Path(resume).resolve() if resume and os.path.isfile(resume) else None
     if not earlier or (resume_path is not None and resume_path.parent == out_dir.resolve()):
-        return out_dir
+        return out_dir, []
     if overwrite:
-        for path in earlier:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        return out_dir
+        return out_dir, earlier
     resumable = [path for path in earlier if not path.name.startswith("best")]
     resume_hint = f"--resume {max(resumable, key=os.path.getmtime)} to continue it, " if resumable else ""
     raise ValueError(f"--out-dir {out_dir} holds an earlier run's checkpoints ({', '.join(p.name for p in earlier[:4])}"
