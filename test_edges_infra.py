@@ -36,6 +36,27 @@ def checkpoints_in(out):
     return {path.name: path.read_bytes() for path in out.iterdir() if path.is_file() and not path.name.startswith(".")}
 
 
+_HANGS_IN_ITS_UPLOAD = """
+import sys, time
+sys.path.insert(0, {here!r})
+import train_flow, wbflow
+def upload_that_hangs(*args, **kwargs):  # the epoch's checkpoints are written; its upload never ends
+    print("uploading", flush=True)
+    time.sleep(300)
+wbflow.log_artifact = upload_that_hangs
+train_flow.main({argv!r})
+"""
+
+
+def start_a_run_that_hangs_in_its_upload(argv):
+    """A train_flow process stopped inside its first epoch's artifact upload, right after the checkpoint."""
+    process = subprocess.Popen([sys.executable, "-c", _HANGS_IN_ITS_UPLOAD.format(here=str(HERE), argv=argv)],
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    assert "uploading\n" in iter(process.stdout.readline, ""), "the run ended before its upload"
+    return process
+
+
 # ----------------------------------------------------------------------------- --overwrite
 
 def test_train_flow_overwrite_deletes_the_earlier_run_only_once_every_check_has_passed(tmp_path, monkeypatch):
@@ -64,6 +85,23 @@ def test_train_fire_overwrite_deletes_the_earlier_run_only_once_every_check_has_
     train_fire.main(fire_args(data, out, *flags))
     assert sorted(checkpoints_in(out)) == ["best_model.pth", "last.pth"]
     assert wbflow.load_checkpoint(out / "best_model.pth")["class_names"] == ["a", "b"]
+
+
+# ----------------------------------------------------------------------------- one run per out-dir
+
+def test_a_second_run_on_a_busy_out_dir_is_refused_and_a_resume_works_after_a_kill(offline_wandb, tmp_path):
+    out = tmp_path / "out"
+    argv = FLOW_SMOKE + ["--epochs", "2", "--out-dir", str(out)]
+    first = start_a_run_that_hangs_in_its_upload(argv)
+    try:
+        refused(train_flow.main, argv + ["--overwrite"],
+                rf"--out-dir {re.escape(str(out))} is in use by another run \(process {first.pid}\)")
+        assert wbflow.load_checkpoint(out / "last.pt")["epoch"] == 1  # --overwrite deleted nothing
+    finally:
+        first.kill()
+        first.wait()
+    train_flow.main(argv + ["--resume", str(out / "last.pt")])  # the killed run's lock is gone with it
+    assert wbflow.load_checkpoint(out / "last.pt")["epoch"] == 2
 
 
 # ----------------------------------------------------------------------------- a real full disk

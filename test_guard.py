@@ -78,7 +78,7 @@ def test_stale_temp_files_of_a_killed_save_are_removed_at_start(tmp_path):
     (tmp_path / ".last.pt.123.abcd.tmp").write_bytes(b"half")
     (tmp_path / "keep.txt").write_text("mine")
     wbflow.prepare_out_dir(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "keep.txt"]
 
 
 def test_both_drivers_clear_stale_temp_files_before_refusing_anything(tmp_path):
@@ -89,7 +89,7 @@ def test_both_drivers_clear_stale_temp_files_before_refusing_anything(tmp_path):
     assert (out / ".checkpoint_epoch_3.pt.1.ff.tmp").exists()
     data = write_pattern_folders(tmp_path / "data", per_class=1, classes=["a"])
     refused(train_fire.main, fire_args(data, out), "at least two classes")
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == [".lock"]
 
 
 # ----------------------------------------------------------------------------- out-dir policy

@@ -1454,7 +1454,7 @@ def test_torchrun_with_two_processes_logs_one_run_and_saves_one_best_file(offlin
     n_val = log.config["val_images"]
     for val_acc in log.values("val_acc"):  # all-reduced over both shards: a count out of every val image
         assert val_acc * n_val / 100 == pytest.approx(round(val_acc * n_val / 100))
-    assert sorted(path.name for path in out.iterdir()) == ["best_model.pth", "last.pth"]
+    assert sorted(path.name for path in out.iterdir()) == [".lock", "best_model.pth", "last.pth"]
     models = [artifact for artifact in log.artifacts if artifact["type"] == "model"]
     assert len(models) == len(log.rows_with("best_val_acc")) >= 1
     assert [row for row in log.history if logged_media(row, "predictions")]

@@ -36,6 +36,7 @@ import concurrent.futures
 import contextlib
 import csv
 import errno
+import fcntl
 import hashlib
 import itertools
 import math
@@ -2062,8 +2063,11 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
     """Make `out_dir` ready for a run without ever replacing an earlier run's checkpoints; returns
     (out_dir as a Path, the earlier run's checkpoints that this run replaces).
 
-    Refuses (ValueError, one line) when out_dir is a file or not writable, and when it already holds
-    checkpoints matching `patterns` unless `resume` is a file inside it (the same run goes on) or overwrite=True. Those are returned,
+    Refuses (ValueError, one line) when out_dir is a file or not writable; when another process's run
+    holds it (rank 0 locks `out_dir/.lock` for as long as its process lives, and the kernel frees the
+    lock when it ends, kill -9 included; the same process may prepare it again, as a notebook does);
+    and when it already holds checkpoints matching `patterns`,
+    unless `resume` is a file inside it (the same run goes on) or overwrite=True. Those are returned,
     not deleted: delete them right before the first write, once every other check has passed, so that
     a typo in another setting leaves them. Stale `.*.tmp` files that a kill during save_checkpoint left
     behind are removed.
@@ -2080,9 +2084,24 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
         probe.unlink(missing_ok=True)  # another rank's sweep of stale .tmp files may have taken it
     except OSError as error:
         raise ValueError(f"--out-dir {out_dir} is not writable ({error.strerror or error})") from None
-    for stale in out_dir.glob(".*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+    if rank == 0:  # the run's lock; the other ranks of a torchrun run under rank 0's
+        lock = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:  # a POSIX lock: this process's (not its forked loader workers'), freed by the kernel when it ends
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # another process holds it
+            holder = os.pread(lock, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(lock)
+            raise ValueError(f"--out-dir {out_dir} is in use by another run (process {holder}): wait for it to end, "
+                             f"or pass another --out-dir") from None
+        except OSError:  # a filesystem without locks (e.g. Lustre mounted without flock): unlocked, as before
+            os.close(lock)
+        else:  # never closed (closing any descriptor of the file would free the lock): held while this process lives
+            os.ftruncate(lock, 0)
+            os.write(lock, str(os.getpid()).encode())
+        for stale in out_dir.glob(".*.tmp"):  # only under the lock: a running save's temporary file is not stale
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
     earlier = sorted({path for pattern in patterns for path in out_dir.glob(pattern)})
     resume_path = Path(resume).resolve() if resume and os.path.isfile(resume) else None
     if not earlier or (resume_path is not None and resume_path.parent == out_dir.resolve()):
