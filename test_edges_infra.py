@@ -159,6 +159,35 @@ def test_a_driver_on_a_full_disk_ends_in_one_line_without_a_traceback(small_disk
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
 
 
+# ----------------------------------------------------------------------------- the record of a killed run
+
+def test_flush_run_pasted_alone_puts_the_pending_row_on_disk_while_the_run_goes_on(offline_wandb):
+    pasted = paste_alone("wandb_run", "flush_run")
+    with pasted["wandb_run"](project="test") as run:
+        run.log({"train/loss": 0.5}, step=3)
+        pasted["flush_run"](run)
+        [record] = glob.glob(str(offline_wandb / "wandb" / "offline-run-*" / "*.wandb"))
+        assert RunLog(record).values("train/loss") == [0.5]
+        run.log({"train/loss": 0.25}, step=4)  # the run goes on after it
+    assert RunLog(record).values("train/loss") == [0.5, 0.25]
+
+
+def test_a_run_killed_during_its_upload_keeps_what_the_epoch_logged(offline_wandb, tmp_path):
+    out = tmp_path / "out"
+    process = start_a_run_that_hangs_in_its_upload(FLOW_SMOKE + ["--epochs", "2", "--out-dir", str(out)])
+    process.kill()  # right after the epoch's checkpoint, which a resume would start after
+    process.wait()
+    checkpoint = wbflow.load_checkpoint(out / "last.pt")
+    [record] = glob.glob(str(offline_wandb / "wandb" / f"offline-run-*-{checkpoint['wandb_run_id']}" / "*.wandb"))
+    log = RunLog(record)
+    assert log.exit_code is None  # killed: W&B never finished it
+    windows = log.rows_with("train/loss")
+    assert windows and windows[-1]["_step"] == checkpoint["global_step"]
+    [epoch_loss] = log.rows_with("train/epoch_loss")
+    assert epoch_loss["train/epoch_loss"] == checkpoint["epoch_loss"] and epoch_loss["train/epoch"] == 1
+    assert log.rows_with("eval/generated_samples")
+
+
 # ----------------------------------------------------------------------------- what W&B prints
 
 def test_the_offline_fallback_prints_only_paths_that_exist(tmp_path):

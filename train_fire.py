@@ -244,6 +244,7 @@ def main(argv=None):
             run.log(epoch_metrics, step=step)
             state = checkpoint(epoch)  # every rank takes part in gathering the RNG states
             if master:
+                wbflow.flush_run(run)  # what the epoch logged is on disk before the checkpoint a resume starts from
                 wbflow.save_checkpoint(state, out_dir / "last.pth")
                 print(f"Epoch: {epoch} | Train Loss: {train['loss']:.4f} | Train Acc: {train['accuracy']:.2f}% | "
                       f"Val Loss: {val['loss']:.4f} | Val Acc: {val['accuracy']:.2f}%"

@@ -311,6 +311,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
                                           nfes=sampling["table_nfes"], tolerance=tolerance, dtype=amp_dtype)
 
             state["table_rows"], state["epoch_loss"] = table_rows, epoch_loss
+            wbflow.flush_run(run)  # what the epoch logged is on disk before the checkpoint a resume starts from
             wbflow.save_checkpoint(state, out_dir / "last.pt")  # each epoch: a crash loses at most one
             upload = epoch % logging["log_model_interval"] == 0
             if epoch % training["save_interval"] == 0 or upload or epoch == training["epochs"]:
@@ -323,7 +324,8 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
                                         metadata={"epoch": epoch, "global_step": step, "config": config})
 
         if run and table_rows:
-            run.log({"eval/samples_table": wbflow.samples_table(table_rows, root=out_dir)}, step=step)
+            run.log({"eval/samples_table": wbflow.samples_table(table_rows, root=out_dir)},
+                    step=step + 1)  # flush_run committed step
         state = checkpoint(training["epochs"], last_act=True)  # the run's last act: a resume may continue it
         if is_main and start_epoch <= training["epochs"]:
             wbflow.save_checkpoint(state, out_dir / "last.pt")

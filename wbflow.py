@@ -13,7 +13,7 @@ Sections, in data-flow order:
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, save_statistics,
                     inception_score, per_class_precision_recall
-  images & W&B      wandb_run, watch_model, log_model_graph, log_artifact,
+  images & W&B      wandb_run, flush_run, watch_model, log_model_graph, log_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
   checkpoints       save_checkpoint, load_checkpoint, prepare_out_dir,
                     rotate_checkpoints, save_best, check_checkpoint, resume_command, fetch_checkpoint
@@ -1747,9 +1747,10 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
     (wandb's own settings, WANDB_API_KEY, or the netrc entry `wandb login` wrote) and with WANDB_MODE
     unset, it logs offline; when the server does not answer within `init_timeout` seconds it logs
     offline too (the failed attempt leaves its logs, no record to sync). Either way a line gives the
-    `wandb sync` command for the run's folder. `run_id` resumes that run (resume="allow"). WANDB_DIR is
-    honoured; other keyword arguments go to wandb.init (entity, name, tags, notes...). The run finishes
-    with exit code 1 if the block raises.
+    `wandb sync` command for the run's folder. The record is written to disk every 0.1 s (wandb >= 0.31),
+    which flush_run waits for. `run_id` resumes that run (resume="allow"). WANDB_DIR is honoured; other
+    keyword arguments go to wandb.init (entity, name, tags, notes...). The run finishes with exit code 1
+    if the block raises.
     Usage: with wandb_run({"lr": 2e-4}, project="flow") as run: run.log({"loss": 0.1}, step=1)
     """
     class GuardedRun:
@@ -1799,8 +1800,12 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
             print(f"wbflow: no W&B credentials for {settings.base_url} (WANDB_API_KEY or `wandb login`), "
                   "logging offline", file=sys.stderr)
         # WANDB_DIR is read here, not left to wandb, which caches settings for the life of the process.
+        # wandb-core writes the record to disk every x_transaction_log_flush_interval seconds (wandb >= 0.31;
+        # 15 by default) and when the run finishes, so flush_run can wait for it at an epoch's end
+        flush = ({"x_transaction_log_flush_interval": 0.1}
+                 if "x_transaction_log_flush_interval" in wandb.Settings.model_fields else {})
         kwargs = {"dir": os.environ.get("WANDB_DIR"), "resume": "allow" if run_id else None,
-                  "settings": wandb.Settings(init_timeout=init_timeout), **init_kwargs}
+                  "settings": wandb.Settings(init_timeout=init_timeout, **flush), **init_kwargs}
         runs_dir = Path(kwargs["dir"] or settings.root_dir) / "wandb"
         before = set(runs_dir.glob("run-*"))
         try:
@@ -1837,6 +1842,31 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
         guarded.finish(exit_code=1)
         raise
     guarded.finish()
+
+
+def flush_run(run, timeout=2.0):
+    """Commit the run's pending history row and wait (at most `timeout` seconds) until W&B's service has
+    written the run's record (run-*.wandb) to disk, so that a process killed after it (kill -9, the OOM
+    killer) keeps all it logged before; a no-op without a run.
+
+    Why it takes this: W&B holds the row of step s until a later step or a commit, and its service process
+    buffers the record, writing it every x_transaction_log_flush_interval seconds (wandb_run sets 0.1 where
+    wandb has the setting) and when the run finishes; when the training process dies, the service exits
+    at once without writing what it buffered. Call it after the last log of an epoch's step, right before
+    that epoch's checkpoint: W&B drops a later log at the same step.
+    Usage: run.log({"train/epoch_loss": loss}, step=step); flush_run(run); save_checkpoint(state, "out/last.pt")
+    """
+    if not run:
+        return
+    interval = getattr(run.settings, "x_transaction_log_flush_interval", 0)
+    record = Path(run.settings.sync_file)
+    run.log({}, commit=True)
+    run.summary.keys()  # a round trip to the service, which has now turned the committed row into a record
+    if not interval or not record.is_file():  # no periodic writes to wait for
+        return
+    size, deadline = record.stat().st_size, time.monotonic() + timeout
+    while record.stat().st_size == size and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def watch_model(run, model, log="gradients", log_freq=100, log_graph=False):
