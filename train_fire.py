@@ -140,8 +140,8 @@ def main(argv=None):
             raise ValueError(f"--val-split must be at least 0 and below 1, not {args.val_split}")
         if args.class_names is not None and len(set(args.class_names)) != len(args.class_names):
             raise ValueError(f"--class-names repeats a name: {','.join(args.class_names)}")
-        out_dir = wbflow.prepare_out_dir(args.out_dir, resume=args.resume, overwrite=args.overwrite,
-                                         patterns=OUT_FILES)
+        out_dir, earlier_run = wbflow.prepare_out_dir(args.out_dir, resume=args.resume, overwrite=args.overwrite,
+                                                      patterns=OUT_FILES)
     rank, world_size, device = wbflow.setup_distributed()
     master = rank == 0  # the only process that prints, logs to W&B and writes checkpoints
     if not master:
@@ -220,7 +220,7 @@ def main(argv=None):
                 "driver": "train_fire"}
 
     run_config = config if resumed_from is None else {**config, "resumed_from": resumed_from}
-    with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
+    with wbflow.exit_on_error("train_fire", ()), wbflow.stop_on_signals() as stop, wbflow.wandb_run(
             run_config, project=args.project, enabled=not args.no_wandb, run_id=run_id, name=args.run_name) as run:
         # every 10 batches: train_loss, train_acc on the global step; every epoch the seed's epoch means
         # as epoch/train_loss, epoch/train_acc (their own keys, so neither overwrites the other) and
@@ -244,6 +244,9 @@ def main(argv=None):
             run.log({"epoch": window["epoch"], "batch": window["batch"], "train_loss": window["loss"],
                      "train_acc": window["accuracy"], "learning_rate": window["learning_rate"]}, step=step)
 
+        if master:  # --overwrite: every check has passed, so the earlier run's checkpoints go now
+            for path in earlier_run:
+                path.unlink(missing_ok=True)
         for epoch in range(start_epoch, args.epochs):
             train_loader.sampler.set_epoch(epoch, skip_batches=epoch_state["batches"] if epoch_state else 0)
             train = wbflow.train_epoch(train_model, train_loader, optimizer, loss_fn, device=device,
@@ -272,6 +275,7 @@ def main(argv=None):
             run.log(epoch_metrics, step=step)
             state = checkpoint(epoch)  # every rank takes part in gathering the RNG states
             if master:
+                wbflow.flush_run(run)  # what the epoch logged is on disk before the checkpoint a resume starts from
                 wbflow.save_checkpoint(state, out_dir / "last.pth")
                 print(f"Epoch: {epoch} | Train Loss: {train['loss']:.4f} | Train Acc: {train['accuracy']:.2f}% | "
                       f"Val Loss: {val['loss']:.4f} | Val Acc: {val['accuracy']:.2f}%"

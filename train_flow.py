@@ -120,12 +120,13 @@ def main(argv=None):
         if args.eval and not args.checkpoint:
             raise ValueError("--eval needs --checkpoint PATH|ARTIFACT")
         if not args.eval:
-            wbflow.prepare_out_dir(data["out_dir"], resume=args.resume, overwrite=args.overwrite)
+            _, earlier_run = wbflow.prepare_out_dir(data["out_dir"], resume=args.resume, overwrite=args.overwrite)
     if args.smoke:
         os.environ.setdefault("WANDB_MODE", "offline")
     with wbflow.exit_on_error("train_flow.py"):  # missing data, checkpoint or weights; a full disk
         if not args.eval:
-            return train(config, argv, resume=args.resume, smoke=args.smoke, synthetic=args.smoke and not args.data_dir)
+            return train(config, argv, resume=args.resume, smoke=args.smoke, synthetic=args.smoke and not args.data_dir,
+                         earlier_run=earlier_run)
         sampling, evaluation, logging = config["sampling"], config["eval"], config["logging"]
         return evaluate(args.checkpoint, num_samples=args.num_samples, metric=args.metric,
                         solver=args.solver or sampling["solver"], nfe=args.nfe or sampling["nfe"],
@@ -138,7 +139,7 @@ def main(argv=None):
                         device=torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
 
 
-def train(config, argv, *, resume=None, smoke=False, synthetic=False):
+def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=()):
     data, training, logging = config["data"], config["training"], config["logging"]
     sampling, evaluation = config["sampling"], config["eval"]
     rank, world_size, device = wbflow.setup_distributed()
@@ -255,6 +256,9 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False):
                      "train/grad_norm": window["grad_norm"], "train/epoch": window["epoch"],
                      "train/skipped_steps": skipped_steps}, step=step)
 
+        if is_main:  # --overwrite: every check has passed, so the earlier run's checkpoints go now
+            for path in earlier_run:
+                path.unlink(missing_ok=True)
         for epoch in range(start_epoch, training["epochs"] + 1):
             loader.set_epoch(epoch, skip_batches=epoch_state["batches"] if epoch_state else 0)
             stats = wbflow.train_epoch(train_model, loader, optimizer, wbflow.rectified_flow_loss, device=device,
@@ -307,6 +311,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False):
                                           nfes=sampling["table_nfes"], tolerance=tolerance, dtype=amp_dtype)
 
             state["table_rows"], state["epoch_loss"] = table_rows, epoch_loss
+            wbflow.flush_run(run)  # what the epoch logged is on disk before the checkpoint a resume starts from
             wbflow.save_checkpoint(state, out_dir / "last.pt")  # each epoch: a crash loses at most one
             upload = epoch % logging["log_model_interval"] == 0
             if epoch % training["save_interval"] == 0 or upload or epoch == training["epochs"]:
@@ -319,7 +324,8 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False):
                                         metadata={"epoch": epoch, "global_step": step, "config": config})
 
         if run and table_rows:
-            run.log({"eval/samples_table": wbflow.samples_table(table_rows, root=out_dir)}, step=step)
+            run.log({"eval/samples_table": wbflow.samples_table(table_rows, root=out_dir)},
+                    step=step + 1)  # flush_run committed step
         state = checkpoint(training["epochs"], last_act=True)  # the run's last act: a resume may continue it
         if is_main and start_epoch <= training["epochs"]:
             wbflow.save_checkpoint(state, out_dir / "last.pt")

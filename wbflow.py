@@ -13,7 +13,7 @@ Sections, in data-flow order:
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, save_statistics,
                     inception_score, per_class_precision_recall
-  images & W&B      wandb_run, watch_model, log_model_graph, log_artifact,
+  images & W&B      wandb_run, flush_run, watch_model, log_model_graph, log_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
   checkpoints       save_checkpoint, load_checkpoint, prepare_out_dir,
                     rotate_checkpoints, save_best, check_checkpoint, resume_command, fetch_checkpoint
@@ -37,6 +37,7 @@ import concurrent.futures
 import contextlib
 import csv
 import errno
+import fcntl
 import hashlib
 import itertools
 import math
@@ -1801,9 +1802,11 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
     or on a torch.distributed rank other than 0. Without credentials for the configured server
     (wandb's own settings, WANDB_API_KEY, or the netrc entry `wandb login` wrote) and with WANDB_MODE
     unset, it logs offline; when the server does not answer within `init_timeout` seconds it logs
-    offline too. Either way a line gives the `wandb sync` command for the run's folder. `run_id`
-    resumes that run (resume="allow"). WANDB_DIR is honoured; other keyword arguments go to
-    wandb.init (entity, name, tags, notes...). The run finishes with exit code 1 if the block raises.
+    offline too (the failed attempt leaves its logs, no record to sync). Either way a line gives the
+    `wandb sync` command for the run's folder. The record is written to disk every 0.1 s (wandb >= 0.31),
+    which flush_run waits for. `run_id` resumes that run (resume="allow"). WANDB_DIR is honoured; other
+    keyword arguments go to wandb.init (entity, name, tags, notes...). The run finishes with exit code 1
+    if the block raises.
     Usage: with wandb_run({"lr": 2e-4}, project="flow") as run: run.log({"loss": 0.1}, step=1)
     """
     class GuardedRun:
@@ -1853,19 +1856,24 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
             print(f"wbflow: no W&B credentials for {settings.base_url} (WANDB_API_KEY or `wandb login`), "
                   "logging offline", file=sys.stderr)
         # WANDB_DIR is read here, not left to wandb, which caches settings for the life of the process.
+        # wandb-core writes the record to disk every x_transaction_log_flush_interval seconds (wandb >= 0.31;
+        # 15 by default) and when the run finishes, so flush_run can wait for it at an epoch's end
+        flush = ({"x_transaction_log_flush_interval": 0.1}
+                 if "x_transaction_log_flush_interval" in wandb.Settings.model_fields else {})
         kwargs = {"dir": os.environ.get("WANDB_DIR"), "resume": "allow" if run_id else None,
-                  "settings": wandb.Settings(init_timeout=init_timeout), **init_kwargs}
+                  "settings": wandb.Settings(init_timeout=init_timeout, **flush), **init_kwargs}
         runs_dir = Path(kwargs["dir"] or settings.root_dir) / "wandb"
         before = set(runs_dir.glob("run-*"))
         try:
             run = wandb.init(project=project, config=config, mode=mode, id=run_id, **kwargs)
         except wandb.errors.CommError as error:  # a key but no server: keep the whole record offline
-            for folder in set(runs_dir.glob("run-*")) - before:  # the failed attempt's empty record
-                shutil.rmtree(folder, ignore_errors=True)
+            for folder in set(runs_dir.glob("run-*")) - before:  # the failed attempt: no record to sync, but
+                for record in folder.glob("*.wandb"):           # its logs stay, which wandb names at exit
+                    record.unlink(missing_ok=True)
             print(f"wbflow: W&B server {settings.base_url} did not answer ({str(error).splitlines()[0]}), "
                   "logging offline", file=sys.stderr)
             run = wandb.init(project=project, config=config, mode="offline", id=run_id, **kwargs)
-        if run.settings._offline:
+        if run.offline:
             print(f"wbflow: W&B is offline; upload this run later with: wandb sync {run.settings.sync_dir}",
                   file=sys.stderr)
         return run
@@ -1890,6 +1898,31 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
         guarded.finish(exit_code=1)
         raise
     guarded.finish()
+
+
+def flush_run(run, timeout=2.0):
+    """Commit the run's pending history row and wait (at most `timeout` seconds) until W&B's service has
+    written the run's record (run-*.wandb) to disk, so that a process killed after it (kill -9, the OOM
+    killer) keeps all it logged before; a no-op without a run.
+
+    Why it takes this: W&B holds the row of step s until a later step or a commit, and its service process
+    buffers the record, writing it every x_transaction_log_flush_interval seconds (wandb_run sets 0.1 where
+    wandb has the setting) and when the run finishes; when the training process dies, the service exits
+    at once without writing what it buffered. Call it after the last log of an epoch's step, right before
+    that epoch's checkpoint: W&B drops a later log at the same step.
+    Usage: run.log({"train/epoch_loss": loss}, step=step); flush_run(run); save_checkpoint(state, "out/last.pt")
+    """
+    if not run:
+        return
+    interval = getattr(run.settings, "x_transaction_log_flush_interval", 0)
+    record = Path(run.settings.sync_file)
+    run.log({}, commit=True)
+    run.summary.keys()  # a round trip to the service, which has now turned the committed row into a record
+    if not interval or not record.is_file():  # no periodic writes to wait for
+        return
+    size, deadline = record.stat().st_size, time.monotonic() + timeout
+    while record.stat().st_size == size and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def watch_model(run, model, log="gradients", log_freq=100, log_graph=False):
@@ -2064,7 +2097,8 @@ def save_checkpoint(state, path):
     and a failed save (a full disk) leaves the previous file as it was. The file gets the permissions
     of the user's umask, like any file Python opens.
 
-    Raises OSError naming the path when the write fails; "no space left" says so in one line.
+    Raises OSError naming the path when the write fails; a full disk (also when torch's zip writer turns
+    it into a RuntimeError) is one OSError(ENOSPC) line, "no space left ...".
     Usage: save_checkpoint({"model": model.state_dict(), "step": step}, "checkpoints/last.pt")
     """
     path = Path(path)
@@ -2080,7 +2114,8 @@ def save_checkpoint(state, path):
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp_path)
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        # torch's zip writer raises a RuntimeError of its own on top of the OSError of a full disk
+        if any(isinstance(each, OSError) and each.errno == errno.ENOSPC for each in (error, error.__context__)):
             raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
                                         f"the previous file there is unchanged") from None
         raise
@@ -2111,13 +2146,19 @@ def load_checkpoint(path, map_location="cpu"):
 
 def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
                     patterns=("best_model.pth", "last.pth", "last.pt", "checkpoint_epoch_*.pt")):
-    """Make `out_dir` ready for a run without ever replacing an earlier run's checkpoints.
+    """Make `out_dir` ready for a run without ever replacing an earlier run's checkpoints; returns
+    (out_dir as a Path, the earlier run's checkpoints that this run replaces).
 
-    Refuses (ValueError, one line) when out_dir is a file or not writable, and when it already holds
-    checkpoints matching `patterns` unless `resume` is a file inside it (the same run goes on) or
-    overwrite=True (the earlier files are deleted first). Stale `.*.tmp` files that a kill during
-    save_checkpoint left behind are removed. Returns out_dir as a Path.
-    Usage: out_dir = prepare_out_dir("checkpoints", resume=args.resume, overwrite=args.overwrite)
+    Refuses (ValueError, one line) when out_dir is a file or not writable; when another process's run
+    holds it (rank 0 locks `out_dir/.lock` for as long as its process lives, and the kernel frees the
+    lock when it ends, kill -9 included; the same process may prepare it again, as a notebook does);
+    and when it already holds checkpoints matching `patterns`,
+    unless `resume` is a file inside it (the same run goes on) or overwrite=True. Those are returned,
+    not deleted: delete them right before the first write, once every other check has passed, so that
+    a typo in another setting leaves them. Stale `.*.tmp` files that a kill during save_checkpoint left
+    behind are removed.
+    Usage: out_dir, earlier_run = prepare_out_dir("checkpoints", resume=args.resume, overwrite=args.overwrite)
+           # ... data, model and resume checks ..., then: for path in earlier_run: path.unlink(missing_ok=True)
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -2129,18 +2170,30 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
         probe.unlink(missing_ok=True)  # another rank's sweep of stale .tmp files may have taken it
     except OSError as error:
         raise ValueError(f"--out-dir {out_dir} is not writable ({error.strerror or error})") from None
-    for stale in out_dir.glob(".*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+    if rank == 0:  # the run's lock; the other ranks of a torchrun run under rank 0's
+        lock = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:  # a POSIX lock: this process's (not its forked loader workers'), freed by the kernel when it ends
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # another process holds it
+            holder = os.pread(lock, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(lock)
+            raise ValueError(f"--out-dir {out_dir} is in use by another run (process {holder}): wait for it to end, "
+                             f"or pass another --out-dir") from None
+        except OSError:  # a filesystem without locks (e.g. Lustre mounted without flock): unlocked, as before
+            os.close(lock)
+        else:  # never closed (closing any descriptor of the file would free the lock): held while this process lives
+            os.ftruncate(lock, 0)
+            os.write(lock, str(os.getpid()).encode())
+        for stale in out_dir.glob(".*.tmp"):  # only under the lock: a running save's temporary file is not stale
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
     earlier = sorted({path for pattern in patterns for path in out_dir.glob(pattern)})
     resume_path = Path(resume).resolve() if resume and os.path.isfile(resume) else None
     if not earlier or (resume_path is not None and resume_path.parent == out_dir.resolve()):
-        return out_dir
+        return out_dir, []
     if overwrite:
-        for path in earlier:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        return out_dir
+        return out_dir, earlier
     resumable = [path for path in earlier if not path.name.startswith("best")]
     resume_hint = f"--resume {max(resumable, key=os.path.getmtime)} to continue it, " if resumable else ""
     raise ValueError(f"--out-dir {out_dir} holds an earlier run's checkpoints ({', '.join(p.name for p in earlier[:4])}"
@@ -2212,7 +2265,7 @@ def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None
         except BaseException as error:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temp_path)
-            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            if any(isinstance(each, OSError) and each.errno == errno.ENOSPC for each in (error, error.__context__)):
                 raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
                                             f"the previous file there is unchanged") from None
             raise
