@@ -83,7 +83,10 @@ def test_train_fire_overwrite_deletes_the_earlier_run_only_once_every_check_has_
             seconds=60)
     assert checkpoints_in(out) == EARLIER_RUN
     train_fire.main(fire_args(data, out, *flags))
-    assert sorted(checkpoints_in(out)) == ["best_model.pth", "last.pth"]
+    after = checkpoints_in(out)
+    assert sorted(after) == ["best_model.pth", "checkpoint_epoch_7.pt", "last.pt", "last.pth"]
+    assert after["best_model.pth"] != EARLIER_RUN["best_model.pth"]
+    assert after["last.pt"] == EARLIER_RUN["last.pt"]  # train_flow's files are not train_fire's to delete
     assert wbflow.load_checkpoint(out / "best_model.pth")["class_names"] == ["a", "b"]
 
 
