@@ -26,6 +26,84 @@ from test_wbflow import _table_data, weights_path  # noqa: F401
 HERE = Path(__file__).resolve().parent
 
 
+FLOW = FLOW_SMOKE + ["--set", "training.log_interval=1"]
+
+
+def _config_file(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _default_config(change):
+    """The default config's text after change(config)."""
+    import yaml
+    config = wbflow.load_yaml_config(train_flow.DEFAULT_CONFIG)
+    change(config)
+    return yaml.safe_dump(config)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--set", "model.channel_mults=[1, two]"],
+     r"model\.channel_mults=\[1, two\]: expected a list of int like the config's \[1, 2\], got list \[1, 'two'\]"),
+    (["--set", "model.channel_mults=[1, 2"], r"model\.channel_mults=\[1, 2: not a YAML value"),
+    (["--set", "training.learning_rate=-1"], r"training\.learning_rate must be positive, not -1\.0"),
+    (["--set", "training.learning_rate=.nan"], r"training\.learning_rate must be positive, not nan"),
+    (["--set", "training.ema_decay=1"], r"training\.ema_decay must be in \[0, 1\), not 1\.0"),
+    (["--set", "training.ema_decay=-0.1"], r"training\.ema_decay must be in \[0, 1\), not -0\.1"),
+    (["--set", "training.gradient_clip=-1"], r"training\.gradient_clip must not be negative, not -1\.0"),
+    (["--set", "eval.num_real_images=many"], r"eval\.num_real_images must be positive, not 'many'"),  # null: any type
+    (["--set", "sampling.rk45_tolerance=0"], r"sampling\.rk45_tolerance must be positive, not 0\.0"),
+    (["--set", "eval.fid_interval=1", "--set", "eval.fid_num_samples=1"],
+     r"eval\.fid_num_samples is 1: FID needs at least two samples"),
+    (["--eval", "--checkpoint", "c.pt", "--num-samples", "1"], r"--num-samples is 1: FID needs at least two samples"),
+])
+def test_train_flow_refuses_a_bad_value_in_one_line(argv, match, tmp_path):
+    refused(train_flow.main, FLOW_SMOKE + ["--out-dir", str(tmp_path / "out")] + argv, match)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, match", [
+    ("- data\n- model\n", r"config\.yaml is a YAML list, not a mapping of settings"),
+    ("", r"config\.yaml is empty, not a mapping of settings"),
+    ("# only a comment\n", r"config\.yaml is empty"),
+    ("data: [unclosed\n", r"config\.yaml is not valid YAML \(.* at line 2, column 1\)"),
+    ("data:\n  data_dir: data\n   out_dir: x\n", r"config\.yaml is not valid YAML \(mapping values are not allowed"),
+    (_default_config(lambda config: config.pop("sampling")), r"config\.yaml lacks sampling \(every section and key"),
+    (_default_config(lambda config: config["training"].pop("ema_decay")), r"config\.yaml lacks training\.ema_decay"),
+    (_default_config(lambda config: config["training"].update(sead=1)), r"training\.sead in .*config\.yaml is not a key"),
+    (_default_config(lambda config: config["training"].update(epochs="many")),
+     r"training\.epochs: 'many' in .*config\.yaml: expected int"),
+    (_default_config(lambda config: config.update(model=3)), r"model in .*config\.yaml is 3, not a section"),
+])
+def test_a_config_file_of_another_shape_is_refused_in_one_line(text, match, tmp_path):
+    refused(train_flow.main, FLOW_SMOKE + ["--out-dir", str(tmp_path / "out"), "--config", _config_file(tmp_path, text)],
+            match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_with_every_key_of_the_default_is_accepted(tmp_path):
+    text = train_flow.DEFAULT_CONFIG.read_text().replace("learning_rate: 2.0e-4", "learning_rate: 1e-3")
+    config = train_flow.load_config(train_flow.parse_args(["--config", _config_file(tmp_path, text)]))
+    assert config["training"]["learning_rate"] == 1e-3  # YAML 1.1 reads "1e-3" as a string: a float here
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("train_flow.py", ["--smoke", "--set", "model.channel_mults=[1, two]"]),
+    ("train_flow.py", ["--smoke", "--set", "training.gradient_clip=-1"]),
+    ("train_flow.py", ["--smoke", "--config", "broken.yaml"]),
+    ("train_flow.py", ["--smoke", "--config", "list.yaml"]),
+])
+def test_a_bad_value_prints_one_line_and_no_traceback(tmp_path, script, argv):
+    (tmp_path / "broken.yaml").write_text("data: {unclosed\n")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    result = subprocess.run([sys.executable, str(HERE / script), *argv, "--out-dir", str(tmp_path / "o")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)})
+    assert result.returncode != 0 and "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def _fid_command(*argv):
     """(exit message, printed) of `python wbflow.py fid ARGV`, run in this process."""
     printed = io.StringIO()

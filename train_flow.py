@@ -35,10 +35,12 @@ SMOKE_OVERRIDES = [
 # what --resume needs in a checkpoint; the driver field, when present, must say train_flow
 RESUME_KEYS = ("model", "ema", "optimizer", "scheduler", "scaler", "epoch", "global_step", "best_loss", "table_rows",
                "skipped_steps", "rng", "train_state", "wandb_run_id", "wandb_last_act", "config")
-# settings that must be above 0, checked before any data is read
-POSITIVE = {"training": ("epochs", "batch_size", "log_interval", "save_interval", "sample_interval"),
-            "logging": ("log_images_interval", "log_model_interval"), "sampling": ("num_images", "nfe"),
-            "eval": ("sample_batch_size", "inception_batch_size")}
+# settings that must be above 0, or not below 0, checked before any data is read
+POSITIVE = {"training": ("epochs", "batch_size", "learning_rate", "log_interval", "save_interval", "sample_interval"),
+            "logging": ("log_images_interval", "log_model_interval"),
+            "sampling": ("num_images", "nfe", "rk45_tolerance"),
+            "eval": ("sample_batch_size", "inception_batch_size", "fid_num_samples")}
+NOT_NEGATIVE = {"training": ("warmup_steps", "gradient_clip", "keep_checkpoints"), "eval": ("fid_interval",)}
 SOLVERS = ("euler", "heun", "rk45")
 DEFAULT_CONFIG = HERE / "configs" / "cifar10_rectified_flow.yaml"
 
@@ -86,7 +88,7 @@ def load_config(args):
     overrides = ((SMOKE_OVERRIDES if args.smoke else []) + args.set
                  + [f"{key}={value}" for key, value in flags.items() if value is not None])
     try:
-        config = wbflow.load_yaml_config(args.config, overrides)
+        config = wbflow.load_yaml_config(args.config, overrides, reference=DEFAULT_CONFIG)
     except (OSError, KeyError, ValueError) as error:  # a missing file, an unknown key, a value of the wrong type
         raise SystemExit(f"train_flow.py: {error.args[0] if isinstance(error, KeyError) else error}") from None
     for key in ("data_dir", "out_dir"):  # paths are set as given, not parsed as YAML
@@ -100,16 +102,23 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     config = load_config(args)
-    data, training = config["data"], config["training"]
+    data, training, evaluation = config["data"], config["training"], config["eval"]
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):  # every setting, before any data or process group
-        wbflow.check_numbers({**{f"{section}.{key}": config[section][key] for section, keys in POSITIVE.items()
-                                 for key in keys}, "--num-samples": args.num_samples, "--nfe": args.nfe or 1,
-                              "data.max_images": data["max_images"] or 1},
-                             {f"training.{key}": training[key] for key in ("warmup_steps", "keep_checkpoints")})
+        wbflow.check_numbers({**settings(config, POSITIVE), "--num-samples": args.num_samples, "--nfe": args.nfe or 1,
+                              "data.max_images": data["max_images"] or 1,
+                              "eval.num_real_images": evaluation["num_real_images"] or 1},
+                             settings(config, NOT_NEGATIVE))
+        if not 0 <= training["ema_decay"] < 1:
+            raise ValueError(f"training.ema_decay must be in [0, 1), not {training['ema_decay']}")
         if training["batch_size"] < world_size:
             raise ValueError(f"training.batch_size {training['batch_size']} is smaller than the {world_size} ranks "
                              f"(it is the global batch, split over them)")
+        if args.eval and args.metric != "is" and args.num_samples < 2:
+            raise ValueError(f"--num-samples is {args.num_samples}: FID needs at least two samples")
+        if not args.eval and evaluation["fid_interval"] and evaluation["fid_num_samples"] < max(2, world_size):
+            raise ValueError(f"eval.fid_num_samples is {evaluation['fid_num_samples']}: FID needs at least two "
+                             f"samples, and one per rank")
         for flag, reference in (("--resume", args.resume), ("--checkpoint", args.checkpoint)):
             if reference and os.path.isdir(reference):
                 raise ValueError(f"{flag} {reference} is a folder, not a checkpoint file")
@@ -136,6 +145,11 @@ def main(argv=None):
                         project=logging["project_name"], entity=logging["entity"], use_wandb=args.use_wandb,
                         eval_project=args.wandb_project or f"{logging['project_name']}_eval",
                         device=torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
+
+
+def settings(config, names):
+    """{"section.key": value} of the config for `names` ({section: keys})."""
+    return {f"{section}.{key}": config[section][key] for section, keys in names.items() for key in keys}
 
 
 def train(config, argv, *, resume=None, smoke=False, synthetic=False):

@@ -39,6 +39,7 @@ import errno
 import hashlib
 import itertools
 import math
+import numbers
 import os
 import pickle
 import random
@@ -2283,17 +2284,73 @@ def fetch_checkpoint(reference, *, project=None, entity=None, root=None):
 
 # ----------------------------------------------------------------------------- config & command line
 
-def load_yaml_config(path, overrides=()):
+def load_yaml_config(path, overrides=(), reference=None):
     """A YAML config as nested dicts, with "section.key=value" overrides applied (values parsed as
     YAML: numbers, lists [1, 2], true/false, null). Overriding a key the file lacks is a KeyError; a
-    value of another type than the file's is a ValueError naming it (an int is a valid float, a key
-    that is null in the file takes any value, and a string key takes the text as written).
+    value of another type than the file's is a ValueError naming it (an int is a valid float, a list
+    takes items of the type of the file's first item, a key that is null in the file takes any value,
+    and a string key takes the text as written). With `reference` (the path or dict of the config the
+    file stands in for, e.g. the defaults), the file must have exactly its sections and keys, each of
+    its type by the same rule. A file that is no YAML, or holds no mapping of settings, is a ValueError.
 
     Usage: config = load_yaml_config("configs/cifar10_rectified_flow.yaml", ["training.gradient_clip=0.5"])
     """
     import yaml
-    with open(path, encoding="utf-8") as file:
-        config = yaml.safe_load(file) or {}
+
+    def read(path):
+        try:
+            with open(path, encoding="utf-8") as file:
+                config = yaml.safe_load(file)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path} is not valid YAML ({getattr(error, 'problem', None) or error}{where})") from None
+        if config is None and reference is None:
+            return {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} is {'empty' if config is None else 'a YAML ' + type(config).__name__}, "
+                             f"not a mapping of settings")
+        return config
+
+    def fit(value, default):  # value as default's type, else TypeError
+        if isinstance(default, float) and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(default, float) and type(value) is int:
+            return float(value)
+        if isinstance(default, list) and isinstance(value, list) and default:
+            return [fit(item, default[0]) for item in value]
+        if default is not None and type(value) is not type(default):
+            raise TypeError
+        return value
+
+    def fitted(value, default, written):
+        try:
+            return fit(value, default)
+        except TypeError:
+            kind = (f"a list of {type(default[0]).__name__}" if isinstance(default, list) and default
+                    else type(default).__name__)
+            raise ValueError(f"{written}: expected {kind} like the config's {default!r}, "
+                             f"got {type(value).__name__} {value!r}") from None
+
+    def check(section, expected, prefix):  # the file's sections and keys are the reference's, of its types
+        named = "the reference config" if isinstance(reference, dict) else reference
+        unknown = sorted(set(section) - set(expected), key=str)
+        if unknown:
+            raise ValueError(f"{prefix}{unknown[0]} in {path} is not a key of {named}")
+        for key, default in expected.items():
+            if key not in section:
+                raise ValueError(f"{path} lacks {prefix}{key} (every section and key of {named} is needed)")
+            if isinstance(default, dict):
+                if not isinstance(section[key], dict):
+                    raise ValueError(f"{prefix}{key} in {path} is {section[key]!r}, not a section of settings")
+                check(section[key], default, f"{prefix}{key}.")
+            else:
+                section[key] = fitted(section[key], default, f"{prefix}{key}: {section[key]!r} in {path}")
+
+    config = read(path)
+    if reference is not None:
+        check(config, reference if isinstance(reference, dict) else read(reference), "")
     for override in overrides:
         dotted, separator, text = override.partition("=")
         if not separator:
@@ -2304,18 +2361,12 @@ def load_yaml_config(path, overrides=()):
             section = section.get(parent) if isinstance(section, dict) else None
         if not isinstance(section, dict) or key not in section:
             raise KeyError(f"{dotted!r} is not a key of {path}")
-        default, value = section[key], yaml.safe_load(text)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(default, str):
-            value = text.strip()
-        elif isinstance(default, float) and type(value) is int:
-            value = float(value)
-        if default is not None and type(value) is not type(default):
-            raise ValueError(f"{dotted}={text.strip()}: expected {type(default).__name__} "
-                             f"like the config's {default!r}, got {type(value).__name__}")
-        section[key] = value
+        default, written = section[key], f"{dotted}={text.strip()}"
+        try:
+            value = text.strip() if isinstance(default, str) else yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{written}: not a YAML value ({getattr(error, 'problem', None) or error})") from None
+        section[key] = fitted(value, default, written)
     return config
 
 
@@ -2348,16 +2399,16 @@ def add_sweep_argument(parser, flag, **kwargs):
 
 def check_numbers(positive=None, not_negative=None):
     """Raise ValueError naming the first setting of `positive` ({name: value}) that is not above 0, or
-    of `not_negative` that is below 0 (NaN fails both): "--epochs must be positive, not 0".
+    of `not_negative` that is below 0 (NaN, and anything but a number, fail both): "--epochs must be
+    positive, not 0".
 
     Usage: check_numbers({"--epochs": args.epochs}, {"--num-workers": args.num_workers})
     """
-    for name, value in (positive or {}).items():
-        if not value > 0:
-            raise ValueError(f"{name} must be positive, not {value}")
-    for name, value in (not_negative or {}).items():
-        if not value >= 0:
-            raise ValueError(f"{name} must not be negative, not {value}")
+    for values, holds, rule in ((positive, lambda value: value > 0, "must be positive"),
+                                (not_negative, lambda value: value >= 0, "must not be negative")):
+        for name, value in (values or {}).items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not holds(value):
+                raise ValueError(f"{name} {rule}, not {repr(value) if isinstance(value, str) else value}")
 
 
 @contextlib.contextmanager
