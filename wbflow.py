@@ -1184,10 +1184,11 @@ def rk45_sample(model, noise, *, tolerance=1e-5, dtype=None):
 
 
 def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1, 2, 4, 10, 50, 100),
-                    tolerance=1e-5, dtype=None):
+                    tolerance=1e-5, dtype=None, stop=None):
     """Sample the same noise with every solver at every NFE budget; returns a list of rows
     {"solver", "nfe" (evaluations used), "seconds", "images"}. Heun takes the even budgets (2 per
-    step), RK45 runs once at `tolerance` and reports the evaluations it needed.
+    step), RK45 runs once at `tolerance` and reports the evaluations it needed. `stop` (a callable, e.g.
+    stop_on_signals()'s event.is_set) is checked before each row: when it returns True, the result is None.
 
     Usage: rows = compare_solvers(ema_model.module, fixed_noise, nfes=(1, 2, 4, 10, 50, 100))
     Copy with: euler_sample, rk45_sample
@@ -1196,6 +1197,8 @@ def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1,
     for solver in solvers:
         budgets = {"euler": list(nfes), "heun": [n for n in nfes if n >= 2 and n % 2 == 0], "rk45": [None]}[solver]
         for budget in budgets:
+            if stop is not None and stop():
+                return None
             started = time.perf_counter()
             if solver == "rk45":
                 images, used = rk45_sample(model, noise, tolerance=tolerance, dtype=dtype)
@@ -2210,8 +2213,9 @@ def check_checkpoint(state, *, driver, required=(), expected=None, hints=None):
     """Refuse a checkpoint that does not fit the run about to use it, with a one-line ValueError that
     reads after "FILE: ": one that is not a dict, whose "driver" field names another driver (a file
     without the field passes), that lacks a key of `required`, or whose state["config"] differs from
-    `expected` ({config key: this run's value}; the first difference is named, a dict value key by
-    key). `hints` ({key: text}) are appended when that key is missing or differs.
+    `expected` ({config key: this run's value}; the first difference is named; a dict value is
+    compared on its own keys, so it may name a few keys of a config section). `hints` ({key: text})
+    are appended when that key is missing or differs.
 
     Usage: check_checkpoint(state, driver="train", required=("model", "optimizer"), expected={"lr": 0.1})
     """
@@ -2226,13 +2230,13 @@ def check_checkpoint(state, *, driver, required=(), expected=None, hints=None):
     saved = state.get("config")
     for key, value in (expected or {}).items():
         old = saved.get(key) if isinstance(saved, dict) else None
-        if old == value:
-            continue
         if isinstance(value, dict) and isinstance(old, dict):
             changed = [f"{name} {old.get(name)!r} there, {new!r} here"
                        for name, new in value.items() if old.get(name) != new]
-            raise ValueError(f"holds another {key} ({'; '.join(changed)}){hints.get(key, '')}")
-        raise ValueError(f"trained with {key} {old}, this run has {value}{hints.get(key, '')}")
+            if changed:
+                raise ValueError(f"holds another {key} ({'; '.join(changed)}){hints.get(key, '')}")
+        elif old != value:
+            raise ValueError(f"trained with {key} {old}, this run has {value}{hints.get(key, '')}")
 
 
 def resume_command(script, argv, checkpoint, world_size=1):
