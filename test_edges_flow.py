@@ -61,7 +61,7 @@ train_flow.main({argv!r})
 """
 
 
-def test_a_kill_during_the_epochs_samples_keeps_its_training_and_the_resume_redoes_its_end_once(
+def test_a_kill_during_the_epochs_solver_table_keeps_its_training_and_the_resume_does_its_end_once(
         offline_wandb, tmp_path, capsys):
     argv = FLOW + ["--epochs", "3"]
     train_flow.main(argv + ["--out-dir", str(tmp_path / "whole")])
@@ -83,6 +83,8 @@ def test_a_kill_during_the_epochs_samples_keeps_its_training_and_the_resume_redo
     for name in ("whole", "killed"):
         assert sorted(path.name for path in (tmp_path / name).glob("checkpoint_epoch_*.pt")) == [
             "checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt", "checkpoint_epoch_3.pt"]
+    pngs = {name: sorted(path.name for path in (tmp_path / name / "samples").iterdir()) for name in ("whole", "killed")}
+    assert pngs["killed"] == pngs["whole"] and len(pngs["whole"]) == 6  # a grid and a table row per epoch
     for key in ("model", "ema"):
         for name, tensor in end["whole"][key].items():
             torch.testing.assert_close(end["killed"][key][name], tensor, rtol=1e-5, atol=1e-6)
@@ -111,7 +113,7 @@ def test_last_pt_is_written_right_after_the_epochs_training(tmp_path, monkeypatc
     assert last["table_rows"] == [] and last["epoch_loss"] == last["best_loss"] and last["best_epoch"] == 1
 
 
-# ----------------------------------------------------------------------------- 2. stops inside evaluation
+# ----------------------------------------------------------------------------- 2. stops inside the epoch's end
 
 def test_sigterm_during_fid_sampling_stops_between_batches_and_the_resume_logs_the_fid_once(
         offline_wandb, weights_path, tmp_path, monkeypatch, capsys):  # noqa: F811
