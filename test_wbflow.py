@@ -827,7 +827,8 @@ def test_driver_without_data_offline_exits_with_the_message_and_no_traceback(tmp
     monkeypatch.setattr(wbflow.torchvision.datasets, "CIFAR10",
                         lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
     with pytest.raises(SystemExit) as exit_info:
-        train_flow.main(["--data-dir", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "out"), "--no-wandb"])
+        train_flow.main(["--data-dir", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "out"), "--no-wandb",
+                         "--set", "eval.fid_interval=0"])  # FID's missing weights would be named first
     assert "cifar-10-python.tar.gz" in str(exit_info.value.code)
 
 

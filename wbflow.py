@@ -41,6 +41,7 @@ import fcntl
 import hashlib
 import itertools
 import math
+import numbers
 import os
 import pickle
 import random
@@ -52,6 +53,7 @@ import tempfile
 import threading
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -1239,10 +1241,11 @@ def rk45_sample(model, noise, *, tolerance=1e-5, dtype=None):
 
 
 def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1, 2, 4, 10, 50, 100),
-                    tolerance=1e-5, dtype=None):
+                    tolerance=1e-5, dtype=None, stop=None):
     """Sample the same noise with every solver at every NFE budget; returns a list of rows
     {"solver", "nfe" (evaluations used), "seconds", "images"}. Heun takes the even budgets (2 per
-    step), RK45 runs once at `tolerance` and reports the evaluations it needed.
+    step), RK45 runs once at `tolerance` and reports the evaluations it needed. `stop` (a callable, e.g.
+    stop_on_signals()'s event.is_set) is checked before each row: when it returns True, the result is None.
 
     Usage: rows = compare_solvers(ema_model.module, fixed_noise, nfes=(1, 2, 4, 10, 50, 100))
     Copy with: euler_sample, rk45_sample
@@ -1251,6 +1254,8 @@ def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1,
     for solver in solvers:
         budgets = {"euler": list(nfes), "heun": [n for n in nfes if n >= 2 and n % 2 == 0], "rk45": [None]}[solver]
         for budget in budgets:
+            if stop is not None and stop():
+                return None
             started = time.perf_counter()
             if solver == "rk45":
                 images, used = rk45_sample(model, noise, tolerance=tolerance, dtype=dtype)
@@ -1527,7 +1532,7 @@ def _gather_across_ranks(rows):
 
 
 def inception_features(images, inception=None, *, resize="tensorflow", batch_size=50,
-                       num_images=None, weights_path=None, device="cpu", quantize=True):
+                       num_images=None, weights_path=None, device="cpu", quantize=True, progress=False):
     """One Inception pass per batch -> (pool features (N, 2048), unbiased logits (N, 1008)), float32
     on the CPU, gathered over all ranks under torch.distributed (rank order).
 
@@ -1535,16 +1540,20 @@ def inception_features(images, inception=None, *, resize="tensorflow", batch_siz
     batches or of (images, labels) pairs; or a folder of image files (png, jpg, jpeg, bmp, ppm, pgm,
     tif, tiff, webp; read as pytorch-fid reads them). Float images are rounded to uint8 first, as
     saving them to PNG does, so a number is the same as for the saved files; quantize=False feeds
-    the unrounded floats instead.
+    the unrounded floats instead. progress=True shows a tqdm bar of the batches.
     Usage: features, logits = inception_features(images_uint8, load_fid_inception(device="cuda"))
     Copy with: _preprocess, _resize_like_tensorflow, _image_batches, _folder_batches, _gather_across_ranks,
       load_fid_inception, FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool,
       _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
     """
+    from tqdm.auto import tqdm
     if inception is None:
         inception = load_fid_inception(weights_path, device)
     model_device = next(inception.parameters()).device
     feature_batches, logit_batches = [], []
+    batches = tqdm(_image_batches(images, batch_size, num_images), desc="Inception", unit="batch", leave=False,
+                   disable=not progress, dynamic_ncols=True,
+                   total=math.ceil(len(images[:num_images]) / batch_size) if torch.is_tensor(images) else None)
     # TF32 convolutions or matmuls would move features by ~1e-3, past the references' agreement.
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -1552,7 +1561,7 @@ def inception_features(images, inception=None, *, resize="tensorflow", batch_siz
         with torch.inference_mode(), torch.backends.cudnn.flags(
                 enabled=True, benchmark=torch.backends.cudnn.benchmark,
                 deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
-            for batch in _image_batches(images, batch_size, num_images):
+            for batch in batches:
                 batch = _preprocess(batch.to(model_device), resize, quantize)
                 features, logits = inception(batch.contiguous(memory_format=torch.channels_last))
                 feature_batches.append(features.float())
@@ -1567,10 +1576,13 @@ def inception_features(images, inception=None, *, resize="tensorflow", batch_siz
 
 
 def feature_statistics(features):
-    """Mean and unbiased covariance (float64 numpy) of (N, D) features, as pytorch-fid stores them.
+    """Mean and unbiased covariance (float64 numpy) of (N, D) features, as pytorch-fid stores them;
+    ValueError for fewer than two rows (FID needs at least two images per side).
     Usage: mu, sigma = feature_statistics(features)
     """
     features = torch.as_tensor(features).double()
+    if features.shape[0] < 2:
+        raise ValueError(f"FID needs at least two images per side to estimate a covariance, got {features.shape[0]}")
     mu = features.mean(dim=0)
     centered = features - mu
     sigma = centered.T @ centered / (features.shape[0] - 1)
@@ -1631,6 +1643,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(mean_term + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product)
 
 
+def _npz_statistics(path):
+    # [mu, sigma] of an .npz as save_statistics and pytorch-fid write it; anything else is a ValueError
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"statistics file not found: {path}")
+    if not zipfile.is_zipfile(path):  # np.load would take it for a pickle and say so
+        raise ValueError(f"{path} is not an .npz file (no zip archive), so it holds no FID statistics")
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if not {"mu", "sigma"} <= set(stored.files):
+                raise ValueError(f"{path} holds {', '.join(stored.files) or 'no arrays'}, not the FID statistics "
+                                 f"mu and sigma")
+            return [stored["mu"], stored["sigma"]]
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is a damaged .npz file ({error})") from None
+
+
 def fid(real, fake, *, resize="tensorflow", batch_size=50, device="cpu", num_images=None,
         weights_path=None, inception=None, quantize=True):
     """Fréchet Inception Distance between two image sets; resize picks the reference it reproduces:
@@ -1642,18 +1670,18 @@ def fid(real, fake, *, resize="tensorflow", batch_size=50, device="cpu", num_ima
     features (N, D); (mu, sigma); or an .npz path with mu/sigma. Float images are rounded to uint8
     first, as saving them to PNG does (quantize=False skips that). num_images caps the images read
     from each side. Under torch.distributed each rank passes its shard of images and every rank
-    gets the FID over all of them; features and statistics are taken as given.
+    gets the FID over all of them; features and statistics are taken as given. Fewer than two
+    images on a side, or an .npz that holds no mu and sigma, is a ValueError.
     Usage: score = fid("stats/cifar10-train-tensorflow-6726825d.npz", samples_uint8, device="cuda")
     Copy with: feature_statistics, frechet_distance, inception_features, _preprocess, _resize_like_tensorflow,
       _image_batches, _folder_batches, _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA,
       _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path,
-      _hub_cached_file, load_checkpoint
+      _hub_cached_file, load_checkpoint, _npz_statistics
     """
     statistics = []
     for source in (real, fake):
         if isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz"):
-            with np.load(source, allow_pickle=False) as stored:
-                statistics += [stored["mu"], stored["sigma"]]
+            statistics += _npz_statistics(source)
             continue
         if (isinstance(source, (tuple, list)) and len(source) == 2 and all(hasattr(part, "shape") for part in source)
                 and len(source[0].shape) == 1 and len(source[1].shape) == 2):  # (mu, sigma)
@@ -1683,6 +1711,9 @@ def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef
       _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
       _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
     """
+    if subset_size < 2 or subsets < 1:  # the unbiased MMD divides by subset_size * (subset_size - 1)
+        raise ValueError(f"KID needs subsets >= 1 of subset_size >= 2 images, got subsets={subsets}, "
+                         f"subset_size={subset_size}")
     features = []
     for source in (real, fake):
         if not (hasattr(source, "shape") and len(source.shape) == 2):  # images or a folder
@@ -1717,15 +1748,16 @@ def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef
 
 
 def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow", batch_size=50,
-                    device="cpu", num_images=None, weights_path=None, overwrite=False, quantize=True):
+                    device="cpu", num_images=None, weights_path=None, overwrite=False, quantize=True, progress=False):
     """Compute mu/sigma once and save them as pytorch-fid's .npz format; the file name carries the
     resize mode and the weights file's hash, so a cached file is reused only for the same network.
-    Float images are rounded to uint8 first, as for fid (quantize=False skips that).
+    Float images are rounded to uint8 first, as for fid (quantize=False skips that); progress=True
+    shows a bar of the Inception batches.
     Usage: cifar10_statistics = save_statistics(train_images_uint8, "stats", "cifar10-train"); score = fid(cifar10_statistics, samples_uint8)
     Copy with: file_sha256, feature_statistics, inception_features, _preprocess, _resize_like_tensorflow,
       _image_batches, _folder_batches, _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA,
       _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path,
-      _hub_cached_file, load_checkpoint
+      _hub_cached_file, load_checkpoint, _save_npz
     """
     weights_path = fid_weights_path(weights_path)
     weights_hash = file_sha256(weights_path)
@@ -1733,27 +1765,34 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
     if os.path.isfile(path) and not overwrite:
         return path
     features, _ = inception_features(images, load_fid_inception(weights_path, device), resize=resize,
-                                     batch_size=batch_size, num_images=num_images, quantize=quantize)
+                                     batch_size=batch_size, num_images=num_images, quantize=quantize,
+                                     progress=progress)
     mu, sigma = feature_statistics(features)
     distributed = torch.distributed
     is_distributed = distributed.is_available() and distributed.is_initialized()
     if not is_distributed or distributed.get_rank() == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        handle, partial_path = tempfile.mkstemp(prefix=".statistics.", suffix=".npz", dir=cache_dir)
-        try:
-            with os.fdopen(handle, "wb") as partial_file:
-                np.savez(partial_file, mu=mu, sigma=sigma, weights_sha256=weights_hash, resize=resize,
-                         num_images=len(features))
-                partial_file.flush()
-                os.fsync(partial_file.fileno())
-            os.replace(partial_path, path)  # atomic: a crash never leaves a truncated cache entry
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(partial_path)
-            raise
+        _save_npz(path, mu=mu, sigma=sigma, weights_sha256=weights_hash, resize=resize, num_images=len(features))
     if is_distributed:
         distributed.barrier()
     return path
+
+
+def _save_npz(path, **arrays):
+    # np.savez atomically: a temporary file in the same folder, renamed over `path`, so a crash never
+    # leaves a truncated file that a later run would take for a result
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, partial_path = tempfile.mkstemp(prefix=".statistics.", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as partial_file:
+            np.savez(partial_file, **arrays)
+            partial_file.flush()
+            os.fsync(partial_file.fileno())
+        os.replace(partial_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial_path)
+        raise
 
 
 def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, device="cpu",
@@ -2283,8 +2322,9 @@ def check_checkpoint(state, *, driver, required=(), expected=None, hints=None):
     """Refuse a checkpoint that does not fit the run about to use it, with a one-line ValueError that
     reads after "FILE: ": one that is not a dict, whose "driver" field names another driver (a file
     without the field passes), that lacks a key of `required`, or whose state["config"] differs from
-    `expected` ({config key: this run's value}; the first difference is named, a dict value key by
-    key). `hints` ({key: text}) are appended when that key is missing or differs.
+    `expected` ({config key: this run's value}; the first difference is named; a dict value is
+    compared on its own keys, so it may name a few keys of a config section). `hints` ({key: text})
+    are appended when that key is missing or differs.
 
     Usage: check_checkpoint(state, driver="train", required=("model", "optimizer"), expected={"lr": 0.1})
     """
@@ -2299,13 +2339,13 @@ def check_checkpoint(state, *, driver, required=(), expected=None, hints=None):
     saved = state.get("config")
     for key, value in (expected or {}).items():
         old = saved.get(key) if isinstance(saved, dict) else None
-        if old == value:
-            continue
         if isinstance(value, dict) and isinstance(old, dict):
             changed = [f"{name} {old.get(name)!r} there, {new!r} here"
                        for name, new in value.items() if old.get(name) != new]
-            raise ValueError(f"holds another {key} ({'; '.join(changed)}){hints.get(key, '')}")
-        raise ValueError(f"trained with {key} {old}, this run has {value}{hints.get(key, '')}")
+            if changed:
+                raise ValueError(f"holds another {key} ({'; '.join(changed)}){hints.get(key, '')}")
+        elif old != value:
+            raise ValueError(f"trained with {key} {old}, this run has {value}{hints.get(key, '')}")
 
 
 def resume_command(script, argv, checkpoint, world_size=1):
@@ -2357,17 +2397,73 @@ def fetch_checkpoint(reference, *, project=None, entity=None, root=None):
 
 # ----------------------------------------------------------------------------- config & command line
 
-def load_yaml_config(path, overrides=()):
+def load_yaml_config(path, overrides=(), reference=None):
     """A YAML config as nested dicts, with "section.key=value" overrides applied (values parsed as
     YAML: numbers, lists [1, 2], true/false, null). Overriding a key the file lacks is a KeyError; a
-    value of another type than the file's is a ValueError naming it (an int is a valid float, a key
-    that is null in the file takes any value, and a string key takes the text as written).
+    value of another type than the file's is a ValueError naming it (an int is a valid float, a list
+    takes items of the type of the file's first item, a key that is null in the file takes any value,
+    and a string key takes the text as written). With `reference` (the path or dict of the config the
+    file stands in for, e.g. the defaults), the file must have exactly its sections and keys, each of
+    its type by the same rule. A file that is no YAML, or holds no mapping of settings, is a ValueError.
 
     Usage: config = load_yaml_config("configs/cifar10_rectified_flow.yaml", ["training.gradient_clip=0.5"])
     """
     import yaml
-    with open(path, encoding="utf-8") as file:
-        config = yaml.safe_load(file) or {}
+
+    def read(path):
+        try:
+            with open(path, encoding="utf-8") as file:
+                config = yaml.safe_load(file)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path} is not valid YAML ({getattr(error, 'problem', None) or error}{where})") from None
+        if config is None and reference is None:
+            return {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} is {'empty' if config is None else 'a YAML ' + type(config).__name__}, "
+                             f"not a mapping of settings")
+        return config
+
+    def fit(value, default):  # value as default's type, else TypeError
+        if isinstance(default, float) and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(default, float) and type(value) is int:
+            return float(value)
+        if isinstance(default, list) and isinstance(value, list) and default:
+            return [fit(item, default[0]) for item in value]
+        if default is not None and type(value) is not type(default):
+            raise TypeError
+        return value
+
+    def fitted(value, default, written):
+        try:
+            return fit(value, default)
+        except TypeError:
+            kind = (f"a list of {type(default[0]).__name__}" if isinstance(default, list) and default
+                    else type(default).__name__)
+            raise ValueError(f"{written}: expected {kind} like the config's {default!r}, "
+                             f"got {type(value).__name__} {value!r}") from None
+
+    def check(section, expected, prefix):  # the file's sections and keys are the reference's, of its types
+        named = "the reference config" if isinstance(reference, dict) else reference
+        unknown = sorted(set(section) - set(expected), key=str)
+        if unknown:
+            raise ValueError(f"{prefix}{unknown[0]} in {path} is not a key of {named}")
+        for key, default in expected.items():
+            if key not in section:
+                raise ValueError(f"{path} lacks {prefix}{key} (every section and key of {named} is needed)")
+            if isinstance(default, dict):
+                if not isinstance(section[key], dict):
+                    raise ValueError(f"{prefix}{key} in {path} is {section[key]!r}, not a section of settings")
+                check(section[key], default, f"{prefix}{key}.")
+            else:
+                section[key] = fitted(section[key], default, f"{prefix}{key}: {section[key]!r} in {path}")
+
+    config = read(path)
+    if reference is not None:
+        check(config, reference if isinstance(reference, dict) else read(reference), "")
     for override in overrides:
         dotted, separator, text = override.partition("=")
         if not separator:
@@ -2378,18 +2474,12 @@ def load_yaml_config(path, overrides=()):
             section = section.get(parent) if isinstance(section, dict) else None
         if not isinstance(section, dict) or key not in section:
             raise KeyError(f"{dotted!r} is not a key of {path}")
-        default, value = section[key], yaml.safe_load(text)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(default, str):
-            value = text.strip()
-        elif isinstance(default, float) and type(value) is int:
-            value = float(value)
-        if default is not None and type(value) is not type(default):
-            raise ValueError(f"{dotted}={text.strip()}: expected {type(default).__name__} "
-                             f"like the config's {default!r}, got {type(value).__name__}")
-        section[key] = value
+        default, written = section[key], f"{dotted}={text.strip()}"
+        try:
+            value = text.strip() if isinstance(default, str) else yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{written}: not a YAML value ({getattr(error, 'problem', None) or error})") from None
+        section[key] = fitted(value, default, written)
     return config
 
 
@@ -2422,16 +2512,16 @@ def add_sweep_argument(parser, flag, **kwargs):
 
 def check_numbers(positive=None, not_negative=None):
     """Raise ValueError naming the first setting of `positive` ({name: value}) that is not above 0, or
-    of `not_negative` that is below 0 (NaN fails both): "--epochs must be positive, not 0".
+    of `not_negative` that is below 0 (NaN, and anything but a number, fail both): "--epochs must be
+    positive, not 0".
 
     Usage: check_numbers({"--epochs": args.epochs}, {"--num-workers": args.num_workers})
     """
-    for name, value in (positive or {}).items():
-        if not value > 0:
-            raise ValueError(f"{name} must be positive, not {value}")
-    for name, value in (not_negative or {}).items():
-        if not value >= 0:
-            raise ValueError(f"{name} must not be negative, not {value}")
+    for values, holds, rule in ((positive, lambda value: value > 0, "must be positive"),
+                                (not_negative, lambda value: value >= 0, "must not be negative")):
+        for name, value in (values or {}).items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not holds(value):
+                raise ValueError(f"{name} {rule}, not {repr(value) if isinstance(value, str) else value}")
 
 
 @contextlib.contextmanager
@@ -2459,35 +2549,46 @@ def _command_line(argv=None):
     parser = argparse.ArgumentParser(prog="python wbflow.py", description="wbflow's command line")
     commands = parser.add_subparsers(dest="command", required=True)
     fid_parser = commands.add_parser(
-        "fid", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="FID between two folders of images or .npz statistics (pytorch-fid's command line)",
+        "fid", help="FID between two folders of images or .npz statistics (pytorch-fid's command line)",
         description="Prints 'FID:  <value>' as python -m pytorch_fid does; with --resize pytorch-fid and "
                     "the same weights file, the same number.")
     fid_parser.add_argument("path", nargs=2, help="folders of images or .npz files with mu/sigma "
                                                   "(with --save-stats: a folder, then the .npz to write)")
     fid_parser.add_argument("--resize", choices=("tensorflow", "pytorch-fid"), default="tensorflow",
-                            help="tensorflow: TF FID / torch-fidelity numbers; pytorch-fid: pytorch-fid's")
-    fid_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    fid_parser.add_argument("--batch-size", type=int, default=50)
+                            help="tensorflow: TF FID / torch-fidelity numbers; pytorch-fid: pytorch-fid's "
+                                 "(default: %(default)s)")
+    fid_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                            help="where the Inception runs, e.g. cpu, cuda, cuda:1 (default: cuda when available, "
+                                 "else cpu)")
+    fid_parser.add_argument("--batch-size", type=int, default=50,
+                            help="images per Inception batch (default: %(default)s)")
     fid_parser.add_argument("--weights", help="pt_inception-2015-12-05-6726825d.pth (default: "
                                               "$WBFLOW_FID_WEIGHTS, then the torch hub cache)")
     fid_parser.add_argument("--save-stats", action="store_true",
-                            help="write the first path's mu/sigma to the second path (.npz) instead")
+                            help="write the first path's mu/sigma to the second path (.npz is appended when "
+                                 "missing) instead; an existing file is refused (default: off)")
     args = parser.parse_args(argv)
-    inputs = args.path[:1] if args.save_stats else args.path
-    for path in inputs:
-        if not os.path.exists(path):
-            parser.error(f"{path} does not exist")
-    if args.save_stats and os.path.exists(args.path[1]):
-        parser.error(f"{args.path[1]} exists already")
+    target = args.path[1] if args.path[1].endswith(".npz") else args.path[1] + ".npz"  # what np.savez writes
     try:
-        inception = load_fid_inception(args.weights, args.device)
+        check_numbers({"--batch-size": args.batch_size})
+        for path in args.path[:1] if args.save_stats else args.path:
+            if not os.path.exists(path):
+                raise ValueError(f"{path} does not exist")
+        if args.save_stats and os.path.exists(target):
+            raise ValueError(f"{target} exists already: choose another name or delete it")
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device} is no torch device (e.g. cpu, cuda, cuda:1)") from None
+        if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices; "
+                             f"pass --device cpu")
+        inception = load_fid_inception(args.weights, device)
         if args.save_stats:
             features, _ = inception_features(args.path[0], inception, resize=args.resize,
                                              batch_size=args.batch_size)
-            mu, sigma = feature_statistics(features)
-            np.savez_compressed(args.path[1], mu=mu, sigma=sigma)
-            print(f"saved the statistics of {len(features)} images to {args.path[1]}")
+            _save_npz(target, **dict(zip(("mu", "sigma"), feature_statistics(features))))
+            print(f"saved the statistics of {len(features)} images to {target}")
             return None
         value = fid(*args.path, resize=args.resize, batch_size=args.batch_size, inception=inception)
     except (FileNotFoundError, ValueError) as error:
