@@ -10,7 +10,7 @@
 # A rerun of some sections only, e.g. on a machine still warm: GPU_CHECK_TESTS=0 GPU_CHECK_SECTIONS="euler" bash ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/gpu_check_out}"
+OUT="${OUT:-$(mktemp -d)}"  # the device tool sets OUT; elsewhere a new temporary folder
 SECONDS_FOR_STAGES="${GPU_CHECK_SECONDS:-455}"  # the 8 minutes, less the environment, the table and a margin
 
 stage() {  # stage NAME SECONDS COMMAND...: run COMMAND under min(SECONDS, time left), log its exit code and time
@@ -71,3 +71,4 @@ if ! compgen -G ".whl/*.whl" > /dev/null; then
 fi
 mkdir -p "$OUT"
 main 2>&1 | tee "$OUT/gpu_check.log"
+echo "gpu_check.sh: the log and the table are in $OUT"
