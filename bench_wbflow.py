@@ -308,7 +308,8 @@ def gpu_sizes(dry_run):
                 "inception_batch": 200, "classifier": "resnet50", "jpegs": 1920, "jpeg_size": (640, 480),
                 "fire_sizes": (224, 256), "fire_batch": 32, "warm_up_batches": 10,
                 "workers": train_fire.default_num_workers(), "all_workers": len(os.sched_getaffinity(0))}
-    return {"device": "cpu", "unet": dict(base_channels=8, channel_mults=(1,), num_res_blocks=1, head_channels=8),
+    # the two toy UNets are one architecture (176,195 parameters each), as the recipe's are at full size
+    return {"device": "cpu", "unet": dict(base_channels=32, channel_mults=(1,), num_res_blocks=1, head_channels=32),
             "torchcfm_unet": dict(num_res_blocks=1, num_channels=32, channel_mult=[1], num_heads=1,
                                   num_head_channels=32, attention_resolutions="16", dropout=0.1),
             "image_size": 16, "batch": 4, "log_every": 1, "train_steps": 3, "compile_backend": "aot_eager",
