@@ -5,10 +5,16 @@
     python bench_wbflow.py fid        # Fréchet distance vs pytorch-fid / torchmetrics; Inception features
     python bench_wbflow.py flow       # DeviceImageLoader vs torchvision; euler_sample vs steps x forward
     python bench_wbflow.py flow --data-dir data --device cuda
+    python bench_wbflow.py --gpu      # CUDA: flow training vs torchcfm, Euler sampling, FID features, train_fire
+    python bench_wbflow.py --gpu --dry-run             # the same sections and table at toy sizes on the CPU
 
-The fid benchmark needs the test-only peers (pip install -r requirements-test.txt).
+The fid benchmark and --gpu need the test-only peers (pip install -r requirements-test.txt); --gpu's torchcfm
+row needs torchcfm (pip install --no-deps -r requirements-torchcfm.txt), and says so when it is missing.
 """
 import argparse
+import concurrent.futures
+import copy
+import json
 import os
 import pickle
 import statistics
@@ -18,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 import wbflow
@@ -280,20 +287,511 @@ def bench_flow(data_dir=None, batch_size=128, steps=20, device="cpu"):
           f"ratio to steps x forward {euler['euler_over_steps_x_forward']:.3f}   (target <= 1.05)")
     return {**loader, **euler}
 
+# ----------------------------------------------------------------------------- --gpu: the GPU run, side by side
+
+GPU_SECTIONS = ("train", "profile", "inception", "fire", "euler")
+# NVIDIA's dense bf16 tensor-core peaks (datasheets); every row's MFU is taken against it, float32 rows too
+BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4}
+RECIPE_TORCHCFM_UNET = dict(num_res_blocks=2, num_channels=128, channel_mult=[1, 2, 2, 2], num_heads=4,
+                            num_head_channels=64, attention_resolutions="16", dropout=0.1)  # its train_cifar10.py
+
+
+def gpu_sizes(dry_run):
+    """What each --gpu section measures: the recipe's sizes on the GPU, or toy ones on the CPU (--dry-run),
+    where the compile row uses aot_eager (dynamo and AOTAutograd as on the GPU, without inductor's minute of
+    C++ builds) and train_fire's row a ResNet-18."""
+    import train_fire
+    if not dry_run:
+        return {"device": "cuda", "unet": None, "torchcfm_unet": RECIPE_TORCHCFM_UNET, "image_size": 32,
+                "batch": None, "log_every": None, "train_steps": 300, "compile_backend": "inductor",
+                "samples": 10_000, "sample_batch": 500, "euler_steps": 100, "inception_images": 10_000,
+                "inception_batch": 200, "classifier": "resnet50", "jpegs": 1920, "jpeg_size": (640, 480),
+                "fire_sizes": (224, 256), "fire_batch": 32, "warm_up_batches": 10,
+                "workers": train_fire.default_num_workers(), "all_workers": len(os.sched_getaffinity(0))}
+    # the two toy UNets are one architecture (176,195 parameters each), as the recipe's are at full size
+    return {"device": "cpu", "unet": dict(base_channels=32, channel_mults=(1,), num_res_blocks=1, head_channels=32),
+            "torchcfm_unet": dict(num_res_blocks=1, num_channels=32, channel_mult=[1], num_heads=1,
+                                  num_head_channels=32, attention_resolutions="16", dropout=0.1),
+            "image_size": 16, "batch": 4, "log_every": 1, "train_steps": 3, "compile_backend": "aot_eager",
+            "samples": 4, "sample_batch": 2, "euler_steps": 2, "inception_images": 2, "inception_batch": 1,
+            "classifier": "resnet18", "jpegs": 20, "jpeg_size": (48, 40), "fire_sizes": (32, 40), "fire_batch": 4,
+            "warm_up_batches": 1, "workers": 0, "all_workers": 1}
+
+
+def _row(section, measurement, result, *, mfu=None, reference="", settings=""):
+    return {"section": section, "measurement": measurement, "result": result, "mfu": mfu,
+            "reference": reference, "settings": settings}
+
+
+def _rate(value, unit="images/s"):
+    return f"{value:,.0f} {unit}" if value >= 100 else f"{value:.3g} {unit}"
+
+
+def _seconds(value):
+    return f"{value:.1f} s" if value >= 1 else f"{value:.3g} s"
+
+
+def _workers(count):
+    return f"{count} loader worker{'s' * (count != 1)}"
+
+
+def _synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bf16_peak_flops(device, peak_tflops=None):
+    """FLOP/s of the device's dense bf16 peak (or `peak_tflops`), None where unknown (the CPU)."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def _mfu(images_per_second, flops_per_image, peak_flops):
+    return images_per_second * flops_per_image / peak_flops if peak_flops else None
+
+
+def _training_flops_per_image(loss_of_batch, batch_size):
+    """FLOPs of one forward and backward (torch.utils.flop_counter: matmuls, convolutions, attention) per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        loss_of_batch().backward()
+    return counter.get_total_flops() / batch_size
+
+
+def _rate_between_log_points(reached, batch_size):
+    """images/s from the first to the last log point (`reached`: step -> time), so compiling and warm-up stay out."""
+    first, last = min(reached), max(reached)
+    return (last - first) * batch_size / (reached[last] - reached[first])
+
+
+def _recipe():
+    """train_flow.py's default config: the model and training sections of configs/cifar10_rectified_flow.yaml."""
+    import train_flow
+    return wbflow.load_yaml_config(train_flow.DEFAULT_CONFIG)
+
+
+def _torchcfm():
+    """torchcfm's (UNetModelWrapper, ConditionalFlowMatcher), or None when torchcfm is not installed."""
+    for backend in ("JAX", "CUPY", "TENSORFLOW"):  # torchcfm imports POT, whose other backends would start them
+        os.environ.setdefault(f"POT_BACKEND_DISABLE_{backend}", "1")
+    try:
+        from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
+        from torchcfm.models.unet.unet import UNetModelWrapper
+    except ImportError:
+        return None
+    return UNetModelWrapper, ConditionalFlowMatcher
+
+
+def _torchcfm_ema(source, target, decay):
+    # torchcfm's examples/images/cifar10/utils_cifar.py ema(), as its training step calls it
+    source_dict = source.state_dict()
+    target_dict = target.state_dict()
+    for key in source_dict.keys():
+        target_dict[key].data.copy_(target_dict[key].data * decay + source_dict[key].data * (1 - decay))
+
+
+def _flow_recipe(model_config, training, *, device, channels_last, compile_backend, image_size=32):
+    """train(loader, amp, on_log=None) -> train_epoch's stats: one epoch of train_flow.py's loop (a FlowUNet,
+    fused Adam, the warm-up schedule, EMA, clipping, a window every log_interval steps), each call continuing."""
+    torch.manual_seed(0)
+    model = wbflow.FlowUNet(**model_config, image_size=image_size).to(device)
+    model = model.to(memory_format=torch.channels_last) if channels_last else model
+    ema_model = wbflow.make_ema(model, training["ema_decay"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=training["learning_rate"], fused=True)
+    warmup_steps = max(1, training["warmup_steps"])
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1 / warmup_steps, total_iters=warmup_steps - 1)
+    train_model = torch.compile(model, backend=compile_backend) if compile_backend else model
+    progress = {"step": 0}
+
+    def train(loader, amp, on_log=None):
+        stats = wbflow.train_epoch(train_model, loader, optimizer, wbflow.rectified_flow_loss, device=device,
+                                   scheduler=scheduler, ema_model=ema_model, grad_clip=training["gradient_clip"],
+                                   amp=amp, step=progress["step"], log_every=training["log_interval"], on_log=on_log,
+                                   progress=False)
+        progress["step"] = stats["step"]
+        return stats
+    return train
+
+
+def _flow_recipe_rate(images_uint8, model_config, training, *, device, amp, channels_last, compile_backend, run):
+    """images/s of train_flow.py's training loop on a DeviceImageLoader, with W&B logging every log_interval
+    steps, from its first log point to its last."""
+    train = _flow_recipe(model_config, training, device=device, channels_last=channels_last,
+                         compile_backend=compile_backend, image_size=images_uint8.shape[-1])
+    reached = {}
+
+    def log_window(step, window):  # train_epoch has just read its sums: every step before this one has run
+        reached[step] = time.perf_counter()
+        run.log({"train/loss": window["loss"], "train/learning_rate": window["learning_rate"],
+                 "train/grad_norm": window["grad_norm"], "train/epoch": window["epoch"]}, step=step)
+
+    loader = wbflow.DeviceImageLoader(images_uint8, training["batch_size"], device=device, channels_last=channels_last)
+    train(loader, amp, log_window)
+    return _rate_between_log_points(reached, training["batch_size"])
+
+
+def _torchcfm_rate(images_uint8, unet_config, training, *, device):
+    """(images/s, FLOPs per image) of the training step of torchcfm's examples/images/cifar10/train_cifar10.py:
+    its UNetModelWrapper, ConditionalFlowMatcher (sigma 0: our objective; its default OT-CFM adds a CPU OT solve
+    per batch), Adam, clipping, warm-up and EMA, on CPU batches in [-1, 1] as its DataLoader yields them, with a
+    device sync at every log_interval step for the clock."""
+    unet_class, matcher_class = _torchcfm()
+    torch.manual_seed(0)
+    net_model = unet_class(dim=tuple(images_uint8.shape[1:]), **unet_config).to(device)
+    ema_model = copy.deepcopy(net_model)
+    batches = (images_uint8.float() / 127.5 - 1).split(training["batch_size"])
+    flow_matcher = matcher_class(sigma=0.0)
+
+    def loss_of(x1):
+        t, xt, ut = flow_matcher.sample_location_and_conditional_flow(torch.randn_like(x1), x1)
+        return torch.mean((net_model(t, xt) - ut) ** 2)
+
+    flops = _training_flops_per_image(lambda: loss_of(batches[0].to(device)), training["batch_size"])
+    optim = torch.optim.Adam(net_model.parameters(), lr=training["learning_rate"])
+    warmup = training["warmup_steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda=lambda step: min(step, warmup) / warmup)
+    reached = {}
+    for step, x1 in enumerate(batches, start=1):
+        optim.zero_grad()
+        loss = loss_of(x1.to(device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net_model.parameters(), training["gradient_clip"])
+        optim.step()
+        sched.step()
+        _torchcfm_ema(net_model, ema_model, training["ema_decay"])
+        if step % training["log_interval"] == 0:
+            _synchronize(device)
+            reached[step] = time.perf_counter()
+    return _rate_between_log_points(reached, training["batch_size"]), flops
+
+
+def _recipe_training(sizes):
+    """(model config, training config, uint8 images for train_steps batches) of the recipe at these sizes."""
+    config = _recipe()
+    training = {**config["training"], "batch_size": sizes["batch"] or config["training"]["batch_size"],
+                "log_interval": sizes["log_every"] or config["training"]["log_interval"]}
+    images_uint8 = wbflow.synthetic_images(training["batch_size"] * sizes["train_steps"], size=sizes["image_size"])
+    return sizes["unet"] or config["model"], training, images_uint8
+
+
+def gpu_train_rows(sizes, peak_flops):
+    """Flow training images/s of the default recipe, each row as soon as it is measured: torchcfm's step first
+    (the reference), then ours in float32 eager, bf16 + channels_last eager, and bf16 + channels_last + compile."""
+    model_config, training, images_uint8 = _recipe_training(sizes)
+    device, batch_size = sizes["device"], training["batch_size"]
+    cfm_rate = None
+    if _torchcfm() is None:
+        yield _row("flow training", "torchcfm train_cifar10.py step", "not run: torchcfm is not installed "
+                   "(pip install --no-deps -r requirements-torchcfm.txt)")
+    else:
+        cfm_rate, cfm_flops = _torchcfm_rate(images_uint8, sizes["torchcfm_unet"], training, device=device)
+        yield _row("flow training", "torchcfm train_cifar10.py step (float32 eager, its UNetModelWrapper)",
+                   f"{_rate(cfm_rate)} ({1000 * batch_size / cfm_rate:.1f} ms/step)",
+                   mfu=_mfu(cfm_rate, cfm_flops, peak_flops), reference="1.00x torchcfm",
+                   settings=f"{cfm_flops / 1e9:.2f} GFLOP/image measured; the same recipe, torchcfm's step")
+    # the model's FLOPs, counted once in float32 (the counter misses some fused attention kernels of other layouts)
+    model = wbflow.FlowUNet(**model_config, image_size=sizes["image_size"]).to(device)
+    flops = _training_flops_per_image(lambda: wbflow.rectified_flow_loss(
+        model, images_uint8[:batch_size].to(device).float() / 127.5 - 1), batch_size)
+    settings = (f"{flops / 1e9:.2f} GFLOP/image measured; FlowUNet of {sum(p.numel() for p in model.parameters()):,} "
+                f"parameters, batch {batch_size}, Adam (fused), EMA {training['ema_decay']}, clip "
+                f"{training['gradient_clip']}, W&B log at every log_interval ({training['log_interval']}) steps, "
+                f"timed from step {training['log_interval']} to {sizes['train_steps']}")
+    del model
+    variants = {"float32 eager (TF32 convolutions: PyTorch's CUDA default)": (False, False, None),
+                "bf16 + channels_last eager (train_flow's default)": (True, True, None),
+                f"bf16 + channels_last + torch.compile ({sizes['compile_backend']})":
+                    (True, True, sizes["compile_backend"])}
+    os.environ.setdefault("WANDB_MODE", "offline")
+    with tempfile.TemporaryDirectory() as wandb_dir:
+        os.environ["WANDB_DIR"] = wandb_dir
+        with wbflow.wandb_run({"bench": "gpu train"}, project="bench") as run:
+            for name, (amp, channels_last, backend) in variants.items():
+                rate = _flow_recipe_rate(images_uint8, model_config, training, device=device, amp=amp,
+                                         channels_last=channels_last, compile_backend=backend, run=run)
+                yield _row("flow training", name, f"{_rate(rate)} ({1000 * batch_size / rate:.1f} ms/step)",
+                           mfu=_mfu(rate, flops, peak_flops), settings=settings,
+                           reference=f"{rate / cfm_rate:.2f}x torchcfm" if cfm_rate else "")
+
+
+def _kernel_kind(name):
+    """matmul/conv, attention or other, by a kernel's (CUDA) or an operator's (CPU) name."""
+    name = name.lower()
+    if any(word in name for word in ("flash", "fmha", "attention")):
+        return "attention"
+    if name.startswith("triton_"):  # inductor's kernels: templates (matmul, conv) or fused elementwise/reductions
+        return "matmul/conv" if name.startswith("triton_tem") else "other"
+    if any(word in name for word in ("gemm", "conv", "xmma", "cutlass", "nvjet", "cudnn", "aten::mm", "aten::addmm",
+                                     "aten::bmm")):
+        return "matmul/conv"
+    return "other"
+
+
+def gpu_profile_rows(sizes, steps=5):
+    """Where a training step's time goes: torch.profiler over `steps` steps of train_flow's loop in bf16 +
+    channels_last, eager and compiled, after warm-up steps; prints each profile's busiest kernels (operators on
+    the CPU) and yields a row with the shares of matmul and convolution kernels, attention and the rest."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    model_config, training, images_uint8 = _recipe_training(sizes)
+    device, batch_size = torch.device(sizes["device"]), training["batch_size"]
+    on_cuda = device.type == "cuda"
+    # kernels on CUDA (an operator's device time repeats its kernels'), operators' own time on the CPU
+    timed_kind, time_key = (DeviceType.CUDA, "self_device_time_total") if on_cuda else (DeviceType.CPU,
+                                                                                        "self_cpu_time_total")
+    warm_up = wbflow.DeviceImageLoader(images_uint8[:batch_size * 2 * steps], batch_size, device=device,
+                                       channels_last=True)
+    profiled = wbflow.DeviceImageLoader(images_uint8[:batch_size * steps], batch_size, device=device,
+                                        channels_last=True)
+    for name, backend in (("eager", None), (f"compiled ({sizes['compile_backend']})", sizes["compile_backend"])):
+        train = _flow_recipe(model_config, training, device=device, channels_last=True, compile_backend=backend,
+                             image_size=sizes["image_size"])
+        train(warm_up, True)
+        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_cuda) as profiler:
+            train(profiled, True)
+        print(f"--gpu profile, {name}: the busiest {'kernels' if on_cuda else 'operators'}\n"
+              + profiler.key_averages().table(sort_by=time_key, row_limit=15), flush=True)
+        shares = {"matmul/conv": 0.0, "attention": 0.0, "other": 0.0}
+        for event in profiler.events():
+            if event.device_type == timed_kind:
+                shares[_kernel_kind(event.name)] += getattr(event, time_key)
+        total = sum(shares.values())
+        yield _row("profile", f"train_flow step, bf16 + channels_last {name}",
+                   f"{total / 1000 / steps:.1f} ms {'device' if on_cuda else 'CPU'} time/step",
+                   settings=", ".join(f"{kind} {100 * part / total:.0f}%" for kind, part in shares.items())
+                   + f" (by kernel name; {steps} steps after {2 * steps}, batch {batch_size})")
+
+
+def gpu_euler_rows(sizes):
+    """Seconds for `samples` Euler samples of the recipe's FlowUNet (channels_last on CUDA, as train_flow's EMA
+    model), in batches of eval.sample_batch_size, to uint8 on the CPU as train_flow's sample_images does."""
+    device = torch.device(sizes["device"])
+    torch.manual_seed(0)
+    model = wbflow.FlowUNet(**(sizes["unet"] or _recipe()["model"]), image_size=sizes["image_size"]).to(device)
+    for parameter in model.parameters():  # non-zero output layers, so the field is not trivially zero
+        torch.nn.init.normal_(parameter, std=0.02)
+    model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    generator, shape = torch.Generator(device).manual_seed(0), (3, sizes["image_size"], sizes["image_size"])
+    noise = [torch.randn(min(sizes["sample_batch"], sizes["samples"] - start), *shape, device=device,
+                         generator=generator) for start in range(0, sizes["samples"], sizes["sample_batch"])]
+    seconds = {}
+    for name, dtype in (("bf16", wbflow.autocast_dtype(device, True)), ("float32", None)):  # bf16 first: the faster
+        wbflow.euler_sample(model, noise[0], 1, dtype=dtype)  # warm-up
+        _synchronize(device)
+        started = time.perf_counter()
+        for batch in noise:
+            wbflow.images_to_uint8(wbflow.euler_sample(model, batch, sizes["euler_steps"], dtype=dtype)).cpu()
+        seconds[name] = time.perf_counter() - started
+        yield _row("sampling", f"{sizes['samples']:,} Euler-{sizes['euler_steps']} samples, {name}",
+                   f"{_seconds(seconds[name])} ({_rate(sizes['samples'] / seconds[name], 'samples/s')})",
+                   reference="" if name == "bf16" else f"{seconds['float32'] / seconds['bf16']:.2f}x bf16's time",
+                   settings=f"batch {sizes['sample_batch']}, the recipe's FlowUNet, to uint8 on the CPU"
+                   + (", TF32 convolutions (PyTorch's CUDA default)" if name == "float32" else ""))
+
+
+def gpu_inception_rows(sizes, weights_path=None):
+    """Inception features (TF32 off in both) of the same uint8 32x32 images: wbflow against torch-fidelity
+    0.4.0's inception-v3-compat extractor with the same weights; images/s and the largest feature difference."""
+    import torch_fidelity.feature_extractor_inceptionv3 as extractor_module
+    device = torch.device(sizes["device"])
+    with tempfile.TemporaryDirectory() as directory:
+        weights_path = weights_path or _calibrated_weights_file(directory)
+        inception = wbflow.load_fid_inception(weights_path, device)
+        extractor = extractor_module.FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_path).to(device).eval()
+    images_uint8 = torch.randint(0, 256, (sizes["inception_images"], 3, 32, 32), dtype=torch.uint8,
+                                 generator=torch.Generator().manual_seed(0)).to(device)
+    batch_size = sizes["inception_batch"]
+
+    def torch_fidelity_features(images):
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            return torch.cat([extractor(batch)[0] for batch in images.split(batch_size)]).cpu()
+
+    extractors = {"wbflow": lambda images: wbflow.inception_features(images, inception, batch_size=batch_size)[0],
+                  "torch-fidelity": torch_fidelity_features}
+    seconds, features = {}, {}
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for name, extract in extractors.items():
+            extract(images_uint8[:batch_size])  # warm-up
+            _synchronize(device)
+            started = time.perf_counter()
+            features[name] = extract(images_uint8)
+            seconds[name] = time.perf_counter() - started
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    difference = (features["wbflow"] - features["torch-fidelity"]).abs().max().item()
+    count = sizes["inception_images"]
+    settings = f"{count:,} uint8 32x32 images to 299, batch {batch_size}, float32 without TF32, features to the CPU"
+    yield _row("FID features", "wbflow.inception_features", _rate(count / seconds["wbflow"]),
+               reference=f"{seconds['torch-fidelity'] / seconds['wbflow']:.2f}x torch-fidelity",
+               settings=f"max feature difference {difference:.1e} (limit 1e-4); {settings}")
+    yield _row("FID features", "torch-fidelity 0.4.0 inception-v3-compat", _rate(count / seconds["torch-fidelity"]),
+               reference="1.00x torch-fidelity", settings=settings)
+
+
+def _write_jpeg_folder(root, count, size, classes=5):
+    """`count` JPEGs (quality 90) of `size` (width, height) in `classes` class folders: smooth colour shapes
+    with pixel noise, so they decode like photos rather than flat colour."""
+    from PIL import Image
+    small = wbflow.synthetic_images(count, size=32).float()
+
+    def write(index):
+        image = F.interpolate(small[index:index + 1], size=size[::-1], mode="bilinear")[0]
+        image = image + 12 * torch.randn(image.shape, generator=torch.Generator().manual_seed(index))
+        folder = Path(root) / f"class_{index % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.clamp(0, 255).byte().permute(1, 2, 0).numpy()).save(folder / f"{index}.jpg", quality=90)
+
+    with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        list(pool.map(write, range(count)))
+
+
+def _fire_loader(train_samples, image_size, sizes, workers):
+    """train_fire.py's training loader (ImageSamples, its augmentation, classifier_loaders) at `image_size`."""
+    train_set = wbflow.ImageSamples(train_samples, wbflow.image_transforms(image_size, train=True))
+    return wbflow.classifier_loaders(train_set, train_set, sizes["fire_batch"], num_workers=workers,
+                                     device=sizes["device"], seed=0)[0]
+
+
+def _fire_trainer(sizes, steps):
+    """train(batches, epoch) -> train_epoch's stats, with train_fire.py's model, Adam, cosine schedule over
+    `steps`, AMP, clipping and logging interval."""
+    device = torch.device(sizes["device"])
+    torch.manual_seed(0)
+    model = wbflow.build_classifier(sizes["classifier"], 5, "none").to(device)
+    optimizer = wbflow.build_optimizer("adam", model.parameters(), 0.003, fused=device.type == "cuda" or None)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    scaler, loss_fn = wbflow.make_scaler(device), wbflow.classification_loss(nn.CrossEntropyLoss())
+
+    def train(batches, epoch):
+        return wbflow.train_epoch(model, batches, optimizer, loss_fn, device=device, scheduler=scheduler,
+                                  grad_clip=1.0, scaler=scaler, epoch=epoch, log_every=10, progress=False)
+    return train
+
+
+def _loader_rate(train_loader, epoch):
+    """images/s of one epoch of the loader alone (decode, crop, flip, normalise; pinned memory on CUDA)."""
+    train_loader.sampler.set_epoch(epoch)
+    started, images = time.perf_counter(), 0
+    for batch_images, _ in train_loader:
+        images += len(batch_images)
+    return images / (time.perf_counter() - started)
+
+
+def _fire_rates(train_samples, image_size, sizes):
+    """images/s of train_fire's training epoch, of its loader alone (its workers, and one per core), and of the
+    GPU alone (one pre-decoded batch on the device, repeated), each after a warm-up epoch."""
+    train_loader = _fire_loader(train_samples, image_size, sizes, sizes["workers"])
+    train = _fire_trainer(sizes, steps=4 * len(train_loader) + sizes["warm_up_batches"])
+    for epoch in range(2):  # the first: workers start, cuDNN and the allocator warm up
+        train_loader.sampler.set_epoch(epoch)
+        stats = train(train_loader, epoch)
+    rates = {"training": stats["samples"] / stats["seconds"], "loader": _loader_rate(train_loader, 2)}
+    batch = wbflow.to_device(next(iter(train_loader)), sizes["device"])
+    train([batch] * sizes["warm_up_batches"], 3)
+    stats = train([batch] * len(train_loader), 4)
+    rates["gpu"] = stats["samples"] / stats["seconds"]
+    every_core_loader = _fire_loader(train_samples, image_size, sizes, sizes["all_workers"])
+    _loader_rate(every_core_loader, 0)  # its workers start
+    rates["every_core_loader"] = _loader_rate(every_core_loader, 1)
+    return rates
+
+
+def gpu_fire_rows(sizes):
+    """train_fire.py --model resnet50 training images/s at each size from a JPEG folder, and where the time goes."""
+    device = torch.device(sizes["device"])
+    name = f"train_fire {sizes['classifier']}"
+    with tempfile.TemporaryDirectory() as data_dir:
+        _write_jpeg_folder(data_dir, sizes["jpegs"], sizes["jpeg_size"])
+        train_samples, _, _ = wbflow.find_image_samples(data_dir, val_split=0.2, seed=0)
+        for image_size in sizes["fire_sizes"]:
+            rates = _fire_rates(train_samples, image_size, sizes)
+            bound = "decode-bound" if rates["training"] < 0.8 * rates["gpu"] else "GPU-bound"
+            settings = (f"{len(train_samples):,} training JPEGs of {sizes['jpeg_size'][0]}x{sizes['jpeg_size'][1]}, "
+                        f"batch {sizes['fire_batch']}, {wbflow.autocast_dtype(device) or 'float32'}, Adam, clip 1.0")
+            yield from [
+                _row(name, f"{image_size} px: training, {_workers(sizes['workers'])}", _rate(rates["training"]),
+                     reference=f"{bound}: {rates['training'] / rates['gpu']:.2f}x the GPU alone", settings=settings),
+                _row(name, f"{image_size} px: loader alone, {_workers(sizes['workers'])}", _rate(rates["loader"]),
+                     settings="decode, random resized crop, flip, normalise"),
+                _row(name, f"{image_size} px: loader alone, {_workers(sizes['all_workers'])}",
+                     _rate(rates["every_core_loader"]), settings="one worker per core"),
+                _row(name, f"{image_size} px: GPU alone", _rate(rates["gpu"]),
+                     settings="train_epoch on one pre-decoded batch on the device, repeated")]
+
+
+def format_gpu_table(rows, peak_flops):
+    """The --gpu rows as a markdown table, headed by the device, torch, the date and the peak behind MFU."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run: toy sizes)"
+    peak = f"{peak_flops / 1e12:.1f} TFLOP/s (dense bf16)" if peak_flops else "no known peak: n/a"
+    lines = [f"{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; MFU against {peak}", "",
+             "| section | measurement | result | MFU | vs reference | settings |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+        lines.append(f"| {row['section']} | {row['measurement']} | {row['result']} | {mfu} | {row['reference']} | "
+                     f"{row['settings']} |")
+    return "\n".join(lines)
+
+
+def bench_gpu(sections=GPU_SECTIONS, *, dry_run=False, results=None, peak_tflops=None, weights_path=None):
+    """Run the --gpu sections; append each row to `results` (JSON lines) as it is measured, when given; print the
+    table of every row there (or of this run's) and return this run's rows.
+
+    Usage: rows = bench_gpu(dry_run=True)  # or python bench_wbflow.py --gpu [SECTION ...] [--results FILE]
+    """
+    sizes = gpu_sizes(dry_run)
+    peak_flops = bf16_peak_flops(sizes["device"], peak_tflops)
+    measure = {"train": lambda: gpu_train_rows(sizes, peak_flops), "profile": lambda: gpu_profile_rows(sizes),
+               "inception": lambda: gpu_inception_rows(sizes, weights_path), "fire": lambda: gpu_fire_rows(sizes),
+               "euler": lambda: gpu_euler_rows(sizes)}
+    rows = []
+    for section in sections:
+        started = time.perf_counter()
+        for row in measure[section]():  # each row kept as soon as it is measured: a time limit loses only the rest
+            rows.append(row)
+            if results:
+                with open(results, "a") as file:
+                    file.write(json.dumps(row) + "\n")
+        print(f"--gpu {section}: {time.perf_counter() - started:.1f} s", flush=True)
+    every_row = [json.loads(line) for line in Path(results).read_text().splitlines()] if results else rows
+    print(format_gpu_table(every_row, peak_flops), flush=True)
+    return rows
+
 BENCHMARKS = {"train": lambda args: bench_train_epoch(),
               "fid": lambda args: bench_fid(),
               "flow": lambda args: bench_flow(args.data_dir, args.batch_size, args.steps, args.device)}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", help=f"any of {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("which", nargs="*", help=f"any of {', '.join(BENCHMARKS)}; with --gpu any of "
+                                                 f"{', '.join(GPU_SECTIONS)} (default: all)")
     parser.add_argument("--data-dir", help="flow: folder holding cifar-10-batches-py (default: synthetic)")
     parser.add_argument("--batch-size", type=int, default=128, help="flow: loader batch size")
     parser.add_argument("--steps", type=int, default=20, help="flow: Euler steps")
     parser.add_argument("--device", default="cpu", help="flow: device for the Euler benchmark")
+    parser.add_argument("--gpu", action="store_true", help="the GPU sections (CUDA), side by side on one GPU")
+    parser.add_argument("--dry-run", action="store_true", help="--gpu at toy sizes on the CPU, the same table")
+    parser.add_argument("--results", help="--gpu: append the rows to this JSON-lines file and print all of its rows")
+    parser.add_argument("--peak-tflops", type=float, help="--gpu: the dense bf16 peak for MFU (default: known "
+                                                          "for H100 and H200)")
     arguments = parser.parse_args()
-    unknown = set(arguments.which) - set(BENCHMARKS)
+    choices = GPU_SECTIONS if arguments.gpu else tuple(BENCHMARKS)
+    unknown = set(arguments.which) - set(choices)
     if unknown:
-        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
-    for name in arguments.which or BENCHMARKS:
-        BENCHMARKS[name](arguments)
+        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(choices)}")
+    if arguments.dry_run and not arguments.gpu:
+        parser.error("--dry-run goes with --gpu")
+    if arguments.gpu and not arguments.dry_run and not torch.cuda.is_available():
+        parser.error("--gpu needs CUDA; --gpu --dry-run runs every section at toy sizes on the CPU")
+    if arguments.gpu:
+        bench_gpu(arguments.which or GPU_SECTIONS, dry_run=arguments.dry_run, results=arguments.results,
+                  peak_tflops=arguments.peak_tflops)
+    else:
+        for name in arguments.which or BENCHMARKS:
+            BENCHMARKS[name](arguments)

@@ -107,6 +107,22 @@ def run_logs(wandb_dir, timeout=60):
         time.sleep(0.1)
 
 
+def kill_when_marked(script, marker, settle=0.0, timeout=120):
+    """Run `script` (python -c) until it creates the file `marker`, wait `settle` seconds, then SIGKILL it."""
+    import signal
+    import subprocess
+    import sys
+    process = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not Path(marker).exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert Path(marker).exists(), "the child never reached the marked point"
+    time.sleep(settle)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 @pytest.fixture
 def offline_wandb(tmp_path, monkeypatch):
     """Offline, silent W&B writing under a temp WANDB_DIR; yields that folder."""

@@ -236,7 +236,7 @@ def test_a_key_without_a_reachable_server_starts_fast_and_keeps_the_record_offli
     assert log.values("train/loss") == [1.0, 0.5, 1.0 / 3] and log.config["lr"] == 0.1 and log.exit_code == 0
     [folder] = glob.glob(str(wandb_dir / "wandb" / "offline-run-*"))
     assert f"wandb sync {folder}" in result.stderr
-    assert not glob.glob(str(wandb_dir / "wandb" / "run-*"))  # no empty record of the failed attempt
+    assert not glob.glob(str(wandb_dir / "wandb" / "run-*" / "*.wandb"))  # no empty record of the failed attempt
 
 
 # ----------------------------------------------------------------------------- W&B errors after init

@@ -5,8 +5,6 @@ import glob
 import os
 import shlex
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 import train_fire
 import train_flow
 import wbflow
-from conftest import RunLog, paste_alone, run_logs
+from conftest import RunLog, kill_when_marked, paste_alone, run_logs
 from test_wbflow import CE_LOSS, fire_args, linear_batches, linear_classifier, write_pattern_folders
 
 HERE = Path(__file__).resolve().parent
@@ -358,17 +356,8 @@ def test_train_flow_killed_with_sigkill_resumes_in_a_new_run_that_records_its_or
     [whole] = run_logs(offline_wandb)
     argv = FLOW_FLAGS + ["--out-dir", str(tmp_path / "killed")]
     marker = tmp_path / "hanging"
-    process = subprocess.Popen([sys.executable, "-c", _KILLED_FLOW.format(here=str(HERE), marker=str(marker),
-                                                                          argv=argv)],
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert marker.exists(), "the child never reached step 7"
-    time.sleep(1.0)  # let W&B write what the run logged past the checkpoint
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    # settle: let W&B write what the run logged past the checkpoint
+    kill_when_marked(_KILLED_FLOW.format(here=str(HERE), marker=str(marker), argv=argv), marker, settle=1.0)
     last = tmp_path / "killed" / "last.pt"
     checkpoint = wbflow.load_checkpoint(last)
     assert checkpoint["global_step"] == 4 and not checkpoint["wandb_last_act"]

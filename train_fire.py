@@ -1,8 +1,8 @@
 """Train the fire-safety image classifier (高风险 中风险 低风险 无风险 非楼道) and track it in W&B.
 
-    python train_fire.py --data-dir data --model resnet50                        # one GPU, or CPU
-    torchrun --standalone --nproc_per_node=4 train_fire.py --data-dir data       # DDP on 4 GPUs
-    python train_fire.py --data-dir data --resume checkpoints/last.pth           # continue a killed run
+    python train_fire.py --data-dir data/fire --model resnet50                   # one GPU, or CPU
+    torchrun --standalone --nproc_per_node=4 train_fire.py --data-dir data/fire  # DDP on 4 GPUs
+    python train_fire.py --data-dir data/fire --resume runs/fire/last.pth        # continue a killed run
     wandb sweep sweep.yaml                                                        # then: wandb agent <id>
 
 Data: DATA/train/<class>/* and DATA/val/<class>/*; or DATA/<class>/* split by a seeded stratified
@@ -11,7 +11,9 @@ W&B, with the seed's names: every 10 batches epoch, batch, train_loss, train_acc
 every epoch train_loss, train_acc, val_loss, val_acc on the epoch axis, and best_val_acc when it
 improves; the best model (on val_acc) in OUT/best_model.pth, uploaded as a model artifact with
 aliases best and latest; after training, with the best model: a predictions table, a confusion
-matrix and per-class precision and recall. OUT/last.pth is written every epoch for --resume.
+matrix and per-class precision and recall, and a last line naming the best val_acc, its epoch and the
+file. OUT/last.pth is written every epoch for --resume, which refuses a change of any setting that
+shapes the run (RESUME_SAME).
 The learning rate follows a cosine from --learning-rate to 0, stepped every optimiser step.
 --batch-size is per process. Every flag also takes the underscore form the sweep agent writes
 (--batch_size=32, --watch=False).
@@ -33,6 +35,12 @@ LOSS_NAMES = {"ce": "CrossEntropyLoss", "focal": "FocalLoss"}
 # what --resume needs in a checkpoint (last.pth holds them; best_model.pth does not)
 RESUME_KEYS = ("model", "optimizer", "scheduler", "step", "scaler", "epoch", "best_val_acc", "skipped_steps", "rng",
                "train_state", "wandb_run_id", "wandb_last_act", "config")
+# the config a resume must share with its checkpoint: a resumed run is the same run, so the schedule (laid
+# out over epochs * steps_per_epoch), the data split and order, and the W&B config must not change under it
+RESUME_SAME = ("model", "classes", "image_size", "epochs", "world_size", "batch_size", "learning_rate",
+               "optimizer", "weight_decay", "grad_clip", "loss", "focal_gamma", "class_weights", "weights", "seed",
+               "val_split", "train_images", "val_images")
+OUT_FILES = ("best_model.pth", "last.pth")  # what this driver writes into --out-dir
 
 
 def default_num_workers():
@@ -41,13 +49,27 @@ def default_num_workers():
     return min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
+def default_out_dir():
+    """runs/fire; under a sweep agent runs/fire/<run id>, since the agent starts every run with the same flags
+    and a run refuses a folder holding another run's checkpoints."""
+    sweep_run_id = os.environ.get("WANDB_RUN_ID") if "WANDB_SWEEP_ID" in os.environ else None
+    return f"runs/fire/{sweep_run_id}" if sweep_run_id else "runs/fire"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: VALUE)" to each flag's help, except where the default is None: that help says
+    in words what None does."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     add = functools.partial(wbflow.add_sweep_argument, parser)
-    add("--data-dir", default="data", help="image folders or a path,label CSV")
+    add("--data-dir", default="data/fire", help="image folders or a path,label CSV")
     add("--class-names", type=lambda text: text.split(","),
-        help="comma-separated, in label order (None: the sorted folder names / CSV labels)")
+        help="comma-separated, in label order (default: the sorted folder names / CSV labels)")
     add("--val-split", type=float, default=0.2, help="val fraction when there is no val/ folder")
     add("--model", choices=wbflow.CLASSIFIER_NAMES, default="resnet50", help="architecture")
     add("--weights", choices=("imagenet", "none"), default="imagenet", help="initial weights")
@@ -58,42 +80,49 @@ def parse_args(argv=None):
     add("--optimizer", choices=("adam", "adamw", "sgd"), default="adam", help="sgd: Nesterov momentum 0.9")
     add("--learning-rate", type=float, default=0.003, help="peak of the cosine schedule")
     add("--weight-decay", type=float, default=0.0, help="optimiser weight decay")
-    add("--epochs", type=int, default=10, help="epochs to train; a resumed run keeps its own")
+    add("--epochs", type=int, default=10, help="epochs to train, the length of the cosine schedule; "
+                                               "--resume needs the run's own")
     add("--batch-size", type=int, default=32, help="images per process and optimiser step")
     add("--image-size", type=int, default=256, help="side of the square crop the model sees")
     add("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns clipping off")
-    add("--amp", type=wbflow.str2bool, default=None, help="mixed precision (None: on for CUDA only)")
+    add("--amp", type=wbflow.str2bool, default=None, help="mixed precision (default: on for CUDA only)")
     add("--num-workers", type=int, default=default_num_workers(),
-        help="loader processes per process (default: at most 4 and this process's share of the cores)")
+        help="loader processes per process: at most 4 and this process's share of the cores")
     add("--seed", type=int, default=0, help="seeds the split, the data order and the initial weights")
-    add("--out-dir", default="checkpoints",
-        help="best_model.pth and last.pth; a new run refuses a folder holding an earlier run's checkpoints")
+    add("--out-dir", default=default_out_dir(),
+        help="best_model.pth and last.pth (runs/fire/RUN_ID under a sweep agent); a new run refuses a folder "
+             "holding an earlier run's checkpoints")
     add("--overwrite", type=wbflow.str2bool, default=False,
         help="delete an earlier run's checkpoints in --out-dir instead of refusing to start")
-    add("--resume", help="OUT/last.pth of the run to continue (pass the same flags)")
+    add("--resume", help="OUT/last.pth of the run to continue, with the same flags (default: a new run)")
     add("--num-predictions", type=int, default=32, help="validation images in the predictions table")
     add("--watch", type=wbflow.str2bool, default=False, help='wandb.watch(model, log="all", log_freq=100)')
     add("--log-graph", type=wbflow.str2bool, default=False,
         help="log the model graph as model_graph (torchviz + Graphviz), else W&B's own graph")
     add("--no-wandb", type=wbflow.str2bool, default=False, help="train without W&B")
     add("--project", default="tianchi-fire-safety", help="W&B project")
-    add("--run-name", help="W&B run name (None: W&B picks one)")
+    add("--run-name", help="W&B run name (default: W&B picks one)")
     return parser.parse_args(argv)
 
 
-def load_resume_checkpoint(resume, device, *, model, class_names, image_size, epochs, world_size):
-    """The --resume checkpoint, refused in one line unless it is this driver's last.pth for the same
-    model, classes (in the same order), image size, epochs and number of processes."""
+def load_resume_checkpoint(resume, device, expected):
+    """The --resume checkpoint, refused in one line unless it is this driver's last.pth whose config holds
+    `expected` (this run's values of RESUME_SAME), naming the checkpoint's value of the first that differs."""
+    hints = {key: f" (a resumed run goes on as the same run: resume with the run's --{key.replace('_', '-')}, "
+                  f"or start a new run)" for key in expected}
+    hints.update({
+        "epochs": " (its cosine schedule ends there; changing --epochs would make the learning rate climb "
+                  "back up: resume with the run's --epochs, or start a new run)",
+        "classes": " (the labels keep their indices: pass --class-names in the checkpoint's order)",
+        "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)",
+        "train_images": " (the data is not the data the run trained on: resume with the run's data, or start a "
+                        "new run)"})
+    hints["val_images"] = hints["train_images"]
     with wbflow.exit_on_error(f"train_fire: --resume {resume}", (FileNotFoundError, ValueError)):
         state = wbflow.load_checkpoint(resume, map_location=device)
-        wbflow.check_checkpoint(state, driver="train_fire", required=RESUME_KEYS, expected={
-            "model": model, "classes": list(class_names), "image_size": image_size, "epochs": epochs,
-            "world_size": world_size}, hints={
-            "optimizer": " (best_model.pth holds weights only; resume from OUT/last.pth)",
-            "epochs": " (its cosine schedule ends there; changing --epochs would make the learning rate climb "
-                      "back up: resume with the run's --epochs, or start a new run)",
-            "classes": " (the labels keep their indices: pass --class-names in the checkpoint's order)",
-            "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)"})
+        wbflow.check_checkpoint(state, driver="train_fire", required=RESUME_KEYS,
+                                hints={"optimizer": " (best_model.pth holds weights only; resume from OUT/last.pth)"})
+        wbflow.check_checkpoint(state, driver="train_fire", expected=expected, hints=hints)
     return state
 
 
@@ -111,7 +140,8 @@ def main(argv=None):
             raise ValueError(f"--val-split must be at least 0 and below 1, not {args.val_split}")
         if args.class_names is not None and len(set(args.class_names)) != len(args.class_names):
             raise ValueError(f"--class-names repeats a name: {','.join(args.class_names)}")
-        out_dir = wbflow.prepare_out_dir(args.out_dir, resume=args.resume, overwrite=args.overwrite)
+        out_dir, earlier_run = wbflow.prepare_out_dir(args.out_dir, resume=args.resume, overwrite=args.overwrite,
+                                                      patterns=OUT_FILES)
     rank, world_size, device = wbflow.setup_distributed()
     master = rank == 0  # the only process that prints, logs to W&B and writes checkpoints
     if not master:
@@ -123,7 +153,7 @@ def main(argv=None):
         train_samples, val_samples, class_names = wbflow.find_image_samples(
             args.data_dir, class_names=args.class_names, val_split=args.val_split, seed=args.seed)
         wbflow.check_same_on_every_rank({"training images": len(train_samples),
-                                         "validation images": len(val_samples)})
+                                         "validation images": len(val_samples)}, class_names=class_names)
         model = wbflow.build_classifier(args.model, len(class_names), args.weights).to(device)
     train_set = wbflow.ImageSamples(train_samples, wbflow.image_transforms(args.image_size, train=True))
     val_set = wbflow.ImageSamples(val_samples, wbflow.image_transforms(args.image_size, train=False))
@@ -146,11 +176,18 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(train_loader))
     scaler = wbflow.make_scaler(device, args.amp)
 
+    # every setting as given, then what they became (names as the seed logs them)
+    settings = {key: value for key, value in vars(args).items() if key != "resume"}
+    config = {**settings, "optimizer": type(optimizer).__name__, "loss_function": LOSS_NAMES[args.loss],
+              "scheduler": "CosineAnnealingLR", "classes": class_names,
+              "amp": str(wbflow.autocast_dtype(device, args.amp) or "off").replace("torch.", ""),
+              "device": device.type, "world_size": world_size, "train_images": len(train_set),
+              "val_images": len(val_set), "steps_per_epoch": len(train_loader)}
+
     # resume: this driver's last.pth of the same run; W&B continues the run only from its last act
     start_epoch, step, best_acc, run_id, skipped_steps, epoch_state, resumed_from = 0, 0, None, None, 0, None, None
     if args.resume:
-        state = load_resume_checkpoint(args.resume, device, model=args.model, class_names=class_names,
-                                       image_size=args.image_size, epochs=args.epochs, world_size=world_size)
+        state = load_resume_checkpoint(args.resume, device, {key: config[key] for key in RESUME_SAME})
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -160,24 +197,18 @@ def main(argv=None):
         epoch_state = state["train_state"]
         start_epoch = state["epoch"] + (epoch_state is None)  # a stopped epoch is finished first
         wbflow.restore_rng_state(state["rng"][rank])
-        if state["wandb_last_act"]:  # written when the run stopped: the run has nothing after it
+        if state["wandb_run_id"] is None:  # trained with --no-wandb: there is no run to continue
+            wandb_plan = "a new run (the checkpoint's run had no W&B run)"
+        elif state["wandb_last_act"]:  # written when the run stopped: the run has nothing after it
             run_id = state["wandb_run_id"]
+            wandb_plan = f"continuing run {run_id}"
         else:  # an epoch checkpoint: the run may have logged past it, and W&B would drop those steps
             resumed_from = {"run_id": state["wandb_run_id"], "step": step, "checkpoint": str(args.resume)}
+            wandb_plan = (f"a new run (config resumed_from: run {resumed_from['run_id']}, step {step}), since "
+                          f"run {resumed_from['run_id']} may have logged past this checkpoint")
         if master:
             print(f"resuming epoch {start_epoch} at batch {epoch_state['batches'] if epoch_state else 0}, step {step} "
-                  f"(best val_acc {best_acc}) from {args.resume}; W&B: "
-                  + (f"continuing run {run_id}" if run_id else
-                     f"a new run (config resumed_from: run {resumed_from['run_id']}, step {step}), since "
-                     f"run {resumed_from['run_id']} may have logged past this checkpoint"))
-
-    # every setting as given, then what they became (names as the seed logs them)
-    settings = {key: value for key, value in vars(args).items() if key != "resume"}
-    config = {**settings, "optimizer": type(optimizer).__name__, "loss_function": LOSS_NAMES[args.loss],
-              "scheduler": "CosineAnnealingLR", "classes": class_names,
-              "amp": str(wbflow.autocast_dtype(device, args.amp) or "off").replace("torch.", ""),
-              "device": device.type, "world_size": world_size, "train_images": len(train_set),
-              "val_images": len(val_set), "steps_per_epoch": len(train_loader)}
+                  f"(best val_acc {best_acc}) from {args.resume}; W&B: {'off' if args.no_wandb else wandb_plan}")
 
     def checkpoint(epoch, train_state=None, last_act=False):
         """Everything a resume needs; train_state is a stopped epoch's, last_act marks the run's final write."""
@@ -189,7 +220,7 @@ def main(argv=None):
                 "driver": "train_fire"}
 
     run_config = config if resumed_from is None else {**config, "resumed_from": resumed_from}
-    with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
+    with wbflow.exit_on_error("train_fire", ()), wbflow.stop_on_signals() as stop, wbflow.wandb_run(
             run_config, project=args.project, enabled=not args.no_wandb, run_id=run_id, name=args.run_name) as run:
         # every 10 batches: train_loss, train_acc on the global step; every epoch the seed's epoch means
         # as epoch/train_loss, epoch/train_acc (their own keys, so neither overwrites the other) and
@@ -213,6 +244,9 @@ def main(argv=None):
             run.log({"epoch": window["epoch"], "batch": window["batch"], "train_loss": window["loss"],
                      "train_acc": window["accuracy"], "learning_rate": window["learning_rate"]}, step=step)
 
+        if master:  # --overwrite: every check has passed, so the earlier run's checkpoints go now
+            for path in earlier_run:
+                path.unlink(missing_ok=True)
         for epoch in range(start_epoch, args.epochs):
             train_loader.sampler.set_epoch(epoch, skip_batches=epoch_state["batches"] if epoch_state else 0)
             train = wbflow.train_epoch(train_model, train_loader, optimizer, loss_fn, device=device,
@@ -241,6 +275,7 @@ def main(argv=None):
             run.log(epoch_metrics, step=step)
             state = checkpoint(epoch)  # every rank takes part in gathering the RNG states
             if master:
+                wbflow.flush_run(run)  # what the epoch logged is on disk before the checkpoint a resume starts from
                 wbflow.save_checkpoint(state, out_dir / "last.pth")
                 print(f"Epoch: {epoch} | Train Loss: {train['loss']:.4f} | Train Acc: {train['accuracy']:.2f}% | "
                       f"Val Loss: {val['loss']:.4f} | Val Acc: {val['accuracy']:.2f}%"
@@ -251,7 +286,8 @@ def main(argv=None):
             wbflow.save_checkpoint(state, out_dir / "last.pth")
         # the final report uses the best model on the whole validation set, once, on rank 0
         if master and (out_dir / "best_model.pth").is_file():
-            model.load_state_dict(wbflow.load_checkpoint(out_dir / "best_model.pth", map_location=device)["model"])
+            best = wbflow.load_checkpoint(out_dir / "best_model.pth", map_location=device)
+            model.load_state_dict(best["model"])
             probs, labels = wbflow.predict_dataset(model, val_set, device=device, batch_size=args.batch_size)
             display_set = wbflow.ImageSamples(
                 val_samples, wbflow.image_transforms(args.image_size, train=False, normalize=False))
@@ -259,6 +295,7 @@ def main(argv=None):
                                                          table_rows=args.num_predictions, step=step + 1)
             for name, precision, recall in zip(class_names, report["precision"], report["recall"]):
                 print(f"{name}: precision {precision:.3f} recall {recall:.3f}")
+            print(f"best val_acc {best['val_acc']:.2f}% (epoch {best['epoch']}), model: {out_dir / 'best_model.pth'}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return best_acc

@@ -13,7 +13,7 @@ Sections, in data-flow order:
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, save_statistics,
                     inception_score, per_class_precision_recall
-  images & W&B      wandb_run, watch_model, log_model_graph, log_artifact,
+  images & W&B      wandb_run, flush_run, watch_model, log_model_graph, log_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
   checkpoints       save_checkpoint, load_checkpoint, prepare_out_dir,
                     rotate_checkpoints, save_best, check_checkpoint, resume_command, fetch_checkpoint
@@ -24,7 +24,8 @@ The copy rule: every public definition takes what it needs as arguments and impo
 PIL, yaml and torchviz lazily, so its source pasted under this module's import block runs with no
 other definition of wbflow. The exceptions end their docstrings with a `Copy with:` line naming
 exactly the definitions to paste along: FlowUNet (its blocks), compare_solvers (the two integrators),
-fid_weights_path (the hub download helper), and what runs the Inception on images: FIDInceptionV3,
+fid_weights_path (the hub download helper), find_image_samples, drop_unreadable_images and ImageSamples
+(the pixel-limit lift), classifier_loaders (its worker init), and what runs the Inception on images: FIDInceptionV3,
 load_fid_inception, inception_features, fid, kid, inception_score, save_statistics (fid, kid and
 inception_score given features or logits run alone).
 test_copy.py checks this for every public definition, and each section's tests call its functions
@@ -36,9 +37,11 @@ import concurrent.futures
 import contextlib
 import csv
 import errno
+import fcntl
 import hashlib
 import itertools
 import math
+import numbers
 import os
 import pickle
 import random
@@ -50,6 +53,7 @@ import tempfile
 import threading
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +221,19 @@ class DeviceImageLoader:
             yield images.float().div_(127.5).sub_(1.0)
 
 
+@contextlib.contextmanager
+def _no_pixel_limit():
+    """Lift PIL's decompression-bomb limit (an error above 179 megapixels) while a `with` block runs;
+    PIL keeps it in a module global, so it is restored on exit. The limit guards against files from
+    strangers, and training data is the user's own (a 196-megapixel photo is an image, not an attack)."""
+    from PIL import Image
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
     """Train and validation samples, lists of (path, label index), and the class names.
 
@@ -224,16 +241,26 @@ def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
     (or train/ alone), split per class as stratified_split(val_split, seed) does; a CSV file of
     `path,label` rows (an optional header, paths relative to the CSV), split the same way.
     Class names are the sorted folder names / CSV labels; `class_names` fixes which and their order.
-    Unreadable images are dropped with one warning that counts them (as drop_unreadable_images does).
-    A missing folder or file raises FileNotFoundError; no images, fewer than two classes or an empty
-    class, ValueError.
+    Unreadable images are dropped with one warning that counts them (as drop_unreadable_images does);
+    images of any size are read (PIL's pixel limit is lifted while they are checked).
+    A CSV row repeating an earlier one is dropped with one warning that counts them.
+    A missing folder, or CSV rows naming files that do not exist (their count and the first few), raise
+    FileNotFoundError; no images, fewer than two classes, an empty class, a file listed with two labels
+    or (without `class_names`) a val/ class folder that train/ lacks, ValueError.
     Usage: train_samples, val_samples, class_names = find_image_samples("data", val_split=0.2)
+    Copy with: _no_pixel_limit
     """
     from PIL import Image
     extensions = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
+    def first_few(paths):
+        return ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+    def class_folders(root):
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
     def folder_samples(root, class_names):
-        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        folders = class_folders(root)
         class_names = folders if class_names is None else class_names
         missing = [name for name in class_names if name not in folders]
         if missing:
@@ -255,8 +282,21 @@ def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
         if unknown:
             raise ValueError(f"{csv_path}: labels not in the class names: {', '.join(unknown)}")
         label_index = {name: index for index, name in enumerate(class_names)}
-        return [(str(csv_path.parent / row[0].strip()), label_index[label])
-                for row, label in zip(rows, labels)], class_names
+        samples = [(os.path.normpath(csv_path.parent / row[0].strip()), label_index[label])
+                   for row, label in zip(rows, labels)]
+        missing = [path for path in dict.fromkeys(path for path, _ in samples) if not os.path.isfile(path)]
+        if missing:
+            raise FileNotFoundError(f"{csv_path}: {len(missing)} listed file(s) do not exist: {first_few(missing)}")
+        labels_of = {}
+        for path, label in samples:
+            labels_of.setdefault(path, set()).add(class_names[label])
+        conflicting = [f"{path} ({' and '.join(sorted(names))})" for path, names in labels_of.items() if len(names) > 1]
+        if conflicting:
+            raise ValueError(f"{csv_path}: {len(conflicting)} file(s) listed with two labels: {first_few(conflicting)}")
+        if len(labels_of) < len(samples):  # the same image in train and val would inflate val_acc
+            warnings.warn(f"{csv_path}: dropped {len(samples) - len(labels_of)} row(s) repeating an earlier one",
+                          stacklevel=3)
+        return list(dict.fromkeys(samples)), class_names
 
     def readable(path):
         try:
@@ -280,19 +320,22 @@ def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
         raise FileNotFoundError(f"data not found: {data} (expected a folder of class folders, "
                                 f"train/ and val/ folders of class folders, or a CSV of path,label)")
     train_root = data if data.is_file() else data / "train" if (data / "train").is_dir() else data
+    given_names = class_names
     samples, class_names = (csv_samples if data.is_file() else folder_samples)(train_root, class_names)
     if len(class_names) < 2:
         raise ValueError(f"a classifier needs at least two classes; {train_root} has "
                          f"{len(class_names)}{': ' + ', '.join(class_names) if class_names else ''} "
                          f"(expected {train_root}/<class name>/<images> or a CSV of path,label)")
     val_root = data / "val" if data.is_dir() and train_root != data and (data / "val").is_dir() else None
+    only_in_val = sorted(set(class_folders(val_root)) - set(class_names)) if val_root and not given_names else []
+    if only_in_val:
+        raise ValueError(f"class folder(s) in {val_root} that {train_root} lacks: {', '.join(only_in_val)}")
     val_samples = folder_samples(val_root, class_names)[0] if val_root else []
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    with concurrent.futures.ThreadPoolExecutor(8) as pool, _no_pixel_limit():
         is_readable = dict(zip(samples + val_samples, pool.map(readable, [p for p, _ in samples + val_samples])))
     bad = [path for (path, _), ok in is_readable.items() if not ok]
     if bad:
-        examples = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {examples}", stacklevel=2)
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {first_few(bad)}", stacklevel=2)
     samples = [sample for sample in samples if is_readable[sample]]
     check_every_class_has_images(samples, train_root.parent if data.is_file() else train_root)
     if val_root:
@@ -334,8 +377,10 @@ def drop_unreadable_images(samples, max_workers=8):
     """The (path, label) samples whose image decodes; the others are skipped with one warning that counts them.
 
     Each file is fully decoded (JPEGs at 1/8 scale via PIL's draft mode, which still reads every
-    byte), so truncated files are caught here, not mid-epoch. Decoding runs in threads.
+    byte), so truncated files are caught here, not mid-epoch. Decoding runs in threads. Images of
+    any size count as readable (PIL's pixel limit is lifted while they are checked).
     Usage: samples = drop_unreadable_images([("a.jpg", 0), ("broken.jpg", 1)])
+    Copy with: _no_pixel_limit
     """
     from PIL import Image
 
@@ -348,7 +393,7 @@ def drop_unreadable_images(samples, max_workers=8):
         except Exception:  # noqa: BLE001 - PIL raises many types for broken files; all mean unreadable
             return False
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers) as pool, _no_pixel_limit():
         is_readable = list(pool.map(readable, [path for path, _ in samples]))
     bad = [path for (path, _), ok in zip(samples, is_readable) if not ok]
     if bad:
@@ -358,8 +403,8 @@ def drop_unreadable_images(samples, max_workers=8):
 
 
 class ImageSamples(torch.utils.data.Dataset):
-    """(transformed image, label) for a list of (path, label); images are opened with PIL as RGB
-    (16-bit grayscale scaled to 8 bits, keeping its contrast).
+    """(transformed image, label) for a list of (path, label); images of any size are opened with PIL
+    as RGB (16-bit grayscale scaled to 8 bits, keeping its contrast).
 
     A file that fails to load mid-epoch (changed after find_image_samples checked it) is replaced
     by the next sample, with a warning, so one file never stops an epoch.
@@ -367,6 +412,7 @@ class ImageSamples(torch.utils.data.Dataset):
     CPU generator seeded by exactly those three (then restored): a sample's augmentation is the
     same whatever the worker count, the rank, or where a run was stopped and resumed.
     Usage: dataset = ImageSamples(train_samples, image_transforms(256, train=True))
+    Copy with: _no_pixel_limit
     """
     seeded_augmentation = True  # classifier_loaders' sampler sends (index, seed, epoch) keys
 
@@ -388,7 +434,7 @@ class ImageSamples(torch.utils.data.Dataset):
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                with Image.open(path) as image:
+                with _no_pixel_limit(), Image.open(path) as image:
                     if image.mode.startswith("I"):  # 16-bit: scale to 8 bits (convert would clip)
                         image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255)
                                                 .astype(np.uint8))
@@ -424,6 +470,15 @@ def image_transforms(image_size, *, train, normalize=True, crop_scale=(0.25, 1.0
     return v2.Compose(steps)
 
 
+def _leave_stop_signals_to_main(worker_id):
+    """A DataLoader worker_init_fn: Ctrl-C, `timeout` and SLURM signal the whole process group, and
+    a worker they killed would end the run in a RuntimeError before the main process could save its
+    stop checkpoint; the worker exits when the main process shuts it down. At module level, so that
+    spawn and forkserver workers can unpickle it."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+
+
 def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device="cpu", seed=0,
                        rank=0, world_size=1):
     """(train_loader, val_loader) for one process of `world_size`.
@@ -435,9 +490,11 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
     one image). A dataset with seeded_augmentation = True (ImageSamples) is asked for
     (index, seed, epoch) keys, so its augmentation does not depend on workers or resumes.
     Validation is sharded by rank without padding, so all-reduced sums count every image once.
-    Pinned memory on CUDA; workers persist across epochs. The loaders draw their worker seeds from
-    their own generators, not from torch's global one.
+    Pinned memory on CUDA; workers persist across epochs and ignore SIGINT and SIGTERM, which the
+    main process handles (see stop_on_signals). The loaders draw their worker seeds from their own
+    generators, not from torch's global one.
     Usage: train_loader, val_loader = classifier_loaders(train_set, val_set, 32, num_workers=4)
+    Copy with: _leave_stop_signals_to_main
     """
     class EpochSampler(torch.utils.data.DistributedSampler):
         """set_epoch(epoch, skip_batches) and, for a seeded_augmentation dataset, (index, seed, epoch) keys."""
@@ -453,7 +510,7 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
 
     sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     options = {"num_workers": num_workers, "pin_memory": torch.device(device).type == "cuda",
-               "persistent_workers": num_workers > 0}
+               "persistent_workers": num_workers > 0, "worker_init_fn": _leave_stop_signals_to_main}
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler,
                                                drop_last=len(sampler) > batch_size,
                                                generator=torch.Generator().manual_seed(seed + rank), **options)
@@ -463,20 +520,22 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
     return train_loader, val_loader
 
 
-def check_same_on_every_rank(counts):
-    """Raise ValueError naming every rank's counts when the ranks of a torch.distributed group do not
-    see the same `counts` (a dict such as {"training images": 900}), e.g. a node holding a partial
-    copy of the data, which would otherwise hang at the first collective. Does nothing outside DDP.
-    Usage: check_same_on_every_rank({"training images": len(train_set), "validation images": len(val_set)})
+def check_same_on_every_rank(counts, class_names=None):
+    """Raise ValueError naming every rank's counts (and class names) when the ranks of a
+    torch.distributed group do not see the same `counts` (a dict such as {"training images": 900}) and
+    `class_names`, e.g. a node holding a partial or another copy of the data, which would otherwise
+    hang at the first collective or train one model on two labellings. Does nothing outside DDP.
+    Usage: check_same_on_every_rank({"training images": len(train_set)}, class_names=["cat", "dog"])
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
     every_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(every_rank, dict(counts))
-    if any(rank_counts != every_rank[0] for rank_counts in every_rank):
+    dist.all_gather_object(every_rank, (dict(counts), class_names and list(class_names)))
+    if any(seen != every_rank[0] for seen in every_rank):
         raise ValueError("the ranks see different data: " + "; ".join(
-            f"rank {rank}: " + ", ".join(f"{value} {name}" for name, value in rank_counts.items())
-            for rank, rank_counts in enumerate(every_rank)))
+            f"rank {rank}: " + ", ".join([f"{value} {name}" for name, value in rank_counts.items()]
+                                         + ([f"classes {' '.join(names)}"] if names else []))
+            for rank, (rank_counts, names) in enumerate(every_rank)))
 
 
 # ----------------------------------------------------------------------------- models
@@ -1198,10 +1257,11 @@ def rk45_sample(model, noise, *, tolerance=1e-5, dtype=None):
 
 
 def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1, 2, 4, 10, 50, 100),
-                    tolerance=1e-5, dtype=None):
+                    tolerance=1e-5, dtype=None, stop=None):
     """Sample the same noise with every solver at every NFE budget; returns a list of rows
     {"solver", "nfe" (evaluations used), "seconds", "images"}. Heun takes the even budgets (2 per
-    step), RK45 runs once at `tolerance` and reports the evaluations it needed.
+    step), RK45 runs once at `tolerance` and reports the evaluations it needed. `stop` (a callable, e.g.
+    stop_on_signals()'s event.is_set) is checked before each row: when it returns True, the result is None.
 
     Usage: rows = compare_solvers(ema_model.module, fixed_noise, nfes=(1, 2, 4, 10, 50, 100))
     Copy with: euler_sample, rk45_sample
@@ -1210,6 +1270,8 @@ def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1,
     for solver in solvers:
         budgets = {"euler": list(nfes), "heun": [n for n in nfes if n >= 2 and n % 2 == 0], "rk45": [None]}[solver]
         for budget in budgets:
+            if stop is not None and stop():
+                return None
             started = time.perf_counter()
             if solver == "rk45":
                 images, used = rk45_sample(model, noise, tolerance=tolerance, dtype=dtype)
@@ -1486,7 +1548,7 @@ def _gather_across_ranks(rows):
 
 
 def inception_features(images, inception=None, *, resize="tensorflow", batch_size=50,
-                       num_images=None, weights_path=None, device="cpu", quantize=True):
+                       num_images=None, weights_path=None, device="cpu", quantize=True, progress=False):
     """One Inception pass per batch -> (pool features (N, 2048), unbiased logits (N, 1008)), float32
     on the CPU, gathered over all ranks under torch.distributed (rank order).
 
@@ -1494,16 +1556,20 @@ def inception_features(images, inception=None, *, resize="tensorflow", batch_siz
     batches or of (images, labels) pairs; or a folder of image files (png, jpg, jpeg, bmp, ppm, pgm,
     tif, tiff, webp; read as pytorch-fid reads them). Float images are rounded to uint8 first, as
     saving them to PNG does, so a number is the same as for the saved files; quantize=False feeds
-    the unrounded floats instead.
+    the unrounded floats instead. progress=True shows a tqdm bar of the batches.
     Usage: features, logits = inception_features(images_uint8, load_fid_inception(device="cuda"))
     Copy with: _preprocess, _resize_like_tensorflow, _image_batches, _folder_batches, _gather_across_ranks,
       load_fid_inception, FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool,
       _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
     """
+    from tqdm.auto import tqdm
     if inception is None:
         inception = load_fid_inception(weights_path, device)
     model_device = next(inception.parameters()).device
     feature_batches, logit_batches = [], []
+    batches = tqdm(_image_batches(images, batch_size, num_images), desc="Inception", unit="batch", leave=False,
+                   disable=not progress, dynamic_ncols=True,
+                   total=math.ceil(len(images[:num_images]) / batch_size) if torch.is_tensor(images) else None)
     # TF32 convolutions or matmuls would move features by ~1e-3, past the references' agreement.
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -1511,7 +1577,7 @@ def inception_features(images, inception=None, *, resize="tensorflow", batch_siz
         with torch.inference_mode(), torch.backends.cudnn.flags(
                 enabled=True, benchmark=torch.backends.cudnn.benchmark,
                 deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
-            for batch in _image_batches(images, batch_size, num_images):
+            for batch in batches:
                 batch = _preprocess(batch.to(model_device), resize, quantize)
                 features, logits = inception(batch.contiguous(memory_format=torch.channels_last))
                 feature_batches.append(features.float())
@@ -1526,10 +1592,13 @@ def inception_features(images, inception=None, *, resize="tensorflow", batch_siz
 
 
 def feature_statistics(features):
-    """Mean and unbiased covariance (float64 numpy) of (N, D) features, as pytorch-fid stores them.
+    """Mean and unbiased covariance (float64 numpy) of (N, D) features, as pytorch-fid stores them;
+    ValueError for fewer than two rows (FID needs at least two images per side).
     Usage: mu, sigma = feature_statistics(features)
     """
     features = torch.as_tensor(features).double()
+    if features.shape[0] < 2:
+        raise ValueError(f"FID needs at least two images per side to estimate a covariance, got {features.shape[0]}")
     mu = features.mean(dim=0)
     centered = features - mu
     sigma = centered.T @ centered / (features.shape[0] - 1)
@@ -1590,6 +1659,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(mean_term + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product)
 
 
+def _npz_statistics(path):
+    # [mu, sigma] of an .npz as save_statistics and pytorch-fid write it; anything else is a ValueError
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"statistics file not found: {path}")
+    if not zipfile.is_zipfile(path):  # np.load would take it for a pickle and say so
+        raise ValueError(f"{path} is not an .npz file (no zip archive), so it holds no FID statistics")
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if not {"mu", "sigma"} <= set(stored.files):
+                raise ValueError(f"{path} holds {', '.join(stored.files) or 'no arrays'}, not the FID statistics "
+                                 f"mu and sigma")
+            return [stored["mu"], stored["sigma"]]
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is a damaged .npz file ({error})") from None
+
+
 def fid(real, fake, *, resize="tensorflow", batch_size=50, device="cpu", num_images=None,
         weights_path=None, inception=None, quantize=True):
     """Fréchet Inception Distance between two image sets; resize picks the reference it reproduces:
@@ -1601,18 +1686,18 @@ def fid(real, fake, *, resize="tensorflow", batch_size=50, device="cpu", num_ima
     features (N, D); (mu, sigma); or an .npz path with mu/sigma. Float images are rounded to uint8
     first, as saving them to PNG does (quantize=False skips that). num_images caps the images read
     from each side. Under torch.distributed each rank passes its shard of images and every rank
-    gets the FID over all of them; features and statistics are taken as given.
+    gets the FID over all of them; features and statistics are taken as given. Fewer than two
+    images on a side, or an .npz that holds no mu and sigma, is a ValueError.
     Usage: score = fid("stats/cifar10-train-tensorflow-6726825d.npz", samples_uint8, device="cuda")
     Copy with: feature_statistics, frechet_distance, inception_features, _preprocess, _resize_like_tensorflow,
       _image_batches, _folder_batches, _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA,
       _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path,
-      _hub_cached_file, load_checkpoint
+      _hub_cached_file, load_checkpoint, _npz_statistics
     """
     statistics = []
     for source in (real, fake):
         if isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz"):
-            with np.load(source, allow_pickle=False) as stored:
-                statistics += [stored["mu"], stored["sigma"]]
+            statistics += _npz_statistics(source)
             continue
         if (isinstance(source, (tuple, list)) and len(source) == 2 and all(hasattr(part, "shape") for part in source)
                 and len(source[0].shape) == 1 and len(source[1].shape) == 2):  # (mu, sigma)
@@ -1642,6 +1727,9 @@ def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef
       _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
       _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
     """
+    if subset_size < 2 or subsets < 1:  # the unbiased MMD divides by subset_size * (subset_size - 1)
+        raise ValueError(f"KID needs subsets >= 1 of subset_size >= 2 images, got subsets={subsets}, "
+                         f"subset_size={subset_size}")
     features = []
     for source in (real, fake):
         if not (hasattr(source, "shape") and len(source.shape) == 2):  # images or a folder
@@ -1676,15 +1764,16 @@ def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef
 
 
 def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow", batch_size=50,
-                    device="cpu", num_images=None, weights_path=None, overwrite=False, quantize=True):
+                    device="cpu", num_images=None, weights_path=None, overwrite=False, quantize=True, progress=False):
     """Compute mu/sigma once and save them as pytorch-fid's .npz format; the file name carries the
     resize mode and the weights file's hash, so a cached file is reused only for the same network.
-    Float images are rounded to uint8 first, as for fid (quantize=False skips that).
+    Float images are rounded to uint8 first, as for fid (quantize=False skips that); progress=True
+    shows a bar of the Inception batches.
     Usage: cifar10_statistics = save_statistics(train_images_uint8, "stats", "cifar10-train"); score = fid(cifar10_statistics, samples_uint8)
     Copy with: file_sha256, feature_statistics, inception_features, _preprocess, _resize_like_tensorflow,
       _image_batches, _folder_batches, _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA,
       _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path,
-      _hub_cached_file, load_checkpoint
+      _hub_cached_file, load_checkpoint, _save_npz
     """
     weights_path = fid_weights_path(weights_path)
     weights_hash = file_sha256(weights_path)
@@ -1692,27 +1781,34 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
     if os.path.isfile(path) and not overwrite:
         return path
     features, _ = inception_features(images, load_fid_inception(weights_path, device), resize=resize,
-                                     batch_size=batch_size, num_images=num_images, quantize=quantize)
+                                     batch_size=batch_size, num_images=num_images, quantize=quantize,
+                                     progress=progress)
     mu, sigma = feature_statistics(features)
     distributed = torch.distributed
     is_distributed = distributed.is_available() and distributed.is_initialized()
     if not is_distributed or distributed.get_rank() == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        handle, partial_path = tempfile.mkstemp(prefix=".statistics.", suffix=".npz", dir=cache_dir)
-        try:
-            with os.fdopen(handle, "wb") as partial_file:
-                np.savez(partial_file, mu=mu, sigma=sigma, weights_sha256=weights_hash, resize=resize,
-                         num_images=len(features))
-                partial_file.flush()
-                os.fsync(partial_file.fileno())
-            os.replace(partial_path, path)  # atomic: a crash never leaves a truncated cache entry
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(partial_path)
-            raise
+        _save_npz(path, mu=mu, sigma=sigma, weights_sha256=weights_hash, resize=resize, num_images=len(features))
     if is_distributed:
         distributed.barrier()
     return path
+
+
+def _save_npz(path, **arrays):
+    # np.savez atomically: a temporary file in the same folder, renamed over `path`, so a crash never
+    # leaves a truncated file that a later run would take for a result
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, partial_path = tempfile.mkstemp(prefix=".statistics.", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as partial_file:
+            np.savez(partial_file, **arrays)
+            partial_file.flush()
+            os.fsync(partial_file.fileno())
+        os.replace(partial_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial_path)
+        raise
 
 
 def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, device="cpu",
@@ -1761,9 +1857,11 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
     or on a torch.distributed rank other than 0. Without credentials for the configured server
     (wandb's own settings, WANDB_API_KEY, or the netrc entry `wandb login` wrote) and with WANDB_MODE
     unset, it logs offline; when the server does not answer within `init_timeout` seconds it logs
-    offline too. Either way a line gives the `wandb sync` command for the run's folder. `run_id`
-    resumes that run (resume="allow"). WANDB_DIR is honoured; other keyword arguments go to
-    wandb.init (entity, name, tags, notes...). The run finishes with exit code 1 if the block raises.
+    offline too (the failed attempt leaves its logs, no record to sync). Either way a line gives the
+    `wandb sync` command for the run's folder. The record is written to disk every 0.1 s (wandb >= 0.31),
+    which flush_run waits for. `run_id` resumes that run (resume="allow"). WANDB_DIR is honoured; other
+    keyword arguments go to wandb.init (entity, name, tags, notes...). The run finishes with exit code 1
+    if the block raises.
     Usage: with wandb_run({"lr": 2e-4}, project="flow") as run: run.log({"loss": 0.1}, step=1)
     """
     class GuardedRun:
@@ -1813,19 +1911,24 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
             print(f"wbflow: no W&B credentials for {settings.base_url} (WANDB_API_KEY or `wandb login`), "
                   "logging offline", file=sys.stderr)
         # WANDB_DIR is read here, not left to wandb, which caches settings for the life of the process.
+        # wandb-core writes the record to disk every x_transaction_log_flush_interval seconds (wandb >= 0.31;
+        # 15 by default) and when the run finishes, so flush_run can wait for it at an epoch's end
+        flush = ({"x_transaction_log_flush_interval": 0.1}
+                 if "x_transaction_log_flush_interval" in wandb.Settings.model_fields else {})
         kwargs = {"dir": os.environ.get("WANDB_DIR"), "resume": "allow" if run_id else None,
-                  "settings": wandb.Settings(init_timeout=init_timeout), **init_kwargs}
+                  "settings": wandb.Settings(init_timeout=init_timeout, **flush), **init_kwargs}
         runs_dir = Path(kwargs["dir"] or settings.root_dir) / "wandb"
         before = set(runs_dir.glob("run-*"))
         try:
             run = wandb.init(project=project, config=config, mode=mode, id=run_id, **kwargs)
         except wandb.errors.CommError as error:  # a key but no server: keep the whole record offline
-            for folder in set(runs_dir.glob("run-*")) - before:  # the failed attempt's empty record
-                shutil.rmtree(folder, ignore_errors=True)
+            for folder in set(runs_dir.glob("run-*")) - before:  # the failed attempt: no record to sync, but
+                for record in folder.glob("*.wandb"):           # its logs stay, which wandb names at exit
+                    record.unlink(missing_ok=True)
             print(f"wbflow: W&B server {settings.base_url} did not answer ({str(error).splitlines()[0]}), "
                   "logging offline", file=sys.stderr)
             run = wandb.init(project=project, config=config, mode="offline", id=run_id, **kwargs)
-        if run.settings._offline:
+        if run.offline:
             print(f"wbflow: W&B is offline; upload this run later with: wandb sync {run.settings.sync_dir}",
                   file=sys.stderr)
         return run
@@ -1850,6 +1953,31 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
         guarded.finish(exit_code=1)
         raise
     guarded.finish()
+
+
+def flush_run(run, timeout=2.0):
+    """Commit the run's pending history row and wait (at most `timeout` seconds) until W&B's service has
+    written the run's record (run-*.wandb) to disk, so that a process killed after it (kill -9, the OOM
+    killer) keeps all it logged before; a no-op without a run.
+
+    Why it takes this: W&B holds the row of step s until a later step or a commit, and its service process
+    buffers the record, writing it every x_transaction_log_flush_interval seconds (wandb_run sets 0.1 where
+    wandb has the setting) and when the run finishes; when the training process dies, the service exits
+    at once without writing what it buffered. Call it after the last log of an epoch's step, right before
+    that epoch's checkpoint: W&B drops a later log at the same step.
+    Usage: run.log({"train/epoch_loss": loss}, step=step); flush_run(run); save_checkpoint(state, "out/last.pt")
+    """
+    if not run:
+        return
+    interval = getattr(run.settings, "x_transaction_log_flush_interval", 0)
+    record = Path(run.settings.sync_file)
+    run.log({}, commit=True)
+    run.summary.keys()  # a round trip to the service, which has now turned the committed row into a record
+    if not interval or not record.is_file():  # no periodic writes to wait for
+        return
+    size, deadline = record.stat().st_size, time.monotonic() + timeout
+    while record.stat().st_size == size and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def watch_model(run, model, log="gradients", log_freq=100, log_graph=False):
@@ -2024,7 +2152,8 @@ def save_checkpoint(state, path):
     and a failed save (a full disk) leaves the previous file as it was. The file gets the permissions
     of the user's umask, like any file Python opens.
 
-    Raises OSError naming the path when the write fails; "no space left" says so in one line.
+    Raises OSError naming the path when the write fails; a full disk (also when torch's zip writer turns
+    it into a RuntimeError) is one OSError(ENOSPC) line, "no space left ...".
     Usage: save_checkpoint({"model": model.state_dict(), "step": step}, "checkpoints/last.pt")
     """
     path = Path(path)
@@ -2040,7 +2169,8 @@ def save_checkpoint(state, path):
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp_path)
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        # torch's zip writer raises a RuntimeError of its own on top of the OSError of a full disk
+        if any(isinstance(each, OSError) and each.errno == errno.ENOSPC for each in (error, error.__context__)):
             raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
                                         f"the previous file there is unchanged") from None
         raise
@@ -2071,13 +2201,19 @@ def load_checkpoint(path, map_location="cpu"):
 
 def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
                     patterns=("best_model.pth", "last.pth", "last.pt", "checkpoint_epoch_*.pt")):
-    """Make `out_dir` ready for a run without ever replacing an earlier run's checkpoints.
+    """Make `out_dir` ready for a run without ever replacing an earlier run's checkpoints; returns
+    (out_dir as a Path, the earlier run's checkpoints that this run replaces).
 
-    Refuses (ValueError, one line) when out_dir is a file or not writable, and when it already holds
-    checkpoints matching `patterns` unless `resume` is a file inside it (the same run goes on) or
-    overwrite=True (the earlier files are deleted first). Stale `.*.tmp` files that a kill during
-    save_checkpoint left behind are removed. Returns out_dir as a Path.
-    Usage: out_dir = prepare_out_dir("checkpoints", resume=args.resume, overwrite=args.overwrite)
+    Refuses (ValueError, one line) when out_dir is a file or not writable; when another process's run
+    holds it (rank 0 locks `out_dir/.lock` for as long as its process lives, and the kernel frees the
+    lock when it ends, kill -9 included; the same process may prepare it again, as a notebook does);
+    and when it already holds checkpoints matching `patterns`,
+    unless `resume` is a file inside it (the same run goes on) or overwrite=True. Those are returned,
+    not deleted: delete them right before the first write, once every other check has passed, so that
+    a typo in another setting leaves them. Stale `.*.tmp` files that a kill during save_checkpoint left
+    behind are removed.
+    Usage: out_dir, earlier_run = prepare_out_dir("checkpoints", resume=args.resume, overwrite=args.overwrite)
+           # ... data, model and resume checks ..., then: for path in earlier_run: path.unlink(missing_ok=True)
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -2089,18 +2225,30 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
         probe.unlink(missing_ok=True)  # another rank's sweep of stale .tmp files may have taken it
     except OSError as error:
         raise ValueError(f"--out-dir {out_dir} is not writable ({error.strerror or error})") from None
-    for stale in out_dir.glob(".*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+    if rank == 0:  # the run's lock; the other ranks of a torchrun run under rank 0's
+        lock = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:  # a POSIX lock: this process's (not its forked loader workers'), freed by the kernel when it ends
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # another process holds it
+            holder = os.pread(lock, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(lock)
+            raise ValueError(f"--out-dir {out_dir} is in use by another run (process {holder}): wait for it to end, "
+                             f"or pass another --out-dir") from None
+        except OSError:  # a filesystem without locks (e.g. Lustre mounted without flock): unlocked, as before
+            os.close(lock)
+        else:  # never closed (closing any descriptor of the file would free the lock): held while this process lives
+            os.ftruncate(lock, 0)
+            os.write(lock, str(os.getpid()).encode())
+        for stale in out_dir.glob(".*.tmp"):  # only under the lock: a running save's temporary file is not stale
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
     earlier = sorted({path for pattern in patterns for path in out_dir.glob(pattern)})
     resume_path = Path(resume).resolve() if resume and os.path.isfile(resume) else None
     if not earlier or (resume_path is not None and resume_path.parent == out_dir.resolve()):
-        return out_dir
+        return out_dir, []
     if overwrite:
-        for path in earlier:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        return out_dir
+        return out_dir, earlier
     resumable = [path for path in earlier if not path.name.startswith("best")]
     resume_hint = f"--resume {max(resumable, key=os.path.getmtime)} to continue it, " if resumable else ""
     raise ValueError(f"--out-dir {out_dir} holds an earlier run's checkpoints ({', '.join(p.name for p in earlier[:4])}"
@@ -2172,7 +2320,7 @@ def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None
         except BaseException as error:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temp_path)
-            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            if any(isinstance(each, OSError) and each.errno == errno.ENOSPC for each in (error, error.__context__)):
                 raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
                                             f"the previous file there is unchanged") from None
             raise
@@ -2190,8 +2338,9 @@ def check_checkpoint(state, *, driver, required=(), expected=None, hints=None):
     """Refuse a checkpoint that does not fit the run about to use it, with a one-line ValueError that
     reads after "FILE: ": one that is not a dict, whose "driver" field names another driver (a file
     without the field passes), that lacks a key of `required`, or whose state["config"] differs from
-    `expected` ({config key: this run's value}; the first difference is named, a dict value key by
-    key). `hints` ({key: text}) are appended when that key is missing or differs.
+    `expected` ({config key: this run's value}; the first difference is named; a dict value is
+    compared on its own keys, so it may name a few keys of a config section). `hints` ({key: text})
+    are appended when that key is missing or differs.
 
     Usage: check_checkpoint(state, driver="train", required=("model", "optimizer"), expected={"lr": 0.1})
     """
@@ -2206,13 +2355,13 @@ def check_checkpoint(state, *, driver, required=(), expected=None, hints=None):
     saved = state.get("config")
     for key, value in (expected or {}).items():
         old = saved.get(key) if isinstance(saved, dict) else None
-        if old == value:
-            continue
         if isinstance(value, dict) and isinstance(old, dict):
             changed = [f"{name} {old.get(name)!r} there, {new!r} here"
                        for name, new in value.items() if old.get(name) != new]
-            raise ValueError(f"holds another {key} ({'; '.join(changed)}){hints.get(key, '')}")
-        raise ValueError(f"trained with {key} {old}, this run has {value}{hints.get(key, '')}")
+            if changed:
+                raise ValueError(f"holds another {key} ({'; '.join(changed)}){hints.get(key, '')}")
+        elif old != value:
+            raise ValueError(f"trained with {key} {old}, this run has {value}{hints.get(key, '')}")
 
 
 def resume_command(script, argv, checkpoint, world_size=1):
@@ -2264,17 +2413,73 @@ def fetch_checkpoint(reference, *, project=None, entity=None, root=None):
 
 # ----------------------------------------------------------------------------- config & command line
 
-def load_yaml_config(path, overrides=()):
+def load_yaml_config(path, overrides=(), reference=None):
     """A YAML config as nested dicts, with "section.key=value" overrides applied (values parsed as
     YAML: numbers, lists [1, 2], true/false, null). Overriding a key the file lacks is a KeyError; a
-    value of another type than the file's is a ValueError naming it (an int is a valid float, a key
-    that is null in the file takes any value, and a string key takes the text as written).
+    value of another type than the file's is a ValueError naming it (an int is a valid float, a list
+    takes items of the type of the file's first item, a key that is null in the file takes any value,
+    and a string key takes the text as written). With `reference` (the path or dict of the config the
+    file stands in for, e.g. the defaults), the file must have exactly its sections and keys, each of
+    its type by the same rule. A file that is no YAML, or holds no mapping of settings, is a ValueError.
 
     Usage: config = load_yaml_config("configs/cifar10_rectified_flow.yaml", ["training.gradient_clip=0.5"])
     """
     import yaml
-    with open(path, encoding="utf-8") as file:
-        config = yaml.safe_load(file) or {}
+
+    def read(path):
+        try:
+            with open(path, encoding="utf-8") as file:
+                config = yaml.safe_load(file)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path} is not valid YAML ({getattr(error, 'problem', None) or error}{where})") from None
+        if config is None and reference is None:
+            return {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} is {'empty' if config is None else 'a YAML ' + type(config).__name__}, "
+                             f"not a mapping of settings")
+        return config
+
+    def fit(value, default):  # value as default's type, else TypeError
+        if isinstance(default, float) and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(default, float) and type(value) is int:
+            return float(value)
+        if isinstance(default, list) and isinstance(value, list) and default:
+            return [fit(item, default[0]) for item in value]
+        if default is not None and type(value) is not type(default):
+            raise TypeError
+        return value
+
+    def fitted(value, default, written):
+        try:
+            return fit(value, default)
+        except TypeError:
+            kind = (f"a list of {type(default[0]).__name__}" if isinstance(default, list) and default
+                    else type(default).__name__)
+            raise ValueError(f"{written}: expected {kind} like the config's {default!r}, "
+                             f"got {type(value).__name__} {value!r}") from None
+
+    def check(section, expected, prefix):  # the file's sections and keys are the reference's, of its types
+        named = "the reference config" if isinstance(reference, dict) else reference
+        unknown = sorted(set(section) - set(expected), key=str)
+        if unknown:
+            raise ValueError(f"{prefix}{unknown[0]} in {path} is not a key of {named}")
+        for key, default in expected.items():
+            if key not in section:
+                raise ValueError(f"{path} lacks {prefix}{key} (every section and key of {named} is needed)")
+            if isinstance(default, dict):
+                if not isinstance(section[key], dict):
+                    raise ValueError(f"{prefix}{key} in {path} is {section[key]!r}, not a section of settings")
+                check(section[key], default, f"{prefix}{key}.")
+            else:
+                section[key] = fitted(section[key], default, f"{prefix}{key}: {section[key]!r} in {path}")
+
+    config = read(path)
+    if reference is not None:
+        check(config, reference if isinstance(reference, dict) else read(reference), "")
     for override in overrides:
         dotted, separator, text = override.partition("=")
         if not separator:
@@ -2285,18 +2490,12 @@ def load_yaml_config(path, overrides=()):
             section = section.get(parent) if isinstance(section, dict) else None
         if not isinstance(section, dict) or key not in section:
             raise KeyError(f"{dotted!r} is not a key of {path}")
-        default, value = section[key], yaml.safe_load(text)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(default, str):
-            value = text.strip()
-        elif isinstance(default, float) and type(value) is int:
-            value = float(value)
-        if default is not None and type(value) is not type(default):
-            raise ValueError(f"{dotted}={text.strip()}: expected {type(default).__name__} "
-                             f"like the config's {default!r}, got {type(value).__name__}")
-        section[key] = value
+        default, written = section[key], f"{dotted}={text.strip()}"
+        try:
+            value = text.strip() if isinstance(default, str) else yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{written}: not a YAML value ({getattr(error, 'problem', None) or error})") from None
+        section[key] = fitted(value, default, written)
     return config
 
 
@@ -2329,16 +2528,16 @@ def add_sweep_argument(parser, flag, **kwargs):
 
 def check_numbers(positive=None, not_negative=None):
     """Raise ValueError naming the first setting of `positive` ({name: value}) that is not above 0, or
-    of `not_negative` that is below 0 (NaN fails both): "--epochs must be positive, not 0".
+    of `not_negative` that is below 0 (NaN, and anything but a number, fail both): "--epochs must be
+    positive, not 0".
 
     Usage: check_numbers({"--epochs": args.epochs}, {"--num-workers": args.num_workers})
     """
-    for name, value in (positive or {}).items():
-        if not value > 0:
-            raise ValueError(f"{name} must be positive, not {value}")
-    for name, value in (not_negative or {}).items():
-        if not value >= 0:
-            raise ValueError(f"{name} must not be negative, not {value}")
+    for values, holds, rule in ((positive, lambda value: value > 0, "must be positive"),
+                                (not_negative, lambda value: value >= 0, "must not be negative")):
+        for name, value in (values or {}).items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not holds(value):
+                raise ValueError(f"{name} {rule}, not {repr(value) if isinstance(value, str) else value}")
 
 
 @contextlib.contextmanager
@@ -2366,35 +2565,46 @@ def _command_line(argv=None):
     parser = argparse.ArgumentParser(prog="python wbflow.py", description="wbflow's command line")
     commands = parser.add_subparsers(dest="command", required=True)
     fid_parser = commands.add_parser(
-        "fid", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="FID between two folders of images or .npz statistics (pytorch-fid's command line)",
+        "fid", help="FID between two folders of images or .npz statistics (pytorch-fid's command line)",
         description="Prints 'FID:  <value>' as python -m pytorch_fid does; with --resize pytorch-fid and "
                     "the same weights file, the same number.")
     fid_parser.add_argument("path", nargs=2, help="folders of images or .npz files with mu/sigma "
                                                   "(with --save-stats: a folder, then the .npz to write)")
     fid_parser.add_argument("--resize", choices=("tensorflow", "pytorch-fid"), default="tensorflow",
-                            help="tensorflow: TF FID / torch-fidelity numbers; pytorch-fid: pytorch-fid's")
-    fid_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    fid_parser.add_argument("--batch-size", type=int, default=50)
+                            help="tensorflow: TF FID / torch-fidelity numbers; pytorch-fid: pytorch-fid's "
+                                 "(default: %(default)s)")
+    fid_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                            help="where the Inception runs, e.g. cpu, cuda, cuda:1 (default: cuda when available, "
+                                 "else cpu)")
+    fid_parser.add_argument("--batch-size", type=int, default=50,
+                            help="images per Inception batch (default: %(default)s)")
     fid_parser.add_argument("--weights", help="pt_inception-2015-12-05-6726825d.pth (default: "
                                               "$WBFLOW_FID_WEIGHTS, then the torch hub cache)")
     fid_parser.add_argument("--save-stats", action="store_true",
-                            help="write the first path's mu/sigma to the second path (.npz) instead")
+                            help="write the first path's mu/sigma to the second path (.npz is appended when "
+                                 "missing) instead; an existing file is refused (default: off)")
     args = parser.parse_args(argv)
-    inputs = args.path[:1] if args.save_stats else args.path
-    for path in inputs:
-        if not os.path.exists(path):
-            parser.error(f"{path} does not exist")
-    if args.save_stats and os.path.exists(args.path[1]):
-        parser.error(f"{args.path[1]} exists already")
+    target = args.path[1] if args.path[1].endswith(".npz") else args.path[1] + ".npz"  # what np.savez writes
     try:
-        inception = load_fid_inception(args.weights, args.device)
+        check_numbers({"--batch-size": args.batch_size})
+        for path in args.path[:1] if args.save_stats else args.path:
+            if not os.path.exists(path):
+                raise ValueError(f"{path} does not exist")
+        if args.save_stats and os.path.exists(target):
+            raise ValueError(f"{target} exists already: choose another name or delete it")
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device} is no torch device (e.g. cpu, cuda, cuda:1)") from None
+        if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices; "
+                             f"pass --device cpu")
+        inception = load_fid_inception(args.weights, device)
         if args.save_stats:
             features, _ = inception_features(args.path[0], inception, resize=args.resize,
                                              batch_size=args.batch_size)
-            mu, sigma = feature_statistics(features)
-            np.savez_compressed(args.path[1], mu=mu, sigma=sigma)
-            print(f"saved the statistics of {len(features)} images to {args.path[1]}")
+            _save_npz(target, **dict(zip(("mu", "sigma"), feature_statistics(features))))
+            print(f"saved the statistics of {len(features)} images to {target}")
             return None
         value = fid(*args.path, resize=args.resize, batch_size=args.batch_size, inception=inception)
     except (FileNotFoundError, ValueError) as error:

@@ -1,0 +1,456 @@
+"""The GPU code paths: those torch can run on a CPU are tested here on every run (torch.compile with
+inductor, bf16 autocast, channels_last, the fused optimiser's skip, compile under DDP, the --gpu
+benchmark's dry run); the CUDA ones (names ending in `on_cuda`) skip only where CUDA is absent.
+
+tools/gpu_check.sh runs the CUDA tests on the device machine: python -m pytest test_gpu.py -k on_cuda
+"""
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import bench_wbflow
+import train_fire
+import train_flow
+import wbflow
+from conftest import run_logs
+from test_wbflow import (fire_args, pattern_image, weights_path,  # noqa: F401
+                         write_cifar_batches, write_pattern_folders)
+
+HERE = Path(__file__).resolve().parent
+# The smallest FlowUNet that still has every block kind a compile must handle (residual blocks, the
+# middle attention, skips): inductor's C++ kernels for it build in about a minute on 2 cores.
+TINY_UNET = dict(base_channels=8, channel_mults=(1,), num_res_blocks=1, head_channels=8, dropout=0.0)
+TINY_FLOW = ["--smoke", "--epochs", "1", "--set", "data.max_images=24", "--set", "training.batch_size=8",
+             "--set", "model.base_channels=8", "--set", "model.channel_mults=[1]", "--set", "model.head_channels=8",
+             "--set", "training.learning_rate=1.0e-3", "--set", "training.warmup_steps=0",
+             "--set", "training.log_interval=1", "--set", "sampling.num_images=4", "--set", "sampling.nfe=2",
+             "--set", "sampling.table_nfes=[1]"]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def counting_compile(graphs):
+    """torch.compile as the drivers call it, with inductor behind a backend that records each graph it
+    compiles: a run that never compiled leaves `graphs` empty."""
+    real_compile = torch.compile
+
+    def compile_and_count(model, **options):
+        def inductor(graph_module, example_inputs):
+            graphs.append(graph_module)
+            return torch._inductor.compile(graph_module, example_inputs)
+        return real_compile(model, backend=inductor, **options)
+    return compile_and_count
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches hold compiled frames per code object: start and end each compile test empty."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def flow_loss_at_fixed_noise(model, images, dtype=None):
+    """The rectified-flow loss of `model` on `images` with the same t and noise every call."""
+    with torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):
+        torch.manual_seed(1234)
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype or torch.float32,
+                                             enabled=dtype not in (None, torch.float32)):
+            return wbflow.rectified_flow_loss(model, images).item()
+
+
+def record_conv_outputs(model):
+    """(dtype, channels_last) of every Conv2d output in the model's forward passes, appended as they run."""
+    seen = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(lambda module, inputs, output: seen.append(
+                (output.dtype, output.is_contiguous(memory_format=torch.channels_last))))
+    return seen
+
+
+def pattern_tensors(per_class, size=32, seed=0):
+    """(images float (N, 3, size, size) in [0, 1], labels) of the five pattern classes, in memory."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label in range(5):
+        for _ in range(per_class):
+            pixels = np.asarray(pattern_image(label, rng, size), dtype=np.float32) / 255
+            images.append(torch.from_numpy(pixels).permute(2, 0, 1))
+            labels.append(label)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    return torch.stack(images)[order], torch.tensor(labels)[order]
+
+
+def small_resnet(num_classes=5):
+    """torchvision's ResNet (BasicBlock, BatchNorm, the stem, the pooled head) one block per stage."""
+    torch.manual_seed(0)
+    return torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1],
+                                            num_classes=num_classes)
+
+
+def assert_flow_unet_trains(device, dtype, *, amp=None, scaler=None):
+    """A tiny channels_last FlowUNet (train_flow's layout on CUDA) lowers its fixed-noise loss by over 15% in 5
+    epochs of train_epoch on `device`; its convolutions ran in `dtype` on channels_last activations (autocast
+    as train_epoch chose it for `amp`), and its weights stayed channels_last through the optimiser's steps."""
+    torch.manual_seed(0)
+    model = wbflow.FlowUNet(**TINY_UNET).to(device).to(memory_format=torch.channels_last)
+    held_out = next(iter(wbflow.DeviceImageLoader(wbflow.synthetic_images(64, size=16), 64, device=device,
+                                                  shuffle=False, flip=False)))
+    before = flow_loss_at_fixed_noise(model, held_out, dtype)
+    conv_outputs = record_conv_outputs(model)
+    loader = wbflow.DeviceImageLoader(wbflow.synthetic_images(64, size=16, seed=1), 16, device=device,
+                                      channels_last=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, fused=True)
+    for epoch in range(5):
+        loader.set_epoch(epoch)
+        wbflow.train_epoch(model, loader, optimizer, wbflow.rectified_flow_loss, grad_clip=1.0, amp=amp,
+                           scaler=scaler, epoch=epoch, progress=False)
+    assert set(conv_outputs) == {(dtype, True)}
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert flow_loss_at_fixed_noise(model, held_out, dtype) < 0.85 * before  # 0.68 on the CPU in bf16 and float32
+
+
+def assert_resnet_trains(device, dtype, *, amp=None, scaler=None):
+    """A small ResNet learns the pattern classes (its loss falls by over 30% in 4 epochs) from CPU batches,
+    pinned on CUDA as train_fire's loaders pin them; its convolutions ran in `dtype`."""
+    resnet = small_resnet().to(device)
+    conv_outputs = record_conv_outputs(resnet)
+    images, labels = pattern_tensors(per_class=16)
+    pin = (lambda tensor: tensor.pin_memory()) if device.type == "cuda" else (lambda tensor: tensor)
+    batches = [(pin(batch), pin(batch_labels)) for batch, batch_labels in zip(images.split(16), labels.split(16))]
+    optimizer = wbflow.build_optimizer("adam", resnet.parameters(), 1e-3, fused=True)
+    loss_fn = wbflow.classification_loss(nn.CrossEntropyLoss())
+    losses = [wbflow.train_epoch(resnet, batches, optimizer, loss_fn, device=device, grad_clip=1.0, amp=amp,
+                                 scaler=scaler, epoch=epoch, progress=False)["loss"] for epoch in range(4)]
+    assert {output_dtype for output_dtype, _ in conv_outputs} == {dtype}
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+# ============================================================================= on the CPU: every path torch runs there
+
+def test_compiled_smoke_run_trains_with_the_eager_runs_loss(offline_wandb, tmp_path, monkeypatch, fresh_dynamo):
+    train_flow.main(TINY_FLOW + ["--out-dir", str(tmp_path / "eager")])
+    graphs = []
+    monkeypatch.setattr(torch, "compile", counting_compile(graphs))
+    train_flow.main(TINY_FLOW + ["--out-dir", str(tmp_path / "compiled"), "--set", "training.compile=true"])
+    eager, compiled = run_logs(offline_wandb)
+    assert graphs, "training.compile=true trained without compiling"
+    assert compiled.exit_code == 0 and compiled.config["training"]["compile"] is True
+    assert [row["_step"] for row in compiled.rows_with("train/loss")] == [1, 2, 3]
+    assert compiled.values("train/loss") == pytest.approx(eager.values("train/loss"), rel=1e-4)
+    # the loss is mostly |x1 - x0|^2 while the zero-initialised output is small: the weights after three Adam
+    # steps say whether the compiled forward and backward computed the eager gradients
+    weights = {run: wbflow.load_checkpoint(tmp_path / run / "last.pt")["model"] for run in ("eager", "compiled")}
+    for name, tensor in weights["eager"].items():  # 2.3e-7 apart at most when measured
+        torch.testing.assert_close(weights["compiled"][name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_on_the_cpu_trains_flow_unet_and_resnet_with_decreasing_loss():
+    assert_flow_unet_trains(torch.device("cpu"), torch.bfloat16, amp=True)
+    assert_resnet_trains(torch.device("cpu"), torch.bfloat16, amp=True)
+
+
+def test_channels_last_flow_unet_trains():
+    assert_flow_unet_trains(torch.device("cpu"), torch.float32, amp=False)
+
+
+def test_fused_adam_skips_a_nan_step_of_the_flow_recipe_and_counts_it():
+    torch.manual_seed(0)
+    model = wbflow.FlowUNet(**TINY_UNET)
+    ema_model = wbflow.make_ema(model, decay=0.9)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 0.5, total_iters=3)
+    snapshots = []
+
+    def loss_with_a_nan_at_step_3(model, batch):
+        snapshots.append([p.detach().clone() for p in model.parameters()])
+        loss = wbflow.rectified_flow_loss(model, batch)
+        return loss * math.nan if len(snapshots) == 3 else loss
+
+    windows = []
+    stats = wbflow.train_epoch(model, wbflow.DeviceImageLoader(wbflow.synthetic_images(40, size=16), 8), optimizer,
+                               loss_with_a_nan_at_step_3, scheduler=scheduler, ema_model=ema_model, grad_clip=1.0,
+                               log_every=5, on_log=lambda step, window: windows.append(window), progress=False)
+    assert stats["skipped"] == 1 and stats["steps"] == 5 and math.isfinite(stats["loss"])
+    assert [(window["steps"], window["skipped"]) for window in windows] == [(5, 1)]
+    for before, after in zip(snapshots[2], snapshots[3]):  # the NaN step moved no weight
+        assert torch.equal(before, after)
+    assert any(not torch.equal(before, after) for before, after in zip(snapshots[1], snapshots[2]))
+    assert {int(optimizer.state[p]["step"]) for p in model.parameters()} == {4}  # Adam counted the 4 good steps
+    assert all(torch.isfinite(p).all() for p in ema_model.parameters())
+
+
+_COMPILED_RANK = """
+import os, sys
+sys.path.insert(0, {here!r})
+import torch
+import train_flow
+from test_gpu import counting_compile
+graphs = []
+torch.compile = counting_compile(graphs)
+try:
+    train_flow.main({argv!r})
+finally:
+    with open({marker!r} + os.environ["RANK"], "w") as file:
+        file.write(str(len(graphs)))
+"""
+
+
+def test_compiled_model_under_ddp_trains_on_two_gloo_processes(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+           "OMP_NUM_THREADS": "1"}
+    # global batch 16: each rank's batch of 8 is the in-process compile test's, so inductor reuses its kernels
+    argv = TINY_FLOW + ["--out-dir", str(tmp_path / "out"), "--set", "training.compile=true",
+                        "--set", "training.batch_size=16", "--set", "data.max_images=48"]
+    script = tmp_path / "compiled_rank.py"
+    script.write_text(_COMPILED_RANK.format(here=str(HERE), argv=argv, marker=str(tmp_path / "graphs_rank")))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [int((tmp_path / f"graphs_rank{rank}").read_text()) > 0 for rank in (0, 1)] == [True, True]
+    [log] = run_logs(tmp_path)
+    assert log.config["world_size"] == 2 and log.config["training"]["compile"] is True
+    assert [row["_step"] for row in log.rows_with("train/loss")] == [1, 2, 3]
+    assert all(math.isfinite(loss) for loss in log.values("train/loss"))
+
+
+def test_gpu_benchmark_dry_run_prints_every_row_of_the_table(weights_path, capsys, fresh_dynamo):
+    rows = bench_wbflow.bench_gpu(dry_run=True, weights_path=weights_path)
+    printed = capsys.readouterr().out
+    expected = [("flow training", "torchcfm train_cifar10.py step"), ("flow training", "float32 eager"),
+                ("flow training", "bf16 + channels_last eager"),
+                ("flow training", "bf16 + channels_last + torch.compile (aot_eager)"),
+                ("profile", "train_flow step, bf16 + channels_last eager"),
+                ("profile", "train_flow step, bf16 + channels_last compiled (aot_eager)"),
+                ("FID features", "wbflow.inception_features"),
+                ("FID features", "torch-fidelity 0.4.0 inception-v3-compat"),
+                *[("train_fire resnet18", f"{size} px: {what}") for size in (32, 40)
+                  for what in ("training", "loader alone", "loader alone", "GPU alone")],
+                ("sampling", "4 Euler-2 samples, bf16"), ("sampling", "4 Euler-2 samples, float32")]
+    assert len(rows) == len(expected)
+    for row, (section, measurement) in zip(rows, expected):
+        assert row["section"] == section and row["measurement"].startswith(measurement), row
+    for row in rows:
+        assert f"| {row['section']} | {row['measurement']} | {row['result']} | n/a |" in printed
+    assert "CPU (dry run: toy sizes)" in printed and "MFU against no known peak" in printed
+    assert "the busiest operators" in printed  # the profiles' tables
+    torchcfm_row, other_rows = rows[0], rows[1:]
+    if importlib.util.find_spec("torchcfm"):
+        assert re.fullmatch(r"[\d.,]+ images/s \([\d.]+ ms/step\)", torchcfm_row["result"])
+        assert all(row["reference"].endswith("x torchcfm") for row in rows[1:4])
+    else:
+        assert torchcfm_row["result"].startswith("not run: torchcfm is not installed")
+    assert all(float(re.match(r"[\d.,]+", row["result"]).group().replace(",", "")) > 0 for row in other_rows)
+    shares = re.findall(r"(\d+)%", rows[4]["settings"])
+    assert len(shares) == 3 and abs(sum(map(int, shares)) - 100) <= 2
+    difference = float(re.search(r"max feature difference ([\d.e+-]+)", rows[6]["settings"]).group(1))
+    assert difference < 1e-4
+
+
+# ============================================================================= on CUDA (skipped only where it is absent)
+
+@cuda
+def test_bf16_steps_train_flow_unet_and_resnet_on_cuda():
+    device = torch.device("cuda")
+    assert wbflow.autocast_dtype(device) == torch.bfloat16 and not wbflow.make_scaler(device).is_enabled()
+    assert_flow_unet_trains(device, torch.bfloat16)
+    assert_resnet_trains(device, torch.bfloat16)
+
+
+@cuda
+def test_fp16_steps_with_a_grad_scaler_train_flow_unet_and_resnet_on_cuda(monkeypatch):
+    device = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # a V100 or T4
+    assert wbflow.autocast_dtype(device) == torch.float16 and wbflow.make_scaler(device).is_enabled()
+    for check in (assert_flow_unet_trains, assert_resnet_trains):
+        scaler = wbflow.make_scaler(device)
+        check(device, torch.float16, scaler=scaler)
+        assert 0 < scaler.get_scale() < math.inf
+
+
+@cuda
+def test_an_inf_in_fp16_lowers_the_loss_scale_and_skips_the_step_on_cuda(monkeypatch):
+    device = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    torch.manual_seed(0)
+    model = wbflow.FlowUNet(**TINY_UNET).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cuda", init_scale=1024.0, growth_interval=1_000_000)  # no growth in the test
+    snapshots = []
+
+    def loss_with_an_inf_at_step_3(model, batch):
+        snapshots.append([p.detach().clone() for p in model.parameters()])
+        loss = wbflow.rectified_flow_loss(model, batch)
+        return loss * math.inf if len(snapshots) == 3 else loss
+
+    loader = wbflow.DeviceImageLoader(wbflow.synthetic_images(40, size=16), 8, device=device, channels_last=True)
+    stats = wbflow.train_epoch(model, loader, optimizer, loss_with_an_inf_at_step_3, grad_clip=1.0, scaler=scaler,
+                               progress=False)
+    assert stats["skipped"] == 1 and stats["steps"] == 5
+    assert scaler.get_scale() == 512.0  # halved once, for the one inf
+    assert all(torch.equal(before, after) for before, after in zip(snapshots[2], snapshots[3]))
+    assert {int(optimizer.state[p]["step"]) for p in model.parameters()} == {4}
+
+
+def strict_between_log_points(batches, log_every):
+    """Yield `batches` with CUDA's sync debug mode at "error" for every step that does not end at a log point,
+    so any host sync there raises; the steps that end at a log point may read the device."""
+    try:
+        for index, batch in enumerate(batches, start=1):
+            torch.cuda.set_sync_debug_mode("error" if index % log_every else "default")
+            yield batch
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_train_epoch_makes_no_host_sync_between_log_points_on_cuda():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = wbflow.FlowUNet(**TINY_UNET).to(device).to(memory_format=torch.channels_last)
+    ema_model = wbflow.make_ema(model, decay=0.999)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 0.1, total_iters=100)
+    loader = wbflow.DeviceImageLoader(wbflow.synthetic_images(96, size=16), 8, device=device, channels_last=True)
+    resnet = small_resnet().to(device)
+    resnet_optimizer = wbflow.build_optimizer("adamw", resnet.parameters(), 1e-3, fused=True)
+    resnet_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(resnet_optimizer, T_max=100)
+    images, labels = pattern_tensors(per_class=20)
+    batches = [(batch.pin_memory(), batch_labels.pin_memory()) for batch, batch_labels in
+               zip(images[:96].split(8), labels[:96].split(8))]  # 12 steps an epoch, as the flow case
+    cases = [(model, loader, optimizer, wbflow.rectified_flow_loss, scheduler, ema_model),
+             (resnet, batches, resnet_optimizer, wbflow.classification_loss(nn.CrossEntropyLoss()), resnet_scheduler,
+              None)]
+    for train_model, train_batches, train_optimizer, loss_fn, train_scheduler, ema in cases:
+        windows = []
+
+        def run(epoch, batches):
+            return wbflow.train_epoch(train_model, batches, train_optimizer, loss_fn, device=device,
+                                      scheduler=train_scheduler, ema_model=ema, grad_clip=1.0, step=12 * epoch,
+                                      epoch=epoch, log_every=4, on_log=lambda step, w: windows.append(step),
+                                      progress=False)
+        run(0, train_batches)  # warm-up: cuDNN, cuBLAS and the optimiser's state start here
+        stats = run(1, strict_between_log_points(train_batches, log_every=4))
+        assert stats["steps"] == 12 and stats["skipped"] == 0
+        assert windows[-3:] == [16, 20, 24]
+
+
+@cuda
+def test_channels_last_bf16_matches_float32_contiguous_on_cuda():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = wbflow.FlowUNet(dropout=0.0).to(device)  # the recipe's 35.7M UNet
+    for module in model.modules():  # its zero-initialised output layers would make every output 0
+        if isinstance(module, nn.Conv2d) and not module.weight.any():
+            module.reset_parameters()
+    images = wbflow.synthetic_images(8).to(device).float() / 127.5 - 1
+    t = torch.rand(8, device=device)
+
+    def output_and_gradient(model, images, dtype):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            output = model(images, t).float()
+        output.square().mean().backward()
+        return output, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            expected_output, expected_gradient = output_and_gradient(model, images, None)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    model = model.to(memory_format=torch.channels_last)
+    output, gradient = output_and_gradient(model, images.contiguous(memory_format=torch.channels_last),
+                                           torch.bfloat16)
+    # bf16 keeps 8 significant bits; through this depth the CPU's bf16 autocast lands at 1.9e-2 and 1.7e-2
+    assert (output - expected_output).norm() / expected_output.norm() < 5e-2
+    assert (gradient - expected_gradient).norm() / expected_gradient.norm() < 5e-2
+
+
+@cuda
+def test_inception_features_on_cuda_match_the_cpus_within_1e_4(weights_path):
+    images_uint8 = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    cpu_features, cpu_logits = wbflow.inception_features(images_uint8, wbflow.load_fid_inception(weights_path))
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # inception_features turns them off
+    try:
+        features, logits = wbflow.inception_features(images_uint8.cuda(), wbflow.load_fid_inception(weights_path, "cuda"))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    assert features.device.type == "cpu" and (features - cpu_features).abs().max() < 1e-4
+    assert (logits - cpu_logits).abs().max() < 1e-4
+
+
+def flow_flags_on_cuda(data_dir, out_dir):
+    """--smoke's settings without --smoke, which keeps a run on the CPU: the same small run, on the GPU."""
+    smoke_settings = [flag for override in train_flow.SMOKE_OVERRIDES for flag in ("--set", override)]
+    return smoke_settings + ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--epochs", "2"]
+
+
+def run_train_flow_on_cuda(tmp_path, *extra):
+    """train_flow.main with the smoke settings on CUDA (256 images, batch 32, 2 epochs: 16 steps); its result."""
+    write_cifar_batches(tmp_path / "data", per_batch=64)
+    return train_flow.main(flow_flags_on_cuda(tmp_path / "data", tmp_path / "out") + list(extra))
+
+
+def assert_flow_run_on_cuda_trained(wandb_dir, out_dir, result, printed):
+    assert "parameters, 1 x cuda" in printed and result["step"] == 16
+    [log] = run_logs(wandb_dir)
+    assert log.exit_code == 0 and [row["_step"] for row in log.rows_with("train/loss")] == list(range(2, 17, 2))
+    assert all(math.isfinite(loss) for loss in log.values("train/loss")) and log.rows_with("eval/generated_samples")
+    state = wbflow.load_checkpoint(out_dir / "last.pt")
+    assert state["global_step"] == 16
+    weight = state["model"]["input_conv.weight"]  # saved with its strides: the model trained channels_last
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
+@cuda
+def test_train_flow_smoke_settings_run_end_to_end_on_cuda(offline_wandb, tmp_path, capsys):
+    result = run_train_flow_on_cuda(tmp_path)
+    assert_flow_run_on_cuda_trained(offline_wandb, tmp_path / "out", result, capsys.readouterr().out)
+
+
+@cuda
+def test_train_fire_runs_end_to_end_on_cuda_with_bf16_and_loader_workers(offline_wandb, tmp_path):
+    data = write_pattern_folders(tmp_path / "data", per_class=20)
+    best_acc = train_fire.main(fire_args(data, tmp_path / "out", "--epochs", "3", "--num-workers", "2"))
+    [log] = run_logs(offline_wandb)
+    assert log.exit_code == 0 and log.config["device"] == "cuda" and log.config["amp"] == "bfloat16"
+    epoch_losses = log.values("epoch/train_loss")
+    assert len(epoch_losses) == 3 and epoch_losses[-1] < epoch_losses[0] and best_acc > 20.0
+    assert (tmp_path / "out" / "best_model.pth").is_file()
+
+
+@cuda
+def test_torchrun_one_nccl_process_trains_flow_on_cuda(tmp_path):
+    write_cifar_batches(tmp_path / "data", per_batch=64)
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               str(HERE / "train_flow.py"), *flow_flags_on_cuda(tmp_path / "data", tmp_path / "out")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 x cuda:0" in result.stdout  # joined the process group (nccl) on its local GPU
+    [log] = run_logs(tmp_path)
+    assert log.exit_code == 0 and log.config["world_size"] == 1
+    assert [row["_step"] for row in log.rows_with("train/loss")] == list(range(2, 17, 2))
+
+
+@cuda
+def test_train_flow_with_compile_runs_end_to_end_on_cuda(offline_wandb, tmp_path, monkeypatch, capsys, fresh_dynamo):
+    graphs = []
+    monkeypatch.setattr(torch, "compile", counting_compile(graphs))
+    result = run_train_flow_on_cuda(tmp_path, "--set", "training.compile=true")
+    assert graphs, "training.compile=true trained without compiling"
+    assert_flow_run_on_cuda_trained(offline_wandb, tmp_path / "out", result, capsys.readouterr().out)
