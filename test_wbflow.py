@@ -480,39 +480,6 @@ def test_save_best_records_summary_and_uploads_best_and_latest(offline_wandb, tm
 FEATURE_TOLERANCE = 1e-4
 
 
-def _calibrated_fid_inception():
-    # Random weights alone make every image look alike; BatchNorm statistics measured on images
-    # (with a positive shift so the ReLUs stay mostly open) give features that differ per image.
-    torch.manual_seed(0)
-    model = wbflow.FIDInceptionV3().requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-            module.bias.fill_(1.0)
-    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    with torch.no_grad():
-        model.train()(wbflow._preprocess(images, "tensorflow"))
-    return model.eval()
-
-
-@pytest.fixture(scope="session")
-def weights_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / wbflow.FID_WEIGHTS_FILE
-    torch.save(_calibrated_fid_inception().state_dict(), path)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def inception(weights_path):
-    return wbflow.load_fid_inception(weights_path)
-
-
-@pytest.fixture(scope="session")
-def images_uint8():
-    return torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(1))
-
-
 @pytest.fixture(scope="session")
 def tensorflow_outputs(inception, images_uint8):
     return wbflow.inception_features(images_uint8, inception, resize="tensorflow")

@@ -1,35 +1,31 @@
 """wbflow: a minimal PyTorch + Weights & Biases training kit of plain, copyable functions.
 
 Sections, in data-flow order:
-  device & data     to_device, is_main_process, setup_distributed,
+  device & data     to_device, rank_and_world_size, setup_distributed,
                     CIFAR10_URL, load_cifar10, synthetic_images, DeviceImageLoader (CIFAR-10 on the device),
                     find_image_samples, stratified_split, drop_unreadable_images, ImageSamples,
                     image_transforms, classifier_loaders, check_same_on_every_rank (image folders / CSV)
   models            FlowUNet, CLASSIFIER_NAMES, build_classifier, build_optimizer
   losses            classification_loss, focal_loss, class_balanced_weights, rectified_flow_loss
-  training          autocast_dtype, make_scaler, make_ema, train_epoch, validate, stop_on_signals,
-                    capture_rng_state, restore_rng_state, gather_from_ranks, predict_dataset
+  training          autocast_dtype, make_scaler, make_ema, train_step, RunningSums, train_epoch, validate,
+                    stop_on_signals, exit_stopped, capture_rng_state, restore_rng_state, gather_from_ranks,
+                    predict_dataset
   sampling          euler_sample, rk45_sample, compare_solvers
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, save_statistics,
                     inception_score, per_class_precision_recall
   images & W&B      wandb_run, flush_run, watch_model, log_model_graph, log_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
-  checkpoints       save_checkpoint, load_checkpoint, prepare_out_dir,
+  checkpoints       write_atomically, save_checkpoint, load_checkpoint, prepare_out_dir,
                     rotate_checkpoints, save_best, check_checkpoint, resume_command, fetch_checkpoint
   config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, exit_on_error
   command line      python wbflow.py fid DIR_OR_NPZ DIR_OR_NPZ [--resize pytorch-fid] (pytorch-fid's CLI)
 
-The copy rule: every public definition takes what it needs as arguments and imports wandb, scipy,
-PIL, yaml and torchviz lazily, so its source pasted under this module's import block runs with no
-other definition of wbflow. The exceptions end their docstrings with a `Copy with:` line naming
-exactly the definitions to paste along: FlowUNet (its blocks), compare_solvers (the two integrators),
-fid_weights_path (the hub download helper), find_image_samples, drop_unreadable_images and ImageSamples
-(the pixel-limit lift), classifier_loaders (its worker init), and what runs the Inception on images: FIDInceptionV3,
-load_fid_inception, inception_features, fid, kid, inception_score, save_statistics (fid, kid and
-inception_score given features or logits run alone).
-test_copy.py checks this for every public definition, and each section's tests call its functions
-pasted that way.
+The copy rule: a public definition calls the module's helpers it needs, and its docstring's
+`Copy with:` line names exactly what to paste along with it: every definition its code reaches (no
+line: it pastes alone). Pasted under this module's import block with those, it runs; wandb, scipy,
+PIL, yaml and torchviz are imported inside the functions that use them. test_copy.py checks every
+line against the code and calls every public definition, pasted so, on a tiny real input.
 """
 
 import argparse
@@ -80,12 +76,14 @@ def to_device(batch, device):
     return batch
 
 
-def is_main_process():
-    """True on rank 0 of a torch.distributed group, and always when not distributed.
+def rank_and_world_size():
+    """(rank, world size) of this process in its torch.distributed group; (0, 1) when not distributed.
 
-    Usage: if is_main_process(): print("only once")
+    Usage: rank, world_size = rank_and_world_size(); if rank == 0: print("only once")
     """
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def setup_distributed():
@@ -874,10 +872,6 @@ def make_ema(model, decay=0.9999):
     return ema_model
 
 
-def _distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
 def _forward(model, batch, loss_fn, amp_dtype, device=None):
     # the forward train_step and validate share: the batch to `device` (the model's by default), loss_fn
     # under autocast -> (loss, n_correct or None, n_samples)
@@ -953,7 +947,7 @@ class RunningSums:
     sums, gathered; tensors and plain numbers) and load_state_dict(state, rank) carry an unfinished
     epoch into a resumed run.
     Usage: sums = RunningSums(device); sums.add(train_step(...)); if step % 100 == 0: print(sums.close_window())
-    Copy with: _distributed
+    Copy with: rank_and_world_size
     """
 
     def __init__(self, device):
@@ -978,7 +972,7 @@ class RunningSums:
 
     def means(self):
         totals = self.totals.clone()
-        if _distributed():
+        if rank_and_world_size()[1] > 1:
             dist.all_reduce(totals)
         return self._means(totals.tolist())
 
@@ -991,8 +985,9 @@ class RunningSums:
 
     def state_dict(self):
         sums = torch.stack([self.totals, torch.tensor(self.logged, dtype=torch.float64, device=self.totals.device)])
-        if _distributed():  # every rank's sums: each resumes its own
-            every_rank = [torch.zeros_like(sums) for _ in range(dist.get_world_size())]
+        world_size = rank_and_world_size()[1]
+        if world_size > 1:  # every rank's sums: each resumes its own
+            every_rank = [torch.zeros_like(sums) for _ in range(world_size)]
             dist.all_gather(every_rank, sums)
             sums = torch.stack(every_rank)
         else:
@@ -1033,15 +1028,16 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
     None when the epoch ran to its end. Under torch.distributed the returned means and counts are over
     all ranks; each rank's on_log sees its own windows.
     Usage: stats = train_epoch(model, loader, opt, loss_fn, step=step, on_log=lambda s, w: print(s, w))
-    Copy with: train_step, RunningSums, autocast_dtype, _forward, to_device, _distributed
+    Copy with: train_step, RunningSums, autocast_dtype, _forward, to_device, rank_and_world_size
     """
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    amp_dtype, distributed = autocast_dtype(device, amp), _distributed()
+    (rank, world_size), amp_dtype = rank_and_world_size(), autocast_dtype(device, amp)
+    distributed = world_size > 1
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sums, start_step = RunningSums(device), step
     if resume is not None:
-        sums.load_state_dict(resume, dist.get_rank() if distributed else 0)
+        sums.load_state_dict(resume, rank)
 
     def stop_requested():
         return stop is not None and (stop.is_set() if hasattr(stop, "is_set") else bool(stop()))
@@ -1087,7 +1083,7 @@ def validate(model, loader, loss_fn, *, device=None, amp=None, progress=False):
     when loss_fn gives no counts). Under torch.distributed the sums are all-reduced, so every rank
     returns the metrics of the whole (sharded) validation set. The model's train/eval mode is restored.
     Usage: metrics = validate(model, val_loader, classification_loss(nn.CrossEntropyLoss()))
-    Copy with: autocast_dtype, _forward, to_device, _distributed
+    Copy with: autocast_dtype, _forward, to_device, rank_and_world_size
     """
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -1102,7 +1098,7 @@ def validate(model, loader, loss_fn, *, device=None, amp=None, progress=False):
             totals += torch.stack([loss.double() * n_samples, zero + (0 if n_correct is None else n_correct),
                                    zero + n_samples])
     model.train(was_training)
-    if _distributed():
+    if rank_and_world_size()[1] > 1:
         dist.all_reduce(totals)
     loss_sum, n_correct, n_samples = totals.tolist()
     return {"loss": loss_sum / n_samples if n_samples else math.nan,
@@ -1136,6 +1132,20 @@ def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def exit_stopped(stop, state, path, *, script, argv, where=""):
+    """End a run that `stop` (stop_on_signals) has stopped: rank 0 saves `state` to `path` and prints
+    the command that continues from it (resume_command); every rank exits with 128 + the signal's
+    number, as a shell reports a process ended by that signal (143 for SIGTERM, 130 for Ctrl-C).
+    Usage: if stats["stopped"]: exit_stopped(stop, state, "runs/flow/last.pt", script=__file__, argv=sys.argv[1:])
+    Copy with: save_checkpoint, write_atomically, resume_command, rank_and_world_size
+    """
+    rank, world_size = rank_and_world_size()
+    if rank == 0:
+        save_checkpoint(state, path)
+        print(f"stopped{where}; continue with:\n  {resume_command(script, argv, path, world_size)}", flush=True)
+    raise SystemExit(128 + (stop.signal or signal.SIGTERM))
 
 
 def capture_rng_state():
@@ -1177,10 +1187,12 @@ def gather_from_ranks(value):
     [value] when not distributed; every rank must call it.
 
     Usage: state["rng"] = gather_from_ranks(capture_rng_state()); ...; restore_rng_state(state["rng"][rank])
+    Copy with: rank_and_world_size
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    world_size = rank_and_world_size()[1]
+    if world_size == 1:
         return [value]
-    values = [None] * dist.get_world_size()
+    values = [None] * world_size
     dist.all_gather_object(values, value)
     return values
 
@@ -1773,7 +1785,7 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
     Copy with: file_sha256, feature_statistics, inception_features, _preprocess, _resize_like_tensorflow,
       _image_batches, _folder_batches, _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA,
       _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path,
-      _hub_cached_file, load_checkpoint, _save_npz
+      _hub_cached_file, load_checkpoint, _save_npz, write_atomically
     """
     weights_path = fid_weights_path(weights_path)
     weights_hash = file_sha256(weights_path)
@@ -1794,21 +1806,7 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
 
 
 def _save_npz(path, **arrays):
-    # np.savez atomically: a temporary file in the same folder, renamed over `path`, so a crash never
-    # leaves a truncated file that a later run would take for a result
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, partial_path = tempfile.mkstemp(prefix=".statistics.", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as partial_file:
-            np.savez(partial_file, **arrays)
-            partial_file.flush()
-            os.fsync(partial_file.fileno())
-        os.replace(partial_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(partial_path)
-        raise
+    return write_atomically(path, lambda file: np.savez(file, **arrays))
 
 
 def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, device="cpu",
@@ -2146,15 +2144,13 @@ def log_classification_report(run, probs, labels, class_names, *, images=None, t
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(state, path):
-    """torch.save `state` to `path` atomically: written to a temporary file `.NAME.*.tmp` in the same
-    folder, flushed to disk, then renamed over `path`, so a crash never leaves a truncated checkpoint
-    and a failed save (a full disk) leaves the previous file as it was. The file gets the permissions
-    of the user's umask, like any file Python opens.
-
-    Raises OSError naming the path when the write fails; a full disk (also when torch's zip writer turns
-    it into a RuntimeError) is one OSError(ENOSPC) line, "no space left ...".
-    Usage: save_checkpoint({"model": model.state_dict(), "step": step}, "checkpoints/last.pt")
+def write_atomically(path, write):
+    """Create `path` through write(file) on a temporary `.NAME.*.tmp` file beside it (binary), flushed
+    to disk and then renamed over `path`: a crash never leaves a truncated file, and a failed write
+    leaves the previous file as it was. The file gets the permissions of the user's umask, like any
+    file Python opens. A full disk is one OSError(ENOSPC), "no space left ..." (also when torch's zip
+    writer turns it into a RuntimeError of its own). Returns `path` as a Path.
+    Usage: write_atomically("runs/fire/submission.txt", lambda file: file.write("a.jpg\t无风险\n".encode()))
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -2162,19 +2158,27 @@ def save_checkpoint(state, path):
     try:
         # os.open applies the umask to 0o666 (tempfile.mkstemp would leave the file 0600)
         with os.fdopen(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as temp_file:
-            torch.save(state, temp_file)
+            write(temp_file)
             temp_file.flush()
             os.fsync(temp_file.fileno())
         os.replace(temp_path, path)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp_path)
-        # torch's zip writer raises a RuntimeError of its own on top of the OSError of a full disk
         if any(isinstance(each, OSError) and each.errno == errno.ENOSPC for each in (error, error.__context__)):
             raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
                                         f"the previous file there is unchanged") from None
         raise
     return path
+
+
+def save_checkpoint(state, path):
+    """torch.save `state` to `path` atomically (write_atomically): a crash or a full disk never leaves
+    a truncated checkpoint, and the previous file stays as it was until the new one is complete.
+    Usage: save_checkpoint({"model": model.state_dict(), "step": step}, "checkpoints/last.pt")
+    Copy with: write_atomically
+    """
+    return write_atomically(path, lambda file: torch.save(state, file))
 
 
 def load_checkpoint(path, map_location="cpu"):
