@@ -125,7 +125,7 @@ def bench_frechet_distance():
 
 def _calibrated_weights_file(directory):
     """The tests' calibrated random FID-Inception, saved as a weights file (the real one needs the network)."""
-    from test_wbflow import _calibrated_fid_inception
+    from conftest import _calibrated_fid_inception
     path = os.path.join(directory, wbflow.FID_WEIGHTS_FILE)
     torch.save(_calibrated_fid_inception().state_dict(), path)
     return path

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import wbflow
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """One intra-op thread: these tiny models gain little from two, and lose much when the cores are shared."""
@@ -150,3 +152,38 @@ def paste_alone(*names, module_path=Path(__file__).resolve().parent / "wbflow.py
     namespace = {"__name__": "pasted"}
     exec(compile(import_block + "\n\n" + "\n\n".join(sources), "<pasted>", "exec"), namespace)
     return namespace
+
+
+# ----------------------------------------------------------------------------- FID Inception weights
+
+def _calibrated_fid_inception():
+    # Random weights alone make every image look alike; BatchNorm statistics measured on images
+    # (with a positive shift so the ReLUs stay mostly open) give features that differ per image.
+    torch.manual_seed(0)
+    model = wbflow.FIDInceptionV3().requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+            module.bias.fill_(1.0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        model.train()(wbflow._preprocess(images, "tensorflow"))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def weights_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / wbflow.FID_WEIGHTS_FILE
+    torch.save(_calibrated_fid_inception().state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def inception(weights_path):
+    return wbflow.load_fid_inception(weights_path)
+
+
+@pytest.fixture(scope="session")
+def images_uint8():
+    return torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(1))

@@ -1,20 +1,50 @@
-"""The copy rule, checked over the whole module: every public definition of wbflow.py, pasted under
-the module's import block together with the definitions its docstring's `Copy with:` line names,
-refers to nothing else of wbflow. Each section's test file also runs its functions pasted alone."""
+"""The copy rule: every public definition of wbflow.py, pasted under the module's import block with
+exactly the definitions its docstring's `Copy with:` line names, runs on a tiny real input.
+
+CALLS holds one call per public definition, grouped by the module's sections; each gets the pasted
+definition (not wbflow's) and checks what it returns."""
 import ast
+import math
 import re
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import torch.nn as nn
 
+import wbflow
 from conftest import paste_alone
 
 SOURCE = (Path(__file__).resolve().parent / "wbflow.py").read_text()
 TREE = ast.parse(SOURCE)
 DEFINITIONS = {node.name: node for node in TREE.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-MODULE_NAMES = set(DEFINITIONS) | {target.id for node in TREE.body if isinstance(node, ast.Assign)
-                                   for target in node.targets if isinstance(target, ast.Name)}
+CONSTANTS = {target.id for node in TREE.body if isinstance(node, ast.Assign)
+             for target in node.targets if isinstance(target, ast.Name)}
 PUBLIC = sorted(name for name in DEFINITIONS if not name.startswith("_"))
+SECTION_LINES = [(number, line.rsplit("-", 1)[-1].strip()) for number, line in enumerate(SOURCE.splitlines(), 1)
+                 if line.startswith("# ---")]
+
+
+def section(name):
+    return [title for number, title in SECTION_LINES if number < DEFINITIONS[name].lineno][-1]
+
+
+def uses(name):
+    """The module's definitions and constants that `name`'s source refers to."""
+    node = DEFINITIONS.get(name)
+    return set() if node is None else {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} & (
+        set(DEFINITIONS) | CONSTANTS) - {name}
+
+
+def closure(name):
+    needed, todo = set(), [name]
+    while todo:
+        for used in uses(todo.pop()) - needed:
+            needed.add(used)
+            todo.append(used)
+    return needed - {name}
 
 
 def copy_with(name):
@@ -23,24 +53,576 @@ def copy_with(name):
     return set(re.findall(r"\w+", doc.split("Copy with:", 1)[1])) if "Copy with:" in doc else set()
 
 
-def module_names_used(name):
-    return {node.id for node in ast.walk(DEFINITIONS[name]) if isinstance(node, ast.Name)} & MODULE_NAMES - {name}
+def pasted(name):
+    """`name` as a user gets it: its source and its Copy with: names under the import block, nothing else."""
+    return paste_alone(name, *sorted(copy_with(name)))[name]
 
 
 def test_the_module_has_the_public_functions_the_brief_names():
-    assert {"train_epoch", "validate", "euler_sample", "fid", "log_artifact", "save_best", "frechet_distance",
-            "wandb_run", "save_checkpoint", "load_checkpoint", "inception_score", "FlowUNet"} <= set(PUBLIC)
+    assert {"train_epoch", "train_step", "validate", "euler_sample", "fid", "log_artifact", "save_best",
+            "frechet_distance", "wandb_run", "save_checkpoint", "load_checkpoint", "inception_score",
+            "FlowUNet"} <= set(PUBLIC)
 
 
 @pytest.mark.parametrize("name", PUBLIC)
-def test_a_public_definition_needs_only_what_its_copy_with_line_names(name):
-    pasted = {name} | copy_with(name)
-    assert pasted <= set(DEFINITIONS) | MODULE_NAMES, f"Copy with: names what wbflow does not define"
-    missing = set().union(*(module_names_used(each) for each in pasted)) - pasted
-    assert not missing, f"{name} pasted with {sorted(pasted - {name})} still needs {sorted(missing)}"
+def test_copy_with_names_exactly_the_definitions_a_public_one_needs(name):
+    assert copy_with(name) == closure(name), f"{name}'s Copy with: line should name {sorted(closure(name))}"
+
+
+# ----------------------------------------------------------------------------- one call per public definition
+
+CALLS = {}
+
+
+def call(name):
+    def register(check):
+        CALLS[name] = check
+        return check
+    return register
 
 
 @pytest.mark.parametrize("name", PUBLIC)
-def test_a_public_definition_pastes_under_the_import_block(name):
-    namespace = paste_alone(name, *sorted(copy_with(name) & set(DEFINITIONS)))
-    assert callable(namespace[name])
+def test_a_public_definition_pasted_with_its_copy_with_names_runs_on_a_real_input(name, tmp_path, request):
+    assert name in CALLS, f"test_copy.py has no call for {name}"
+    CALLS[name](pasted(name), tmp_path, request.getfixturevalue)
+
+
+def tiny_classifier():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+
+
+def tiny_batches(count=4):
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(4, 3, 2, 2, generator=generator), torch.randint(0, 3, (4,), generator=generator))
+            for _ in range(count)]
+
+
+class ConstantVelocity(nn.Module):
+    def forward(self, x, t):
+        return torch.ones_like(x)
+
+
+def tiny_flow_model():
+    return wbflow.FlowUNet(base_channels=8, channel_mults=(1,), num_res_blocks=1, head_channels=8, dropout=0.0)
+
+
+# ----------------------------------------------------------------------------- device & data
+
+@call("to_device")
+def _(to_device, tmp_path, fixture):
+    moved = to_device({"x": [torch.ones(1)], "n": 3}, "cpu")
+    assert moved["n"] == 3 and torch.equal(moved["x"][0], torch.ones(1))
+
+
+@call("rank_and_world_size")
+def _(rank_and_world_size, tmp_path, fixture):
+    assert rank_and_world_size() == (0, 1)
+
+
+@call("setup_distributed")
+def _(setup_distributed, tmp_path, fixture):
+    assert setup_distributed()[:2] == (0, 1)
+
+
+@call("load_cifar10")
+def _(load_cifar10, tmp_path, fixture):
+    from test_wbflow import write_cifar_batches
+    write_cifar_batches(tmp_path, per_batch=4)
+    images, labels = load_cifar10(tmp_path, download=False)
+    assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8 and len(labels) == 20
+
+
+@call("synthetic_images")
+def _(synthetic_images, tmp_path, fixture):
+    images = synthetic_images(2, size=8)
+    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8 and torch.equal(images, synthetic_images(2, size=8))
+
+
+@call("DeviceImageLoader")
+def _(DeviceImageLoader, tmp_path, fixture):
+    loader = DeviceImageLoader(torch.full((8, 3, 4, 4), 255, dtype=torch.uint8), 4)
+    batches = list(loader)
+    assert len(batches) == 2 and all(torch.equal(batch, torch.ones(4, 3, 4, 4)) for batch in batches)
+
+
+def image_folders(tmp_path):
+    from test_wbflow import write_pattern_folders
+    data = write_pattern_folders(tmp_path / "data", per_class=3, classes=["a", "b"])
+    return data, [(str(path), index % 2) for index, path in enumerate(sorted(data.rglob("*.png"))[:2])]
+
+
+@call("find_image_samples")
+def _(find_image_samples, tmp_path, fixture):
+    train_samples, val_samples, class_names = find_image_samples(image_folders(tmp_path)[0], val_split=0.34)
+    assert class_names == ["a", "b"] and len(train_samples) == 4 and len(val_samples) == 2
+
+
+@call("stratified_split")
+def _(stratified_split, tmp_path, fixture):
+    train_index, val_index = stratified_split([0, 0, 1, 1], 0.5)
+    assert sorted(train_index + val_index) == [0, 1, 2, 3] and len(val_index) == 2
+
+
+@call("drop_unreadable_images")
+def _(drop_unreadable_images, tmp_path, fixture):
+    samples = image_folders(tmp_path)[1]
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        assert drop_unreadable_images(samples + [(str(tmp_path / "broken.png"), 0)]) == samples
+
+
+@call("ImageSamples")
+def _(ImageSamples, tmp_path, fixture):
+    samples = image_folders(tmp_path)[1]
+    image, label = ImageSamples(samples)[1]
+    assert label == samples[1][1] and image.mode == "RGB"
+
+
+@call("image_transforms")
+def _(image_transforms, tmp_path, fixture):
+    from PIL import Image
+    assert image_transforms(8, train=False)(Image.new("RGB", (20, 10))).shape == (3, 8, 8)
+
+
+@call("classifier_loaders")
+def _(classifier_loaders, tmp_path, fixture):
+    train_loader, val_loader = classifier_loaders(list(range(4)), list(range(3)), 2)
+    assert len(train_loader) == 2 and sum(len(batch) for batch in val_loader) == 3
+
+
+@call("check_same_on_every_rank")
+def _(check_same_on_every_rank, tmp_path, fixture):
+    assert check_same_on_every_rank({"images": 3}) is None  # one process: nothing to compare
+
+
+# ----------------------------------------------------------------------------- models
+
+@call("FlowUNet")
+def _(FlowUNet, tmp_path, fixture):
+    model = FlowUNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, head_channels=8, image_size=8,
+                     attention_resolutions=(4,))
+    assert model(torch.randn(2, 3, 8, 8), torch.rand(2)).shape == (2, 3, 8, 8)
+
+
+@call("build_classifier")
+def _(build_classifier, tmp_path, fixture):
+    assert build_classifier("resnet18", 5).fc.out_features == 5
+
+
+@call("build_optimizer")
+def _(build_optimizer, tmp_path, fixture):
+    optimizer = build_optimizer("sgd", nn.Linear(2, 1).parameters(), 0.1)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
+
+
+# ----------------------------------------------------------------------------- losses
+
+@call("classification_loss")
+def _(classification_loss, tmp_path, fixture):
+    loss, n_correct, n_samples = classification_loss(nn.CrossEntropyLoss())(tiny_classifier(), tiny_batches(1)[0])
+    assert loss.ndim == 0 and 0 <= int(n_correct) <= 4 and n_samples == 4
+
+
+@call("rectified_flow_loss")
+def _(rectified_flow_loss, tmp_path, fixture):
+    assert rectified_flow_loss(ConstantVelocity(), torch.randn(4, 2)) > 0
+
+
+@call("focal_loss")
+def _(focal_loss, tmp_path, fixture):
+    logits, targets = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    torch.testing.assert_close(focal_loss(logits, targets, gamma=0.0), nn.functional.cross_entropy(logits, targets))
+
+
+@call("class_balanced_weights")
+def _(class_balanced_weights, tmp_path, fixture):
+    torch.testing.assert_close(class_balanced_weights([0, 0, 0, 1], 2), torch.tensor([2 / 3, 2.0]))
+
+
+# ----------------------------------------------------------------------------- training
+
+@call("autocast_dtype")
+def _(autocast_dtype, tmp_path, fixture):
+    assert autocast_dtype("cpu") is None and autocast_dtype("cpu", amp=True) == torch.bfloat16
+
+
+@call("make_scaler")
+def _(make_scaler, tmp_path, fixture):
+    assert not make_scaler("cpu").is_enabled()
+
+
+@call("make_ema")
+def _(make_ema, tmp_path, fixture):
+    model = nn.Linear(2, 1)
+    ema_model = make_ema(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    expected = (ema_model.module.weight + model.weight) / 2
+    ema_model.update_parameters(model)
+    torch.testing.assert_close(ema_model.module.weight, expected)
+
+
+@call("train_step")
+def _(train_step, tmp_path, fixture):
+    model = tiny_classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model[1].weight.detach().clone()
+    result = train_step(model, tiny_batches(1)[0], optimizer, wbflow.classification_loss(nn.CrossEntropyLoss()),
+                        grad_clip=1.0)
+    assert bool(result["finite"]) and result["n_samples"] == 4 and not torch.equal(before, model[1].weight)
+
+
+@call("RunningSums")
+def _(RunningSums, tmp_path, fixture):
+    sums = RunningSums("cpu")
+    for loss in (1.0, 3.0):
+        sums.add({"loss": torch.tensor(loss), "grad_norm": torch.tensor(2.0), "finite": torch.tensor(True),
+                  "n_correct": None, "n_samples": 4, "learning_rate": 0.1})
+    assert sums.close_window()["loss"] == 2.0
+    resumed = RunningSums("cpu")
+    resumed.load_state_dict(sums.state_dict())
+    assert resumed.means() == sums.means() and resumed.close_window() is None
+
+
+@call("train_epoch")
+def _(train_epoch, tmp_path, fixture):
+    model = tiny_classifier()
+    windows = []
+    stats = train_epoch(model, tiny_batches(), torch.optim.SGD(model.parameters(), lr=0.1),
+                        wbflow.classification_loss(nn.CrossEntropyLoss()), log_every=2,
+                        on_log=lambda step, window: windows.append(step), progress=False)
+    assert stats["steps"] == 4 and windows == [2, 4] and 0 <= stats["accuracy"] <= 100
+
+
+@call("validate")
+def _(validate, tmp_path, fixture):
+    metrics = validate(tiny_classifier(), tiny_batches(), wbflow.classification_loss(nn.CrossEntropyLoss()))
+    assert metrics["samples"] == 16 and math.isfinite(metrics["loss"])
+
+
+@call("stop_on_signals")
+def _(stop_on_signals, tmp_path, fixture):
+    with stop_on_signals() as stop:
+        assert isinstance(stop, threading.Event) and not stop.is_set()
+
+
+@call("exit_stopped")
+def _(exit_stopped, tmp_path, fixture):
+    stop = threading.Event()
+    stop.signal = 15
+    with pytest.raises(SystemExit) as exit_code:
+        exit_stopped(stop, {"step": 3}, tmp_path / "last.pt", script="train.py", argv=["--epochs", "2"])
+    assert exit_code.value.code == 143 and wbflow.load_checkpoint(tmp_path / "last.pt") == {"step": 3}
+
+
+@call("capture_rng_state")
+def _(capture_rng_state, tmp_path, fixture):
+    state = capture_rng_state()
+    first = torch.rand(1)
+    wbflow.restore_rng_state(state)
+    assert torch.equal(torch.rand(1), first)
+
+
+@call("restore_rng_state")
+def _(restore_rng_state, tmp_path, fixture):
+    state = wbflow.capture_rng_state()
+    first = np.random.rand()
+    restore_rng_state(state)
+    assert np.random.rand() == first
+
+
+@call("gather_from_ranks")
+def _(gather_from_ranks, tmp_path, fixture):
+    assert gather_from_ranks({"rank": 0}) == [{"rank": 0}]
+
+
+@call("predict_dataset")
+def _(predict_dataset, tmp_path, fixture):
+    dataset = torch.utils.data.TensorDataset(torch.randn(5, 3, 2, 2), torch.arange(5) % 3)
+    probs, labels = predict_dataset(tiny_classifier(), dataset, batch_size=2)
+    assert probs.shape == (5, 3) and torch.allclose(probs.sum(1), torch.ones(5)) and labels.tolist() == [0, 1, 2, 0, 1]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@call("euler_sample")
+def _(euler_sample, tmp_path, fixture):
+    noise = torch.randn(2, 3)
+    samples = euler_sample(ConstantVelocity(), noise, 4)  # a constant velocity 1 moves x by 1
+    torch.testing.assert_close(samples, noise + 1)
+
+
+@call("rk45_sample")
+def _(rk45_sample, tmp_path, fixture):
+    noise = torch.randn(2, 3)
+    samples, nfe = rk45_sample(ConstantVelocity(), noise, tolerance=1e-4)
+    torch.testing.assert_close(samples, noise + 1)
+    assert nfe > 0
+
+
+@call("compare_solvers")
+def _(compare_solvers, tmp_path, fixture):
+    rows = compare_solvers(tiny_flow_model(), torch.randn(2, 3, 32, 32), solvers=("euler", "heun"), nfes=(1, 2))
+    assert [(row["solver"], row["nfe"]) for row in rows] == [("euler", 1), ("euler", 2), ("heun", 2)]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+@call("per_class_precision_recall")
+def _(per_class_precision_recall, tmp_path, fixture):
+    assert per_class_precision_recall([0, 1, 1], [0, 1, 0], 2) == ([0.5, 1.0], [1.0, 0.5], [1, 2])
+
+
+@call("FIDInceptionV3")
+def _(FIDInceptionV3, tmp_path, fixture):
+    model = FIDInceptionV3()
+    model.load_state_dict(torch.load(fixture("weights_path"), weights_only=True))
+    features, logits = model.eval()(torch.zeros(1, 3, 299, 299))
+    assert features.shape == (1, 2048) and logits.shape == (1, 1008)
+
+
+@call("fid_weights_path")
+def _(fid_weights_path, tmp_path, fixture):
+    assert fid_weights_path(fixture("weights_path")) == fixture("weights_path")
+
+
+@call("load_fid_inception")
+def _(load_fid_inception, tmp_path, fixture):
+    assert not load_fid_inception(fixture("weights_path")).training
+
+
+@call("file_sha256")
+def _(file_sha256, tmp_path, fixture):
+    (tmp_path / "x").write_bytes(b"abc")
+    assert file_sha256(tmp_path / "x") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+@call("fid_reference")
+def _(fid_reference, tmp_path, fixture):
+    assert "pytorch-fid" in fid_reference("pytorch-fid")
+
+
+@call("inception_features")
+def _(inception_features, tmp_path, fixture):
+    images = fixture("images_uint8")[:3]
+    features, logits = inception_features(images, weights_path=fixture("weights_path"))
+    torch.testing.assert_close(features, wbflow.inception_features(images, fixture("inception"))[0])
+
+
+@call("feature_statistics")
+def _(feature_statistics, tmp_path, fixture):
+    features = torch.randn(30, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mu, sigma = feature_statistics(features)
+    assert np.allclose(sigma, np.cov(features.numpy(), rowvar=False)) and np.allclose(mu, features.mean(0).numpy())
+
+
+@call("frechet_distance")
+def _(frechet_distance, tmp_path, fixture):
+    assert frechet_distance(np.zeros(2), np.eye(2), np.ones(2), np.eye(2)) == pytest.approx(2.0)
+
+
+@call("fid")
+def _(fid, tmp_path, fixture):
+    images = fixture("images_uint8")
+    assert fid(images[:3], images[3:6], weights_path=fixture("weights_path")) == pytest.approx(
+        wbflow.fid(images[:3], images[3:6], inception=fixture("inception")), rel=1e-9)
+
+
+@call("kid")
+def _(kid, tmp_path, fixture):
+    features = torch.randn(30, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert kid(features, features, subsets=2, subset_size=10) == wbflow.kid(features, features, subsets=2, subset_size=10)
+
+
+@call("save_statistics")
+def _(save_statistics, tmp_path, fixture):
+    images = fixture("images_uint8")[:3]
+    path = save_statistics(images, tmp_path, "pasted", weights_path=fixture("weights_path"))
+    assert wbflow.fid(path, wbflow.inception_features(images, fixture("inception"))[0]) == pytest.approx(0, abs=1e-6)
+
+
+@call("inception_score")
+def _(inception_score, tmp_path, fixture):
+    logits = torch.randn(20, 1008, generator=torch.Generator().manual_seed(0))
+    assert inception_score(logits, splits=2) == wbflow.inception_score(logits, splits=2)
+
+
+# ----------------------------------------------------------------------------- images & W&B
+
+@call("wandb_run")
+def _(wandb_run, tmp_path, fixture):
+    from conftest import run_logs
+    wandb_dir = fixture("offline_wandb")
+    with wandb_run({"a": 1}, project="test") as run:
+        run.log({"x": 1.0}, step=1)
+    [log] = run_logs(wandb_dir)
+    assert log.values("x") == [1.0] and log.config["a"] == 1
+
+
+def offline_run(fixture):
+    fixture("offline_wandb")
+    return wbflow.wandb_run(project="test")
+
+
+@call("flush_run")
+def _(flush_run, tmp_path, fixture):
+    with offline_run(fixture) as run:
+        run.log({"x": 1.0}, step=1)
+        flush_run(run)
+        assert any(path.stat().st_size > 7 for path in Path(run.settings.sync_dir).glob("run-*.wandb"))
+
+
+@call("watch_model")
+def _(watch_model, tmp_path, fixture):
+    with offline_run(fixture) as run:
+        watch_model(run, nn.Linear(2, 1), log_freq=100)
+        with pytest.raises(ValueError, match="log_freq"):
+            watch_model(run, nn.Linear(2, 1), log_freq=10)
+
+
+@call("log_model_graph")
+def _(log_model_graph, tmp_path, fixture):
+    with offline_run(fixture) as run:
+        assert log_model_graph(run, nn.Linear(2, 1), torch.randn(1, 2), step=1)
+
+
+@call("log_artifact")
+def _(log_artifact, tmp_path, fixture):
+    from conftest import run_logs
+    path = wbflow.save_checkpoint({"w": torch.ones(1)}, tmp_path / "c.pt")
+    with offline_run(fixture) as run:
+        log_artifact(run, path, "model-x", aliases=("latest", "epoch-1"))
+    [log] = run_logs(fixture("offline_wandb"))
+    assert [(a["name"], sorted(a["aliases"])) for a in log.artifacts] == [("model-x", ["epoch-1", "latest"])]
+
+
+@call("images_to_uint8")
+def _(images_to_uint8, tmp_path, fixture):
+    assert images_to_uint8(torch.tensor([-1.0, 0.0, 1.0])).tolist() == [0, 128, 255]
+
+
+@call("sample_grid")
+def _(sample_grid, tmp_path, fixture):
+    assert sample_grid(torch.zeros(4, 3, 8, 8)).shape == (2 + 2 * 10, 2 + 2 * 10, 3)
+
+
+@call("save_png")
+def _(save_png, tmp_path, fixture):
+    from PIL import Image
+    path = save_png(np.zeros((4, 6, 3), dtype=np.uint8), tmp_path / "samples" / "a.png")
+    assert Image.open(path).size == (6, 4)
+
+
+@call("log_image_grid")
+def _(log_image_grid, tmp_path, fixture):
+    from conftest import run_logs
+    with offline_run(fixture) as run:
+        log_image_grid(run, "grid", np.zeros((4, 4, 3), dtype=np.uint8), step=1)
+    [log] = run_logs(fixture("offline_wandb"))
+    assert log.values("grid")[0]["_type"] == "image-file"
+
+
+@call("samples_table")
+def _(samples_table, tmp_path, fixture):
+    wbflow.save_png(np.zeros((4, 4, 3), dtype=np.uint8), tmp_path / "samples" / "a.png")
+    table = samples_table([{"epoch": 1, "solver": "euler", "nfe": 1, "seconds": 0.1, "samples": "samples/a.png"}],
+                          root=tmp_path)
+    assert table.columns[:3] == ["epoch", "solver", "nfe"] and len(table.data) == 1
+
+
+@call("log_classification_report")
+def _(log_classification_report, tmp_path, fixture):
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
+    with offline_run(fixture) as run:
+        report = log_classification_report(run, probs, torch.tensor([0, 1, 0]), ["x", "y"], step=3)
+    assert report == {"precision": [1.0, 0.5], "recall": [0.5, 1.0], "support": [2, 1]}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+@call("write_atomically")
+def _(write_atomically, tmp_path, fixture):
+    path = write_atomically(tmp_path / "a" / "b.txt", lambda file: file.write(b"text"))
+    assert path.read_bytes() == b"text" and sorted(p.name for p in path.parent.iterdir()) == ["b.txt"]
+
+
+@call("save_checkpoint")
+def _(save_checkpoint, tmp_path, fixture):
+    assert wbflow.load_checkpoint(save_checkpoint({"w": torch.ones(1)}, tmp_path / "c.pt"))["w"].item() == 1
+
+
+@call("load_checkpoint")
+def _(load_checkpoint, tmp_path, fixture):
+    assert load_checkpoint(wbflow.save_checkpoint({"s": 1}, tmp_path / "d.pt")) == {"s": 1}
+
+
+@call("prepare_out_dir")
+def _(prepare_out_dir, tmp_path, fixture):
+    assert prepare_out_dir(tmp_path / "o") == (tmp_path / "o", [])
+
+
+@call("rotate_checkpoints")
+def _(rotate_checkpoints, tmp_path, fixture):
+    for epoch in range(1, 5):
+        wbflow.save_checkpoint({"epoch_loss": float(epoch)}, tmp_path / f"checkpoint_epoch_{epoch}.pt")
+    assert [path.name for path in rotate_checkpoints(tmp_path, keep=2)] == ["checkpoint_epoch_2.pt"]
+
+
+@call("save_best")
+def _(save_best, tmp_path, fixture):
+    path = tmp_path / "best.pt"
+    assert save_best({"w": 1}, 0.5, None, path) == (0.5, True)
+    assert save_best({"w": 2}, 0.4, 0.5, path) == (0.5, False) and wbflow.load_checkpoint(path) == {"w": 1}
+
+
+@call("check_checkpoint")
+def _(check_checkpoint, tmp_path, fixture):
+    with pytest.raises(ValueError, match="lacks optimizer"):
+        check_checkpoint({"model": {}}, driver="train", required=("model", "optimizer"))
+
+
+@call("resume_command")
+def _(resume_command, tmp_path, fixture):
+    assert resume_command("train.py", ["--resume", "a.pt", "--epochs", "3"], "b.pt") == \
+        "python train.py --epochs 3 --resume b.pt"
+
+
+@call("fetch_checkpoint")
+def _(fetch_checkpoint, tmp_path, fixture):
+    path = wbflow.save_checkpoint({"a": 1}, tmp_path / "c.pt")
+    assert fetch_checkpoint(path) == path
+
+
+# ----------------------------------------------------------------------------- config & command line
+
+@call("load_yaml_config")
+def _(load_yaml_config, tmp_path, fixture):
+    import train_flow
+    assert load_yaml_config(train_flow.DEFAULT_CONFIG, ["training.epochs=3"])["training"]["epochs"] == 3
+
+
+@call("str2bool")
+def _(str2bool, tmp_path, fixture):
+    assert str2bool("False") is False and str2bool("yes") is True
+
+
+@call("add_sweep_argument")
+def _(add_sweep_argument, tmp_path, fixture):
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_sweep_argument(parser, "--batch-size", type=int)
+    assert parser.parse_args(["--batch_size", "3"]).batch_size == 3
+
+
+@call("check_numbers")
+def _(check_numbers, tmp_path, fixture):
+    with pytest.raises(ValueError, match="--epochs must be positive, not 0"):
+        check_numbers({"--epochs": 0})
+
+
+@call("exit_on_error")
+def _(exit_on_error, tmp_path, fixture):
+    with pytest.raises(SystemExit, match="train.py: missing"):
+        with exit_on_error("train.py"):
+            raise FileNotFoundError("missing")

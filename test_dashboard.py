@@ -17,7 +17,7 @@ import torch
 import train_fire
 import train_flow
 import wbflow
-from conftest import paste_alone, run_logs
+from conftest import run_logs
 
 HERE = Path(__file__).resolve().parent
 
@@ -292,49 +292,3 @@ def test_log_graph_without_dot_says_what_to_install_and_uses_wandbs_graph(offlin
     # wandb.watch(..., log_graph=True): W&B's own graph, numbered per process (graph_0, graph_1, ...)
     graphs = [value for key, value in log.summary.items() if key.startswith("graph_")]
     assert [graph["_type"] for graph in graphs] == ["graph-file"]
-
-
-# ----------------------------------------------------------------------------- copy rule
-
-def test_wandb_run_works_pasted_alone(offline_wandb):
-    pasted = paste_alone("wandb_run")
-    with pasted["wandb_run"]({"a": 1}, project="test") as run:
-        run.log({"x": 1.0}, step=1)
-    [log] = run_logs(offline_wandb)
-    assert log.values("x") == [1.0] and log.config["a"] == 1
-
-
-def test_artifact_and_best_functions_work_pasted_alone(offline_wandb, tmp_path):
-    pasted = paste_alone("wandb_run", "log_artifact", "save_best", "watch_model")
-    model = torch.nn.Linear(2, 1)
-    with pasted["wandb_run"](project="test") as run:
-        pasted["watch_model"](run, model, log_freq=100)
-        best, improved = pasted["save_best"]({"w": torch.ones(1)}, 0.5, None, tmp_path / "best.pt", run=run)
-        path = wbflow.save_checkpoint({"w": torch.ones(1)}, tmp_path / "c.pt")
-        pasted["log_artifact"](run, path, "model-x")
-    [log] = run_logs(offline_wandb)
-    assert improved and [a["name"] for a in log.artifacts] == [f"model-{log.run_id}", "model-x"]
-
-
-def test_image_functions_work_pasted_alone(offline_wandb, tmp_path):
-    pasted = paste_alone("images_to_uint8", "sample_grid", "save_png", "log_image_grid", "samples_table",
-                         "log_classification_report", "wandb_run")
-    images = torch.rand(4, 3, 8, 8) * 2 - 1
-    assert pasted["images_to_uint8"](images).dtype == torch.uint8
-    grid = pasted["sample_grid"](images)
-    pasted["save_png"](grid, tmp_path / "samples" / "a.png")
-    with pasted["wandb_run"](project="test") as run:
-        pasted["log_image_grid"](run, "grid", grid, step=1)
-        run.log({"table": pasted["samples_table"](
-            [{"epoch": 1, "solver": "euler", "nfe": 1, "seconds": 0.1, "samples": "samples/a.png"}], root=tmp_path)},
-            step=2)
-        probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
-        report = pasted["log_classification_report"](run, probs, torch.tensor([0, 1, 0]), ["x", "y"], step=3)
-    assert report == {"precision": [1.0, 0.5], "recall": [0.5, 1.0], "support": [2, 1]}
-    [log] = run_logs(offline_wandb)
-    assert log.values("grid")[0]["_type"] == "image-file" and log.values("table")[0]["nrows"] == 1
-
-
-def test_fetch_checkpoint_works_pasted_alone(tmp_path):
-    path = wbflow.save_checkpoint({"a": 1}, tmp_path / "c.pt")
-    assert paste_alone("fetch_checkpoint")["fetch_checkpoint"](path) == path

@@ -4,7 +4,6 @@ other classes), and a newcomer's first run (default folders, the closing line, -
 import contextlib
 import io
 import os
-import re
 import shlex
 import signal
 import subprocess

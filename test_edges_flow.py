@@ -21,7 +21,7 @@ import wbflow
 from conftest import kill_when_marked, run_logs
 from test_guard import FLOW_SMOKE, refused
 from test_training import assert_same_history, read_run, scalar_rows
-from test_wbflow import _table_data, weights_path  # noqa: F401
+from test_wbflow import _table_data
 
 HERE = Path(__file__).resolve().parent
 # 64 synthetic images, batch 32: two steps an epoch; every epoch has samples, a one-row table and a checkpoint

@@ -16,7 +16,7 @@ import torch
 import train_fire
 import train_flow
 import wbflow
-from conftest import RunLog, paste_alone, run_logs
+from conftest import RunLog, run_logs
 from test_dashboard import clean_python, closed_port
 from test_guard import FLOW_SMOKE, refused
 from test_wbflow import fire_args, write_pattern_folders
@@ -164,11 +164,10 @@ def test_a_driver_on_a_full_disk_ends_in_one_line_without_a_traceback(small_disk
 
 # ----------------------------------------------------------------------------- the record of a killed run
 
-def test_flush_run_pasted_alone_puts_the_pending_row_on_disk_while_the_run_goes_on(offline_wandb):
-    pasted = paste_alone("wandb_run", "flush_run")
-    with pasted["wandb_run"](project="test") as run:
+def test_flush_run_puts_the_pending_row_on_disk_while_the_run_goes_on(offline_wandb):
+    with wbflow.wandb_run(project="test") as run:
         run.log({"train/loss": 0.5}, step=3)
-        pasted["flush_run"](run)
+        wbflow.flush_run(run)
         [record] = glob.glob(str(offline_wandb / "wandb" / "offline-run-*" / "*.wandb"))
         assert RunLog(record).values("train/loss") == [0.5]
         run.log({"train/loss": 0.25}, step=4)  # the run goes on after it

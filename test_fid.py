@@ -12,17 +12,11 @@ import torch
 
 import train_flow
 import wbflow
-from conftest import paste_alone, run_logs
-from test_wbflow import SMALL, _torch_fidelity_extractor, images_uint8, inception, weights_path  # noqa: F401
+from conftest import run_logs
+from test_wbflow import SMALL, _torch_fidelity_extractor
 
 HERE = Path(__file__).resolve().parent
 FEATURE_TOLERANCE = 1e-4  # measured: at most 1.1e-5 on every input kind below
-
-
-def _copy_with(name):
-    """The names a public function's docstring lists after 'Copy with:'."""
-    doc = getattr(wbflow, name).__doc__ or ""
-    return [part.strip() for part in doc.split("Copy with:")[1].replace("\n", " ").split(",")] if "Copy with:" in doc else []
 
 
 # ----------------------------------------------------------------------------- quantisation
@@ -262,44 +256,6 @@ def test_loading_the_inception_draws_nothing_from_the_global_generator(weights_p
     after_loading = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after_loading, torch.rand(3))
-
-
-def _pasted(name):
-    return paste_alone(name, *_copy_with(name))[name]
-
-
-def test_every_metrics_function_runs_pasted_alone_or_with_its_copy_with_names(weights_path, images_uint8, tmp_path):
-    features = torch.randn(30, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    statistics = wbflow.feature_statistics(features[:15]), wbflow.feature_statistics(features[15:])
-    # alone: nothing else pasted
-    for name in ("per_class_precision_recall", "feature_statistics", "frechet_distance", "file_sha256",
-                 "fid_reference"):
-        assert _copy_with(name) == [], name
-    assert _pasted("per_class_precision_recall")([0, 1, 1], [0, 1, 0], 2) == wbflow.per_class_precision_recall(
-        [0, 1, 1], [0, 1, 0], 2)
-    assert np.array_equal(_pasted("feature_statistics")(features)[1], wbflow.feature_statistics(features)[1])
-    assert _pasted("frechet_distance")(*statistics[0], *statistics[1]) == wbflow.frechet_distance(*statistics[0], *statistics[1])
-    assert paste_alone("kid")["kid"](features, features, subsets=2, subset_size=10) == wbflow.kid(features, features, subsets=2,
-                                                                                        subset_size=10)
-    assert _pasted("file_sha256")(weights_path) == wbflow.file_sha256(weights_path)
-    assert _pasted("fid_reference")("pytorch-fid") == wbflow.fid_reference("pytorch-fid")
-    assert paste_alone("inception_score")["inception_score"](torch.randn(20, 1008), splits=2)[0] > 1  # logits: no network
-
-    # with the network: the docstring's Copy with: names, on the calibrated random weights
-    assert _pasted("fid_weights_path")(weights_path) == weights_path
-    network = _pasted("load_fid_inception")(weights_path)
-    assert isinstance(_pasted("FIDInceptionV3")(), torch.nn.Module)
-    real, fake = images_uint8[:5], images_uint8[5:]
-    expected_features, _ = wbflow.inception_features(real, network)
-    assert torch.equal(_pasted("inception_features")(real, weights_path=weights_path)[0], expected_features)
-    assert _pasted("fid")(real, fake, weights_path=weights_path) == pytest.approx(
-        wbflow.fid(real, fake, weights_path=weights_path), rel=1e-9)
-    assert _pasted("kid")(real, fake, subsets=2, subset_size=4, weights_path=weights_path) == pytest.approx(
-        wbflow.kid(real, fake, subsets=2, subset_size=4, weights_path=weights_path))
-    assert _pasted("inception_score")(real, splits=2, weights_path=weights_path) == pytest.approx(
-        wbflow.inception_score(real, splits=2, weights_path=weights_path))
-    path = _pasted("save_statistics")(real, tmp_path, "pasted", weights_path=weights_path)
-    assert wbflow.fid(path, expected_features) == pytest.approx(0, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- FID during training

@@ -23,8 +23,7 @@ import train_fire
 import train_flow
 import wbflow
 from conftest import run_logs
-from test_wbflow import (fire_args, pattern_image, weights_path,  # noqa: F401
-                         write_cifar_batches, write_pattern_folders)
+from test_wbflow import fire_args, pattern_image, write_cifar_batches, write_pattern_folders
 
 HERE = Path(__file__).resolve().parent
 # The smallest FlowUNet that still has every block kind a compile must handle (residual blocks, the

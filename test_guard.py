@@ -16,8 +16,7 @@ from hypothesis import given, settings, strategies as st
 import train_fire
 import train_flow
 import wbflow
-from conftest import paste_alone, run_logs
-from test_copy import copy_with
+from conftest import run_logs
 from test_wbflow import SEED_CLASSES, fire_args, write_cifar_batches, write_pattern_folders
 
 HERE = Path(__file__).resolve().parent
@@ -532,38 +531,3 @@ def test_find_image_samples_splits_as_stratified_split_does(tmp_path_factory, la
     train_index, val_index = wbflow.stratified_split(labels, fraction, seed=seed)
     assert [int(Path(p).stem) for p, _ in train] == train_index
     assert [int(Path(p).stem) for p, _ in val] == val_index
-
-
-COPYABLE = ["save_checkpoint", "load_checkpoint", "prepare_out_dir", "rotate_checkpoints", "load_yaml_config",
-            "str2bool", "add_sweep_argument", "find_image_samples", "stratified_split", "drop_unreadable_images",
-            "ImageSamples", "image_transforms", "classifier_loaders", "check_same_on_every_rank"]
-
-
-@pytest.mark.parametrize("name", COPYABLE)
-def test_function_runs_pasted_alone(name, tmp_path):
-    import argparse
-    pasted = paste_alone(name, *sorted(copy_with(name)))[name]
-    data = write_pattern_folders(tmp_path / "data", per_class=3, classes=["a", "b"])
-    samples = [(str(path), index) for index, path in enumerate(sorted(data.rglob("*.png"))[:2])]
-    calls = {
-        "save_checkpoint": lambda: pasted({"w": torch.ones(1)}, tmp_path / "c.pt").is_file(),
-        "load_checkpoint": lambda: pasted(wbflow.save_checkpoint({"s": 1}, tmp_path / "d.pt")) == {"s": 1},
-        "prepare_out_dir": lambda: pasted(tmp_path / "o") == (tmp_path / "o", []),
-        "rotate_checkpoints": lambda: pasted(tmp_path) == [],
-        "load_yaml_config": lambda: pasted(train_flow.DEFAULT_CONFIG, ["training.epochs=3"])["training"]["epochs"] == 3,
-        "str2bool": lambda: pasted("False") is False,
-        "add_sweep_argument": lambda: pasted(argparse.ArgumentParser(), "--batch-size", type=int).dest == "batch_size",
-        "find_image_samples": lambda: pasted(data, val_split=0.34)[2] == ["a", "b"],
-        "stratified_split": lambda: sorted(sum(pasted([0, 0, 1, 1], 0.5), [])) == [0, 1, 2, 3],
-        "drop_unreadable_images": lambda: pasted(samples) == samples,
-        "ImageSamples": lambda: pasted(samples)[1][1] == 1,
-        "image_transforms": lambda: pasted(8, train=False)(pasted_image(samples)).shape == (3, 8, 8),
-        "classifier_loaders": lambda: len(pasted(list(range(4)), list(range(2)), 2)[0]) == 2,
-        "check_same_on_every_rank": lambda: pasted({"images": 3}) is None,
-    }
-    assert calls[name]()
-
-
-def pasted_image(samples):
-    from PIL import Image
-    return Image.open(samples[0][0]).convert("RGB")

@@ -21,7 +21,6 @@ The learning rate follows a cosine from --learning-rate to 0, stepped every opti
 import argparse
 import functools
 import os
-import signal
 import sys
 import warnings
 
@@ -255,12 +254,9 @@ def main(argv=None):
                                        stop=stop, resume=epoch_state, progress=master)
             step, epoch_state = train["step"], None
             if train["stopped"]:  # SIGTERM or Ctrl-C: save where this epoch stands, and say how to go on
-                state = checkpoint(epoch, train_state=train["state"], last_act=True)
-                if master:
-                    path = wbflow.save_checkpoint(state, out_dir / "last.pth")
-                    print(f"stopped at step {step} (epoch {epoch}); continue with:\n  "
-                          f"{wbflow.resume_command(__file__, argv, path, world_size)}", flush=True)
-                raise SystemExit(128 + (stop.signal or signal.SIGTERM))
+                wbflow.exit_stopped(stop, checkpoint(epoch, train_state=train["state"], last_act=True),
+                                    out_dir / "last.pth", script=__file__, argv=argv,
+                                    where=f" at step {step} (epoch {epoch})")
             # the unwrapped model: DDP's forward would sync buffers, and val shards differ in length
             val = wbflow.validate(model, val_loader, loss_fn, device=device, amp=args.amp)
             best_state = {"model": model.state_dict(), "epoch": epoch, "val_acc": val["accuracy"],

@@ -295,11 +295,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
 
     def stop_run(state, where):
         """SIGTERM or Ctrl-C: save where the run stands as its last act, say how to go on, exit 128 + signal."""
-        if is_main:
-            path = wbflow.save_checkpoint(state, out_dir / "last.pt")
-            print(f"stopped {where}; continue with:\n  {wbflow.resume_command(__file__, argv, path, world_size)}",
-                  flush=True)
-        raise SystemExit(128 + (stop.signal or signal.SIGTERM))
+        wbflow.exit_stopped(stop, state, out_dir / "last.pt", script=__file__, argv=argv, where=f" {where}")
 
     def stop_agreed():  # every rank stops at the same sampling batch, or the next collective hangs
         flag = torch.tensor(float(stop.is_set()), device=device)

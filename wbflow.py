@@ -1,35 +1,31 @@
 """wbflow: a minimal PyTorch + Weights & Biases training kit of plain, copyable functions.
 
 Sections, in data-flow order:
-  device & data     to_device, is_main_process, setup_distributed,
+  device & data     to_device, rank_and_world_size, setup_distributed,
                     CIFAR10_URL, load_cifar10, synthetic_images, DeviceImageLoader (CIFAR-10 on the device),
                     find_image_samples, stratified_split, drop_unreadable_images, ImageSamples,
                     image_transforms, classifier_loaders, check_same_on_every_rank (image folders / CSV)
   models            FlowUNet, CLASSIFIER_NAMES, build_classifier, build_optimizer
   losses            classification_loss, focal_loss, class_balanced_weights, rectified_flow_loss
-  training          autocast_dtype, make_scaler, make_ema, train_epoch, validate, stop_on_signals,
-                    capture_rng_state, restore_rng_state, gather_from_ranks, predict_dataset
+  training          autocast_dtype, make_scaler, make_ema, train_step, RunningSums, train_epoch, validate,
+                    stop_on_signals, exit_stopped, capture_rng_state, restore_rng_state, gather_from_ranks,
+                    predict_dataset
   sampling          euler_sample, rk45_sample, compare_solvers
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, save_statistics,
                     inception_score, per_class_precision_recall
   images & W&B      wandb_run, flush_run, watch_model, log_model_graph, log_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
-  checkpoints       save_checkpoint, load_checkpoint, prepare_out_dir,
+  checkpoints       write_atomically, save_checkpoint, load_checkpoint, prepare_out_dir,
                     rotate_checkpoints, save_best, check_checkpoint, resume_command, fetch_checkpoint
   config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, exit_on_error
   command line      python wbflow.py fid DIR_OR_NPZ DIR_OR_NPZ [--resize pytorch-fid] (pytorch-fid's CLI)
 
-The copy rule: every public definition takes what it needs as arguments and imports wandb, scipy,
-PIL, yaml and torchviz lazily, so its source pasted under this module's import block runs with no
-other definition of wbflow. The exceptions end their docstrings with a `Copy with:` line naming
-exactly the definitions to paste along: FlowUNet (its blocks), compare_solvers (the two integrators),
-fid_weights_path (the hub download helper), find_image_samples, drop_unreadable_images and ImageSamples
-(the pixel-limit lift), classifier_loaders (its worker init), and what runs the Inception on images: FIDInceptionV3,
-load_fid_inception, inception_features, fid, kid, inception_score, save_statistics (fid, kid and
-inception_score given features or logits run alone).
-test_copy.py checks this for every public definition, and each section's tests call its functions
-pasted that way.
+The copy rule: a public definition calls the module's helpers it needs, and its docstring's
+`Copy with:` line names exactly what to paste along with it: every definition its code reaches (no
+line: it pastes alone). Pasted under this module's import block with those, it runs; wandb, scipy,
+PIL, yaml and torchviz are imported inside the functions that use them. test_copy.py checks every
+line against the code and calls every public definition, pasted so, on a tiny real input.
 """
 
 import argparse
@@ -80,12 +76,14 @@ def to_device(batch, device):
     return batch
 
 
-def is_main_process():
-    """True on rank 0 of a torch.distributed group, and always when not distributed.
+def rank_and_world_size():
+    """(rank, world size) of this process in its torch.distributed group; (0, 1) when not distributed.
 
-    Usage: if is_main_process(): print("only once")
+    Usage: rank, world_size = rank_and_world_size(); if rank == 0: print("only once")
     """
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def setup_distributed():
@@ -833,260 +831,274 @@ def autocast_dtype(device, amp=None):
 
 
 def make_scaler(device, amp=None):
-    """A GradScaler that is enabled only when autocast runs in fp16 (bf16 and fp32 need none): on CUDA
-    with amp on (amp=None means on for CUDA) where bf16 is not supported.
+    """A GradScaler enabled only when autocast_dtype(device, amp) is float16 (bf16 and float32 need none).
 
-    A disabled scaler passes scale/step/update straight through, so the training loop has no branch.
+    A disabled scaler passes scale/step/update straight through, so the training step has no branch.
     Usage: scaler = make_scaler(device); train_epoch(..., scaler=scaler)
+    Copy with: autocast_dtype
     """
     device = torch.device(device)
-    fp16 = (device.type == "cuda" and amp is not False
-            and not torch.cuda.is_bf16_supported(including_emulation=False))
-    return torch.amp.GradScaler(device.type, enabled=fp16)
+    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, amp) == torch.float16)
+
+
+class _EMAModel(torch.optim.swa_utils.AveragedModel):
+    # AveragedModel.update_parameters copies its CPU counter to the device every step (a host sync) and
+    # visits every tensor in Python; this runs swa_utils' own EMA once per (device, dtype) group instead.
+    def update_parameters(self, model):
+        groups = {}
+        for ema_tensor, tensor in zip(itertools.chain(self.module.parameters(), self.module.buffers()),
+                                      itertools.chain(model.parameters(), model.buffers())):
+            ema_group, group = groups.setdefault((ema_tensor.device, tensor.device, ema_tensor.dtype), ([], []))
+            ema_group.append(ema_tensor.detach())
+            group.append(tensor.detach())
+        if any(ema_device != device for ema_device, device, _ in groups):
+            return super().update_parameters(model)  # an EMA kept on another device: copy each tensor
+        for ema_group, group in groups.values():
+            self.multi_avg_fn(ema_group, group, self.n_averaged)
+        self.n_averaged += 1
 
 
 def make_ema(model, decay=0.9999):
-    """An exponential moving average of `model`'s weights and buffers (torch.optim.swa_utils), on the
-    model's device with its update counter on the CPU.
+    """An exponential moving average of `model`'s weights and buffers: torch.optim.swa_utils'
+    AveragedModel with its EMA update (get_ema_multi_avg_fn), on the model's device.
 
-    train_epoch updates it after each optimiser step; evaluate or sample with ema_model.module.
+    train_step updates it after each optimiser step, without a host sync; evaluate or sample with
+    ema_model.module. Its state_dict is AveragedModel's.
     Usage: ema_model = make_ema(model, decay=0.9999)
+    Copy with: _EMAModel
     """
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    ema_model = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    ema_model.update_parameters(model)  # the first update copies the weights
+    ema_model = _EMAModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+    torch.optim.swa_utils.AveragedModel.update_parameters(ema_model, model)  # the first update copies the weights
     return ema_model
+
+
+def _forward(model, batch, loss_fn, amp_dtype, device=None):
+    # the forward train_step and validate share: the batch to `device` (the model's by default), loss_fn
+    # under autocast -> (loss, n_correct or None, n_samples)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    batch = to_device(batch, device)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        output = loss_fn(model, batch)
+    loss, n_correct, n_samples = (output, None, None) if torch.is_tensor(output) else output
+    if n_samples is None:  # the first dimension of the batch's first tensor
+        first = batch
+        while not torch.is_tensor(first):
+            first = next(iter(first.values())) if isinstance(first, dict) else first[0]
+        n_samples = first.shape[0]
+    return loss, n_correct, n_samples
+
+
+def train_step(model, batch, optimizer, loss_fn, *, amp_dtype=None, scaler=None, scheduler=None, ema_model=None,
+               grad_clip=None, device=None):
+    """One optimiser step on `batch`; returns device tensors, so that nothing waits for the GPU.
+
+    loss_fn(model, batch) returns a loss tensor, or (loss, n_correct, n_samples) for accuracy. The step:
+    the batch to the model's device (non-blocking), the forward under autocast in `amp_dtype` (what
+    autocast_dtype decides; None is float32), backward, unscale, the global L2 gradient norm before
+    clipping (clipped to `grad_clip` when given), the optimiser step, scheduler.step(), and the EMA
+    update of `ema_model` (make_ema). A step whose loss or gradients are not finite is skipped on the
+    device by an fp16 `scaler` (make_scaler) or a fused Adam/AdamW (fused=True); any other optimiser
+    needs one host read to skip it.
+    Returns {"loss", "grad_norm", "finite", "n_correct" (None without counts), "n_samples",
+    "learning_rate" (the float this step used, read before scheduler.step())}.
+    Usage: result = train_step(model, images, optimizer, rectified_flow_loss, grad_clip=1.0)
+    Copy with: _forward, to_device
+    """
+    loss, n_correct, n_samples = _forward(model, batch, loss_fn, amp_dtype, device)
+    scaler = scaler or torch.amp.GradScaler(loss.device.type, enabled=amp_dtype == torch.float16)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grad_clip:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+    learning_rate = float(optimizer.param_groups[0]["lr"])
+    if scaler.is_enabled():  # an enabled GradScaler skips a non-finite step by itself
+        scaler.step(optimizer)
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        # Fused Adam/AdamW take the skip flag on the device, as GradScaler passes it: through the
+        # optimiser attributes grad_scale / found_inf, read by their step(). torch has no public
+        # argument for this; test_fused_optimizer_still_reads_found_inf fails if that changes.
+        optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif finite:  # any other optimiser: one host read, only to skip
+        optimizer.step()
+    scaler.update()
+    if scheduler is not None:
+        scheduler.step()
+    if ema_model is not None:
+        ema_model.update_parameters(model)
+    return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "finite": finite, "n_correct": n_correct,
+            "n_samples": n_samples, "learning_rate": learning_rate}
+
+
+class RunningSums:
+    """An epoch's sums, kept on the device so that adding a step never waits for it: the loss and the
+    gradient norm over finite steps, correct predictions, finite and skipped steps, samples.
+
+    close_window() reads them (the one host-device sync) and returns the means since the last close;
+    means() returns the epoch's, over every rank under torch.distributed. state_dict() (every rank's
+    sums, gathered; tensors and plain numbers) and load_state_dict(state, rank) carry an unfinished
+    epoch into a resumed run.
+    Usage: sums = RunningSums(device); sums.add(train_step(...)); if step % 100 == 0: print(sums.close_window())
+    Copy with: rank_and_world_size
+    """
+
+    def __init__(self, device):
+        self.totals = torch.zeros(6, dtype=torch.float64, device=device)
+        self.logged = [0.0] * 6  # the totals when the last window closed, on the host
+        self.batches, self.has_accuracy, self.learning_rate = 0, False, None
+
+    def add(self, step_result):
+        finite, zero, n_correct = step_result["finite"], self.totals.new_zeros(()), step_result["n_correct"]
+        self.totals += torch.stack([torch.where(finite, step_result["loss"].double(), zero),
+                                    zero + (0 if n_correct is None else n_correct),
+                                    torch.where(finite, step_result["grad_norm"].double(), zero),
+                                    finite.double(), (~finite).double(), zero + step_result["n_samples"]])
+        self.batches, self.has_accuracy = self.batches + 1, n_correct is not None
+        self.learning_rate = step_result["learning_rate"]
+
+    def close_window(self):
+        """The means of the steps added since the last close (None when there were none)."""
+        current = self.totals.tolist()  # the one host-device sync
+        window, self.logged = [now - before for now, before in zip(current, self.logged)], current
+        return self._means(window) if window[3] + window[4] else None
+
+    def means(self):
+        totals = self.totals.clone()
+        if rank_and_world_size()[1] > 1:
+            dist.all_reduce(totals)
+        return self._means(totals.tolist())
+
+    def _means(self, sums):
+        loss, n_correct, grad_norm, n_finite, n_skipped, n_samples = sums
+        return {"loss": loss / n_finite if n_finite else math.nan,
+                "grad_norm": grad_norm / n_finite if n_finite else math.nan,
+                "accuracy": 100.0 * n_correct / n_samples if self.has_accuracy and n_samples else None,
+                "steps": int(n_finite + n_skipped), "skipped": int(n_skipped), "samples": int(n_samples)}
+
+    def state_dict(self):
+        sums = torch.stack([self.totals, torch.tensor(self.logged, dtype=torch.float64, device=self.totals.device)])
+        world_size = rank_and_world_size()[1]
+        if world_size > 1:  # every rank's sums: each resumes its own
+            every_rank = [torch.zeros_like(sums) for _ in range(world_size)]
+            dist.all_gather(every_rank, sums)
+            sums = torch.stack(every_rank)
+        else:
+            sums = sums[None]
+        return {"totals": sums[:, 0].cpu(), "logged": sums[:, 1].cpu(), "batches": self.batches,
+                "has_accuracy": self.has_accuracy, "learning_rate": self.learning_rate}
+
+    def load_state_dict(self, state, rank=0):
+        self.totals = state["totals"][rank].to(self.totals)
+        self.logged = state["logged"][rank].tolist()
+        self.batches, self.has_accuracy, self.learning_rate = (state["batches"], state["has_accuracy"],
+                                                               state["learning_rate"])
 
 
 def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=None, ema_model=None,
                 grad_clip=None, amp=None, scaler=None, step=0, epoch=0, log_every=10, on_log=None,
                 stop=None, resume=None, progress=True):
-    """Train `model` for one pass over `loader`; returns the epoch means, the new global step and,
-    when `stop` ended the epoch early, the state to finish it with.
+    """Train `model` for one pass over `loader` with train_step; returns the epoch means, the new global
+    step and, when `stop` ended the epoch early, the state to finish it with.
 
-    loss_fn(model, batch) returns a loss tensor, or (loss, n_correct, n_samples) for accuracy.
-    Each step: batch to device (non-blocking), autocast (bf16 on CUDA, fp16 where bf16 is missing,
-    off on CPU unless amp=True), backward, the pre-clip global L2 gradient norm (clipped to
-    `grad_clip` when given), optimiser step, per-step `scheduler.step()`, the EMA update of
-    `ema_model` (make_ema). A step whose loss or gradients are not finite is skipped and counted.
-    Sums stay on the device and are read only at log points, so the step path never waits for the
-    GPU, except where torch itself must: an fp16 GradScaler, or skipping a bad step with an
-    optimiser that cannot take a device-side skip flag (pass fused=True to Adam/AdamW to avoid it).
+    loss_fn, scheduler, ema_model, grad_clip and scaler as in train_step; autocast as
+    autocast_dtype(device, amp) decides (bf16 on CUDA, fp16 where bf16 is missing, off on CPU unless
+    amp=True); batches go to `device` (the model's by default). Pass the fp16 `scaler` (make_scaler)
+    to keep its loss scale across epochs. Nothing waits for the GPU except at log points.
 
-    Logging: every optimiser step lands in exactly one window. A window closes when the global
-    step is a multiple of `log_every`, and at the end of the epoch (a shorter window); then
-    on_log(step, window) gets plain floats: loss and grad_norm (means over the window's finite
-    steps), accuracy (percent, only when loss_fn counts), learning_rate (the rate the window's LAST
-    step used, read before scheduler.step()), steps and skipped (counts in the window), batch (the
-    epoch's 0-based index of the last batch) and epoch. The caller names the W&B keys.
+    Logging: every optimiser step lands in exactly one window. A window closes when the global step is
+    a multiple of `log_every`, and at the end of the epoch (a shorter window); then on_log(step, window)
+    gets plain floats: loss and grad_norm (means over the window's finite steps), accuracy (percent,
+    only when loss_fn counts), learning_rate (the rate the window's last step used), steps and skipped
+    (counts in the window), batch (the epoch's 0-based index of the last batch) and epoch. The caller
+    names the W&B keys.
 
     Stopping: `stop` (a threading.Event or a callable returning bool; see stop_on_signals) is checked
     after every step with no host sync (under torch.distributed at log points, where the ranks agree);
-    when set, the epoch returns at that step boundary with stopped=True and a `state` of tensors and
-    plain numbers (loads with weights_only=True). Pass it back as `resume=` with a loader that skips
-    the state["batches"] batches already done, and the epoch continues exactly: the same windows,
-    the same epoch means. `state` is None when the epoch ran to its end.
-    Pass the fp16 `scaler` (make_scaler) to keep its loss scale across epochs. Under
-    torch.distributed the returned means and counts are all-reduced over ranks; each rank's
-    on_log sees its own windows.
+    when set, the epoch returns at that step boundary with stopped=True and a `state` that loads with
+    weights_only=True. Pass it back as `resume=` with a loader that skips the state["batches"] batches
+    already done, and the epoch continues exactly: the same windows, the same epoch means. `state` is
+    None when the epoch ran to its end. Under torch.distributed the returned means and counts are over
+    all ranks; each rank's on_log sees its own windows.
     Usage: stats = train_epoch(model, loader, opt, loss_fn, step=step, on_log=lambda s, w: print(s, w))
+    Copy with: train_step, RunningSums, autocast_dtype, _forward, to_device, rank_and_world_size
     """
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    if amp is None:
-        amp = device.type == "cuda"
-    dtype = None if not amp else (torch.float16 if device.type == "cuda" and not
-                                  torch.cuda.is_bf16_supported(including_emulation=False) else torch.bfloat16)
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    ema_groups = {}  # swa_utils' own EMA update per (device, dtype), minus update_parameters' host read of its counter
-    if ema_model is not None and ema_model.multi_avg_fn is not None and ema_model.use_buffers:
-        for ema_tensor, tensor in zip(itertools.chain(ema_model.module.parameters(), ema_model.module.buffers()),
-                                      itertools.chain(model.parameters(), model.buffers())):
-            ema_group, group = ema_groups.setdefault((ema_tensor.device, ema_tensor.dtype), ([], []))
-            ema_group.append(ema_tensor.detach())
-            group.append(tensor.detach())
-        if any(tensor.device != ema_tensor.device for ema_group, group in ema_groups.values()
-               for ema_tensor, tensor in zip(ema_group, group)):
-            ema_groups = {}  # an EMA kept on another device: update_parameters copies each step
-
-    def on_device(batch):
-        if torch.is_tensor(batch):
-            return batch.to(device, non_blocking=True)
-        if isinstance(batch, (list, tuple)):
-            return type(batch)(on_device(item) for item in batch)
-        if isinstance(batch, dict):
-            return {key: on_device(value) for key, value in batch.items()}
-        return batch
+    (rank, world_size), amp_dtype = rank_and_world_size(), autocast_dtype(device, amp)
+    distributed = world_size > 1
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    sums, start_step = RunningSums(device), step
+    if resume is not None:
+        sums.load_state_dict(resume, rank)
 
     def stop_requested():
         return stop is not None and (stop.is_set() if hasattr(stop, "is_set") else bool(stop()))
 
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    # Running sums on the device: loss, n_correct, grad_norm, finite steps, skipped steps, samples;
-    # `logged` is their value at the last log point (host), so a window is totals - logged.
-    totals, logged, batch_index = torch.zeros(6, dtype=torch.float64, device=device), [0.0] * 6, -1
-    has_accuracy, learning_rate, start_step = False, float(optimizer.param_groups[0]["lr"]), step
-    if resume is not None:
-        totals = resume["totals"][rank].to(device=device, dtype=torch.float64)
-        logged, batch_index = resume["logged"][rank].tolist(), resume["batches"] - 1
-        has_accuracy, learning_rate = resume["has_accuracy"], resume["learning_rate"]
-
-    def emit(current):
-        window = [c - p for c, p in zip(current, logged)]
-        loss_sum, n_correct, grad_norm_sum, n_finite, n_skipped, n_samples = window
-        if on_log is None or n_finite + n_skipped == 0:
-            return
-        values = {"loss": loss_sum / n_finite if n_finite else math.nan,
-                  "grad_norm": grad_norm_sum / n_finite if n_finite else math.nan,
-                  "learning_rate": float(learning_rate), "steps": int(n_finite + n_skipped),
-                  "skipped": int(n_skipped), "batch": batch_index, "epoch": epoch}
-        if has_accuracy:
-            values["accuracy"] = 100.0 * n_correct / n_samples if n_samples else math.nan
-        on_log(step, values)
+    def log(window):
+        if on_log is not None and window is not None:
+            window = {key: value for key, value in window.items() if value is not None and key != "samples"}
+            on_log(step, {**window, "learning_rate": sums.learning_rate, "batch": sums.batches - 1, "epoch": epoch})
 
     model.train()
     started = time.perf_counter() - (resume["seconds"] if resume is not None else 0.0)
     stopped = not distributed and stop_requested()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     for batch in ([] if stopped else bar):
-        batch = on_device(batch)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            output = loss_fn(model, batch)
-        loss, n_correct, n_samples = (output, None, None) if torch.is_tensor(output) else output
-        if n_samples is None:  # the first dimension of the batch's first tensor
-            first = batch
-            while not torch.is_tensor(first):
-                first = next(iter(first.values())) if isinstance(first, dict) else first[0]
-            n_samples = first.shape[0]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        if grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-        learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step uses, before scheduler.step()
-        if scaler.is_enabled():  # an enabled GradScaler skips a non-finite step by itself
-            scaler.step(optimizer)
-        elif getattr(optimizer, "_step_supports_amp_scaling", False):
-            # Fused Adam/AdamW take the skip flag on the device, as GradScaler passes it: through the
-            # optimiser attributes grad_scale / found_inf, read by their step(). torch has no public
-            # argument for this; test_fused_optimizer_still_reads_found_inf fails if that changes.
-            optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
-            try:
-                optimizer.step()
-            finally:
-                del optimizer.grad_scale, optimizer.found_inf
-        elif finite:  # any other optimiser: one host read, only to skip
-            optimizer.step()
-        scaler.update()
-        if scheduler is not None:
-            scheduler.step()
-        for ema_group, group in ema_groups.values():
-            ema_model.multi_avg_fn(ema_group, group, ema_model.n_averaged)
-        if ema_model is not None:
-            if ema_groups:
-                ema_model.n_averaged += 1
-            else:
-                ema_model.update_parameters(model)
-        has_accuracy = n_correct is not None
-        correct = n_correct.detach().double() if torch.is_tensor(n_correct) else zero + (n_correct or 0)
-        totals += torch.stack([torch.where(finite, loss.detach().double(), zero), correct,
-                               torch.where(finite, grad_norm.detach().double(), zero),
-                               finite.double(), (~finite).double(), zero + n_samples])
-        step, batch_index = step + 1, batch_index + 1
+        sums.add(train_step(model, batch, optimizer, loss_fn, amp_dtype=amp_dtype, scaler=scaler, device=device,
+                            scheduler=scheduler, ema_model=ema_model, grad_clip=grad_clip))
+        step += 1
         at_log_point = step % log_every == 0
         if at_log_point:
-            current = totals.tolist()  # the one host-device sync, at log points only
-            emit(current)
-            logged = current
-            bar.set_postfix(loss=f"{current[0] / max(current[3], 1):.4f}")  # the epoch's running mean
-        if distributed:
-            if at_log_point:  # every rank must stop at the same step, or the next collective hangs
-                flag = torch.tensor(float(stop_requested()), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopped = flag.item() > 0
-        else:
+            log(sums.close_window())
+            bar.set_postfix(loss=f"{sums.logged[0] / max(sums.logged[3], 1):.4f}")  # the epoch's running mean
+        if not distributed:
             stopped = stop_requested()
+        elif at_log_point:  # every rank must stop at the same step, or the next collective hangs
+            flag = torch.tensor(float(stop_requested()), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopped = flag.item() > 0
         if stopped:
             break
     bar.close()
-    current = totals.tolist()
-    state = None
-    if stopped:
-        sums = torch.stack([totals, torch.tensor(logged, dtype=torch.float64, device=device)])
-        if distributed:
-            gathered = [torch.zeros_like(sums) for _ in range(world_size)]
-            dist.all_gather(gathered, sums)
-            sums = torch.stack(gathered)
-        else:
-            sums = sums[None]
-        state = {"totals": sums[:, 0].cpu(), "logged": sums[:, 1].cpu(), "batches": batch_index + 1,
-                 "has_accuracy": has_accuracy, "learning_rate": float(learning_rate),
-                 "seconds": time.perf_counter() - started}
-    else:
-        emit(current)  # the epoch's last, partial window
-    if distributed:  # every rank returns the means over all ranks
-        epoch_sums = torch.tensor(current, dtype=torch.float64, device=device)
-        dist.all_reduce(epoch_sums)
-        current = epoch_sums.tolist()
-    loss_sum, n_correct, grad_norm_sum, n_finite, n_skipped, n_samples = current
-    return {"loss": loss_sum / n_finite if n_finite else math.nan,
-            "accuracy": 100.0 * n_correct / n_samples if has_accuracy and n_samples else None,
-            "grad_norm": grad_norm_sum / n_finite if n_finite else math.nan,
-            "steps": step - start_step, "skipped": int(n_skipped), "samples": int(n_samples), "step": step,
-            "seconds": time.perf_counter() - started, "stopped": stopped, "state": state}
+    state = {**sums.state_dict(), "seconds": time.perf_counter() - started} if stopped else None
+    if not stopped:
+        log(sums.close_window())  # the epoch's last, partial window
+    means = sums.means()
+    return {**means, "steps": step - start_step, "step": step, "seconds": time.perf_counter() - started,
+            "stopped": stopped, "state": state}
 
 
 def validate(model, loader, loss_fn, *, device=None, amp=None, progress=False):
     """Evaluate `model` on `loader` in inference mode; returns {"loss", "accuracy", "samples"}.
 
-    loss_fn as in train_epoch; the loss is the per-sample mean, accuracy is percent (None when
-    loss_fn gives no counts). Under torch.distributed the sums are all-reduced, so every rank
+    loss_fn and autocast as in train_epoch; the loss is the per-sample mean, accuracy is percent (None
+    when loss_fn gives no counts). Under torch.distributed the sums are all-reduced, so every rank
     returns the metrics of the whole (sharded) validation set. The model's train/eval mode is restored.
     Usage: metrics = validate(model, val_loader, classification_loss(nn.CrossEntropyLoss()))
+    Copy with: autocast_dtype, _forward, to_device, rank_and_world_size
     """
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    if amp is None:
-        amp = device.type == "cuda"
-    dtype = None if not amp else (torch.float16 if device.type == "cuda" and not
-                                  torch.cuda.is_bf16_supported(including_emulation=False) else torch.bfloat16)
-
-    def on_device(batch):
-        if torch.is_tensor(batch):
-            return batch.to(device, non_blocking=True)
-        if isinstance(batch, (list, tuple)):
-            return type(batch)(on_device(item) for item in batch)
-        if isinstance(batch, dict):
-            return {key: on_device(value) for key, value in batch.items()}
-        return batch
-
-    was_training = model.training
+    amp_dtype, was_training = autocast_dtype(device, amp), model.training
     model.eval()
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n_samples, n_correct, n_samples
-    has_accuracy = False
+    totals, has_accuracy = torch.zeros(3, dtype=torch.float64, device=device), False  # loss * n, n_correct, n
     with torch.inference_mode():
         for batch in tqdm(loader, desc="validate", disable=not progress, leave=False):
-            batch = on_device(batch)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                output = loss_fn(model, batch)
-            loss, n_correct, n_samples = (output, None, None) if torch.is_tensor(output) else output
-            if n_samples is None:  # the first dimension of the batch's first tensor
-                first = batch
-                while not torch.is_tensor(first):
-                    first = next(iter(first.values())) if isinstance(first, dict) else first[0]
-                n_samples = first.shape[0]
+            loss, n_correct, n_samples = _forward(model, batch, loss_fn, amp_dtype, device)
             has_accuracy = n_correct is not None
-            correct = n_correct.double() if torch.is_tensor(n_correct) else zero + (n_correct or 0)
-            totals += torch.stack([loss.double() * n_samples, correct, zero + n_samples])
+            totals += torch.stack([loss.double() * n_samples, zero + (0 if n_correct is None else n_correct),
+                                   zero + n_samples])
     model.train(was_training)
-    if dist.is_available() and dist.is_initialized():
+    if rank_and_world_size()[1] > 1:
         dist.all_reduce(totals)
     loss_sum, n_correct, n_samples = totals.tolist()
     return {"loss": loss_sum / n_samples if n_samples else math.nan,
@@ -1120,6 +1132,20 @@ def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def exit_stopped(stop, state, path, *, script, argv, where=""):
+    """End a run that `stop` (stop_on_signals) has stopped: rank 0 saves `state` to `path` and prints
+    the command that continues from it (resume_command); every rank exits with 128 + the signal's
+    number, as a shell reports a process ended by that signal (143 for SIGTERM, 130 for Ctrl-C).
+    Usage: if stats["stopped"]: exit_stopped(stop, state, "runs/flow/last.pt", script=__file__, argv=sys.argv[1:])
+    Copy with: save_checkpoint, write_atomically, resume_command, rank_and_world_size
+    """
+    rank, world_size = rank_and_world_size()
+    if rank == 0:
+        save_checkpoint(state, path)
+        print(f"stopped{where}; continue with:\n  {resume_command(script, argv, path, world_size)}", flush=True)
+    raise SystemExit(128 + (stop.signal or signal.SIGTERM))
 
 
 def capture_rng_state():
@@ -1161,10 +1187,12 @@ def gather_from_ranks(value):
     [value] when not distributed; every rank must call it.
 
     Usage: state["rng"] = gather_from_ranks(capture_rng_state()); ...; restore_rng_state(state["rng"][rank])
+    Copy with: rank_and_world_size
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    world_size = rank_and_world_size()[1]
+    if world_size == 1:
         return [value]
-    values = [None] * dist.get_world_size()
+    values = [None] * world_size
     dist.all_gather_object(values, value)
     return values
 
@@ -1757,7 +1785,7 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
     Copy with: file_sha256, feature_statistics, inception_features, _preprocess, _resize_like_tensorflow,
       _image_batches, _folder_batches, _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA,
       _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path,
-      _hub_cached_file, load_checkpoint, _save_npz
+      _hub_cached_file, load_checkpoint, _save_npz, write_atomically
     """
     weights_path = fid_weights_path(weights_path)
     weights_hash = file_sha256(weights_path)
@@ -1778,21 +1806,7 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
 
 
 def _save_npz(path, **arrays):
-    # np.savez atomically: a temporary file in the same folder, renamed over `path`, so a crash never
-    # leaves a truncated file that a later run would take for a result
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, partial_path = tempfile.mkstemp(prefix=".statistics.", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as partial_file:
-            np.savez(partial_file, **arrays)
-            partial_file.flush()
-            os.fsync(partial_file.fileno())
-        os.replace(partial_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(partial_path)
-        raise
+    return write_atomically(path, lambda file: np.savez(file, **arrays))
 
 
 def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, device="cpu",
@@ -2130,15 +2144,13 @@ def log_classification_report(run, probs, labels, class_names, *, images=None, t
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(state, path):
-    """torch.save `state` to `path` atomically: written to a temporary file `.NAME.*.tmp` in the same
-    folder, flushed to disk, then renamed over `path`, so a crash never leaves a truncated checkpoint
-    and a failed save (a full disk) leaves the previous file as it was. The file gets the permissions
-    of the user's umask, like any file Python opens.
-
-    Raises OSError naming the path when the write fails; a full disk (also when torch's zip writer turns
-    it into a RuntimeError) is one OSError(ENOSPC) line, "no space left ...".
-    Usage: save_checkpoint({"model": model.state_dict(), "step": step}, "checkpoints/last.pt")
+def write_atomically(path, write):
+    """Create `path` through write(file) on a temporary `.NAME.*.tmp` file beside it (binary), flushed
+    to disk and then renamed over `path`: a crash never leaves a truncated file, and a failed write
+    leaves the previous file as it was. The file gets the permissions of the user's umask, like any
+    file Python opens. A full disk is one OSError(ENOSPC), "no space left ..." (also when torch's zip
+    writer turns it into a RuntimeError of its own). Returns `path` as a Path.
+    Usage: write_atomically("runs/fire/submission.txt", lambda file: file.write("a.jpg\t无风险\n".encode()))
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -2146,19 +2158,27 @@ def save_checkpoint(state, path):
     try:
         # os.open applies the umask to 0o666 (tempfile.mkstemp would leave the file 0600)
         with os.fdopen(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as temp_file:
-            torch.save(state, temp_file)
+            write(temp_file)
             temp_file.flush()
             os.fsync(temp_file.fileno())
         os.replace(temp_path, path)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp_path)
-        # torch's zip writer raises a RuntimeError of its own on top of the OSError of a full disk
         if any(isinstance(each, OSError) and each.errno == errno.ENOSPC for each in (error, error.__context__)):
             raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
                                         f"the previous file there is unchanged") from None
         raise
     return path
+
+
+def save_checkpoint(state, path):
+    """torch.save `state` to `path` atomically (write_atomically): a crash or a full disk never leaves
+    a truncated checkpoint, and the previous file stays as it was until the new one is complete.
+    Usage: save_checkpoint({"model": model.state_dict(), "step": step}, "checkpoints/last.pt")
+    Copy with: write_atomically
+    """
+    return write_atomically(path, lambda file: torch.save(state, file))
 
 
 def load_checkpoint(path, map_location="cpu"):
