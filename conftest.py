@@ -143,12 +143,21 @@ def paste_alone(*names, module_path=Path(__file__).resolve().parent / "wbflow.py
     """Execute wbflow's import block plus the source of `names` alone in a fresh namespace, as a user
     who pastes those definitions into their own file would, and return that namespace."""
     import ast
-    import inspect
-    import wbflow
-    tree = ast.parse(module_path.read_text())
-    import_block = "\n".join(ast.get_source_segment(module_path.read_text(), node) for node in tree.body
+    source = module_path.read_text()
+    lines, tree = source.splitlines(), ast.parse(source)
+    import_block = "\n".join(ast.get_source_segment(source, node) for node in tree.body
                              if isinstance(node, (ast.Import, ast.ImportFrom)))
-    sources = [inspect.getsource(getattr(wbflow, name)) for name in names]
+
+    def defines(node):
+        return {getattr(node, "name", None)} | {target.id for target in getattr(node, "targets", [])
+                                                if isinstance(target, ast.Name)}
+
+    def segment(node):  # with its decorators
+        first = min([node.lineno] + [decorator.lineno for decorator in getattr(node, "decorator_list", [])])
+        return "\n".join(lines[first - 1:node.end_lineno])
+
+    # in the module's order: a constant or a base class comes before what uses it
+    sources = [segment(node) for node in tree.body if defines(node) & set(names)]
     namespace = {"__name__": "pasted"}
     exec(compile(import_block + "\n\n" + "\n\n".join(sources), "<pasted>", "exec"), namespace)
     return namespace

@@ -235,20 +235,7 @@ def test_kid_of_a_set_against_itself_is_near_zero_and_needs_enough_images():
         wbflow.kid(features, features, subset_size=100)
 
 
-# ----------------------------------------------------------------------------- the copy rule
-
-def test_weights_constants_equal_what_fid_weights_path_spells_out(tmp_path, monkeypatch):
-    assert wbflow.FID_WEIGHTS_URL.endswith("/" + wbflow.FID_WEIGHTS_FILE)
-    monkeypatch.delenv(wbflow.FID_WEIGHTS_ENV, raising=False)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    seen = []
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, *args, **kwargs: seen.append(url))
-    assert wbflow.fid_weights_path() == os.path.join(str(tmp_path), "checkpoints", wbflow.FID_WEIGHTS_FILE)
-    assert seen == [wbflow.FID_WEIGHTS_URL]
-    monkeypatch.setenv(wbflow.FID_WEIGHTS_ENV, str(tmp_path / "from_env.pth"))
-    with pytest.raises(FileNotFoundError, match="from_env.pth"):
-        wbflow.fid_weights_path()
-
+# ----------------------------------------------------------------------------- the weights
 
 def test_loading_the_inception_draws_nothing_from_the_global_generator(weights_path):
     torch.manual_seed(0)

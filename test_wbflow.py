@@ -664,9 +664,22 @@ def test_missing_weights_file_names_it(tmp_path):
         wbflow.load_fid_inception(tmp_path / "absent.pth")
 
 
-def test_weights_path_can_come_from_the_environment(weights_path, monkeypatch):
-    monkeypatch.setenv(wbflow.FID_WEIGHTS_ENV, weights_path)
+def test_weights_path_comes_from_the_argument_then_the_environment_then_the_hub_cache(weights_path, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setenv("WBFLOW_FID_WEIGHTS", weights_path)
     assert wbflow.fid_weights_path() == weights_path
+    (tmp_path / "other.pth").write_bytes(b"")
+    assert wbflow.fid_weights_path(tmp_path / "other.pth") == str(tmp_path / "other.pth")  # the argument wins
+    monkeypatch.setenv("WBFLOW_FID_WEIGHTS", str(tmp_path / "from_env.pth"))
+    with pytest.raises(FileNotFoundError, match="from_env.pth"):
+        wbflow.fid_weights_path()
+    monkeypatch.delenv("WBFLOW_FID_WEIGHTS")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    downloaded = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, *args, **kwargs: downloaded.append(url))
+    assert wbflow.fid_weights_path() == os.path.join(str(tmp_path), "checkpoints", "pt_inception-2015-12-05-6726825d.pth")
+    assert downloaded == ["https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                          "pt_inception-2015-12-05-6726825d.pth"]
 
 
 def test_fid_refuses_images_outside_zero_one_and_wrong_shapes(inception):

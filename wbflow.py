@@ -1312,16 +1312,8 @@ def per_class_precision_recall(y_true, y_pred, num_classes):
     return precision, recall, support
 
 
-# fid_weights_path spells these three out again so that it can be pasted alone; a test keeps them equal.
-FID_WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-    "pt_inception-2015-12-05-6726825d.pth"
-)
-
-
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-
-
+FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"
 FID_WEIGHTS_ENV = "WBFLOW_FID_WEIGHTS"
 
 
@@ -1402,18 +1394,15 @@ def fid_weights_path(weights_path=None):
     """Path of the FID Inception weights: argument, then $WBFLOW_FID_WEIGHTS, then the torch hub
     cache, downloading pytorch-fid's release file there once when online.
     Usage: path = fid_weights_path()  # e.g. ~/.cache/torch/hub/checkpoints/pt_inception-...pth
-    Copy with: _hub_cached_file
+    Copy with: FID_WEIGHTS_ENV, FID_WEIGHTS_FILE, FID_WEIGHTS_URL, _hub_cached_file
     """
-    file_name = "pt_inception-2015-12-05-6726825d.pth"
-    url = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{file_name}"
-    path = weights_path or os.environ.get("WBFLOW_FID_WEIGHTS")
+    path = weights_path or os.environ.get(FID_WEIGHTS_ENV)
     if path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"FID Inception weights file {path!r} does not exist; expected "
-                                    f"pytorch-fid's {file_name} from {url}")
+                                    f"pytorch-fid's {FID_WEIGHTS_FILE} from {FID_WEIGHTS_URL}")
         return str(path)
-    return _hub_cached_file(url, "the FID Inception weights",
-                            "pass weights_path=... or set $WBFLOW_FID_WEIGHTS")
+    return _hub_cached_file(FID_WEIGHTS_URL, "the FID Inception weights", f"pass weights_path=... or set ${FID_WEIGHTS_ENV}")
 
 
 def load_fid_inception(weights_path=None, device="cpu", fuse=True):
@@ -1424,8 +1413,9 @@ def load_fid_inception(weights_path=None, device="cpu", fuse=True):
     channels_last: faster, same features within float32 rounding, but its state_dict no longer
     matches the weights file.
     Usage: inception = load_fid_inception("pt_inception-2015-12-05-6726825d.pth", device="cuda")
-    Copy with: FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool,
-      _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
+    Copy with: _hub_cached_file, FID_WEIGHTS_FILE, FID_WEIGHTS_URL, FID_WEIGHTS_ENV, _FIDInceptionA,
+      _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, FIDInceptionV3,
+      fid_weights_path, load_checkpoint
     """
     path = fid_weights_path(weights_path)
     state_dict = load_checkpoint(path)
@@ -1570,9 +1560,10 @@ def inception_features(images, inception=None, *, resize="tensorflow", batch_siz
     saving them to PNG does, so a number is the same as for the saved files; quantize=False feeds
     the unrounded floats instead. progress=True shows a tqdm bar of the batches.
     Usage: features, logits = inception_features(images_uint8, load_fid_inception(device="cuda"))
-    Copy with: _preprocess, _resize_like_tensorflow, _image_batches, _folder_batches, _gather_across_ranks,
-      load_fid_inception, FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool,
-      _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
+    Copy with: _hub_cached_file, FID_WEIGHTS_FILE, FID_WEIGHTS_URL, FID_WEIGHTS_ENV, _FIDInceptionA,
+      _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, FIDInceptionV3,
+      fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess, _image_batches,
+      _folder_batches, _gather_across_ranks, load_checkpoint
     """
     from tqdm.auto import tqdm
     if inception is None:
@@ -1701,10 +1692,11 @@ def fid(real, fake, *, resize="tensorflow", batch_size=50, device="cpu", num_ima
     gets the FID over all of them; features and statistics are taken as given. Fewer than two
     images on a side, or an .npz that holds no mu and sigma, is a ValueError.
     Usage: score = fid("stats/cifar10-train-tensorflow-6726825d.npz", samples_uint8, device="cuda")
-    Copy with: feature_statistics, frechet_distance, inception_features, _preprocess, _resize_like_tensorflow,
-      _image_batches, _folder_batches, _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA,
-      _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path,
-      _hub_cached_file, load_checkpoint, _npz_statistics
+    Copy with: _hub_cached_file, FID_WEIGHTS_FILE, FID_WEIGHTS_URL, FID_WEIGHTS_ENV, _FIDInceptionA,
+      _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, FIDInceptionV3,
+      fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess, _image_batches,
+      _folder_batches, _gather_across_ranks, inception_features, feature_statistics, frechet_distance,
+      _npz_statistics, load_checkpoint
     """
     statistics = []
     for source in (real, fake):
@@ -1735,9 +1727,10 @@ def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef
     Each side: features (N, D), or images / batches / a folder as for fid (float images rounded to
     uint8 first unless quantize=False), which need the network.
     Usage: kid_mean, kid_std = kid(real_uint8, samples_uint8, subset_size=100)
-    Copy with: inception_features, _preprocess, _resize_like_tensorflow, _image_batches, _folder_batches,
-      _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
-      _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
+    Copy with: _hub_cached_file, FID_WEIGHTS_FILE, FID_WEIGHTS_URL, FID_WEIGHTS_ENV, _FIDInceptionA,
+      _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, FIDInceptionV3,
+      fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess, _image_batches,
+      _folder_batches, _gather_across_ranks, inception_features, load_checkpoint
     """
     if subset_size < 2 or subsets < 1:  # the unbiased MMD divides by subset_size * (subset_size - 1)
         raise ValueError(f"KID needs subsets >= 1 of subset_size >= 2 images, got subsets={subsets}, "
@@ -1782,10 +1775,11 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
     Float images are rounded to uint8 first, as for fid (quantize=False skips that); progress=True
     shows a bar of the Inception batches.
     Usage: cifar10_statistics = save_statistics(train_images_uint8, "stats", "cifar10-train"); score = fid(cifar10_statistics, samples_uint8)
-    Copy with: file_sha256, feature_statistics, inception_features, _preprocess, _resize_like_tensorflow,
-      _image_batches, _folder_batches, _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA,
-      _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path,
-      _hub_cached_file, load_checkpoint, _save_npz, write_atomically
+    Copy with: _hub_cached_file, FID_WEIGHTS_FILE, FID_WEIGHTS_URL, FID_WEIGHTS_ENV, _FIDInceptionA,
+      _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, FIDInceptionV3,
+      fid_weights_path, load_fid_inception, file_sha256, _resize_like_tensorflow, _preprocess,
+      _image_batches, _folder_batches, _gather_across_ranks, inception_features, feature_statistics,
+      _save_npz, write_atomically, load_checkpoint
     """
     weights_path = fid_weights_path(weights_path)
     weights_hash = file_sha256(weights_path)
@@ -1817,9 +1811,10 @@ def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, de
     images: as for fid (float images rounded to uint8 first unless quantize=False; a folder too),
     or precomputed unbiased logits (N, 1008), which need no network.
     Usage: is_mean, is_std = inception_score(samples_uint8, device="cuda")
-    Copy with: inception_features, _preprocess, _resize_like_tensorflow, _image_batches, _folder_batches,
-      _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
-      _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
+    Copy with: _hub_cached_file, FID_WEIGHTS_FILE, FID_WEIGHTS_URL, FID_WEIGHTS_ENV, _FIDInceptionA,
+      _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, FIDInceptionV3,
+      fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess, _image_batches,
+      _folder_batches, _gather_across_ranks, inception_features, load_checkpoint
     """
     if torch.is_tensor(images) and images.dim() == 2:
         logits = images
