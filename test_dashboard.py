@@ -131,6 +131,21 @@ def test_log_artifact_versions_one_collection_without_staging_copies(offline_wan
     assert staging_bytes(tmp_path / "data") < 1_000_000 / 10  # the three 1 MB files were not copied
 
 
+def test_offline_save_best_keeps_each_versions_file_for_wandb_sync(offline_wandb, tmp_path, monkeypatch):
+    from conftest import read_records
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
+    best = None
+    with wbflow.wandb_run(project="test") as run:
+        for epoch, val_acc in enumerate([50.0, 60.0, 70.0]):
+            best, _ = wbflow.save_best({"epoch": epoch}, val_acc, best, tmp_path / "best_model.pth", run=run)
+    [record_file] = glob.glob(str(offline_wandb / "wandb" / "offline-run-*" / "run-*.wandb"))
+    run_logs(offline_wandb)
+    staged = [entry.local_path for record in read_records(record_file) if record.WhichOneof("record_type") == "artifact"
+              for entry in record.artifact.manifest.contents]
+    # what `wandb sync` uploads for each version is that version's model, not the file's last state
+    assert [wbflow.load_checkpoint(path)["epoch"] for path in staged] == [0, 1, 2]
+
+
 def test_train_flow_artifacts_are_versions_of_one_model_collection(offline_wandb, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
     train_flow.main(["--smoke", "--epochs", "2", "--out-dir", str(tmp_path / "out"),

@@ -1844,6 +1844,87 @@ def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, de
 
 # ----------------------------------------------------------------------------- images & W&B
 
+class _GuardedRun:
+    """Calls on `target` (a wandb Run, its summary, ...) that warn once instead of raising; falsy, and
+    doing nothing, when `target` is None."""
+
+    def __init__(self, target, failures):
+        self._target, self._failures = target, failures
+
+    def __bool__(self):
+        return self._target is not None
+
+    def _guard(self, what, call, *args, **kwargs):
+        if self._target is None:
+            return None
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
+            if not self._failures:
+                print(f"wbflow: W&B {what} failed ({type(error).__name__}: {error}); training goes on, "
+                      "further W&B errors are not shown", file=sys.stderr)
+            self._failures.append(error)
+            return None
+
+    def __call__(self, *args, **kwargs):
+        return self._guard("call", self._target, *args, **kwargs)
+
+    def __setitem__(self, key, value):
+        self._guard(f"[{key!r}] = ...", lambda: self._target.__setitem__(key, value))
+
+    def __getattr__(self, name):
+        if self._target is None:
+            return self
+        value = getattr(self._target, name)
+        if callable(value):
+            return lambda *args, **kwargs: self._guard(name, value, *args, **kwargs)
+        plain = isinstance(value, (str, bytes, int, float, bool, type(None), list, tuple, dict, os.PathLike))
+        return value if plain else _GuardedRun(value, self._failures)
+
+
+def _wandb_logged_in(settings):
+    """Whether wandb.init finds credentials for settings.base_url without prompting."""
+    # wandb has no public call for this: wandb.login(prompt=False) asks the server whom the key belongs to
+    # (it prints the name) and wandb.Api() prompts. read_netrc_auth is private API, named here only;
+    # test_dashboard.py's credential test fails if wandb moves it.
+    from wandb.sdk.lib.wbauth import read_netrc_auth
+    return bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
+                or settings.api_key or read_netrc_auth(host=settings.base_url))
+
+
+def _open_run(wandb, init_timeout, init_kwargs):
+    """wandb.init(**init_kwargs), offline without credentials (WANDB_MODE unset) or when the server does not answer."""
+    settings = wandb.setup().settings  # what wandb.init reads: settings files and WANDB_* variables
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None and not _wandb_logged_in(settings):
+        mode = "offline"
+        print(f"wbflow: no W&B credentials for {settings.base_url} (WANDB_API_KEY or `wandb login`), "
+              "logging offline", file=sys.stderr)
+    # WANDB_DIR is read here, not left to wandb, which caches settings for the life of the process.
+    # wandb-core writes the record to disk every x_transaction_log_flush_interval seconds (wandb >= 0.31, an
+    # experimental setting; 15 by default) and when the run finishes, so flush_run can wait for it at an epoch's
+    # end; test_edges_infra.py's flush test fails if wandb drops it
+    flush = ({"x_transaction_log_flush_interval": 0.1}
+             if "x_transaction_log_flush_interval" in wandb.Settings.model_fields else {})
+    init_kwargs = {"dir": os.environ.get("WANDB_DIR"), "settings": wandb.Settings(init_timeout=init_timeout, **flush),
+                   **init_kwargs}
+    runs_dir = Path(init_kwargs["dir"] or settings.root_dir) / "wandb"
+    before = set(runs_dir.glob("run-*"))
+    try:
+        run = wandb.init(mode=mode, **init_kwargs)
+    except wandb.errors.CommError as error:  # a key but no server: keep the whole record offline
+        for folder in set(runs_dir.glob("run-*")) - before:  # the failed attempt: no record to sync, but
+            for record in folder.glob("*.wandb"):           # its logs stay, which wandb names at exit
+                record.unlink(missing_ok=True)
+        print(f"wbflow: W&B server {settings.base_url} did not answer ({str(error).splitlines()[0]}), "
+              "logging offline", file=sys.stderr)
+        run = wandb.init(mode="offline", **init_kwargs)
+    if run.offline:
+        print(f"wbflow: W&B is offline; upload this run later with: wandb sync {run.settings.sync_dir}",
+              file=sys.stderr)
+    return run
+
+
 @contextlib.contextmanager
 def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_timeout=10, **init_kwargs):
     """Open a W&B run for a `with` block and always finish it; yields the run behind a guard.
@@ -1861,90 +1942,22 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
     keyword arguments go to wandb.init (entity, name, tags, notes...). The run finishes with exit code 1
     if the block raises.
     Usage: with wandb_run({"lr": 2e-4}, project="flow") as run: run.log({"loss": 0.1}, step=1)
+    Copy with: _GuardedRun, _open_run, _wandb_logged_in, rank_and_world_size
     """
-    class GuardedRun:
-        """Calls on `target` (a wandb Run, its summary, ...) that warn once instead of raising."""
-
-        def __init__(self, target, failures):
-            self._target, self._failures = target, failures
-
-        def __bool__(self):
-            return self._target is not None
-
-        def _guard(self, what, call, *args, **kwargs):
-            if self._target is None:
-                return None
-            try:
-                return call(*args, **kwargs)
-            except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
-                if not self._failures:
-                    print(f"wbflow: W&B {what} failed ({type(error).__name__}: {error}); training goes on, "
-                          "further W&B errors are not shown", file=sys.stderr)
-                self._failures.append(error)
-                return None
-
-        def __call__(self, *args, **kwargs):
-            return self._guard("call", self._target, *args, **kwargs)
-
-        def __setitem__(self, key, value):
-            self._guard(f"[{key!r}] = ...", lambda: self._target.__setitem__(key, value))
-
-        def __getattr__(self, name):
-            if self._target is None:
-                return self
-            value = getattr(self._target, name)
-            if isinstance(value, (str, bytes, int, float, bool, type(None), list, tuple, dict, os.PathLike)):
-                return value
-            return GuardedRun(value, self._failures) if not callable(value) else (
-                lambda *args, **kwargs: self._guard(name, value, *args, **kwargs))
-
-    def open_run(wandb):
-        from wandb.sdk.lib import wbauth
-        settings = wandb.setup().settings  # what wandb.init reads: settings files and WANDB_* variables
-        logged_in = (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
-                     or settings.api_key or wbauth.read_netrc_auth(host=settings.base_url))
-        mode = os.environ.get("WANDB_MODE")
-        if mode is None and not logged_in:
-            mode = "offline"
-            print(f"wbflow: no W&B credentials for {settings.base_url} (WANDB_API_KEY or `wandb login`), "
-                  "logging offline", file=sys.stderr)
-        # WANDB_DIR is read here, not left to wandb, which caches settings for the life of the process.
-        # wandb-core writes the record to disk every x_transaction_log_flush_interval seconds (wandb >= 0.31;
-        # 15 by default) and when the run finishes, so flush_run can wait for it at an epoch's end
-        flush = ({"x_transaction_log_flush_interval": 0.1}
-                 if "x_transaction_log_flush_interval" in wandb.Settings.model_fields else {})
-        kwargs = {"dir": os.environ.get("WANDB_DIR"), "resume": "allow" if run_id else None,
-                  "settings": wandb.Settings(init_timeout=init_timeout, **flush), **init_kwargs}
-        runs_dir = Path(kwargs["dir"] or settings.root_dir) / "wandb"
-        before = set(runs_dir.glob("run-*"))
-        try:
-            run = wandb.init(project=project, config=config, mode=mode, id=run_id, **kwargs)
-        except wandb.errors.CommError as error:  # a key but no server: keep the whole record offline
-            for folder in set(runs_dir.glob("run-*")) - before:  # the failed attempt: no record to sync, but
-                for record in folder.glob("*.wandb"):           # its logs stay, which wandb names at exit
-                    record.unlink(missing_ok=True)
-            print(f"wbflow: W&B server {settings.base_url} did not answer ({str(error).splitlines()[0]}), "
-                  "logging offline", file=sys.stderr)
-            run = wandb.init(project=project, config=config, mode="offline", id=run_id, **kwargs)
-        if run.offline:
-            print(f"wbflow: W&B is offline; upload this run later with: wandb sync {run.settings.sync_dir}",
-                  file=sys.stderr)
-        return run
-
     run = None
-    main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    if enabled and main_process and os.environ.get("WANDB_MODE") != "disabled":
+    if enabled and rank_and_world_size()[0] == 0 and os.environ.get("WANDB_MODE") != "disabled":
         try:
             import wandb
         except ImportError:
             print("wbflow: wandb is not installed, so W&B logging is off (pip install wandb)", file=sys.stderr)
         else:
             try:
-                run = open_run(wandb)
+                run = _open_run(wandb, init_timeout, {"project": project, "config": config, "id": run_id,
+                                                      "resume": "allow" if run_id else None, **init_kwargs})
             except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
                 print(f"wbflow: wandb.init failed ({type(error).__name__}: {error}); W&B logging is off",
                       file=sys.stderr)
-    guarded = GuardedRun(run, [])
+    guarded = _GuardedRun(run, [])
     try:
         yield guarded
     except BaseException:
@@ -2053,24 +2066,22 @@ def sample_grid(images, nrow=None):
     ready for wandb.Image or a PNG; nrow defaults to a square layout.
 
     Usage: grid = sample_grid(samples[:64])  # 8 x 8 images
+    Copy with: images_to_uint8
     """
-    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    if images.dtype != torch.uint8:  # images_to_uint8, inlined so that sample_grid pastes alone
-        images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow, padding=2)
+    images = images if images.dtype == torch.uint8 else images_to_uint8(images)
+    grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow or math.ceil(math.sqrt(len(images))), padding=2)
     return grid.permute(1, 2, 0).numpy()
 
 
 def save_png(grid_uint8, path):
-    """Write a uint8 (H, W, C) array as a PNG (PIL), creating the folder; returns the path.
+    """Write a uint8 (H, W, C) array as a PNG (PIL) atomically (write_atomically), creating the folder;
+    returns the path as a Path.
 
     Usage: save_png(sample_grid(samples), "checkpoints/samples/epoch_0010.png")
+    Copy with: write_atomically
     """
     from PIL import Image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid_uint8).save(path)
-    return path
+    return write_atomically(path, lambda file: Image.fromarray(grid_uint8).save(file, format="PNG"))
 
 
 def log_image_grid(run, key, grid_uint8, *, step=None, caption=None):
@@ -2293,15 +2304,16 @@ def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None
     """Save `state` to `path` only when `metric` beats `best`; returns (new_best, improved).
 
     mode="max" (accuracy) or "min" (loss); best=None means nothing saved yet; a NaN metric never
-    improves. On improvement the file is replaced atomically (temporary file, fsync, rename),
-    `best_<name>` goes to run.summary, and the file becomes a new version of the model artifact
-    `artifact_name` (default f"model-{run.id}", one collection per run) with aliases "best",
-    "latest" and `aliases` (e.g. f"epoch-{epoch}"), metadata {name: metric, **metadata}. Online
-    it is uploaded from `path`; an offline run keeps a copy per version for `wandb sync`, since
-    `path` is overwritten by the next best. Under torch.distributed only rank 0 writes; every rank
+    improves. On improvement the file is replaced atomically (save_checkpoint), `best_<name>` goes
+    to run.summary, and the file becomes a new version of the model artifact `artifact_name`
+    (default f"model-{run.id}", one collection per run; log_artifact) with aliases "best", "latest"
+    and `aliases` (e.g. f"epoch-{epoch}"), metadata {name: metric, **metadata}. Online it is
+    uploaded from `path`; an offline run keeps a copy per version for `wandb sync` (policy="mutable"),
+    since `path` is overwritten by the next best. Under torch.distributed only rank 0 writes; every rank
     gets the same return value.
     Usage: best_acc, improved = save_best(state, val_acc, best_acc, "checkpoints/best_model.pth", run=run,
                                           aliases=(f"epoch-{epoch}",), metadata={"epoch": epoch})
+    Copy with: log_artifact, rank_and_world_size, save_checkpoint, write_atomically
     """
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', not {mode!r}")
@@ -2310,31 +2322,12 @@ def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None
         best is None or math.isnan(best) or (metric > best if mode == "max" else metric < best))
     if not improved:
         return best, False
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # save_checkpoint's atomic write, inlined so that save_best can be pasted alone
-        temp_path = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        try:
-            with os.fdopen(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as temp_file:
-                torch.save(state, temp_file)
-                temp_file.flush()
-                os.fsync(temp_file.fileno())
-            os.replace(temp_path, path)
-        except BaseException as error:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temp_path)
-            if any(isinstance(each, OSError) and each.errno == errno.ENOSPC for each in (error, error.__context__)):
-                raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
-                                            f"the previous file there is unchanged") from None
-            raise
+    if rank_and_world_size()[0] == 0:
+        save_checkpoint(state, path)
         if run:
-            import wandb
             run.summary[f"best_{name}"] = metric
-            artifact = wandb.Artifact(artifact_name or f"model-{run.id}", type="model",
-                                      metadata={name: metric, **(metadata or {})})
-            artifact.add_file(str(path), policy="mutable" if run.settings.mode == "offline" else "immutable")
-            run.log_artifact(artifact, aliases=["best", "latest", *aliases])
+            log_artifact(run, path, artifact_name or f"model-{run.id}", aliases=("best", "latest", *aliases),
+                         metadata={name: metric, **(metadata or {})}, policy="mutable" if run.offline else "immutable")
     return metric, True
 
 
