@@ -1882,30 +1882,25 @@ class _GuardedRun:
         return value if plain else _GuardedRun(value, self._failures)
 
 
-def _wandb_logged_in(settings):
-    """Whether wandb.init finds credentials for settings.base_url without prompting."""
-    # wandb has no public call for this: wandb.login(prompt=False) asks the server whom the key belongs to
-    # (it prints the name) and wandb.Api() prompts. read_netrc_auth is private API, named here only;
-    # test_dashboard.py's credential test fails if wandb moves it.
-    from wandb.sdk.lib.wbauth import read_netrc_auth
-    return bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
-                or settings.api_key or read_netrc_auth(host=settings.base_url))
-
-
 def _open_run(wandb, init_timeout, init_kwargs):
     """wandb.init(**init_kwargs), offline without credentials (WANDB_MODE unset) or when the server does not answer."""
+    # wandb has no public call that says whether wandb.init finds credentials without prompting:
+    # wandb.login(prompt=False) asks the server whom the key belongs to, wandb.Api() prompts. read_netrc_auth is
+    # private API, named here only; test_a_netrc_entry_for_the_configured_host_counts_as_credentials fails if it moves
+    from wandb.sdk.lib.wbauth import read_netrc_auth
     settings = wandb.setup().settings  # what wandb.init reads: settings files and WANDB_* variables
     mode = os.environ.get("WANDB_MODE")
-    if mode is None and not _wandb_logged_in(settings):
+    if mode is None and not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
+                             or settings.api_key or read_netrc_auth(host=settings.base_url)):
         mode = "offline"
         print(f"wbflow: no W&B credentials for {settings.base_url} (WANDB_API_KEY or `wandb login`), "
               "logging offline", file=sys.stderr)
     # WANDB_DIR is read here, not left to wandb, which caches settings for the life of the process.
-    # wandb-core writes the record to disk every x_transaction_log_flush_interval seconds (wandb >= 0.31, an
-    # experimental setting; 15 by default) and when the run finishes, so flush_run can wait for it at an epoch's
-    # end; test_edges_infra.py's flush test fails if wandb drops it
-    flush = ({"x_transaction_log_flush_interval": 0.1}
-             if "x_transaction_log_flush_interval" in wandb.Settings.model_fields else {})
+    # wandb-core writes the record to disk every x_transaction_log_flush_interval seconds (an experimental
+    # setting of wandb >= 0.31; 15 by default) and when the run finishes: 0.1 lets flush_run wait for it at an
+    # epoch's end. test_flush_run_puts_the_pending_row_on_disk_while_the_run_goes_on fails if wandb drops it.
+    flush_every = "x_transaction_log_flush_interval"
+    flush = {flush_every: 0.1} if flush_every in wandb.Settings.model_fields else {}
     init_kwargs = {"dir": os.environ.get("WANDB_DIR"), "settings": wandb.Settings(init_timeout=init_timeout, **flush),
                    **init_kwargs}
     runs_dir = Path(init_kwargs["dir"] or settings.root_dir) / "wandb"
@@ -1942,7 +1937,7 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
     keyword arguments go to wandb.init (entity, name, tags, notes...). The run finishes with exit code 1
     if the block raises.
     Usage: with wandb_run({"lr": 2e-4}, project="flow") as run: run.log({"loss": 0.1}, step=1)
-    Copy with: _GuardedRun, _open_run, _wandb_logged_in, rank_and_world_size
+    Copy with: _GuardedRun, _open_run, rank_and_world_size
     """
     run = None
     if enabled and rank_and_world_size()[0] == 0 and os.environ.get("WANDB_MODE") != "disabled":
@@ -1980,7 +1975,7 @@ def flush_run(run, timeout=2.0):
     """
     if not run:
         return
-    interval = getattr(run.settings, "x_transaction_log_flush_interval", 0)
+    interval = getattr(run.settings, "x_transaction_log_flush_interval", 0)  # wandb_run's setting
     record = Path(run.settings.sync_file)
     run.log({}, commit=True)
     run.summary.keys()  # a round trip to the service, which has now turned the committed row into a record
@@ -2010,15 +2005,13 @@ def log_model_graph(run, model, example_input, step=None):
 
     Usage: if not log_model_graph(run, model, images[:1]): watch_model(run, model, log_graph=True)
     """
-    try:
-        from torchviz import make_dot
-    except ImportError:
-        make_dot = None
-    if make_dot is None or shutil.which("dot") is None:
+    import importlib.util
+    if importlib.util.find_spec("torchviz") is None or shutil.which("dot") is None:
         print("log_model_graph draws the graph with torchviz and Graphviz (pip install torchviz; "
               "apt-get install graphviz); logging W&B's own graph instead")
         return False
     import wandb
+    from torchviz import make_dot
     was_training = model.training
     model.eval()
     dot = make_dot(model(example_input), params=dict(model.named_parameters()))
@@ -2046,10 +2039,7 @@ def log_artifact(run, path, name, type="model", aliases=("latest",), metadata=No
         return None
     import wandb
     artifact = wandb.Artifact(name, type=type, metadata=dict(metadata or {}))
-    if os.path.isdir(path):
-        artifact.add_dir(str(path), policy=policy)
-    else:
-        artifact.add_file(str(path), policy=policy)
+    (artifact.add_dir if os.path.isdir(path) else artifact.add_file)(str(path), policy=policy)
     return run.log_artifact(artifact, aliases=list(aliases))
 
 
@@ -2229,19 +2219,18 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
     behind are removed.
     Usage: out_dir, earlier_run = prepare_out_dir("checkpoints", resume=args.resume, overwrite=args.overwrite)
            # ... data, model and resume checks ..., then: for path in earlier_run: path.unlink(missing_ok=True)
+    Copy with: rank_and_world_size
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {out_dir} is a file, not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-        probe.touch()
-        probe.unlink(missing_ok=True)  # another rank's sweep of stale .tmp files may have taken it
+        tempfile.TemporaryFile(dir=out_dir).close()  # can this process write there?
     except OSError as error:
         raise ValueError(f"--out-dir {out_dir} is not writable ({error.strerror or error})") from None
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
-    if rank == 0:  # the run's lock; the other ranks of a torchrun run under rank 0's
+    # torchrun's RANK: the drivers prepare the out-dir before the process group starts
+    if int(os.environ.get("RANK", rank_and_world_size()[0])) == 0:  # the run's lock; the other ranks run under it
         lock = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
         try:  # a POSIX lock: this process's (not its forked loader workers'), freed by the kernel when it ends
             fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2256,11 +2245,9 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
             os.ftruncate(lock, 0)
             os.write(lock, str(os.getpid()).encode())
         for stale in out_dir.glob(".*.tmp"):  # only under the lock: a running save's temporary file is not stale
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
+            stale.unlink(missing_ok=True)
     earlier = sorted({path for pattern in patterns for path in out_dir.glob(pattern)})
-    resume_path = Path(resume).resolve() if resume and os.path.isfile(resume) else None
-    if not earlier or (resume_path is not None and resume_path.parent == out_dir.resolve()):
+    if not earlier or (resume and os.path.isfile(resume) and Path(resume).resolve().parent == out_dir.resolve()):
         return out_dir, []
     if overwrite:
         return out_dir, earlier
