@@ -1864,7 +1864,6 @@ class _GuardedRun:
                 print(f"wbflow: W&B {what} failed ({type(error).__name__}: {error}); training goes on, "
                       "further W&B errors are not shown", file=sys.stderr)
             self._failures.append(error)
-            return None
 
     def __call__(self, *args, **kwargs):
         return self._guard("call", self._target, *args, **kwargs)
@@ -1904,13 +1903,12 @@ def _open_run(wandb, init_timeout, init_kwargs):
     init_kwargs = {"dir": os.environ.get("WANDB_DIR"), "settings": wandb.Settings(init_timeout=init_timeout, **flush),
                    **init_kwargs}
     runs_dir = Path(init_kwargs["dir"] or settings.root_dir) / "wandb"
-    before = set(runs_dir.glob("run-*"))
+    records_before = set(runs_dir.glob("run-*/*.wandb"))
     try:
         run = wandb.init(mode=mode, **init_kwargs)
     except wandb.errors.CommError as error:  # a key but no server: keep the whole record offline
-        for folder in set(runs_dir.glob("run-*")) - before:  # the failed attempt: no record to sync, but
-            for record in folder.glob("*.wandb"):           # its logs stay, which wandb names at exit
-                record.unlink(missing_ok=True)
+        for record in set(runs_dir.glob("run-*/*.wandb")) - records_before:  # the failed attempt's: nothing to
+            record.unlink(missing_ok=True)  # sync; its logs stay, which wandb names at exit
         print(f"wbflow: W&B server {settings.base_url} did not answer ({str(error).splitlines()[0]}), "
               "logging offline", file=sys.stderr)
         run = wandb.init(mode="offline", **init_kwargs)
@@ -2092,13 +2090,12 @@ def samples_table(rows, root="."):
     Usage: run.log({"eval/samples_table": samples_table(rows, root="checkpoints")})
     """
     import wandb
-    columns = ["epoch", "solver", "nfe", "seconds", "samples"]
     data = [[row["epoch"], row["solver"], row["nfe"], round(row["seconds"], 3),
              wandb.Image(row["samples"] if not isinstance(row["samples"], (str, os.PathLike))
                          else str(Path(root) / row["samples"]),
                          caption=f"epoch {row['epoch']} {row['solver']} NFE {row['nfe']}")]
             for row in rows]
-    return wandb.Table(columns=columns, data=data)
+    return wandb.Table(columns=["epoch", "solver", "nfe", "seconds", "samples"], data=data)
 
 
 def log_classification_report(run, probs, labels, class_names, *, images=None, table_rows=32, step=None):
@@ -2164,8 +2161,7 @@ def write_atomically(path, write):
             os.fsync(temp_file.fileno())
         os.replace(temp_path, path)
     except BaseException as error:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temp_path)
+        temp_path.unlink(missing_ok=True)
         if any(isinstance(each, OSError) and each.errno == errno.ENOSPC for each in (error, error.__context__)):
             raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
                                         f"the previous file there is unchanged") from None
@@ -2281,8 +2277,7 @@ def rotate_checkpoints(folder, keep=3, *, pattern="checkpoint_epoch_*.pt", metri
     best = min(scores, key=scores.get) if scores else None
     deleted = [path for path in paths[:-keep] if path != best]
     for path in deleted:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        path.unlink(missing_ok=True)
     return deleted
 
 
@@ -2354,13 +2349,8 @@ def resume_command(script, argv, checkpoint, world_size=1):
 
     Usage: print("continue with:", resume_command(__file__, sys.argv[1:], "out/last.pt", world_size))
     """
-    flags, skip = [], False
-    for flag in argv:
-        if not skip and not flag.startswith("--resume="):
-            skip = flag == "--resume"
-            flags += [] if skip else [flag]
-        else:
-            skip = False
+    flags = [flag for index, flag in enumerate(argv)  # without --resume PATH and --resume=PATH
+             if flag != "--resume" and not flag.startswith("--resume=") and argv[index - 1:index] != ["--resume"]]
     launcher = ["torchrun", "--standalone", f"--nproc_per_node={world_size}"] if world_size > 1 else ["python"]
     return shlex.join([*launcher, Path(script).name, *flags, "--resume", str(checkpoint)])
 
@@ -2418,68 +2408,58 @@ def load_yaml_config(path, overrides=(), reference=None):
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ValueError(f"{path} is not valid YAML ({getattr(error, 'problem', None) or error}{where})") from None
-        if config is None and reference is None:
-            return {}
-        if not isinstance(config, dict):
+        if not isinstance(config, dict) and (config is not None or reference is not None):
             raise ValueError(f"{path} is {'empty' if config is None else 'a YAML ' + type(config).__name__}, "
                              f"not a mapping of settings")
-        return config
+        return config or {}
 
-    def fit(value, default):  # value as default's type, else TypeError
-        if isinstance(default, float) and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            with contextlib.suppress(ValueError):
+    def fit(value, default, written):  # value as default's type, else a ValueError naming `written`
+        if isinstance(default, float) and (type(value) is int or isinstance(value, str)):
+            with contextlib.suppress(ValueError):  # an int is a valid float; YAML 1.1 reads "1e-3" as a string
                 value = float(value)
-        if isinstance(default, float) and type(value) is int:
-            return float(value)
-        if isinstance(default, list) and isinstance(value, list) and default:
-            return [fit(item, default[0]) for item in value]
-        if default is not None and type(value) is not type(default):
-            raise TypeError
-        return value
+        listed = isinstance(default, list) and default
+        if listed and isinstance(value, list):
+            with contextlib.suppress(ValueError):  # an item of another type: the whole list is refused below
+                return [fit(item, default[0], written) for item in value]
+        elif default is None or type(value) is type(default):
+            return value
+        kind = f"a list of {type(default[0]).__name__}" if listed else type(default).__name__
+        raise ValueError(f"{written}: expected {kind} like the config's {default!r}, "
+                         f"got {type(value).__name__} {value!r}")
 
-    def fitted(value, default, written):
-        try:
-            return fit(value, default)
-        except TypeError:
-            kind = (f"a list of {type(default[0]).__name__}" if isinstance(default, list) and default
-                    else type(default).__name__)
-            raise ValueError(f"{written}: expected {kind} like the config's {default!r}, "
-                             f"got {type(value).__name__} {value!r}") from None
-
-    def check(section, expected, prefix):  # the file's sections and keys are the reference's, of its types
+    def check(section, expected, prefix=""):  # the file's sections and keys are exactly the reference's
         named = "the reference config" if isinstance(reference, dict) else reference
-        unknown = sorted(set(section) - set(expected), key=str)
-        if unknown:
-            raise ValueError(f"{prefix}{unknown[0]} in {path} is not a key of {named}")
+        mismatched = sorted(set(section) ^ set(expected), key=str)  # keys that the file or the reference lacks
+        if mismatched:
+            key = mismatched[0]
+            raise ValueError(f"{prefix}{key} in {path} is not a key of {named}" if key in section else
+                             f"{path} lacks {prefix}{key} (every section and key of {named} is needed)")
         for key, default in expected.items():
-            if key not in section:
-                raise ValueError(f"{path} lacks {prefix}{key} (every section and key of {named} is needed)")
-            if isinstance(default, dict):
-                if not isinstance(section[key], dict):
-                    raise ValueError(f"{prefix}{key} in {path} is {section[key]!r}, not a section of settings")
-                check(section[key], default, f"{prefix}{key}.")
-            else:
-                section[key] = fitted(section[key], default, f"{prefix}{key}: {section[key]!r} in {path}")
+            if isinstance(default, dict) and not isinstance(section[key], dict):
+                raise ValueError(f"{prefix}{key} in {path} is {section[key]!r}, not a section of settings")
+            section[key] = (check(section[key], default, f"{prefix}{key}.") if isinstance(default, dict)
+                            else fit(section[key], default, f"{prefix}{key}: {section[key]!r} in {path}"))
+        return section
 
     config = read(path)
     if reference is not None:
-        check(config, reference if isinstance(reference, dict) else read(reference), "")
+        check(config, reference if isinstance(reference, dict) else read(reference))
     for override in overrides:
-        dotted, separator, text = override.partition("=")
+        dotted, separator, text = (part.strip() for part in override.partition("="))
         if not separator:
             raise ValueError(f"override {override!r} is not of the form section.key=value")
-        *parents, key = dotted.strip().split(".")
+        *parents, key = dotted.split(".")
         section = config
         for parent in parents:
             section = section.get(parent) if isinstance(section, dict) else None
         if not isinstance(section, dict) or key not in section:
             raise KeyError(f"{dotted!r} is not a key of {path}")
-        default, written = section[key], f"{dotted}={text.strip()}"
         try:
-            value = text.strip() if isinstance(default, str) else yaml.safe_load(text)
+            value = text if isinstance(section[key], str) else yaml.safe_load(text)
         except yaml.YAMLError as error:
-            raise ValueError(f"{written}: not a YAML value ({getattr(error, 'problem', None) or error})") from None
-        section[key] = fitted(value, default, written)
+            raise ValueError(f"{dotted}={text}: not a YAML value "
+                             f"({getattr(error, 'problem', None) or error})") from None
+        section[key] = fit(value, section[key], f"{dotted}={text}")
     return config
 
 
@@ -2488,14 +2468,10 @@ def str2bool(value):
     yes/no, on/off (argparse's type=bool reads "False" as true).
     Usage: parser.add_argument("--watch", type=str2bool, nargs="?", const=True, default=False)
     """
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "t", "yes", "y", "1", "on"):
-        return True
-    if text in ("false", "f", "no", "n", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), not {value!r}")
+    text, true_words = str(value).strip().lower(), ("true", "t", "yes", "y", "1", "on")  # str(True) is "True"
+    if text not in true_words + ("false", "f", "no", "n", "0", "off"):
+        raise argparse.ArgumentTypeError(f"expected a boolean (true/false), not {value!r}")
+    return text in true_words
 
 
 def add_sweep_argument(parser, flag, **kwargs):
