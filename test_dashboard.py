@@ -219,8 +219,8 @@ def logged_out_wandb(tmp_path, monkeypatch):
     """This process's wandb as on a machine without credentials or WANDB_MODE (HOME, netrc and runs under
     tmp_path; no stdin to prompt on), set up afresh: wandb keeps its settings for the life of the process."""
     import wandb
-    for key in [key for key in os.environ if key.startswith(("WANDB_", "NETRC"))]:
-        monkeypatch.delenv(key)
+    for key in [key for key in os.environ if key.startswith(("WANDB_", "NETRC")) and key != "WANDB_SERVICE"]:
+        monkeypatch.delenv(key)  # WANDB_SERVICE, the service's address, is wandb.teardown()'s to remove
     for key, value in {"HOME": tmp_path, "NETRC": tmp_path / "netrc", "WANDB_DIR": tmp_path, "WANDB_SILENT": "true",
                        "WANDB_CONSOLE": "off", "WANDB_DATA_DIR": tmp_path / "data"}.items():
         monkeypatch.setenv(key, str(value))

@@ -1845,8 +1845,8 @@ def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, de
 # ----------------------------------------------------------------------------- images & W&B
 
 class _GuardedRun:
-    """Calls on `target` (a wandb Run, its summary, ...) that warn once instead of raising; falsy, and
-    doing nothing, when `target` is None."""
+    """Calls on `target` (a wandb Run, its summary, its methods, ...) that warn once instead of raising;
+    falsy, and doing nothing, when `target` is None."""
 
     def __init__(self, target, failures):
         self._target, self._failures = target, failures
@@ -1854,35 +1854,31 @@ class _GuardedRun:
     def __bool__(self):
         return self._target is not None
 
-    def _guard(self, what, call, *args, **kwargs):
+    def __call__(self, *args, **kwargs):
         if self._target is None:
             return None
         try:
-            return call(*args, **kwargs)
+            return self._target(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
             if not self._failures:
-                print(f"wbflow: W&B {what} failed ({type(error).__name__}: {error}); training goes on, "
-                      "further W&B errors are not shown", file=sys.stderr)
+                print(f"wbflow: W&B {getattr(self._target, '__name__', 'call')} failed ({type(error).__name__}: "
+                      f"{error}); training goes on, further W&B errors are not shown", file=sys.stderr)
             self._failures.append(error)
 
-    def __call__(self, *args, **kwargs):
-        return self._guard("call", self._target, *args, **kwargs)
-
-    def __setitem__(self, key, value):
-        self._guard(f"[{key!r}] = ...", lambda: self._target.__setitem__(key, value))
+    def __setitem__(self, key, value):  # run.summary[key] = value
+        self.__getattr__("__setitem__")(key, value)
 
     def __getattr__(self, name):
         if self._target is None:
             return self
-        value = getattr(self._target, name)
-        if callable(value):
-            return lambda *args, **kwargs: self._guard(name, value, *args, **kwargs)
-        plain = isinstance(value, (str, bytes, int, float, bool, type(None), list, tuple, dict, os.PathLike))
-        return value if plain else _GuardedRun(value, self._failures)
+        value = getattr(self._target, name)  # plain values (run.id, settings.mode) as they are
+        return (_GuardedRun(value, self._failures) if callable(value) or type(value).__module__.startswith("wandb")
+                else value)
 
 
-def _open_run(wandb, init_timeout, init_kwargs):
+def _open_run(init_timeout, init_kwargs):
     """wandb.init(**init_kwargs), offline without credentials (WANDB_MODE unset) or when the server does not answer."""
+    import wandb
     # wandb has no public call that says whether wandb.init finds credentials without prompting:
     # wandb.login(prompt=False) asks the server whom the key belongs to, wandb.Api() prompts. read_netrc_auth is
     # private API, named here only; test_a_netrc_entry_for_the_configured_host_counts_as_credentials fails if it moves
@@ -1940,16 +1936,13 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
     run = None
     if enabled and rank_and_world_size()[0] == 0 and os.environ.get("WANDB_MODE") != "disabled":
         try:
-            import wandb
-        except ImportError:
-            print("wbflow: wandb is not installed, so W&B logging is off (pip install wandb)", file=sys.stderr)
-        else:
-            try:
-                run = _open_run(wandb, init_timeout, {"project": project, "config": config, "id": run_id,
-                                                      "resume": "allow" if run_id else None, **init_kwargs})
-            except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
-                print(f"wbflow: wandb.init failed ({type(error).__name__}: {error}); W&B logging is off",
-                      file=sys.stderr)
+            run = _open_run(init_timeout, {"project": project, "config": config, "id": run_id,
+                                           "resume": "allow" if run_id else None, **init_kwargs})
+        except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
+            missing = isinstance(error, ModuleNotFoundError) and error.name == "wandb"
+            why = ("wandb is not installed (pip install wandb)" if missing
+                   else f"wandb.init failed ({type(error).__name__}: {error})")
+            print(f"wbflow: {why}; W&B logging is off", file=sys.stderr)
     guarded = _GuardedRun(run, [])
     try:
         yield guarded
