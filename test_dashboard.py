@@ -19,6 +19,7 @@ import train_fire
 import train_flow
 import wbflow
 from conftest import run_logs
+from test_guard import FLOW_SMOKE
 
 HERE = Path(__file__).resolve().parent
 
@@ -126,9 +127,11 @@ def test_log_artifact_versions_one_collection_without_staging_copies(offline_wan
             wbflow.log_artifact(run, path, f"model-{run.id}", aliases=["latest", f"epoch-{epoch}"] + ["best"] * (epoch == 2),
                                 metadata={"epoch": epoch, "global_step": 10 * epoch})
     [log] = run_logs(offline_wandb)
-    assert [a["name"] for a in log.artifacts] == [f"model-{log.run_id}"] * 3
+    assert [(a["name"], a["type"], a["files"]) for a in log.artifacts] == [
+        (f"model-{log.run_id}", "model", [f"checkpoint_epoch_{epoch}.pt"]) for epoch in (1, 2, 3)]
     assert [set(a["aliases"]) for a in log.artifacts] == [
         {"latest", "epoch-1"}, {"latest", "epoch-2", "best"}, {"latest", "epoch-3"}]
+    assert [a["metadata"] for a in log.artifacts] == [{"epoch": epoch, "global_step": 10 * epoch} for epoch in (1, 2, 3)]
     assert staging_bytes(tmp_path / "data") < 1_000_000 / 10  # the three 1 MB files were not copied
 
 
@@ -149,8 +152,7 @@ def test_offline_save_best_keeps_each_versions_file_for_wandb_sync(offline_wandb
 
 def test_train_flow_artifacts_are_versions_of_one_model_collection(offline_wandb, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
-    train_flow.main(["--smoke", "--epochs", "2", "--out-dir", str(tmp_path / "out"),
-                     "--set", "data.max_images=64", "--set", "sampling.table_nfes=[1]"])
+    train_flow.main(FLOW_SMOKE + ["--epochs", "2", "--out-dir", str(tmp_path / "out")])
     [log] = run_logs(offline_wandb)
     models = [a for a in log.artifacts if a["type"] == "model"]
     assert [a["name"] for a in models] == [f"model-{log.run_id}"] * 2
@@ -188,7 +190,7 @@ def test_fetch_checkpoint_resolves_the_best_alias_of_the_run_collection(tmp_path
 # ----------------------------------------------------------------------------- samples table after a move
 
 def test_flow_samples_table_builds_after_a_resume_from_a_moved_out_dir(offline_wandb, tmp_path, monkeypatch):
-    flags = ["--smoke", "--epochs", "2", "--set", "data.max_images=64", "--set", "sampling.table_nfes=[1]"]
+    flags = FLOW_SMOKE + ["--epochs", "2"]
     save_checkpoint = wbflow.save_checkpoint
 
     def save_then_die(state, path):
@@ -207,7 +209,7 @@ def test_flow_samples_table_builds_after_a_resume_from_a_moved_out_dir(offline_w
     killed, resumed = run_logs(offline_wandb)
     assert resumed.exit_code == 0
     [table] = resumed.values("eval/samples_table")
-    assert table["nrows"] == 4  # 2 epochs x (euler 1 + rk45)
+    assert table["nrows"] == 2  # 2 epochs x euler 1
     rows = wbflow.load_checkpoint(tmp_path / "moved" / "checkpoint_epoch_2.pt")["table_rows"]
     assert all(not Path(row["samples"]).is_absolute() for row in rows)
 

@@ -333,19 +333,6 @@ def test_watch_model_refuses_log_freq_below_100_and_logs_histograms(offline_wand
     assert run_logs(offline_wandb)[0].values(gradients)[0]["_type"] == "histogram"
 
 
-def test_log_artifact_records_name_type_aliases_and_metadata(offline_wandb, tmp_path):
-    path = tmp_path / "weights.pt"
-    torch.save({"w": torch.ones(2)}, path)
-    with wbflow.wandb_run(project="test") as run:
-        wbflow.log_artifact(run, path, "model-epoch-3", aliases=("latest", "best"),
-                            metadata={"epoch": 3, "global_step": 120})
-    [artifact] = run_logs(offline_wandb)[0].artifacts
-    assert artifact["name"] == "model-epoch-3" and artifact["type"] == "model"
-    assert set(artifact["aliases"]) == {"latest", "best"}
-    assert artifact["metadata"] == {"epoch": 3, "global_step": 120}
-    assert artifact["files"] == ["weights.pt"]
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_load_checkpoint_round_trips_tensors_and_plain_values(tmp_path):

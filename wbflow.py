@@ -2004,8 +2004,7 @@ def log_model_graph(run, model, example_input, step=None):
     import wandb
     from torchviz import make_dot
     was_training = model.training
-    model.eval()
-    dot = make_dot(model(example_input), params=dict(model.named_parameters()))
+    dot = make_dot(model.eval()(example_input), params=dict(model.named_parameters()))
     model.train(was_training)
     with tempfile.TemporaryDirectory() as folder:
         png = dot.render(Path(folder) / "model_graph", format="png")
