@@ -278,7 +278,7 @@ def unreachable_server_run(tmp_path_factory):
 def test_a_key_without_a_reachable_server_starts_fast_and_keeps_the_record_offline(unreachable_server_run):
     result, started_after, wandb_dir, _ = unreachable_server_run
     # init_timeout=10 (wandb's default is 90 s), plus wandb's two 5 s account lookups when its output is on
-    assert started_after < 30
+    assert started_after < 45
     [log] = run_logs(wandb_dir)
     assert log.values("train/loss") == [1.0, 0.5, 1.0 / 3] and log.config["lr"] == 0.1 and log.exit_code == 0
     [folder] = glob.glob(str(wandb_dir / "wandb" / "offline-run-*"))
