@@ -2421,9 +2421,7 @@ def load_yaml_config(path, overrides=(), reference=None):
 
     def check(section, expected, prefix=""):  # the file's sections and keys are exactly the reference's
         named = "the reference config" if isinstance(reference, dict) else reference
-        mismatched = sorted(set(section) ^ set(expected), key=str)  # keys that the file or the reference lacks
-        if mismatched:
-            key = mismatched[0]
+        for key in sorted(set(section) ^ set(expected), key=str)[:1]:  # the first that the file or the reference lacks
             raise ValueError(f"{prefix}{key} in {path} is not a key of {named}" if key in section else
                              f"{path} lacks {prefix}{key} (every section and key of {named} is needed)")
         for key, default in expected.items():
