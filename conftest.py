@@ -145,8 +145,9 @@ def paste_alone(*names, module_path=Path(__file__).resolve().parent / "wbflow.py
     import ast
     import inspect
     import wbflow
-    tree = ast.parse(module_path.read_text())
-    import_block = "\n".join(ast.get_source_segment(module_path.read_text(), node) for node in tree.body
+    source = module_path.read_text()
+    lines = source.splitlines()  # sliced by line numbers: ast.get_source_segment splits the source again per node
+    import_block = "\n".join("\n".join(lines[node.lineno - 1:node.end_lineno]) for node in ast.parse(source).body
                              if isinstance(node, (ast.Import, ast.ImportFrom)))
     sources = [inspect.getsource(getattr(wbflow, name)) for name in names]
     namespace = {"__name__": "pasted"}

@@ -586,6 +586,8 @@ def _(check_checkpoint, tmp_path, fixture):
 def _(resume_command, tmp_path, fixture):
     assert resume_command("train.py", ["--resume", "a.pt", "--epochs", "3"], "b.pt") == \
         "python train.py --epochs 3 --resume b.pt"
+    assert resume_command("train.py", ["--resume=a.pt", "--epochs", "3"], "b b.pt", world_size=2) == \
+        "torchrun --standalone --nproc_per_node=2 train.py --epochs 3 --resume 'b b.pt'"
 
 
 @call("fetch_checkpoint")

@@ -261,40 +261,17 @@ def test_train_epoch_and_validate_all_reduce_and_only_rank_0_saves_best(tmp_path
 
 # ----------------------------------------------------------------------------- W&B run helper
 
-def _run_clean_python(code, tmp_path, extra_env=None):
-    """Run `code` in a fresh interpreter with no W&B variables, no credentials and no stdin."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
-    env.update({"HOME": str(tmp_path), "NETRC": str(tmp_path / "no-netrc"), "WANDB_DIR": str(tmp_path),
-                "PYTHONPATH": str(HERE), **(extra_env or {})})
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=180)
-
-
-def test_wandb_run_without_wandb_installed_warns_once_and_trains(tmp_path):
-    code = ("import sys; sys.modules['wandb'] = None\n"
-            "import torch, wbflow\n"
-            "with wbflow.wandb_run({'a': 1}) as run:\n"
-            "    model = torch.nn.Linear(2, 1)\n"
-            "    stats = wbflow.train_epoch(model, [torch.randn(4, 2)], torch.optim.SGD(model.parameters(), lr=0.1),\n"
-            "        lambda m, b: m(b).pow(2).mean(), log_every=1, progress=False)\n"
-            "    run.log({'x': 1}); print('run', bool(run), 'steps', stats['steps'])\n")
-    result = _run_clean_python(code, tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "run False steps 1" in result.stdout
-    warnings = [line for line in result.stderr.splitlines() if "wandb" in line]
+def test_wandb_run_without_wandb_installed_warns_once_and_trains(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with wbflow.wandb_run({"a": 1}) as run:
+        model = torch.nn.Linear(2, 1)
+        stats = wbflow.train_epoch(model, [torch.randn(4, 2)], torch.optim.SGD(model.parameters(), lr=0.1),
+                                   lambda m, b: m(b).pow(2).mean(), log_every=1, progress=False)
+        run.log({"x": 1})
+        run.summary["best"] = 1.0
+    assert not run and stats["steps"] == 1
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "wandb" in line]
     assert len(warnings) == 1 and "not installed" in warnings[0]
-
-
-def test_wandb_run_without_credentials_falls_back_to_offline_without_prompting(tmp_path):
-    code = ("import wbflow\n"
-            "with wbflow.wandb_run({'a': 1}, project='p') as run:\n"
-            "    run.log({'x': 1.0})\n"
-            "    print('offline', run.settings.mode)\n")
-    result = _run_clean_python(code, tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "offline offline" in result.stdout
-    assert "wandb sync" in result.stderr
-    assert glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
 
 
 @pytest.mark.parametrize("enabled, mode", [(False, "offline"), (True, "disabled")])
@@ -354,19 +331,6 @@ def test_watch_model_refuses_log_freq_below_100_and_logs_histograms(offline_wand
     [gradients] = [key for key in set().union(*run_logs(offline_wandb)[0].history)
                    if key.startswith("gradients/") and key.endswith("weight")]
     assert run_logs(offline_wandb)[0].values(gradients)[0]["_type"] == "histogram"
-
-
-def test_log_artifact_records_name_type_aliases_and_metadata(offline_wandb, tmp_path):
-    path = tmp_path / "weights.pt"
-    torch.save({"w": torch.ones(2)}, path)
-    with wbflow.wandb_run(project="test") as run:
-        wbflow.log_artifact(run, path, "model-epoch-3", aliases=("latest", "best"),
-                            metadata={"epoch": 3, "global_step": 120})
-    [artifact] = run_logs(offline_wandb)[0].artifacts
-    assert artifact["name"] == "model-epoch-3" and artifact["type"] == "model"
-    assert set(artifact["aliases"]) == {"latest", "best"}
-    assert artifact["metadata"] == {"epoch": 3, "global_step": 120}
-    assert artifact["files"] == ["weights.pt"]
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -1844,6 +1844,76 @@ def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, de
 
 # ----------------------------------------------------------------------------- images & W&B
 
+class _GuardedRun:
+    """Calls on `target` (a wandb Run, its summary, its methods, ...) that warn once instead of raising;
+    falsy, and doing nothing, when `target` is None."""
+
+    def __init__(self, target, failures):
+        self._target, self._failures = target, failures
+
+    def __bool__(self):
+        return self._target is not None
+
+    def __call__(self, *args, **kwargs):
+        if self._target is None:
+            return None
+        try:
+            return self._target(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
+            if not self._failures:
+                print(f"wbflow: W&B {getattr(self._target, '__name__', 'call')} failed ({type(error).__name__}: "
+                      f"{error}); training goes on, further W&B errors are not shown", file=sys.stderr)
+            self._failures.append(error)
+
+    def __setitem__(self, key, value):  # run.summary[key] = value
+        self.__getattr__("__setitem__")(key, value)
+
+    def __getattr__(self, name):
+        if self._target is None:
+            return self
+        value = getattr(self._target, name)  # plain values (run.id, settings.mode) as they are
+        return (_GuardedRun(value, self._failures) if callable(value) or type(value).__module__.startswith("wandb")
+                else value)
+
+
+def _open_run(init_timeout, init_kwargs):
+    """wandb.init(**init_kwargs), offline without credentials (WANDB_MODE unset) or when the server does not answer."""
+    import wandb
+    # wandb has no public call that says whether wandb.init finds credentials without prompting:
+    # wandb.login(prompt=False) asks the server whom the key belongs to, wandb.Api() prompts. read_netrc_auth is
+    # private API, named here only; test_a_netrc_entry_for_the_configured_host_counts_as_credentials fails if it moves
+    from wandb.sdk.lib.wbauth import read_netrc_auth
+    settings = wandb.setup().settings  # what wandb.init reads: settings files and WANDB_* variables
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None and not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
+                             or settings.api_key or read_netrc_auth(host=settings.base_url)):
+        mode = "offline"
+        print(f"wbflow: no W&B credentials for {settings.base_url} (WANDB_API_KEY or `wandb login`), "
+              "logging offline", file=sys.stderr)
+    # WANDB_DIR is read here, not left to wandb, which caches settings for the life of the process.
+    # wandb-core writes the record to disk every x_transaction_log_flush_interval seconds (an experimental
+    # setting of wandb >= 0.31; 15 by default) and when the run finishes: 0.1 lets flush_run wait for it at an
+    # epoch's end. test_flush_run_puts_the_pending_row_on_disk_while_the_run_goes_on fails if wandb drops it.
+    flush_every = "x_transaction_log_flush_interval"
+    flush = {flush_every: 0.1} if flush_every in wandb.Settings.model_fields else {}
+    init_kwargs = {"dir": os.environ.get("WANDB_DIR"), "settings": wandb.Settings(init_timeout=init_timeout, **flush),
+                   **init_kwargs}
+    runs_dir = Path(init_kwargs["dir"] or settings.root_dir) / "wandb"
+    records_before = set(runs_dir.glob("run-*/*.wandb"))
+    try:
+        run = wandb.init(mode=mode, **init_kwargs)
+    except wandb.errors.CommError as error:  # a key but no server: keep the whole record offline
+        for record in set(runs_dir.glob("run-*/*.wandb")) - records_before:  # the failed attempt's: nothing to
+            record.unlink(missing_ok=True)  # sync; its logs stay, which wandb names at exit
+        print(f"wbflow: W&B server {settings.base_url} did not answer ({str(error).splitlines()[0]}), "
+              "logging offline", file=sys.stderr)
+        run = wandb.init(mode="offline", **init_kwargs)
+    if run.offline:
+        print(f"wbflow: W&B is offline; upload this run later with: wandb sync {run.settings.sync_dir}",
+              file=sys.stderr)
+    return run
+
+
 @contextlib.contextmanager
 def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_timeout=10, **init_kwargs):
     """Open a W&B run for a `with` block and always finish it; yields the run behind a guard.
@@ -1861,90 +1931,19 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
     keyword arguments go to wandb.init (entity, name, tags, notes...). The run finishes with exit code 1
     if the block raises.
     Usage: with wandb_run({"lr": 2e-4}, project="flow") as run: run.log({"loss": 0.1}, step=1)
+    Copy with: _GuardedRun, _open_run, rank_and_world_size
     """
-    class GuardedRun:
-        """Calls on `target` (a wandb Run, its summary, ...) that warn once instead of raising."""
-
-        def __init__(self, target, failures):
-            self._target, self._failures = target, failures
-
-        def __bool__(self):
-            return self._target is not None
-
-        def _guard(self, what, call, *args, **kwargs):
-            if self._target is None:
-                return None
-            try:
-                return call(*args, **kwargs)
-            except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
-                if not self._failures:
-                    print(f"wbflow: W&B {what} failed ({type(error).__name__}: {error}); training goes on, "
-                          "further W&B errors are not shown", file=sys.stderr)
-                self._failures.append(error)
-                return None
-
-        def __call__(self, *args, **kwargs):
-            return self._guard("call", self._target, *args, **kwargs)
-
-        def __setitem__(self, key, value):
-            self._guard(f"[{key!r}] = ...", lambda: self._target.__setitem__(key, value))
-
-        def __getattr__(self, name):
-            if self._target is None:
-                return self
-            value = getattr(self._target, name)
-            if isinstance(value, (str, bytes, int, float, bool, type(None), list, tuple, dict, os.PathLike)):
-                return value
-            return GuardedRun(value, self._failures) if not callable(value) else (
-                lambda *args, **kwargs: self._guard(name, value, *args, **kwargs))
-
-    def open_run(wandb):
-        from wandb.sdk.lib import wbauth
-        settings = wandb.setup().settings  # what wandb.init reads: settings files and WANDB_* variables
-        logged_in = (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
-                     or settings.api_key or wbauth.read_netrc_auth(host=settings.base_url))
-        mode = os.environ.get("WANDB_MODE")
-        if mode is None and not logged_in:
-            mode = "offline"
-            print(f"wbflow: no W&B credentials for {settings.base_url} (WANDB_API_KEY or `wandb login`), "
-                  "logging offline", file=sys.stderr)
-        # WANDB_DIR is read here, not left to wandb, which caches settings for the life of the process.
-        # wandb-core writes the record to disk every x_transaction_log_flush_interval seconds (wandb >= 0.31;
-        # 15 by default) and when the run finishes, so flush_run can wait for it at an epoch's end
-        flush = ({"x_transaction_log_flush_interval": 0.1}
-                 if "x_transaction_log_flush_interval" in wandb.Settings.model_fields else {})
-        kwargs = {"dir": os.environ.get("WANDB_DIR"), "resume": "allow" if run_id else None,
-                  "settings": wandb.Settings(init_timeout=init_timeout, **flush), **init_kwargs}
-        runs_dir = Path(kwargs["dir"] or settings.root_dir) / "wandb"
-        before = set(runs_dir.glob("run-*"))
-        try:
-            run = wandb.init(project=project, config=config, mode=mode, id=run_id, **kwargs)
-        except wandb.errors.CommError as error:  # a key but no server: keep the whole record offline
-            for folder in set(runs_dir.glob("run-*")) - before:  # the failed attempt: no record to sync, but
-                for record in folder.glob("*.wandb"):           # its logs stay, which wandb names at exit
-                    record.unlink(missing_ok=True)
-            print(f"wbflow: W&B server {settings.base_url} did not answer ({str(error).splitlines()[0]}), "
-                  "logging offline", file=sys.stderr)
-            run = wandb.init(project=project, config=config, mode="offline", id=run_id, **kwargs)
-        if run.offline:
-            print(f"wbflow: W&B is offline; upload this run later with: wandb sync {run.settings.sync_dir}",
-                  file=sys.stderr)
-        return run
-
     run = None
-    main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    if enabled and main_process and os.environ.get("WANDB_MODE") != "disabled":
+    if enabled and rank_and_world_size()[0] == 0 and os.environ.get("WANDB_MODE") != "disabled":
         try:
-            import wandb
-        except ImportError:
-            print("wbflow: wandb is not installed, so W&B logging is off (pip install wandb)", file=sys.stderr)
-        else:
-            try:
-                run = open_run(wandb)
-            except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
-                print(f"wbflow: wandb.init failed ({type(error).__name__}: {error}); W&B logging is off",
-                      file=sys.stderr)
-    guarded = GuardedRun(run, [])
+            run = _open_run(init_timeout, {"project": project, "config": config, "id": run_id,
+                                           "resume": "allow" if run_id else None, **init_kwargs})
+        except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
+            missing = isinstance(error, ModuleNotFoundError) and error.name == "wandb"
+            why = ("wandb is not installed (pip install wandb)" if missing
+                   else f"wandb.init failed ({type(error).__name__}: {error})")
+            print(f"wbflow: {why}; W&B logging is off", file=sys.stderr)
+    guarded = _GuardedRun(run, [])
     try:
         yield guarded
     except BaseException:
@@ -1967,7 +1966,7 @@ def flush_run(run, timeout=2.0):
     """
     if not run:
         return
-    interval = getattr(run.settings, "x_transaction_log_flush_interval", 0)
+    interval = getattr(run.settings, "x_transaction_log_flush_interval", 0)  # wandb_run's setting
     record = Path(run.settings.sync_file)
     run.log({}, commit=True)
     run.summary.keys()  # a round trip to the service, which has now turned the committed row into a record
@@ -1997,18 +1996,15 @@ def log_model_graph(run, model, example_input, step=None):
 
     Usage: if not log_model_graph(run, model, images[:1]): watch_model(run, model, log_graph=True)
     """
-    try:
-        from torchviz import make_dot
-    except ImportError:
-        make_dot = None
-    if make_dot is None or shutil.which("dot") is None:
+    import importlib.util
+    if importlib.util.find_spec("torchviz") is None or shutil.which("dot") is None:
         print("log_model_graph draws the graph with torchviz and Graphviz (pip install torchviz; "
               "apt-get install graphviz); logging W&B's own graph instead")
         return False
     import wandb
+    from torchviz import make_dot
     was_training = model.training
-    model.eval()
-    dot = make_dot(model(example_input), params=dict(model.named_parameters()))
+    dot = make_dot(model.eval()(example_input), params=dict(model.named_parameters()))
     model.train(was_training)
     with tempfile.TemporaryDirectory() as folder:
         png = dot.render(Path(folder) / "model_graph", format="png")
@@ -2033,10 +2029,7 @@ def log_artifact(run, path, name, type="model", aliases=("latest",), metadata=No
         return None
     import wandb
     artifact = wandb.Artifact(name, type=type, metadata=dict(metadata or {}))
-    if os.path.isdir(path):
-        artifact.add_dir(str(path), policy=policy)
-    else:
-        artifact.add_file(str(path), policy=policy)
+    (artifact.add_dir if os.path.isdir(path) else artifact.add_file)(str(path), policy=policy)
     return run.log_artifact(artifact, aliases=list(aliases))
 
 
@@ -2053,24 +2046,22 @@ def sample_grid(images, nrow=None):
     ready for wandb.Image or a PNG; nrow defaults to a square layout.
 
     Usage: grid = sample_grid(samples[:64])  # 8 x 8 images
+    Copy with: images_to_uint8
     """
-    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    if images.dtype != torch.uint8:  # images_to_uint8, inlined so that sample_grid pastes alone
-        images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow, padding=2)
+    images = images if images.dtype == torch.uint8 else images_to_uint8(images)
+    grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow or math.ceil(math.sqrt(len(images))), padding=2)
     return grid.permute(1, 2, 0).numpy()
 
 
 def save_png(grid_uint8, path):
-    """Write a uint8 (H, W, C) array as a PNG (PIL), creating the folder; returns the path.
+    """Write a uint8 (H, W, C) array as a PNG (PIL) atomically (write_atomically), creating the folder;
+    returns the path as a Path.
 
     Usage: save_png(sample_grid(samples), "checkpoints/samples/epoch_0010.png")
+    Copy with: write_atomically
     """
     from PIL import Image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid_uint8).save(path)
-    return path
+    return write_atomically(path, lambda file: Image.fromarray(grid_uint8).save(file, format="PNG"))
 
 
 def log_image_grid(run, key, grid_uint8, *, step=None, caption=None):
@@ -2091,13 +2082,12 @@ def samples_table(rows, root="."):
     Usage: run.log({"eval/samples_table": samples_table(rows, root="checkpoints")})
     """
     import wandb
-    columns = ["epoch", "solver", "nfe", "seconds", "samples"]
     data = [[row["epoch"], row["solver"], row["nfe"], round(row["seconds"], 3),
              wandb.Image(row["samples"] if not isinstance(row["samples"], (str, os.PathLike))
                          else str(Path(root) / row["samples"]),
                          caption=f"epoch {row['epoch']} {row['solver']} NFE {row['nfe']}")]
             for row in rows]
-    return wandb.Table(columns=columns, data=data)
+    return wandb.Table(columns=["epoch", "solver", "nfe", "seconds", "samples"], data=data)
 
 
 def log_classification_report(run, probs, labels, class_names, *, images=None, table_rows=32, step=None):
@@ -2163,8 +2153,7 @@ def write_atomically(path, write):
             os.fsync(temp_file.fileno())
         os.replace(temp_path, path)
     except BaseException as error:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temp_path)
+        temp_path.unlink(missing_ok=True)
         if any(isinstance(each, OSError) and each.errno == errno.ENOSPC for each in (error, error.__context__)):
             raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
                                         f"the previous file there is unchanged") from None
@@ -2218,19 +2207,18 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
     behind are removed.
     Usage: out_dir, earlier_run = prepare_out_dir("checkpoints", resume=args.resume, overwrite=args.overwrite)
            # ... data, model and resume checks ..., then: for path in earlier_run: path.unlink(missing_ok=True)
+    Copy with: rank_and_world_size
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {out_dir} is a file, not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-        probe.touch()
-        probe.unlink(missing_ok=True)  # another rank's sweep of stale .tmp files may have taken it
+        tempfile.TemporaryFile(dir=out_dir).close()  # can this process write there?
     except OSError as error:
         raise ValueError(f"--out-dir {out_dir} is not writable ({error.strerror or error})") from None
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
-    if rank == 0:  # the run's lock; the other ranks of a torchrun run under rank 0's
+    # torchrun's RANK: the drivers prepare the out-dir before the process group starts
+    if int(os.environ.get("RANK", rank_and_world_size()[0])) == 0:  # the run's lock; the other ranks run under it
         lock = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
         try:  # a POSIX lock: this process's (not its forked loader workers'), freed by the kernel when it ends
             fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2245,11 +2233,9 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
             os.ftruncate(lock, 0)
             os.write(lock, str(os.getpid()).encode())
         for stale in out_dir.glob(".*.tmp"):  # only under the lock: a running save's temporary file is not stale
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
+            stale.unlink(missing_ok=True)
     earlier = sorted({path for pattern in patterns for path in out_dir.glob(pattern)})
-    resume_path = Path(resume).resolve() if resume and os.path.isfile(resume) else None
-    if not earlier or (resume_path is not None and resume_path.parent == out_dir.resolve()):
+    if not earlier or (resume and os.path.isfile(resume) and Path(resume).resolve().parent == out_dir.resolve()):
         return out_dir, []
     if overwrite:
         return out_dir, earlier
@@ -2283,8 +2269,7 @@ def rotate_checkpoints(folder, keep=3, *, pattern="checkpoint_epoch_*.pt", metri
     best = min(scores, key=scores.get) if scores else None
     deleted = [path for path in paths[:-keep] if path != best]
     for path in deleted:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        path.unlink(missing_ok=True)
     return deleted
 
 
@@ -2293,15 +2278,16 @@ def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None
     """Save `state` to `path` only when `metric` beats `best`; returns (new_best, improved).
 
     mode="max" (accuracy) or "min" (loss); best=None means nothing saved yet; a NaN metric never
-    improves. On improvement the file is replaced atomically (temporary file, fsync, rename),
-    `best_<name>` goes to run.summary, and the file becomes a new version of the model artifact
-    `artifact_name` (default f"model-{run.id}", one collection per run) with aliases "best",
-    "latest" and `aliases` (e.g. f"epoch-{epoch}"), metadata {name: metric, **metadata}. Online
-    it is uploaded from `path`; an offline run keeps a copy per version for `wandb sync`, since
-    `path` is overwritten by the next best. Under torch.distributed only rank 0 writes; every rank
+    improves. On improvement the file is replaced atomically (save_checkpoint), `best_<name>` goes
+    to run.summary, and the file becomes a new version of the model artifact `artifact_name`
+    (default f"model-{run.id}", one collection per run; log_artifact) with aliases "best", "latest"
+    and `aliases` (e.g. f"epoch-{epoch}"), metadata {name: metric, **metadata}. Online it is
+    uploaded from `path`; an offline run keeps a copy per version for `wandb sync` (policy="mutable"),
+    since `path` is overwritten by the next best. Under torch.distributed only rank 0 writes; every rank
     gets the same return value.
     Usage: best_acc, improved = save_best(state, val_acc, best_acc, "checkpoints/best_model.pth", run=run,
                                           aliases=(f"epoch-{epoch}",), metadata={"epoch": epoch})
+    Copy with: log_artifact, rank_and_world_size, save_checkpoint, write_atomically
     """
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', not {mode!r}")
@@ -2310,31 +2296,12 @@ def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None
         best is None or math.isnan(best) or (metric > best if mode == "max" else metric < best))
     if not improved:
         return best, False
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # save_checkpoint's atomic write, inlined so that save_best can be pasted alone
-        temp_path = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        try:
-            with os.fdopen(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as temp_file:
-                torch.save(state, temp_file)
-                temp_file.flush()
-                os.fsync(temp_file.fileno())
-            os.replace(temp_path, path)
-        except BaseException as error:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temp_path)
-            if any(isinstance(each, OSError) and each.errno == errno.ENOSPC for each in (error, error.__context__)):
-                raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
-                                            f"the previous file there is unchanged") from None
-            raise
+    if rank_and_world_size()[0] == 0:
+        save_checkpoint(state, path)
         if run:
-            import wandb
             run.summary[f"best_{name}"] = metric
-            artifact = wandb.Artifact(artifact_name or f"model-{run.id}", type="model",
-                                      metadata={name: metric, **(metadata or {})})
-            artifact.add_file(str(path), policy="mutable" if run.settings.mode == "offline" else "immutable")
-            run.log_artifact(artifact, aliases=["best", "latest", *aliases])
+            log_artifact(run, path, artifact_name or f"model-{run.id}", aliases=("best", "latest", *aliases),
+                         metadata={name: metric, **(metadata or {})}, policy="mutable" if run.offline else "immutable")
     return metric, True
 
 
@@ -2374,13 +2341,8 @@ def resume_command(script, argv, checkpoint, world_size=1):
 
     Usage: print("continue with:", resume_command(__file__, sys.argv[1:], "out/last.pt", world_size))
     """
-    flags, skip = [], False
-    for flag in argv:
-        if not skip and not flag.startswith("--resume="):
-            skip = flag == "--resume"
-            flags += [] if skip else [flag]
-        else:
-            skip = False
+    flags = [flag for index, flag in enumerate(argv)  # without --resume PATH and --resume=PATH
+             if flag != "--resume" and not flag.startswith("--resume=") and argv[index - 1:index] != ["--resume"]]
     launcher = ["torchrun", "--standalone", f"--nproc_per_node={world_size}"] if world_size > 1 else ["python"]
     return shlex.join([*launcher, Path(script).name, *flags, "--resume", str(checkpoint)])
 
@@ -2438,68 +2400,56 @@ def load_yaml_config(path, overrides=(), reference=None):
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ValueError(f"{path} is not valid YAML ({getattr(error, 'problem', None) or error}{where})") from None
-        if config is None and reference is None:
-            return {}
-        if not isinstance(config, dict):
+        if not isinstance(config, dict) and (config is not None or reference is not None):
             raise ValueError(f"{path} is {'empty' if config is None else 'a YAML ' + type(config).__name__}, "
                              f"not a mapping of settings")
-        return config
+        return config or {}
 
-    def fit(value, default):  # value as default's type, else TypeError
-        if isinstance(default, float) and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            with contextlib.suppress(ValueError):
+    def fit(value, default, written):  # value as default's type, else a ValueError naming `written`
+        if isinstance(default, float) and (type(value) is int or isinstance(value, str)):
+            with contextlib.suppress(ValueError):  # an int is a valid float; YAML 1.1 reads "1e-3" as a string
                 value = float(value)
-        if isinstance(default, float) and type(value) is int:
-            return float(value)
-        if isinstance(default, list) and isinstance(value, list) and default:
-            return [fit(item, default[0]) for item in value]
-        if default is not None and type(value) is not type(default):
-            raise TypeError
-        return value
+        listed = isinstance(default, list) and default
+        if listed and isinstance(value, list):
+            with contextlib.suppress(ValueError):  # an item of another type: the whole list is refused below
+                return [fit(item, default[0], written) for item in value]
+        elif default is None or type(value) is type(default):
+            return value
+        kind = f"a list of {type(default[0]).__name__}" if listed else type(default).__name__
+        raise ValueError(f"{written}: expected {kind} like the config's {default!r}, "
+                         f"got {type(value).__name__} {value!r}")
 
-    def fitted(value, default, written):
-        try:
-            return fit(value, default)
-        except TypeError:
-            kind = (f"a list of {type(default[0]).__name__}" if isinstance(default, list) and default
-                    else type(default).__name__)
-            raise ValueError(f"{written}: expected {kind} like the config's {default!r}, "
-                             f"got {type(value).__name__} {value!r}") from None
-
-    def check(section, expected, prefix):  # the file's sections and keys are the reference's, of its types
+    def check(section, expected, prefix=""):  # the file's sections and keys are exactly the reference's
         named = "the reference config" if isinstance(reference, dict) else reference
-        unknown = sorted(set(section) - set(expected), key=str)
-        if unknown:
-            raise ValueError(f"{prefix}{unknown[0]} in {path} is not a key of {named}")
+        for key in sorted(set(section) ^ set(expected), key=str)[:1]:  # the first that the file or the reference lacks
+            raise ValueError(f"{prefix}{key} in {path} is not a key of {named}" if key in section else
+                             f"{path} lacks {prefix}{key} (every section and key of {named} is needed)")
         for key, default in expected.items():
-            if key not in section:
-                raise ValueError(f"{path} lacks {prefix}{key} (every section and key of {named} is needed)")
-            if isinstance(default, dict):
-                if not isinstance(section[key], dict):
-                    raise ValueError(f"{prefix}{key} in {path} is {section[key]!r}, not a section of settings")
-                check(section[key], default, f"{prefix}{key}.")
-            else:
-                section[key] = fitted(section[key], default, f"{prefix}{key}: {section[key]!r} in {path}")
+            if isinstance(default, dict) and not isinstance(section[key], dict):
+                raise ValueError(f"{prefix}{key} in {path} is {section[key]!r}, not a section of settings")
+            section[key] = (check(section[key], default, f"{prefix}{key}.") if isinstance(default, dict)
+                            else fit(section[key], default, f"{prefix}{key}: {section[key]!r} in {path}"))
+        return section
 
     config = read(path)
     if reference is not None:
-        check(config, reference if isinstance(reference, dict) else read(reference), "")
+        check(config, reference if isinstance(reference, dict) else read(reference))
     for override in overrides:
-        dotted, separator, text = override.partition("=")
+        dotted, separator, text = (part.strip() for part in override.partition("="))
         if not separator:
             raise ValueError(f"override {override!r} is not of the form section.key=value")
-        *parents, key = dotted.strip().split(".")
+        *parents, key = dotted.split(".")
         section = config
         for parent in parents:
             section = section.get(parent) if isinstance(section, dict) else None
         if not isinstance(section, dict) or key not in section:
             raise KeyError(f"{dotted!r} is not a key of {path}")
-        default, written = section[key], f"{dotted}={text.strip()}"
         try:
-            value = text.strip() if isinstance(default, str) else yaml.safe_load(text)
+            value = text if isinstance(section[key], str) else yaml.safe_load(text)
         except yaml.YAMLError as error:
-            raise ValueError(f"{written}: not a YAML value ({getattr(error, 'problem', None) or error})") from None
-        section[key] = fitted(value, default, written)
+            raise ValueError(f"{dotted}={text}: not a YAML value "
+                             f"({getattr(error, 'problem', None) or error})") from None
+        section[key] = fit(value, section[key], f"{dotted}={text}")
     return config
 
 
@@ -2508,14 +2458,10 @@ def str2bool(value):
     yes/no, on/off (argparse's type=bool reads "False" as true).
     Usage: parser.add_argument("--watch", type=str2bool, nargs="?", const=True, default=False)
     """
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "t", "yes", "y", "1", "on"):
-        return True
-    if text in ("false", "f", "no", "n", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), not {value!r}")
+    text, true_words = str(value).strip().lower(), ("true", "t", "yes", "y", "1", "on")  # str(True) is "True"
+    if text not in true_words + ("false", "f", "no", "n", "0", "off"):
+        raise argparse.ArgumentTypeError(f"expected a boolean (true/false), not {value!r}")
+    return text in true_words
 
 
 def add_sweep_argument(parser, flag, **kwargs):
