@@ -163,7 +163,6 @@ def check_fid_weights(weights, fid_interval=None):
                          f"to {hub_path}, or anywhere and pass --set eval.fid_weights=PATH{without}") from None
 
 
-
 def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=()):
     data, training, logging = config["data"], config["training"], config["logging"]
     rank, world_size, device = wbflow.setup_distributed()
@@ -252,11 +251,11 @@ def load_images(data, seed, synthetic, say):
         images_uint8 = wbflow.synthetic_images(data["max_images"], seed=seed)
         say(f"smoke: {len(images_uint8)} synthetic images (pass --data-dir to use CIFAR-10)")
     else:
-        for turn in (0, 1):  # rank 0 reads first (and downloads), then the others
-            if (rank == 0) == (turn == 0):
-                images_uint8 = wbflow.load_cifar10(data["data_dir"], download=rank == 0)[0][:data["max_images"]]
-            if world_size > 1:
-                torch.distributed.barrier()
+        if world_size > 1 and rank > 0:  # rank 0 reads first (and downloads), then the others
+            torch.distributed.barrier()
+        images_uint8 = wbflow.load_cifar10(data["data_dir"], download=rank == 0)[0][:data["max_images"]]
+        if world_size > 1 and rank == 0:
+            torch.distributed.barrier()
         say(f"CIFAR-10: {len(images_uint8)} training images from {data['data_dir']}")
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
         wbflow.check_same_on_every_rank({"training images": len(images_uint8)})
