@@ -16,10 +16,8 @@ import pytest
 import torch
 
 import train_fire
-import train_flow
 import wbflow
 from conftest import run_logs
-from test_guard import FLOW_SMOKE
 
 HERE = Path(__file__).resolve().parent
 
@@ -150,21 +148,6 @@ def test_offline_save_best_keeps_each_versions_file_for_wandb_sync(offline_wandb
     assert [wbflow.load_checkpoint(path)["epoch"] for path in staged] == [0, 1, 2]
 
 
-def test_train_flow_artifacts_are_versions_of_one_model_collection(offline_wandb, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
-    train_flow.main(FLOW_SMOKE + ["--epochs", "2", "--out-dir", str(tmp_path / "out")])
-    [log] = run_logs(offline_wandb)
-    models = [a for a in log.artifacts if a["type"] == "model"]
-    assert [a["name"] for a in models] == [f"model-{log.run_id}"] * 2
-    assert {"latest", "best", "epoch-1"} == set(models[0]["aliases"])
-    assert {"latest", "epoch-2"} <= set(models[1]["aliases"])
-    assert models[1]["metadata"]["epoch"] == 2 and models[1]["metadata"]["global_step"] == 4
-    assert "config" in models[1]["metadata"]
-    checkpoint_bytes = (tmp_path / "out" / "checkpoint_epoch_1.pt").stat().st_size
-    assert staging_bytes(tmp_path / "data") < checkpoint_bytes / 4  # tables' media only, no checkpoint copies
-    assert log.summary["train/epoch_loss"] == {"min": min(log.values("train/epoch_loss"))}
-
-
 def test_fetch_checkpoint_resolves_the_best_alias_of_the_run_collection(tmp_path, monkeypatch):
     import wandb
     asked = []
@@ -185,33 +168,6 @@ def test_fetch_checkpoint_resolves_the_best_alias_of_the_run_collection(tmp_path
     assert wbflow.load_checkpoint(wbflow.fetch_checkpoint("model-abc123:best", project="flow"))["epoch"] == 7
     wbflow.fetch_checkpoint("team/flow/model-abc123", project="x")
     assert asked == ["me/flow/model-abc123:best", "team/flow/model-abc123:latest"]
-
-
-# ----------------------------------------------------------------------------- samples table after a move
-
-def test_flow_samples_table_builds_after_a_resume_from_a_moved_out_dir(offline_wandb, tmp_path, monkeypatch):
-    flags = FLOW_SMOKE + ["--epochs", "2"]
-    save_checkpoint = wbflow.save_checkpoint
-
-    def save_then_die(state, path):
-        saved = save_checkpoint(state, path)
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt
-        return saved
-
-    monkeypatch.setattr(wbflow, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_flow.main(flags + ["--out-dir", str(tmp_path / "first")])
-    monkeypatch.setattr(wbflow, "save_checkpoint", save_checkpoint)
-    shutil.move(tmp_path / "first", tmp_path / "moved")  # another machine, or another --out-dir
-    train_flow.main(flags + ["--out-dir", str(tmp_path / "moved"),
-                             "--resume", str(tmp_path / "moved" / "last.pt")])
-    killed, resumed = run_logs(offline_wandb)
-    assert resumed.exit_code == 0
-    [table] = resumed.values("eval/samples_table")
-    assert table["nrows"] == 2  # 2 epochs x euler 1
-    rows = wbflow.load_checkpoint(tmp_path / "moved" / "checkpoint_epoch_2.pt")["table_rows"]
-    assert all(not Path(row["samples"]).is_absolute() for row in rows)
 
 
 # ----------------------------------------------------------------------------- credentials and server

@@ -239,7 +239,7 @@ def _flow_like_checkpoint(path):
 
 
 def test_eval_without_fid_weights_stops_before_sampling(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_flow, "sample", lambda *a, **k: pytest.fail("sampled before checking"))
+    monkeypatch.setattr(wbflow, "sample_images", lambda *a, **k: pytest.fail("sampled before checking"))
     monkeypatch.setenv("WBFLOW_FID_WEIGHTS", str(tmp_path / "absent.pth"))
     checkpoint = _flow_like_checkpoint(tmp_path / "c.pt")
     refused(train_flow.main, ["--eval", "--smoke", "--checkpoint", str(checkpoint)], r"absent\.pth.*does not exist")
@@ -251,7 +251,7 @@ def test_eval_without_cifar10_or_cached_statistics_stops_before_sampling(tmp_pat
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(train_flow, "sample", lambda *a, **k: pytest.fail("sampled before checking"))
+    monkeypatch.setattr(wbflow, "sample_images", lambda *a, **k: pytest.fail("sampled before checking"))
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     (tmp_path / "weights.pth").write_bytes(b"any file: only its hash names the cache")
     monkeypatch.setenv("WBFLOW_FID_WEIGHTS", str(tmp_path / "weights.pth"))

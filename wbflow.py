@@ -10,7 +10,7 @@ Sections, in data-flow order:
   training          autocast_dtype, make_scaler, make_ema, train_step, RunningSums, train_epoch, validate,
                     stop_on_signals, exit_stopped, capture_rng_state, restore_rng_state, gather_from_ranks,
                     predict_dataset
-  sampling          euler_sample, rk45_sample, compare_solvers
+  sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, save_statistics,
                     inception_score, per_class_precision_recall
@@ -821,9 +821,7 @@ def autocast_dtype(device, amp=None):
     Usage: dtype = autocast_dtype(torch.device("cuda"))  # torch.bfloat16 on an A100
     """
     device = torch.device(device)
-    if amp is None:
-        amp = device.type == "cuda"
-    if not amp:
+    if not (device.type == "cuda" if amp is None else amp):
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.float16
@@ -910,10 +908,7 @@ def train_step(model, batch, optimizer, loss_fn, *, amp_dtype=None, scaler=None,
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if grad_clip:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf, foreach=True)  # inf: the norm alone
     finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
     learning_rate = float(optimizer.param_groups[0]["lr"])
     if scaler.is_enabled():  # an enabled GradScaler skips a non-finite step by itself
@@ -985,13 +980,10 @@ class RunningSums:
 
     def state_dict(self):
         sums = torch.stack([self.totals, torch.tensor(self.logged, dtype=torch.float64, device=self.totals.device)])
-        world_size = rank_and_world_size()[1]
-        if world_size > 1:  # every rank's sums: each resumes its own
-            every_rank = [torch.zeros_like(sums) for _ in range(world_size)]
+        every_rank = [sums] + [torch.zeros_like(sums) for _ in range(rank_and_world_size()[1] - 1)]
+        if len(every_rank) > 1:  # every rank's sums: each resumes its own
             dist.all_gather(every_rank, sums)
-            sums = torch.stack(every_rank)
-        else:
-            sums = sums[None]
+        sums = torch.stack(every_rank)
         return {"totals": sums[:, 0].cpu(), "logged": sums[:, 1].cpu(), "batches": self.batches,
                 "has_accuracy": self.has_accuracy, "learning_rate": self.learning_rate}
 
@@ -1033,14 +1025,11 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
     (rank, world_size), amp_dtype = rank_and_world_size(), autocast_dtype(device, amp)
-    distributed = world_size > 1
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sums, start_step = RunningSums(device), step
     if resume is not None:
         sums.load_state_dict(resume, rank)
-
-    def stop_requested():
-        return stop is not None and (stop.is_set() if hasattr(stop, "is_set") else bool(stop()))
+    stop_requested = getattr(stop, "is_set", stop) or (lambda: False)  # an Event's is_set, or the callable
 
     def log(window):
         if on_log is not None and window is not None:
@@ -1049,7 +1038,7 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
 
     model.train()
     started = time.perf_counter() - (resume["seconds"] if resume is not None else 0.0)
-    stopped = not distributed and stop_requested()
+    stopped = world_size == 1 and stop_requested()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     for batch in ([] if stopped else bar):
         sums.add(train_step(model, batch, optimizer, loss_fn, amp_dtype=amp_dtype, scaler=scaler, device=device,
@@ -1059,7 +1048,7 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
         if at_log_point:
             log(sums.close_window())
             bar.set_postfix(loss=f"{sums.logged[0] / max(sums.logged[3], 1):.4f}")  # the epoch's running mean
-        if not distributed:
+        if world_size == 1:
             stopped = stop_requested()
         elif at_log_point:  # every rank must stop at the same step, or the next collective hangs
             flag = torch.tensor(float(stop_requested()), device=device)
@@ -1068,12 +1057,11 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
         if stopped:
             break
     bar.close()
-    state = {**sums.state_dict(), "seconds": time.perf_counter() - started} if stopped else None
     if not stopped:
         log(sums.close_window())  # the epoch's last, partial window
-    means = sums.means()
-    return {**means, "steps": step - start_step, "step": step, "seconds": time.perf_counter() - started,
-            "stopped": stopped, "state": state}
+    seconds = time.perf_counter() - started
+    return {**sums.means(), "steps": step - start_step, "step": step, "seconds": seconds, "stopped": stopped,
+            "state": {**sums.state_dict(), "seconds": seconds} if stopped else None}
 
 
 def validate(model, loader, loss_fn, *, device=None, amp=None, progress=False):
@@ -1124,9 +1112,8 @@ def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
         stop.signal = number
         stop.set()
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {number: signal.signal(number, request_stop) for number in signals}
+    previous = ({number: signal.signal(number, request_stop) for number in signals}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
         yield stop
     finally:
@@ -1172,10 +1159,9 @@ def restore_rng_state(state):
     Usage: restore_rng_state(load_checkpoint("last.pt")["rng"])
     """
     torch.set_rng_state(state["torch"].cpu())
-    numpy_state = state["numpy"]
+    numpy_state, python_state = state["numpy"], state["python"]
     np.random.set_state(("MT19937", numpy_state["keys"].cpu().numpy().astype(np.uint32), numpy_state["pos"],
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    python_state = state["python"]
     random.setstate((python_state["version"], tuple(python_state["state"].cpu().tolist()), python_state["gauss_next"]))
     cuda_states = state.get("cuda")
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
@@ -1189,11 +1175,9 @@ def gather_from_ranks(value):
     Usage: state["rng"] = gather_from_ranks(capture_rng_state()); ...; restore_rng_state(state["rng"][rank])
     Copy with: rank_and_world_size
     """
-    world_size = rank_and_world_size()[1]
-    if world_size == 1:
-        return [value]
-    values = [None] * world_size
-    dist.all_gather_object(values, value)
+    values = [value] * rank_and_world_size()[1]
+    if len(values) > 1:
+        dist.all_gather_object(values, value)
     return values
 
 
@@ -1203,9 +1187,8 @@ def predict_dataset(model, dataset, *, device="cpu", batch_size=64, num_workers=
     Usage: probs, labels = predict_dataset(model, val_set, device="cuda")
     """
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    was_training = model.training
+    was_training, probs, labels = model.training, [], []
     model.eval()
-    probs, labels = [], []
     with torch.inference_mode():
         for images, batch_labels in loader:
             probs.append(model(images.to(device)).float().softmax(dim=1).cpu())
@@ -1224,9 +1207,8 @@ def euler_sample(model, noise, steps, *, heun=False, dtype=None):
 
     Usage: images = euler_sample(ema_model.module, torch.randn(64, 3, 32, 32), steps=100)
     """
-    was_training = model.training
+    was_training, x = model.training, noise.float().clone()
     model.eval()
-    x = noise.float().clone()
     times = torch.linspace(0.0, 1.0, steps + 1).tolist()
     t = torch.empty(x.shape[0], device=x.device)
     with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype or torch.float32,
@@ -1248,9 +1230,8 @@ def rk45_sample(model, noise, *, tolerance=1e-5, dtype=None):
     Usage: images, nfe = rk45_sample(ema_model.module, torch.randn(64, 3, 32, 32), tolerance=1e-5)
     """
     from scipy.integrate import solve_ivp
-    was_training = model.training
+    was_training, shape, device = model.training, noise.shape, noise.device
     model.eval()
-    shape, device = noise.shape, noise.device
 
     def velocity(t_now, x_flat):
         x = torch.from_numpy(x_flat).to(device=device, dtype=torch.float32).reshape(shape)
@@ -1268,6 +1249,40 @@ def rk45_sample(model, noise, *, tolerance=1e-5, dtype=None):
     return samples, int(solution.nfev)
 
 
+def sample_flow(model, noise, solver="euler", nfe=100, *, tolerance=1e-5, dtype=None):
+    """Samples from `noise` with solver "euler" (nfe steps), "heun" (nfe // 2 steps of two evaluations) or
+    "rk45" (adaptive at `tolerance`; nfe unused); returns (samples float32, model evaluations used).
+
+    Usage: images, nfe_used = sample_flow(ema_model.module, torch.randn(64, 3, 32, 32), "heun", 100)
+    Copy with: euler_sample, rk45_sample
+    """
+    if solver == "rk45":
+        return rk45_sample(model, noise, tolerance=tolerance, dtype=dtype)
+    steps = max(1, nfe // 2) if solver == "heun" else nfe
+    return euler_sample(model, noise, steps, heun=solver == "heun", dtype=dtype), steps * (1 + (solver == "heun"))
+
+
+def sample_images(model, count, *, solver="euler", nfe=100, tolerance=1e-5, dtype=None, shape=(3, 32, 32),
+                  batch_size=500, seed=0, stop=None, progress=False):
+    """`count` samples of `model` (solver, nfe, tolerance and dtype as in sample_flow; float32 by default, as
+    published FIDs sample) as uint8 images on the CPU, drawn in batches from seeded noise of their own
+    generator (the global RNG is left as it was), and the evaluations one used: (images_uint8, nfe_used).
+    `stop` (a callable) is checked before each batch; when it returns True, the result is (None, None).
+
+    Usage: images_uint8, nfe_used = sample_images(ema_model.module, 10000, solver="euler", nfe=100)
+    Copy with: sample_flow, euler_sample, rk45_sample, images_to_uint8
+    """
+    from tqdm.auto import tqdm
+    generator, device, batches, used = torch.Generator().manual_seed(seed), next(model.parameters()).device, [], None
+    for start in tqdm(range(0, count, batch_size), desc="sampling", unit="batch", disable=not progress, leave=False):
+        if stop is not None and stop():
+            return None, None
+        noise = torch.randn(min(batch_size, count - start), *shape, generator=generator).to(device)
+        samples, used = sample_flow(model, noise, solver, nfe, tolerance=tolerance, dtype=dtype)
+        batches.append(images_to_uint8(samples).cpu())
+    return torch.cat(batches), used
+
+
 def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1, 2, 4, 10, 50, 100),
                     tolerance=1e-5, dtype=None, stop=None):
     """Sample the same noise with every solver at every NFE budget; returns a list of rows
@@ -1276,20 +1291,15 @@ def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1,
     stop_on_signals()'s event.is_set) is checked before each row: when it returns True, the result is None.
 
     Usage: rows = compare_solvers(ema_model.module, fixed_noise, nfes=(1, 2, 4, 10, 50, 100))
-    Copy with: euler_sample, rk45_sample
+    Copy with: sample_flow, euler_sample, rk45_sample
     """
     rows = []
     for solver in solvers:
-        budgets = {"euler": list(nfes), "heun": [n for n in nfes if n >= 2 and n % 2 == 0], "rk45": [None]}[solver]
-        for budget in budgets:
+        for budget in {"euler": nfes, "heun": [n for n in nfes if n >= 2 and n % 2 == 0], "rk45": [None]}[solver]:
             if stop is not None and stop():
                 return None
             started = time.perf_counter()
-            if solver == "rk45":
-                images, used = rk45_sample(model, noise, tolerance=tolerance, dtype=dtype)
-            else:
-                steps = budget // 2 if solver == "heun" else budget
-                images, used = euler_sample(model, noise, steps, heun=solver == "heun", dtype=dtype), budget
+            images, used = sample_flow(model, noise, solver, budget, tolerance=tolerance, dtype=dtype)
             rows.append({"solver": solver, "nfe": used, "seconds": time.perf_counter() - started, "images": images})
     return rows
 
