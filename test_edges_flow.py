@@ -4,12 +4,9 @@ fid`, kid), and a newcomer's first run (the FID weights, default folders, progre
 elsewhere in an epoch, and the resumes without W&B, are in test_training.py, against one uninterrupted run."""
 import contextlib
 import io
-import os
 import re
 import shlex
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
