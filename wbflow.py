@@ -505,14 +505,6 @@ def check_same_on_every_rank(counts, class_names=None):
 
 # ----------------------------------------------------------------------------- models
 
-def _timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of t (N,) as in guided-diffusion / torchcfm (t used as given, in [0, 1])."""
-    half = dim // 2
-    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angles = t.float()[:, None] * frequencies[None]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
-
-
 def _group_norm(channels):
     # torchcfm's GroupNorm(32, c) where each group holds at least 4 channels; fewer groups below that,
     # since a group of one channel normalises away the time embedding's per-channel shift exactly
@@ -557,22 +549,14 @@ class _FlowAttention(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(batch, channels, height, width))
 
 
-class _FlowDown(nn.Module):
-    def __init__(self, channels):
+class _FlowResample(nn.Module):
+    def __init__(self, channels, up):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.up = up  # nearest-neighbour x2 then a conv; else a stride-2 conv
+        self.conv = nn.Conv2d(channels, channels, 3, stride=1 if up else 2, padding=1)
 
     def forward(self, x, embedding=None):
-        return self.conv(x)
-
-
-class _FlowUp(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x, embedding=None):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else x)
 
 
 class FlowUNet(nn.Module):
@@ -584,7 +568,7 @@ class FlowUNet(nn.Module):
     (128 channels, multipliers 1,2,2,2, two blocks per level, attention at 16x16 with 64-channel
     heads, dropout 0.1): about 35.7M parameters.
     Usage: model = FlowUNet(); velocity = model(x, torch.rand(x.shape[0]))
-    Copy with: _timestep_embedding, _group_norm, _FlowResBlock, _FlowAttention, _FlowDown, _FlowUp
+    Copy with: _group_norm, _FlowResBlock, _FlowAttention, _FlowResample
     """
 
     def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
@@ -595,18 +579,22 @@ class FlowUNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(base_channels, embed_dim), nn.SiLU(),
                                         nn.Linear(embed_dim, embed_dim))
         self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        def block(in_channels, out_channels):  # a residual block, with attention at the listed resolutions
+            layers = [_FlowResBlock(in_channels, out_channels, embed_dim, dropout)]
+            if resolution in attention_resolutions:
+                layers.append(_FlowAttention(out_channels, head_channels))
+            return layers
+
         self.down = nn.ModuleList()
         skip_channels, channels, resolution = [base_channels], base_channels, image_size
         for level, mult in enumerate(channel_mults):
             for _ in range(num_res_blocks):
-                layers = [_FlowResBlock(channels, base_channels * mult, embed_dim, dropout)]
+                self.down.append(nn.ModuleList(block(channels, base_channels * mult)))
                 channels = base_channels * mult
-                if resolution in attention_resolutions:
-                    layers.append(_FlowAttention(channels, head_channels))
-                self.down.append(nn.ModuleList(layers))
                 skip_channels.append(channels)
             if level != len(channel_mults) - 1:
-                self.down.append(nn.ModuleList([_FlowDown(channels)]))
+                self.down.append(nn.ModuleList([_FlowResample(channels, up=False)]))
                 skip_channels.append(channels)
                 resolution //= 2
         self.middle = nn.ModuleList([_FlowResBlock(channels, channels, embed_dim, dropout),
@@ -615,12 +603,10 @@ class FlowUNet(nn.Module):
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
             for index in range(num_res_blocks + 1):
-                layers = [_FlowResBlock(channels + skip_channels.pop(), base_channels * mult, embed_dim, dropout)]
+                layers = block(channels + skip_channels.pop(), base_channels * mult)
                 channels = base_channels * mult
-                if resolution in attention_resolutions:
-                    layers.append(_FlowAttention(channels, head_channels))
                 if level and index == num_res_blocks:
-                    layers.append(_FlowUp(channels))
+                    layers.append(_FlowResample(channels, up=True))
                     resolution *= 2
                 self.up.append(nn.ModuleList(layers))
         self.output = nn.Sequential(_group_norm(channels), nn.SiLU(), nn.Conv2d(channels, in_channels, 3, padding=1))
@@ -629,7 +615,11 @@ class FlowUNet(nn.Module):
 
     def forward(self, x, t):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        embedding = self.time_embed(_timestep_embedding(t, self.base_channels).to(self.input_conv.weight.dtype))
+        half = self.base_channels // 2  # sinusoidal features of t as in guided-diffusion / torchcfm (t as given)
+        frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+        angles = t.float()[:, None] * frequencies
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+        embedding = self.time_embed(features.to(self.input_conv.weight.dtype))
         h = self.input_conv(x)
         skips = [h]
         for layers in self.down:
@@ -652,28 +642,23 @@ def build_classifier(name, num_classes, weights="none"):
     """A torchvision `name` (see CLASSIFIER_NAMES) with its last layer replaced for `num_classes`.
 
     weights="imagenet" loads torchvision's default ImageNet weights from the torch hub cache
-    ($TORCH_HOME/hub/checkpoints, ~/.cache/torch by default), downloading them there when missing;
-    when that fails, FileNotFoundError says which file to put where, or to pass --weights none.
-    weights="none" (or None) starts from random weights.
+    ($TORCH_HOME/hub/checkpoints, ~/.cache/torch by default), downloading them there when missing
+    (hash-checked); when that fails, FileNotFoundError says which file to put where, or to pass
+    --weights none; a damaged cached file is a ValueError naming it. weights="none" (or None) starts
+    from random weights.
     Usage: model = build_classifier("resnet50", num_classes=5, weights="imagenet")
+    Copy with: CLASSIFIER_NAMES, _hub_cached_file, load_checkpoint
     """
-    names = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "efficientnet_b4")  # CLASSIFIER_NAMES, to paste alone
-    if name not in names:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(names)}")
+    if name not in CLASSIFIER_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(CLASSIFIER_NAMES)}")
     if weights not in ("imagenet", "none", None):
         raise ValueError(f"weights must be 'imagenet' or 'none', not {weights!r}")
     model = torchvision.models.get_model(name, weights=None)
     if weights == "imagenet":
         url = torchvision.models.get_model_weights(name).DEFAULT.url
-        try:  # the torch hub cache, downloaded there when missing
-            model.load_state_dict(torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False,
-                                                                     check_hash=True, weights_only=True))
-        except Exception as error:  # noqa: BLE001 - no network, a proxy, a damaged file: the advice is the same
-            path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-            raise FileNotFoundError(
-                f"could not load the ImageNet weights for {name} ({type(error).__name__}: {error}).\n"
-                f"  Download {url}\n  and put it at {path}\n  (the torch hub checkpoints folder; set TORCH_HOME "
-                f"to move it), or pass --weights none to train from scratch.") from None
+        path = _hub_cached_file(url, f"the ImageNet weights for {name}", "pass --weights none to train from scratch",
+                                check_hash=True)
+        model.load_state_dict(load_checkpoint(path))
     if hasattr(model, "fc"):
         model.fc = nn.Linear(model.fc.in_features, num_classes)
     else:
