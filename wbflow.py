@@ -711,10 +711,8 @@ def classification_loss(criterion):
     Usage: train_epoch(model, loader, optimizer, classification_loss(nn.CrossEntropyLoss()))
     """
     def loss_fn(model, batch):
-        images, labels = batch[0], batch[1]
-        logits = model(images)
-        n_correct = (logits.argmax(dim=1) == labels).sum()
-        return criterion(logits, labels), n_correct, labels.shape[0]
+        logits, labels = model(batch[0]), batch[1]
+        return criterion(logits, labels), (logits.argmax(dim=1) == labels).sum(), labels.shape[0]
     return loss_fn
 
 
@@ -742,15 +740,12 @@ def focal_loss(logits, targets, *, gamma=2.0, alpha=None, reduction="mean"):
     Usage: criterion = functools.partial(focal_loss, gamma=2.0, alpha=class_weights)
     """
     log_p = F.log_softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1)
-    loss = -(1 - log_p.exp()).clamp(min=0).pow(gamma) * log_p
-    weight = (torch.ones_like(loss) if alpha is None
-              else torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)[targets])
-    loss = loss * weight
+    weight = (torch.ones_like(log_p) if alpha is None
+              else torch.as_tensor(alpha, dtype=log_p.dtype, device=log_p.device)[targets])
+    loss = -(1 - log_p.exp()).clamp(min=0).pow(gamma) * log_p * weight
     if reduction == "none":
         return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / weight.sum()
+    return loss.sum() if reduction == "sum" else loss.sum() / weight.sum()
 
 
 def class_balanced_weights(labels, num_classes):
