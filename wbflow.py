@@ -136,10 +136,8 @@ def load_cifar10(data_dir, train=True, download=True):
             download_failure = f" and could not be downloaded ({type(error).__name__}: {error})"
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"CIFAR-10 is not in {folder} (missing {', '.join(missing)}){download_failure}. Download {CIFAR10_URL} "
-            f"and put cifar-10-python.tar.gz in {Path(data_dir)}/ (it is extracted on the next run), or extract "
-            f"it so that {folder}/data_batch_1 exists.")
+        raise FileNotFoundError(f"CIFAR-10 is not in {folder} (missing {', '.join(missing)}){download_failure}: put "
+                                f"{CIFAR10_URL} in {Path(data_dir)}/ (it is extracted on the next run), or extract it")
     images, labels = [], []
     for name in names:
         with open(folder / name, "rb") as file:
@@ -159,8 +157,7 @@ def synthetic_images(count, size=32, seed=0):
     Usage: images_uint8 = synthetic_images(256)
     """
     generator = torch.Generator().manual_seed(seed)
-    coords = torch.linspace(-1, 1, size)
-    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     background = torch.rand(count, 3, 2, generator=generator)
     images = background[..., :1, None] * (1 + x) / 2 + background[..., 1:, None] * (1 - x) / 2
     centre = torch.rand(count, 2, 1, 1, generator=generator) - 0.5
@@ -240,12 +237,9 @@ def _list_samples(list_path, class_names):
         rows = [[cell.strip() for cell in row] for row in csv.reader(list_file) if any(cell.strip() for cell in row)]
     if rows and [cell.lower() for cell in rows[0][:2]] == ["path", "label"]:
         rows = rows[1:]
-    if any(len(row) < 2 for row in rows):
-        raise ValueError(f"{list_path}: every row must be path,label")
+    refuse_any([",".join(row) for row in rows if len(row) < 2], ValueError, "row(s) that are not path,label")
     class_names = sorted({row[1] for row in rows}) if class_names is None else list(class_names)
-    unknown = sorted({row[1] for row in rows} - set(class_names))
-    if unknown:
-        raise ValueError(f"{list_path}: labels not in the class names: {', '.join(unknown)}")
+    refuse_any(sorted({row[1] for row in rows} - set(class_names)), ValueError, "label(s) not in the class names")
     listed = [(os.path.normpath(list_path.parent / path), class_names.index(label)) for path, label, *_ in rows]
     refuse_any([path for path in dict.fromkeys(path for path, _ in listed) if not os.path.isfile(path)],
                FileNotFoundError, "listed file(s) do not exist")
@@ -301,9 +295,8 @@ def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
         class_names = class_folders(train_root) if class_names is None else list(class_names)
         splits = [folder_samples(root) for root in roots]  # train, and val when there is a val/ folder
     if len(class_names) < 2:
-        raise ValueError(f"a classifier needs at least two classes; {train_root} has "
-                         f"{len(class_names)}{': ' + ', '.join(class_names) if class_names else ''} "
-                         f"(expected {train_root}/<class name>/<images> or a CSV of path,label)")
+        raise ValueError(f"a classifier needs at least two classes; {train_root} has {len(class_names)}"
+                         f"{': ' + ', '.join(class_names) if class_names else ''}")
     only_in_val = sorted(set(class_folders(roots[1])) - set(class_names)) if roots[1:] and not given_names else []
     if only_in_val:
         raise ValueError(f"class folder(s) in {roots[1]} that {train_root} lacks: {', '.join(only_in_val)}")
@@ -407,12 +400,10 @@ class ImageSamples(torch.utils.data.Dataset):
             except Exception as error:  # noqa: BLE001 - see the class docstring
                 warnings.warn(f"could not read {path} ({error}); using the next image instead")
                 continue
-            if self.transform is None:
-                return image, label
             with torch.random.fork_rng(devices=[], enabled=key is not None):
                 if key is not None:
                     torch.default_generator.manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
-                return self.transform(image), label
+                return (self.transform(image) if self.transform else image), label
         raise RuntimeError("no readable image left in the dataset")
 
 
@@ -474,13 +465,12 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
 
     sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     options = {"num_workers": num_workers, "pin_memory": torch.device(device).type == "cuda",
-               "persistent_workers": num_workers > 0, "worker_init_fn": _leave_stop_signals_to_main}
+               "persistent_workers": num_workers > 0, "worker_init_fn": _leave_stop_signals_to_main,
+               "generator": torch.Generator().manual_seed(seed + rank)}  # worker seeds: not from torch's global RNG
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler,
-                                               drop_last=len(sampler) > batch_size,
-                                               generator=torch.Generator().manual_seed(seed + rank), **options)
+                                               drop_last=len(sampler) > batch_size, **options)
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=batch_size, shuffle=False,
-                                             generator=torch.Generator().manual_seed(seed + rank), **options)
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=batch_size, shuffle=False, **options)
     return train_loader, val_loader
 
 
@@ -574,7 +564,6 @@ class FlowUNet(nn.Module):
     def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
                  attention_resolutions=(16,), head_channels=64, dropout=0.1, image_size=32):
         super().__init__()
-        self.base_channels = base_channels
         embed_dim = 4 * base_channels
         self.time_embed = nn.Sequential(nn.Linear(base_channels, embed_dim), nn.SiLU(),
                                         nn.Linear(embed_dim, embed_dim))
@@ -597,9 +586,8 @@ class FlowUNet(nn.Module):
                 self.down.append(nn.ModuleList([_FlowResample(channels, up=False)]))
                 skip_channels.append(channels)
                 resolution //= 2
-        self.middle = nn.ModuleList([_FlowResBlock(channels, channels, embed_dim, dropout),
-                                     _FlowAttention(channels, head_channels),
-                                     _FlowResBlock(channels, channels, embed_dim, dropout)])
+        middle = [_FlowResBlock(channels, channels, embed_dim, dropout), _FlowAttention(channels, head_channels)]
+        self.middle = nn.ModuleList(middle + [_FlowResBlock(channels, channels, embed_dim, dropout)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
             for index in range(num_res_blocks + 1):
@@ -615,7 +603,7 @@ class FlowUNet(nn.Module):
 
     def forward(self, x, t):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        half = self.base_channels // 2  # sinusoidal features of t as in guided-diffusion / torchcfm (t as given)
+        half = self.time_embed[0].in_features // 2  # sinusoidal features of t as guided-diffusion's (t as given)
         frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
         angles = t.float()[:, None] * frequencies
         features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
@@ -669,8 +657,7 @@ def build_classifier(name, num_classes, weights="none"):
 def _hub_cached_file(url, what, alternative, check_hash=False):
     """The file of `url` in the torch hub checkpoints folder, downloaded there when missing; when that
     fails, FileNotFoundError says which file to put where, or `alternative`."""
-    from urllib.parse import urlparse
-    file_name = os.path.basename(urlparse(url).path)
+    file_name = os.path.basename(url.split("?")[0])
     path = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
     if not os.path.isfile(path):
         hash_match = torch.hub.HASH_REGEX.search(file_name) if check_hash else None
@@ -692,14 +679,12 @@ def build_optimizer(name, parameters, learning_rate, *, weight_decay=0.0, moment
     fused, since torch's fused SGD corrupts its momentum buffer on a skipped first step.
     Usage: optimizer = build_optimizer("adamw", model.parameters(), 3e-4, weight_decay=0.05)
     """
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused)
-    if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused)
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=learning_rate, momentum=momentum, nesterov=True,
-                               weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
+        return torch.optim.SGD(parameters, learning_rate, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    if name not in ("adam", "adamw"):
+        raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
+    adam = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return adam(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused)
 
 
 # ----------------------------------------------------------------------------- losses
