@@ -143,13 +143,16 @@ def paste_alone(*names, module_path=Path(__file__).resolve().parent / "wbflow.py
     """Execute wbflow's import block plus the source of `names` alone in a fresh namespace, as a user
     who pastes those definitions into their own file would, and return that namespace."""
     import ast
-    import inspect
-    import wbflow
     source = module_path.read_text()
-    lines = source.splitlines()  # sliced by line numbers: ast.get_source_segment splits the source again per node
-    import_block = "\n".join("\n".join(lines[node.lineno - 1:node.end_lineno]) for node in ast.parse(source).body
-                             if isinstance(node, (ast.Import, ast.ImportFrom)))
-    sources = [inspect.getsource(getattr(wbflow, name)) for name in names]
+    lines, imports, spans = source.splitlines(), [], {}  # spans: a definition's lines, decorators included
+    for node in ast.parse(source).body:
+        first = min([node.lineno] + [decorator.lineno for decorator in getattr(node, "decorator_list", [])])
+        text = "\n".join(lines[first - 1:node.end_lineno])
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            imports.append(text)
+        for target in node.targets if isinstance(node, ast.Assign) else [node]:
+            spans[getattr(target, "id", getattr(target, "name", None))] = text
+    import_block, sources = "\n".join(imports), [spans[name] for name in names]
     namespace = {"__name__": "pasted"}
     exec(compile(import_block + "\n\n" + "\n\n".join(sources), "<pasted>", "exec"), namespace)
     return namespace

@@ -39,7 +39,7 @@ def closed_port():
         return sock.getsockname()[1]  # nothing listens once the socket closes
 
 
-# ----------------------------------------------------------------------------- summaries and sweeps
+# ----------------------------------------------------------------------------- summaries
 
 def test_val_acc_summary_is_the_best_value_not_the_last(offline_wandb, tmp_path):
     val_accs = [50.0, 80.0, 60.0]
@@ -58,13 +58,7 @@ def test_val_acc_summary_is_the_best_value_not_the_last(offline_wandb, tmp_path)
     assert log.summary["best_val_acc"] == 80.0
 
 
-def test_sweep_optimises_best_val_acc_whose_summary_is_a_plain_number():
-    import yaml
-    sweep = yaml.safe_load((HERE / "sweep.yaml").read_text())
-    assert sweep["metric"] == {"name": "best_val_acc", "goal": "maximize"}
-
-
-# ----------------------------------------------------------------------------- train_fire's keys
+# ----------------------------------------------------------------------------- a small train_fire run (the runs below)
 
 def write_patterns(root, per_class, classes=("a", "b", "c", "d", "e")):
     from PIL import Image
@@ -80,35 +74,6 @@ def write_patterns(root, per_class, classes=("a", "b", "c", "d", "e")):
 def fire_argv(data, out, *extra):
     return ["--data-dir", str(data), "--out-dir", str(out), "--model", "resnet18", "--weights", "none",
             "--image-size", "16", "--batch-size", "2", "--num-workers", "0", "--project", "test", *extra]
-
-
-def test_train_fire_epoch_means_never_overwrite_the_batch_row_of_the_same_step(offline_wandb, tmp_path):
-    # 5 classes x 5 images, 4 train each: 20 images / batch 2 = 10 steps, an epoch ends on step 10
-    data = write_patterns(tmp_path / "data", per_class=5)
-    val_accs = iter([40.0, 80.0, 60.0])
-    real_validate = wbflow.validate
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(wbflow, "validate", lambda *a, **k: {**real_validate(*a, **k), "accuracy": next(val_accs)})
-        train_fire.main(fire_argv(data, tmp_path / "out", "--epochs", "3", "--val-split", "0.2"))
-    [log] = run_logs(offline_wandb)
-    batch_rows = log.rows_with("batch")
-    assert [row["_step"] for row in batch_rows] == [10, 20, 30]
-    epoch_rows = log.rows_with("epoch/train_loss")
-    assert [row["_step"] for row in epoch_rows] == [10, 20, 30]  # the same steps, yet each keeps its own value
-    for batch_row, epoch_row in zip(batch_rows, epoch_rows):
-        assert "train_loss" in batch_row and "epoch/train_acc" in epoch_row
-    # the window of the last 10 steps is the whole epoch here, so the two means agree; both survive
-    assert log.values("train_loss") == pytest.approx(log.values("epoch/train_loss"))
-    step_metrics = {m.name: (m.step_metric, m.summary) for m in log.metrics if m.name}
-    assert step_metrics["epoch/train_loss"][0] == step_metrics["val_acc"][0] == "epoch"
-    assert log.summary["val_acc"] == {"max": 80.0} and log.summary["best_val_acc"] == 80.0
-    assert log.summary["epoch/train_loss"] == {"min": min(log.values("epoch/train_loss"))}
-    # the best model: versions of one collection, aliases latest/best/epoch-N, the seed's metadata
-    models = [a for a in log.artifacts if a["type"] == "model"]
-    assert [a["name"] for a in models] == [f"model-{log.run_id}"] * 2
-    assert [set(a["aliases"]) for a in models] == [{"best", "latest", "epoch-0"}, {"best", "latest", "epoch-1"}]
-    assert [a["metadata"]["epoch"] for a in models] == [0, 1]
-    assert models[1]["metadata"]["global_step"] == 20 and models[1]["metadata"]["config"]["model"] == "resnet18"
 
 
 # ----------------------------------------------------------------------------- artifacts

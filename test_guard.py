@@ -17,7 +17,7 @@ import train_fire
 import train_flow
 import wbflow
 from conftest import run_logs
-from test_wbflow import SEED_CLASSES, fire_args, write_cifar_batches, write_pattern_folders
+from test_wbflow import fire_args, write_cifar_batches, write_pattern_folders
 
 HERE = Path(__file__).resolve().parent
 FLOW_SMOKE = ["--smoke", "--set", "data.max_images=64", "--set", "sampling.table_nfes=[1]",
@@ -401,27 +401,6 @@ def test_a_16_bit_grayscale_png_keeps_its_contrast(tmp_path):
 
 # ----------------------------------------------------------------------------- DDP and workers
 
-def _count_check_on_rank(rank, world_size, init_file, results):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                         world_size=world_size)
-    try:
-        wbflow.check_same_on_every_rank({"training images": 100 - 20 * rank, "validation images": 25})
-        message = "no error"
-    except ValueError as error:
-        message = str(error)
-    torch.distributed.destroy_process_group()
-    Path(f"{results}.{rank}").write_text(message)
-
-
-def test_ranks_that_see_different_data_stop_with_every_ranks_counts(tmp_path):
-    import torch.multiprocessing
-    torch.multiprocessing.spawn(_count_check_on_rank, args=(2, tmp_path / "init", tmp_path / "r"), nprocs=2)
-    for rank in range(2):
-        assert Path(f"{tmp_path / 'r'}.{rank}").read_text() == (
-            "the ranks see different data: rank 0: 100 training images, 25 validation images; "
-            "rank 1: 80 training images, 25 validation images")
-
-
 def test_torchrun_ranks_with_different_data_stop_at_start(tmp_path):
     # rank 1 reads a partial copy: its CIFAR-10 is cut short by data.max_images set through its environment
     write_cifar_batches(tmp_path / "data")
@@ -494,19 +473,6 @@ def test_help_shows_every_default(module, monkeypatch):
         assert "default: training.epochs, 1025" in blocks["--epochs"]
 
 
-def test_train_fire_logs_every_setting_to_the_wandb_config(offline_wandb, tmp_path):
-    data = write_pattern_folders(tmp_path / "data", per_class=4, classes=SEED_CLASSES[:2])
-    argv = fire_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "0.25", "--num-predictions", "2")
-    train_fire.main(argv)
-    [log] = run_logs(offline_wandb)
-    for key, value in vars(train_fire.parse_args(argv)).items():
-        if key in ("resume", "optimizer", "amp"):  # amp: None becomes what it chose
-            continue
-        assert log.config[key] == value, key
-    assert log.config["optimizer"] == "Adam" and log.config["amp"] == "off" and log.config["num_workers"] == 0
-    assert log.config["val_split"] == 0.25 and log.config["device"] == "cpu" and log.config["steps_per_epoch"] == 1
-
-
 # ----------------------------------------------------------------------------- config and the copy rule
 
 @pytest.mark.parametrize("override, value", [
@@ -516,19 +482,3 @@ def test_load_yaml_config_accepts_values_of_the_files_type(override, value):
     config = wbflow.load_yaml_config(train_flow.DEFAULT_CONFIG, [override])
     section, key = override.split("=")[0].split(".")
     assert config[section][key] == value and type(config[section][key]) is type(value)
-
-
-@settings(max_examples=40, deadline=None)
-@given(labels=st.lists(st.integers(0, 3), min_size=8, max_size=40), fraction=st.floats(0.1, 0.6),
-       seed=st.integers(0, 5))
-def test_find_image_samples_splits_as_stratified_split_does(tmp_path_factory, labels, fraction, seed):
-    from PIL import Image
-    root = tmp_path_factory.mktemp("csv")
-    labels = [0, 1, 2, 3] + labels  # every class present: CSV label "k" is class index k
-    for index in range(len(labels)):
-        Image.new("RGB", (4, 4)).save(root / f"{index}.png")
-    (root / "data.csv").write_text("\n".join(f"{index}.png,{label}" for index, label in enumerate(labels)))
-    train, val, names = wbflow.find_image_samples(root / "data.csv", val_split=fraction, seed=seed)
-    train_index, val_index = wbflow.stratified_split(labels, fraction, seed=seed)
-    assert [int(Path(p).stem) for p, _ in train] == train_index
-    assert [int(Path(p).stem) for p, _ in val] == val_index

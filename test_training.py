@@ -304,24 +304,31 @@ def read_run(wandb_dir, run_id, ready, timeout=30):
 
 def test_train_fire_stopped_by_sigterm_mid_epoch_resumes_the_same_run_with_the_same_history(
         offline_wandb, tmp_path, monkeypatch, capsys):
-    data = write_pattern_folders(tmp_path / "data", per_class=20)  # 80 training images: 10 steps an epoch
+    data = write_pattern_folders(tmp_path / "data", per_class=10)  # 40 training images: 5 steps an epoch
     train_fire.main(fire_args(data, tmp_path / "whole", "--epochs", "2"))
     argv = fire_args(data, tmp_path / "split", "--epochs", "2")
     real_loss = wbflow.classification_loss
-    monkeypatch.setattr(wbflow, "classification_loss", lambda criterion: sigterm_after(16)(real_loss(criterion)))  # 10 train + 3 val + 3
+    monkeypatch.setattr(wbflow, "classification_loss", lambda criterion: sigterm_after(9)(real_loss(criterion)))  # 5 train + 2 val + 2
     with pytest.raises(SystemExit) as stopped:
         train_fire.main(argv)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert f"--resume {tmp_path / 'split' / 'last.pth'}" in capsys.readouterr().out
     saved = wbflow.load_checkpoint(tmp_path / "split" / "last.pth")
-    assert saved["epoch"] == 1 and saved["step"] == 13 and saved["train_state"]["batches"] == 3
+    assert saved["epoch"] == 1 and saved["step"] == 7 and saved["train_state"]["batches"] == 2  # mid-window
 
     monkeypatch.setattr(wbflow, "classification_loss", real_loss)
     train_fire.main(argv + ["--resume", str(tmp_path / "split" / "last.pth")])
+    printed = capsys.readouterr().out
+    assert "resuming epoch 1 at batch 2, step 7" in printed and "W&B: continuing run" in printed
     whole, first, second = run_logs(offline_wandb)
     assert first.exit_code == 1 and second.exit_code == 0 and first.run_id == second.run_id
-    assert [step for step, _ in scalar_rows(whole)] == [10, 20]
+    assert [step for step, _ in scalar_rows(whole)] == [5, 10]
     assert_same_history(scalar_rows(first, second), scalar_rows(whole))
+    end = {run: wbflow.load_checkpoint(tmp_path / run / "last.pth") for run in ("whole", "split")}
+    assert end["split"]["step"] == end["whole"]["step"] == 10 and end["split"]["train_state"] is None
+    assert end["split"]["best_val_acc"] == end["whole"]["best_val_acc"]
+    for name, tensor in end["whole"]["model"].items():
+        torch.testing.assert_close(end["split"]["model"][name], tensor, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- train_flow against one uninterrupted run

@@ -92,15 +92,13 @@ def setup_distributed():
     nccl on CUDA (one GPU per local rank), gloo on CPU; (0, 1, CUDA if present else CPU) when not under torchrun.
     Usage: rank, world_size, device = setup_distributed()
     """
+    cuda = torch.cuda.is_available()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -115,9 +113,8 @@ def load_cifar10(data_dir, train=True, download=True):
     extracts a cifar-10-python.tar.gz already placed there, offline). If that fails, the
     FileNotFoundError says which archive to put where.
     Usage: images_uint8, labels = load_cifar10("data")
+    Copy with: CIFAR10_URL
     """
-    url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # CIFAR10_URL, repeated to paste alone
-
     class CifarUnpickler(pickle.Unpickler):
         """Unpickles CIFAR-10's batches (dicts of numpy arrays, lists, strings) and refuses any other
         global, so a tampered file cannot run code (the format is a pickle, as torchvision reads it)."""
@@ -131,19 +128,16 @@ def load_cifar10(data_dir, train=True, download=True):
 
     folder = Path(data_dir) / "cifar-10-batches-py"
     names = [f"data_batch_{index}" for index in range(1, 6)] if train else ["test_batch"]
+    download_failure = ""
     if download and not all((folder / name).is_file() for name in names):
         try:
             torchvision.datasets.CIFAR10(str(data_dir), train=train, download=True)
         except Exception as error:  # noqa: BLE001 - any download failure gets the same instructions
-            raise FileNotFoundError(
-                f"CIFAR-10 is not in {folder} and could not be downloaded ({type(error).__name__}: "
-                f"{error}). Download {url} and put cifar-10-python.tar.gz in {Path(data_dir)}/ "
-                f"(it is extracted on the next run), or extract it so that {folder}/data_batch_1 exists."
-            ) from None
+            download_failure = f" and could not be downloaded ({type(error).__name__}: {error})"
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"CIFAR-10 batches {missing} are missing from {folder}; put "
-                                f"{url} (extracted) there")
+        raise FileNotFoundError(f"CIFAR-10 is not in {folder} (missing {', '.join(missing)}){download_failure}: put "
+                                f"{CIFAR10_URL} in {Path(data_dir)}/ (it is extracted on the next run), or extract it")
     images, labels = [], []
     for name in names:
         with open(folder / name, "rb") as file:
@@ -163,8 +157,7 @@ def synthetic_images(count, size=32, seed=0):
     Usage: images_uint8 = synthetic_images(256)
     """
     generator = torch.Generator().manual_seed(seed)
-    coords = torch.linspace(-1, 1, size)
-    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     background = torch.rand(count, 3, 2, generator=generator)
     images = background[..., :1, None] * (1 + x) / 2 + background[..., 1:, None] * (1 - x) / 2
     centre = torch.rand(count, 2, 1, 1, generator=generator) - 0.5
@@ -232,124 +225,94 @@ def _no_pixel_limit():
         Image.MAX_IMAGE_PIXELS = limit
 
 
+def _list_samples(list_path, class_names):
+    """(samples, class names) of a CSV of `path,label` rows: an optional header, paths relative to the
+    file's folder, a UTF-8 BOM ignored. Class names are the sorted labels unless `class_names` fixes them."""
+    def refuse_any(items, error, problem):  # one line: how many, and the first few
+        if items:
+            more = ", ..." if len(items) > 3 else ""
+            raise error(f"{list_path}: {len(items)} {problem}: {', '.join(items[:3])}{more}")
+
+    with open(list_path, newline="", encoding="utf-8-sig") as list_file:
+        rows = [[cell.strip() for cell in row] for row in csv.reader(list_file) if any(cell.strip() for cell in row)]
+    if rows and [cell.lower() for cell in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    refuse_any([",".join(row) for row in rows if len(row) < 2], ValueError, "row(s) that are not path,label")
+    class_names = sorted({row[1] for row in rows}) if class_names is None else list(class_names)
+    refuse_any(sorted({row[1] for row in rows} - set(class_names)), ValueError, "label(s) not in the class names")
+    listed = [(os.path.normpath(list_path.parent / path), class_names.index(label)) for path, label, *_ in rows]
+    refuse_any([path for path in dict.fromkeys(path for path, _ in listed) if not os.path.isfile(path)],
+               FileNotFoundError, "listed file(s) do not exist")
+    samples, labels_of = list(dict.fromkeys(listed)), {}
+    for path, label in samples:
+        labels_of.setdefault(path, []).append(class_names[label])
+    refuse_any([f"{path} ({' and '.join(sorted(names))})" for path, names in labels_of.items() if len(names) > 1],
+               ValueError, "file(s) listed with two labels")
+    if len(samples) < len(listed):  # the same image in train and val would inflate val_acc
+        warnings.warn(f"{list_path}: dropped {len(listed) - len(samples)} row(s) repeating an earlier one",
+                      stacklevel=3)
+    return samples, class_names
+
+
 def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
     """Train and validation samples, lists of (path, label index), and the class names.
 
     `data` is one of: a folder with train/<class>/* and val/<class>/*; a folder of class folders
-    (or train/ alone), split per class as stratified_split(val_split, seed) does; a CSV file of
+    (or train/ alone), split per class by stratified_split(val_split, seed); a CSV file of
     `path,label` rows (an optional header, paths relative to the CSV), split the same way.
     Class names are the sorted folder names / CSV labels; `class_names` fixes which and their order.
-    Unreadable images are dropped with one warning that counts them (as drop_unreadable_images does);
-    images of any size are read (PIL's pixel limit is lifted while they are checked).
-    A CSV row repeating an earlier one is dropped with one warning that counts them.
+    Unreadable images are dropped by drop_unreadable_images (one warning that counts them; images of
+    any size are read). A CSV row repeating an earlier one is dropped with one warning that counts them.
     A missing folder, or CSV rows naming files that do not exist (their count and the first few), raise
-    FileNotFoundError; no images, fewer than two classes, an empty class, a file listed with two labels
-    or (without `class_names`) a val/ class folder that train/ lacks, ValueError.
+    FileNotFoundError; fewer than two classes, a class without readable images, a file listed with two
+    labels or (without `class_names`) a val/ class folder that train/ lacks, ValueError.
     Usage: train_samples, val_samples, class_names = find_image_samples("data", val_split=0.2)
-    Copy with: _no_pixel_limit
+    Copy with: _list_samples, stratified_split, drop_unreadable_images, _no_pixel_limit
     """
-    from PIL import Image
     extensions = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-    def first_few(paths):
-        return ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
 
     def class_folders(root):
         return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    def folder_samples(root, class_names):
+    def folder_samples(root):
         folders = class_folders(root)
-        class_names = folders if class_names is None else class_names
         missing = [name for name in class_names if name not in folders]
         if missing:
             raise FileNotFoundError(f"class folder(s) not found in {root}: {', '.join(missing)}")
         return [(str(path), label) for label, name in enumerate(class_names)
-                for path in sorted((root / name).rglob("*"))
-                if path.suffix.lower() in extensions and path.is_file()], list(class_names)
+                for path in sorted((root / name).rglob("*")) if path.suffix.lower() in extensions and path.is_file()]
 
-    def csv_samples(csv_path, class_names):
-        with open(csv_path, newline="", encoding="utf-8-sig") as csv_file:
-            rows = [row for row in csv.reader(csv_file) if row and any(cell.strip() for cell in row)]
-        if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["path", "label"]:
-            rows = rows[1:]
-        if any(len(row) < 2 for row in rows):
-            raise ValueError(f"{csv_path}: every row must be path,label")
-        labels = [row[1].strip() for row in rows]
-        class_names = list(class_names) if class_names is not None else sorted(set(labels))
-        unknown = sorted(set(labels) - set(class_names))
-        if unknown:
-            raise ValueError(f"{csv_path}: labels not in the class names: {', '.join(unknown)}")
-        label_index = {name: index for index, name in enumerate(class_names)}
-        samples = [(os.path.normpath(csv_path.parent / row[0].strip()), label_index[label])
-                   for row, label in zip(rows, labels)]
-        missing = [path for path in dict.fromkeys(path for path, _ in samples) if not os.path.isfile(path)]
-        if missing:
-            raise FileNotFoundError(f"{csv_path}: {len(missing)} listed file(s) do not exist: {first_few(missing)}")
-        labels_of = {}
-        for path, label in samples:
-            labels_of.setdefault(path, set()).add(class_names[label])
-        conflicting = [f"{path} ({' and '.join(sorted(names))})" for path, names in labels_of.items() if len(names) > 1]
-        if conflicting:
-            raise ValueError(f"{csv_path}: {len(conflicting)} file(s) listed with two labels: {first_few(conflicting)}")
-        if len(labels_of) < len(samples):  # the same image in train and val would inflate val_acc
-            warnings.warn(f"{csv_path}: dropped {len(samples) - len(labels_of)} row(s) repeating an earlier one",
-                          stacklevel=3)
-        return list(dict.fromkeys(samples)), class_names
-
-    def readable(path):
-        try:
-            with Image.open(path) as image:
-                image.draft("RGB", (64, 64))  # JPEGs decode at 1/8 scale, still reading every byte
-                image.load()
-            return True
-        except Exception:  # noqa: BLE001 - PIL raises many types for broken files; all mean unreadable
-            return False
-
-    def check_every_class_has_images(samples, root):
-        if not samples:
-            raise ValueError(f"no readable images found in {root} (extensions: {' '.join(extensions)})")
-        counts = np.bincount([label for _, label in samples], minlength=len(class_names))
-        empty = [name for name, count in zip(class_names, counts) if count == 0]
-        if empty:
-            raise ValueError(f"class(es) with no readable images in {root}: {', '.join(empty)}")
-
-    data = Path(data)
+    data, given_names = Path(data), class_names
     if not data.exists():
         raise FileNotFoundError(f"data not found: {data} (expected a folder of class folders, "
                                 f"train/ and val/ folders of class folders, or a CSV of path,label)")
-    train_root = data if data.is_file() else data / "train" if (data / "train").is_dir() else data
-    given_names = class_names
-    samples, class_names = (csv_samples if data.is_file() else folder_samples)(train_root, class_names)
+    train_root = data / "train" if (data / "train").is_dir() else data
+    if data.is_file():
+        samples, class_names = _list_samples(data, class_names)
+        splits, roots = [samples], [data.parent]
+    else:
+        roots = [train_root] + ([data / "val"] if train_root != data and (data / "val").is_dir() else [])
+        class_names = class_folders(train_root) if class_names is None else list(class_names)
+        splits = [folder_samples(root) for root in roots]  # train, and val when there is a val/ folder
     if len(class_names) < 2:
-        raise ValueError(f"a classifier needs at least two classes; {train_root} has "
-                         f"{len(class_names)}{': ' + ', '.join(class_names) if class_names else ''} "
-                         f"(expected {train_root}/<class name>/<images> or a CSV of path,label)")
-    val_root = data / "val" if data.is_dir() and train_root != data and (data / "val").is_dir() else None
-    only_in_val = sorted(set(class_folders(val_root)) - set(class_names)) if val_root and not given_names else []
+        raise ValueError(f"a classifier needs at least two classes; {train_root} has {len(class_names)}"
+                         f"{': ' + ', '.join(class_names) if class_names else ''}")
+    only_in_val = sorted(set(class_folders(roots[1])) - set(class_names)) if roots[1:] and not given_names else []
     if only_in_val:
-        raise ValueError(f"class folder(s) in {val_root} that {train_root} lacks: {', '.join(only_in_val)}")
-    val_samples = folder_samples(val_root, class_names)[0] if val_root else []
-    with concurrent.futures.ThreadPoolExecutor(8) as pool, _no_pixel_limit():
-        is_readable = dict(zip(samples + val_samples, pool.map(readable, [p for p, _ in samples + val_samples])))
-    bad = [path for (path, _), ok in is_readable.items() if not ok]
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {first_few(bad)}", stacklevel=2)
-    samples = [sample for sample in samples if is_readable[sample]]
-    check_every_class_has_images(samples, train_root.parent if data.is_file() else train_root)
-    if val_root:
-        val_samples = [sample for sample in val_samples if is_readable[sample]]
-        check_every_class_has_images(val_samples, val_root)
-        return samples, val_samples, class_names
+        raise ValueError(f"class folder(s) in {roots[1]} that {train_root} lacks: {', '.join(only_in_val)}")
+    readable = set(drop_unreadable_images(sum(splits, [])))
+    splits = [[sample for sample in split if sample in readable] for split in splits]
+    for split, root in zip(splits, roots):
+        empty = [name for label, name in enumerate(class_names) if label not in {label for _, label in split}]
+        if empty:
+            raise ValueError(f"no readable images in {root} for class(es): {', '.join(empty)} "
+                             f"(extensions: {' '.join(extensions)})")
+    if len(splits) == 2:
+        return splits[0], splits[1], class_names
     if not 0 < val_split < 1:
         raise ValueError(f"val_split must be between 0 and 1 when {data} has no val/ folder, not {val_split}")
-    labels, train_index, val_index = np.asarray([label for _, label in samples]), [], []
-    for label in np.unique(labels):  # stratified_split, inlined so that this function copies alone
-        index = np.flatnonzero(labels == label)
-        np.random.default_rng([seed, int(label)]).shuffle(index)
-        n_val = min(max(int(round(val_split * len(index))), 1), len(index) - 1)
-        val_index += index[:n_val].tolist()
-        train_index += index[n_val:].tolist()
-    return [samples[i] for i in sorted(train_index)], [samples[i] for i in sorted(val_index)], class_names
+    train_index, val_index = stratified_split([label for _, label in splits[0]], val_split, seed)
+    return [splits[0][i] for i in train_index], [splits[0][i] for i in val_index], class_names
 
 
 def stratified_split(labels, val_fraction, seed=0):
@@ -385,7 +348,7 @@ def drop_unreadable_images(samples, max_workers=8):
     def readable(path):
         try:
             with Image.open(path) as image:
-                image.draft("RGB", (64, 64))
+                image.draft("RGB", (64, 64))  # JPEGs decode at 1/8 scale, still reading every byte
                 image.load()
             return True
         except Exception:  # noqa: BLE001 - PIL raises many types for broken files; all mean unreadable
@@ -395,8 +358,8 @@ def drop_unreadable_images(samples, max_workers=8):
         is_readable = list(pool.map(readable, [path for path, _ in samples]))
     bad = [path for (path, _), ok in zip(samples, is_readable) if not ok]
     if bad:
-        examples = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {examples}", stacklevel=2)
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {', '.join(bad[:3])}"
+                      f"{', ...' if len(bad) > 3 else ''}", stacklevel=2)
     return [sample for sample, ok in zip(samples, is_readable) if ok]
 
 
@@ -426,27 +389,21 @@ class ImageSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         from PIL import Image
-        key = None
-        if isinstance(index, tuple):
-            key, index = index, index[0]
+        key, index = (index, index[0]) if isinstance(index, tuple) else (None, index)
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
                 with _no_pixel_limit(), Image.open(path) as image:
-                    if image.mode.startswith("I"):  # 16-bit: scale to 8 bits (convert would clip)
-                        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255)
-                                                .astype(np.uint8))
+                    if image.mode.startswith("I"):  # 16-bit: scale to 8 bits, rounded (convert would clip)
+                        image = image.point(lambda value: value / 257 + 0.5).convert("L")
                     image = image.convert("RGB")
             except Exception as error:  # noqa: BLE001 - see the class docstring
                 warnings.warn(f"could not read {path} ({error}); using the next image instead")
                 continue
-            if self.transform is None:
-                return image, label
-            if key is None:
-                return self.transform(image), label
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
-                return self.transform(image), label
+            with torch.random.fork_rng(devices=[], enabled=key is not None):
+                if key is not None:
+                    torch.default_generator.manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+                return (self.transform(image) if self.transform else image), label
         raise RuntimeError("no readable image left in the dataset")
 
 
@@ -508,13 +465,12 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
 
     sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     options = {"num_workers": num_workers, "pin_memory": torch.device(device).type == "cuda",
-               "persistent_workers": num_workers > 0, "worker_init_fn": _leave_stop_signals_to_main}
+               "persistent_workers": num_workers > 0, "worker_init_fn": _leave_stop_signals_to_main,
+               "generator": torch.Generator().manual_seed(seed + rank)}  # worker seeds: not from torch's global RNG
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler,
-                                               drop_last=len(sampler) > batch_size,
-                                               generator=torch.Generator().manual_seed(seed + rank), **options)
+                                               drop_last=len(sampler) > batch_size, **options)
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=batch_size, shuffle=False,
-                                             generator=torch.Generator().manual_seed(seed + rank), **options)
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=batch_size, shuffle=False, **options)
     return train_loader, val_loader
 
 
@@ -524,8 +480,9 @@ def check_same_on_every_rank(counts, class_names=None):
     `class_names`, e.g. a node holding a partial or another copy of the data, which would otherwise
     hang at the first collective or train one model on two labellings. Does nothing outside DDP.
     Usage: check_same_on_every_rank({"training images": len(train_set)}, class_names=["cat", "dog"])
+    Copy with: rank_and_world_size
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if rank_and_world_size()[1] == 1:
         return
     every_rank = [None] * dist.get_world_size()
     dist.all_gather_object(every_rank, (dict(counts), class_names and list(class_names)))
@@ -537,14 +494,6 @@ def check_same_on_every_rank(counts, class_names=None):
 
 
 # ----------------------------------------------------------------------------- models
-
-def _timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of t (N,) as in guided-diffusion / torchcfm (t used as given, in [0, 1])."""
-    half = dim // 2
-    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angles = t.float()[:, None] * frequencies[None]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
-
 
 def _group_norm(channels):
     # torchcfm's GroupNorm(32, c) where each group holds at least 4 channels; fewer groups below that,
@@ -590,22 +539,14 @@ class _FlowAttention(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(batch, channels, height, width))
 
 
-class _FlowDown(nn.Module):
-    def __init__(self, channels):
+class _FlowResample(nn.Module):
+    def __init__(self, channels, up):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.up = up  # nearest-neighbour x2 then a conv; else a stride-2 conv
+        self.conv = nn.Conv2d(channels, channels, 3, stride=1 if up else 2, padding=1)
 
     def forward(self, x, embedding=None):
-        return self.conv(x)
-
-
-class _FlowUp(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x, embedding=None):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else x)
 
 
 class FlowUNet(nn.Module):
@@ -617,43 +558,43 @@ class FlowUNet(nn.Module):
     (128 channels, multipliers 1,2,2,2, two blocks per level, attention at 16x16 with 64-channel
     heads, dropout 0.1): about 35.7M parameters.
     Usage: model = FlowUNet(); velocity = model(x, torch.rand(x.shape[0]))
-    Copy with: _timestep_embedding, _group_norm, _FlowResBlock, _FlowAttention, _FlowDown, _FlowUp
+    Copy with: _group_norm, _FlowResBlock, _FlowAttention, _FlowResample
     """
 
     def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
                  attention_resolutions=(16,), head_channels=64, dropout=0.1, image_size=32):
         super().__init__()
-        self.base_channels = base_channels
         embed_dim = 4 * base_channels
         self.time_embed = nn.Sequential(nn.Linear(base_channels, embed_dim), nn.SiLU(),
                                         nn.Linear(embed_dim, embed_dim))
         self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        def block(in_channels, out_channels):  # a residual block, with attention at the listed resolutions
+            layers = [_FlowResBlock(in_channels, out_channels, embed_dim, dropout)]
+            if resolution in attention_resolutions:
+                layers.append(_FlowAttention(out_channels, head_channels))
+            return layers
+
         self.down = nn.ModuleList()
         skip_channels, channels, resolution = [base_channels], base_channels, image_size
         for level, mult in enumerate(channel_mults):
             for _ in range(num_res_blocks):
-                layers = [_FlowResBlock(channels, base_channels * mult, embed_dim, dropout)]
+                self.down.append(nn.ModuleList(block(channels, base_channels * mult)))
                 channels = base_channels * mult
-                if resolution in attention_resolutions:
-                    layers.append(_FlowAttention(channels, head_channels))
-                self.down.append(nn.ModuleList(layers))
                 skip_channels.append(channels)
             if level != len(channel_mults) - 1:
-                self.down.append(nn.ModuleList([_FlowDown(channels)]))
+                self.down.append(nn.ModuleList([_FlowResample(channels, up=False)]))
                 skip_channels.append(channels)
                 resolution //= 2
-        self.middle = nn.ModuleList([_FlowResBlock(channels, channels, embed_dim, dropout),
-                                     _FlowAttention(channels, head_channels),
-                                     _FlowResBlock(channels, channels, embed_dim, dropout)])
+        middle = [_FlowResBlock(channels, channels, embed_dim, dropout), _FlowAttention(channels, head_channels)]
+        self.middle = nn.ModuleList(middle + [_FlowResBlock(channels, channels, embed_dim, dropout)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
             for index in range(num_res_blocks + 1):
-                layers = [_FlowResBlock(channels + skip_channels.pop(), base_channels * mult, embed_dim, dropout)]
+                layers = block(channels + skip_channels.pop(), base_channels * mult)
                 channels = base_channels * mult
-                if resolution in attention_resolutions:
-                    layers.append(_FlowAttention(channels, head_channels))
                 if level and index == num_res_blocks:
-                    layers.append(_FlowUp(channels))
+                    layers.append(_FlowResample(channels, up=True))
                     resolution *= 2
                 self.up.append(nn.ModuleList(layers))
         self.output = nn.Sequential(_group_norm(channels), nn.SiLU(), nn.Conv2d(channels, in_channels, 3, padding=1))
@@ -662,7 +603,11 @@ class FlowUNet(nn.Module):
 
     def forward(self, x, t):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        embedding = self.time_embed(_timestep_embedding(t, self.base_channels).to(self.input_conv.weight.dtype))
+        half = self.time_embed[0].in_features // 2  # sinusoidal features of t as guided-diffusion's (t as given)
+        frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+        angles = t.float()[:, None] * frequencies
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+        embedding = self.time_embed(features.to(self.input_conv.weight.dtype))
         h = self.input_conv(x)
         skips = [h]
         for layers in self.down:
@@ -685,28 +630,23 @@ def build_classifier(name, num_classes, weights="none"):
     """A torchvision `name` (see CLASSIFIER_NAMES) with its last layer replaced for `num_classes`.
 
     weights="imagenet" loads torchvision's default ImageNet weights from the torch hub cache
-    ($TORCH_HOME/hub/checkpoints, ~/.cache/torch by default), downloading them there when missing;
-    when that fails, FileNotFoundError says which file to put where, or to pass --weights none.
-    weights="none" (or None) starts from random weights.
+    ($TORCH_HOME/hub/checkpoints, ~/.cache/torch by default), downloading them there when missing
+    (hash-checked); when that fails, FileNotFoundError says which file to put where, or to pass
+    --weights none; a damaged cached file is a ValueError naming it. weights="none" (or None) starts
+    from random weights.
     Usage: model = build_classifier("resnet50", num_classes=5, weights="imagenet")
+    Copy with: CLASSIFIER_NAMES, _hub_cached_file, load_checkpoint
     """
-    names = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "efficientnet_b4")  # CLASSIFIER_NAMES, to paste alone
-    if name not in names:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(names)}")
+    if name not in CLASSIFIER_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(CLASSIFIER_NAMES)}")
     if weights not in ("imagenet", "none", None):
         raise ValueError(f"weights must be 'imagenet' or 'none', not {weights!r}")
     model = torchvision.models.get_model(name, weights=None)
     if weights == "imagenet":
         url = torchvision.models.get_model_weights(name).DEFAULT.url
-        try:  # the torch hub cache, downloaded there when missing
-            model.load_state_dict(torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False,
-                                                                     check_hash=True, weights_only=True))
-        except Exception as error:  # noqa: BLE001 - no network, a proxy, a damaged file: the advice is the same
-            path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-            raise FileNotFoundError(
-                f"could not load the ImageNet weights for {name} ({type(error).__name__}: {error}).\n"
-                f"  Download {url}\n  and put it at {path}\n  (the torch hub checkpoints folder; set TORCH_HOME "
-                f"to move it), or pass --weights none to train from scratch.") from None
+        path = _hub_cached_file(url, f"the ImageNet weights for {name}", "pass --weights none to train from scratch",
+                                check_hash=True)
+        model.load_state_dict(load_checkpoint(path))
     if hasattr(model, "fc"):
         model.fc = nn.Linear(model.fc.in_features, num_classes)
     else:
@@ -717,8 +657,7 @@ def build_classifier(name, num_classes, weights="none"):
 def _hub_cached_file(url, what, alternative, check_hash=False):
     """The file of `url` in the torch hub checkpoints folder, downloaded there when missing; when that
     fails, FileNotFoundError says which file to put where, or `alternative`."""
-    from urllib.parse import urlparse
-    file_name = os.path.basename(urlparse(url).path)
+    file_name = os.path.basename(url.split("?")[0])
     path = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
     if not os.path.isfile(path):
         hash_match = torch.hub.HASH_REGEX.search(file_name) if check_hash else None
@@ -740,14 +679,12 @@ def build_optimizer(name, parameters, learning_rate, *, weight_decay=0.0, moment
     fused, since torch's fused SGD corrupts its momentum buffer on a skipped first step.
     Usage: optimizer = build_optimizer("adamw", model.parameters(), 3e-4, weight_decay=0.05)
     """
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused)
-    if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused)
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=learning_rate, momentum=momentum, nesterov=True,
-                               weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
+        return torch.optim.SGD(parameters, learning_rate, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    if name not in ("adam", "adamw"):
+        raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
+    adam = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return adam(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -759,10 +696,8 @@ def classification_loss(criterion):
     Usage: train_epoch(model, loader, optimizer, classification_loss(nn.CrossEntropyLoss()))
     """
     def loss_fn(model, batch):
-        images, labels = batch[0], batch[1]
-        logits = model(images)
-        n_correct = (logits.argmax(dim=1) == labels).sum()
-        return criterion(logits, labels), n_correct, labels.shape[0]
+        logits, labels = model(batch[0]), batch[1]
+        return criterion(logits, labels), (logits.argmax(dim=1) == labels).sum(), labels.shape[0]
     return loss_fn
 
 
@@ -790,15 +725,12 @@ def focal_loss(logits, targets, *, gamma=2.0, alpha=None, reduction="mean"):
     Usage: criterion = functools.partial(focal_loss, gamma=2.0, alpha=class_weights)
     """
     log_p = F.log_softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1)
-    loss = -(1 - log_p.exp()).clamp(min=0).pow(gamma) * log_p
-    weight = (torch.ones_like(loss) if alpha is None
-              else torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)[targets])
-    loss = loss * weight
+    weight = (torch.ones_like(log_p) if alpha is None
+              else torch.as_tensor(alpha, dtype=log_p.dtype, device=log_p.device)[targets])
+    loss = -(1 - log_p.exp()).clamp(min=0).pow(gamma) * log_p * weight
     if reduction == "none":
         return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / weight.sum()
+    return loss.sum() if reduction == "sum" else loss.sum() / weight.sum()
 
 
 def class_balanced_weights(labels, num_classes):
