@@ -361,6 +361,24 @@ def _(rk45_sample, tmp_path, fixture):
     assert nfe > 0
 
 
+@call("sample_flow")
+def _(sample_flow, tmp_path, fixture):
+    noise = torch.randn(2, 3)
+    samples, nfe = sample_flow(ConstantVelocity(), noise, "heun", 4)  # two Heun steps of two evaluations
+    torch.testing.assert_close(samples, noise + 1)
+    assert nfe == 4
+
+
+@call("sample_images")
+def _(sample_images, tmp_path, fixture):
+    model, rng = tiny_flow_model(), torch.get_rng_state()
+    images_uint8, nfe = sample_images(model, 3, nfe=2, batch_size=2, seed=1)
+    assert images_uint8.shape == (3, 3, 32, 32) and images_uint8.dtype == torch.uint8 and nfe == 2
+    assert torch.equal(sample_images(model, 3, nfe=2, batch_size=2, seed=1)[0], images_uint8)  # seeded noise
+    assert torch.equal(torch.get_rng_state(), rng)  # of its own generator
+    assert sample_images(tiny_flow_model(), 3, stop=lambda: True) == (None, None)
+
+
 @call("compare_solvers")
 def _(compare_solvers, tmp_path, fixture):
     rows = compare_solvers(tiny_flow_model(), torch.randn(2, 3, 32, 32), solvers=("euler", "heun"), nfes=(1, 2))
@@ -586,6 +604,8 @@ def _(check_checkpoint, tmp_path, fixture):
 def _(resume_command, tmp_path, fixture):
     assert resume_command("train.py", ["--resume", "a.pt", "--epochs", "3"], "b.pt") == \
         "python train.py --epochs 3 --resume b.pt"
+    assert resume_command("train.py", ["--resume=a.pt", "--epochs", "3"], "b b.pt", world_size=2) == \
+        "torchrun --standalone --nproc_per_node=2 train.py --epochs 3 --resume 'b b.pt'"
 
 
 @call("fetch_checkpoint")

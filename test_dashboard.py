@@ -3,6 +3,7 @@ keys that never collide, credentials, an unreachable server, W&B errors, the mod
 public W&B function pasted alone."""
 import glob
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -15,7 +16,6 @@ import pytest
 import torch
 
 import train_fire
-import train_flow
 import wbflow
 from conftest import run_logs
 
@@ -39,7 +39,7 @@ def closed_port():
         return sock.getsockname()[1]  # nothing listens once the socket closes
 
 
-# ----------------------------------------------------------------------------- summaries and sweeps
+# ----------------------------------------------------------------------------- summaries
 
 def test_val_acc_summary_is_the_best_value_not_the_last(offline_wandb, tmp_path):
     val_accs = [50.0, 80.0, 60.0]
@@ -58,13 +58,7 @@ def test_val_acc_summary_is_the_best_value_not_the_last(offline_wandb, tmp_path)
     assert log.summary["best_val_acc"] == 80.0
 
 
-def test_sweep_optimises_best_val_acc_whose_summary_is_a_plain_number():
-    import yaml
-    sweep = yaml.safe_load((HERE / "sweep.yaml").read_text())
-    assert sweep["metric"] == {"name": "best_val_acc", "goal": "maximize"}
-
-
-# ----------------------------------------------------------------------------- train_fire's keys
+# ----------------------------------------------------------------------------- a small train_fire run (the runs below)
 
 def write_patterns(root, per_class, classes=("a", "b", "c", "d", "e")):
     from PIL import Image
@@ -82,35 +76,6 @@ def fire_argv(data, out, *extra):
             "--image-size", "16", "--batch-size", "2", "--num-workers", "0", "--project", "test", *extra]
 
 
-def test_train_fire_epoch_means_never_overwrite_the_batch_row_of_the_same_step(offline_wandb, tmp_path):
-    # 5 classes x 5 images, 4 train each: 20 images / batch 2 = 10 steps, an epoch ends on step 10
-    data = write_patterns(tmp_path / "data", per_class=5)
-    val_accs = iter([40.0, 80.0, 60.0])
-    real_validate = wbflow.validate
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(wbflow, "validate", lambda *a, **k: {**real_validate(*a, **k), "accuracy": next(val_accs)})
-        train_fire.main(fire_argv(data, tmp_path / "out", "--epochs", "3", "--val-split", "0.2"))
-    [log] = run_logs(offline_wandb)
-    batch_rows = log.rows_with("batch")
-    assert [row["_step"] for row in batch_rows] == [10, 20, 30]
-    epoch_rows = log.rows_with("epoch/train_loss")
-    assert [row["_step"] for row in epoch_rows] == [10, 20, 30]  # the same steps, yet each keeps its own value
-    for batch_row, epoch_row in zip(batch_rows, epoch_rows):
-        assert "train_loss" in batch_row and "epoch/train_acc" in epoch_row
-    # the window of the last 10 steps is the whole epoch here, so the two means agree; both survive
-    assert log.values("train_loss") == pytest.approx(log.values("epoch/train_loss"))
-    step_metrics = {m.name: (m.step_metric, m.summary) for m in log.metrics if m.name}
-    assert step_metrics["epoch/train_loss"][0] == step_metrics["val_acc"][0] == "epoch"
-    assert log.summary["val_acc"] == {"max": 80.0} and log.summary["best_val_acc"] == 80.0
-    assert log.summary["epoch/train_loss"] == {"min": min(log.values("epoch/train_loss"))}
-    # the best model: versions of one collection, aliases latest/best/epoch-N, the seed's metadata
-    models = [a for a in log.artifacts if a["type"] == "model"]
-    assert [a["name"] for a in models] == [f"model-{log.run_id}"] * 2
-    assert [set(a["aliases"]) for a in models] == [{"best", "latest", "epoch-0"}, {"best", "latest", "epoch-1"}]
-    assert [a["metadata"]["epoch"] for a in models] == [0, 1]
-    assert models[1]["metadata"]["global_step"] == 20 and models[1]["metadata"]["config"]["model"] == "resnet18"
-
-
 # ----------------------------------------------------------------------------- artifacts
 
 def staging_bytes(data_dir):
@@ -125,26 +90,27 @@ def test_log_artifact_versions_one_collection_without_staging_copies(offline_wan
             wbflow.log_artifact(run, path, f"model-{run.id}", aliases=["latest", f"epoch-{epoch}"] + ["best"] * (epoch == 2),
                                 metadata={"epoch": epoch, "global_step": 10 * epoch})
     [log] = run_logs(offline_wandb)
-    assert [a["name"] for a in log.artifacts] == [f"model-{log.run_id}"] * 3
+    assert [(a["name"], a["type"], a["files"]) for a in log.artifacts] == [
+        (f"model-{log.run_id}", "model", [f"checkpoint_epoch_{epoch}.pt"]) for epoch in (1, 2, 3)]
     assert [set(a["aliases"]) for a in log.artifacts] == [
         {"latest", "epoch-1"}, {"latest", "epoch-2", "best"}, {"latest", "epoch-3"}]
+    assert [a["metadata"] for a in log.artifacts] == [{"epoch": epoch, "global_step": 10 * epoch} for epoch in (1, 2, 3)]
     assert staging_bytes(tmp_path / "data") < 1_000_000 / 10  # the three 1 MB files were not copied
 
 
-def test_train_flow_artifacts_are_versions_of_one_model_collection(offline_wandb, tmp_path, monkeypatch):
+def test_offline_save_best_keeps_each_versions_file_for_wandb_sync(offline_wandb, tmp_path, monkeypatch):
+    from conftest import read_records
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
-    train_flow.main(["--smoke", "--epochs", "2", "--out-dir", str(tmp_path / "out"),
-                     "--set", "data.max_images=64", "--set", "sampling.table_nfes=[1]"])
-    [log] = run_logs(offline_wandb)
-    models = [a for a in log.artifacts if a["type"] == "model"]
-    assert [a["name"] for a in models] == [f"model-{log.run_id}"] * 2
-    assert {"latest", "best", "epoch-1"} == set(models[0]["aliases"])
-    assert {"latest", "epoch-2"} <= set(models[1]["aliases"])
-    assert models[1]["metadata"]["epoch"] == 2 and models[1]["metadata"]["global_step"] == 4
-    assert "config" in models[1]["metadata"]
-    checkpoint_bytes = (tmp_path / "out" / "checkpoint_epoch_1.pt").stat().st_size
-    assert staging_bytes(tmp_path / "data") < checkpoint_bytes / 4  # tables' media only, no checkpoint copies
-    assert log.summary["train/epoch_loss"] == {"min": min(log.values("train/epoch_loss"))}
+    best = None
+    with wbflow.wandb_run(project="test") as run:
+        for epoch, val_acc in enumerate([50.0, 60.0, 70.0]):
+            best, _ = wbflow.save_best({"epoch": epoch}, val_acc, best, tmp_path / "best_model.pth", run=run)
+    [record_file] = glob.glob(str(offline_wandb / "wandb" / "offline-run-*" / "run-*.wandb"))
+    run_logs(offline_wandb)
+    staged = [entry.local_path for record in read_records(record_file) if record.WhichOneof("record_type") == "artifact"
+              for entry in record.artifact.manifest.contents]
+    # what `wandb sync` uploads for each version is that version's model, not the file's last state
+    assert [wbflow.load_checkpoint(path)["epoch"] for path in staged] == [0, 1, 2]
 
 
 def test_fetch_checkpoint_resolves_the_best_alias_of_the_run_collection(tmp_path, monkeypatch):
@@ -169,57 +135,53 @@ def test_fetch_checkpoint_resolves_the_best_alias_of_the_run_collection(tmp_path
     assert asked == ["me/flow/model-abc123:best", "team/flow/model-abc123:latest"]
 
 
-# ----------------------------------------------------------------------------- samples table after a move
-
-def test_flow_samples_table_builds_after_a_resume_from_a_moved_out_dir(offline_wandb, tmp_path, monkeypatch):
-    flags = ["--smoke", "--epochs", "2", "--set", "data.max_images=64", "--set", "sampling.table_nfes=[1]"]
-    save_checkpoint = wbflow.save_checkpoint
-
-    def save_then_die(state, path):
-        saved = save_checkpoint(state, path)
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt
-        return saved
-
-    monkeypatch.setattr(wbflow, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_flow.main(flags + ["--out-dir", str(tmp_path / "first")])
-    monkeypatch.setattr(wbflow, "save_checkpoint", save_checkpoint)
-    shutil.move(tmp_path / "first", tmp_path / "moved")  # another machine, or another --out-dir
-    train_flow.main(flags + ["--out-dir", str(tmp_path / "moved"),
-                             "--resume", str(tmp_path / "moved" / "last.pt")])
-    killed, resumed = run_logs(offline_wandb)
-    assert resumed.exit_code == 0
-    [table] = resumed.values("eval/samples_table")
-    assert table["nrows"] == 4  # 2 epochs x (euler 1 + rk45)
-    rows = wbflow.load_checkpoint(tmp_path / "moved" / "checkpoint_epoch_2.pt")["table_rows"]
-    assert all(not Path(row["samples"]).is_absolute() for row in rows)
-
-
 # ----------------------------------------------------------------------------- credentials and server
 
-def test_a_netrc_entry_for_the_configured_non_default_host_counts_as_logged_in(tmp_path):
+@pytest.fixture
+def logged_out_wandb(tmp_path, monkeypatch):
+    """This process's wandb as on a machine without credentials or WANDB_MODE (HOME, netrc and runs under
+    tmp_path; no stdin to prompt on), set up afresh: wandb keeps its settings for the life of the process."""
+    import wandb
+    for key in [key for key in os.environ if key.startswith(("WANDB_", "NETRC")) and key != "WANDB_SERVICE"]:
+        monkeypatch.delenv(key)  # WANDB_SERVICE, the service's address, is wandb.teardown()'s to remove
+    for key, value in {"HOME": tmp_path, "NETRC": tmp_path / "netrc", "WANDB_DIR": tmp_path, "WANDB_SILENT": "true",
+                       "WANDB_CONSOLE": "off", "WANDB_DATA_DIR": tmp_path / "data"}.items():
+        monkeypatch.setenv(key, str(value))
+    wandb.teardown()
+    yield tmp_path
+    wandb.teardown()
+
+
+def test_without_credentials_for_the_configured_host_it_logs_offline_without_prompting(logged_out_wandb, monkeypatch,
+                                                                                        capsys):
+    (logged_out_wandb / "netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {'k' * 40}\n")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    with wbflow.wandb_run({"a": 1}, project="p") as run:
+        run.log({"x": 1.0}, step=1)
+        mode, sync_dir = run.settings.mode, run.settings.sync_dir
+    errors = capsys.readouterr().err
+    assert mode == "offline" and "no W&B credentials for http://127.0.0.1:9" in errors
+    assert f"wandb sync {sync_dir}" in errors
+    [log] = run_logs(logged_out_wandb)
+    assert log.values("x") == [1.0] and log.config["a"] == 1
+
+
+def test_a_netrc_entry_for_the_configured_host_counts_as_credentials(logged_out_wandb, monkeypatch, capsys):
     port = closed_port()
-    (tmp_path / "netrc").write_text(f"machine 127.0.0.1:{port}\n  login user\n  password {'k' * 40}\n")
-    code = ("import wbflow\n"
-            "with wbflow.wandb_run(project='p', init_timeout=2) as run:\n"
-            "    pass\n")
-    result, _ = clean_python(code, tmp_path, NETRC=str(tmp_path / "netrc"),
-                             WANDB_BASE_URL=f"http://127.0.0.1:{port}")
-    assert result.returncode == 0, result.stderr
-    assert "no W&B credentials" not in result.stderr  # it tried the server, which did not answer
-    assert f"127.0.0.1:{port} did not answer" in result.stderr
+    (logged_out_wandb / "netrc").write_text(f"machine 127.0.0.1:{port}\n  login user\n  password {'k' * 40}\n")
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    with wbflow.wandb_run(project="p", init_timeout=1):
+        pass
+    errors = capsys.readouterr().err
+    assert "no W&B credentials" not in errors and "wandb.init failed" not in errors, errors
+    assert f"127.0.0.1:{port} did not answer" in errors  # it tried the server
 
 
-def test_without_credentials_for_the_configured_host_it_logs_offline(tmp_path):
-    (tmp_path / "netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {'k' * 40}\n")
-    code = "import wbflow\nwith wbflow.wandb_run(project='p') as run:\n    print('mode', run.settings.mode)\n"
-    result, _ = clean_python(code, tmp_path, NETRC=str(tmp_path / "netrc"), WANDB_BASE_URL="http://127.0.0.1:9")
-    assert result.returncode == 0, result.stderr
-    assert "mode offline" in result.stdout and "no W&B credentials for http://127.0.0.1:9" in result.stderr
-
-
-def test_a_key_without_a_reachable_server_starts_fast_and_keeps_the_record_offline(tmp_path):
+@pytest.fixture(scope="module")
+def unreachable_server_run(tmp_path_factory):
+    """A run with a key whose server does not answer, in a fresh interpreter with wandb's own output on:
+    (result, seconds to start, WANDB_DIR, the interpreter's folder)."""
+    tmp_path = tmp_path_factory.mktemp("unreachable")
     code = ("import time, wbflow\n"
             "started = time.monotonic()\n"
             "with wbflow.wandb_run({'lr': 0.1}, project='p') as run:\n"
@@ -228,15 +190,30 @@ def test_a_key_without_a_reachable_server_starts_fast_and_keeps_the_record_offli
             "        run.log({'train/loss': 1.0 / step}, step=step)\n")
     wandb_dir = tmp_path / "elsewhere"
     wandb_dir.mkdir()
-    result, _ = clean_python(code, tmp_path, WANDB_API_KEY="k" * 40, WANDB_DIR=str(wandb_dir),
+    result, _ = clean_python(code, tmp_path, WANDB_API_KEY="k" * 40, WANDB_DIR=str(wandb_dir), WANDB_SILENT="false",
                              WANDB_BASE_URL=f"http://127.0.0.1:{closed_port()}")
     assert result.returncode == 0, result.stderr
-    assert float(result.stdout.split("started after")[1]) < 15
+    return result, float(result.stdout.split("started after")[1].split()[0]), wandb_dir, tmp_path
+
+
+def test_a_key_without_a_reachable_server_starts_fast_and_keeps_the_record_offline(unreachable_server_run):
+    result, started_after, wandb_dir, _ = unreachable_server_run
+    # init_timeout=10 (wandb's default is 90 s), plus wandb's two 5 s account lookups when its output is on
+    assert started_after < 45
     [log] = run_logs(wandb_dir)
     assert log.values("train/loss") == [1.0, 0.5, 1.0 / 3] and log.config["lr"] == 0.1 and log.exit_code == 0
     [folder] = glob.glob(str(wandb_dir / "wandb" / "offline-run-*"))
     assert f"wandb sync {folder}" in result.stderr
     assert not glob.glob(str(wandb_dir / "wandb" / "run-*" / "*.wandb"))  # no empty record of the failed attempt
+
+
+def test_the_offline_fallback_prints_only_paths_that_exist(unreachable_server_run):
+    result, _, _, cwd = unreachable_server_run
+    output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
+    assert output.count("Find logs at:") == 2  # the failed online attempt's and the offline run's
+    assert "upload this run later with: wandb sync" in output
+    paths = re.findall(r"(?:Find logs at:|wandb sync|saved locally in) (\S+)", output)
+    assert paths and [path for path in paths if not (cwd / path).exists()] == []  # relative ones are from the cwd
 
 
 # ----------------------------------------------------------------------------- W&B errors after init

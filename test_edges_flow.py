@@ -1,14 +1,12 @@
-"""Issue 15's edges on train_flow's side: last.pt before the epoch's samples, stops honoured inside evaluation,
-resumes that must keep the run's settings, resumes without W&B, bad settings in one line (the config's shape,
-`python wbflow.py fid`, kid), and a newcomer's first run (the FID weights, default folders, progress, headline)."""
+"""Issue 15's edges on train_flow's side: last.pt before the epoch's end, stops honoured inside FID sampling and
+--eval, resumes that must keep the run's settings, bad settings in one line (the config's shape, `python wbflow.py
+fid`, kid), and a newcomer's first run (the FID weights, default folders, progress, headline). The stops and kills
+elsewhere in an epoch, and the resumes without W&B, are in test_training.py, against one uninterrupted run."""
 import contextlib
 import io
-import os
 import re
 import shlex
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,85 +16,19 @@ import torch
 import train_fire
 import train_flow
 import wbflow
-from conftest import kill_when_marked, run_logs
+from conftest import run_logs
 from test_guard import FLOW_SMOKE, refused
-from test_training import assert_same_history, read_run, scalar_rows
-from test_wbflow import _table_data
+from test_training import signal_on_call
+from test_wbflow import tiny_flow_checkpoint
 
 HERE = Path(__file__).resolve().parent
-# 64 synthetic images, batch 32: two steps an epoch; every epoch has samples, a one-row table and a checkpoint
-FLOW = FLOW_SMOKE + ["--set", "training.log_interval=1"]
-
-
-def signal_on_call(function, on_call, signal_number=signal.SIGTERM):
-    """`function` wrapped to send this process `signal_number` (a real signal) during its `on_call`-th call,
-    with the calls counted in wrapper.calls."""
-    def wrapper(*args, **kwargs):
-        wrapper.calls += 1
-        if wrapper.calls == on_call:
-            os.kill(os.getpid(), signal_number)
-        return function(*args, **kwargs)
-    wrapper.calls = 0
-    return wrapper
-
-
-def table_keys(rows):
-    return [(row["epoch"], row["solver"], row["nfe"], row["samples"]) for row in rows]
+# 64 synthetic images, batch 32: two steps an epoch; every epoch has samples, a one-row table and a checkpoint;
+# a UNet of 8 channels that downsamples once, so its attention is at 16x16
+FLOW = FLOW_SMOKE + ["--set", "training.log_interval=1", "--set", "model.base_channels=8",
+                     "--set", "model.head_channels=8", "--set", "sampling.num_images=4"]
 
 
 # ----------------------------------------------------------------------------- 1. last.pt before the epoch's end
-
-_HANG_IN_TABLE = """
-import sys, time
-sys.path.insert(0, {here!r})
-import train_flow
-real_rows = train_flow.solver_rows
-def rows_then_hang(model, noise, epoch, *args, **kwargs):
-    if epoch == 2:  # epoch 2 has trained and drawn its grid: wait to be killed inside its solver table
-        open({marker!r}, "w").close()
-        time.sleep(120)
-    return real_rows(model, noise, epoch, *args, **kwargs)
-train_flow.solver_rows = rows_then_hang
-train_flow.main({argv!r})
-"""
-
-
-def test_a_kill_during_the_epochs_solver_table_keeps_its_training_and_the_resume_does_its_end_once(
-        offline_wandb, tmp_path, capsys):
-    argv = FLOW + ["--epochs", "3"]
-    train_flow.main(argv + ["--out-dir", str(tmp_path / "whole")])
-    [whole] = run_logs(offline_wandb)
-    killed = argv + ["--out-dir", str(tmp_path / "killed")]
-    marker = tmp_path / "hanging"
-    kill_when_marked(_HANG_IN_TABLE.format(here=str(HERE), marker=str(marker), argv=killed), marker)
-    last = wbflow.load_checkpoint(tmp_path / "killed" / "last.pt")
-    assert last["epoch"] == 2 and last["global_step"] == 4 and last["train_state"] is None
-    assert last["pending"] == ["samples", "table", "checkpoint"] and not last["wandb_last_act"]
-    assert [row["epoch"] for row in last["table_rows"]] == [1]
-
-    train_flow.main(killed + ["--resume", str(tmp_path / "killed" / "last.pt")])
-    printed = capsys.readouterr().out
-    assert "before its samples, table, checkpoint, step 4" in printed and "W&B: a new run" in printed
-    end = {name: wbflow.load_checkpoint(tmp_path / name / "last.pt") for name in ("whole", "killed")}
-    assert table_keys(end["killed"]["table_rows"]) == table_keys(end["whole"]["table_rows"])
-    assert [row["epoch"] for row in end["killed"]["table_rows"]] == [1, 2, 3]
-    for name in ("whole", "killed"):
-        assert sorted(path.name for path in (tmp_path / name).glob("checkpoint_epoch_*.pt")) == [
-            "checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt", "checkpoint_epoch_3.pt"]
-    pngs = {name: sorted(path.name for path in (tmp_path / name / "samples").iterdir()) for name in ("whole", "killed")}
-    assert pngs["killed"] == pngs["whole"] and len(pngs["whole"]) == 6  # a grid and a table row per epoch
-    for key in ("model", "ema"):
-        for name, tensor in end["whole"][key].items():
-            torch.testing.assert_close(end["killed"][key][name], tensor, rtol=1e-5, atol=1e-6)
-    [resumed_id] = {path.name.rsplit("-", 1)[1] for path in (offline_wandb / "wandb").glob("offline-run-*")} - {
-        whole.run_id, last["wandb_run_id"]}
-    resumed = read_run(offline_wandb, resumed_id, lambda log: log.exit_code is not None)
-    assert resumed.config["resumed_from"] == {"run_id": last["wandb_run_id"], "step": 4,
-                                              "checkpoint": str(tmp_path / "killed" / "last.pt")}
-    assert [row["_step"] for row in resumed.rows_with("eval/generated_samples")] == [4, 6]  # epochs 2 and 3
-    columns, rows = _table_data(offline_wandb, resumed.run_id)
-    assert sorted(row[columns.index("epoch")] for row in rows) == [1, 2, 3]
-
 
 def test_last_pt_is_written_right_after_the_epochs_training(tmp_path, monkeypatch):
     seen = []
@@ -105,12 +37,14 @@ def test_last_pt_is_written_right_after_the_epochs_training(tmp_path, monkeypatc
         seen.append(wbflow.load_checkpoint(tmp_path / "out" / "last.pt"))
         raise RuntimeError("killed while sampling")
 
-    monkeypatch.setattr(train_flow, "sample", grid_reads_last_pt)
+    monkeypatch.setattr(wbflow, "sample_flow", grid_reads_last_pt)
     with pytest.raises(RuntimeError, match="killed while sampling"):
         train_flow.main(FLOW + ["--no-wandb", "--out-dir", str(tmp_path / "out")])
     [last] = seen
-    assert last["epoch"] == 1 and last["global_step"] == 2 and last["pending"] == ["samples", "table", "checkpoint"]
+    assert (last["epoch"], last["global_step"], last["ended"], last["train_state"]) == (1, 2, False, None)
     assert last["table_rows"] == [] and last["epoch_loss"] == last["best_loss"] and last["best_epoch"] == 1
+    assert set(last["epoch_row"]) == {"train/loss", "train/learning_rate", "train/grad_norm", "train/epoch",
+                                      "train/skipped_steps", "train/epoch_loss", "train/images_per_second"}
 
 
 # ----------------------------------------------------------------------------- 2. stops inside the epoch's end
@@ -118,121 +52,63 @@ def test_last_pt_is_written_right_after_the_epochs_training(tmp_path, monkeypatc
 def test_sigterm_during_fid_sampling_stops_between_batches_and_the_resume_logs_the_fid_once(
         offline_wandb, weights_path, tmp_path, monkeypatch, capsys):  # noqa: F811
     monkeypatch.setenv("WBFLOW_FID_WEIGHTS", weights_path)
-    argv = FLOW + ["--epochs", "1", "--set", "eval.fid_interval=1", "--set", "eval.fid_num_samples=6",
-                   "--set", "eval.sample_batch_size=2", "--set", "eval.inception_batch_size=32",
-                   "--out-dir", str(tmp_path / "out")]
-    real_sample = train_flow.sample
-    sampled = signal_on_call(real_sample, 1)  # the first FID batch of three
-    monkeypatch.setattr(train_flow, "sample", sampled)
+    out = tmp_path / "out"
+    argv = FLOW + ["--epochs", "2", "--set", "data.max_images=16", "--set", "training.batch_size=8",
+                   "--set", "eval.fid_interval=2", "--set", "eval.fid_num_samples=3",
+                   "--set", "eval.sample_batch_size=1", "--set", "eval.inception_batch_size=32",
+                   "--set", "training.keep_checkpoints=1", "--out-dir", str(out)]
+    real_sample = wbflow.sample_flow
+    sampled = signal_on_call(real_sample, 3)  # epoch 1: grid, table row; epoch 2: the first FID batch of three
+    monkeypatch.setattr(wbflow, "sample_flow", sampled)
     with pytest.raises(SystemExit) as stopped:
         train_flow.main(argv)
-    assert stopped.value.code == 128 + signal.SIGTERM and sampled.calls == 1
+    assert stopped.value.code == 128 + signal.SIGTERM and sampled.calls == 3
     printed = capsys.readouterr().out
-    last_pt = tmp_path / "out" / "last.pt"
-    command = shlex.join(["python", "train_flow.py", *argv, "--resume", str(last_pt)])
-    assert "stopped at step 2 (epoch 1), before its fid, samples, table, checkpoint; continue with:" in printed
-    assert command in printed
-    last = wbflow.load_checkpoint(last_pt)
-    assert last["pending"] == ["fid", "samples", "table", "checkpoint"] and last["wandb_last_act"]
-    assert last["last_fid"] is None and last["global_step"] == 2
+    command = shlex.join(["python", "train_flow.py", *argv, "--resume", str(out / "last.pt")])
+    assert f"stopped at step 4 (epoch 2), in its end; continue with:\n  {command}" in printed
+    last = wbflow.load_checkpoint(out / "last.pt")
+    assert (last["ended"], last["wandb_last_act"], last["last_fid"], last["global_step"]) == (False, True, None, 4)
 
-    monkeypatch.setattr(train_flow, "sample", real_sample)
-    train_flow.main(argv + ["--resume", str(last_pt)])
-    printed = capsys.readouterr().out
-    assert "W&B: a new run" in printed and "has finished step 2, where epoch 1's fid and samples belong" in printed
+    monkeypatch.setattr(wbflow, "sample_flow", real_sample)
+    train_flow.main(argv + ["--resume", str(out / "last.pt")])
+    printed = capsys.readouterr().out.splitlines()
+    assert "W&B: continuing run" in "\n".join(printed)
     first, second = run_logs(offline_wandb)
-    assert first.exit_code == 1 and second.exit_code == 0 and second.config["resumed_from"]["run_id"] == first.run_id
-    assert first.rows_with("eval/fid_score") == [] and first.rows_with("eval/generated_samples") == []
-    [fid_row] = second.rows_with("eval/fid_score")
-    assert fid_row["_step"] == 2 and fid_row["train/epoch"] == 1 and np.isfinite(fid_row["eval/fid_score"])
-    assert [row["_step"] for row in second.rows_with("eval/generated_samples")] == [2]
-    assert wbflow.load_checkpoint(last_pt)["last_fid"]["fid"] == pytest.approx(fid_row["eval/fid_score"])
-
-
-def test_sigterm_during_the_solver_table_stops_before_the_next_row_and_the_same_run_takes_the_rows(
-        offline_wandb, tmp_path, monkeypatch, capsys):
-    argv = FLOW + ["--epochs", "2", "--set", "sampling.table_nfes=[1, 2]"]
-    train_flow.main(argv + ["--out-dir", str(tmp_path / "whole")])
-    argv += ["--out-dir", str(tmp_path / "split")]
-    # epoch 1: grid, row 1, row 2; epoch 2: grid, then row 1 sends SIGTERM
-    real_euler = wbflow.euler_sample
-    euler = signal_on_call(real_euler, 5)
-    monkeypatch.setattr(wbflow, "euler_sample", euler)
-    with pytest.raises(SystemExit) as stopped:
-        train_flow.main(argv)
-    assert stopped.value.code == 128 + signal.SIGTERM and euler.calls == 5  # row 2 never sampled
-    assert "stopped at step 4 (epoch 2), before its table, checkpoint" in capsys.readouterr().out
-    last = wbflow.load_checkpoint(tmp_path / "split" / "last.pt")
-    assert last["pending"] == ["table", "checkpoint"] and [row["epoch"] for row in last["table_rows"]] == [1, 1]
-    assert not (tmp_path / "split" / "checkpoint_epoch_2.pt").exists()
-
-    monkeypatch.setattr(wbflow, "euler_sample", real_euler)
-    train_flow.main(argv + ["--resume", str(tmp_path / "split" / "last.pt")])
-    assert "W&B: continuing run" in capsys.readouterr().out
-    whole, first, second = run_logs(offline_wandb)
-    assert first.run_id == second.run_id and first.exit_code == 1 and second.exit_code == 0
-    assert_same_history(scalar_rows(first, second), scalar_rows(whole))
-    assert [row["_step"] for row in first.rows_with("eval/generated_samples")] == [2, 4]
-    assert second.rows_with("eval/generated_samples") == []
-    end = {name: wbflow.load_checkpoint(tmp_path / name / "last.pt") for name in ("whole", "split")}
-    assert table_keys(end["split"]["table_rows"]) == table_keys(end["whole"]["table_rows"])
-    assert (tmp_path / "split" / "checkpoint_epoch_2.pt").exists()
-
-
-def test_sigterm_during_the_sample_grid_stops_before_the_table(tmp_path, monkeypatch, capsys):
-    argv = FLOW + ["--no-wandb", "--epochs", "1", "--out-dir", str(tmp_path / "out")]
-    monkeypatch.setattr(train_flow, "sample", signal_on_call(train_flow.sample, 1))
-    monkeypatch.setattr(train_flow, "solver_rows", lambda *args, **kwargs: pytest.fail("built the table"))
-    with pytest.raises(SystemExit) as stopped:
-        train_flow.main(argv)
-    assert stopped.value.code == 128 + signal.SIGTERM
-    assert "before its table, checkpoint; continue with" in capsys.readouterr().out
-    assert wbflow.load_checkpoint(tmp_path / "out" / "last.pt")["pending"] == ["table", "checkpoint"]
-    assert (tmp_path / "out" / "samples" / "epoch_0001.png").exists()
-
-
-def _eval_checkpoint(tmp_path):
-    model_config = {"base_channels": 8, "channel_mults": [1], "num_res_blocks": 1, "attention_resolutions": [],
-                    "head_channels": 8, "dropout": 0.0}
-    ema = wbflow.make_ema(wbflow.FlowUNet(**model_config))
-    return wbflow.save_checkpoint({"ema": ema.state_dict(), "config": {"model": model_config}, "epoch": 1,
-                                   "global_step": 2, "driver": "train_flow"}, tmp_path / "c.pt")
-
-
-_EVAL_SIGNALLED = """
-import os, signal, sys
-sys.path.insert(0, {here!r})
-import train_flow
-real_sample, calls = train_flow.sample, []
-def sample_then_signal(*args, **kwargs):
-    calls.append(1)
-    print("batch", len(calls), flush=True)
-    if len(calls) == 1:
-        os.kill(os.getpid(), {number})
-    return real_sample(*args, **kwargs)
-train_flow.sample = sample_then_signal
-train_flow.main({argv!r})
-"""
+    assert first.run_id == second.run_id and (first.exit_code, second.exit_code) == (1, 0)
+    assert first.rows_with("eval/fid_score") == [] and [row["_step"] for row in first.rows_with("train/loss")] == [
+        1, 2, 3]  # epoch 2's last row waits for its end
+    [fid_row] = second.rows_with("eval/fid_score")  # the epoch's row, whole: last window, loss, FID, grid
+    assert fid_row["_step"] == 4 and fid_row["train/epoch"] == 2 and np.isfinite(fid_row["eval/fid_score"])
+    assert {"train/loss", "train/epoch_loss", "eval/inception_score_mean", "eval/generated_samples"} <= set(fid_row)
+    last = wbflow.load_checkpoint(out / "last.pt")
+    assert last["last_fid"] == {"epoch": 2, "fid": pytest.approx(fid_row["eval/fid_score"]), "samples": 3}
+    # the run's headline: the best epoch loss, the last FID, and the checkpoints kept (1 plus the lowest loss)
+    best_epoch = last["best_epoch"]
+    assert printed[-2] == (f"done at step 4: best epoch loss {last['best_loss']:.4f} (epoch {best_epoch}), "
+                           f"last FID {last['last_fid']['fid']:.2f} (epoch 2, 3 samples)")
+    assert printed[-1] == (f"  last checkpoint: {out / 'last.pt'}; the lowest-loss checkpoint: "
+                           f"{out / f'checkpoint_epoch_{best_epoch}.pt'} (epoch {best_epoch})")
+    assert (out / f"checkpoint_epoch_{best_epoch}.pt").exists() and (out / "checkpoint_epoch_2.pt").exists()
 
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
-def test_eval_stopped_by_a_signal_ends_between_batches_in_one_line(tmp_path, number):
+def test_eval_stopped_by_a_signal_ends_between_batches_in_one_line(tmp_path, monkeypatch, capsys, number):
     (tmp_path / "weights.pth").write_bytes(b"any file: sampling comes before the network")
-    argv = ["--eval", "--smoke", "--checkpoint", str(_eval_checkpoint(tmp_path)), "--metric", "is",
+    argv = ["--eval", "--smoke", "--checkpoint", str(tiny_flow_checkpoint(tmp_path / "c.pt")), "--metric", "is",
             "--num-samples", "6", "--set", "eval.sample_batch_size=2", "--nfe", "1",
             "--set", f"eval.fid_weights={tmp_path / 'weights.pth'}", "--out-dir", str(tmp_path / "out")]
-    result = subprocess.run([sys.executable, "-c", _EVAL_SIGNALLED.format(here=str(HERE), number=int(number),
-                                                                         argv=argv)],
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 128 + number, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    assert re.findall(r"batch \d", result.stdout) == ["batch 1"]  # the second batch never started
-    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and "sampling" not in line]
+    sampled = signal_on_call(wbflow.sample_flow, 1, number)
+    monkeypatch.setattr(wbflow, "sample_flow", sampled)
+    with pytest.raises(SystemExit) as stopped:
+        train_flow.main(argv)
+    assert stopped.value.code == 128 + number and sampled.calls == 1  # the second batch never started
+    lines = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line.strip() and "sampling" not in line]
     assert lines == [f"train_flow.py: --eval stopped by {signal.Signals(number).name}; nothing was saved"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_eval_shows_progress_bars_for_sampling_and_the_inception_pass(weights_path, tmp_path):  # noqa: F811
-    argv = ["--eval", "--smoke", "--checkpoint", str(_eval_checkpoint(tmp_path)), "--metric", "is",
+    argv = ["--eval", "--smoke", "--checkpoint", str(tiny_flow_checkpoint(tmp_path / "c.pt")), "--metric", "is",
             "--num-samples", "4", "--set", "eval.sample_batch_size=2", "--set", "eval.inception_batch_size=2",
             "--nfe", "1", "--set", f"eval.fid_weights={weights_path}", "--out-dir", str(tmp_path / "out")]
     errors = io.StringIO()
@@ -266,28 +142,6 @@ def test_a_resume_with_other_training_settings_is_refused_naming_the_checkpoints
     message = refused(train_flow.main, FLOW + ["--out-dir", str(flow_run), "--epochs", "2",
                                                "--resume", str(flow_run / "last.pt"), *change], match)
     assert "keeps the settings it trained with" in message
-
-
-# ----------------------------------------------------------------------------- 4. resume with W&B off
-
-def test_train_flow_resumes_without_wandb_after_a_stop_and_after_a_finished_run(tmp_path, monkeypatch, capsys):
-    train_flow.main(FLOW + ["--no-wandb", "--epochs", "2", "--out-dir", str(tmp_path / "whole")])
-    argv = FLOW + ["--no-wandb", "--out-dir", str(tmp_path / "split")]
-    real_loss = wbflow.rectified_flow_loss
-    monkeypatch.setattr(wbflow, "rectified_flow_loss", signal_on_call(real_loss, 3))  # epoch 2, first step
-    with pytest.raises(SystemExit) as stopped:
-        train_flow.main(argv + ["--epochs", "2"])
-    assert stopped.value.code == 128 + signal.SIGTERM
-    monkeypatch.setattr(wbflow, "rectified_flow_loss", real_loss)
-    last = tmp_path / "split" / "last.pt"
-    train_flow.main(argv + ["--epochs", "2", "--resume", str(last)])  # after a stop
-    train_flow.main(argv + ["--epochs", "3", "--resume", str(last)])  # after a finished run
-    printed = capsys.readouterr().out
-    assert "resumed from" in printed and "W&B" not in printed
-    assert wbflow.load_checkpoint(last)["global_step"] == 6
-    end = {name: wbflow.load_checkpoint(tmp_path / name / "checkpoint_epoch_2.pt") for name in ("whole", "split")}
-    for name, tensor in end["whole"]["ema"].items():
-        torch.testing.assert_close(end["split"]["ema"][name], tensor, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- 5. every bad setting in one line
@@ -349,22 +203,6 @@ def test_a_config_with_every_key_of_the_default_is_accepted(tmp_path):
     text = train_flow.DEFAULT_CONFIG.read_text().replace("learning_rate: 2.0e-4", "learning_rate: 1e-3")
     config = train_flow.load_config(train_flow.parse_args(["--config", _config_file(tmp_path, text)]))
     assert config["training"]["learning_rate"] == 1e-3  # YAML 1.1 reads "1e-3" as a string: a float here
-
-
-@pytest.mark.parametrize("script, argv", [
-    ("train_flow.py", ["--smoke", "--set", "model.channel_mults=[1, two]"]),
-    ("train_flow.py", ["--smoke", "--set", "training.gradient_clip=-1"]),
-    ("train_flow.py", ["--smoke", "--config", "broken.yaml"]),
-    ("train_flow.py", ["--smoke", "--config", "list.yaml"]),
-])
-def test_a_bad_value_prints_one_line_and_no_traceback(tmp_path, script, argv):
-    (tmp_path / "broken.yaml").write_text("data: {unclosed\n")
-    (tmp_path / "list.yaml").write_text("- 1\n")
-    result = subprocess.run([sys.executable, str(HERE / script), *argv, "--out-dir", str(tmp_path / "o")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)})
-    assert result.returncode != 0 and "Traceback" not in result.stderr + result.stdout
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def _fid_command(*argv):
@@ -474,25 +312,6 @@ def test_train_flow_has_its_own_default_folders(monkeypatch):
     assert flow["out_dir"] == "runs/flow" and smoke["out_dir"] == "runs/flow-smoke" and flow["data_dir"] == "data"
     assert train_fire.parse_args([]).out_dir not in (flow["out_dir"], smoke["out_dir"])
     assert "`runs/flow`" in (HERE / "README.md").read_text()
-
-
-def test_the_end_of_a_run_prints_the_best_loss_the_last_fid_and_where_the_checkpoints_are(
-        weights_path, tmp_path, monkeypatch, capsys):  # noqa: F811
-    monkeypatch.setenv("WBFLOW_FID_WEIGHTS", weights_path)
-    out = tmp_path / "out"
-    train_flow.main(FLOW + ["--no-wandb", "--epochs", "2", "--set", "eval.fid_interval=2",
-                            "--set", "eval.fid_num_samples=4", "--set", "eval.inception_batch_size=32",
-                            "--set", "training.keep_checkpoints=1", "--out-dir", str(out)])
-    printed = capsys.readouterr().out.splitlines()
-    last = wbflow.load_checkpoint(out / "last.pt")
-    epoch_losses = {epoch: wbflow.load_checkpoint(out / f"checkpoint_epoch_{epoch}.pt")["epoch_loss"]
-                    for epoch in (1, 2) if (out / f"checkpoint_epoch_{epoch}.pt").exists()}
-    best_epoch = min(epoch_losses, key=epoch_losses.get)
-    assert last["best_epoch"] == best_epoch and last["last_fid"]["epoch"] == 2
-    assert printed[-2] == (f"done at step 4: best epoch loss {last['best_loss']:.4f} (epoch {best_epoch}), "
-                           f"last FID {last['last_fid']['fid']:.2f} (epoch 2, 4 samples)")
-    assert printed[-1] == (f"  last checkpoint: {out / 'last.pt'}; the lowest-loss checkpoint: "
-                           f"{out / f'checkpoint_epoch_{best_epoch}.pt'} (epoch {best_epoch})")
 
 
 def _help_text(call):

@@ -17,7 +17,7 @@ import train_fire
 import train_flow
 import wbflow
 from conftest import run_logs
-from test_wbflow import SEED_CLASSES, fire_args, write_cifar_batches, write_pattern_folders
+from test_wbflow import fire_args, write_cifar_batches, write_pattern_folders
 
 HERE = Path(__file__).resolve().parent
 FLOW_SMOKE = ["--smoke", "--set", "data.max_images=64", "--set", "sampling.table_nfes=[1]",
@@ -153,7 +153,7 @@ def test_rotation_keeps_the_newest_k_and_the_lowest_loss(tmp_path_factory, losse
 
 
 def test_flow_run_keeps_the_last_k_checkpoints_plus_the_best(tmp_path, monkeypatch):
-    losses = iter([0.5, 0.1, 0.4, 0.3, 0.2])  # epoch 2 is the best and is rotated out of the last 2
+    losses = iter([0.5, 0.1, 0.4])  # epoch 2 is the best and is rotated out of the last 1
     real_train_epoch = wbflow.train_epoch
 
     def scripted_loss(*args, **kwargs):
@@ -161,11 +161,10 @@ def test_flow_run_keeps_the_last_k_checkpoints_plus_the_best(tmp_path, monkeypat
 
     monkeypatch.setattr(wbflow, "train_epoch", scripted_loss)
     out = tmp_path / "out"
-    train_flow.main(FLOW_SMOKE + ["--no-wandb", "--epochs", "5", "--out-dir", str(out), "--set",
-                                  "training.keep_checkpoints=2", "--set", "logging.log_images_interval=100",
+    train_flow.main(FLOW_SMOKE + ["--no-wandb", "--epochs", "3", "--out-dir", str(out), "--set",
+                                  "training.keep_checkpoints=1", "--set", "logging.log_images_interval=100",
                                   "--set", "training.sample_interval=100"])
-    assert sorted(p.name for p in out.glob("checkpoint_epoch_*.pt")) == [
-        "checkpoint_epoch_2.pt", "checkpoint_epoch_4.pt", "checkpoint_epoch_5.pt"]
+    assert sorted(p.name for p in out.glob("checkpoint_epoch_*.pt")) == ["checkpoint_epoch_2.pt", "checkpoint_epoch_3.pt"]
     assert wbflow.load_checkpoint(out / "checkpoint_epoch_2.pt")["epoch_loss"] == 0.1
 
 
@@ -216,12 +215,14 @@ def test_a_data_folder_with_one_class_is_refused(tmp_path):
     refused(train_fire.main, fire_args(data, tmp_path / "out"), r"at least two classes; .* has 1: 高风险")
 
 
+# one case per kind (a --set, a --config file, train_fire's flags): the in-process refusals check every message
 @pytest.mark.parametrize("script, argv", [
     ("train_flow.py", ["--smoke", "--set", "training.nope=1"]),
-    ("train_flow.py", ["--smoke", "--set", "training.epochs=many"]),
+    ("train_flow.py", ["--smoke", "--config", "broken.yaml"]),
     ("train_fire.py", ["--epochs", "-1"]),
 ])
 def test_a_bad_setting_prints_no_traceback(tmp_path, script, argv):
+    (tmp_path / "broken.yaml").write_text("data: {unclosed\n")
     start = time.monotonic()
     result = subprocess.run([sys.executable, str(HERE / script), *argv, "--out-dir", str(tmp_path / "o")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=60,
@@ -238,7 +239,7 @@ def _flow_like_checkpoint(path):
 
 
 def test_eval_without_fid_weights_stops_before_sampling(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_flow, "sample", lambda *a, **k: pytest.fail("sampled before checking"))
+    monkeypatch.setattr(wbflow, "sample_images", lambda *a, **k: pytest.fail("sampled before checking"))
     monkeypatch.setenv("WBFLOW_FID_WEIGHTS", str(tmp_path / "absent.pth"))
     checkpoint = _flow_like_checkpoint(tmp_path / "c.pt")
     refused(train_flow.main, ["--eval", "--smoke", "--checkpoint", str(checkpoint)], r"absent\.pth.*does not exist")
@@ -250,7 +251,7 @@ def test_eval_without_cifar10_or_cached_statistics_stops_before_sampling(tmp_pat
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(train_flow, "sample", lambda *a, **k: pytest.fail("sampled before checking"))
+    monkeypatch.setattr(wbflow, "sample_images", lambda *a, **k: pytest.fail("sampled before checking"))
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     (tmp_path / "weights.pth").write_bytes(b"any file: only its hash names the cache")
     monkeypatch.setenv("WBFLOW_FID_WEIGHTS", str(tmp_path / "weights.pth"))
@@ -400,27 +401,6 @@ def test_a_16_bit_grayscale_png_keeps_its_contrast(tmp_path):
 
 # ----------------------------------------------------------------------------- DDP and workers
 
-def _count_check_on_rank(rank, world_size, init_file, results):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                         world_size=world_size)
-    try:
-        wbflow.check_same_on_every_rank({"training images": 100 - 20 * rank, "validation images": 25})
-        message = "no error"
-    except ValueError as error:
-        message = str(error)
-    torch.distributed.destroy_process_group()
-    Path(f"{results}.{rank}").write_text(message)
-
-
-def test_ranks_that_see_different_data_stop_with_every_ranks_counts(tmp_path):
-    import torch.multiprocessing
-    torch.multiprocessing.spawn(_count_check_on_rank, args=(2, tmp_path / "init", tmp_path / "r"), nprocs=2)
-    for rank in range(2):
-        assert Path(f"{tmp_path / 'r'}.{rank}").read_text() == (
-            "the ranks see different data: rank 0: 100 training images, 25 validation images; "
-            "rank 1: 80 training images, 25 validation images")
-
-
 def test_torchrun_ranks_with_different_data_stop_at_start(tmp_path):
     # rank 1 reads a partial copy: its CIFAR-10 is cut short by data.max_images set through its environment
     write_cifar_batches(tmp_path / "data")
@@ -493,19 +473,6 @@ def test_help_shows_every_default(module, monkeypatch):
         assert "default: training.epochs, 1025" in blocks["--epochs"]
 
 
-def test_train_fire_logs_every_setting_to_the_wandb_config(offline_wandb, tmp_path):
-    data = write_pattern_folders(tmp_path / "data", per_class=4, classes=SEED_CLASSES[:2])
-    argv = fire_args(data, tmp_path / "out", "--epochs", "1", "--val-split", "0.25", "--num-predictions", "2")
-    train_fire.main(argv)
-    [log] = run_logs(offline_wandb)
-    for key, value in vars(train_fire.parse_args(argv)).items():
-        if key in ("resume", "optimizer", "amp"):  # amp: None becomes what it chose
-            continue
-        assert log.config[key] == value, key
-    assert log.config["optimizer"] == "Adam" and log.config["amp"] == "off" and log.config["num_workers"] == 0
-    assert log.config["val_split"] == 0.25 and log.config["device"] == "cpu" and log.config["steps_per_epoch"] == 1
-
-
 # ----------------------------------------------------------------------------- config and the copy rule
 
 @pytest.mark.parametrize("override, value", [
@@ -515,19 +482,3 @@ def test_load_yaml_config_accepts_values_of_the_files_type(override, value):
     config = wbflow.load_yaml_config(train_flow.DEFAULT_CONFIG, [override])
     section, key = override.split("=")[0].split(".")
     assert config[section][key] == value and type(config[section][key]) is type(value)
-
-
-@settings(max_examples=40, deadline=None)
-@given(labels=st.lists(st.integers(0, 3), min_size=8, max_size=40), fraction=st.floats(0.1, 0.6),
-       seed=st.integers(0, 5))
-def test_find_image_samples_splits_as_stratified_split_does(tmp_path_factory, labels, fraction, seed):
-    from PIL import Image
-    root = tmp_path_factory.mktemp("csv")
-    labels = [0, 1, 2, 3] + labels  # every class present: CSV label "k" is class index k
-    for index in range(len(labels)):
-        Image.new("RGB", (4, 4)).save(root / f"{index}.png")
-    (root / "data.csv").write_text("\n".join(f"{index}.png,{label}" for index, label in enumerate(labels)))
-    train, val, names = wbflow.find_image_samples(root / "data.csv", val_split=fraction, seed=seed)
-    train_index, val_index = wbflow.stratified_split(labels, fraction, seed=seed)
-    assert [int(Path(p).stem) for p, _ in train] == train_index
-    assert [int(Path(p).stem) for p, _ in val] == val_index

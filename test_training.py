@@ -1,13 +1,17 @@
-"""train_epoch's windows, stop and resume; exact resume of both drivers, read back from the W&B record logs;
-the copy rule for the device & data, models, losses, training and sampling sections."""
-import math
+"""train_epoch's windows, stop and resume, the private-API guards; both drivers' exact resume, read back from the
+W&B record logs: train_flow's stops and kills anywhere (mid-epoch, in an epoch's end) against one uninterrupted run."""
+import contextlib
 import glob
+import io
+import math
 import os
 import shlex
+import shutil
 import signal
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +22,8 @@ import train_fire
 import train_flow
 import wbflow
 from conftest import RunLog, kill_when_marked, run_logs
-from test_wbflow import CE_LOSS, fire_args, linear_batches, linear_classifier, write_pattern_folders
+from test_wbflow import (CE_LOSS, _table_data, fire_args, linear_batches, linear_classifier, write_cifar_batches,
+                        write_pattern_folders)
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,13 +40,16 @@ def test_every_optimiser_step_lands_in_exactly_one_window(n_batches, log_every, 
     model = linear_classifier()
     windows = []
     stats = wbflow.train_epoch(model, linear_batches(n_batches, batch_size=2), torch.optim.SGD(model.parameters(), lr=0.1),
-                               CE_LOSS, step=start_step, log_every=log_every, on_log=collect(windows), progress=False)
+                               CE_LOSS, step=start_step, epoch=2, log_every=log_every, on_log=collect(windows),
+                               progress=False)
     assert sum(window["steps"] for _, window in windows) == n_batches == stats["steps"]
     steps = [step for step, _ in windows]
     assert steps == sorted(set(steps)) and steps[-1] == start_step + n_batches  # the partial window at the end
     assert all(step % log_every == 0 for step in steps[:-1])
     assert all(1 <= window["steps"] <= log_every for _, window in windows)
     assert [window["batch"] for _, window in windows] == [step - start_step - 1 for step in steps]
+    assert all(window["epoch"] == 2 and 0 <= window["accuracy"] <= 100 for _, window in windows)
+    assert all(type(value) in (int, float) for _, window in windows for value in window.values())  # plain floats
 
 
 def test_logged_learning_rate_is_the_one_the_windows_last_step_used():
@@ -132,7 +140,7 @@ def test_an_epoch_stopped_and_resumed_logs_the_same_windows_and_means_as_one_uns
     assert split["state"] is None and not split["stopped"]
 
 
-def test_a_set_event_stops_after_the_current_step_without_host_syncs(monkeypatch):
+def test_a_set_event_stops_after_the_current_step():
     model = linear_classifier()
     stop = threading.Event()
     calls = []
@@ -147,27 +155,6 @@ def test_a_set_event_stops_after_the_current_step_without_host_syncs(monkeypatch
                                stop=stop, log_every=1000, progress=False)
     assert stats["stopped"] and stats["steps"] == 3 and stats["state"]["batches"] == 3
     assert set(stats["state"]) == {"totals", "logged", "batches", "has_accuracy", "learning_rate", "seconds"}
-
-
-def test_train_epoch_with_a_stop_event_makes_no_host_sync_per_step(monkeypatch):
-    from test_wbflow import _SYNC_METHODS
-    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    ema_model = wbflow.make_ema(model, 0.9)
-    calls = []
-    for name in _SYNC_METHODS:
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name,
-                            lambda self, *a, _original=original, _name=name, **k: (calls.append(_name), _original(self, *a, **k))[1])
-    syncs = []
-    for steps in (30, 60):
-        calls.clear()
-        stats = wbflow.train_epoch(model, linear_batches(steps), optimizer, CE_LOSS, stop=threading.Event(),
-                                   ema_model=ema_model, log_every=1000, progress=False)
-        assert stats["steps"] == steps
-        syncs.append(list(calls))
-    monkeypatch.undo()
-    assert syncs[0] == syncs[1] and len(syncs[0]) <= 2, syncs  # the epoch's end reads, never one per step
 
 
 def test_stop_on_signals_turns_sigterm_into_a_stop_request_and_a_second_signal_into_keyboard_interrupt():
@@ -198,6 +185,29 @@ def test_fused_optimizer_still_reads_found_inf_from_its_attributes():
         assert (not torch.equal(parameter.detach(), torch.ones(3))) == moves, \
             f"fused Adam ignored found_inf={found_inf}: torch changed how fused optimisers skip a step"
         assert optimizer.state[parameter]["step"].item() == (1.0 if moves else 0.0)
+
+
+def test_the_ema_fast_path_updates_as_averaged_model_does_parameters_and_buffers():
+    """make_ema's update runs swa_utils' EMA once per (device, dtype) group, without AveragedModel's host sync;
+    if this fails, it no longer equals torch's own AveragedModel.update_parameters: mend _EMAModel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))  # float and int64 buffers
+    fast = wbflow.make_ema(model, decay=0.9)
+    reference = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9), use_buffers=True)
+    reference.update_parameters(model)  # the first update copies, as make_ema's does
+    for _ in range(3):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter))
+            model.train()(torch.randn(16, 4))  # moves the running statistics and num_batches_tracked
+        fast.update_parameters(model)
+        reference.update_parameters(model)
+    expected = reference.state_dict()
+    assert fast.state_dict().keys() == expected.keys() and int(fast.n_averaged) == 4
+    for name, tensor in fast.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(fast.module[1].running_mean, model[1].running_mean)  # an average, not a copy
 
 
 # ----------------------------------------------------------------------------- loaders resume where they stopped
@@ -233,7 +243,7 @@ def test_image_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     assert len(rest) == len(whole) - 2 and all(torch.equal(a, b) for a, b in zip(rest, whole[2:]))
 
 
-# ----------------------------------------------------------------------------- exact resume of the drivers
+# ----------------------------------------------------------------------------- exact resume: history compared
 
 COMPARED = ("train/loss", "train/grad_norm", "train/learning_rate", "train/epoch", "train/skipped_steps",
             "train/epoch_loss", "epoch", "batch", "train_loss", "train_acc", "learning_rate", "val_loss", "val_acc",
@@ -268,59 +278,16 @@ def sigterm_after(steps):
     return wrap
 
 
-FLOW_FLAGS = ["--smoke", "--epochs", "2", "--set", "data.max_images=128", "--set", "training.log_interval=3",
-              "--set", "sampling.table_nfes=[1]", "--set", "training.warmup_steps=4"]
-
-
-def test_train_flow_stopped_by_sigterm_mid_epoch_resumes_the_same_run_with_the_same_history(
-        offline_wandb, tmp_path, monkeypatch, capsys):
-    train_flow.main(FLOW_FLAGS + ["--out-dir", str(tmp_path / "whole")])
-    argv = FLOW_FLAGS + ["--out-dir", str(tmp_path / "split")]
-    real_loss = wbflow.rectified_flow_loss
-    monkeypatch.setattr(wbflow, "rectified_flow_loss", sigterm_after(5)(real_loss))  # step 5: epoch 2, mid-window
-    with pytest.raises(SystemExit) as stopped:
-        train_flow.main(argv)
-    assert stopped.value.code == 128 + signal.SIGTERM
-    printed = capsys.readouterr().out
-    command = shlex.join(["python", "train_flow.py", *argv, "--resume", str(tmp_path / "split" / "last.pt")])
-    assert "stopped at step 5 (epoch 2)" in printed and command in printed
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
-
-    monkeypatch.setattr(wbflow, "rectified_flow_loss", real_loss)
-    train_flow.main(argv + ["--resume", str(tmp_path / "split" / "last.pt")])
-    assert "W&B: continuing run" in capsys.readouterr().out
-    whole, first, second = run_logs(offline_wandb)
-    assert first.exit_code == 1 and second.exit_code == 0 and first.run_id == second.run_id
-    assert [row["_step"] for row in first.rows_with("train/loss")] == [3, 4]
-    assert scalar_rows(whole)[-1][0] == 8
-    assert_same_history(scalar_rows(first, second), scalar_rows(whole))
-    end = {run: wbflow.load_checkpoint(tmp_path / run / "last.pt") for run in ("whole", "split")}
-    assert end["split"]["wandb_last_act"] and end["split"]["train_state"] is None and end["split"]["global_step"] == 8
-    for key in ("model", "ema"):
-        for name, tensor in end["whole"][key].items():
-            torch.testing.assert_close(end["split"][key][name], tensor, rtol=1e-5, atol=1e-6)
-
-
-def test_train_fire_stopped_by_sigterm_mid_epoch_resumes_the_same_run_with_the_same_history(
-        offline_wandb, tmp_path, monkeypatch, capsys):
-    data = write_pattern_folders(tmp_path / "data", per_class=20)  # 80 training images: 10 steps an epoch
-    train_fire.main(fire_args(data, tmp_path / "whole", "--epochs", "2"))
-    argv = fire_args(data, tmp_path / "split", "--epochs", "2")
-    real_loss = wbflow.classification_loss
-    monkeypatch.setattr(wbflow, "classification_loss", lambda criterion: sigterm_after(16)(real_loss(criterion)))  # 10 train + 3 val + 3
-    with pytest.raises(SystemExit) as stopped:
-        train_fire.main(argv)
-    assert stopped.value.code == 128 + signal.SIGTERM
-    assert f"--resume {tmp_path / 'split' / 'last.pth'}" in capsys.readouterr().out
-    saved = wbflow.load_checkpoint(tmp_path / "split" / "last.pth")
-    assert saved["epoch"] == 1 and saved["step"] == 13 and saved["train_state"]["batches"] == 3
-
-    monkeypatch.setattr(wbflow, "classification_loss", real_loss)
-    train_fire.main(argv + ["--resume", str(tmp_path / "split" / "last.pth")])
-    whole, first, second = run_logs(offline_wandb)
-    assert first.exit_code == 1 and second.exit_code == 0 and first.run_id == second.run_id
-    assert [step for step, _ in scalar_rows(whole)] == [10, 20]
-    assert_same_history(scalar_rows(first, second), scalar_rows(whole))
+def signal_on_call(function, on_call, signal_number=signal.SIGTERM):
+    """`function` wrapped to send this process `signal_number` (a real signal) during its `on_call`-th call,
+    with the calls counted in wrapper.calls."""
+    def wrapper(*args, **kwargs):
+        wrapper.calls += 1
+        if wrapper.calls == on_call:
+            os.kill(os.getpid(), signal_number)
+        return function(*args, **kwargs)
+    wrapper.calls = 0
+    return wrapper
 
 
 def read_run(wandb_dir, run_id, ready, timeout=30):
@@ -334,42 +301,263 @@ def read_run(wandb_dir, run_id, ready, timeout=30):
         time.sleep(0.2)
 
 
-_KILLED_FLOW = """
-import os, sys, time
+
+def test_train_fire_stopped_by_sigterm_mid_epoch_resumes_the_same_run_with_the_same_history(
+        offline_wandb, tmp_path, monkeypatch, capsys):
+    data = write_pattern_folders(tmp_path / "data", per_class=10)  # 40 training images: 5 steps an epoch
+    train_fire.main(fire_args(data, tmp_path / "whole", "--epochs", "2"))
+    argv = fire_args(data, tmp_path / "split", "--epochs", "2")
+    real_loss = wbflow.classification_loss
+    monkeypatch.setattr(wbflow, "classification_loss", lambda criterion: sigterm_after(9)(real_loss(criterion)))  # 5 train + 2 val + 2
+    with pytest.raises(SystemExit) as stopped:
+        train_fire.main(argv)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert f"--resume {tmp_path / 'split' / 'last.pth'}" in capsys.readouterr().out
+    saved = wbflow.load_checkpoint(tmp_path / "split" / "last.pth")
+    assert saved["epoch"] == 1 and saved["step"] == 7 and saved["train_state"]["batches"] == 2  # mid-window
+
+    monkeypatch.setattr(wbflow, "classification_loss", real_loss)
+    train_fire.main(argv + ["--resume", str(tmp_path / "split" / "last.pth")])
+    printed = capsys.readouterr().out
+    assert "resuming epoch 1 at batch 2, step 7" in printed and "W&B: continuing run" in printed
+    whole, first, second = run_logs(offline_wandb)
+    assert first.exit_code == 1 and second.exit_code == 0 and first.run_id == second.run_id
+    assert [step for step, _ in scalar_rows(whole)] == [5, 10]
+    assert_same_history(scalar_rows(first, second), scalar_rows(whole))
+    end = {run: wbflow.load_checkpoint(tmp_path / run / "last.pth") for run in ("whole", "split")}
+    assert end["split"]["step"] == end["whole"]["step"] == 10 and end["split"]["train_state"] is None
+    assert end["split"]["best_val_acc"] == end["whole"]["best_val_acc"]
+    for name, tensor in end["whole"]["model"].items():
+        torch.testing.assert_close(end["split"]["model"][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- train_flow against one uninterrupted run
+
+# 48 images of CIFAR-10 files, batch 16: 3 steps an epoch, 9 in all, windows at steps 2, 3 | 4, 6 | 8, 9 (the
+# epochs' ends); every epoch has a grid, 4 table rows (Euler NFE 1 and 2, Heun 2, RK45) and a checkpoint
+FLOW = ["--smoke", "--epochs", "3", "--set", "data.max_images=48", "--set", "training.batch_size=16",
+        "--set", "training.log_interval=2", "--set", "training.warmup_steps=4", "--set", "model.base_channels=8",
+        "--set", "model.channel_mults=[1, 2]", "--set", "model.head_channels=8", "--set", "sampling.num_images=4",
+        "--set", "sampling.table_nfes=[1, 2]", "--set", "sampling.rk45_tolerance=0.01"]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """The uninterrupted run, W&B offline in its own folder: argv (all but --out-dir), out dir, RunLog, the W&B
+    folder and what it printed. Tests only read it."""
+    root = tmp_path_factory.mktemp("whole")
+    write_cifar_batches(root / "data", per_batch=10, test_images=2)
+    argv, threads = FLOW + ["--data-dir", str(root / "data")], torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as printed:
+        for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(root), "WANDB_SILENT": "true",
+                           "WANDB_CONSOLE": "off", "WANDB_DATA_DIR": str(root / "staging")}.items():
+            patch.setenv(key, value)
+        torch.set_num_threads(1)
+        try:
+            train_flow.main(argv + ["--out-dir", str(root / "out")])
+        finally:
+            torch.set_num_threads(threads)
+    [log] = run_logs(root)
+    return SimpleNamespace(argv=argv, out=root / "out", log=log, root=root, printed=printed.getvalue())
+
+
+def table_keys(checkpoint):
+    return [(row["epoch"], row["solver"], row["nfe"], row["samples"]) for row in checkpoint["table_rows"]]
+
+
+def assert_same_end(out, whole):
+    """out's last.pt, checkpoints and sample PNGs are the uninterrupted run's: every table row and grid once."""
+    end, expected = wbflow.load_checkpoint(out / "last.pt"), wbflow.load_checkpoint(whole.out / "last.pt")
+    assert end["global_step"] == 9 and end["ended"] and table_keys(end) == table_keys(expected)
+    for folder in (".", "samples"):
+        assert sorted(path.name for path in (out / folder).glob("*.p*")) == sorted(
+            path.name for path in (whole.out / folder).glob("*.p*"))
+    for key in ("model", "ema"):
+        for name, tensor in expected[key].items():
+            torch.testing.assert_close(end[key][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def stopped(argv, capsys):
+    """What train_flow.main(argv) printed before a SIGTERM stopped it, with exit code 143."""
+    with pytest.raises(SystemExit) as stop:
+        train_flow.main(argv)
+    assert stop.value.code == 128 + signal.SIGTERM
+    return capsys.readouterr().out
+
+
+def test_a_run_logs_every_seed_key_table_image_and_artifact(whole):
+    log, out = whole.log, whole.out
+    assert "CIFAR-10: 48 training images" in whole.printed and log.exit_code == 0
+    windows = log.rows_with("train/loss")
+    assert [row["_step"] for row in windows] == [2, 3, 4, 6, 8, 9]
+    assert [row["train/epoch"] for row in windows] == [1, 1, 2, 2, 3, 3]
+    assert all({"train/learning_rate", "train/grad_norm", "train/skipped_steps"} <= set(row) for row in windows)
+    epoch_rows = log.rows_with("train/epoch_loss")  # each epoch's last window, loss, speed and grid: one row
+    assert [row["_step"] for row in epoch_rows] == [3, 6, 9] and all(
+        "train/loss" in row and row["train/images_per_second"] > 0 and math.isfinite(row["train/epoch_loss"])
+        and row["eval/generated_samples"]["_type"] == "image-file" for row in epoch_rows)
+    assert log.summary["train/epoch_loss"] == {"min": min(log.values("train/epoch_loss"))}
+    assert sorted(path.name for path in (out / "samples").glob("epoch_000?.png")) == [
+        "epoch_0001.png", "epoch_0002.png", "epoch_0003.png"]
+
+    [table_row] = log.rows_with("eval/samples_table")  # with the last epoch's row
+    assert table_row["_step"] == 9 and table_row["eval/samples_table"]["nrows"] == 12
+    columns, data = _table_data(whole.root)
+    assert columns == ["epoch", "solver", "nfe", "seconds", "samples"]
+    assert [(row[0], row[1], row[2]) for row in data if row[1] != "rk45"] == [
+        (epoch, solver, nfe) for epoch in (1, 2, 3) for solver, nfe in [("euler", 1), ("euler", 2), ("heun", 2)]]
+    assert [row[0] for row in data if row[1] == "rk45"] == [1, 2, 3]
+    [table_artifact] = [artifact for artifact in log.artifacts if artifact["type"] == "run_table"]
+    assert sorted(Path(name).name for name in table_artifact["files"] if name.endswith(".png")) == sorted(
+        f"epoch_{row[0]:04d}_{row[1]}_nfe{row[2]:03d}.png" for row in data)
+
+    models = [artifact for artifact in log.artifacts if artifact["type"] == "model"]  # one collection, 3 versions
+    losses = log.values("train/epoch_loss")
+    assert [model["name"] for model in models] == [f"model-{log.run_id}"] * 3
+    for epoch, model in enumerate(models, 1):
+        best = losses[epoch - 1] == min(losses[:epoch])
+        assert set(model["aliases"]) == {"latest", f"epoch-{epoch}"} | ({"best"} if best else set())
+        assert model["metadata"]["epoch"] == epoch and model["metadata"]["global_step"] == 3 * epoch
+        assert model["files"] == [f"checkpoint_epoch_{epoch}.pt"]
+    assert models[2]["metadata"]["config"]["training"]["gradient_clip"] == 1.0
+    staged = {wbflow.file_sha256(path) for path in (whole.root / "staging").rglob("*") if path.is_file()}
+    assert staged and not staged & {wbflow.file_sha256(path) for path in out.glob("*.pt")}  # no checkpoint copies
+    assert {"data", "model", "training", "logging", "sampling", "eval"} <= set(log.config)
+    assert wbflow.load_checkpoint(out / "checkpoint_epoch_3.pt")["wandb_run_id"] == log.run_id
+    assert sorted(path.name for path in out.glob("*.pt")) == [
+        "checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt", "checkpoint_epoch_3.pt", "last.pt"]
+
+
+def test_stops_mid_epoch_before_the_grid_and_between_table_rows_resume_the_same_run_to_the_same_record(
+        whole, offline_wandb, tmp_path, monkeypatch, capsys):
+    argv = whole.argv + ["--out-dir", str(tmp_path / "split")]
+    last = tmp_path / "split" / "last.pt"
+    resume = argv + ["--resume", str(last)]
+    real_loss, real_save, real_sample = wbflow.rectified_flow_loss, wbflow.save_checkpoint, wbflow.sample_flow
+    monkeypatch.setattr(wbflow, "rectified_flow_loss", signal_on_call(real_loss, 5))  # epoch 2, mid-window
+    printed = stopped(argv, capsys)
+    assert "stopped at step 5 (epoch 2); continue with:" in printed
+    assert shlex.join(["python", "train_flow.py", *resume]) in printed
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    assert wbflow.load_checkpoint(last)["train_state"]["batches"] == 2
+
+    def signal_after_epoch_2s_training(state, path):
+        saved = real_save(state, path)
+        if state["epoch"] == 2 and not state["ended"] and not state["wandb_last_act"]:  # not the stop's own last.pt
+            os.kill(os.getpid(), signal.SIGTERM)
+        return saved
+
+    monkeypatch.setattr(wbflow, "rectified_flow_loss", real_loss)
+    monkeypatch.setattr(wbflow, "save_checkpoint", signal_after_epoch_2s_training)
+    monkeypatch.setattr(wbflow, "sample_flow", lambda *args, **kwargs: pytest.fail("drew the grid"))
+    assert "stopped at step 6 (epoch 2), in its end" in stopped(resume, capsys)
+    monkeypatch.setattr(wbflow, "save_checkpoint", real_save)
+    sample = signal_on_call(real_sample, 3)  # the grid, table rows 1 and 2: row 3 never starts
+    monkeypatch.setattr(wbflow, "sample_flow", sample)
+    printed = stopped(resume, capsys)
+    assert "W&B: continuing run" in printed and "stopped at step 6 (epoch 2), in its end" in printed
+    assert sample.calls == 3 and [row["epoch"] for row in wbflow.load_checkpoint(last)["table_rows"]] == [1] * 4
+    monkeypatch.setattr(wbflow, "sample_flow", real_sample)
+    train_flow.main(resume)
+
+    logs = run_logs(offline_wandb)
+    assert [log.exit_code for log in logs] == [1, 1, 1, 0] and len({log.run_id for log in logs}) == 1
+    assert_same_history(scalar_rows(*logs), scalar_rows(whole.log))
+    assert [row["_step"] for log in logs for row in log.rows_with("eval/generated_samples")] == [3, 6, 9]
+    assert_same_end(tmp_path / "split", whole)
+
+
+_HANG = """
+import sys, time
 sys.path.insert(0, {here!r})
 import train_flow, wbflow
-real_loss, calls = wbflow.rectified_flow_loss, []
-def loss_then_hang(model, batch):
-    calls.append(1)
-    if len(calls) == 7:  # epoch 2 has logged a window past the epoch-1 checkpoint: wait to be killed
-        open({marker!r}, "w").close()
-        time.sleep(120)
-    return real_loss(model, batch)
-wbflow.rectified_flow_loss = loss_then_hang
+def hang_at(function, call):
+    def wrapper(*args, **kwargs):
+        wrapper.calls += 1
+        if wrapper.calls == call:
+            open({marker!r}, "w").close()
+            time.sleep(120)
+        return function(*args, **kwargs)
+    wrapper.calls = 0
+    return wrapper
+{patch}
 train_flow.main({argv!r})
 """
 
 
-def test_train_flow_killed_with_sigkill_resumes_in_a_new_run_that_records_its_origin(offline_wandb, tmp_path, capsys):
-    train_flow.main(FLOW_FLAGS + ["--out-dir", str(tmp_path / "whole")])
-    [whole] = run_logs(offline_wandb)
-    argv = FLOW_FLAGS + ["--out-dir", str(tmp_path / "killed")]
-    marker = tmp_path / "hanging"
-    # settle: let W&B write what the run logged past the checkpoint
-    kill_when_marked(_KILLED_FLOW.format(here=str(HERE), marker=str(marker), argv=argv), marker, settle=1.0)
+def test_kills_mid_epoch_and_in_an_epochs_end_resume_in_new_runs_that_lose_and_repeat_nothing(
+        whole, offline_wandb, tmp_path, capsys):
+    argv = whole.argv + ["--out-dir", str(tmp_path / "killed")]
     last = tmp_path / "killed" / "last.pt"
-    checkpoint = wbflow.load_checkpoint(last)
-    assert checkpoint["global_step"] == 4 and not checkpoint["wandb_last_act"]
-
-    train_flow.main(argv + ["--resume", str(last)])
+    resume = argv + ["--resume", str(last)]
+    # step 6 (epoch 2), past epoch 1's checkpoint; then, resumed, inside epoch 3's solver table
+    kill_when_marked(_HANG.format(here=str(HERE), marker=str(tmp_path / "in_epoch_2"), argv=argv,
+                                  patch="wbflow.rectified_flow_loss = hang_at(wbflow.rectified_flow_loss, 6)"),
+                     tmp_path / "in_epoch_2")
+    first_id = wbflow.load_checkpoint(last)["wandb_run_id"]
+    kill_when_marked(_HANG.format(here=str(HERE), marker=str(tmp_path / "in_the_end"), argv=resume,
+                                  patch="wbflow.compare_solvers = hang_at(wbflow.compare_solvers, 2)"),
+                     tmp_path / "in_the_end")
+    state = wbflow.load_checkpoint(last)  # right after epoch 3's training: none of it is lost
+    assert (state["epoch"], state["global_step"], state["ended"], state["train_state"]) == (3, 9, False, None)
+    assert not state["wandb_last_act"] and [row["epoch"] for row in state["table_rows"]] == [1] * 4 + [2] * 4
+    second_id = state["wandb_run_id"]
+    train_flow.main(resume)
     assert "W&B: a new run" in capsys.readouterr().out
-    killed_id = checkpoint["wandb_run_id"]
-    [resumed_id] = {path.name.rsplit("-", 1)[1] for path in (offline_wandb / "wandb").glob("offline-run-*")} - {
-        whole.run_id, killed_id}
-    resumed = read_run(offline_wandb, resumed_id, lambda log: log.exit_code is not None)
-    # the killed run has no exit record; W&B's orphaned service may still be writing it
-    killed = read_run(offline_wandb, killed_id, lambda log: log.rows_with("train/loss"))
-    assert resumed.config["resumed_from"] == {"run_id": killed.run_id, "step": 4, "checkpoint": str(last)}
-    assert resumed.run_id not in (killed.run_id, whole.run_id) and resumed.exit_code == 0
-    before_checkpoint = [(step, values) for step, values in scalar_rows(killed) if step <= 4]
-    assert_same_history(before_checkpoint + scalar_rows(resumed), scalar_rows(whole))
+
+    # the killed runs have no exit record; W&B's orphaned service may still be writing them
+    first = read_run(offline_wandb, first_id, lambda log: log.rows_with("train/epoch_loss"))
+    second = read_run(offline_wandb, second_id, lambda log: len(log.rows_with("train/loss")) >= 3)
+    [third_id] = {path.name.rsplit("-", 1)[1] for path in (offline_wandb / "wandb").glob("offline-run-*")} - {
+        first_id, second_id}
+    third = read_run(offline_wandb, third_id, lambda log: log.exit_code is not None)
+    assert second.config["resumed_from"] == {"run_id": first_id, "step": 3, "checkpoint": str(last)}
+    assert third.config["resumed_from"] == {"run_id": second_id, "step": 9, "checkpoint": str(last)}
+    assert [row["_step"] for row in second.rows_with("train/loss")] == [4, 6, 8]  # all it trained is on disk
+    kept = [(step, values) for step, values in scalar_rows(first) if step <= 3] + scalar_rows(second, third)
+    assert_same_history(kept, scalar_rows(whole.log))
+    assert [row["_step"] for log in (first, second, third) for row in log.rows_with("eval/generated_samples")] == [
+        3, 6, 9]
+    assert_same_end(tmp_path / "killed", whole)
+    assert sorted(row[0] for row in _table_data(offline_wandb, third_id)[1]) == [1] * 4 + [2] * 4 + [3] * 4
+
+
+def test_a_crash_in_an_epochs_end_resumes_from_a_moved_out_dir_in_a_new_run(whole, offline_wandb, tmp_path,
+                                                                            monkeypatch, capsys):
+    real_save = wbflow.save_checkpoint
+
+    def save_then_crash(state, path):
+        saved = real_save(state, path)
+        if state["epoch"] == 2 and not state["ended"]:
+            raise KeyboardInterrupt
+        return saved
+
+    monkeypatch.setattr(wbflow, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_flow.main(whole.argv + ["--out-dir", str(tmp_path / "first")])
+    monkeypatch.setattr(wbflow, "save_checkpoint", real_save)
+    shutil.move(tmp_path / "first", tmp_path / "moved")  # another machine, or another --out-dir
+    last = tmp_path / "moved" / "last.pt"
+    train_flow.main(whole.argv + ["--out-dir", str(tmp_path / "moved"), "--resume", str(last)])
+    assert "W&B: a new run" in capsys.readouterr().out
+    crashed, resumed = run_logs(offline_wandb)
+    assert crashed.exit_code == 1 and resumed.exit_code == 0
+    assert resumed.config["resumed_from"] == {"run_id": crashed.run_id, "step": 6, "checkpoint": str(last)}
+    assert_same_history(scalar_rows(crashed, resumed), scalar_rows(whole.log))
+    assert_same_end(tmp_path / "moved", whole)  # the table's rows name their PNGs relative to the out dir
+    assert sorted(row[0] for row in _table_data(offline_wandb, resumed.run_id)[1]) == [1] * 4 + [2] * 4 + [3] * 4
+
+
+def test_without_wandb_a_stopped_and_a_finished_run_resume_to_the_uninterrupted_weights(whole, tmp_path,
+                                                                                       monkeypatch, capsys):
+    argv = whole.argv + ["--no-wandb", "--out-dir", str(tmp_path / "split")]
+    last = tmp_path / "split" / "last.pt"
+    real_loss = wbflow.rectified_flow_loss
+    monkeypatch.setattr(wbflow, "rectified_flow_loss", signal_on_call(real_loss, 4))  # epoch 2, first step
+    stopped(argv + ["--epochs", "2"], capsys)
+    monkeypatch.setattr(wbflow, "rectified_flow_loss", real_loss)
+    train_flow.main(argv + ["--epochs", "2", "--resume", str(last)])  # after a stop
+    train_flow.main(argv + ["--epochs", "3", "--resume", str(last)])  # after a finished run
+    printed = capsys.readouterr().out
+    assert printed.count("resumed from") == 2 and "W&B" not in printed
+    assert_same_end(tmp_path / "split", whole)

@@ -5,18 +5,15 @@
     python train_fire.py --data-dir data/fire --resume runs/fire/last.pth        # continue a killed run
     wandb sweep sweep.yaml                                                        # then: wandb agent <id>
 
-Data: DATA/train/<class>/* and DATA/val/<class>/*; or DATA/<class>/* split by a seeded stratified
---val-split; or a CSV of path,label. Class names come from the folders (or --class-names).
-W&B, with the seed's names: every 10 batches epoch, batch, train_loss, train_acc, learning_rate;
-every epoch train_loss, train_acc, val_loss, val_acc on the epoch axis, and best_val_acc when it
-improves; the best model (on val_acc) in OUT/best_model.pth, uploaded as a model artifact with
-aliases best and latest; after training, with the best model: a predictions table, a confusion
-matrix and per-class precision and recall, and a last line naming the best val_acc, its epoch and the
-file. OUT/last.pth is written every epoch for --resume, which refuses a change of any setting that
-shapes the run (RESUME_SAME).
-The learning rate follows a cosine from --learning-rate to 0, stepped every optimiser step.
---batch-size is per process. Every flag also takes the underscore form the sweep agent writes
-(--batch_size=32, --watch=False).
+Data: DATA/train/<class>/* and DATA/val/<class>/*; DATA/<class>/* split by a seeded stratified --val-split;
+or a CSV of path,label. Class names come from the folders (or --class-names).
+W&B, with the seed's names (main and train_epochs log them): every 10 batches epoch, batch, train_loss, train_acc,
+learning_rate; every epoch epoch/train_loss, epoch/train_acc, val_loss, val_acc, and best_val_acc when it
+improves, whose model (OUT/best_model.pth) becomes a model artifact (aliases best, latest); after training the
+best model's predictions table, confusion matrix, per-class precision and recall. OUT/last.pth, written every
+epoch, is what --resume continues; a resume refuses a change of any setting that shapes the run (RESUME_SAME).
+A cosine schedule from --learning-rate to 0 steps with every optimiser step. --batch-size is per process.
+Every flag also takes the underscore form the sweep agent writes (--batch_size=32, --watch=False).
 """
 import argparse
 import functools
@@ -49,16 +46,13 @@ def default_num_workers():
 
 
 def default_out_dir():
-    """runs/fire; under a sweep agent runs/fire/<run id>, since the agent starts every run with the same flags
-    and a run refuses a folder holding another run's checkpoints."""
+    """runs/fire; runs/fire/<run id> under a sweep agent, whose runs all get the same flags."""
     sweep_run_id = os.environ.get("WANDB_RUN_ID") if "WANDB_SWEEP_ID" in os.environ else None
     return f"runs/fire/{sweep_run_id}" if sweep_run_id else "runs/fire"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: VALUE)" to each flag's help, except where the default is None: that help says
-    in words what None does."""
-
+    """Appends "(default: VALUE)" to each flag's help, except where the default is None (its help says what)."""
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
 
@@ -88,9 +82,8 @@ def parse_args(argv=None):
     add("--num-workers", type=int, default=default_num_workers(),
         help="loader processes per process: at most 4 and this process's share of the cores")
     add("--seed", type=int, default=0, help="seeds the split, the data order and the initial weights")
-    add("--out-dir", default=default_out_dir(),
-        help="best_model.pth and last.pth (runs/fire/RUN_ID under a sweep agent); a new run refuses a folder "
-             "holding an earlier run's checkpoints")
+    add("--out-dir", default=default_out_dir(), help="best_model.pth and last.pth (runs/fire/RUN_ID under a sweep "
+                                                     "agent); a new run refuses one with an earlier run's checkpoints")
     add("--overwrite", type=wbflow.str2bool, default=False,
         help="delete an earlier run's checkpoints in --out-dir instead of refusing to start")
     add("--resume", help="OUT/last.pth of the run to continue, with the same flags (default: a new run)")
@@ -104,32 +97,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_resume_checkpoint(resume, device, expected):
-    """The --resume checkpoint, refused in one line unless it is this driver's last.pth whose config holds
-    `expected` (this run's values of RESUME_SAME), naming the checkpoint's value of the first that differs."""
-    hints = {key: f" (a resumed run goes on as the same run: resume with the run's --{key.replace('_', '-')}, "
-                  f"or start a new run)" for key in expected}
-    hints.update({
-        "epochs": " (its cosine schedule ends there; changing --epochs would make the learning rate climb "
-                  "back up: resume with the run's --epochs, or start a new run)",
-        "classes": " (the labels keep their indices: pass --class-names in the checkpoint's order)",
-        "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)",
-        "train_images": " (the data is not the data the run trained on: resume with the run's data, or start a "
-                        "new run)"})
-    hints["val_images"] = hints["train_images"]
-    with wbflow.exit_on_error(f"train_fire: --resume {resume}", (FileNotFoundError, ValueError)):
-        state = wbflow.load_checkpoint(resume, map_location=device)
-        wbflow.check_checkpoint(state, driver="train_fire", required=RESUME_KEYS,
-                                hints={"optimizer": " (best_model.pth holds weights only; resume from OUT/last.pth)"})
-        wbflow.check_checkpoint(state, driver="train_fire", expected=expected, hints=hints)
-    return state
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    with wbflow.exit_on_error("train_fire", (ValueError,)):  # every setting, before any data or process group
+def check_settings(args, world_size):
+    """(out_dir, the earlier run's checkpoints that --overwrite replaces); a bad setting is refused in one line."""
+    with wbflow.exit_on_error("train_fire", (ValueError,)):
         wbflow.check_numbers({"--epochs": args.epochs, "--batch-size": args.batch_size, "--image-size": args.image_size,
                               "--learning-rate": args.learning_rate, "WORLD_SIZE": world_size},
                              {"--num-workers": args.num_workers, "--num-predictions": args.num_predictions,
@@ -139,162 +109,191 @@ def main(argv=None):
             raise ValueError(f"--val-split must be at least 0 and below 1, not {args.val_split}")
         if args.class_names is not None and len(set(args.class_names)) != len(args.class_names):
             raise ValueError(f"--class-names repeats a name: {','.join(args.class_names)}")
-        out_dir, earlier_run = wbflow.prepare_out_dir(args.out_dir, resume=args.resume, overwrite=args.overwrite,
-                                                      patterns=OUT_FILES)
-    rank, world_size, device = wbflow.setup_distributed()
-    master = rank == 0  # the only process that prints, logs to W&B and writes checkpoints
-    if not master:
-        warnings.simplefilter("ignore")
-    torch.manual_seed(args.seed + rank)  # each rank its own randomness
+        return wbflow.prepare_out_dir(args.out_dir, resume=args.resume, overwrite=args.overwrite, patterns=OUT_FILES)
 
-    # data and model; a bad data folder or unavailable weights ends with the message, no traceback
+
+def load_data(args, device, rank, world_size):
+    """The class names, train and validation ImageSamples and their loaders; bad data ends in one line."""
     with wbflow.exit_on_error("train_fire", (FileNotFoundError, ValueError)):
         train_samples, val_samples, class_names = wbflow.find_image_samples(
             args.data_dir, class_names=args.class_names, val_split=args.val_split, seed=args.seed)
         wbflow.check_same_on_every_rank({"training images": len(train_samples),
                                          "validation images": len(val_samples)}, class_names=class_names)
-        model = wbflow.build_classifier(args.model, len(class_names), args.weights).to(device)
     train_set = wbflow.ImageSamples(train_samples, wbflow.image_transforms(args.image_size, train=True))
     val_set = wbflow.ImageSamples(val_samples, wbflow.image_transforms(args.image_size, train=False))
-    train_loader, val_loader = wbflow.classifier_loaders(
-        train_set, val_set, args.batch_size, num_workers=args.num_workers, device=device, seed=args.seed,
-        rank=rank, world_size=world_size)
-    if master:
+    loaders = wbflow.classifier_loaders(train_set, val_set, args.batch_size, num_workers=args.num_workers,
+                                        device=device, seed=args.seed, rank=rank, world_size=world_size)
+    if rank == 0:
         print(f"{len(train_set)} training and {len(val_set)} validation images, classes: {' '.join(class_names)}")
+    return class_names, (train_set, val_set), loaders
 
-    # loss, optimiser, cosine schedule over every optimiser step, AMP scaler
-    class_weights = (wbflow.class_balanced_weights(train_set.labels, len(class_names)).to(device)
+
+def build_model(args, num_classes, train_labels, steps_per_epoch, device, world_size):
+    """(model, the model to train (DDP across ranks), loss_fn, the trainables: model, optimiser, a cosine schedule
+    over every step, the AMP scaler); unavailable weights end in one line."""
+    with wbflow.exit_on_error("train_fire", (FileNotFoundError, ValueError)):
+        model = wbflow.build_classifier(args.model, num_classes, args.weights).to(device)
+    train_model = nn.parallel.DistributedDataParallel(
+        model, [device.index] if device.type == "cuda" else None) if world_size > 1 else model
+    class_weights = (wbflow.class_balanced_weights(train_labels, num_classes).to(device)
                      if args.class_weights == "balanced" else None)
     criterion = (nn.CrossEntropyLoss(weight=class_weights) if args.loss == "ce"
                  else functools.partial(wbflow.focal_loss, gamma=args.focal_gamma, alpha=class_weights))
-    loss_fn = wbflow.classification_loss(criterion)
-    device_ids = [device.index] if device.type == "cuda" else None
-    train_model = nn.parallel.DistributedDataParallel(model, device_ids) if world_size > 1 else model
     optimizer = wbflow.build_optimizer(args.optimizer, model.parameters(), args.learning_rate,
-                                          weight_decay=args.weight_decay, fused=device.type == "cuda" or None)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(train_loader))
-    scaler = wbflow.make_scaler(device, args.amp)
+                                       weight_decay=args.weight_decay, fused=device.type == "cuda" or None)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
+    trainables = {"model": model, "optimizer": optimizer, "scheduler": scheduler,
+                  "scaler": wbflow.make_scaler(device, args.amp)}
+    return model, train_model, wbflow.classification_loss(criterion), trainables
 
+
+def resume_run(args, trainables, expected, device, rank):
+    """(progress, first epoch, its stopped train_state, config's resumed_from) of a new run, or of --resume: this
+    driver's last.pth holding `expected` (RESUME_SAME; else one line names the first that differs), loaded."""
+    if not args.resume:
+        return {"step": 0, "best_val_acc": None, "skipped_steps": 0, "wandb_run_id": None}, 0, None, None
+    hints = {**{key: f" (a resumed run goes on as the same run: resume with the run's --{key.replace('_', '-')}, "
+                     f"or start a new run)" for key in expected},
+             "epochs": " (its cosine schedule ends there; changing --epochs would make the learning rate climb "
+                       "back up: resume with the run's --epochs, or start a new run)",
+             "classes": " (the labels keep their indices: pass --class-names in the checkpoint's order)",
+             "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)",
+             "train_images": " (the data is not the data the run trained on: resume with the run's data, or start "
+                             "a new run)"}
+    hints["val_images"] = hints["train_images"]
+    with wbflow.exit_on_error(f"train_fire: --resume {args.resume}", (FileNotFoundError, ValueError)):
+        state = wbflow.load_checkpoint(args.resume, map_location=device)
+        wbflow.check_checkpoint(state, driver="train_fire", required=RESUME_KEYS,
+                                hints={"optimizer": " (best_model.pth holds weights only; resume from OUT/last.pth)"})
+        wbflow.check_checkpoint(state, driver="train_fire", expected=expected, hints=hints)
+    for name, part in trainables.items():
+        if state[name]:  # the scaler's is empty when saved without fp16 (bf16 or CPU)
+            part.load_state_dict(state[name])
+    wbflow.restore_rng_state(state["rng"][rank])
+    progress = {key: state[key] for key in ("step", "best_val_acc", "skipped_steps")}
+    progress["wandb_run_id"], resumed_from = state["wandb_run_id"] if state["wandb_last_act"] else None, None
+    if state["wandb_run_id"] is None:  # trained with --no-wandb: there is no run to continue
+        wandb_plan = "a new run (the checkpoint's run had no W&B run)"
+    elif state["wandb_last_act"]:  # written when the run stopped: the run has nothing after it
+        wandb_plan = f"continuing run {state['wandb_run_id']}"
+    else:  # an epoch checkpoint: the run may have logged past it, and W&B would drop those steps
+        resumed_from = {"run_id": state["wandb_run_id"], "step": state["step"], "checkpoint": str(args.resume)}
+        wandb_plan = (f"a new run (config resumed_from: run {resumed_from['run_id']}, step {state['step']}), since "
+                      f"run {resumed_from['run_id']} may have logged past this checkpoint")
+    start_epoch = state["epoch"] + (state["train_state"] is None)  # a stopped epoch is finished first
+    if rank == 0:
+        print(f"resuming epoch {start_epoch} at batch {(state['train_state'] or {'batches': 0})['batches']}, step "
+              f"{state['step']} (best val_acc {state['best_val_acc']}) from {args.resume}; "
+              f"W&B: {'off' if args.no_wandb else wandb_plan}")
+    return progress, start_epoch, state["train_state"], resumed_from
+
+
+def checkpoint(trainables, progress, config, epoch, train_state=None, last_act=False):
+    """What a resume needs (RESUME_KEYS); last_act marks the run's final write. Every rank gathers its RNG."""
+    return {**{name: part.state_dict() for name, part in trainables.items()}, **progress, "epoch": epoch,
+            "train_state": train_state, "rng": wbflow.gather_from_ranks(wbflow.capture_rng_state()),
+            "wandb_last_act": last_act, "config": config, "driver": "train_fire"}
+
+
+def train_epochs(args, argv, run, stop, train_model, loss_fn, trainables, loaders, progress, config, start, out_dir):
+    """From `start` (first epoch, its stopped train_state): train (a stop saves and exits), validate, best, log."""
+    (train_loader, val_loader), (start_epoch, epoch_state) = loaders, start
+    model, master = trainables["model"], wbflow.rank_and_world_size()[0] == 0  # rank 0 prints and writes
+    device = next(model.parameters()).device
+
+    def log_window(step, window):
+        progress["skipped_steps"] += window["skipped"]
+        run.log({"epoch": window["epoch"], "batch": window["batch"], "train_loss": window["loss"],
+                 "train_acc": window["accuracy"], "learning_rate": window["learning_rate"]}, step=step)
+    for epoch in range(start_epoch, args.epochs):
+        train_loader.sampler.set_epoch(epoch, skip_batches=epoch_state["batches"] if epoch_state else 0)
+        train = wbflow.train_epoch(train_model, train_loader, trainables["optimizer"], loss_fn, device=device,
+                                   scheduler=trainables["scheduler"], grad_clip=args.grad_clip or None, amp=args.amp,
+                                   scaler=trainables["scaler"], step=progress["step"], epoch=epoch, log_every=10,
+                                   on_log=log_window, stop=stop, resume=epoch_state, progress=master)
+        progress["step"], epoch_state = train["step"], None
+        if train["stopped"]:  # SIGTERM or Ctrl-C: save where this epoch stands, and say how to go on
+            state = checkpoint(trainables, progress, config, epoch, train["state"], last_act=True)
+            wbflow.exit_stopped(stop, state, out_dir / "last.pth", script=__file__, argv=argv,
+                                where=f" at step {progress['step']} (epoch {epoch})")
+        # the unwrapped model: DDP's forward would sync buffers, and val shards differ in length
+        val = wbflow.validate(model, val_loader, loss_fn, device=device, amp=args.amp)
+        best_state = {"model": model.state_dict(), "epoch": epoch, "val_acc": val["accuracy"],
+                      "class_names": config["classes"], "config": config}
+        progress["best_val_acc"], improved = wbflow.save_best(
+            best_state, val["accuracy"], progress["best_val_acc"], out_dir / "best_model.pth", run=run,
+            aliases=(f"epoch-{epoch}",), metadata={"epoch": epoch, "global_step": progress["step"], "config": config})
+        run.log({"epoch": epoch, "epoch/train_loss": train["loss"], "epoch/train_acc": train["accuracy"],
+                 "val_loss": val["loss"], "val_acc": val["accuracy"],
+                 **({"best_val_acc": progress["best_val_acc"]} if improved else {})}, step=progress["step"])
+        state = checkpoint(trainables, progress, config, epoch)
+        if master:
+            wbflow.flush_run(run)  # what the epoch logged is on disk before the checkpoint a resume starts from
+            wbflow.save_checkpoint(state, out_dir / "last.pth")
+            print(f"Epoch: {epoch} | Train Loss: {train['loss']:.4f} | Train Acc: {train['accuracy']:.2f}% | "
+                  f"Val Loss: {val['loss']:.4f} | Val Acc: {val['accuracy']:.2f}%"
+                  + (f" | best, saved to {out_dir / 'best_model.pth'}" if improved else ""))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    out_dir, earlier_run = check_settings(args, int(os.environ.get("WORLD_SIZE", 1)))
+    rank, world_size, device = wbflow.setup_distributed()
+    master = rank == 0  # the only process that prints, logs to W&B and writes checkpoints
+    if not master:
+        warnings.simplefilter("ignore")
+    torch.manual_seed(args.seed + rank)  # each rank its own randomness
+    class_names, (train_set, val_set), loaders = load_data(args, device, rank, world_size)
+    model, train_model, loss_fn, trainables = build_model(args, len(class_names), train_set.labels, len(loaders[0]),
+                                                          device, world_size)
     # every setting as given, then what they became (names as the seed logs them)
     settings = {key: value for key, value in vars(args).items() if key != "resume"}
-    config = {**settings, "optimizer": type(optimizer).__name__, "loss_function": LOSS_NAMES[args.loss],
+    config = {**settings, "optimizer": type(trainables["optimizer"]).__name__, "loss_function": LOSS_NAMES[args.loss],
               "scheduler": "CosineAnnealingLR", "classes": class_names,
               "amp": str(wbflow.autocast_dtype(device, args.amp) or "off").replace("torch.", ""),
               "device": device.type, "world_size": world_size, "train_images": len(train_set),
-              "val_images": len(val_set), "steps_per_epoch": len(train_loader)}
-
-    # resume: this driver's last.pth of the same run; W&B continues the run only from its last act
-    start_epoch, step, best_acc, run_id, skipped_steps, epoch_state, resumed_from = 0, 0, None, None, 0, None, None
-    if args.resume:
-        state = load_resume_checkpoint(args.resume, device, {key: config[key] for key in RESUME_SAME})
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when saved without fp16 (bf16 or CPU)
-            scaler.load_state_dict(state["scaler"])
-        step, best_acc, skipped_steps = state["step"], state["best_val_acc"], state["skipped_steps"]
-        epoch_state = state["train_state"]
-        start_epoch = state["epoch"] + (epoch_state is None)  # a stopped epoch is finished first
-        wbflow.restore_rng_state(state["rng"][rank])
-        if state["wandb_run_id"] is None:  # trained with --no-wandb: there is no run to continue
-            wandb_plan = "a new run (the checkpoint's run had no W&B run)"
-        elif state["wandb_last_act"]:  # written when the run stopped: the run has nothing after it
-            run_id = state["wandb_run_id"]
-            wandb_plan = f"continuing run {run_id}"
-        else:  # an epoch checkpoint: the run may have logged past it, and W&B would drop those steps
-            resumed_from = {"run_id": state["wandb_run_id"], "step": step, "checkpoint": str(args.resume)}
-            wandb_plan = (f"a new run (config resumed_from: run {resumed_from['run_id']}, step {step}), since "
-                          f"run {resumed_from['run_id']} may have logged past this checkpoint")
-        if master:
-            print(f"resuming epoch {start_epoch} at batch {epoch_state['batches'] if epoch_state else 0}, step {step} "
-                  f"(best val_acc {best_acc}) from {args.resume}; W&B: {'off' if args.no_wandb else wandb_plan}")
-
-    def checkpoint(epoch, train_state=None, last_act=False):
-        """Everything a resume needs; train_state is a stopped epoch's, last_act marks the run's final write."""
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_val_acc": best_acc,
-                "skipped_steps": skipped_steps, "rng": wbflow.gather_from_ranks(wbflow.capture_rng_state()),
-                "train_state": train_state,
-                "wandb_run_id": run_id, "wandb_last_act": last_act, "config": config,
-                "driver": "train_fire"}
-
+              "val_images": len(val_set), "steps_per_epoch": len(loaders[0])}
+    progress, start_epoch, epoch_state, resumed_from = resume_run(
+        args, trainables, {key: config[key] for key in RESUME_SAME}, device, rank)
     run_config = config if resumed_from is None else {**config, "resumed_from": resumed_from}
     with wbflow.exit_on_error("train_fire", ()), wbflow.stop_on_signals() as stop, wbflow.wandb_run(
-            run_config, project=args.project, enabled=not args.no_wandb, run_id=run_id, name=args.run_name) as run:
-        # every 10 batches: train_loss, train_acc on the global step; every epoch the seed's epoch means
-        # as epoch/train_loss, epoch/train_acc (their own keys, so neither overwrites the other) and
-        # val_*, on the epoch axis; summaries hold the best value, which the sweep optimises
-        run.define_metric("train_loss", summary="min")
-        run.define_metric("train_acc", summary="max")
+            run_config, project=args.project, enabled=not args.no_wandb, run_id=progress["wandb_run_id"],
+            name=args.run_name) as run:
+        # windows on the global step, epoch means (own keys) and val_* on the epoch axis; summaries: the best value
         run.define_metric("epoch")
-        for key, summary in {"epoch/train_loss": "min", "epoch/train_acc": "max", "val_loss": "min",
-                             "val_acc": "max", "best_val_acc": "last"}.items():
-            run.define_metric(key, step_metric="epoch", summary=summary)
-        if run:
-            run_id = run.id
-        graph_logged = args.log_graph and run and wbflow.log_model_graph(run, model, val_set[0][0][None].to(device), step)
+        for key, summary in {"train_loss": "min", "train_acc": "max", "epoch/train_loss": "min",
+                             "epoch/train_acc": "max", "val_loss": "min", "val_acc": "max",
+                             "best_val_acc": "last"}.items():
+            run.define_metric(key, step_metric=None if key.startswith("train_") else "epoch", summary=summary)
+        progress["wandb_run_id"] = run.id if run else progress["wandb_run_id"]
+        graph_logged = args.log_graph and run and wbflow.log_model_graph(
+            run, model, val_set[0][0][None].to(device), progress["step"])
         if args.watch or (args.log_graph and not graph_logged):
             wbflow.watch_model(run, model, log="all" if args.watch else None, log_freq=100,
                                log_graph=args.log_graph and not graph_logged)
-
-        def log_window(step, window):
-            nonlocal skipped_steps
-            skipped_steps += window["skipped"]
-            run.log({"epoch": window["epoch"], "batch": window["batch"], "train_loss": window["loss"],
-                     "train_acc": window["accuracy"], "learning_rate": window["learning_rate"]}, step=step)
-
         if master:  # --overwrite: every check has passed, so the earlier run's checkpoints go now
             for path in earlier_run:
                 path.unlink(missing_ok=True)
-        for epoch in range(start_epoch, args.epochs):
-            train_loader.sampler.set_epoch(epoch, skip_batches=epoch_state["batches"] if epoch_state else 0)
-            train = wbflow.train_epoch(train_model, train_loader, optimizer, loss_fn, device=device,
-                                       scheduler=scheduler, grad_clip=args.grad_clip or None, amp=args.amp,
-                                       scaler=scaler, step=step, epoch=epoch, log_every=10, on_log=log_window,
-                                       stop=stop, resume=epoch_state, progress=master)
-            step, epoch_state = train["step"], None
-            if train["stopped"]:  # SIGTERM or Ctrl-C: save where this epoch stands, and say how to go on
-                wbflow.exit_stopped(stop, checkpoint(epoch, train_state=train["state"], last_act=True),
-                                    out_dir / "last.pth", script=__file__, argv=argv,
-                                    where=f" at step {step} (epoch {epoch})")
-            # the unwrapped model: DDP's forward would sync buffers, and val shards differ in length
-            val = wbflow.validate(model, val_loader, loss_fn, device=device, amp=args.amp)
-            best_state = {"model": model.state_dict(), "epoch": epoch, "val_acc": val["accuracy"],
-                          "class_names": class_names, "config": config}
-            best_acc, improved = wbflow.save_best(best_state, val["accuracy"], best_acc, out_dir / "best_model.pth",
-                                                  run=run, aliases=(f"epoch-{epoch}",),
-                                                  metadata={"epoch": epoch, "global_step": step, "config": config})
-            epoch_metrics = {"epoch": epoch, "epoch/train_loss": train["loss"], "epoch/train_acc": train["accuracy"],
-                             "val_loss": val["loss"], "val_acc": val["accuracy"]}
-            if improved:
-                epoch_metrics["best_val_acc"] = best_acc
-            run.log(epoch_metrics, step=step)
-            state = checkpoint(epoch)  # every rank takes part in gathering the RNG states
-            if master:
-                wbflow.flush_run(run)  # what the epoch logged is on disk before the checkpoint a resume starts from
-                wbflow.save_checkpoint(state, out_dir / "last.pth")
-                print(f"Epoch: {epoch} | Train Loss: {train['loss']:.4f} | Train Acc: {train['accuracy']:.2f}% | "
-                      f"Val Loss: {val['loss']:.4f} | Val Acc: {val['accuracy']:.2f}%"
-                      + (f" | best, saved to {out_dir / 'best_model.pth'}" if improved else ""))
-
-        state = checkpoint(args.epochs - 1, last_act=True)  # only the report follows: a resume may continue the run
+        train_epochs(args, argv, run, stop, train_model, loss_fn, trainables, loaders, progress, config,
+                     (start_epoch, epoch_state), out_dir)
+        state = checkpoint(trainables, progress, config, args.epochs - 1, last_act=True)  # only the report follows
         if master and start_epoch < args.epochs:
             wbflow.save_checkpoint(state, out_dir / "last.pth")
-        # the final report uses the best model on the whole validation set, once, on rank 0
-        if master and (out_dir / "best_model.pth").is_file():
+        if master and (out_dir / "best_model.pth").is_file():  # the report: the best model on the whole val set
             best = wbflow.load_checkpoint(out_dir / "best_model.pth", map_location=device)
             model.load_state_dict(best["model"])
             probs, labels = wbflow.predict_dataset(model, val_set, device=device, batch_size=args.batch_size)
-            display_set = wbflow.ImageSamples(
-                val_samples, wbflow.image_transforms(args.image_size, train=False, normalize=False))
+            display_set = wbflow.ImageSamples(val_set.samples,
+                                              wbflow.image_transforms(args.image_size, train=False, normalize=False))
             report = wbflow.log_classification_report(run, probs, labels, class_names, images=display_set,
-                                                         table_rows=args.num_predictions, step=step + 1)
+                                                      table_rows=args.num_predictions, step=progress["step"] + 1)
             for name, precision, recall in zip(class_names, report["precision"], report["recall"]):
                 print(f"{name}: precision {precision:.3f} recall {recall:.3f}")
             print(f"best val_acc {best['val_acc']:.2f}% (epoch {best['epoch']}), model: {out_dir / 'best_model.pth'}")
     if dist.is_initialized():
         dist.destroy_process_group()
-    return best_acc
+    return progress["best_val_acc"]
 
 
 if __name__ == "__main__":

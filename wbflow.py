@@ -10,7 +10,7 @@ Sections, in data-flow order:
   training          autocast_dtype, make_scaler, make_ema, train_step, RunningSums, train_epoch, validate,
                     stop_on_signals, exit_stopped, capture_rng_state, restore_rng_state, gather_from_ranks,
                     predict_dataset
-  sampling          euler_sample, rk45_sample, compare_solvers
+  sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, save_statistics,
                     inception_score, per_class_precision_recall
@@ -92,15 +92,13 @@ def setup_distributed():
     nccl on CUDA (one GPU per local rank), gloo on CPU; (0, 1, CUDA if present else CPU) when not under torchrun.
     Usage: rank, world_size, device = setup_distributed()
     """
+    cuda = torch.cuda.is_available()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -115,9 +113,8 @@ def load_cifar10(data_dir, train=True, download=True):
     extracts a cifar-10-python.tar.gz already placed there, offline). If that fails, the
     FileNotFoundError says which archive to put where.
     Usage: images_uint8, labels = load_cifar10("data")
+    Copy with: CIFAR10_URL
     """
-    url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # CIFAR10_URL, repeated to paste alone
-
     class CifarUnpickler(pickle.Unpickler):
         """Unpickles CIFAR-10's batches (dicts of numpy arrays, lists, strings) and refuses any other
         global, so a tampered file cannot run code (the format is a pickle, as torchvision reads it)."""
@@ -131,19 +128,16 @@ def load_cifar10(data_dir, train=True, download=True):
 
     folder = Path(data_dir) / "cifar-10-batches-py"
     names = [f"data_batch_{index}" for index in range(1, 6)] if train else ["test_batch"]
+    download_failure = ""
     if download and not all((folder / name).is_file() for name in names):
         try:
             torchvision.datasets.CIFAR10(str(data_dir), train=train, download=True)
         except Exception as error:  # noqa: BLE001 - any download failure gets the same instructions
-            raise FileNotFoundError(
-                f"CIFAR-10 is not in {folder} and could not be downloaded ({type(error).__name__}: "
-                f"{error}). Download {url} and put cifar-10-python.tar.gz in {Path(data_dir)}/ "
-                f"(it is extracted on the next run), or extract it so that {folder}/data_batch_1 exists."
-            ) from None
+            download_failure = f" and could not be downloaded ({type(error).__name__}: {error})"
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"CIFAR-10 batches {missing} are missing from {folder}; put "
-                                f"{url} (extracted) there")
+        raise FileNotFoundError(f"CIFAR-10 is not in {folder} (missing {', '.join(missing)}){download_failure}: put "
+                                f"{CIFAR10_URL} in {Path(data_dir)}/ (it is extracted on the next run), or extract it")
     images, labels = [], []
     for name in names:
         with open(folder / name, "rb") as file:
@@ -163,8 +157,7 @@ def synthetic_images(count, size=32, seed=0):
     Usage: images_uint8 = synthetic_images(256)
     """
     generator = torch.Generator().manual_seed(seed)
-    coords = torch.linspace(-1, 1, size)
-    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     background = torch.rand(count, 3, 2, generator=generator)
     images = background[..., :1, None] * (1 + x) / 2 + background[..., 1:, None] * (1 - x) / 2
     centre = torch.rand(count, 2, 1, 1, generator=generator) - 0.5
@@ -232,124 +225,94 @@ def _no_pixel_limit():
         Image.MAX_IMAGE_PIXELS = limit
 
 
+def _list_samples(list_path, class_names):
+    """(samples, class names) of a CSV of `path,label` rows: an optional header, paths relative to the
+    file's folder, a UTF-8 BOM ignored. Class names are the sorted labels unless `class_names` fixes them."""
+    def refuse_any(items, error, problem):  # one line: how many, and the first few
+        if items:
+            more = ", ..." if len(items) > 3 else ""
+            raise error(f"{list_path}: {len(items)} {problem}: {', '.join(items[:3])}{more}")
+
+    with open(list_path, newline="", encoding="utf-8-sig") as list_file:
+        rows = [[cell.strip() for cell in row] for row in csv.reader(list_file) if any(cell.strip() for cell in row)]
+    if rows and [cell.lower() for cell in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    refuse_any([",".join(row) for row in rows if len(row) < 2], ValueError, "row(s) that are not path,label")
+    class_names = sorted({row[1] for row in rows}) if class_names is None else list(class_names)
+    refuse_any(sorted({row[1] for row in rows} - set(class_names)), ValueError, "label(s) not in the class names")
+    listed = [(os.path.normpath(list_path.parent / path), class_names.index(label)) for path, label, *_ in rows]
+    refuse_any([path for path in dict.fromkeys(path for path, _ in listed) if not os.path.isfile(path)],
+               FileNotFoundError, "listed file(s) do not exist")
+    samples, labels_of = list(dict.fromkeys(listed)), {}
+    for path, label in samples:
+        labels_of.setdefault(path, []).append(class_names[label])
+    refuse_any([f"{path} ({' and '.join(sorted(names))})" for path, names in labels_of.items() if len(names) > 1],
+               ValueError, "file(s) listed with two labels")
+    if len(samples) < len(listed):  # the same image in train and val would inflate val_acc
+        warnings.warn(f"{list_path}: dropped {len(listed) - len(samples)} row(s) repeating an earlier one",
+                      stacklevel=3)
+    return samples, class_names
+
+
 def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
     """Train and validation samples, lists of (path, label index), and the class names.
 
     `data` is one of: a folder with train/<class>/* and val/<class>/*; a folder of class folders
-    (or train/ alone), split per class as stratified_split(val_split, seed) does; a CSV file of
+    (or train/ alone), split per class by stratified_split(val_split, seed); a CSV file of
     `path,label` rows (an optional header, paths relative to the CSV), split the same way.
     Class names are the sorted folder names / CSV labels; `class_names` fixes which and their order.
-    Unreadable images are dropped with one warning that counts them (as drop_unreadable_images does);
-    images of any size are read (PIL's pixel limit is lifted while they are checked).
-    A CSV row repeating an earlier one is dropped with one warning that counts them.
+    Unreadable images are dropped by drop_unreadable_images (one warning that counts them; images of
+    any size are read). A CSV row repeating an earlier one is dropped with one warning that counts them.
     A missing folder, or CSV rows naming files that do not exist (their count and the first few), raise
-    FileNotFoundError; no images, fewer than two classes, an empty class, a file listed with two labels
-    or (without `class_names`) a val/ class folder that train/ lacks, ValueError.
+    FileNotFoundError; fewer than two classes, a class without readable images, a file listed with two
+    labels or (without `class_names`) a val/ class folder that train/ lacks, ValueError.
     Usage: train_samples, val_samples, class_names = find_image_samples("data", val_split=0.2)
-    Copy with: _no_pixel_limit
+    Copy with: _list_samples, stratified_split, drop_unreadable_images, _no_pixel_limit
     """
-    from PIL import Image
     extensions = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-    def first_few(paths):
-        return ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
 
     def class_folders(root):
         return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    def folder_samples(root, class_names):
+    def folder_samples(root):
         folders = class_folders(root)
-        class_names = folders if class_names is None else class_names
         missing = [name for name in class_names if name not in folders]
         if missing:
             raise FileNotFoundError(f"class folder(s) not found in {root}: {', '.join(missing)}")
         return [(str(path), label) for label, name in enumerate(class_names)
-                for path in sorted((root / name).rglob("*"))
-                if path.suffix.lower() in extensions and path.is_file()], list(class_names)
+                for path in sorted((root / name).rglob("*")) if path.suffix.lower() in extensions and path.is_file()]
 
-    def csv_samples(csv_path, class_names):
-        with open(csv_path, newline="", encoding="utf-8-sig") as csv_file:
-            rows = [row for row in csv.reader(csv_file) if row and any(cell.strip() for cell in row)]
-        if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["path", "label"]:
-            rows = rows[1:]
-        if any(len(row) < 2 for row in rows):
-            raise ValueError(f"{csv_path}: every row must be path,label")
-        labels = [row[1].strip() for row in rows]
-        class_names = list(class_names) if class_names is not None else sorted(set(labels))
-        unknown = sorted(set(labels) - set(class_names))
-        if unknown:
-            raise ValueError(f"{csv_path}: labels not in the class names: {', '.join(unknown)}")
-        label_index = {name: index for index, name in enumerate(class_names)}
-        samples = [(os.path.normpath(csv_path.parent / row[0].strip()), label_index[label])
-                   for row, label in zip(rows, labels)]
-        missing = [path for path in dict.fromkeys(path for path, _ in samples) if not os.path.isfile(path)]
-        if missing:
-            raise FileNotFoundError(f"{csv_path}: {len(missing)} listed file(s) do not exist: {first_few(missing)}")
-        labels_of = {}
-        for path, label in samples:
-            labels_of.setdefault(path, set()).add(class_names[label])
-        conflicting = [f"{path} ({' and '.join(sorted(names))})" for path, names in labels_of.items() if len(names) > 1]
-        if conflicting:
-            raise ValueError(f"{csv_path}: {len(conflicting)} file(s) listed with two labels: {first_few(conflicting)}")
-        if len(labels_of) < len(samples):  # the same image in train and val would inflate val_acc
-            warnings.warn(f"{csv_path}: dropped {len(samples) - len(labels_of)} row(s) repeating an earlier one",
-                          stacklevel=3)
-        return list(dict.fromkeys(samples)), class_names
-
-    def readable(path):
-        try:
-            with Image.open(path) as image:
-                image.draft("RGB", (64, 64))  # JPEGs decode at 1/8 scale, still reading every byte
-                image.load()
-            return True
-        except Exception:  # noqa: BLE001 - PIL raises many types for broken files; all mean unreadable
-            return False
-
-    def check_every_class_has_images(samples, root):
-        if not samples:
-            raise ValueError(f"no readable images found in {root} (extensions: {' '.join(extensions)})")
-        counts = np.bincount([label for _, label in samples], minlength=len(class_names))
-        empty = [name for name, count in zip(class_names, counts) if count == 0]
-        if empty:
-            raise ValueError(f"class(es) with no readable images in {root}: {', '.join(empty)}")
-
-    data = Path(data)
+    data, given_names = Path(data), class_names
     if not data.exists():
         raise FileNotFoundError(f"data not found: {data} (expected a folder of class folders, "
                                 f"train/ and val/ folders of class folders, or a CSV of path,label)")
-    train_root = data if data.is_file() else data / "train" if (data / "train").is_dir() else data
-    given_names = class_names
-    samples, class_names = (csv_samples if data.is_file() else folder_samples)(train_root, class_names)
+    train_root = data / "train" if (data / "train").is_dir() else data
+    if data.is_file():
+        samples, class_names = _list_samples(data, class_names)
+        splits, roots = [samples], [data.parent]
+    else:
+        roots = [train_root] + ([data / "val"] if train_root != data and (data / "val").is_dir() else [])
+        class_names = class_folders(train_root) if class_names is None else list(class_names)
+        splits = [folder_samples(root) for root in roots]  # train, and val when there is a val/ folder
     if len(class_names) < 2:
-        raise ValueError(f"a classifier needs at least two classes; {train_root} has "
-                         f"{len(class_names)}{': ' + ', '.join(class_names) if class_names else ''} "
-                         f"(expected {train_root}/<class name>/<images> or a CSV of path,label)")
-    val_root = data / "val" if data.is_dir() and train_root != data and (data / "val").is_dir() else None
-    only_in_val = sorted(set(class_folders(val_root)) - set(class_names)) if val_root and not given_names else []
+        raise ValueError(f"a classifier needs at least two classes; {train_root} has {len(class_names)}"
+                         f"{': ' + ', '.join(class_names) if class_names else ''}")
+    only_in_val = sorted(set(class_folders(roots[1])) - set(class_names)) if roots[1:] and not given_names else []
     if only_in_val:
-        raise ValueError(f"class folder(s) in {val_root} that {train_root} lacks: {', '.join(only_in_val)}")
-    val_samples = folder_samples(val_root, class_names)[0] if val_root else []
-    with concurrent.futures.ThreadPoolExecutor(8) as pool, _no_pixel_limit():
-        is_readable = dict(zip(samples + val_samples, pool.map(readable, [p for p, _ in samples + val_samples])))
-    bad = [path for (path, _), ok in is_readable.items() if not ok]
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {first_few(bad)}", stacklevel=2)
-    samples = [sample for sample in samples if is_readable[sample]]
-    check_every_class_has_images(samples, train_root.parent if data.is_file() else train_root)
-    if val_root:
-        val_samples = [sample for sample in val_samples if is_readable[sample]]
-        check_every_class_has_images(val_samples, val_root)
-        return samples, val_samples, class_names
+        raise ValueError(f"class folder(s) in {roots[1]} that {train_root} lacks: {', '.join(only_in_val)}")
+    readable = set(drop_unreadable_images(sum(splits, [])))
+    splits = [[sample for sample in split if sample in readable] for split in splits]
+    for split, root in zip(splits, roots):
+        empty = [name for label, name in enumerate(class_names) if label not in {label for _, label in split}]
+        if empty:
+            raise ValueError(f"no readable images in {root} for class(es): {', '.join(empty)} "
+                             f"(extensions: {' '.join(extensions)})")
+    if len(splits) == 2:
+        return splits[0], splits[1], class_names
     if not 0 < val_split < 1:
         raise ValueError(f"val_split must be between 0 and 1 when {data} has no val/ folder, not {val_split}")
-    labels, train_index, val_index = np.asarray([label for _, label in samples]), [], []
-    for label in np.unique(labels):  # stratified_split, inlined so that this function copies alone
-        index = np.flatnonzero(labels == label)
-        np.random.default_rng([seed, int(label)]).shuffle(index)
-        n_val = min(max(int(round(val_split * len(index))), 1), len(index) - 1)
-        val_index += index[:n_val].tolist()
-        train_index += index[n_val:].tolist()
-    return [samples[i] for i in sorted(train_index)], [samples[i] for i in sorted(val_index)], class_names
+    train_index, val_index = stratified_split([label for _, label in splits[0]], val_split, seed)
+    return [splits[0][i] for i in train_index], [splits[0][i] for i in val_index], class_names
 
 
 def stratified_split(labels, val_fraction, seed=0):
@@ -385,7 +348,7 @@ def drop_unreadable_images(samples, max_workers=8):
     def readable(path):
         try:
             with Image.open(path) as image:
-                image.draft("RGB", (64, 64))
+                image.draft("RGB", (64, 64))  # JPEGs decode at 1/8 scale, still reading every byte
                 image.load()
             return True
         except Exception:  # noqa: BLE001 - PIL raises many types for broken files; all mean unreadable
@@ -395,8 +358,8 @@ def drop_unreadable_images(samples, max_workers=8):
         is_readable = list(pool.map(readable, [path for path, _ in samples]))
     bad = [path for (path, _), ok in zip(samples, is_readable) if not ok]
     if bad:
-        examples = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {examples}", stacklevel=2)
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {', '.join(bad[:3])}"
+                      f"{', ...' if len(bad) > 3 else ''}", stacklevel=2)
     return [sample for sample, ok in zip(samples, is_readable) if ok]
 
 
@@ -426,27 +389,21 @@ class ImageSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         from PIL import Image
-        key = None
-        if isinstance(index, tuple):
-            key, index = index, index[0]
+        key, index = (index, index[0]) if isinstance(index, tuple) else (None, index)
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
                 with _no_pixel_limit(), Image.open(path) as image:
-                    if image.mode.startswith("I"):  # 16-bit: scale to 8 bits (convert would clip)
-                        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255)
-                                                .astype(np.uint8))
+                    if image.mode.startswith("I"):  # 16-bit: scale to 8 bits, rounded (convert would clip)
+                        image = image.point(lambda value: value / 257 + 0.5).convert("L")
                     image = image.convert("RGB")
             except Exception as error:  # noqa: BLE001 - see the class docstring
                 warnings.warn(f"could not read {path} ({error}); using the next image instead")
                 continue
-            if self.transform is None:
-                return image, label
-            if key is None:
-                return self.transform(image), label
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
-                return self.transform(image), label
+            with torch.random.fork_rng(devices=[], enabled=key is not None):
+                if key is not None:
+                    torch.default_generator.manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+                return (self.transform(image) if self.transform else image), label
         raise RuntimeError("no readable image left in the dataset")
 
 
@@ -508,13 +465,12 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
 
     sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     options = {"num_workers": num_workers, "pin_memory": torch.device(device).type == "cuda",
-               "persistent_workers": num_workers > 0, "worker_init_fn": _leave_stop_signals_to_main}
+               "persistent_workers": num_workers > 0, "worker_init_fn": _leave_stop_signals_to_main,
+               "generator": torch.Generator().manual_seed(seed + rank)}  # worker seeds: not from torch's global RNG
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler,
-                                               drop_last=len(sampler) > batch_size,
-                                               generator=torch.Generator().manual_seed(seed + rank), **options)
+                                               drop_last=len(sampler) > batch_size, **options)
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=batch_size, shuffle=False,
-                                             generator=torch.Generator().manual_seed(seed + rank), **options)
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=batch_size, shuffle=False, **options)
     return train_loader, val_loader
 
 
@@ -524,8 +480,9 @@ def check_same_on_every_rank(counts, class_names=None):
     `class_names`, e.g. a node holding a partial or another copy of the data, which would otherwise
     hang at the first collective or train one model on two labellings. Does nothing outside DDP.
     Usage: check_same_on_every_rank({"training images": len(train_set)}, class_names=["cat", "dog"])
+    Copy with: rank_and_world_size
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if rank_and_world_size()[1] == 1:
         return
     every_rank = [None] * dist.get_world_size()
     dist.all_gather_object(every_rank, (dict(counts), class_names and list(class_names)))
@@ -537,14 +494,6 @@ def check_same_on_every_rank(counts, class_names=None):
 
 
 # ----------------------------------------------------------------------------- models
-
-def _timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of t (N,) as in guided-diffusion / torchcfm (t used as given, in [0, 1])."""
-    half = dim // 2
-    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angles = t.float()[:, None] * frequencies[None]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
-
 
 def _group_norm(channels):
     # torchcfm's GroupNorm(32, c) where each group holds at least 4 channels; fewer groups below that,
@@ -590,22 +539,14 @@ class _FlowAttention(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(batch, channels, height, width))
 
 
-class _FlowDown(nn.Module):
-    def __init__(self, channels):
+class _FlowResample(nn.Module):
+    def __init__(self, channels, up):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.up = up  # nearest-neighbour x2 then a conv; else a stride-2 conv
+        self.conv = nn.Conv2d(channels, channels, 3, stride=1 if up else 2, padding=1)
 
     def forward(self, x, embedding=None):
-        return self.conv(x)
-
-
-class _FlowUp(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x, embedding=None):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else x)
 
 
 class FlowUNet(nn.Module):
@@ -617,43 +558,43 @@ class FlowUNet(nn.Module):
     (128 channels, multipliers 1,2,2,2, two blocks per level, attention at 16x16 with 64-channel
     heads, dropout 0.1): about 35.7M parameters.
     Usage: model = FlowUNet(); velocity = model(x, torch.rand(x.shape[0]))
-    Copy with: _timestep_embedding, _group_norm, _FlowResBlock, _FlowAttention, _FlowDown, _FlowUp
+    Copy with: _group_norm, _FlowResBlock, _FlowAttention, _FlowResample
     """
 
     def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
                  attention_resolutions=(16,), head_channels=64, dropout=0.1, image_size=32):
         super().__init__()
-        self.base_channels = base_channels
         embed_dim = 4 * base_channels
         self.time_embed = nn.Sequential(nn.Linear(base_channels, embed_dim), nn.SiLU(),
                                         nn.Linear(embed_dim, embed_dim))
         self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        def block(in_channels, out_channels):  # a residual block, with attention at the listed resolutions
+            layers = [_FlowResBlock(in_channels, out_channels, embed_dim, dropout)]
+            if resolution in attention_resolutions:
+                layers.append(_FlowAttention(out_channels, head_channels))
+            return layers
+
         self.down = nn.ModuleList()
         skip_channels, channels, resolution = [base_channels], base_channels, image_size
         for level, mult in enumerate(channel_mults):
             for _ in range(num_res_blocks):
-                layers = [_FlowResBlock(channels, base_channels * mult, embed_dim, dropout)]
+                self.down.append(nn.ModuleList(block(channels, base_channels * mult)))
                 channels = base_channels * mult
-                if resolution in attention_resolutions:
-                    layers.append(_FlowAttention(channels, head_channels))
-                self.down.append(nn.ModuleList(layers))
                 skip_channels.append(channels)
             if level != len(channel_mults) - 1:
-                self.down.append(nn.ModuleList([_FlowDown(channels)]))
+                self.down.append(nn.ModuleList([_FlowResample(channels, up=False)]))
                 skip_channels.append(channels)
                 resolution //= 2
-        self.middle = nn.ModuleList([_FlowResBlock(channels, channels, embed_dim, dropout),
-                                     _FlowAttention(channels, head_channels),
-                                     _FlowResBlock(channels, channels, embed_dim, dropout)])
+        middle = [_FlowResBlock(channels, channels, embed_dim, dropout), _FlowAttention(channels, head_channels)]
+        self.middle = nn.ModuleList(middle + [_FlowResBlock(channels, channels, embed_dim, dropout)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
             for index in range(num_res_blocks + 1):
-                layers = [_FlowResBlock(channels + skip_channels.pop(), base_channels * mult, embed_dim, dropout)]
+                layers = block(channels + skip_channels.pop(), base_channels * mult)
                 channels = base_channels * mult
-                if resolution in attention_resolutions:
-                    layers.append(_FlowAttention(channels, head_channels))
                 if level and index == num_res_blocks:
-                    layers.append(_FlowUp(channels))
+                    layers.append(_FlowResample(channels, up=True))
                     resolution *= 2
                 self.up.append(nn.ModuleList(layers))
         self.output = nn.Sequential(_group_norm(channels), nn.SiLU(), nn.Conv2d(channels, in_channels, 3, padding=1))
@@ -662,7 +603,11 @@ class FlowUNet(nn.Module):
 
     def forward(self, x, t):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        embedding = self.time_embed(_timestep_embedding(t, self.base_channels).to(self.input_conv.weight.dtype))
+        half = self.time_embed[0].in_features // 2  # sinusoidal features of t as guided-diffusion's (t as given)
+        frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+        angles = t.float()[:, None] * frequencies
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+        embedding = self.time_embed(features.to(self.input_conv.weight.dtype))
         h = self.input_conv(x)
         skips = [h]
         for layers in self.down:
@@ -685,28 +630,23 @@ def build_classifier(name, num_classes, weights="none"):
     """A torchvision `name` (see CLASSIFIER_NAMES) with its last layer replaced for `num_classes`.
 
     weights="imagenet" loads torchvision's default ImageNet weights from the torch hub cache
-    ($TORCH_HOME/hub/checkpoints, ~/.cache/torch by default), downloading them there when missing;
-    when that fails, FileNotFoundError says which file to put where, or to pass --weights none.
-    weights="none" (or None) starts from random weights.
+    ($TORCH_HOME/hub/checkpoints, ~/.cache/torch by default), downloading them there when missing
+    (hash-checked); when that fails, FileNotFoundError says which file to put where, or to pass
+    --weights none; a damaged cached file is a ValueError naming it. weights="none" (or None) starts
+    from random weights.
     Usage: model = build_classifier("resnet50", num_classes=5, weights="imagenet")
+    Copy with: CLASSIFIER_NAMES, _hub_cached_file, load_checkpoint
     """
-    names = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "efficientnet_b4")  # CLASSIFIER_NAMES, to paste alone
-    if name not in names:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(names)}")
+    if name not in CLASSIFIER_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(CLASSIFIER_NAMES)}")
     if weights not in ("imagenet", "none", None):
         raise ValueError(f"weights must be 'imagenet' or 'none', not {weights!r}")
     model = torchvision.models.get_model(name, weights=None)
     if weights == "imagenet":
         url = torchvision.models.get_model_weights(name).DEFAULT.url
-        try:  # the torch hub cache, downloaded there when missing
-            model.load_state_dict(torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False,
-                                                                     check_hash=True, weights_only=True))
-        except Exception as error:  # noqa: BLE001 - no network, a proxy, a damaged file: the advice is the same
-            path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-            raise FileNotFoundError(
-                f"could not load the ImageNet weights for {name} ({type(error).__name__}: {error}).\n"
-                f"  Download {url}\n  and put it at {path}\n  (the torch hub checkpoints folder; set TORCH_HOME "
-                f"to move it), or pass --weights none to train from scratch.") from None
+        path = _hub_cached_file(url, f"the ImageNet weights for {name}", "pass --weights none to train from scratch",
+                                check_hash=True)
+        model.load_state_dict(load_checkpoint(path))
     if hasattr(model, "fc"):
         model.fc = nn.Linear(model.fc.in_features, num_classes)
     else:
@@ -717,8 +657,7 @@ def build_classifier(name, num_classes, weights="none"):
 def _hub_cached_file(url, what, alternative, check_hash=False):
     """The file of `url` in the torch hub checkpoints folder, downloaded there when missing; when that
     fails, FileNotFoundError says which file to put where, or `alternative`."""
-    from urllib.parse import urlparse
-    file_name = os.path.basename(urlparse(url).path)
+    file_name = os.path.basename(url.split("?")[0])
     path = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
     if not os.path.isfile(path):
         hash_match = torch.hub.HASH_REGEX.search(file_name) if check_hash else None
@@ -740,14 +679,12 @@ def build_optimizer(name, parameters, learning_rate, *, weight_decay=0.0, moment
     fused, since torch's fused SGD corrupts its momentum buffer on a skipped first step.
     Usage: optimizer = build_optimizer("adamw", model.parameters(), 3e-4, weight_decay=0.05)
     """
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused)
-    if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused)
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=learning_rate, momentum=momentum, nesterov=True,
-                               weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
+        return torch.optim.SGD(parameters, learning_rate, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    if name not in ("adam", "adamw"):
+        raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
+    adam = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return adam(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -759,10 +696,8 @@ def classification_loss(criterion):
     Usage: train_epoch(model, loader, optimizer, classification_loss(nn.CrossEntropyLoss()))
     """
     def loss_fn(model, batch):
-        images, labels = batch[0], batch[1]
-        logits = model(images)
-        n_correct = (logits.argmax(dim=1) == labels).sum()
-        return criterion(logits, labels), n_correct, labels.shape[0]
+        logits, labels = model(batch[0]), batch[1]
+        return criterion(logits, labels), (logits.argmax(dim=1) == labels).sum(), labels.shape[0]
     return loss_fn
 
 
@@ -790,15 +725,12 @@ def focal_loss(logits, targets, *, gamma=2.0, alpha=None, reduction="mean"):
     Usage: criterion = functools.partial(focal_loss, gamma=2.0, alpha=class_weights)
     """
     log_p = F.log_softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1)
-    loss = -(1 - log_p.exp()).clamp(min=0).pow(gamma) * log_p
-    weight = (torch.ones_like(loss) if alpha is None
-              else torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)[targets])
-    loss = loss * weight
+    weight = (torch.ones_like(log_p) if alpha is None
+              else torch.as_tensor(alpha, dtype=log_p.dtype, device=log_p.device)[targets])
+    loss = -(1 - log_p.exp()).clamp(min=0).pow(gamma) * log_p * weight
     if reduction == "none":
         return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / weight.sum()
+    return loss.sum() if reduction == "sum" else loss.sum() / weight.sum()
 
 
 def class_balanced_weights(labels, num_classes):
@@ -821,9 +753,7 @@ def autocast_dtype(device, amp=None):
     Usage: dtype = autocast_dtype(torch.device("cuda"))  # torch.bfloat16 on an A100
     """
     device = torch.device(device)
-    if amp is None:
-        amp = device.type == "cuda"
-    if not amp:
+    if not (device.type == "cuda" if amp is None else amp):
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.float16
@@ -910,10 +840,7 @@ def train_step(model, batch, optimizer, loss_fn, *, amp_dtype=None, scaler=None,
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if grad_clip:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf, foreach=True)  # inf: the norm alone
     finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
     learning_rate = float(optimizer.param_groups[0]["lr"])
     if scaler.is_enabled():  # an enabled GradScaler skips a non-finite step by itself
@@ -985,13 +912,10 @@ class RunningSums:
 
     def state_dict(self):
         sums = torch.stack([self.totals, torch.tensor(self.logged, dtype=torch.float64, device=self.totals.device)])
-        world_size = rank_and_world_size()[1]
-        if world_size > 1:  # every rank's sums: each resumes its own
-            every_rank = [torch.zeros_like(sums) for _ in range(world_size)]
+        every_rank = [sums] + [torch.zeros_like(sums) for _ in range(rank_and_world_size()[1] - 1)]
+        if len(every_rank) > 1:  # every rank's sums: each resumes its own
             dist.all_gather(every_rank, sums)
-            sums = torch.stack(every_rank)
-        else:
-            sums = sums[None]
+        sums = torch.stack(every_rank)
         return {"totals": sums[:, 0].cpu(), "logged": sums[:, 1].cpu(), "batches": self.batches,
                 "has_accuracy": self.has_accuracy, "learning_rate": self.learning_rate}
 
@@ -1033,14 +957,11 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
     (rank, world_size), amp_dtype = rank_and_world_size(), autocast_dtype(device, amp)
-    distributed = world_size > 1
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sums, start_step = RunningSums(device), step
     if resume is not None:
         sums.load_state_dict(resume, rank)
-
-    def stop_requested():
-        return stop is not None and (stop.is_set() if hasattr(stop, "is_set") else bool(stop()))
+    stop_requested = getattr(stop, "is_set", stop) or (lambda: False)  # an Event's is_set, or the callable
 
     def log(window):
         if on_log is not None and window is not None:
@@ -1049,7 +970,7 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
 
     model.train()
     started = time.perf_counter() - (resume["seconds"] if resume is not None else 0.0)
-    stopped = not distributed and stop_requested()
+    stopped = world_size == 1 and stop_requested()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     for batch in ([] if stopped else bar):
         sums.add(train_step(model, batch, optimizer, loss_fn, amp_dtype=amp_dtype, scaler=scaler, device=device,
@@ -1059,7 +980,7 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
         if at_log_point:
             log(sums.close_window())
             bar.set_postfix(loss=f"{sums.logged[0] / max(sums.logged[3], 1):.4f}")  # the epoch's running mean
-        if not distributed:
+        if world_size == 1:
             stopped = stop_requested()
         elif at_log_point:  # every rank must stop at the same step, or the next collective hangs
             flag = torch.tensor(float(stop_requested()), device=device)
@@ -1068,12 +989,11 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
         if stopped:
             break
     bar.close()
-    state = {**sums.state_dict(), "seconds": time.perf_counter() - started} if stopped else None
     if not stopped:
         log(sums.close_window())  # the epoch's last, partial window
-    means = sums.means()
-    return {**means, "steps": step - start_step, "step": step, "seconds": time.perf_counter() - started,
-            "stopped": stopped, "state": state}
+    seconds = time.perf_counter() - started
+    return {**sums.means(), "steps": step - start_step, "step": step, "seconds": seconds, "stopped": stopped,
+            "state": {**sums.state_dict(), "seconds": seconds} if stopped else None}
 
 
 def validate(model, loader, loss_fn, *, device=None, amp=None, progress=False):
@@ -1124,9 +1044,8 @@ def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
         stop.signal = number
         stop.set()
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {number: signal.signal(number, request_stop) for number in signals}
+    previous = ({number: signal.signal(number, request_stop) for number in signals}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
         yield stop
     finally:
@@ -1172,10 +1091,9 @@ def restore_rng_state(state):
     Usage: restore_rng_state(load_checkpoint("last.pt")["rng"])
     """
     torch.set_rng_state(state["torch"].cpu())
-    numpy_state = state["numpy"]
+    numpy_state, python_state = state["numpy"], state["python"]
     np.random.set_state(("MT19937", numpy_state["keys"].cpu().numpy().astype(np.uint32), numpy_state["pos"],
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    python_state = state["python"]
     random.setstate((python_state["version"], tuple(python_state["state"].cpu().tolist()), python_state["gauss_next"]))
     cuda_states = state.get("cuda")
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
@@ -1189,11 +1107,9 @@ def gather_from_ranks(value):
     Usage: state["rng"] = gather_from_ranks(capture_rng_state()); ...; restore_rng_state(state["rng"][rank])
     Copy with: rank_and_world_size
     """
-    world_size = rank_and_world_size()[1]
-    if world_size == 1:
-        return [value]
-    values = [None] * world_size
-    dist.all_gather_object(values, value)
+    values = [value] * rank_and_world_size()[1]
+    if len(values) > 1:
+        dist.all_gather_object(values, value)
     return values
 
 
@@ -1203,9 +1119,8 @@ def predict_dataset(model, dataset, *, device="cpu", batch_size=64, num_workers=
     Usage: probs, labels = predict_dataset(model, val_set, device="cuda")
     """
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    was_training = model.training
+    was_training, probs, labels = model.training, [], []
     model.eval()
-    probs, labels = [], []
     with torch.inference_mode():
         for images, batch_labels in loader:
             probs.append(model(images.to(device)).float().softmax(dim=1).cpu())
@@ -1224,9 +1139,8 @@ def euler_sample(model, noise, steps, *, heun=False, dtype=None):
 
     Usage: images = euler_sample(ema_model.module, torch.randn(64, 3, 32, 32), steps=100)
     """
-    was_training = model.training
+    was_training, x = model.training, noise.float().clone()
     model.eval()
-    x = noise.float().clone()
     times = torch.linspace(0.0, 1.0, steps + 1).tolist()
     t = torch.empty(x.shape[0], device=x.device)
     with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype or torch.float32,
@@ -1248,9 +1162,8 @@ def rk45_sample(model, noise, *, tolerance=1e-5, dtype=None):
     Usage: images, nfe = rk45_sample(ema_model.module, torch.randn(64, 3, 32, 32), tolerance=1e-5)
     """
     from scipy.integrate import solve_ivp
-    was_training = model.training
+    was_training, shape, device = model.training, noise.shape, noise.device
     model.eval()
-    shape, device = noise.shape, noise.device
 
     def velocity(t_now, x_flat):
         x = torch.from_numpy(x_flat).to(device=device, dtype=torch.float32).reshape(shape)
@@ -1268,6 +1181,40 @@ def rk45_sample(model, noise, *, tolerance=1e-5, dtype=None):
     return samples, int(solution.nfev)
 
 
+def sample_flow(model, noise, solver="euler", nfe=100, *, tolerance=1e-5, dtype=None):
+    """Samples from `noise` with solver "euler" (nfe steps), "heun" (nfe // 2 steps of two evaluations) or
+    "rk45" (adaptive at `tolerance`; nfe unused); returns (samples float32, model evaluations used).
+
+    Usage: images, nfe_used = sample_flow(ema_model.module, torch.randn(64, 3, 32, 32), "heun", 100)
+    Copy with: euler_sample, rk45_sample
+    """
+    if solver == "rk45":
+        return rk45_sample(model, noise, tolerance=tolerance, dtype=dtype)
+    steps = max(1, nfe // 2) if solver == "heun" else nfe
+    return euler_sample(model, noise, steps, heun=solver == "heun", dtype=dtype), steps * (1 + (solver == "heun"))
+
+
+def sample_images(model, count, *, solver="euler", nfe=100, tolerance=1e-5, dtype=None, shape=(3, 32, 32),
+                  batch_size=500, seed=0, stop=None, progress=False):
+    """`count` samples of `model` (solver, nfe, tolerance and dtype as in sample_flow; float32 by default, as
+    published FIDs sample) as uint8 images on the CPU, drawn in batches from seeded noise of their own
+    generator (the global RNG is left as it was), and the evaluations one used: (images_uint8, nfe_used).
+    `stop` (a callable) is checked before each batch; when it returns True, the result is (None, None).
+
+    Usage: images_uint8, nfe_used = sample_images(ema_model.module, 10000, solver="euler", nfe=100)
+    Copy with: sample_flow, euler_sample, rk45_sample, images_to_uint8
+    """
+    from tqdm.auto import tqdm
+    generator, device, batches, used = torch.Generator().manual_seed(seed), next(model.parameters()).device, [], None
+    for start in tqdm(range(0, count, batch_size), desc="sampling", unit="batch", disable=not progress, leave=False):
+        if stop is not None and stop():
+            return None, None
+        noise = torch.randn(min(batch_size, count - start), *shape, generator=generator).to(device)
+        samples, used = sample_flow(model, noise, solver, nfe, tolerance=tolerance, dtype=dtype)
+        batches.append(images_to_uint8(samples).cpu())
+    return torch.cat(batches), used
+
+
 def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1, 2, 4, 10, 50, 100),
                     tolerance=1e-5, dtype=None, stop=None):
     """Sample the same noise with every solver at every NFE budget; returns a list of rows
@@ -1276,20 +1223,15 @@ def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1,
     stop_on_signals()'s event.is_set) is checked before each row: when it returns True, the result is None.
 
     Usage: rows = compare_solvers(ema_model.module, fixed_noise, nfes=(1, 2, 4, 10, 50, 100))
-    Copy with: euler_sample, rk45_sample
+    Copy with: sample_flow, euler_sample, rk45_sample
     """
     rows = []
     for solver in solvers:
-        budgets = {"euler": list(nfes), "heun": [n for n in nfes if n >= 2 and n % 2 == 0], "rk45": [None]}[solver]
-        for budget in budgets:
+        for budget in {"euler": nfes, "heun": [n for n in nfes if n >= 2 and n % 2 == 0], "rk45": [None]}[solver]:
             if stop is not None and stop():
                 return None
             started = time.perf_counter()
-            if solver == "rk45":
-                images, used = rk45_sample(model, noise, tolerance=tolerance, dtype=dtype)
-            else:
-                steps = budget // 2 if solver == "heun" else budget
-                images, used = euler_sample(model, noise, steps, heun=solver == "heun", dtype=dtype), budget
+            images, used = sample_flow(model, noise, solver, budget, tolerance=tolerance, dtype=dtype)
             rows.append({"solver": solver, "nfe": used, "seconds": time.perf_counter() - started, "images": images})
     return rows
 
@@ -1776,6 +1718,76 @@ def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, de
 
 # ----------------------------------------------------------------------------- images & W&B
 
+class _GuardedRun:
+    """Calls on `target` (a wandb Run, its summary, its methods, ...) that warn once instead of raising;
+    falsy, and doing nothing, when `target` is None."""
+
+    def __init__(self, target, failures):
+        self._target, self._failures = target, failures
+
+    def __bool__(self):
+        return self._target is not None
+
+    def __call__(self, *args, **kwargs):
+        if self._target is None:
+            return None
+        try:
+            return self._target(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
+            if not self._failures:
+                print(f"wbflow: W&B {getattr(self._target, '__name__', 'call')} failed ({type(error).__name__}: "
+                      f"{error}); training goes on, further W&B errors are not shown", file=sys.stderr)
+            self._failures.append(error)
+
+    def __setitem__(self, key, value):  # run.summary[key] = value
+        self.__getattr__("__setitem__")(key, value)
+
+    def __getattr__(self, name):
+        if self._target is None:
+            return self
+        value = getattr(self._target, name)  # plain values (run.id, settings.mode) as they are
+        return (_GuardedRun(value, self._failures) if callable(value) or type(value).__module__.startswith("wandb")
+                else value)
+
+
+def _open_run(init_timeout, init_kwargs):
+    """wandb.init(**init_kwargs), offline without credentials (WANDB_MODE unset) or when the server does not answer."""
+    import wandb
+    # wandb has no public call that says whether wandb.init finds credentials without prompting:
+    # wandb.login(prompt=False) asks the server whom the key belongs to, wandb.Api() prompts. read_netrc_auth is
+    # private API, named here only; test_a_netrc_entry_for_the_configured_host_counts_as_credentials fails if it moves
+    from wandb.sdk.lib.wbauth import read_netrc_auth
+    settings = wandb.setup().settings  # what wandb.init reads: settings files and WANDB_* variables
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None and not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
+                             or settings.api_key or read_netrc_auth(host=settings.base_url)):
+        mode = "offline"
+        print(f"wbflow: no W&B credentials for {settings.base_url} (WANDB_API_KEY or `wandb login`), "
+              "logging offline", file=sys.stderr)
+    # WANDB_DIR is read here, not left to wandb, which caches settings for the life of the process.
+    # wandb-core writes the record to disk every x_transaction_log_flush_interval seconds (an experimental
+    # setting of wandb >= 0.31; 15 by default) and when the run finishes: 0.1 lets flush_run wait for it at an
+    # epoch's end. test_flush_run_puts_the_pending_row_on_disk_while_the_run_goes_on fails if wandb drops it.
+    flush_every = "x_transaction_log_flush_interval"
+    flush = {flush_every: 0.1} if flush_every in wandb.Settings.model_fields else {}
+    init_kwargs = {"dir": os.environ.get("WANDB_DIR"), "settings": wandb.Settings(init_timeout=init_timeout, **flush),
+                   **init_kwargs}
+    runs_dir = Path(init_kwargs["dir"] or settings.root_dir) / "wandb"
+    records_before = set(runs_dir.glob("run-*/*.wandb"))
+    try:
+        run = wandb.init(mode=mode, **init_kwargs)
+    except wandb.errors.CommError as error:  # a key but no server: keep the whole record offline
+        for record in set(runs_dir.glob("run-*/*.wandb")) - records_before:  # the failed attempt's: nothing to
+            record.unlink(missing_ok=True)  # sync; its logs stay, which wandb names at exit
+        print(f"wbflow: W&B server {settings.base_url} did not answer ({str(error).splitlines()[0]}), "
+              "logging offline", file=sys.stderr)
+        run = wandb.init(mode="offline", **init_kwargs)
+    if run.offline:
+        print(f"wbflow: W&B is offline; upload this run later with: wandb sync {run.settings.sync_dir}",
+              file=sys.stderr)
+    return run
+
+
 @contextlib.contextmanager
 def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_timeout=10, **init_kwargs):
     """Open a W&B run for a `with` block and always finish it; yields the run behind a guard.
@@ -1793,90 +1805,19 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
     keyword arguments go to wandb.init (entity, name, tags, notes...). The run finishes with exit code 1
     if the block raises.
     Usage: with wandb_run({"lr": 2e-4}, project="flow") as run: run.log({"loss": 0.1}, step=1)
+    Copy with: _GuardedRun, _open_run, rank_and_world_size
     """
-    class GuardedRun:
-        """Calls on `target` (a wandb Run, its summary, ...) that warn once instead of raising."""
-
-        def __init__(self, target, failures):
-            self._target, self._failures = target, failures
-
-        def __bool__(self):
-            return self._target is not None
-
-        def _guard(self, what, call, *args, **kwargs):
-            if self._target is None:
-                return None
-            try:
-                return call(*args, **kwargs)
-            except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
-                if not self._failures:
-                    print(f"wbflow: W&B {what} failed ({type(error).__name__}: {error}); training goes on, "
-                          "further W&B errors are not shown", file=sys.stderr)
-                self._failures.append(error)
-                return None
-
-        def __call__(self, *args, **kwargs):
-            return self._guard("call", self._target, *args, **kwargs)
-
-        def __setitem__(self, key, value):
-            self._guard(f"[{key!r}] = ...", lambda: self._target.__setitem__(key, value))
-
-        def __getattr__(self, name):
-            if self._target is None:
-                return self
-            value = getattr(self._target, name)
-            if isinstance(value, (str, bytes, int, float, bool, type(None), list, tuple, dict, os.PathLike)):
-                return value
-            return GuardedRun(value, self._failures) if not callable(value) else (
-                lambda *args, **kwargs: self._guard(name, value, *args, **kwargs))
-
-    def open_run(wandb):
-        from wandb.sdk.lib import wbauth
-        settings = wandb.setup().settings  # what wandb.init reads: settings files and WANDB_* variables
-        logged_in = (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
-                     or settings.api_key or wbauth.read_netrc_auth(host=settings.base_url))
-        mode = os.environ.get("WANDB_MODE")
-        if mode is None and not logged_in:
-            mode = "offline"
-            print(f"wbflow: no W&B credentials for {settings.base_url} (WANDB_API_KEY or `wandb login`), "
-                  "logging offline", file=sys.stderr)
-        # WANDB_DIR is read here, not left to wandb, which caches settings for the life of the process.
-        # wandb-core writes the record to disk every x_transaction_log_flush_interval seconds (wandb >= 0.31;
-        # 15 by default) and when the run finishes, so flush_run can wait for it at an epoch's end
-        flush = ({"x_transaction_log_flush_interval": 0.1}
-                 if "x_transaction_log_flush_interval" in wandb.Settings.model_fields else {})
-        kwargs = {"dir": os.environ.get("WANDB_DIR"), "resume": "allow" if run_id else None,
-                  "settings": wandb.Settings(init_timeout=init_timeout, **flush), **init_kwargs}
-        runs_dir = Path(kwargs["dir"] or settings.root_dir) / "wandb"
-        before = set(runs_dir.glob("run-*"))
-        try:
-            run = wandb.init(project=project, config=config, mode=mode, id=run_id, **kwargs)
-        except wandb.errors.CommError as error:  # a key but no server: keep the whole record offline
-            for folder in set(runs_dir.glob("run-*")) - before:  # the failed attempt: no record to sync, but
-                for record in folder.glob("*.wandb"):           # its logs stay, which wandb names at exit
-                    record.unlink(missing_ok=True)
-            print(f"wbflow: W&B server {settings.base_url} did not answer ({str(error).splitlines()[0]}), "
-                  "logging offline", file=sys.stderr)
-            run = wandb.init(project=project, config=config, mode="offline", id=run_id, **kwargs)
-        if run.offline:
-            print(f"wbflow: W&B is offline; upload this run later with: wandb sync {run.settings.sync_dir}",
-                  file=sys.stderr)
-        return run
-
     run = None
-    main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    if enabled and main_process and os.environ.get("WANDB_MODE") != "disabled":
+    if enabled and rank_and_world_size()[0] == 0 and os.environ.get("WANDB_MODE") != "disabled":
         try:
-            import wandb
-        except ImportError:
-            print("wbflow: wandb is not installed, so W&B logging is off (pip install wandb)", file=sys.stderr)
-        else:
-            try:
-                run = open_run(wandb)
-            except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
-                print(f"wbflow: wandb.init failed ({type(error).__name__}: {error}); W&B logging is off",
-                      file=sys.stderr)
-    guarded = GuardedRun(run, [])
+            run = _open_run(init_timeout, {"project": project, "config": config, "id": run_id,
+                                           "resume": "allow" if run_id else None, **init_kwargs})
+        except Exception as error:  # noqa: BLE001 - W&B trouble must never stop training
+            missing = isinstance(error, ModuleNotFoundError) and error.name == "wandb"
+            why = ("wandb is not installed (pip install wandb)" if missing
+                   else f"wandb.init failed ({type(error).__name__}: {error})")
+            print(f"wbflow: {why}; W&B logging is off", file=sys.stderr)
+    guarded = _GuardedRun(run, [])
     try:
         yield guarded
     except BaseException:
@@ -1899,7 +1840,7 @@ def flush_run(run, timeout=2.0):
     """
     if not run:
         return
-    interval = getattr(run.settings, "x_transaction_log_flush_interval", 0)
+    interval = getattr(run.settings, "x_transaction_log_flush_interval", 0)  # wandb_run's setting
     record = Path(run.settings.sync_file)
     run.log({}, commit=True)
     run.summary.keys()  # a round trip to the service, which has now turned the committed row into a record
@@ -1929,18 +1870,15 @@ def log_model_graph(run, model, example_input, step=None):
 
     Usage: if not log_model_graph(run, model, images[:1]): watch_model(run, model, log_graph=True)
     """
-    try:
-        from torchviz import make_dot
-    except ImportError:
-        make_dot = None
-    if make_dot is None or shutil.which("dot") is None:
+    import importlib.util
+    if importlib.util.find_spec("torchviz") is None or shutil.which("dot") is None:
         print("log_model_graph draws the graph with torchviz and Graphviz (pip install torchviz; "
               "apt-get install graphviz); logging W&B's own graph instead")
         return False
     import wandb
+    from torchviz import make_dot
     was_training = model.training
-    model.eval()
-    dot = make_dot(model(example_input), params=dict(model.named_parameters()))
+    dot = make_dot(model.eval()(example_input), params=dict(model.named_parameters()))
     model.train(was_training)
     with tempfile.TemporaryDirectory() as folder:
         png = dot.render(Path(folder) / "model_graph", format="png")
@@ -1965,10 +1903,7 @@ def log_artifact(run, path, name, type="model", aliases=("latest",), metadata=No
         return None
     import wandb
     artifact = wandb.Artifact(name, type=type, metadata=dict(metadata or {}))
-    if os.path.isdir(path):
-        artifact.add_dir(str(path), policy=policy)
-    else:
-        artifact.add_file(str(path), policy=policy)
+    (artifact.add_dir if os.path.isdir(path) else artifact.add_file)(str(path), policy=policy)
     return run.log_artifact(artifact, aliases=list(aliases))
 
 
@@ -1985,24 +1920,22 @@ def sample_grid(images, nrow=None):
     ready for wandb.Image or a PNG; nrow defaults to a square layout.
 
     Usage: grid = sample_grid(samples[:64])  # 8 x 8 images
+    Copy with: images_to_uint8
     """
-    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    if images.dtype != torch.uint8:  # images_to_uint8, inlined so that sample_grid pastes alone
-        images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow, padding=2)
+    images = images if images.dtype == torch.uint8 else images_to_uint8(images)
+    grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow or math.ceil(math.sqrt(len(images))), padding=2)
     return grid.permute(1, 2, 0).numpy()
 
 
 def save_png(grid_uint8, path):
-    """Write a uint8 (H, W, C) array as a PNG (PIL), creating the folder; returns the path.
+    """Write a uint8 (H, W, C) array as a PNG (PIL) atomically (write_atomically), creating the folder;
+    returns the path as a Path.
 
     Usage: save_png(sample_grid(samples), "checkpoints/samples/epoch_0010.png")
+    Copy with: write_atomically
     """
     from PIL import Image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid_uint8).save(path)
-    return path
+    return write_atomically(path, lambda file: Image.fromarray(grid_uint8).save(file, format="PNG"))
 
 
 def log_image_grid(run, key, grid_uint8, *, step=None, caption=None):
@@ -2023,13 +1956,12 @@ def samples_table(rows, root="."):
     Usage: run.log({"eval/samples_table": samples_table(rows, root="checkpoints")})
     """
     import wandb
-    columns = ["epoch", "solver", "nfe", "seconds", "samples"]
     data = [[row["epoch"], row["solver"], row["nfe"], round(row["seconds"], 3),
              wandb.Image(row["samples"] if not isinstance(row["samples"], (str, os.PathLike))
                          else str(Path(root) / row["samples"]),
                          caption=f"epoch {row['epoch']} {row['solver']} NFE {row['nfe']}")]
             for row in rows]
-    return wandb.Table(columns=columns, data=data)
+    return wandb.Table(columns=["epoch", "solver", "nfe", "seconds", "samples"], data=data)
 
 
 def log_classification_report(run, probs, labels, class_names, *, images=None, table_rows=32, step=None):
@@ -2091,8 +2023,7 @@ def write_atomically(path, write):
             os.fsync(temp_file.fileno())
         os.replace(temp_path, path)
     except BaseException as error:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temp_path)
+        temp_path.unlink(missing_ok=True)
         if any(isinstance(each, OSError) and each.errno == errno.ENOSPC for each in (error, error.__context__)):
             raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
                                         f"the previous file there is unchanged") from None
@@ -2146,19 +2077,18 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
     behind are removed.
     Usage: out_dir, earlier_run = prepare_out_dir("checkpoints", resume=args.resume, overwrite=args.overwrite)
            # ... data, model and resume checks ..., then: for path in earlier_run: path.unlink(missing_ok=True)
+    Copy with: rank_and_world_size
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {out_dir} is a file, not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-        probe.touch()
-        probe.unlink(missing_ok=True)  # another rank's sweep of stale .tmp files may have taken it
+        tempfile.TemporaryFile(dir=out_dir).close()  # can this process write there?
     except OSError as error:
         raise ValueError(f"--out-dir {out_dir} is not writable ({error.strerror or error})") from None
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
-    if rank == 0:  # the run's lock; the other ranks of a torchrun run under rank 0's
+    # torchrun's RANK: the drivers prepare the out-dir before the process group starts
+    if int(os.environ.get("RANK", rank_and_world_size()[0])) == 0:  # the run's lock; the other ranks run under it
         lock = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
         try:  # a POSIX lock: this process's (not its forked loader workers'), freed by the kernel when it ends
             fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2173,11 +2103,9 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
             os.ftruncate(lock, 0)
             os.write(lock, str(os.getpid()).encode())
         for stale in out_dir.glob(".*.tmp"):  # only under the lock: a running save's temporary file is not stale
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
+            stale.unlink(missing_ok=True)
     earlier = sorted({path for pattern in patterns for path in out_dir.glob(pattern)})
-    resume_path = Path(resume).resolve() if resume and os.path.isfile(resume) else None
-    if not earlier or (resume_path is not None and resume_path.parent == out_dir.resolve()):
+    if not earlier or (resume and os.path.isfile(resume) and Path(resume).resolve().parent == out_dir.resolve()):
         return out_dir, []
     if overwrite:
         return out_dir, earlier
@@ -2211,8 +2139,7 @@ def rotate_checkpoints(folder, keep=3, *, pattern="checkpoint_epoch_*.pt", metri
     best = min(scores, key=scores.get) if scores else None
     deleted = [path for path in paths[:-keep] if path != best]
     for path in deleted:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        path.unlink(missing_ok=True)
     return deleted
 
 
@@ -2221,15 +2148,16 @@ def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None
     """Save `state` to `path` only when `metric` beats `best`; returns (new_best, improved).
 
     mode="max" (accuracy) or "min" (loss); best=None means nothing saved yet; a NaN metric never
-    improves. On improvement the file is replaced atomically (temporary file, fsync, rename),
-    `best_<name>` goes to run.summary, and the file becomes a new version of the model artifact
-    `artifact_name` (default f"model-{run.id}", one collection per run) with aliases "best",
-    "latest" and `aliases` (e.g. f"epoch-{epoch}"), metadata {name: metric, **metadata}. Online
-    it is uploaded from `path`; an offline run keeps a copy per version for `wandb sync`, since
-    `path` is overwritten by the next best. Under torch.distributed only rank 0 writes; every rank
+    improves. On improvement the file is replaced atomically (save_checkpoint), `best_<name>` goes
+    to run.summary, and the file becomes a new version of the model artifact `artifact_name`
+    (default f"model-{run.id}", one collection per run; log_artifact) with aliases "best", "latest"
+    and `aliases` (e.g. f"epoch-{epoch}"), metadata {name: metric, **metadata}. Online it is
+    uploaded from `path`; an offline run keeps a copy per version for `wandb sync` (policy="mutable"),
+    since `path` is overwritten by the next best. Under torch.distributed only rank 0 writes; every rank
     gets the same return value.
     Usage: best_acc, improved = save_best(state, val_acc, best_acc, "checkpoints/best_model.pth", run=run,
                                           aliases=(f"epoch-{epoch}",), metadata={"epoch": epoch})
+    Copy with: log_artifact, rank_and_world_size, save_checkpoint, write_atomically
     """
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', not {mode!r}")
@@ -2238,31 +2166,12 @@ def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None
         best is None or math.isnan(best) or (metric > best if mode == "max" else metric < best))
     if not improved:
         return best, False
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # save_checkpoint's atomic write, inlined so that save_best can be pasted alone
-        temp_path = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        try:
-            with os.fdopen(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as temp_file:
-                torch.save(state, temp_file)
-                temp_file.flush()
-                os.fsync(temp_file.fileno())
-            os.replace(temp_path, path)
-        except BaseException as error:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temp_path)
-            if any(isinstance(each, OSError) and each.errno == errno.ENOSPC for each in (error, error.__context__)):
-                raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; "
-                                            f"the previous file there is unchanged") from None
-            raise
+    if rank_and_world_size()[0] == 0:
+        save_checkpoint(state, path)
         if run:
-            import wandb
             run.summary[f"best_{name}"] = metric
-            artifact = wandb.Artifact(artifact_name or f"model-{run.id}", type="model",
-                                      metadata={name: metric, **(metadata or {})})
-            artifact.add_file(str(path), policy="mutable" if run.settings.mode == "offline" else "immutable")
-            run.log_artifact(artifact, aliases=["best", "latest", *aliases])
+            log_artifact(run, path, artifact_name or f"model-{run.id}", aliases=("best", "latest", *aliases),
+                         metadata={name: metric, **(metadata or {})}, policy="mutable" if run.offline else "immutable")
     return metric, True
 
 
@@ -2302,13 +2211,8 @@ def resume_command(script, argv, checkpoint, world_size=1):
 
     Usage: print("continue with:", resume_command(__file__, sys.argv[1:], "out/last.pt", world_size))
     """
-    flags, skip = [], False
-    for flag in argv:
-        if not skip and not flag.startswith("--resume="):
-            skip = flag == "--resume"
-            flags += [] if skip else [flag]
-        else:
-            skip = False
+    flags = [flag for index, flag in enumerate(argv)  # without --resume PATH and --resume=PATH
+             if flag != "--resume" and not flag.startswith("--resume=") and argv[index - 1:index] != ["--resume"]]
     launcher = ["torchrun", "--standalone", f"--nproc_per_node={world_size}"] if world_size > 1 else ["python"]
     return shlex.join([*launcher, Path(script).name, *flags, "--resume", str(checkpoint)])
 
@@ -2366,68 +2270,56 @@ def load_yaml_config(path, overrides=(), reference=None):
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ValueError(f"{path} is not valid YAML ({getattr(error, 'problem', None) or error}{where})") from None
-        if config is None and reference is None:
-            return {}
-        if not isinstance(config, dict):
+        if not isinstance(config, dict) and (config is not None or reference is not None):
             raise ValueError(f"{path} is {'empty' if config is None else 'a YAML ' + type(config).__name__}, "
                              f"not a mapping of settings")
-        return config
+        return config or {}
 
-    def fit(value, default):  # value as default's type, else TypeError
-        if isinstance(default, float) and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            with contextlib.suppress(ValueError):
+    def fit(value, default, written):  # value as default's type, else a ValueError naming `written`
+        if isinstance(default, float) and (type(value) is int or isinstance(value, str)):
+            with contextlib.suppress(ValueError):  # an int is a valid float; YAML 1.1 reads "1e-3" as a string
                 value = float(value)
-        if isinstance(default, float) and type(value) is int:
-            return float(value)
-        if isinstance(default, list) and isinstance(value, list) and default:
-            return [fit(item, default[0]) for item in value]
-        if default is not None and type(value) is not type(default):
-            raise TypeError
-        return value
+        listed = isinstance(default, list) and default
+        if listed and isinstance(value, list):
+            with contextlib.suppress(ValueError):  # an item of another type: the whole list is refused below
+                return [fit(item, default[0], written) for item in value]
+        elif default is None or type(value) is type(default):
+            return value
+        kind = f"a list of {type(default[0]).__name__}" if listed else type(default).__name__
+        raise ValueError(f"{written}: expected {kind} like the config's {default!r}, "
+                         f"got {type(value).__name__} {value!r}")
 
-    def fitted(value, default, written):
-        try:
-            return fit(value, default)
-        except TypeError:
-            kind = (f"a list of {type(default[0]).__name__}" if isinstance(default, list) and default
-                    else type(default).__name__)
-            raise ValueError(f"{written}: expected {kind} like the config's {default!r}, "
-                             f"got {type(value).__name__} {value!r}") from None
-
-    def check(section, expected, prefix):  # the file's sections and keys are the reference's, of its types
+    def check(section, expected, prefix=""):  # the file's sections and keys are exactly the reference's
         named = "the reference config" if isinstance(reference, dict) else reference
-        unknown = sorted(set(section) - set(expected), key=str)
-        if unknown:
-            raise ValueError(f"{prefix}{unknown[0]} in {path} is not a key of {named}")
+        for key in sorted(set(section) ^ set(expected), key=str)[:1]:  # the first that the file or the reference lacks
+            raise ValueError(f"{prefix}{key} in {path} is not a key of {named}" if key in section else
+                             f"{path} lacks {prefix}{key} (every section and key of {named} is needed)")
         for key, default in expected.items():
-            if key not in section:
-                raise ValueError(f"{path} lacks {prefix}{key} (every section and key of {named} is needed)")
-            if isinstance(default, dict):
-                if not isinstance(section[key], dict):
-                    raise ValueError(f"{prefix}{key} in {path} is {section[key]!r}, not a section of settings")
-                check(section[key], default, f"{prefix}{key}.")
-            else:
-                section[key] = fitted(section[key], default, f"{prefix}{key}: {section[key]!r} in {path}")
+            if isinstance(default, dict) and not isinstance(section[key], dict):
+                raise ValueError(f"{prefix}{key} in {path} is {section[key]!r}, not a section of settings")
+            section[key] = (check(section[key], default, f"{prefix}{key}.") if isinstance(default, dict)
+                            else fit(section[key], default, f"{prefix}{key}: {section[key]!r} in {path}"))
+        return section
 
     config = read(path)
     if reference is not None:
-        check(config, reference if isinstance(reference, dict) else read(reference), "")
+        check(config, reference if isinstance(reference, dict) else read(reference))
     for override in overrides:
-        dotted, separator, text = override.partition("=")
+        dotted, separator, text = (part.strip() for part in override.partition("="))
         if not separator:
             raise ValueError(f"override {override!r} is not of the form section.key=value")
-        *parents, key = dotted.strip().split(".")
+        *parents, key = dotted.split(".")
         section = config
         for parent in parents:
             section = section.get(parent) if isinstance(section, dict) else None
         if not isinstance(section, dict) or key not in section:
             raise KeyError(f"{dotted!r} is not a key of {path}")
-        default, written = section[key], f"{dotted}={text.strip()}"
         try:
-            value = text.strip() if isinstance(default, str) else yaml.safe_load(text)
+            value = text if isinstance(section[key], str) else yaml.safe_load(text)
         except yaml.YAMLError as error:
-            raise ValueError(f"{written}: not a YAML value ({getattr(error, 'problem', None) or error})") from None
-        section[key] = fitted(value, default, written)
+            raise ValueError(f"{dotted}={text}: not a YAML value "
+                             f"({getattr(error, 'problem', None) or error})") from None
+        section[key] = fit(value, section[key], f"{dotted}={text}")
     return config
 
 
@@ -2436,14 +2328,10 @@ def str2bool(value):
     yes/no, on/off (argparse's type=bool reads "False" as true).
     Usage: parser.add_argument("--watch", type=str2bool, nargs="?", const=True, default=False)
     """
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "t", "yes", "y", "1", "on"):
-        return True
-    if text in ("false", "f", "no", "n", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), not {value!r}")
+    text, true_words = str(value).strip().lower(), ("true", "t", "yes", "y", "1", "on")  # str(True) is "True"
+    if text not in true_words + ("false", "f", "no", "n", "0", "off"):
+        raise argparse.ArgumentTypeError(f"expected a boolean (true/false), not {value!r}")
+    return text in true_words
 
 
 def add_sweep_argument(parser, flag, **kwargs):
