@@ -152,7 +152,10 @@ def paste_alone(*names, module_path=Path(__file__).resolve().parent / "wbflow.py
             imports.append(text)
         for target in node.targets if isinstance(node, ast.Assign) else [node]:
             spans[getattr(target, "id", getattr(target, "name", None))] = text
-    import_block, sources = "\n".join(imports), [spans[name] for name in names]
+    missing = set(names) - set(spans)
+    assert not missing, f"the module defines no {sorted(missing)}"
+    # in the module's order: a constant or a helper comes before what uses it at definition time
+    import_block, sources = "\n".join(imports), [text for name, text in spans.items() if name in names]
     namespace = {"__name__": "pasted"}
     exec(compile(import_block + "\n\n" + "\n\n".join(sources), "<pasted>", "exec"), namespace)
     return namespace

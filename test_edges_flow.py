@@ -228,7 +228,7 @@ def test_fid_command_refuses_statistics_files_that_are_not_statistics_in_one_lin
     for name, match in (("other.npz", r"other\.npz holds features, not the FID statistics mu and sigma"),
                         ("pickle.npz", r"pickle\.npz is not an \.npz file \(no zip archive\)")):
         message, _ = _fid_command(str(tmp_path / name), str(tmp_path / "good.npz"), "--weights", weights_path)
-        assert re.fullmatch(rf"wbflow\.py fid: .*{match}.*", message), message
+        assert re.fullmatch(rf"python wbflow\.py fid: .*{match}.*", message), message
         with pytest.raises(ValueError, match=match):
             wbflow.fid(str(tmp_path / name), str(tmp_path / "good.npz"))
 
@@ -242,7 +242,7 @@ def test_fid_command_refuses_a_bad_flag_before_any_work(tmp_path, monkeypatch, a
     monkeypatch.setattr(wbflow, "load_fid_inception", lambda *args, **kwargs: pytest.fail("loaded the Inception"))
     folder = _image_folder(tmp_path / "images", 2)
     message, _ = _fid_command(folder, folder, *argv)
-    assert re.fullmatch(rf"wbflow\.py fid: {match}.*", message), message
+    assert re.fullmatch(rf"python wbflow\.py fid: {match}.*", message), message
 
 
 def test_fid_command_says_cuda_is_missing_in_one_line(tmp_path, monkeypatch):
@@ -250,13 +250,13 @@ def test_fid_command_says_cuda_is_missing_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     folder = _image_folder(tmp_path / "images", 2)
     message, _ = _fid_command(folder, folder, "--device", "cuda")
-    assert message == "wbflow.py fid: --device cuda: this machine has 0 CUDA devices; pass --device cpu"
+    assert message == "python wbflow.py fid: --device cuda: this machine has 0 CUDA devices; pass --device cpu"
 
 
 def test_fid_of_one_image_says_it_needs_two_per_side(tmp_path, weights_path):  # noqa: F811
     one, two = _image_folder(tmp_path / "one", 1), _image_folder(tmp_path / "two", 2)
     message, _ = _fid_command(one, two, "--weights", weights_path, "--device", "cpu")
-    assert message == "wbflow.py fid: FID needs at least two images per side to estimate a covariance, got 1"
+    assert message == "python wbflow.py fid: FID needs at least two images per side to estimate a covariance, got 1"
     with pytest.raises(ValueError, match="FID needs at least two images per side"):
         wbflow.fid(torch.randn(5, 8), torch.randn(1, 8))
 
@@ -268,11 +268,15 @@ def test_save_stats_writes_the_npz_it_names_and_refuses_an_existing_one(tmp_path
                                      "--device", "cpu"]) is None
     assert printed.getvalue() == f"saved the statistics of 3 images to {tmp_path / 'stats.npz'}\n"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["images", "stats.npz"]
-    assert wbflow.fid(str(tmp_path / "stats.npz"), str(tmp_path / "stats.npz")) == pytest.approx(0, abs=1e-6)
+    mu, sigma = wbflow.feature_statistics(wbflow.inception_features(folder, weights_path=weights_path)[0])
+    with np.load(tmp_path / "stats.npz") as stored:
+        assert sorted(stored.files) == ["mu", "sigma"] and np.array_equal(stored["mu"], mu)
+        assert np.array_equal(stored["sigma"], sigma)
     before = (tmp_path / "stats.npz").read_bytes()
     for name in ("stats", "stats.npz"):
         message, _ = _fid_command(folder, str(tmp_path / name), "--save-stats", "--weights", weights_path)
-        assert message == f"wbflow.py fid: {tmp_path / 'stats.npz'} exists already: choose another name or delete it"
+        assert message == (f"python wbflow.py fid: {tmp_path / 'stats.npz'} exists already: "
+                           f"choose another name or delete it")
     assert (tmp_path / "stats.npz").read_bytes() == before
 
 

@@ -2,6 +2,7 @@
 `python wbflow.py fid` command line, FID during training, and the copy rule for the metrics section."""
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,14 +34,16 @@ def test_float_images_are_scored_as_the_png_files_they_would_be_saved_as(incepti
     assert not torch.equal(unrounded, from_files)
 
 
-def test_fid_and_inception_score_quantise_by_default(inception, images_uint8):
-    floats = (images_uint8.float() + 0.4 * torch.sign(127.5 - images_uint8.float())) / 255  # rounds back to the same uint8
-    assert wbflow.fid(images_uint8[:5], floats[5:], inception=inception) == wbflow.fid(
-        images_uint8[:5], images_uint8[5:], inception=inception)
-    assert wbflow.inception_score(floats, splits=2, inception=inception) == wbflow.inception_score(
-        images_uint8, splits=2, inception=inception)
-    assert wbflow.fid(images_uint8[:5], floats[5:], inception=inception, quantize=False) != wbflow.fid(
-        images_uint8[:5], images_uint8[5:], inception=inception)
+def test_quantize_false_gives_fid_kid_and_inception_score_the_unrounded_floats(inception, images_uint8, monkeypatch):
+    floats = (images_uint8[:2].float() + 0.4 * torch.sign(127.5 - images_uint8[:2].float())) / 255  # rounds back
+    features, logits = wbflow.inception_features(images_uint8[:2], inception)
+    monkeypatch.setattr(wbflow, "frechet_distance", lambda *statistics: statistics)  # what fid hands the distance
+    mu, sigma, _, _ = wbflow.fid(floats, features, inception=inception, quantize=False)
+    assert not np.allclose(mu, wbflow.feature_statistics(features)[0], rtol=0, atol=1e-3)
+    assert wbflow.kid(floats, features, subsets=1, subset_size=2, inception=inception, quantize=False) != wbflow.kid(
+        features, features, subsets=1, subset_size=2)
+    assert wbflow.inception_score(floats, splits=1, inception=inception, quantize=False) != wbflow.inception_score(
+        logits, splits=1)
 
 
 # ----------------------------------------------------------------------------- invalid statistics
@@ -118,7 +121,7 @@ def test_features_agree_with_torch_fidelity_and_pytorch_fid_on_every_input_kind(
     assert (features - expected_pytorch_fid).abs().max() < FEATURE_TOLERANCE
 
 
-# ----------------------------------------------------------------------------- folders and the command line
+# ----------------------------------------------------------------------------- every input kind
 
 def _write_folder(folder, images_uint8, extensions):
     from PIL import Image
@@ -132,19 +135,50 @@ def _write_folder(folder, images_uint8, extensions):
     return folder
 
 
-def test_a_folder_of_image_files_is_an_input(inception, images_uint8, tmp_path):
-    folder = _write_folder(tmp_path / "images", images_uint8, ["png", "ppm", "bmp", "pgm", "tif", "webp"])
+IMAGE_KINDS = ["uint8 tensor", "float tensor", "batches", "(images, labels) batches", "folder"]
+
+
+@pytest.mark.parametrize("kind", IMAGE_KINDS + ["features", "(mu, sigma)", "npz", "logits"])
+def test_fid_kid_and_inception_score_take_every_input_kind(kind, inception, images_uint8, tmp_path, monkeypatch):
+    images = images_uint8[:2]
+    features, logits = wbflow.inception_features(images, inception)
+    mu, sigma = wbflow.feature_statistics(features)
+    np.savez(tmp_path / "statistics.npz", mu=mu, sigma=sigma)
+    source = {
+        "uint8 tensor": images,
+        "float tensor": (images.float() + 0.4 * torch.sign(127.5 - images.float())) / 255,  # rounds to `images`
+        "batches": torch.utils.data.DataLoader(images, batch_size=1),
+        "(images, labels) batches": torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(images, torch.zeros(2)), batch_size=1),
+        "folder": _write_folder(tmp_path / "images", images, ["png"]),
+        "features": features.numpy(), "(mu, sigma)": (mu, sigma), "npz": str(tmp_path / "statistics.npz"),
+        "logits": logits}[kind]
+    kid_settings = dict(subsets=1, subset_size=2, inception=inception)
+    if kind in IMAGE_KINDS + ["logits"]:
+        assert wbflow.inception_score(source, splits=1, inception=inception) == pytest.approx(
+            wbflow.inception_score(logits, splits=1), rel=1e-5)
+    if kind in IMAGE_KINDS + ["features"]:
+        assert wbflow.kid(source, features, **kid_settings) == pytest.approx(
+            wbflow.kid(features, features, **kid_settings), abs=1e-5)
+    if kind in ("(mu, sigma)", "npz"):
+        for metric in (lambda: wbflow.kid(source, features, **kid_settings), lambda: wbflow.inception_score(source)):
+            with pytest.raises(ValueError, match="mu and sigma hold no"):
+                metric()
+    if kind != "logits":
+        monkeypatch.setattr(wbflow, "frechet_distance", lambda *statistics: statistics)  # what fid hands the distance
+        given_mu, given_sigma, *_ = wbflow.fid(source, features, inception=inception)
+        np.testing.assert_allclose(given_mu, mu, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(given_sigma, sigma, rtol=0, atol=1e-4 * np.abs(sigma).max())
+
+
+def test_a_folder_of_image_files_is_read_as_pytorch_fid_reads_it(inception, images_uint8, tmp_path):
+    folder = _write_folder(tmp_path / "images", images_uint8[:6], ["png", "ppm", "bmp", "pgm", "tif", "webp"])
     (folder / "notes.txt").write_text("not an image")
-    expected = images_uint8.clone()
-    expected[3::6] = images_uint8[3::6, :1]  # the .pgm files hold one channel, read back as gray RGB
+    (folder / "005.webp").rename(folder / "005.WEBP")
+    expected = images_uint8[:6].clone()
+    expected[3] = images_uint8[3, :1]  # the .pgm file holds one channel, read back as gray RGB
     features, _ = wbflow.inception_features(folder, inception, batch_size=4)
     assert torch.equal(features, wbflow.inception_features(expected, inception, batch_size=4)[0])
-    assert wbflow.fid(folder, expected[:7], inception=inception) == pytest.approx(
-        wbflow.fid(expected, expected[:7], inception=inception), rel=1e-9)
-    assert wbflow.inception_score(folder, splits=2, inception=inception) == pytest.approx(
-        wbflow.inception_score(expected, splits=2, inception=inception))
-    features_kid = wbflow.kid(folder, expected, subsets=3, subset_size=5, inception=inception)
-    assert features_kid == pytest.approx(wbflow.kid(expected, expected, subsets=3, subset_size=5, inception=inception))
 
 
 def test_a_folder_of_images_of_different_sizes_is_read(inception, images_uint8, tmp_path):
@@ -156,57 +190,100 @@ def test_a_folder_of_images_of_different_sizes_is_read(inception, images_uint8, 
     assert features.shape == (5, 2048)
 
 
-def _run(*command, **environment):
-    result = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=HERE,
+GATHER_ON_RANK = """
+import sys, torch, wbflow
+rank, init_file, weights, result = int(sys.argv[1]), *sys.argv[2:]
+torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+shard = images[:1] if rank == 0 else images[1:]  # uneven: one image on rank 0, two on rank 1
+torch.save(wbflow.inception_features(shard, wbflow.load_fid_inception(weights))[0], result)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_inception_features_of_uneven_shards_are_gathered_in_rank_order(inception, weights_path, tmp_path):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", GATHER_ON_RANK, str(rank), str(tmp_path / "init"), weights_path,
+                               str(tmp_path / f"rank{rank}.pt")], cwd=HERE, env=environment) for rank in range(2)]
+    assert [process.wait(timeout=300) for process in ranks] == [0, 0]
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected, _ = wbflow.inception_features(images, inception)
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True), expected,
+                                   rtol=0, atol=FEATURE_TOLERANCE)
+
+
+# ----------------------------------------------------------------------------- the command line and the package
+
+def _run(*command, cwd=HERE, **environment):
+    result = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=cwd,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **environment}, timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
-def test_command_line_prints_what_pytorch_fids_prints(weights_path, images_uint8, tmp_path):
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The project installed with pip (no dependencies) into a folder of its own; pip builds in a copy, so
+    no build/ or egg-info lands in the repository."""
+    source, target = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("installed")
+    for name in ("pyproject.toml", "README.md", "wbflow.py"):
+        (source / name).write_bytes((HERE / name).read_bytes())
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
+    return target
+
+
+def test_the_installed_package_needs_the_runtime_libraries_and_none_of_the_test_peers(installed):
+    from email.parser import Parser
+    [metadata] = installed.glob("wbflow-*.dist-info/METADATA")
+    requires = {re.split(r"[<>=!~ ;\[]", line)[0].lower()
+                for line in Parser().parsestr(metadata.read_text()).get_all("Requires-Dist")}
+    assert requires == {"torch", "torchvision", "wandb", "scipy", "numpy", "pyyaml", "tqdm", "pillow"}
+    assert (installed / "wbflow.py").read_bytes() == (HERE / "wbflow.py").read_bytes()
+
+
+def test_python_m_wbflow_from_any_folder_prints_what_pytorch_fids_command_line_prints(installed, weights_path,
+                                                                                       images_uint8, tmp_path):
     # pytorch-fid downloads its weights into the torch hub cache; put the same file there instead.
     torch_home = tmp_path / "torch_home"
     (torch_home / "hub" / "checkpoints").mkdir(parents=True)
     os.link(weights_path, torch_home / "hub" / "checkpoints" / wbflow.FID_WEIGHTS_FILE)
-    first = _write_folder(tmp_path / "first", images_uint8[:6], ["png", "jpg"])
-    second = _write_folder(tmp_path / "second", images_uint8.flip(0)[:5].roll(7, dims=2), ["png", "ppm"])
-    environment = {"TORCH_HOME": str(torch_home)}
+    first = _write_folder(tmp_path / "first", images_uint8[:3], ["png", "jpg"])
+    second = _write_folder(tmp_path / "second", images_uint8.flip(0)[:2].roll(7, dims=2), ["png", "ppm"])
     expected = _run("-m", "pytorch_fid", str(first), str(second), "--device", "cpu", "--num-workers", "0",
-                    **environment)
-    printed = _run("wbflow.py", "fid", str(first), str(second), "--resize", "pytorch-fid", "--device", "cpu",
-                   **environment)
+                    "--batch-size", "3", TORCH_HOME=str(torch_home))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    printed = _run("-m", "wbflow", "fid", str(first), str(second), "--resize", "pytorch-fid", "--device", "cpu",
+                   "--weights", weights_path, cwd=elsewhere, PYTHONPATH=str(installed))
     assert printed.startswith("FID:  ") and expected.strip().splitlines()[-1].startswith("FID:  ")
-    ours, theirs = float(printed.split()[-1]), float(expected.split()[-1])
-    # 11 images in 2048 dims: pytorch-fid's sqrtm is the approximate one here (see README)
-    assert ours == pytest.approx(theirs, rel=1e-3)
-
-    statistics = tmp_path / "first.npz"
-    _run("wbflow.py", "fid", str(first), str(statistics), "--save-stats", "--resize", "pytorch-fid", **environment)
-    from_npz = _run("wbflow.py", "fid", str(statistics), str(second), "--resize", "pytorch-fid", **environment)
-    assert float(from_npz.split()[-1]) == pytest.approx(ours, rel=1e-9)
+    # 5 images in 2048 dims: singular covariances, where pytorch-fid's sqrtm is the approximate one (see README)
+    assert float(printed.split()[-1]) == pytest.approx(float(expected.split()[-1]), rel=1e-4)
 
 
-def test_command_line_prints_pytorch_fids_number_for_statistics_of_more_than_2048_samples(weights_path, tmp_path):
-    # With full-rank covariances pytorch-fid's sqrtm is accurate, so both print the same number.
-    torch_home = tmp_path / "torch_home"
-    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
-    os.link(weights_path, torch_home / "hub" / "checkpoints" / wbflow.FID_WEIGHTS_FILE)
+def test_command_line_prints_pytorch_fids_number_for_full_rank_statistics(tmp_path, capsys):
+    # With full-rank covariances (more samples than dims) pytorch-fid's sqrtm is accurate: the same number.
+    import pytorch_fid.fid_score as fid_score
     generator = np.random.default_rng(0)
     for name, shift in (("real", 0.0), ("fake", 0.3)):
-        features = generator.standard_normal((3000, 2048)) @ (np.eye(2048) + 0.01 * generator.standard_normal((2048, 2048)))
+        features = generator.standard_normal((800, 512)) @ (np.eye(512) + 0.01 * generator.standard_normal((512, 512)))
         np.savez(tmp_path / f"{name}.npz", mu=features.mean(0) + shift, sigma=np.cov(features, rowvar=False))
     paths = [str(tmp_path / "real.npz"), str(tmp_path / "fake.npz")]
-    expected = _run("-m", "pytorch_fid", *paths, "--device", "cpu", TORCH_HOME=str(torch_home))
-    printed = _run("wbflow.py", "fid", *paths, "--resize", "pytorch-fid", "--device", "cpu", TORCH_HOME=str(torch_home))
-    theirs, ours = expected.strip().splitlines()[-1], printed.strip().splitlines()[-1]
-    assert ours.startswith("FID:  ") and theirs.startswith("FID:  ")
-    assert float(ours.split()[-1]) == pytest.approx(float(theirs.split()[-1]), rel=1e-9)
+    # what `python -m pytorch_fid real.npz fake.npz` computes: it reads .npz files without its network
+    (mu1, sigma1), (mu2, sigma2) = (fid_score.compute_statistics_of_path(path, None, 50, 2048, "cpu") for path in paths)
+    theirs = fid_score.calculate_frechet_distance(mu1, sigma1, mu2, sigma2)
+    ours = wbflow._command_line(["fid", *paths, "--device", "cpu"])
+    assert capsys.readouterr().out == f"FID:  {ours}\n"
+    assert ours == pytest.approx(theirs, rel=1e-9)
 
 
-def test_command_line_refuses_a_missing_folder_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "wbflow.py", "fid", str(tmp_path / "absent"), str(tmp_path)],
+@pytest.mark.parametrize("command, prog", [(["wbflow.py"], "python wbflow.py"), (["-m", "wbflow"], "python -m wbflow")])
+def test_command_line_refuses_a_missing_folder_in_one_line_naming_how_it_was_run(tmp_path, command, prog):
+    result = subprocess.run([sys.executable, *command, "fid", str(tmp_path / "absent"), str(tmp_path)],
                             capture_output=True, text=True, cwd=HERE)
-    assert result.returncode != 0 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr == f"{prog} fid: {tmp_path / 'absent'} does not exist\n"
 
 
 # ----------------------------------------------------------------------------- KID
@@ -235,20 +312,7 @@ def test_kid_of_a_set_against_itself_is_near_zero_and_needs_enough_images():
         wbflow.kid(features, features, subset_size=100)
 
 
-# ----------------------------------------------------------------------------- the copy rule
-
-def test_weights_constants_equal_what_fid_weights_path_spells_out(tmp_path, monkeypatch):
-    assert wbflow.FID_WEIGHTS_URL.endswith("/" + wbflow.FID_WEIGHTS_FILE)
-    monkeypatch.delenv(wbflow.FID_WEIGHTS_ENV, raising=False)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    seen = []
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, *args, **kwargs: seen.append(url))
-    assert wbflow.fid_weights_path() == os.path.join(str(tmp_path), "checkpoints", wbflow.FID_WEIGHTS_FILE)
-    assert seen == [wbflow.FID_WEIGHTS_URL]
-    monkeypatch.setenv(wbflow.FID_WEIGHTS_ENV, str(tmp_path / "from_env.pth"))
-    with pytest.raises(FileNotFoundError, match="from_env.pth"):
-        wbflow.fid_weights_path()
-
+# ----------------------------------------------------------------------------- the weights
 
 def test_loading_the_inception_draws_nothing_from_the_global_generator(weights_path):
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ Sections, in data-flow order:
   checkpoints       write_atomically, save_checkpoint, load_checkpoint, prepare_out_dir,
                     rotate_checkpoints, save_best, check_checkpoint, resume_command, fetch_checkpoint
   config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, exit_on_error
-  command line      python wbflow.py fid DIR_OR_NPZ DIR_OR_NPZ [--resize pytorch-fid] (pytorch-fid's CLI)
+  command line      python wbflow.py fid (or python -m wbflow fid) DIR_OR_NPZ DIR_OR_NPZ: pytorch-fid's CLI
 
 The copy rule: a public definition calls the module's helpers it needs, and its docstring's
 `Copy with:` line names exactly what to paste along with it: every definition its code reaches (no
@@ -1243,72 +1243,48 @@ def per_class_precision_recall(y_true, y_pred, num_classes):
     has precision (recall) 0.0.
     Usage: precision, recall, support = per_class_precision_recall([0, 1, 1], [0, 1, 0], 2)
     """
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    precision, recall, support = [], [], []
-    for label in range(num_classes):
-        true_positive = int(np.sum((y_pred == label) & (y_true == label)))
-        n_predicted, n_true = int(np.sum(y_pred == label)), int(np.sum(y_true == label))
-        precision.append(true_positive / n_predicted if n_predicted else 0.0)
-        recall.append(true_positive / n_true if n_true else 0.0)
-        support.append(n_true)
-    return precision, recall, support
-
-
-# fid_weights_path spells these three out again so that it can be pasted alone; a test keeps them equal.
-FID_WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-    "pt_inception-2015-12-05-6726825d.pth"
-)
-
+    confusion = np.bincount(np.asarray(y_true, dtype=np.int64) * num_classes + np.asarray(y_pred, dtype=np.int64),
+                            minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    true_positive, n_predicted, n_true = confusion.diagonal(), confusion.sum(axis=0), confusion.sum(axis=1)
+    precision = (true_positive / np.maximum(n_predicted, 1)).tolist()
+    recall = (true_positive / np.maximum(n_true, 1)).tolist()
+    return precision, recall, n_true.tolist()
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-
-
+FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"
 FID_WEIGHTS_ENV = "WBFLOW_FID_WEIGHTS"
+
+
+def _avg_pool_valid_only(x):
+    # TensorFlow's average pool ignores the zero padding at borders.
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 
 class _FIDInceptionA(torchvision.models.inception.InceptionA):
     def forward(self, x):
-        branch_pool = self.branch_pool(_avg_pool_valid_only(x))
         branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
         branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch1x1(x), branch5x5, branch3x3dbl, branch_pool], 1)
+        return torch.cat([self.branch1x1(x), branch5x5, branch3x3dbl, self.branch_pool(_avg_pool_valid_only(x))], 1)
 
 
 class _FIDInceptionC(torchvision.models.inception.InceptionC):
     def forward(self, x):
         branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         branch7x7dbl = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                     self.branch7x7dbl_4, self.branch7x7dbl_5):
-            branch7x7dbl = conv(branch7x7dbl)
-        branch_pool = self.branch_pool(_avg_pool_valid_only(x))
-        return torch.cat([self.branch1x1(x), branch7x7, branch7x7dbl, branch_pool], 1)
+        for index in range(1, 6):
+            branch7x7dbl = getattr(self, f"branch7x7dbl_{index}")(branch7x7dbl)
+        return torch.cat([self.branch1x1(x), branch7x7, branch7x7dbl, self.branch_pool(_avg_pool_valid_only(x))], 1)
 
 
 class _FIDInceptionE(torchvision.models.inception.InceptionE):
+    pool = staticmethod(_avg_pool_valid_only)  # FIDInceptionV3's last one max-pools instead
+
     def forward(self, x):
         branch3x3 = self.branch3x3_1(x)
         branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
         branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        branch3x3dbl = torch.cat(
-            [self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
-        branch_pool = self.branch_pool(self._pool(x))
-        return torch.cat([self.branch1x1(x), branch3x3, branch3x3dbl, branch_pool], 1)
-
-    def _pool(self, x):
-        return _avg_pool_valid_only(x)
-
-
-class _FIDInceptionEMaxPool(_FIDInceptionE):
-    # The TF graph's last block max-pools here, unlike the paper; the published numbers use it.
-    def _pool(self, x):
-        return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-
-
-def _avg_pool_valid_only(x):
-    # TensorFlow's average pool ignores the zero padding at borders.
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
+        return torch.cat([self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(self.pool(x))], 1)
 
 
 class FIDInceptionV3(torchvision.models.inception.Inception3):
@@ -1317,25 +1293,20 @@ class FIDInceptionV3(torchvision.models.inception.Inception3):
     Input: (N, 3, 299, 299) floats in [-1, 1]. Output: (pool features (N, 2048), logits without
     the fc bias (N, 1008)) from one pass; the unbiased logits are what the original IS code used.
     Usage: features, logits_unbiased = FIDInceptionV3()(images_minus1_to_1)
-    Copy with: _FIDInceptionA, _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only
+    Copy with: _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE
     """
 
     def __init__(self):
-        blocks = [torchvision.models.inception.BasicConv2d, _FIDInceptionA,
-                  torchvision.models.inception.InceptionB, _FIDInceptionC,
-                  torchvision.models.inception.InceptionD, _FIDInceptionE,
-                  torchvision.models.inception.InceptionAux]
-        super().__init__(num_classes=1008, aux_logits=False, inception_blocks=blocks,
-                         init_weights=False)
-        self.Mixed_7c = _FIDInceptionEMaxPool(2048)
+        inception = torchvision.models.inception
+        super().__init__(num_classes=1008, aux_logits=False, init_weights=False, inception_blocks=[
+            inception.BasicConv2d, _FIDInceptionA, inception.InceptionB, _FIDInceptionC, inception.InceptionD,
+            _FIDInceptionE, inception.InceptionAux])
+        # The TF graph's last block max-pools here, unlike the paper; the published numbers use it.
+        self.Mixed_7c.pool = lambda x: F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x):
-        for layer in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, self.maxpool1,
-                      self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, self.maxpool2,
-                      self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
-                      self.Mixed_6c, self.Mixed_6d, self.Mixed_6e,
-                      self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
-            x = layer(x)
+        for block in list(self.children())[:-3]:  # from Conv2d_1a_3x3 to Mixed_7c: not avgpool, dropout, fc
+            x = block(x)
         pool_features = x.mean(dim=(2, 3))
         return pool_features, pool_features @ self.fc.weight.T
 
@@ -1344,50 +1315,41 @@ def fid_weights_path(weights_path=None):
     """Path of the FID Inception weights: argument, then $WBFLOW_FID_WEIGHTS, then the torch hub
     cache, downloading pytorch-fid's release file there once when online.
     Usage: path = fid_weights_path()  # e.g. ~/.cache/torch/hub/checkpoints/pt_inception-...pth
-    Copy with: _hub_cached_file
+    Copy with: FID_WEIGHTS_ENV, FID_WEIGHTS_FILE, FID_WEIGHTS_URL, _hub_cached_file
     """
-    file_name = "pt_inception-2015-12-05-6726825d.pth"
-    url = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{file_name}"
-    path = weights_path or os.environ.get("WBFLOW_FID_WEIGHTS")
-    if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"FID Inception weights file {path!r} does not exist; expected "
-                                    f"pytorch-fid's {file_name} from {url}")
-        return str(path)
-    return _hub_cached_file(url, "the FID Inception weights",
-                            "pass weights_path=... or set $WBFLOW_FID_WEIGHTS")
+    path = weights_path or os.environ.get(FID_WEIGHTS_ENV)
+    if path and not os.path.isfile(path):
+        raise FileNotFoundError(f"FID Inception weights file {path!r} does not exist; expected "
+                                f"pytorch-fid's {FID_WEIGHTS_FILE} from {FID_WEIGHTS_URL}")
+    return str(path) if path else _hub_cached_file(FID_WEIGHTS_URL, "the FID Inception weights",
+                                                   f"pass weights_path=... or set ${FID_WEIGHTS_ENV}")
 
 
 def load_fid_inception(weights_path=None, device="cpu", fuse=True):
     """Load the FID Inception v3 in eval mode (strict keys, weights_only=True). It is built on the
     meta device, so loading it draws nothing from the global random generator.
 
-    fuse=True folds BatchNorm into the convolutions (torch.nn.utils.fuse_conv_bn_eval) and uses
-    channels_last: faster, same features within float32 rounding, but its state_dict no longer
-    matches the weights file.
+    fuse=True folds BatchNorm into the convolutions (torch.nn.utils.fuse_conv_bn_eval): faster, same
+    features within float32 rounding, but its state_dict no longer matches the weights file. Either
+    way the model is channels_last.
     Usage: inception = load_fid_inception("pt_inception-2015-12-05-6726825d.pth", device="cuda")
-    Copy with: FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool,
-      _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
+    Copy with: _hub_cached_file, FID_WEIGHTS_FILE, FID_WEIGHTS_URL, FID_WEIGHTS_ENV, _avg_pool_valid_only,
+      _FIDInceptionA, _FIDInceptionC, _FIDInceptionE, FIDInceptionV3, fid_weights_path, load_checkpoint
     """
     path = fid_weights_path(weights_path)
-    state_dict = load_checkpoint(path)
-    if not isinstance(state_dict, dict) or not all(torch.is_tensor(value) for value in state_dict.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
     with torch.device("meta"):
         model = FIDInceptionV3()
     try:
-        model.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as error:
-        raise ValueError(f"{path} does not have the keys and shapes of pytorch-fid's "
-                         f"pt_inception-2015-12-05-6726825d.pth: {error}") from None
-    model = model.eval().requires_grad_(False)
+        model.load_state_dict(load_checkpoint(path), strict=True, assign=True)
+    except (RuntimeError, TypeError) as error:  # other keys or shapes, or no dict of tensors
+        raise ValueError(f"{path} does not have the keys and shapes of pytorch-fid's {FID_WEIGHTS_FILE}: "
+                         f"{error}") from None
+    model.eval()
     if fuse:
         for module in model.modules():
             if isinstance(module, torchvision.models.inception.BasicConv2d):
-                module.conv = torch.nn.utils.fuse_conv_bn_eval(module.conv, module.bn)
-                module.bn = nn.Identity()
-        model = model.requires_grad_(False).to(memory_format=torch.channels_last)
-    return model.to(device)
+                module.conv, module.bn = torch.nn.utils.fuse_conv_bn_eval(module.conv, module.bn), nn.Identity()
+    return model.requires_grad_(False).to(device, memory_format=torch.channels_last)
 
 
 def file_sha256(path):
@@ -1420,20 +1382,16 @@ def _resize_like_tensorflow(images, size):
 def _preprocess(images, resize, quantize=True, size=299):
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images of shape (N, 3, H, W) or (N, 1, H, W), got {tuple(images.shape)}")
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
     if images.dtype != torch.uint8:
         if images.numel() and (images.min() < 0 or images.max() > 1):
             raise ValueError("float images must be in [0, 1] (model outputs in [-1, 1]: images_to_uint8 first)")
         if quantize:  # what saving a PNG keeps: torchvision.utils.save_image's rounding
             images = (images.float() * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+    images_255 = images.expand(-1, 3, -1, -1).float() * (1 if images.dtype == torch.uint8 else 255)
     if resize == "tensorflow":
-        images_255 = images.float() if images.dtype == torch.uint8 else images.float() * 255
         return (_resize_like_tensorflow(images_255, size) - 128) / 128
     if resize == "pytorch-fid":
-        images_01 = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-        resized = F.interpolate(images_01, size=(size, size), mode="bilinear", align_corners=False)
-        return 2 * resized - 1
+        return 2 * F.interpolate(images_255 / 255, size=(size, size), mode="bilinear", align_corners=False) - 1
     raise ValueError(f"resize must be 'tensorflow' or 'pytorch-fid', not {resize!r}")
 
 
@@ -1446,12 +1404,11 @@ def fid_reference(resize="tensorflow"):
 
 
 def _image_batches(images, batch_size, num_images):
+    # batches of a tensor, of an iterable of batches or (images, labels), or of a folder, num_images at most
     if isinstance(images, (str, os.PathLike)):
         images = _folder_batches(images, batch_size)
     if torch.is_tensor(images):
-        images = images[:num_images]
-        yield from images.split(batch_size)
-        return
+        images = images[:num_images].split(batch_size)
     remaining = float("inf") if num_images is None else num_images
     for batch in images:
         batch = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -1482,25 +1439,6 @@ def _folder_batches(folder, batch_size):
     yield torch.stack(batch)
 
 
-def _gather_across_ranks(rows):
-    distributed = torch.distributed
-    if not (distributed.is_available() and distributed.is_initialized()):
-        return rows
-    world_size = distributed.get_world_size()
-    if distributed.get_backend() == "nccl":
-        rows = rows.to(torch.cuda.current_device())
-    # all_gather needs equal shapes: pad every rank to the largest count, then trim.
-    count = torch.tensor([rows.shape[0]], device=rows.device)
-    counts = [torch.zeros_like(count) for _ in range(world_size)]
-    distributed.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    padded = rows.new_zeros((max(counts), *rows.shape[1:]))
-    padded[:rows.shape[0]] = rows
-    gathered = [torch.empty_like(padded) for _ in range(world_size)]
-    distributed.all_gather(gathered, padded)
-    return torch.cat([part[:n] for part, n in zip(gathered, counts)])
-
-
 def inception_features(images, inception=None, *, resize="tensorflow", batch_size=50,
                        num_images=None, weights_path=None, device="cpu", quantize=True, progress=False):
     """One Inception pass per batch -> (pool features (N, 2048), unbiased logits (N, 1008)), float32
@@ -1512,37 +1450,34 @@ def inception_features(images, inception=None, *, resize="tensorflow", batch_siz
     saving them to PNG does, so a number is the same as for the saved files; quantize=False feeds
     the unrounded floats instead. progress=True shows a tqdm bar of the batches.
     Usage: features, logits = inception_features(images_uint8, load_fid_inception(device="cuda"))
-    Copy with: _preprocess, _resize_like_tensorflow, _image_batches, _folder_batches, _gather_across_ranks,
-      load_fid_inception, FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool,
-      _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
+    Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
+      FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
+      FIDInceptionV3, fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess,
+      _image_batches, _folder_batches, load_checkpoint
     """
     from tqdm.auto import tqdm
     if inception is None:
         inception = load_fid_inception(weights_path, device)
     model_device = next(inception.parameters()).device
-    feature_batches, logit_batches = [], []
+    outputs = []
     batches = tqdm(_image_batches(images, batch_size, num_images), desc="Inception", unit="batch", leave=False,
                    disable=not progress, dynamic_ncols=True,
                    total=math.ceil(len(images[:num_images]) / batch_size) if torch.is_tensor(images) else None)
     # TF32 convolutions or matmuls would move features by ~1e-3, past the references' agreement.
-    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        with torch.inference_mode(), torch.backends.cudnn.flags(
-                enabled=True, benchmark=torch.backends.cudnn.benchmark,
-                deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+        with torch.inference_mode():
             for batch in batches:
                 batch = _preprocess(batch.to(model_device), resize, quantize)
                 features, logits = inception(batch.contiguous(memory_format=torch.channels_last))
-                feature_batches.append(features.float())
-                logit_batches.append(logits.float())
+                outputs.append((features.float(), logits.float()))
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
-    if not feature_batches:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    if not outputs:
         raise ValueError("no images to compute Inception features from")
-    features = _gather_across_ranks(torch.cat(feature_batches))
-    logits = _gather_across_ranks(torch.cat(logit_batches))
-    return features.cpu(), logits.cpu()
+    per_rank = gather_from_ranks([torch.cat(parts).cpu() for parts in zip(*outputs)])
+    return tuple(torch.cat(parts) for parts in zip(*per_rank))  # (features, logits)
 
 
 def feature_statistics(features):
@@ -1563,7 +1498,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64, without sqrtm.
 
     tr sqrt(S1 S2) = sum sqrt(eig(L^T S2 L)) with S1 = L L^T (Cholesky; a symmetric eigensolve of a
-    PSD matrix, so no complex parts); a singular S1 (fewer samples than dims) uses sqrt(S1) for L.
+    PSD matrix, so no complex parts); a singular S1 (fewer samples than dims) uses L = V sqrt(Λ) of its
+    eigendecomposition, restricted to its rank, so the product to solve is rank x rank.
     Raises ValueError for statistics that are no Gaussian: mismatched shapes, NaN or inf, or a
     covariance that is not symmetric or has a negative eigenvalue beyond the rounding of its dtype.
     Usage: distance = frechet_distance(*feature_statistics(real), *feature_statistics(fake))
@@ -1575,15 +1511,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     epsilon = max(np.finfo(np.float64).eps, *(np.finfo(np.asarray(value).dtype).eps for value in given.values()
                                               if np.issubdtype(np.asarray(value).dtype, np.floating)))
     mu1, sigma1, mu2, sigma2 = (np.asarray(value, dtype=np.float64) for value in given.values())
-    dims = mu1.shape[0] if mu1.ndim == 1 else -1
-    if not (mu1.ndim == 1 and mu2.shape == mu1.shape and sigma1.shape == sigma2.shape == (dims, dims)):
+    if not (mu1.ndim == 1 and mu2.shape == mu1.shape and sigma1.shape == sigma2.shape == mu1.shape * 2):
         raise ValueError(f"statistics must be mu (D,) and sigma (D, D) on both sides; got mu1 {mu1.shape}, "
                          f"sigma1 {sigma1.shape}, mu2 {mu2.shape}, sigma2 {sigma2.shape}")
     for name, value in zip(given, (mu1, sigma1, mu2, sigma2)):
         if not np.isfinite(value).all():
             raise ValueError(f"{name} holds NaN or inf")
-    for name, sigma in (("sigma1", sigma1), ("sigma2", sigma2)):
-        if np.abs(sigma - sigma.T).max() > np.sqrt(epsilon) * np.abs(sigma).max():
+        if value.ndim == 2 and np.abs(value - value.T).max() > np.sqrt(epsilon) * np.abs(value).max():
             raise ValueError(f"{name} is not symmetric, so it is no covariance matrix")
 
     def positive_part(eigenvalues, name):
@@ -1592,8 +1526,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
         # floor a negative eigenvalue is real: the matrix is no covariance.
         noise_floor = np.abs(eigenvalues).max(initial=0.0) * eigenvalues.size * epsilon
         if eigenvalues.min(initial=0.0) < -noise_floor:
-            raise ValueError(f"{name} is not positive semi-definite (eigenvalue {eigenvalues.min():.3g}), "
-                             f"so it is no covariance matrix")
+            raise ValueError(f"{name} is not positive semi-definite (eigenvalue {eigenvalues.min():.3g})")
         return np.where(eigenvalues > noise_floor, eigenvalues, 0.0)
 
     try:
@@ -1601,16 +1534,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
         # L^T (S2 L) as two triangular products (BLAS trmm): half the work of general matmuls. L is
         # invertible, so the product has the signs of S2's eigenvalues (Sylvester's law of inertia).
         product = blas.dtrmm(1.0, factor, blas.dtrmm(1.0, factor, sigma2, side=1, lower=1), lower=1, trans_a=1)
-        product_name = "sigma2"
-    except np.linalg.LinAlgError:
+    except np.linalg.LinAlgError:  # S1 singular: S1 = L L^T with L = V sqrt(eigenvalues), only its rank's columns
         eigenvalues, eigenvectors = scipy.linalg.eigh(sigma1, check_finite=False)
-        root = (eigenvectors * np.sqrt(positive_part(eigenvalues, "sigma1"))) @ eigenvectors.T
+        positive = positive_part(eigenvalues, "sigma1")
+        factor = eigenvectors[:, positive > 0] * np.sqrt(positive[positive > 0])
+        # L^T S2 L (rank x rank) sees S2 only on the range of S1, so S2's signs are checked on their own
         positive_part(scipy.linalg.eigh(sigma2, eigvals_only=True, driver="evr", check_finite=False), "sigma2")
-        product, product_name = root @ sigma2 @ root, "sqrt(sigma1) sigma2 sqrt(sigma1)"
+        product = factor.T @ sigma2 @ factor
     eigenvalues = scipy.linalg.eigh((product + product.T) / 2, eigvals_only=True, driver="evr", check_finite=False)
-    trace_sqrt_product = np.sqrt(positive_part(eigenvalues, product_name)).sum()
-    mean_term = np.square(mu1 - mu2).sum()
-    return float(mean_term + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product)
+    trace_sqrt_product = np.sqrt(positive_part(eigenvalues, "sigma2")).sum()
+    return float(np.square(mu1 - mu2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product)
 
 
 def _npz_statistics(path):
@@ -1629,6 +1562,29 @@ def _npz_statistics(path):
         raise ValueError(f"{path} is a damaged .npz file ({error})") from None
 
 
+def _metric_inputs(sources, need, inception, weights_path, device, **options):
+    # fid's, kid's and inception_score's inputs as `need`: "statistics" [mu, sigma], "features" (N, D) or "logits"
+    # (N, 1008). An .npz path or (mu, sigma) is statistics and a 2-d array features or logits, as given; anything
+    # else is images (a tensor, batches, a folder) for the Inception, loaded once and only for them.
+    results = []
+    for source in sources:
+        npz = isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz")
+        mu_sigma = isinstance(source, (tuple, list)) and [len(getattr(part, "shape", ())) for part in source] == [1, 2]
+        if (npz or mu_sigma) and need != "statistics":
+            raise ValueError(f"mu and sigma hold no {need}: pass the images or their {need}")
+        if npz or mu_sigma:
+            results.append(_npz_statistics(source) if npz else list(source))
+            continue
+        if not (hasattr(source, "shape") and len(source.shape) == 2):
+            if inception is None:
+                inception = load_fid_inception(weights_path, device)
+            features, logits = inception_features(source, inception, **options)
+            source = logits if need == "logits" else features
+        values = np.asarray(source.cpu() if torch.is_tensor(source) else source)
+        results.append(feature_statistics(values) if need == "statistics" else values)
+    return results
+
+
 def fid(real, fake, *, resize="tensorflow", batch_size=50, device="cpu", num_images=None,
         weights_path=None, inception=None, quantize=True):
     """Fréchet Inception Distance between two image sets; resize picks the reference it reproduces:
@@ -1643,27 +1599,16 @@ def fid(real, fake, *, resize="tensorflow", batch_size=50, device="cpu", num_ima
     gets the FID over all of them; features and statistics are taken as given. Fewer than two
     images on a side, or an .npz that holds no mu and sigma, is a ValueError.
     Usage: score = fid("stats/cifar10-train-tensorflow-6726825d.npz", samples_uint8, device="cuda")
-    Copy with: feature_statistics, frechet_distance, inception_features, _preprocess, _resize_like_tensorflow,
-      _image_batches, _folder_batches, _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA,
-      _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path,
-      _hub_cached_file, load_checkpoint, _npz_statistics
+    Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
+      FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
+      FIDInceptionV3, fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess,
+      _image_batches, _folder_batches, inception_features, feature_statistics, frechet_distance,
+      _npz_statistics, _metric_inputs, load_checkpoint
     """
-    statistics = []
-    for source in (real, fake):
-        if isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz"):
-            statistics += _npz_statistics(source)
-            continue
-        if (isinstance(source, (tuple, list)) and len(source) == 2 and all(hasattr(part, "shape") for part in source)
-                and len(source[0].shape) == 1 and len(source[1].shape) == 2):  # (mu, sigma)
-            statistics += [torch.as_tensor(np.asarray(part)).double().numpy() for part in source]
-            continue
-        if not (hasattr(source, "shape") and len(source.shape) == 2):  # not features: images or a folder
-            if inception is None:
-                inception = load_fid_inception(weights_path, device)
-            source, _ = inception_features(source, inception, resize=resize, batch_size=batch_size,
-                                           num_images=num_images, quantize=quantize)
-        statistics += feature_statistics(source)
-    return frechet_distance(*statistics)
+    (mu1, sigma1), (mu2, sigma2) = _metric_inputs((real, fake), "statistics", inception, weights_path, device,
+                                                  resize=resize, batch_size=batch_size, num_images=num_images,
+                                                  quantize=quantize)
+    return frechet_distance(mu1, sigma1, mu2, sigma2)
 
 
 def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef0=1, seed=2020,
@@ -1677,22 +1622,18 @@ def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef
     Each side: features (N, D), or images / batches / a folder as for fid (float images rounded to
     uint8 first unless quantize=False), which need the network.
     Usage: kid_mean, kid_std = kid(real_uint8, samples_uint8, subset_size=100)
-    Copy with: inception_features, _preprocess, _resize_like_tensorflow, _image_batches, _folder_batches,
-      _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
-      _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
+    Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
+      FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
+      FIDInceptionV3, fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess,
+      _image_batches, _folder_batches, inception_features, feature_statistics, _npz_statistics,
+      _metric_inputs, load_checkpoint
     """
     if subset_size < 2 or subsets < 1:  # the unbiased MMD divides by subset_size * (subset_size - 1)
         raise ValueError(f"KID needs subsets >= 1 of subset_size >= 2 images, got subsets={subsets}, "
                          f"subset_size={subset_size}")
-    features = []
-    for source in (real, fake):
-        if not (hasattr(source, "shape") and len(source.shape) == 2):  # images or a folder
-            if inception is None:
-                inception = load_fid_inception(weights_path, device)
-            source, _ = inception_features(source, inception, resize=resize, batch_size=batch_size,
-                                           num_images=num_images, quantize=quantize)
-        features.append(source.cpu().numpy() if torch.is_tensor(source) else np.asarray(source))
-    real_features, fake_features = features
+    real_features, fake_features = _metric_inputs((real, fake), "features", inception, weights_path, device,
+                                                  resize=resize, batch_size=batch_size, num_images=num_images,
+                                                  quantize=quantize)
     if real_features.shape[1] != fake_features.shape[1]:
         raise ValueError(f"features differ in width: {real_features.shape[1]} vs {fake_features.shape[1]}")
     if min(len(real_features), len(fake_features)) < subset_size:
@@ -1706,14 +1647,11 @@ def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef
         x = real_features[random_state.choice(len(real_features), m, replace=False)]
         y = fake_features[random_state.choice(len(fake_features), m, replace=False)]
         # torch-fidelity's kernel_poly and mmd2 (unbiased), expression for expression
-        kernel_xx = (np.matmul(x, x.T) * gamma + coef0) ** degree
-        kernel_yy = (np.matmul(y, y.T) * gamma + coef0) ** degree
-        kernel_xy = (np.matmul(x, y.T) * gamma + coef0) ** degree
+        kernel_xx, kernel_yy, kernel_xy = ((np.matmul(a, b.T) * gamma + coef0) ** degree
+                                           for a, b in ((x, x), (y, y), (x, y)))
         sum_xx = (kernel_xx.sum(axis=1) - np.diagonal(kernel_xx)).sum()
         sum_yy = (kernel_yy.sum(axis=1) - np.diagonal(kernel_yy)).sum()
-        mmd2 = (sum_xx + sum_yy) / (m * (m - 1))
-        mmd2 -= 2 * kernel_xy.sum(axis=0).sum() / (m * m)
-        mmds[subset] = mmd2
+        mmds[subset] = (sum_xx + sum_yy) / (m * (m - 1)) - 2 * kernel_xy.sum(axis=0).sum() / (m * m)
     return float(np.mean(mmds)), float(np.std(mmds))
 
 
@@ -1723,32 +1661,29 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
     resize mode and the weights file's hash, so a cached file is reused only for the same network.
     Float images are rounded to uint8 first, as for fid (quantize=False skips that); progress=True
     shows a bar of the Inception batches.
-    Usage: cifar10_statistics = save_statistics(train_images_uint8, "stats", "cifar10-train"); score = fid(cifar10_statistics, samples_uint8)
-    Copy with: file_sha256, feature_statistics, inception_features, _preprocess, _resize_like_tensorflow,
-      _image_batches, _folder_batches, _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA,
-      _FIDInceptionC, _FIDInceptionE, _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path,
-      _hub_cached_file, load_checkpoint, _save_npz, write_atomically
+    Usage: cifar10_statistics = save_statistics(train_images_uint8, "stats", "cifar10-train")
+           score = fid(cifar10_statistics, samples_uint8)
+    Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
+      FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
+      FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, _resize_like_tensorflow,
+      _preprocess, _image_batches, _folder_batches, inception_features, feature_statistics,
+      write_atomically, load_checkpoint
     """
     weights_path = fid_weights_path(weights_path)
     weights_hash = file_sha256(weights_path)
     path = os.path.join(cache_dir, f"{name}-{resize}-{weights_hash[:12]}.npz")
     if os.path.isfile(path) and not overwrite:
         return path
-    features, _ = inception_features(images, load_fid_inception(weights_path, device), resize=resize,
-                                     batch_size=batch_size, num_images=num_images, quantize=quantize,
-                                     progress=progress)
+    features, _ = inception_features(images, None, weights_path=weights_path, device=device, resize=resize,
+                                     batch_size=batch_size, num_images=num_images, quantize=quantize, progress=progress)
     mu, sigma = feature_statistics(features)
-    distributed = torch.distributed
-    is_distributed = distributed.is_available() and distributed.is_initialized()
-    if not is_distributed or distributed.get_rank() == 0:
-        _save_npz(path, mu=mu, sigma=sigma, weights_sha256=weights_hash, resize=resize, num_images=len(features))
-    if is_distributed:
-        distributed.barrier()
+    rank, world_size = rank_and_world_size()
+    if rank == 0:
+        write_atomically(path, lambda file: np.savez(file, mu=mu, sigma=sigma, weights_sha256=weights_hash,
+                                                     resize=resize, num_images=len(features)))
+    if world_size > 1:
+        dist.barrier()
     return path
-
-
-def _save_npz(path, **arrays):
-    return write_atomically(path, lambda file: np.savez(file, **arrays))
 
 
 def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, device="cpu",
@@ -1759,16 +1694,14 @@ def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, de
     images: as for fid (float images rounded to uint8 first unless quantize=False; a folder too),
     or precomputed unbiased logits (N, 1008), which need no network.
     Usage: is_mean, is_std = inception_score(samples_uint8, device="cuda")
-    Copy with: inception_features, _preprocess, _resize_like_tensorflow, _image_batches, _folder_batches,
-      _gather_across_ranks, load_fid_inception, FIDInceptionV3, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
-      _FIDInceptionEMaxPool, _avg_pool_valid_only, fid_weights_path, _hub_cached_file, load_checkpoint
+    Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
+      FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
+      FIDInceptionV3, fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess,
+      _image_batches, _folder_batches, inception_features, feature_statistics, _npz_statistics,
+      _metric_inputs, load_checkpoint
     """
-    if torch.is_tensor(images) and images.dim() == 2:
-        logits = images
-    else:
-        _, logits = inception_features(images, inception, weights_path=weights_path, device=device,
-                                       resize=resize, batch_size=batch_size, num_images=num_images,
-                                       quantize=quantize)
+    [logits] = _metric_inputs((images,), "logits", inception, weights_path, device, resize=resize,
+                              batch_size=batch_size, num_images=num_images, quantize=quantize)
     count = logits.shape[0]
     # torch-fidelity shuffles with this generator before splitting; same order, same numbers.
     shuffled = torch.as_tensor(logits)[np.random.RandomState(seed).permutation(count)].double()
@@ -1777,9 +1710,8 @@ def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, de
     scores = []
     for split in range(splits):
         rows = slice(split * count // splits, (split + 1) * count // splits)
-        p = probabilities[rows]
-        log_marginal = p.mean(dim=0, keepdim=True).log()
-        kl = (p * (log_probabilities[rows] - log_marginal)).sum(dim=1).mean()
+        log_marginal = probabilities[rows].mean(dim=0, keepdim=True).log()
+        kl = (probabilities[rows] * (log_probabilities[rows] - log_marginal)).sum(dim=1).mean()
         scores.append(float(kl.exp()))
     return float(np.mean(scores)), float(np.std(scores))
 
@@ -2042,15 +1974,11 @@ def log_classification_report(run, probs, labels, class_names, *, images=None, t
     e.g. an ImageSamples with image_transforms(..., normalize=False); without it the table has no
     image column. Nothing is logged when `run` is None.
     Usage: log_classification_report(run, probs, labels, ["高风险", "中风险"], images=display_set)
+    Copy with: per_class_precision_recall
     """
     probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
     confidence, predicted = probs.max(dim=1)
-    n = len(class_names)
-    confusion = np.bincount(labels.numpy() * n + predicted.numpy(), minlength=n * n).reshape(n, n)
-    true_positive, n_predicted, n_true = confusion.diagonal(), confusion.sum(axis=0), confusion.sum(axis=1)
-    precision = [float(tp / count) if count else 0.0 for tp, count in zip(true_positive, n_predicted)]
-    recall = [float(tp / count) if count else 0.0 for tp, count in zip(true_positive, n_true)]
-    support = n_true.tolist()
+    precision, recall, support = per_class_precision_recall(labels.numpy(), predicted.numpy(), len(class_names))
     report = {"precision": precision, "recall": recall, "support": support}
     if not run:
         return report
@@ -2452,31 +2380,28 @@ def exit_on_error(program, errors=(FileNotFoundError,)):
 
 # ----------------------------------------------------------------------------- command line
 
-def _command_line(argv=None):
-    """python wbflow.py fid DIR_OR_NPZ DIR_OR_NPZ: pytorch-fid's command line on wbflow's FID."""
-    parser = argparse.ArgumentParser(prog="python wbflow.py", description="wbflow's command line")
-    commands = parser.add_subparsers(dest="command", required=True)
-    fid_parser = commands.add_parser(
+def _command_line(argv=None, prog="python wbflow.py"):
+    """python wbflow.py fid DIR_OR_NPZ DIR_OR_NPZ (or python -m wbflow fid ...): pytorch-fid's command line on
+    wbflow's FID."""
+    parser = argparse.ArgumentParser(prog=prog, description="wbflow's command line")
+    fid_parser = parser.add_subparsers(dest="command", required=True).add_parser(
         "fid", help="FID between two folders of images or .npz statistics (pytorch-fid's command line)",
-        description="Prints 'FID:  <value>' as python -m pytorch_fid does; with --resize pytorch-fid and "
-                    "the same weights file, the same number.")
+        description="Prints 'FID:  <value>' as python -m pytorch_fid does (its number with --resize pytorch-fid).")
     fid_parser.add_argument("path", nargs=2, help="folders of images or .npz files with mu/sigma "
                                                   "(with --save-stats: a folder, then the .npz to write)")
-    fid_parser.add_argument("--resize", choices=("tensorflow", "pytorch-fid"), default="tensorflow",
-                            help="tensorflow: TF FID / torch-fidelity numbers; pytorch-fid: pytorch-fid's "
-                                 "(default: %(default)s)")
-    fid_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                            help="where the Inception runs, e.g. cpu, cuda, cuda:1 (default: cuda when available, "
-                                 "else cpu)")
+    fid_parser.add_argument("--resize", choices=("tensorflow", "pytorch-fid"), default="tensorflow", help="tensorflow: "
+                            "TF FID / torch-fidelity numbers; pytorch-fid: pytorch-fid's (default: %(default)s)")
+    fid_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the "
+                            "Inception runs, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     fid_parser.add_argument("--batch-size", type=int, default=50,
                             help="images per Inception batch (default: %(default)s)")
-    fid_parser.add_argument("--weights", help="pt_inception-2015-12-05-6726825d.pth (default: "
-                                              "$WBFLOW_FID_WEIGHTS, then the torch hub cache)")
-    fid_parser.add_argument("--save-stats", action="store_true",
-                            help="write the first path's mu/sigma to the second path (.npz is appended when "
-                                 "missing) instead; an existing file is refused (default: off)")
+    fid_parser.add_argument("--weights", help=f"{FID_WEIGHTS_FILE} (default: ${FID_WEIGHTS_ENV}, then the torch "
+                                              "hub cache)")
+    fid_parser.add_argument("--save-stats", action="store_true", help="write the first path's mu/sigma to the "
+                            "second (.npz appended when missing) instead; refuses an existing file (default: off)")
     args = parser.parse_args(argv)
     target = args.path[1] if args.path[1].endswith(".npz") else args.path[1] + ".npz"  # what np.savez writes
+    options = dict(resize=args.resize, batch_size=args.batch_size, weights_path=args.weights)
     try:
         check_numbers({"--batch-size": args.batch_size})
         for path in args.path[:1] if args.save_stats else args.path:
@@ -2488,22 +2413,21 @@ def _command_line(argv=None):
             device = torch.device(args.device)
         except RuntimeError:
             raise ValueError(f"--device {args.device} is no torch device (e.g. cpu, cuda, cuda:1)") from None
-        if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices; "
                              f"pass --device cpu")
-        inception = load_fid_inception(args.weights, device)
         if args.save_stats:
-            features, _ = inception_features(args.path[0], inception, resize=args.resize,
-                                             batch_size=args.batch_size)
-            _save_npz(target, **dict(zip(("mu", "sigma"), feature_statistics(features))))
+            features, _ = inception_features(args.path[0], device=device, **options)
+            mu, sigma = feature_statistics(features)
+            write_atomically(target, lambda file: np.savez(file, mu=mu, sigma=sigma))
             print(f"saved the statistics of {len(features)} images to {target}")
             return None
-        value = fid(*args.path, resize=args.resize, batch_size=args.batch_size, inception=inception)
+        value = fid(*args.path, device=device, **options)
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"wbflow.py fid: {error}") from None
+        raise SystemExit(f"{fid_parser.prog}: {error}") from None
     print("FID: ", value)
     return value
 
 
 if __name__ == "__main__":
-    _command_line()
+    _command_line(prog="python -m wbflow" if __spec__ else "python wbflow.py")
