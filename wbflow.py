@@ -504,6 +504,12 @@ def _group_norm(channels):
     return nn.GroupNorm(groups, channels)
 
 
+def _zeroed(layer):  # a residual branch ending in it starts as the identity
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class _FlowResBlock(nn.Module):
     def __init__(self, in_channels, out_channels, embed_dim, dropout):
         super().__init__()
@@ -511,9 +517,7 @@ class _FlowResBlock(nn.Module):
                                        nn.Conv2d(in_channels, out_channels, 3, padding=1))
         self.embed = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, out_channels))
         self.out_layers = nn.Sequential(_group_norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        nn.init.zeros_(self.out_layers[-1].weight)  # each block starts as the identity
-        nn.init.zeros_(self.out_layers[-1].bias)
+                                        _zeroed(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x, embedding):
@@ -527,9 +531,7 @@ class _FlowAttention(nn.Module):
         self.heads = max(1, channels // head_channels)
         self.norm = _group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.proj = _zeroed(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x, embedding=None):
         batch, channels, height, width = x.shape
@@ -558,7 +560,7 @@ class FlowUNet(nn.Module):
     (128 channels, multipliers 1,2,2,2, two blocks per level, attention at 16x16 with 64-channel
     heads, dropout 0.1): about 35.7M parameters.
     Usage: model = FlowUNet(); velocity = model(x, torch.rand(x.shape[0]))
-    Copy with: _group_norm, _FlowResBlock, _FlowAttention, _FlowResample
+    Copy with: _group_norm, _zeroed, _FlowResBlock, _FlowAttention, _FlowResample
     """
 
     def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
@@ -597,9 +599,8 @@ class FlowUNet(nn.Module):
                     layers.append(_FlowResample(channels, up=True))
                     resolution *= 2
                 self.up.append(nn.ModuleList(layers))
-        self.output = nn.Sequential(_group_norm(channels), nn.SiLU(), nn.Conv2d(channels, in_channels, 3, padding=1))
-        nn.init.zeros_(self.output[-1].weight)
-        nn.init.zeros_(self.output[-1].bias)
+        self.output = nn.Sequential(_group_norm(channels), nn.SiLU(),
+                                    _zeroed(nn.Conv2d(channels, in_channels, 3, padding=1)))
 
     def forward(self, x, t):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
@@ -1270,9 +1271,7 @@ class _FIDInceptionA(torchvision.models.inception.InceptionA):
 class _FIDInceptionC(torchvision.models.inception.InceptionC):
     def forward(self, x):
         branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        branch7x7dbl = x
-        for index in range(1, 6):
-            branch7x7dbl = getattr(self, f"branch7x7dbl_{index}")(branch7x7dbl)
+        branch7x7dbl = nn.Sequential(*(getattr(self, f"branch7x7dbl_{index}") for index in range(1, 6)))(x)
         return torch.cat([self.branch1x1(x), branch7x7, branch7x7dbl, self.branch_pool(_avg_pool_valid_only(x))], 1)
 
 
@@ -1456,8 +1455,7 @@ def inception_features(images, inception=None, *, resize="tensorflow", batch_siz
       _image_batches, _folder_batches, load_checkpoint
     """
     from tqdm.auto import tqdm
-    if inception is None:
-        inception = load_fid_inception(weights_path, device)
+    inception = inception or load_fid_inception(weights_path, device)
     model_device = next(inception.parameters()).device
     outputs = []
     batches = tqdm(_image_batches(images, batch_size, num_images), desc="Inception", unit="batch", leave=False,
@@ -1488,10 +1486,7 @@ def feature_statistics(features):
     features = torch.as_tensor(features).double()
     if features.shape[0] < 2:
         raise ValueError(f"FID needs at least two images per side to estimate a covariance, got {features.shape[0]}")
-    mu = features.mean(dim=0)
-    centered = features - mu
-    sigma = centered.T @ centered / (features.shape[0] - 1)
-    return mu.numpy(), sigma.numpy()
+    return features.mean(dim=0).numpy(), torch.cov(features.T).numpy()
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
