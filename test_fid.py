@@ -327,8 +327,9 @@ def test_loading_the_inception_draws_nothing_from_the_global_generator(weights_p
 def test_fid_during_training_is_logged_per_epoch_and_leaves_training_unchanged(offline_wandb, weights_path, tmp_path,
                                                                                monkeypatch):
     monkeypatch.setenv("WBFLOW_FID_WEIGHTS", weights_path)
-    common = ["--smoke", "--epochs", "2", *SMALL, "--set", "sampling.nfe=2", "--set", "sampling.table_nfes=[1]",
-              "--set", "training.sample_interval=5", "--set", "logging.log_images_interval=5"]
+    common = ["--smoke", "--epochs", "2", *SMALL, "--set", "data.max_images=16", "--set", "training.batch_size=8",
+              "--set", "sampling.nfe=2", "--set", "sampling.table_nfes=[1]", "--set", "training.sample_interval=5",
+              "--set", "logging.log_images_interval=5"]
     train_flow.main(common + ["--out-dir", str(tmp_path / "without")])
     train_flow.main(common + ["--out-dir", str(tmp_path / "with"), "--set", "eval.fid_interval=1",
                               "--set", "eval.fid_num_samples=6", "--set", "eval.inception_batch_size=6"])
@@ -338,7 +339,7 @@ def test_fid_during_training_is_logged_per_epoch_and_leaves_training_unchanged(o
     rows = with_fid.rows_with("eval/fid_score")
     assert [row["train/epoch"] for row in rows] == [1, 2]
     assert all(math.isfinite(row["eval/fid_score"]) and row["eval/inception_score_mean"] >= 1 for row in rows)
-    assert len(list((tmp_path / "with" / "fid_stats").glob("synthetic-64-tensorflow-*.npz"))) == 1
+    assert len(list((tmp_path / "with" / "fid_stats").glob("synthetic-16-tensorflow-*.npz"))) == 1
 
 
 def test_fid_during_training_without_weights_stops_before_training(tmp_path, monkeypatch):
