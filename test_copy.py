@@ -608,6 +608,12 @@ def _(resume_command, tmp_path, fixture):
         "torchrun --standalone --nproc_per_node=2 train.py --epochs 3 --resume 'b b.pt'"
 
 
+@call("wandb_resume_plan")
+def _(wandb_resume_plan, tmp_path, fixture):
+    assert wandb_resume_plan("abc", True, 7, "last.pt")[:2] == ("abc", None)
+    assert wandb_resume_plan("abc", False, 7, "e.pt")[:2] == (None, {"run_id": "abc", "step": 7, "checkpoint": "e.pt"})
+
+
 @call("fetch_checkpoint")
 def _(fetch_checkpoint, tmp_path, fixture):
     path = wbflow.save_checkpoint({"a": 1}, tmp_path / "c.pt")

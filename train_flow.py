@@ -8,9 +8,8 @@
   python train_flow.py --eval --checkpoint runs/flow/checkpoint_epoch_1020.pt --num-samples 10000 \
       --metric both --solver euler --nfe 100 --use-wandb --wandb-project flow_matching_cifar10_eval
 
-Recipe: config -> data, model, optimiser -> each epoch: wbflow.train_epoch on the rectified-flow loss, last.pt,
-the epoch's end (FID, EMA sample grid, solver table rows), its W&B row, checkpoints and artifact -> (--eval) FID
-and Inception Score of a checkpoint.
+Recipe: config -> data, model, optimiser -> each epoch: train_epoch, last.pt, its end (FID, grid, solver table),
+its W&B row, checkpoints, artifact -> (--eval) FID and Inception Score of a checkpoint.
 """
 import argparse
 import math
@@ -33,18 +32,16 @@ SMOKE_OVERRIDES = [
     "logging.log_model_interval=1", "sampling.num_images=16", "sampling.nfe=10", "sampling.table_nfes=[1, 2, 4]",
     "sampling.rk45_tolerance=1.0e-3", "eval.sample_batch_size=16", "eval.inception_batch_size=10",
     "eval.fid_interval=0"]
-# What a run carries from epoch to epoch, as it starts; every checkpoint holds it and --resume goes on from it.
-# ended: `epoch`'s end is done (else a resume does it, whole); train_state: a stopped epoch's place and sums;
-# epoch_row: the epoch's last W&B row, which waits for the epoch's end to be logged with it.
+# What every checkpoint carries on. ended: the epoch's end is done; train_state: a stopped epoch's place and sums;
+# epoch_row: the epoch's last W&B row, logged with the epoch's end.
 PROGRESS = {"epoch": 0, "ended": True, "train_state": None, "epoch_row": None, "global_step": 0, "skipped_steps": 0,
             "epoch_loss": None, "best_loss": None, "best_epoch": None, "best_checkpoint": None, "last_fid": None,
             "table_rows": []}
 RESUME_KEYS = ("model", "ema", "optimizer", "scheduler", "scaler", *PROGRESS, "rng", "config", "wandb_run_id",
                "wandb_last_act")
-# settings a resume must keep: another value would make the run's W&B config lie, or the resume inexact
+# settings a resume must keep (else the W&B config lies, or the resume is inexact)
 RESUME_FIXED = {"training": ("batch_size", "learning_rate", "warmup_steps", "gradient_clip", "ema_decay", "seed"),
                 "data": ("max_images",), "sampling": ("num_images", "seed")}
-# settings that must be above 0, or not below 0, checked before any data is read
 POSITIVE = {"training": ("epochs", "batch_size", "learning_rate", "log_interval", "save_interval", "sample_interval"),
             "logging": ("log_images_interval", "log_model_interval"), "sampling": ("num_images", "nfe", "rk45_tolerance"),
             "eval": ("sample_batch_size", "inception_batch_size", "fid_num_samples")}
@@ -143,18 +140,16 @@ def main(argv=None):
                         device=torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
 
 
-def settings(config, names):
-    """{"section.key": value} of the config for `names` ({section: keys})."""
+def settings(config, names):  # {"section.key": value} for names {section: keys}
     return {f"{section}.{key}": config[section][key] for section, keys in names.items() for key in keys}
 
 
 def check_fid_weights(weights, fid_interval=None):
-    """The FID Inception weights file (found, or downloaded into the torch hub cache), else a one-line ValueError
-    saying where to put it and, for FID during training (every fid_interval epochs), how to go on without."""
+    """The FID Inception weights file, else a one-line ValueError saying where to put it (or how to train without)."""
     try:
         return wbflow.fid_weights_path(weights)
     except FileNotFoundError:
-        hub_path = Path(torch.hub.get_dir()) / "checkpoints" / wbflow.FID_WEIGHTS_FILE  # where they are looked for
+        hub_path = Path(torch.hub.get_dir()) / "checkpoints" / wbflow.FID_WEIGHTS_FILE
         given = weights or os.environ.get(wbflow.FID_WEIGHTS_ENV)
         needs = f"FID every {fid_interval} epochs (eval.fid_interval)" if fid_interval else "--eval"
         found = f"{given} does not exist" if given else "they could not be downloaded"
@@ -168,7 +163,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     rank, world_size, device = wbflow.setup_distributed()
     config["world_size"] = world_size  # in W&B and in checkpoints: a resume needs the same number of ranks
     device = torch.device("cpu") if smoke else device
-    say = print if rank == 0 else (lambda *_, **__: None)  # rank 0 alone prints, logs to W&B, writes checkpoints
+    say = print if rank == 0 else (lambda *_, **__: None)  # rank 0 alone prints, logs, saves
     out_dir = Path(data["out_dir"])
     torch.manual_seed(training["seed"] + rank)
     images_uint8 = load_images(data, training["seed"], synthetic, say)
@@ -179,7 +174,6 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     if len(loader) == 0:
         raise SystemExit(f"train_flow.py: {len(images_uint8)} images make no batch of {loader.batch_size} per rank")
 
-    # Model, EMA, optimiser, warm-up schedule; AMP as wbflow decides: bf16 on CUDA (fp16 + scaler without bf16).
     model = wbflow.FlowUNet(**config["model"]).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -201,7 +195,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
         train_model = torch.compile(train_model)
     statistics = fid_statistics(images_uint8, config, device, synthetic) if config["eval"]["fid_interval"] else None
 
-    def checkpoint(last_act=False):  # what a resume needs; every rank takes part in gathering the RNG states
+    def checkpoint(last_act=False):  # every rank takes part in gathering the RNG states
         return {**{name: part.state_dict() for name, part in parts.items()}, **progress, "config": config,
                 "rng": wbflow.gather_from_ranks(wbflow.capture_rng_state()), "wandb_run_id": run_id,
                 "wandb_last_act": last_act, "driver": "train_flow"}
@@ -245,7 +239,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
 
 
 def load_images(data, seed, synthetic, say):
-    """The training images as one uint8 tensor, the same count on every rank (rank 0 downloads CIFAR-10 first)."""
+    """The training images as one uint8 tensor, the same count on every rank (rank 0 downloads first)."""
     rank, world_size = wbflow.rank_and_world_size()
     if synthetic:
         images_uint8 = wbflow.synthetic_images(data["max_images"], seed=seed)
@@ -263,8 +257,7 @@ def load_images(data, seed, synthetic, say):
 
 
 def load_resume(resume, config, parts, device, say):
-    """Load --resume into `parts` and this rank's RNG, once it fits this run's settings; returns the progress to
-    go on from, the W&B run id to continue (None: a new run) and the new run's `resumed_from`."""
+    """Load --resume into `parts` and this rank's RNG once it fits; (progress, W&B run id or None, resumed_from)."""
     logging, (rank, world_size) = config["logging"], wbflow.rank_and_world_size()
     path = wbflow.fetch_checkpoint(resume, project=logging["project_name"], entity=logging["entity"])
     with wbflow.exit_on_error(f"train_flow.py: --resume {resume}", (ValueError,)):
@@ -281,23 +274,21 @@ def load_resume(resume, config, parts, device, say):
         if state[name]:  # the scaler's is empty when saved without fp16 (bf16 or CPU)
             part.load_state_dict(state[name])
     wbflow.restore_rng_state(state["rng"][rank])
-    progress, run_id, step = {key: state[key] for key in PROGRESS}, state["wandb_run_id"], state["global_step"]
     place = (f"batch {state['train_state']['batches']}" if state["train_state"] else
              "before its end" if not state["ended"] else "after its end")
-    say(f"resumed from {resume} at epoch {state['epoch']} ({place}), step {step}")
+    say(f"resumed from {resume} at epoch {state['epoch']} ({place}), step {state['global_step']}")
+    progress = {key: state[key] for key in PROGRESS}
     if not logging["use_wandb"]:  # the run id stays in the checkpoints, for a resume with W&B
-        return progress, run_id, None
-    if state["wandb_last_act"] and run_id:  # a stop, or the run's end: the run logged nothing after this
-        say(f"W&B: continuing run {run_id} from step {step}")
-        return progress, run_id, None
-    why = f"run {run_id} may have logged past this checkpoint" if run_id else "the run it came from logged no W&B"
-    say(f"W&B: a new run (config resumed_from: run {run_id}, step {step}), since {why}")
-    return progress, None, {"run_id": run_id, "step": step, "checkpoint": str(path)}
+        return progress, state["wandb_run_id"], None
+    run_id, resumed_from, plan = wbflow.wandb_resume_plan(state["wandb_run_id"], state["wandb_last_act"],
+                                                          state["global_step"], path)
+    say(f"W&B: {plan}")
+    return progress, run_id, resumed_from
 
 
 def train_one_epoch(epoch, train_model, parts, loader, progress, run, stop, training):
-    """Train `epoch` (on from its stopped place, when progress holds one) and log its windows but the last: that
-    row waits in progress["epoch_row"] for the epoch's loss and end, to be logged whole when the end is done."""
+    """Train `epoch` (on from its stopped place) and log its windows but the last, which waits in
+    progress["epoch_row"] for the epoch's loss and end."""
     logged = []
 
     def log_window(step, window):
@@ -341,10 +332,8 @@ def fid_statistics(images_uint8, config, device, synthetic):
 
 
 def epoch_end(epoch, ema_module, statistics, config, stop, *, amp_dtype):
-    """`epoch`'s FID and Inception Score, EMA sample grid (also a PNG) and solver table rows, as their intervals
-    make them due; rank 0 alone draws the grid and the table. It logs nothing and draws from no global RNG, so an
-    end cut short is done again, whole. None, on every rank, when a stop request came first: every rank stops at
-    the same FID sampling batch, rank 0 also before the grid and between the table's rows."""
+    """`epoch`'s due FID and IS, EMA grid (rank 0, also a PNG) and table rows (rank 0). It logs nothing and draws
+    from no global RNG, so an end cut short is done again, whole: None on every rank when a stop came first."""
     training, logging, evaluation, sampling = (config[key] for key in ("training", "logging", "eval", "sampling"))
     (rank, world_size), device = wbflow.rank_and_world_size(), next(ema_module.parameters()).device
     out_dir, solver, nfe, tolerance = (Path(config["data"]["out_dir"]), sampling["solver"], sampling["nfe"],
@@ -377,8 +366,8 @@ def epoch_end(epoch, ema_module, statistics, config, stop, *, amp_dtype):
 
 
 def save_epoch(epoch, end, progress, run, config, checkpoint):
-    """Log `epoch`'s row whole (its last window, loss, speed, FID and grid; after the last epoch the samples table),
-    then write last.pt and, when due, checkpoint_epoch_N.pt, a version of the run's model artifact."""
+    """Log `epoch`'s row whole (after the last epoch also the samples table), then write last.pt and, when due,
+    checkpoint_epoch_N.pt, a version of the run's model artifact."""
     training, logging, out_dir = config["training"], config["logging"], Path(config["data"]["out_dir"])
     step, loss, last = progress["global_step"], progress["epoch_loss"], epoch == training["epochs"]
     saved = epoch % training["save_interval"] == 0 or epoch % logging["log_model_interval"] == 0 or last
@@ -411,7 +400,6 @@ def save_epoch(epoch, end, progress, run, config, checkpoint):
 
 
 def headline(out_dir, progress):
-    """The run's result in two lines: the best epoch loss, the last FID, where the checkpoints are."""
     best, fid, lowest = progress["best_loss"], progress["last_fid"], progress["best_checkpoint"]
     best = f"best epoch loss {best:.4f} (epoch {progress['best_epoch']})" if best is not None else "no finite epoch loss"
     fid = f", last FID {fid['fid']:.2f} (epoch {fid['epoch']}, {fid['samples']} samples)" if fid else ""
@@ -420,8 +408,7 @@ def headline(out_dir, progress):
 
 
 def scores(samples_uint8, inception, statistics=None, *, inception_score=True, batch_size, progress=False):
-    """eval/fid_score against `statistics` (when given) and eval/inception_score_*, from one Inception pass over
-    the samples (features for FID, logits for IS; gathered over the ranks)."""
+    """eval/fid_score (against `statistics`, when given) and eval/inception_score_*, from one Inception pass."""
     features, logits = wbflow.inception_features(samples_uint8, inception, batch_size=batch_size, progress=progress)
     metrics = {} if statistics is None else {"eval/fid_score": wbflow.fid(statistics, features)}
     if inception_score:
@@ -431,32 +418,25 @@ def scores(samples_uint8, inception, statistics=None, *, inception_score=True, b
 
 
 def solver_rows(model, noise, epoch, out_dir, sampling, *, dtype, stop):
-    """This epoch's rows of eval/samples_table (None when stop() cut them short); each grid goes to a PNG that
-    the table reads at the end, named relative to out_dir, so the rows in a checkpoint survive moving the folder."""
+    """This epoch's rows of eval/samples_table (None when stop() cut them short), their grids in PNGs named
+    relative to out_dir, so the rows in a checkpoint survive moving the folder."""
     compared = wbflow.compare_solvers(model, noise, solvers=sampling["table_solvers"], nfes=sampling["table_nfes"],
                                       tolerance=sampling["rk45_tolerance"], dtype=dtype, stop=stop)
-    if compared is None:
-        return None
-    rows = []
-    for row in compared:
-        name = f"epoch_{epoch:04d}_{row['solver']}_nfe{row['nfe']:03d}.png"
-        path = wbflow.save_png(wbflow.sample_grid(row["images"]), out_dir / "samples" / name)
-        rows.append({**{key: row[key] for key in ("solver", "nfe", "seconds")}, "epoch": epoch,
-                     "samples": str(path.relative_to(out_dir))})
-    return rows
+    return None if compared is None else [
+        {**{key: row[key] for key in ("solver", "nfe", "seconds")}, "epoch": epoch, "samples": str(wbflow.save_png(
+            wbflow.sample_grid(row["images"]), out_dir / "samples" / f"epoch_{epoch:04d}_{row['solver']}_nfe"
+            f"{row['nfe']:03d}.png").relative_to(out_dir))} for row in compared]
 
 
-def cifar10_train_batches(data_dir, batch_size):
-    """CIFAR-10 training images in batches, read only when the FID statistics are not cached yet."""
+def cifar10_train_batches(data_dir, batch_size):  # read only when the FID statistics are not cached
     images_uint8, _ = wbflow.load_cifar10(data_dir)
     yield from images_uint8.split(batch_size)
 
 
 def evaluate(checkpoint, config, *, num_samples, metric, use_wandb, project, device):
-    """--eval: FID and/or Inception Score of `checkpoint`'s EMA model with config's sampling solver and NFE, logged
-    to a W&B run of its own in `project` (a model artifact is looked up in logging.project_name, the training's)."""
+    """--eval: FID and/or IS of `checkpoint`'s EMA model (sampling.solver, .nfe), logged to a run in `project`."""
     data, sampling, evaluation, logging = (config[key] for key in ("data", "sampling", "eval", "logging"))
-    # Everything the scores need is checked first: sampling can take hours.
+    # everything the scores need is checked first: sampling can take hours
     path = wbflow.fetch_checkpoint(checkpoint, project=logging["project_name"], entity=logging["entity"])
     with wbflow.exit_on_error(f"train_flow.py: --checkpoint {checkpoint}", (ValueError,)):
         state = wbflow.load_checkpoint(path, map_location=device)
@@ -470,8 +450,7 @@ def evaluate(checkpoint, config, *, num_samples, metric, use_wandb, project, dev
     if metric != "is" and not (Path(statistics_dir) / f"{name}-tensorflow-{weights_hash}.npz").is_file():
         wbflow.load_cifar10(data["data_dir"])  # downloads when absent, else says which archive to put where
 
-    # Samples from the EMA weights, with the same seeded noise every time. SIGTERM or Ctrl-C stops between
-    # sampling batches or after the Inception pass; a second one at once. Nothing is saved until the end.
+    # seeded noise; SIGTERM or Ctrl-C stops between sampling batches or after the Inception pass, saving nothing
     ema_model = wbflow.make_ema(wbflow.FlowUNet(**state["config"]["model"]).to(device))
     ema_model.load_state_dict(state["ema"])
     try:

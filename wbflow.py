@@ -17,7 +17,8 @@ Sections, in data-flow order:
   images & W&B      wandb_run, flush_run, watch_model, log_model_graph, log_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
   checkpoints       write_atomically, save_checkpoint, load_checkpoint, prepare_out_dir,
-                    rotate_checkpoints, save_best, check_checkpoint, resume_command, fetch_checkpoint
+                    rotate_checkpoints, save_best, check_checkpoint, resume_command, wandb_resume_plan,
+                    fetch_checkpoint
   config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, exit_on_error
   command line      python wbflow.py fid DIR_OR_NPZ DIR_OR_NPZ [--resize pytorch-fid] (pytorch-fid's CLI)
 
@@ -2287,6 +2288,21 @@ def resume_command(script, argv, checkpoint, world_size=1):
              if flag != "--resume" and not flag.startswith("--resume=") and argv[index - 1:index] != ["--resume"]]
     launcher = ["torchrun", "--standalone", f"--nproc_per_node={world_size}"] if world_size > 1 else ["python"]
     return shlex.join([*launcher, Path(script).name, *flags, "--resume", str(checkpoint)])
+
+
+def wandb_resume_plan(run_id, last_act, step, checkpoint):
+    """How a run resumed from `checkpoint` (at `step`, of W&B run `run_id` or None) goes on in W&B:
+    (run id to continue or None, a new run's config["resumed_from"] or None, a line saying which). Only
+    a checkpoint written as the run's last act (a stop, or its end) continues the run: after any other
+    the run may have logged past it, and W&B would drop those steps.
+
+    Usage: run_id, resumed_from, plan = wandb_resume_plan(state["wandb_run_id"], True, 700, "out/last.pt")
+    """
+    if last_act and run_id:
+        return run_id, None, f"continuing run {run_id} from step {step}"
+    why = f"run {run_id} may have logged past this checkpoint" if run_id else "the run it came from logged no W&B"
+    return None, {"run_id": run_id, "step": step, "checkpoint": str(checkpoint)}, (
+        f"a new run (config resumed_from: run {run_id}, step {step}), since {why}")
 
 
 def fetch_checkpoint(reference, *, project=None, entity=None, root=None):
