@@ -229,6 +229,11 @@ def _(rectified_flow_loss, tmp_path, fixture):
     assert rectified_flow_loss(ConstantVelocity(), torch.randn(4, 2)) > 0
 
 
+@call("ot_pairs")
+def _(ot_pairs, tmp_path, fixture):
+    assert ot_pairs(torch.tensor([[5.0], [0.0]]), torch.tensor([[0.1], [4.9]])).tolist() == [[0.0], [5.0]]
+
+
 @call("focal_loss")
 def _(focal_loss, tmp_path, fixture):
     logits, targets = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
@@ -387,6 +392,31 @@ def _(compare_solvers, tmp_path, fixture):
 
 # ----------------------------------------------------------------------------- metrics
 
+@call("straightness")
+def _(straightness, tmp_path, fixture):
+    assert straightness(ConstantVelocity(), torch.randn(2, 3), steps=4) == 0
+
+
+@call("generate_reflow_pairs")
+def _(generate_reflow_pairs, tmp_path, fixture):
+    [path] = generate_reflow_pairs(lambda noise: wbflow.images_to_uint8(noise), tmp_path, 2, shape=(3,))
+    assert wbflow.load_checkpoint(path)["images_uint8"].shape == (2, 3)
+
+
+@call("load_reflow_pairs")
+def _(load_reflow_pairs, tmp_path, fixture):
+    wbflow.save_checkpoint({"first": 0, "count": 2, "seed": 5, "images_uint8": torch.zeros(2, 3, dtype=torch.uint8)},
+                           tmp_path / "pairs_00000.pt")
+    images_uint8, seed = load_reflow_pairs(tmp_path, 2)
+    assert images_uint8.shape == (2, 3) and seed == 5
+
+
+@call("ReflowPairLoader")
+def _(ReflowPairLoader, tmp_path, fixture):
+    [batch] = list(ReflowPairLoader(torch.full((2, 3), 255, dtype=torch.uint8), 0, 2))
+    assert batch["data"].tolist() == [[1.0] * 3] * 2 and batch["noise"].shape == (2, 3)
+
+
 @call("per_class_precision_recall")
 def _(per_class_precision_recall, tmp_path, fixture):
     assert per_class_precision_recall([0, 1, 1], [0, 1, 0], 2) == ([0.5, 1.0], [1.0, 0.5], [1, 2])
@@ -513,6 +543,16 @@ def _(log_artifact, tmp_path, fixture):
         log_artifact(run, path, "model-x", aliases=("latest", "epoch-1"))
     [log] = run_logs(fixture("offline_wandb"))
     assert [(a["name"], sorted(a["aliases"])) for a in log.artifacts] == [("model-x", ["epoch-1", "latest"])]
+
+
+@call("use_artifact")
+def _(use_artifact, tmp_path, fixture):
+    from conftest import run_logs
+    path = wbflow.save_checkpoint({"w": torch.ones(1)}, tmp_path / "c.pt")
+    with offline_run(fixture) as run:
+        use_artifact(run, path, "model-x")
+    [log] = run_logs(fixture("offline_wandb"))
+    assert [(a["name"], a["used"]) for a in log.artifacts] == [("model-x", True)]
 
 
 @call("images_to_uint8")

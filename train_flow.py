@@ -5,6 +5,7 @@
   python train_flow.py --smoke                                 # the whole workflow on CPU, offline, < 2 min
   python train_flow.py --epochs 10 --batch-size 256 --set training.gradient_clip=0.5 --no-wandb
   python train_flow.py --resume runs/flow/checkpoint_epoch_10.pt         # or --resume model-<run id>:latest
+  python train_flow.py --reflow runs/flow/checkpoint_epoch_1020.pt       # 2-rectified flow from that teacher
   python train_flow.py --eval --checkpoint runs/flow/checkpoint_epoch_1020.pt --num-samples 10000 \
       --metric both --solver euler --nfe 100 --use-wandb --wandb-project flow_matching_cifar10_eval
 
@@ -12,6 +13,7 @@ Recipe: config -> data, model, optimiser -> each epoch: train_epoch, last.pt, it
 its W&B row, checkpoints, artifact -> (--eval) FID and Inception Score of a checkpoint.
 """
 import argparse
+import functools
 import math
 import os
 import signal
@@ -31,7 +33,7 @@ SMOKE_OVERRIDES = [
     "training.save_interval=1", "training.sample_interval=1", "logging.log_images_interval=1",
     "logging.log_model_interval=1", "sampling.num_images=16", "sampling.nfe=10", "sampling.table_nfes=[1, 2, 4]",
     "sampling.rk45_tolerance=1.0e-3", "eval.sample_batch_size=16", "eval.inception_batch_size=10",
-    "eval.fid_interval=0"]
+    "eval.fid_interval=0", "reflow.num_pairs=64", "reflow.shard_size=32", "reflow.nfe=4"]
 # What every checkpoint carries on. ended: the epoch's end is done; train_state: a stopped epoch's place and sums;
 # epoch_row: the epoch's last W&B row, logged with the epoch's end.
 PROGRESS = {"epoch": 0, "ended": True, "train_state": None, "epoch_row": None, "global_step": 0, "skipped_steps": 0,
@@ -44,9 +46,10 @@ RESUME_FIXED = {"training": ("batch_size", "learning_rate", "warmup_steps", "gra
                 "data": ("max_images",), "sampling": ("num_images", "seed")}
 POSITIVE = {"training": ("epochs", "batch_size", "learning_rate", "log_interval", "save_interval", "sample_interval"),
             "logging": ("log_images_interval", "log_model_interval"), "sampling": ("num_images", "nfe", "rk45_tolerance"),
-            "eval": ("sample_batch_size", "inception_batch_size", "fid_num_samples")}
+            "eval": ("sample_batch_size", "inception_batch_size", "fid_num_samples"),
+            "reflow": ("num_pairs", "shard_size", "nfe")}
 NOT_NEGATIVE = {"training": ("warmup_steps", "gradient_clip", "keep_checkpoints"), "eval": ("fid_interval",)}
-SOLVERS = ("euler", "heun", "rk45")
+SOLVERS, COUPLINGS = ("euler", "heun", "rk45"), ("independent", "ot")
 DEFAULT_CONFIG = HERE / "configs" / "cifar10_rectified_flow.yaml"
 
 
@@ -71,6 +74,8 @@ def parse_args(argv=None):
                                              "W&B offline, --out-dir runs/flow-smoke (default: off)")
     add("--resume", metavar="PATH|ARTIFACT",
         help="checkpoint file or W&B model artifact of the run to continue (default: none)")
+    add("--reflow", metavar="PATH|ARTIFACT", help="train a 2-rectified flow on pairs of this teacher checkpoint "
+                                                 "(reflow.*), in --out-dir + '-reflow' (default: none)")
     add = parser.add_argument_group("evaluation (--eval)").add_argument
     add("--eval", action="store_true", help="FID / Inception Score of --checkpoint (default: off)")
     add("--checkpoint", metavar="PATH|ARTIFACT", help="what --eval samples from (default: none)")
@@ -93,6 +98,8 @@ def load_config(args):
         raise SystemExit(f"train_flow.py: {error.args[0] if isinstance(error, KeyError) else error}") from None
     for key in ("data_dir", "out_dir"):  # paths are set as given, not parsed as YAML
         config["data"][key] = getattr(args, key) or config["data"][key]
+    if args.reflow and not args.out_dir:  # the teacher's folder holds its checkpoints
+        config["data"]["out_dir"] += "-reflow"
     if args.no_wandb:
         config["logging"]["use_wandb"] = False
     return config
@@ -114,7 +121,11 @@ def main(argv=None):
         (fid_during_training and evaluation["fid_num_samples"] < max(2, world_size),
          f"eval.fid_num_samples is {evaluation['fid_num_samples']}: FID needs at least two samples, and one per rank"),
         *[(reference and os.path.isdir(reference), f"{flag} {reference} is a folder, not a checkpoint file")
-          for flag, reference in (("--resume", args.resume), ("--checkpoint", args.checkpoint))],
+          for flag, reference in (("--resume", args.resume), ("--checkpoint", args.checkpoint), ("--reflow", args.reflow))],
+        (training["coupling"] not in COUPLINGS, f"training.coupling is {training['coupling']!r}; choose from "
+                                                f"{', '.join(COUPLINGS)}"),
+        (config["reflow"]["solver"] not in SOLVERS,
+         f"unknown solver {config['reflow']['solver']!r} in reflow.solver; choose from {', '.join(SOLVERS)}"),
         *[(solver not in SOLVERS, f"unknown solver {solver!r} in sampling.solver / sampling.table_solvers; "
                                   f"choose from {', '.join(SOLVERS)}") for solver in [sampling["solver"], *sampling["table_solvers"]]],
         (args.eval and not args.checkpoint, "--eval needs --checkpoint PATH|ARTIFACT")]
@@ -133,7 +144,7 @@ def main(argv=None):
     with wbflow.exit_on_error("train_flow.py"):  # missing data, checkpoint or weights; a full disk
         if not args.eval:
             return train(config, argv, resume=args.resume, smoke=args.smoke, synthetic=args.smoke and not args.data_dir,
-                         earlier_run=earlier_run)
+                         earlier_run=earlier_run, teacher=args.reflow)
         sampling.update(solver=args.solver or sampling["solver"], nfe=args.nfe or sampling["nfe"])
         return evaluate(args.checkpoint, config, num_samples=args.num_samples, metric=args.metric,
                         use_wandb=args.use_wandb, project=args.wandb_project or f"{config['logging']['project_name']}_eval",
@@ -158,7 +169,7 @@ def check_fid_weights(weights, fid_interval=None):
                          f"to {hub_path}, or anywhere and pass --set eval.fid_weights=PATH{without}") from None
 
 
-def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=()):
+def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=(), teacher=None):
     data, training, logging = config["data"], config["training"], config["logging"]
     rank, world_size, device = wbflow.setup_distributed()
     config["world_size"] = world_size  # in W&B and in checkpoints: a resume needs the same number of ranks
@@ -168,11 +179,6 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     torch.manual_seed(training["seed"] + rank)
     images_uint8 = load_images(data, training["seed"], synthetic, say)
     channels_last = training["channels_last"] and device.type == "cuda"
-    loader = wbflow.DeviceImageLoader(images_uint8, training["batch_size"] // world_size, device=device,
-                                      seed=training["seed"], rank=rank, world_size=world_size,
-                                      channels_last=channels_last)
-    if len(loader) == 0:
-        raise SystemExit(f"train_flow.py: {len(images_uint8)} images make no batch of {loader.batch_size} per rank")
 
     model = wbflow.FlowUNet(**config["model"]).to(device)
     if channels_last:
@@ -184,6 +190,17 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
              "scaler": wbflow.make_scaler(device)}
     amp_dtype = wbflow.autocast_dtype(device)
     say(f"FlowUNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} x {device}")
+    if teacher:  # its pairs, and a new student starts from its EMA weights
+        config["reflow"]["teacher"] = str(teacher)
+        pairs, dataset = reflow_pairs(teacher, config, parts, amp_dtype, initialise=not resume)
+    loader = (wbflow.ReflowPairLoader(*pairs, training["batch_size"] // world_size, device=device,
+                                      seed=training["seed"], rank=rank, world_size=world_size) if teacher else
+              wbflow.DeviceImageLoader(images_uint8, training["batch_size"] // world_size, device=device,
+                                       seed=training["seed"], rank=rank, world_size=world_size,
+                                       channels_last=channels_last))
+    if len(loader) == 0:
+        raise SystemExit(f"train_flow.py: {len(pairs[0]) if teacher else len(images_uint8)} "
+                         f"{'pairs' if teacher else 'images'} make no batch of {loader.batch_size} per rank")
     progress, run_id, resumed_from = dict(PROGRESS), None, None
     if resume:
         progress, run_id, resumed_from = load_resume(resume, config, parts, device, say)
@@ -216,6 +233,9 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
         run.define_metric("train/images_per_second", step_metric="train/epoch")
         run.define_metric("eval/fid_score", step_metric="train/epoch", summary="min")
         run.define_metric("eval/inception_score_*", step_metric="train/epoch")
+        run.define_metric("eval/straightness", step_metric="train/epoch", summary="min")
+        if teacher:  # lineage: teacher model -> pairs -> this model
+            wbflow.use_artifact(run, *dataset, type="dataset")
         for path in earlier_run if rank == 0 else ():  # --overwrite: every check has passed, so they go now
             path.unlink(missing_ok=True)
         for epoch in range(progress["epoch"] + progress["ended"], training["epochs"] + 1):
@@ -303,7 +323,8 @@ def train_one_epoch(epoch, train_model, parts, loader, progress, run, stop, trai
 
     resume = progress["train_state"]
     loader.set_epoch(epoch, skip_batches=resume["batches"] if resume else 0)
-    stats = wbflow.train_epoch(train_model, loader, parts["optimizer"], wbflow.rectified_flow_loss, resume=resume,
+    loss_fn = functools.partial(wbflow.rectified_flow_loss, coupling=training["coupling"])
+    stats = wbflow.train_epoch(train_model, loader, parts["optimizer"], loss_fn, resume=resume,
                                scheduler=parts["scheduler"], ema_model=parts["ema"], grad_clip=training["gradient_clip"],
                                scaler=parts["scaler"], step=progress["global_step"], epoch=epoch, stop=stop,
                                log_every=training["log_interval"], on_log=log_window,
@@ -338,7 +359,7 @@ def epoch_end(epoch, ema_module, statistics, config, stop, *, amp_dtype):
     (rank, world_size), device = wbflow.rank_and_world_size(), next(ema_module.parameters()).device
     out_dir, solver, nfe, tolerance = (Path(config["data"]["out_dir"]), sampling["solver"], sampling["nfe"],
                                        sampling["rk45_tolerance"])
-    end, stopped = {"scores": {}, "grid": None, "rows": []}, False
+    end, stopped = {"scores": {}, "straightness": {}, "grid": None, "rows": []}, False
     if evaluation["fid_interval"] and epoch % evaluation["fid_interval"] == 0:
         count = evaluation["fid_num_samples"]
         samples_uint8, _ = wbflow.sample_images(  # as many batches, so as many stop checks, on every rank
@@ -360,7 +381,10 @@ def epoch_end(epoch, ema_module, statistics, config, stop, *, amp_dtype):
             end["grid"], end["caption"] = wbflow.sample_grid(samples), f"epoch {epoch}, EMA, {solver} NFE {used}"
             wbflow.save_png(end["grid"], out_dir / "samples" / f"epoch_{epoch:04d}.png")
     if rank == 0 and not stopped and (epoch % training["sample_interval"] == 0 or epoch == training["epochs"]):
-        end["rows"] = solver_rows(ema_module, noise, epoch, out_dir, sampling, dtype=amp_dtype, stop=stop.is_set)
+        straight = wbflow.straightness(ema_module, noise, sampling["nfe"], dtype=amp_dtype)
+        end["straightness"] = {"eval/straightness": straight}
+        end["rows"] = solver_rows(ema_module, noise, epoch, out_dir, sampling, straight, dtype=amp_dtype,
+                                  stop=stop.is_set)
         stopped = end["rows"] is None
     return None if wbflow.gather_from_ranks(stopped)[0] else end  # rank 0's account
 
@@ -377,7 +401,7 @@ def save_epoch(epoch, end, progress, run, config, checkpoint):
     if end["scores"]:
         progress["last_fid"] = {"epoch": epoch, "fid": end["scores"]["eval/fid_score"],
                                 "samples": config["eval"]["fid_num_samples"]}
-    run.log({**progress["epoch_row"], **end["scores"]}, step=step)
+    run.log({**progress["epoch_row"], **end["scores"], **end.get("straightness", {})}, step=step)
     if end["grid"] is not None:
         wbflow.log_image_grid(run, "eval/generated_samples", end["grid"], step=step, caption=end["caption"])
     progress.update(ended=True, epoch_row=None, table_rows=progress["table_rows"] + end["rows"])
@@ -417,15 +441,59 @@ def scores(samples_uint8, inception, statistics=None, *, inception_score=True, b
     return metrics
 
 
-def solver_rows(model, noise, epoch, out_dir, sampling, *, dtype, stop):
+def solver_rows(model, noise, epoch, out_dir, sampling, straightness, *, dtype, stop):
     """This epoch's rows of eval/samples_table (None when stop() cut them short), their grids in PNGs named
     relative to out_dir, so the rows in a checkpoint survive moving the folder."""
     compared = wbflow.compare_solvers(model, noise, solvers=sampling["table_solvers"], nfes=sampling["table_nfes"],
                                       tolerance=sampling["rk45_tolerance"], dtype=dtype, stop=stop)
     return None if compared is None else [
-        {**{key: row[key] for key in ("solver", "nfe", "seconds")}, "epoch": epoch, "samples": str(wbflow.save_png(
+        {**{key: row[key] for key in ("solver", "nfe", "seconds")}, "epoch": epoch, "straightness": straightness,
+         "samples": str(wbflow.save_png(
             wbflow.sample_grid(row["images"]), out_dir / "samples" / f"epoch_{epoch:04d}_{row['solver']}_nfe"
             f"{row['nfe']:03d}.png").relative_to(out_dir))} for row in compared]
+
+
+def reflow_pairs(teacher, config, parts, amp_dtype, *, initialise):
+    """--reflow: reflow.num_pairs pairs of the teacher's EMA model (loaded into parts["ema"]; also into the model
+    when `initialise`) in out_dir/reflow_pairs, made in a W&B run that uses the teacher's model artifact and logs
+    the pairs as a `dataset` artifact (a resume only reads them). Returns (images, noise seed), (folder, name)."""
+    logging, reflow, (rank, world_size) = config["logging"], config["reflow"], wbflow.rank_and_world_size()
+    path = wbflow.fetch_checkpoint(teacher, project=logging["project_name"], entity=logging["entity"])
+    with wbflow.exit_on_error(f"train_flow.py: --reflow {teacher}", (ValueError,)):
+        state = wbflow.load_checkpoint(path)
+        wbflow.check_checkpoint(state, driver="train_flow", required=("ema", "config"),
+                                expected={"model": config["model"]},
+                                hints={"model": ": the student is the teacher's FlowUNet: pass its --config/--set"})
+    parts["ema"].load_state_dict(state["ema"])
+    if initialise:
+        parts["model"].load_state_dict(parts["ema"].module.state_dict())
+    folder, teacher_name = Path(config["data"]["out_dir"]) / "reflow_pairs", state.get("wandb_run_id") or path.stem
+    dataset = (folder, f"reflow-pairs-{teacher_name}")
+    if initialise:
+        with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
+                {"teacher": str(teacher), "reflow": reflow}, project=logging["project_name"], entity=logging["entity"],
+                enabled=logging["use_wandb"], job_type="reflow-pairs") as run:
+            wbflow.use_artifact(run, path, f"model-{teacher_name}", metadata={"epoch": state.get("epoch")})
+            with wbflow.exit_on_error("train_flow.py", (ValueError,)):
+                written = wbflow.generate_reflow_pairs(
+                    lambda noise: wbflow.images_to_uint8(wbflow.sample_flow(
+                        parts["ema"].module, noise, reflow["solver"], reflow["nfe"], dtype=amp_dtype,
+                        tolerance=config["sampling"]["rk45_tolerance"])[0]), folder, reflow["num_pairs"],
+                    shard_size=reflow["shard_size"], seed=reflow["seed"], stop=stop.is_set, rank=rank,
+                    world_size=world_size, settings={"solver": reflow["solver"], "nfe": reflow["nfe"]},
+                    device=next(parts["ema"].parameters()).device)
+            if written is None:
+                print(f"train_flow.py: pair generation stopped; the same command goes on at the next shard of "
+                      f"{folder}", file=sys.stderr)
+                raise SystemExit(128 + (stop.signal or signal.SIGTERM))
+            if world_size > 1:
+                torch.distributed.barrier()  # every rank's shards are written
+            wbflow.log_artifact(run, folder, dataset[1], type="dataset", metadata={**reflow, "teacher": str(teacher)})
+    with wbflow.exit_on_error("train_flow.py", (ValueError,)):
+        pairs = wbflow.load_reflow_pairs(folder, reflow["num_pairs"])
+    if rank == 0:
+        print(f"reflow: {len(pairs[0])} pairs of {teacher} in {folder}")
+    return pairs, dataset
 
 
 def cifar10_train_batches(data_dir, batch_size):  # read only when the FID statistics are not cached
