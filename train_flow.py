@@ -193,14 +193,8 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     if teacher:  # its pairs, and a new student starts from its EMA weights
         config["reflow"]["teacher"] = str(teacher)
         pairs, dataset = reflow_pairs(teacher, config, parts, amp_dtype, initialise=not resume)
-    loader = (wbflow.ReflowPairLoader(*pairs, training["batch_size"] // world_size, device=device,
-                                      seed=training["seed"], rank=rank, world_size=world_size) if teacher else
-              wbflow.DeviceImageLoader(images_uint8, training["batch_size"] // world_size, device=device,
-                                       seed=training["seed"], rank=rank, world_size=world_size,
-                                       channels_last=channels_last))
-    if len(loader) == 0:
-        raise SystemExit(f"train_flow.py: {len(pairs[0]) if teacher else len(images_uint8)} "
-                         f"{'pairs' if teacher else 'images'} make no batch of {loader.batch_size} per rank")
+    loader = training_loader(pairs[0] if teacher else images_uint8, pairs[1] if teacher else None, training,
+                             device, channels_last)
     progress, run_id, resumed_from = dict(PROGRESS), None, None
     if resume:
         progress, run_id, resumed_from = load_resume(resume, config, parts, device, say)
@@ -256,6 +250,20 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
         torch.distributed.destroy_process_group()
     say(headline(out_dir, progress))
     return {"step": progress["global_step"], "best_loss": progress["best_loss"], "out_dir": out_dir}
+
+
+def training_loader(images_uint8, noise_seed, training, device, channels_last):
+    """Batches of the images, or with a noise seed of the reflow pairs, each rank its share."""
+    rank, world_size = wbflow.rank_and_world_size()
+    batch_size = training["batch_size"] // world_size
+    loader = (wbflow.DeviceImageLoader(images_uint8, batch_size, device=device, seed=training["seed"], rank=rank,
+                                       world_size=world_size, channels_last=channels_last) if noise_seed is None else
+              wbflow.ReflowPairLoader(images_uint8, noise_seed, batch_size, device=device, seed=training["seed"],
+                                      rank=rank, world_size=world_size))
+    if len(loader) == 0:
+        raise SystemExit(f"train_flow.py: {len(images_uint8)} {'images' if noise_seed is None else 'pairs'} make "
+                         f"no batch of {batch_size} per rank")
+    return loader
 
 
 def load_images(data, seed, synthetic, say):
