@@ -5,6 +5,7 @@
     python bench_wbflow.py fid        # Fréchet distance vs pytorch-fid / torchmetrics; Inception features
     python bench_wbflow.py flow       # DeviceImageLoader vs torchvision; euler_sample vs steps x forward
     python bench_wbflow.py flow --data-dir data --device cuda
+    python bench_wbflow.py fewer      # 8 Gaussians: 1-RF vs OT coupling vs 2-RF (W2 at NFE 1/2/100, straightness)
     python bench_wbflow.py --gpu      # CUDA: flow training vs torchcfm, Euler sampling, FID features, train_fire
     python bench_wbflow.py --gpu --dry-run             # the same sections and table at toy sizes on the CPU
 
@@ -14,6 +15,7 @@ row needs torchcfm (pip install --no-deps -r requirements-torchcfm.txt), and say
 import argparse
 import concurrent.futures
 import copy
+import functools
 import json
 import os
 import pickle
@@ -286,6 +288,74 @@ def bench_flow(data_dir=None, batch_size=128, steps=20, device="cpu"):
     print(f"  one forward {euler['forward_ms']:.1f} ms, Euler {euler['euler_ms']:.1f} ms, "
           f"ratio to steps x forward {euler['euler_over_steps_x_forward']:.3f}   (target <= 1.05)")
     return {**loader, **euler}
+
+# ----------------------------------------------------------------------------- fewer steps: OT coupling and reflow
+
+class _VelocityMLP(nn.Module):  # v(x, t) on the plane
+    def __init__(self, width=128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2))
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, t[:, None]], dim=1))
+
+
+def _eight_gaussians(count, generator, radius=4.0, std=0.2):
+    angles = torch.randint(8, (count,), generator=generator) * (torch.pi / 4)
+    return torch.stack([angles.cos(), angles.sin()], 1) * radius + std * torch.randn(count, 2, generator=generator)
+
+
+def _fit(model, batches, coupling="independent", lr=1e-3):
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss = functools.partial(wbflow.rectified_flow_loss, coupling=coupling)
+    return wbflow.train_epoch(model, batches, optimizer, loss, progress=False)["loss"], model
+
+
+def _w2(samples, held_out):
+    """Exact W2 between two equal point sets: the optimal assignment's mean squared distance, rooted."""
+    from scipy.optimize import linear_sum_assignment
+    cost = torch.cdist(samples.double(), held_out.double()).square().numpy()
+    rows, cols = linear_sum_assignment(cost)
+    return float(cost[rows, cols].mean() ** 0.5)
+
+
+def bench_fewer_steps(steps=3000, batch_size=256, num_pairs=50_000, evaluated=2000, seed=0):
+    """Plain 1-RF vs OT coupling vs 2-RF (reflow of that 1-RF) on a 2-D mixture of 8 Gaussians, each trained
+    with train_epoch: exact W2 to held-out data at NFE 1, 2 and 100 (Euler), and straightness; then the cost of
+    ot_pairs on one CIFAR batch of 128 (CPU).
+
+    Usage: numbers = bench_fewer_steps()  # or python bench_wbflow.py fewer
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    batches = list(_eight_gaussians(steps * batch_size, generator).split(batch_size))
+    held_out, noise = _eight_gaussians(evaluated, generator), torch.randn(evaluated, 2, generator=generator)
+    models = {"1-RF": _fit(_VelocityMLP(), batches)[1], "OT": _fit(_VelocityMLP(), batches, coupling="ot")[1]}
+    pair_noise = torch.randn(num_pairs, 2, generator=generator)  # 2-RF: the 1-RF's own pairs, from its weights
+    pairs = {"noise": pair_noise, "data": wbflow.euler_sample(models["1-RF"], pair_noise, 100)}
+    student = copy.deepcopy(models["1-RF"])
+    pair_batches = [{"noise": pairs["noise"][index], "data": pairs["data"][index]}
+                    for index in torch.randint(num_pairs, (steps, batch_size), generator=generator)]
+    models["2-RF"] = _fit(student, pair_batches)[1]
+    numbers = {}
+    print(f"fewer steps (8 Gaussians, radius 4, std 0.2; {steps} steps of batch {batch_size} each; W2 on "
+          f"{evaluated} held-out points; 2-RF on {num_pairs} pairs of the 1-RF, Euler NFE 100):")
+    print(f"  {'model':6} {'W2 NFE 1':>9} {'NFE 2':>7} {'NFE 100':>8} {'straightness':>13}")
+    for name, model in models.items():
+        row = {nfe: _w2(wbflow.euler_sample(model, noise, nfe), held_out) for nfe in (1, 2, 100)}
+        row["straightness"] = wbflow.straightness(model, noise, steps=100)
+        numbers[name] = row
+        print(f"  {name:6} {row[1]:9.3f} {row[2]:7.3f} {row[100]:8.3f} {row['straightness']:13.4f}")
+    for name in ("OT", "2-RF"):
+        print(f"  {name}: one-step W2 {numbers[name][1] / numbers['1-RF'][1]:.2f}x 1-RF's (target <= 0.5x), "
+              f"straightness {numbers[name]['straightness'] / numbers['1-RF']['straightness']:.3f}x (target <= 0.25x)")
+    x0, x1 = torch.randn(128, 3, 32, 32), torch.rand(128, 3, 32, 32) * 2 - 1
+    numbers["ot_pairs_ms"] = _best_seconds(lambda: wbflow.ot_pairs(x0, x1), 10) * 1000
+    print(f"  ot_pairs on a CIFAR batch of 128 (3072 dims, CPU, {torch.get_num_threads()} threads): "
+          f"{numbers['ot_pairs_ms']:.1f} ms")
+    return numbers
+
 
 # ----------------------------------------------------------------------------- --gpu: the GPU run, side by side
 
@@ -765,7 +835,8 @@ def bench_gpu(sections=GPU_SECTIONS, *, dry_run=False, results=None, peak_tflops
 
 BENCHMARKS = {"train": lambda args: bench_train_epoch(),
               "fid": lambda args: bench_fid(),
-              "flow": lambda args: bench_flow(args.data_dir, args.batch_size, args.steps, args.device)}
+              "flow": lambda args: bench_flow(args.data_dir, args.batch_size, args.steps, args.device),
+              "fewer": lambda args: bench_fewer_steps()}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -76,7 +76,7 @@ class RunLog:
             elif kind == "artifact":
                 artifact = record.artifact
                 self.artifacts.append({"name": artifact.name, "type": artifact.type,
-                                       "aliases": list(artifact.aliases),
+                                       "aliases": list(artifact.aliases), "used": artifact.use_after_commit,
                                        "metadata": json.loads(artifact.metadata or "{}"),
                                        "files": [entry.path for entry in artifact.manifest.contents]})
             elif kind == "config":

@@ -229,6 +229,11 @@ def _(rectified_flow_loss, tmp_path, fixture):
     assert rectified_flow_loss(ConstantVelocity(), torch.randn(4, 2)) > 0
 
 
+@call("ot_pairs")
+def _(ot_pairs, tmp_path, fixture):
+    assert ot_pairs(torch.tensor([[5.0], [0.0]]), torch.tensor([[0.1], [4.9]])).tolist() == [[0.0], [5.0]]
+
+
 @call("focal_loss")
 def _(focal_loss, tmp_path, fixture):
     logits, targets = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
@@ -387,6 +392,31 @@ def _(compare_solvers, tmp_path, fixture):
 
 # ----------------------------------------------------------------------------- metrics
 
+@call("straightness")
+def _(straightness, tmp_path, fixture):
+    assert straightness(ConstantVelocity(), torch.randn(2, 3), steps=4) == 0
+
+
+@call("generate_reflow_pairs")
+def _(generate_reflow_pairs, tmp_path, fixture):
+    [path] = generate_reflow_pairs(lambda noise: wbflow.images_to_uint8(noise), tmp_path, 2, shape=(3,))
+    assert wbflow.load_checkpoint(path)["images_uint8"].shape == (2, 3)
+
+
+@call("load_reflow_pairs")
+def _(load_reflow_pairs, tmp_path, fixture):
+    wbflow.save_checkpoint({"first": 0, "count": 2, "seed": 5, "images_uint8": torch.zeros(2, 3, dtype=torch.uint8)},
+                           tmp_path / "pairs_00000.pt")
+    images_uint8, seed = load_reflow_pairs(tmp_path, 2)
+    assert images_uint8.shape == (2, 3) and seed == 5
+
+
+@call("ReflowPairLoader")
+def _(ReflowPairLoader, tmp_path, fixture):
+    [batch] = list(ReflowPairLoader(torch.full((2, 3), 255, dtype=torch.uint8), 0, 2))
+    assert batch["data"].tolist() == [[1.0] * 3] * 2 and batch["noise"].shape == (2, 3)
+
+
 @call("per_class_precision_recall")
 def _(per_class_precision_recall, tmp_path, fixture):
     assert per_class_precision_recall([0, 1, 1], [0, 1, 0], 2) == ([0.5, 1.0], [1.0, 0.5], [1, 2])
@@ -515,6 +545,16 @@ def _(log_artifact, tmp_path, fixture):
     assert [(a["name"], sorted(a["aliases"])) for a in log.artifacts] == [("model-x", ["epoch-1", "latest"])]
 
 
+@call("use_artifact")
+def _(use_artifact, tmp_path, fixture):
+    from conftest import run_logs
+    path = wbflow.save_checkpoint({"w": torch.ones(1)}, tmp_path / "c.pt")
+    with offline_run(fixture) as run:
+        use_artifact(run, path, "model-x")
+    [log] = run_logs(fixture("offline_wandb"))
+    assert [(a["name"], a["used"]) for a in log.artifacts] == [("model-x", True)]
+
+
 @call("images_to_uint8")
 def _(images_to_uint8, tmp_path, fixture):
     assert images_to_uint8(torch.tensor([-1.0, 0.0, 1.0])).tolist() == [0, 128, 255]
@@ -606,6 +646,12 @@ def _(resume_command, tmp_path, fixture):
         "python train.py --epochs 3 --resume b.pt"
     assert resume_command("train.py", ["--resume=a.pt", "--epochs", "3"], "b b.pt", world_size=2) == \
         "torchrun --standalone --nproc_per_node=2 train.py --epochs 3 --resume 'b b.pt'"
+
+
+@call("wandb_resume_plan")
+def _(wandb_resume_plan, tmp_path, fixture):
+    assert wandb_resume_plan("abc", True, 7, "last.pt")[:2] == ("abc", None)
+    assert wandb_resume_plan("abc", False, 7, "e.pt")[:2] == (None, {"run_id": "abc", "step": 7, "checkpoint": "e.pt"})
 
 
 @call("fetch_checkpoint")

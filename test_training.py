@@ -403,7 +403,9 @@ def test_a_run_logs_every_seed_key_table_image_and_artifact(whole):
     [table_row] = log.rows_with("eval/samples_table")  # with the last epoch's row
     assert table_row["_step"] == 9 and table_row["eval/samples_table"]["nrows"] == 12
     columns, data = _table_data(whole.root)
-    assert columns == ["epoch", "solver", "nfe", "seconds", "samples"]
+    assert columns == ["epoch", "solver", "nfe", "seconds", "straightness", "samples"]
+    straightness = {row["train/epoch"]: row["eval/straightness"] for row in log.rows_with("eval/straightness")}
+    assert all(row[4] == pytest.approx(straightness[row[0]]) and row[4] > 0 for row in data)
     assert [(row[0], row[1], row[2]) for row in data if row[1] != "rk45"] == [
         (epoch, solver, nfe) for epoch in (1, 2, 3) for solver, nfe in [("euler", 1), ("euler", 2), ("heun", 2)]]
     assert [row[0] for row in data if row[1] == "rk45"] == [1, 2, 3]

@@ -5,14 +5,15 @@
   python train_flow.py --smoke                                 # the whole workflow on CPU, offline, < 2 min
   python train_flow.py --epochs 10 --batch-size 256 --set training.gradient_clip=0.5 --no-wandb
   python train_flow.py --resume runs/flow/checkpoint_epoch_10.pt         # or --resume model-<run id>:latest
+  python train_flow.py --reflow runs/flow/checkpoint_epoch_1020.pt       # 2-rectified flow from that teacher
   python train_flow.py --eval --checkpoint runs/flow/checkpoint_epoch_1020.pt --num-samples 10000 \
       --metric both --solver euler --nfe 100 --use-wandb --wandb-project flow_matching_cifar10_eval
 
-Recipe: config -> data, model, optimiser -> each epoch: wbflow.train_epoch on the rectified-flow loss, last.pt,
-the epoch's end (FID, EMA sample grid, solver table rows), its W&B row, checkpoints and artifact -> (--eval) FID
-and Inception Score of a checkpoint.
+Recipe: config -> data, model, optimiser -> each epoch: train_epoch, last.pt, its end (FID, grid, solver table),
+its W&B row, checkpoints, artifact -> (--eval) FID and Inception Score of a checkpoint.
 """
 import argparse
+import functools
 import math
 import os
 import signal
@@ -32,24 +33,23 @@ SMOKE_OVERRIDES = [
     "training.save_interval=1", "training.sample_interval=1", "logging.log_images_interval=1",
     "logging.log_model_interval=1", "sampling.num_images=16", "sampling.nfe=10", "sampling.table_nfes=[1, 2, 4]",
     "sampling.rk45_tolerance=1.0e-3", "eval.sample_batch_size=16", "eval.inception_batch_size=10",
-    "eval.fid_interval=0"]
-# What a run carries from epoch to epoch, as it starts; every checkpoint holds it and --resume goes on from it.
-# ended: `epoch`'s end is done (else a resume does it, whole); train_state: a stopped epoch's place and sums;
-# epoch_row: the epoch's last W&B row, which waits for the epoch's end to be logged with it.
+    "eval.fid_interval=0", "reflow.num_pairs=64", "reflow.shard_size=32", "reflow.nfe=4"]
+# What every checkpoint carries on. ended: the epoch's end is done; train_state: a stopped epoch's place and sums;
+# epoch_row: the epoch's last W&B row, logged with the epoch's end.
 PROGRESS = {"epoch": 0, "ended": True, "train_state": None, "epoch_row": None, "global_step": 0, "skipped_steps": 0,
             "epoch_loss": None, "best_loss": None, "best_epoch": None, "best_checkpoint": None, "last_fid": None,
             "table_rows": []}
 RESUME_KEYS = ("model", "ema", "optimizer", "scheduler", "scaler", *PROGRESS, "rng", "config", "wandb_run_id",
                "wandb_last_act")
-# settings a resume must keep: another value would make the run's W&B config lie, or the resume inexact
+# settings a resume must keep (else the W&B config lies, or the resume is inexact)
 RESUME_FIXED = {"training": ("batch_size", "learning_rate", "warmup_steps", "gradient_clip", "ema_decay", "seed"),
                 "data": ("max_images",), "sampling": ("num_images", "seed")}
-# settings that must be above 0, or not below 0, checked before any data is read
 POSITIVE = {"training": ("epochs", "batch_size", "learning_rate", "log_interval", "save_interval", "sample_interval"),
             "logging": ("log_images_interval", "log_model_interval"), "sampling": ("num_images", "nfe", "rk45_tolerance"),
-            "eval": ("sample_batch_size", "inception_batch_size", "fid_num_samples")}
+            "eval": ("sample_batch_size", "inception_batch_size", "fid_num_samples"),
+            "reflow": ("num_pairs", "shard_size", "nfe")}
 NOT_NEGATIVE = {"training": ("warmup_steps", "gradient_clip", "keep_checkpoints"), "eval": ("fid_interval",)}
-SOLVERS = ("euler", "heun", "rk45")
+SOLVERS, COUPLINGS = ("euler", "heun", "rk45"), ("independent", "ot")
 DEFAULT_CONFIG = HERE / "configs" / "cifar10_rectified_flow.yaml"
 
 
@@ -74,6 +74,8 @@ def parse_args(argv=None):
                                              "W&B offline, --out-dir runs/flow-smoke (default: off)")
     add("--resume", metavar="PATH|ARTIFACT",
         help="checkpoint file or W&B model artifact of the run to continue (default: none)")
+    add("--reflow", metavar="PATH|ARTIFACT", help="train a 2-rectified flow on pairs of this teacher checkpoint "
+                                                 "(reflow.*), in --out-dir + '-reflow' (default: none)")
     add = parser.add_argument_group("evaluation (--eval)").add_argument
     add("--eval", action="store_true", help="FID / Inception Score of --checkpoint (default: off)")
     add("--checkpoint", metavar="PATH|ARTIFACT", help="what --eval samples from (default: none)")
@@ -96,6 +98,8 @@ def load_config(args):
         raise SystemExit(f"train_flow.py: {error.args[0] if isinstance(error, KeyError) else error}") from None
     for key in ("data_dir", "out_dir"):  # paths are set as given, not parsed as YAML
         config["data"][key] = getattr(args, key) or config["data"][key]
+    if args.reflow and not args.out_dir:  # the teacher's folder holds its checkpoints
+        config["data"]["out_dir"] += "-reflow"
     if args.no_wandb:
         config["logging"]["use_wandb"] = False
     return config
@@ -117,7 +121,11 @@ def main(argv=None):
         (fid_during_training and evaluation["fid_num_samples"] < max(2, world_size),
          f"eval.fid_num_samples is {evaluation['fid_num_samples']}: FID needs at least two samples, and one per rank"),
         *[(reference and os.path.isdir(reference), f"{flag} {reference} is a folder, not a checkpoint file")
-          for flag, reference in (("--resume", args.resume), ("--checkpoint", args.checkpoint))],
+          for flag, reference in (("--resume", args.resume), ("--checkpoint", args.checkpoint), ("--reflow", args.reflow))],
+        (training["coupling"] not in COUPLINGS, f"training.coupling is {training['coupling']!r}; choose from "
+                                                f"{', '.join(COUPLINGS)}"),
+        (config["reflow"]["solver"] not in SOLVERS,
+         f"unknown solver {config['reflow']['solver']!r} in reflow.solver; choose from {', '.join(SOLVERS)}"),
         *[(solver not in SOLVERS, f"unknown solver {solver!r} in sampling.solver / sampling.table_solvers; "
                                   f"choose from {', '.join(SOLVERS)}") for solver in [sampling["solver"], *sampling["table_solvers"]]],
         (args.eval and not args.checkpoint, "--eval needs --checkpoint PATH|ARTIFACT")]
@@ -136,25 +144,23 @@ def main(argv=None):
     with wbflow.exit_on_error("train_flow.py"):  # missing data, checkpoint or weights; a full disk
         if not args.eval:
             return train(config, argv, resume=args.resume, smoke=args.smoke, synthetic=args.smoke and not args.data_dir,
-                         earlier_run=earlier_run)
+                         earlier_run=earlier_run, teacher=args.reflow)
         sampling.update(solver=args.solver or sampling["solver"], nfe=args.nfe or sampling["nfe"])
         return evaluate(args.checkpoint, config, num_samples=args.num_samples, metric=args.metric,
                         use_wandb=args.use_wandb, project=args.wandb_project or f"{config['logging']['project_name']}_eval",
                         device=torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
 
 
-def settings(config, names):
-    """{"section.key": value} of the config for `names` ({section: keys})."""
+def settings(config, names):  # {"section.key": value} for names {section: keys}
     return {f"{section}.{key}": config[section][key] for section, keys in names.items() for key in keys}
 
 
 def check_fid_weights(weights, fid_interval=None):
-    """The FID Inception weights file (found, or downloaded into the torch hub cache), else a one-line ValueError
-    saying where to put it and, for FID during training (every fid_interval epochs), how to go on without."""
+    """The FID Inception weights file, else a one-line ValueError saying where to put it (or how to train without)."""
     try:
         return wbflow.fid_weights_path(weights)
     except FileNotFoundError:
-        hub_path = Path(torch.hub.get_dir()) / "checkpoints" / wbflow.FID_WEIGHTS_FILE  # where they are looked for
+        hub_path = Path(torch.hub.get_dir()) / "checkpoints" / wbflow.FID_WEIGHTS_FILE
         given = weights or os.environ.get(wbflow.FID_WEIGHTS_ENV)
         needs = f"FID every {fid_interval} epochs (eval.fid_interval)" if fid_interval else "--eval"
         found = f"{given} does not exist" if given else "they could not be downloaded"
@@ -163,23 +169,17 @@ def check_fid_weights(weights, fid_interval=None):
                          f"to {hub_path}, or anywhere and pass --set eval.fid_weights=PATH{without}") from None
 
 
-def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=()):
+def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=(), teacher=None):
     data, training, logging = config["data"], config["training"], config["logging"]
     rank, world_size, device = wbflow.setup_distributed()
     config["world_size"] = world_size  # in W&B and in checkpoints: a resume needs the same number of ranks
     device = torch.device("cpu") if smoke else device
-    say = print if rank == 0 else (lambda *_, **__: None)  # rank 0 alone prints, logs to W&B, writes checkpoints
+    say = print if rank == 0 else (lambda *_, **__: None)  # rank 0 alone prints, logs, saves
     out_dir = Path(data["out_dir"])
     torch.manual_seed(training["seed"] + rank)
     images_uint8 = load_images(data, training["seed"], synthetic, say)
     channels_last = training["channels_last"] and device.type == "cuda"
-    loader = wbflow.DeviceImageLoader(images_uint8, training["batch_size"] // world_size, device=device,
-                                      seed=training["seed"], rank=rank, world_size=world_size,
-                                      channels_last=channels_last)
-    if len(loader) == 0:
-        raise SystemExit(f"train_flow.py: {len(images_uint8)} images make no batch of {loader.batch_size} per rank")
 
-    # Model, EMA, optimiser, warm-up schedule; AMP as wbflow decides: bf16 on CUDA (fp16 + scaler without bf16).
     model = wbflow.FlowUNet(**config["model"]).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -190,6 +190,11 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
              "scaler": wbflow.make_scaler(device)}
     amp_dtype = wbflow.autocast_dtype(device)
     say(f"FlowUNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} x {device}")
+    if teacher:  # its pairs, and a new student starts from its EMA weights
+        config["reflow"]["teacher"] = str(teacher)
+        pairs, dataset = reflow_pairs(teacher, config, parts, amp_dtype, initialise=not resume)
+    loader = training_loader(pairs[0] if teacher else images_uint8, pairs[1] if teacher else None, training,
+                             device, channels_last)
     progress, run_id, resumed_from = dict(PROGRESS), None, None
     if resume:
         progress, run_id, resumed_from = load_resume(resume, config, parts, device, say)
@@ -201,7 +206,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
         train_model = torch.compile(train_model)
     statistics = fid_statistics(images_uint8, config, device, synthetic) if config["eval"]["fid_interval"] else None
 
-    def checkpoint(last_act=False):  # what a resume needs; every rank takes part in gathering the RNG states
+    def checkpoint(last_act=False):  # every rank takes part in gathering the RNG states
         return {**{name: part.state_dict() for name, part in parts.items()}, **progress, "config": config,
                 "rng": wbflow.gather_from_ranks(wbflow.capture_rng_state()), "wandb_run_id": run_id,
                 "wandb_last_act": last_act, "driver": "train_flow"}
@@ -222,6 +227,9 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
         run.define_metric("train/images_per_second", step_metric="train/epoch")
         run.define_metric("eval/fid_score", step_metric="train/epoch", summary="min")
         run.define_metric("eval/inception_score_*", step_metric="train/epoch")
+        run.define_metric("eval/straightness", step_metric="train/epoch", summary="min")
+        if teacher:  # lineage: teacher model -> pairs -> this model
+            wbflow.use_artifact(run, *dataset, type="dataset")
         for path in earlier_run if rank == 0 else ():  # --overwrite: every check has passed, so they go now
             path.unlink(missing_ok=True)
         for epoch in range(progress["epoch"] + progress["ended"], training["epochs"] + 1):
@@ -244,8 +252,22 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     return {"step": progress["global_step"], "best_loss": progress["best_loss"], "out_dir": out_dir}
 
 
+def training_loader(images_uint8, noise_seed, training, device, channels_last):
+    """Batches of the images, or with a noise seed of the reflow pairs, each rank its share."""
+    rank, world_size = wbflow.rank_and_world_size()
+    batch_size = training["batch_size"] // world_size
+    loader = (wbflow.DeviceImageLoader(images_uint8, batch_size, device=device, seed=training["seed"], rank=rank,
+                                       world_size=world_size, channels_last=channels_last) if noise_seed is None else
+              wbflow.ReflowPairLoader(images_uint8, noise_seed, batch_size, device=device, seed=training["seed"],
+                                      rank=rank, world_size=world_size))
+    if len(loader) == 0:
+        raise SystemExit(f"train_flow.py: {len(images_uint8)} {'images' if noise_seed is None else 'pairs'} make "
+                         f"no batch of {batch_size} per rank")
+    return loader
+
+
 def load_images(data, seed, synthetic, say):
-    """The training images as one uint8 tensor, the same count on every rank (rank 0 downloads CIFAR-10 first)."""
+    """The training images as one uint8 tensor, the same count on every rank (rank 0 downloads first)."""
     rank, world_size = wbflow.rank_and_world_size()
     if synthetic:
         images_uint8 = wbflow.synthetic_images(data["max_images"], seed=seed)
@@ -263,8 +285,7 @@ def load_images(data, seed, synthetic, say):
 
 
 def load_resume(resume, config, parts, device, say):
-    """Load --resume into `parts` and this rank's RNG, once it fits this run's settings; returns the progress to
-    go on from, the W&B run id to continue (None: a new run) and the new run's `resumed_from`."""
+    """Load --resume into `parts` and this rank's RNG once it fits; (progress, W&B run id or None, resumed_from)."""
     logging, (rank, world_size) = config["logging"], wbflow.rank_and_world_size()
     path = wbflow.fetch_checkpoint(resume, project=logging["project_name"], entity=logging["entity"])
     with wbflow.exit_on_error(f"train_flow.py: --resume {resume}", (ValueError,)):
@@ -281,23 +302,21 @@ def load_resume(resume, config, parts, device, say):
         if state[name]:  # the scaler's is empty when saved without fp16 (bf16 or CPU)
             part.load_state_dict(state[name])
     wbflow.restore_rng_state(state["rng"][rank])
-    progress, run_id, step = {key: state[key] for key in PROGRESS}, state["wandb_run_id"], state["global_step"]
     place = (f"batch {state['train_state']['batches']}" if state["train_state"] else
              "before its end" if not state["ended"] else "after its end")
-    say(f"resumed from {resume} at epoch {state['epoch']} ({place}), step {step}")
+    say(f"resumed from {resume} at epoch {state['epoch']} ({place}), step {state['global_step']}")
+    progress = {key: state[key] for key in PROGRESS}
     if not logging["use_wandb"]:  # the run id stays in the checkpoints, for a resume with W&B
-        return progress, run_id, None
-    if state["wandb_last_act"] and run_id:  # a stop, or the run's end: the run logged nothing after this
-        say(f"W&B: continuing run {run_id} from step {step}")
-        return progress, run_id, None
-    why = f"run {run_id} may have logged past this checkpoint" if run_id else "the run it came from logged no W&B"
-    say(f"W&B: a new run (config resumed_from: run {run_id}, step {step}), since {why}")
-    return progress, None, {"run_id": run_id, "step": step, "checkpoint": str(path)}
+        return progress, state["wandb_run_id"], None
+    run_id, resumed_from, plan = wbflow.wandb_resume_plan(state["wandb_run_id"], state["wandb_last_act"],
+                                                          state["global_step"], path)
+    say(f"W&B: {plan}")
+    return progress, run_id, resumed_from
 
 
 def train_one_epoch(epoch, train_model, parts, loader, progress, run, stop, training):
-    """Train `epoch` (on from its stopped place, when progress holds one) and log its windows but the last: that
-    row waits in progress["epoch_row"] for the epoch's loss and end, to be logged whole when the end is done."""
+    """Train `epoch` (on from its stopped place) and log its windows but the last, which waits in
+    progress["epoch_row"] for the epoch's loss and end."""
     logged = []
 
     def log_window(step, window):
@@ -312,7 +331,8 @@ def train_one_epoch(epoch, train_model, parts, loader, progress, run, stop, trai
 
     resume = progress["train_state"]
     loader.set_epoch(epoch, skip_batches=resume["batches"] if resume else 0)
-    stats = wbflow.train_epoch(train_model, loader, parts["optimizer"], wbflow.rectified_flow_loss, resume=resume,
+    loss_fn = functools.partial(wbflow.rectified_flow_loss, coupling=training["coupling"])
+    stats = wbflow.train_epoch(train_model, loader, parts["optimizer"], loss_fn, resume=resume,
                                scheduler=parts["scheduler"], ema_model=parts["ema"], grad_clip=training["gradient_clip"],
                                scaler=parts["scaler"], step=progress["global_step"], epoch=epoch, stop=stop,
                                log_every=training["log_interval"], on_log=log_window,
@@ -341,15 +361,13 @@ def fid_statistics(images_uint8, config, device, synthetic):
 
 
 def epoch_end(epoch, ema_module, statistics, config, stop, *, amp_dtype):
-    """`epoch`'s FID and Inception Score, EMA sample grid (also a PNG) and solver table rows, as their intervals
-    make them due; rank 0 alone draws the grid and the table. It logs nothing and draws from no global RNG, so an
-    end cut short is done again, whole. None, on every rank, when a stop request came first: every rank stops at
-    the same FID sampling batch, rank 0 also before the grid and between the table's rows."""
+    """`epoch`'s due FID and IS, EMA grid (rank 0, also a PNG) and table rows (rank 0). It logs nothing and draws
+    from no global RNG, so an end cut short is done again, whole: None on every rank when a stop came first."""
     training, logging, evaluation, sampling = (config[key] for key in ("training", "logging", "eval", "sampling"))
     (rank, world_size), device = wbflow.rank_and_world_size(), next(ema_module.parameters()).device
     out_dir, solver, nfe, tolerance = (Path(config["data"]["out_dir"]), sampling["solver"], sampling["nfe"],
                                        sampling["rk45_tolerance"])
-    end, stopped = {"scores": {}, "grid": None, "rows": []}, False
+    end, stopped = {"scores": {}, "straightness": {}, "grid": None, "rows": []}, False
     if evaluation["fid_interval"] and epoch % evaluation["fid_interval"] == 0:
         count = evaluation["fid_num_samples"]
         samples_uint8, _ = wbflow.sample_images(  # as many batches, so as many stop checks, on every rank
@@ -371,14 +389,17 @@ def epoch_end(epoch, ema_module, statistics, config, stop, *, amp_dtype):
             end["grid"], end["caption"] = wbflow.sample_grid(samples), f"epoch {epoch}, EMA, {solver} NFE {used}"
             wbflow.save_png(end["grid"], out_dir / "samples" / f"epoch_{epoch:04d}.png")
     if rank == 0 and not stopped and (epoch % training["sample_interval"] == 0 or epoch == training["epochs"]):
-        end["rows"] = solver_rows(ema_module, noise, epoch, out_dir, sampling, dtype=amp_dtype, stop=stop.is_set)
+        straight = wbflow.straightness(ema_module, noise, sampling["nfe"], dtype=amp_dtype)
+        end["straightness"] = {"eval/straightness": straight}
+        end["rows"] = solver_rows(ema_module, noise, epoch, out_dir, sampling, straight, dtype=amp_dtype,
+                                  stop=stop.is_set)
         stopped = end["rows"] is None
     return None if wbflow.gather_from_ranks(stopped)[0] else end  # rank 0's account
 
 
 def save_epoch(epoch, end, progress, run, config, checkpoint):
-    """Log `epoch`'s row whole (its last window, loss, speed, FID and grid; after the last epoch the samples table),
-    then write last.pt and, when due, checkpoint_epoch_N.pt, a version of the run's model artifact."""
+    """Log `epoch`'s row whole (after the last epoch also the samples table), then write last.pt and, when due,
+    checkpoint_epoch_N.pt, a version of the run's model artifact."""
     training, logging, out_dir = config["training"], config["logging"], Path(config["data"]["out_dir"])
     step, loss, last = progress["global_step"], progress["epoch_loss"], epoch == training["epochs"]
     saved = epoch % training["save_interval"] == 0 or epoch % logging["log_model_interval"] == 0 or last
@@ -388,7 +409,7 @@ def save_epoch(epoch, end, progress, run, config, checkpoint):
     if end["scores"]:
         progress["last_fid"] = {"epoch": epoch, "fid": end["scores"]["eval/fid_score"],
                                 "samples": config["eval"]["fid_num_samples"]}
-    run.log({**progress["epoch_row"], **end["scores"]}, step=step)
+    run.log({**progress["epoch_row"], **end["scores"], **end.get("straightness", {})}, step=step)
     if end["grid"] is not None:
         wbflow.log_image_grid(run, "eval/generated_samples", end["grid"], step=step, caption=end["caption"])
     progress.update(ended=True, epoch_row=None, table_rows=progress["table_rows"] + end["rows"])
@@ -411,7 +432,6 @@ def save_epoch(epoch, end, progress, run, config, checkpoint):
 
 
 def headline(out_dir, progress):
-    """The run's result in two lines: the best epoch loss, the last FID, where the checkpoints are."""
     best, fid, lowest = progress["best_loss"], progress["last_fid"], progress["best_checkpoint"]
     best = f"best epoch loss {best:.4f} (epoch {progress['best_epoch']})" if best is not None else "no finite epoch loss"
     fid = f", last FID {fid['fid']:.2f} (epoch {fid['epoch']}, {fid['samples']} samples)" if fid else ""
@@ -420,8 +440,7 @@ def headline(out_dir, progress):
 
 
 def scores(samples_uint8, inception, statistics=None, *, inception_score=True, batch_size, progress=False):
-    """eval/fid_score against `statistics` (when given) and eval/inception_score_*, from one Inception pass over
-    the samples (features for FID, logits for IS; gathered over the ranks)."""
+    """eval/fid_score (against `statistics`, when given) and eval/inception_score_*, from one Inception pass."""
     features, logits = wbflow.inception_features(samples_uint8, inception, batch_size=batch_size, progress=progress)
     metrics = {} if statistics is None else {"eval/fid_score": wbflow.fid(statistics, features)}
     if inception_score:
@@ -430,33 +449,70 @@ def scores(samples_uint8, inception, statistics=None, *, inception_score=True, b
     return metrics
 
 
-def solver_rows(model, noise, epoch, out_dir, sampling, *, dtype, stop):
-    """This epoch's rows of eval/samples_table (None when stop() cut them short); each grid goes to a PNG that
-    the table reads at the end, named relative to out_dir, so the rows in a checkpoint survive moving the folder."""
+def solver_rows(model, noise, epoch, out_dir, sampling, straightness, *, dtype, stop):
+    """This epoch's rows of eval/samples_table (None when stop() cut them short), their grids in PNGs named
+    relative to out_dir, so the rows in a checkpoint survive moving the folder."""
     compared = wbflow.compare_solvers(model, noise, solvers=sampling["table_solvers"], nfes=sampling["table_nfes"],
                                       tolerance=sampling["rk45_tolerance"], dtype=dtype, stop=stop)
-    if compared is None:
-        return None
-    rows = []
-    for row in compared:
-        name = f"epoch_{epoch:04d}_{row['solver']}_nfe{row['nfe']:03d}.png"
-        path = wbflow.save_png(wbflow.sample_grid(row["images"]), out_dir / "samples" / name)
-        rows.append({**{key: row[key] for key in ("solver", "nfe", "seconds")}, "epoch": epoch,
-                     "samples": str(path.relative_to(out_dir))})
-    return rows
+    return None if compared is None else [
+        {**{key: row[key] for key in ("solver", "nfe", "seconds")}, "epoch": epoch, "straightness": straightness,
+         "samples": str(wbflow.save_png(
+            wbflow.sample_grid(row["images"]), out_dir / "samples" / f"epoch_{epoch:04d}_{row['solver']}_nfe"
+            f"{row['nfe']:03d}.png").relative_to(out_dir))} for row in compared]
 
 
-def cifar10_train_batches(data_dir, batch_size):
-    """CIFAR-10 training images in batches, read only when the FID statistics are not cached yet."""
+def reflow_pairs(teacher, config, parts, amp_dtype, *, initialise):
+    """--reflow: reflow.num_pairs pairs of the teacher's EMA model (loaded into parts["ema"]; also into the model
+    when `initialise`) in out_dir/reflow_pairs, made in a W&B run that uses the teacher's model artifact and logs
+    the pairs as a `dataset` artifact (a resume only reads them). Returns (images, noise seed), (folder, name)."""
+    logging, reflow, (rank, world_size) = config["logging"], config["reflow"], wbflow.rank_and_world_size()
+    path = wbflow.fetch_checkpoint(teacher, project=logging["project_name"], entity=logging["entity"])
+    with wbflow.exit_on_error(f"train_flow.py: --reflow {teacher}", (ValueError,)):
+        state = wbflow.load_checkpoint(path)
+        wbflow.check_checkpoint(state, driver="train_flow", required=("ema", "config"),
+                                expected={"model": config["model"]},
+                                hints={"model": ": the student is the teacher's FlowUNet: pass its --config/--set"})
+    parts["ema"].load_state_dict(state["ema"])
+    if initialise:
+        parts["model"].load_state_dict(parts["ema"].module.state_dict())
+    folder, teacher_name = Path(config["data"]["out_dir"]) / "reflow_pairs", state.get("wandb_run_id") or path.stem
+    dataset = (folder, f"reflow-pairs-{teacher_name}")
+    if initialise:
+        with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
+                {"teacher": str(teacher), "reflow": reflow}, project=logging["project_name"], entity=logging["entity"],
+                enabled=logging["use_wandb"], job_type="reflow-pairs") as run:
+            wbflow.use_artifact(run, path, f"model-{teacher_name}", metadata={"epoch": state.get("epoch")})
+            with wbflow.exit_on_error("train_flow.py", (ValueError,)):
+                written = wbflow.generate_reflow_pairs(
+                    lambda noise: wbflow.images_to_uint8(wbflow.sample_flow(
+                        parts["ema"].module, noise, reflow["solver"], reflow["nfe"], dtype=amp_dtype,
+                        tolerance=config["sampling"]["rk45_tolerance"])[0]), folder, reflow["num_pairs"],
+                    shard_size=reflow["shard_size"], seed=reflow["seed"], stop=stop.is_set, rank=rank,
+                    world_size=world_size, settings={"solver": reflow["solver"], "nfe": reflow["nfe"]},
+                    device=next(parts["ema"].parameters()).device)
+            if written is None:
+                print(f"train_flow.py: pair generation stopped; the same command goes on at the next shard of "
+                      f"{folder}", file=sys.stderr)
+                raise SystemExit(128 + (stop.signal or signal.SIGTERM))
+            if world_size > 1:
+                torch.distributed.barrier()  # every rank's shards are written
+            wbflow.log_artifact(run, folder, dataset[1], type="dataset", metadata={**reflow, "teacher": str(teacher)})
+    with wbflow.exit_on_error("train_flow.py", (ValueError,)):
+        pairs = wbflow.load_reflow_pairs(folder, reflow["num_pairs"])
+    if rank == 0:
+        print(f"reflow: {len(pairs[0])} pairs of {teacher} in {folder}")
+    return pairs, dataset
+
+
+def cifar10_train_batches(data_dir, batch_size):  # read only when the FID statistics are not cached
     images_uint8, _ = wbflow.load_cifar10(data_dir)
     yield from images_uint8.split(batch_size)
 
 
 def evaluate(checkpoint, config, *, num_samples, metric, use_wandb, project, device):
-    """--eval: FID and/or Inception Score of `checkpoint`'s EMA model with config's sampling solver and NFE, logged
-    to a W&B run of its own in `project` (a model artifact is looked up in logging.project_name, the training's)."""
+    """--eval: FID and/or IS of `checkpoint`'s EMA model (sampling.solver, .nfe), logged to a run in `project`."""
     data, sampling, evaluation, logging = (config[key] for key in ("data", "sampling", "eval", "logging"))
-    # Everything the scores need is checked first: sampling can take hours.
+    # everything the scores need is checked first: sampling can take hours
     path = wbflow.fetch_checkpoint(checkpoint, project=logging["project_name"], entity=logging["entity"])
     with wbflow.exit_on_error(f"train_flow.py: --checkpoint {checkpoint}", (ValueError,)):
         state = wbflow.load_checkpoint(path, map_location=device)
@@ -470,8 +526,7 @@ def evaluate(checkpoint, config, *, num_samples, metric, use_wandb, project, dev
     if metric != "is" and not (Path(statistics_dir) / f"{name}-tensorflow-{weights_hash}.npz").is_file():
         wbflow.load_cifar10(data["data_dir"])  # downloads when absent, else says which archive to put where
 
-    # Samples from the EMA weights, with the same seeded noise every time. SIGTERM or Ctrl-C stops between
-    # sampling batches or after the Inception pass; a second one at once. Nothing is saved until the end.
+    # seeded noise; SIGTERM or Ctrl-C stops between sampling batches or after the Inception pass, saving nothing
     ema_model = wbflow.make_ema(wbflow.FlowUNet(**state["config"]["model"]).to(device))
     ema_model.load_state_dict(state["ema"])
     try:

@@ -6,18 +6,20 @@ Sections, in data-flow order:
                     find_image_samples, stratified_split, drop_unreadable_images, ImageSamples,
                     image_transforms, classifier_loaders, check_same_on_every_rank (image folders / CSV)
   models            FlowUNet, CLASSIFIER_NAMES, build_classifier, build_optimizer
-  losses            classification_loss, focal_loss, class_balanced_weights, rectified_flow_loss
+  losses            classification_loss, focal_loss, class_balanced_weights, ot_pairs, rectified_flow_loss
   training          autocast_dtype, make_scaler, make_ema, train_step, RunningSums, train_epoch, validate,
                     stop_on_signals, exit_stopped, capture_rng_state, restore_rng_state, gather_from_ranks,
                     predict_dataset
-  sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers
+  sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers, straightness
+  reflow            generate_reflow_pairs, load_reflow_pairs, ReflowPairLoader
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, save_statistics,
                     inception_score, per_class_precision_recall
-  images & W&B      wandb_run, flush_run, watch_model, log_model_graph, log_artifact,
+  images & W&B      wandb_run, flush_run, watch_model, log_model_graph, log_artifact, use_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
   checkpoints       write_atomically, save_checkpoint, load_checkpoint, prepare_out_dir,
-                    rotate_checkpoints, save_best, check_checkpoint, resume_command, fetch_checkpoint
+                    rotate_checkpoints, save_best, check_checkpoint, resume_command, wandb_resume_plan,
+                    fetch_checkpoint
   config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, exit_on_error
   command line      python wbflow.py fid (or python -m wbflow fid) DIR_OR_NPZ DIR_OR_NPZ: pytorch-fid's CLI
 
@@ -702,15 +704,40 @@ def classification_loss(criterion):
     return loss_fn
 
 
-def rectified_flow_loss(model, batch):
-    """Rectified-flow (flow-matching) loss: x_t = t*x1 + (1-t)*x0 with x0 ~ N(0, I), t ~ U(0, 1),
-    regressing model(x_t, t) onto the velocity x1 - x0 (mean squared error, float32).
+def ot_pairs(noise, data):
+    """`noise` reordered so that the pairs (noise[i], data[i]) have the least total squared Euclidean
+    distance: the exact optimal transport plan of two equal batches with uniform weights, a
+    permutation (scipy's linear_sum_assignment on the flattened float64 costs; no resampling). Under
+    DDP each rank pairs its own batch.
 
-    `batch` is data x1 of any shape (N, ...) or an (x1, labels) pair; fits train_epoch's loss_fn.
-    Usage: stats = wbflow.train_epoch(model, loader, optimizer, rectified_flow_loss)
+    Usage: x0 = ot_pairs(torch.randn_like(x1), x1)
     """
-    data = batch[0] if isinstance(batch, (tuple, list)) else batch
-    noise = torch.randn_like(data)
+    from scipy.optimize import linear_sum_assignment
+    if noise.shape != data.shape:
+        raise ValueError(f"ot_pairs needs batches of one shape, not {tuple(noise.shape)} and {tuple(data.shape)}")
+    x0, x1 = noise.detach().flatten(1).double(), data.detach().flatten(1).double()
+    cost = (x0.square().sum(1, keepdim=True) + x1.square().sum(1) - 2 * x0 @ x1.T).cpu().numpy()
+    noise_index, data_index = linear_sum_assignment(cost)
+    order = torch.empty(len(data_index), dtype=torch.long)
+    order[torch.from_numpy(data_index)] = torch.from_numpy(noise_index)  # data[j] gets noise[order[j]]
+    return noise[order.to(noise.device)]
+
+
+def rectified_flow_loss(model, batch, *, coupling="independent"):
+    """Rectified-flow (flow-matching) loss: x_t = t*x1 + (1-t)*x0 with t ~ U(0, 1), regressing
+    model(x_t, t) onto the velocity x1 - x0 (mean squared error, float32).
+
+    `batch` is data x1 of any shape (N, ...) or an (x1, labels) pair, with noise x0 ~ N(0, I) paired
+    independently or, with coupling="ot", by ot_pairs; or {"noise": x0, "data": x1}, fixed pairs (reflow).
+    Usage: stats = wbflow.train_epoch(model, loader, optimizer, rectified_flow_loss)
+    Copy with: ot_pairs
+    """
+    if isinstance(batch, dict):
+        noise, data = batch["noise"], batch["data"]
+    else:
+        data = batch[0] if isinstance(batch, (tuple, list)) else batch
+        noise = torch.randn_like(data)
+        noise = ot_pairs(noise, data) if coupling == "ot" else noise
     t = torch.rand(data.shape[0], device=data.device, dtype=data.dtype)
     t_data = t.view(-1, *([1] * (data.dim() - 1)))
     velocity = model(t_data * data + (1 - t_data) * noise, t)
@@ -1235,6 +1262,120 @@ def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1,
             images, used = sample_flow(model, noise, solver, budget, tolerance=tolerance, dtype=dtype)
             rows.append({"solver": solver, "nfe": used, "seconds": time.perf_counter() - started, "images": images})
     return rows
+
+
+class _VelocitySums(nn.Module):
+    # the model, summing the velocities it returns and their squares (float64), for straightness
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.total, self.squares = model, 0.0, 0.0
+
+    def forward(self, x, t):
+        velocity = self.model(x, t)
+        self.total, self.squares = self.total + velocity.double(), self.squares + velocity.double().square()
+        return velocity
+
+
+def straightness(model, noise, steps=100, *, dtype=None):
+    """RectifiedFlow's straightness S of `model`'s own Euler trajectory from `noise` (`steps` steps):
+    the mean over steps of the per-dimension mean of ((x_1 - x_0) - v(x_t, t))^2; 0 for a straight
+    flow. Since x_1 - x_0 is the mean velocity, this is mean(v^2) - (x_1 - x_0)^2, in one pass.
+
+    Usage: eval_straightness = straightness(ema_model.module, fixed_noise, steps=100)
+    Copy with: euler_sample, _VelocitySums
+    """
+    sums = _VelocitySums(model)
+    euler_sample(sums, noise, steps, dtype=dtype)
+    return (sums.squares / steps - (sums.total / steps).square()).mean().clamp(min=0).item()
+
+
+# ----------------------------------------------------------------------------- reflow
+
+def _pair_noise(indices, seed, shape):
+    # pair i's noise, from its own seed: any pair is regenerated alone, so a shard stores only samples
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2**32 + int(i)))
+                        for i in indices])
+
+
+def generate_reflow_pairs(sample, folder, num_pairs, *, shard_size=1000, shape=(3, 32, 32), seed=0, settings=None,
+                          device="cpu", rank=0, world_size=1, stop=None):
+    """Write `num_pairs` (noise, sample) pairs into `folder` as shards pairs_00000.pt, ... of
+    `shard_size` pairs: sample(noise) (a trained flow's uint8 samples, 3 KB a CIFAR pair) and what
+    regenerates the noise (pair i's own seed). Each shard is written atomically and a shard already
+    there is kept, so a killed generation resumes at the next shard; a shard of other `settings`
+    (e.g. the solver) is a ValueError. Under DDP pass rank and world_size: each writes every
+    world_size-th shard. `stop` is checked before each shard: the result is then None, else this
+    rank's shard paths.
+
+    Usage: generate_reflow_pairs(lambda x0: images_to_uint8(sample_flow(ema, x0)[0]), "out/pairs", 10_000)
+    Copy with: _pair_noise, save_checkpoint, write_atomically, load_checkpoint
+    """
+    paths = []
+    for shard in range(rank, math.ceil(num_pairs / shard_size), world_size):
+        path, first = Path(folder) / f"pairs_{shard:05d}.pt", shard * shard_size
+        meta = {**(settings or {}), "first": first, "count": min(shard_size, num_pairs - first), "seed": seed,
+                "shape": list(shape)}
+        if path.is_file():
+            saved = load_checkpoint(path)
+            if {key: saved.get(key) for key in meta} != meta:
+                raise ValueError(f"{path} holds pairs of other settings ({ {k: saved.get(k) for k in meta} }, "
+                                 f"this run makes {meta}): use another folder")
+        elif stop is not None and stop():
+            return None
+        else:
+            noise = _pair_noise(range(first, first + meta["count"]), seed, shape).to(device)
+            save_checkpoint({**meta, "images_uint8": sample(noise).cpu()}, path)
+        paths.append(path)
+    return paths
+
+
+def load_reflow_pairs(folder, num_pairs):
+    """The samples of generate_reflow_pairs' shards in `folder`, in pair order, and their noise seed:
+    (images_uint8, seed). Missing pairs or shards of mixed settings are a ValueError.
+
+    Usage: images_uint8, seed = load_reflow_pairs("out/pairs", 100_000)
+    Copy with: load_checkpoint
+    """
+    shards = [load_checkpoint(path) for path in sorted(Path(folder).glob("pairs_*.pt"))]
+    firsts = [shard["first"] for shard in shards]
+    if firsts != sorted(firsts) or sum(shard["count"] for shard in shards) != num_pairs or len(
+            {shard["seed"] for shard in shards}) > 1 or any(a["first"] + a["count"] != b["first"]
+                                                            for a, b in zip(shards, shards[1:])):
+        raise ValueError(f"{folder} does not hold the {num_pairs} pairs of one generation "
+                         f"({len(shards)} shards, {sum(shard['count'] for shard in shards)} pairs)")
+    return torch.cat([shard["images_uint8"] for shard in shards]), shards[0]["seed"]
+
+
+class ReflowPairLoader:
+    """Batches {"noise": x0, "data": x1} of reflow pairs (load_reflow_pairs' images and seed) for
+    rectified_flow_loss: the samples stay one uint8 tensor on the device, the noise is regenerated
+    per pair. Order, DDP shares and resume as DeviceImageLoader: set_epoch(epoch, skip_batches=k).
+
+    Usage: loader = ReflowPairLoader(*load_reflow_pairs("out/pairs", 100_000), 128, device="cuda")
+    Copy with: _pair_noise
+    """
+
+    def __init__(self, images_uint8, noise_seed, batch_size, *, device="cpu", seed=0, rank=0, world_size=1):
+        self.device = torch.device(device)
+        self.images_uint8 = images_uint8.to(self.device, non_blocking=True)
+        self.noise_seed, self.batch_size, self.seed, self.rank, self.world_size = (
+            noise_seed, batch_size, seed, rank, world_size)
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch, skip_batches=0):
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def __len__(self):
+        return len(self.images_uint8) // self.world_size // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(len(self.images_uint8), generator=torch.Generator().manual_seed(
+            self.seed * 1_000_003 + self.epoch))[self.rank::self.world_size]
+        for batch in range(self.skip_batches, len(self)):
+            index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+            noise = _pair_noise(index.tolist(), self.noise_seed, self.images_uint8.shape[1:])
+            yield {"noise": noise.to(self.device, non_blocking=True),
+                   "data": self.images_uint8[index.to(self.device)].float().div_(127.5).sub_(1.0)}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -1902,6 +2043,24 @@ def log_artifact(run, path, name, type="model", aliases=("latest",), metadata=No
     return run.log_artifact(artifact, aliases=list(aliases))
 
 
+def use_artifact(run, path, name, type="model", metadata=None):
+    """Mark the file or folder at `path` as an input of `run`: artifact `name` of `type` (W&B keeps
+    one version of equal contents, so the artifact another run logged from the same files is the one
+    used). Offline runs record the use as well (an artifact record to use once committed), where
+    run.use_artifact refuses; wandb sync makes it the lineage.
+
+    Usage: use_artifact(run, "runs/flow/checkpoint_epoch_100.pt", "model-1a2b3c4d")
+    """
+    import wandb
+    if not run:
+        return None
+    artifact = wandb.Artifact(name, type=type, metadata=metadata)
+    (artifact.add_dir if Path(path).is_dir() else artifact.add_file)(str(path))
+    if not run.offline:
+        return run.use_artifact(artifact)
+    return run._log_artifact(artifact, is_user_created=True, use_after_commit=True)  # what use_artifact does online
+
+
 def images_to_uint8(images):
     """Model-space images in [-1, 1] -> uint8 0..255 (clamped, rounded), same shape and device.
 
@@ -1944,19 +2103,20 @@ def log_image_grid(run, key, grid_uint8, *, step=None, caption=None):
 
 
 def samples_table(rows, root="."):
-    """A wandb.Table with columns epoch, solver, nfe, seconds, samples from rows holding those keys,
-    "samples" being a uint8 grid or a PNG path relative to `root`, so solvers and NFEs compare side
-    by side. Relative paths keep rows saved in a checkpoint valid when the folder moves.
+    """A wandb.Table with columns epoch, solver, nfe, seconds, straightness (None where a row has none),
+    samples from rows holding those keys, "samples" being a uint8 grid or a PNG path relative to
+    `root`, so solvers and NFEs compare side by side. Relative paths keep rows saved in a checkpoint
+    valid when the folder moves.
 
     Usage: run.log({"eval/samples_table": samples_table(rows, root="checkpoints")})
     """
     import wandb
-    data = [[row["epoch"], row["solver"], row["nfe"], round(row["seconds"], 3),
+    data = [[row["epoch"], row["solver"], row["nfe"], round(row["seconds"], 3), row.get("straightness"),
              wandb.Image(row["samples"] if not isinstance(row["samples"], (str, os.PathLike))
                          else str(Path(root) / row["samples"]),
                          caption=f"epoch {row['epoch']} {row['solver']} NFE {row['nfe']}")]
             for row in rows]
-    return wandb.Table(columns=["epoch", "solver", "nfe", "seconds", "samples"], data=data)
+    return wandb.Table(columns=["epoch", "solver", "nfe", "seconds", "straightness", "samples"], data=data)
 
 
 def log_classification_report(run, probs, labels, class_names, *, images=None, table_rows=32, step=None):
@@ -2210,6 +2370,21 @@ def resume_command(script, argv, checkpoint, world_size=1):
              if flag != "--resume" and not flag.startswith("--resume=") and argv[index - 1:index] != ["--resume"]]
     launcher = ["torchrun", "--standalone", f"--nproc_per_node={world_size}"] if world_size > 1 else ["python"]
     return shlex.join([*launcher, Path(script).name, *flags, "--resume", str(checkpoint)])
+
+
+def wandb_resume_plan(run_id, last_act, step, checkpoint):
+    """How a run resumed from `checkpoint` (at `step`, of W&B run `run_id` or None) goes on in W&B:
+    (run id to continue or None, a new run's config["resumed_from"] or None, a line saying which). Only
+    a checkpoint written as the run's last act (a stop, or its end) continues the run: after any other
+    the run may have logged past it, and W&B would drop those steps.
+
+    Usage: run_id, resumed_from, plan = wandb_resume_plan(state["wandb_run_id"], True, 700, "out/last.pt")
+    """
+    if last_act and run_id:
+        return run_id, None, f"continuing run {run_id} from step {step}"
+    why = f"run {run_id} may have logged past this checkpoint" if run_id else "the run it came from logged no W&B"
+    return None, {"run_id": run_id, "step": step, "checkpoint": str(checkpoint)}, (
+        f"a new run (config resumed_from: run {run_id}, step {step}), since {why}")
 
 
 def fetch_checkpoint(reference, *, project=None, entity=None, root=None):
