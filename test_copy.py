@@ -158,6 +158,14 @@ def _(find_image_samples, tmp_path, fixture):
     assert class_names == ["a", "b"] and len(train_samples) == 4 and len(val_samples) == 2
 
 
+@call("list_images")
+def _(list_images, tmp_path, fixture):
+    data = image_folders(tmp_path)[0]
+    (tmp_path / "data" / "list.txt").write_text("a/0.png\ta\nb/1.png\tb\n")
+    assert list_images(tmp_path / "data" / "list.txt") == ([("a/0.png", str(data / "a" / "0.png"), 0),
+                                                            ("b/1.png", str(data / "b" / "1.png"), 1)], ["a", "b"])
+
+
 @call("stratified_split")
 def _(stratified_split, tmp_path, fixture):
     train_index, val_index = stratified_split([0, 0, 1, 1], 0.5)
@@ -349,6 +357,23 @@ def _(predict_dataset, tmp_path, fixture):
     assert probs.shape == (5, 3) and torch.allclose(probs.sum(1), torch.ones(5)) and labels.tolist() == [0, 1, 2, 0, 1]
 
 
+@call("predict_images")
+def _(predict_images, tmp_path, fixture):
+    paths = [path for path, _ in image_folders(tmp_path)[1]] + [str(tmp_path / "missing.png")]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 2 * 2, 3))
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        probs = predict_images(model, paths, wbflow.image_transforms(2, train=False), batch_size=1)
+    assert probs.shape == (3, 3) and torch.allclose(probs[:2].sum(1), torch.ones(2)) and probs[2].isnan().all()
+
+
+@call("write_submission")
+def _(write_submission, tmp_path, fixture):
+    probs = torch.tensor([[0.2, 0.8], [math.nan, math.nan]])
+    assert write_submission(tmp_path / "s.txt", ["a.jpg", "b.jpg"], probs, ["x", "y"], fallback=0) == [1, 0]
+    assert (tmp_path / "s.txt").read_text() == "a.jpg\ty\nb.jpg\tx\n"
+    assert (tmp_path / "predictions.csv").read_text() == "name,x,y\na.jpg,0.200000,0.800000\nb.jpg,,\n"
+
+
 # ----------------------------------------------------------------------------- sampling
 
 @call("euler_sample")
@@ -420,6 +445,12 @@ def _(ReflowPairLoader, tmp_path, fixture):
 @call("per_class_precision_recall")
 def _(per_class_precision_recall, tmp_path, fixture):
     assert per_class_precision_recall([0, 1, 1], [0, 1, 0], 2) == ([0.5, 1.0], [1.0, 0.5], [1, 2])
+
+
+@call("f1_scores")
+def _(f1_scores, tmp_path, fixture):
+    f1, macro_f1 = f1_scores([0, 1, 1, 2], [0, 1, 0, 1], 3)
+    assert f1 == pytest.approx([2 / 3, 0.5, 0.0]) and macro_f1 == pytest.approx(7 / 18)
 
 
 @call("FIDInceptionV3")

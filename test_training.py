@@ -326,7 +326,7 @@ def test_train_fire_stopped_by_sigterm_mid_epoch_resumes_the_same_run_with_the_s
     assert_same_history(scalar_rows(first, second), scalar_rows(whole))
     end = {run: wbflow.load_checkpoint(tmp_path / run / "last.pth") for run in ("whole", "split")}
     assert end["split"]["step"] == end["whole"]["step"] == 10 and end["split"]["train_state"] is None
-    assert end["split"]["best_val_acc"] == end["whole"]["best_val_acc"]
+    assert end["split"]["best"] == end["whole"]["best"]
     for name, tensor in end["whole"]["model"].items():
         torch.testing.assert_close(end["split"]["model"][name], tensor, rtol=1e-5, atol=1e-6)
 

@@ -1208,7 +1208,7 @@ def test_crashed_run_resumes_in_a_new_wandb_run_for_the_remaining_epochs_and_kee
     steps_per_epoch = 30 // 8  # 6 of each class's 8 images train, the last batch of 6 is dropped
     assert last["epoch"] == 2 and last["step"] == 3 * steps_per_epoch
     assert last["scheduler"]["last_epoch"] == 3 * steps_per_epoch and last["wandb_run_id"] == resumed.run_id
-    assert last["best_val_acc"] == 80.0
+    assert last["best"] == 80.0
 
 
 def test_torchrun_with_two_processes_logs_one_run_and_saves_one_best_file(offline_wandb, tmp_path):

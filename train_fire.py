@@ -4,22 +4,22 @@
     torchrun --standalone --nproc_per_node=4 train_fire.py --data-dir data/fire  # DDP on 4 GPUs
     python train_fire.py --data-dir data/fire --resume runs/fire/last.pth        # continue a killed run
     wandb sweep sweep.yaml                                                        # then: wandb agent <id>
+    python train_fire.py --predict data/fire/A.txt --checkpoint runs/fire/best_model.pth   # the submission file
 
-Data: DATA/train/<class>/* and DATA/val/<class>/*; DATA/<class>/* split by a seeded stratified --val-split;
-or a CSV of path,label. Class names come from the folders (or --class-names).
-W&B, with the seed's names (main and train_epochs log them): every 10 batches epoch, batch, train_loss, train_acc,
-learning_rate; every epoch epoch/train_loss, epoch/train_acc, val_loss, val_acc, and best_val_acc when it
-improves, whose model (OUT/best_model.pth) becomes a model artifact (aliases best, latest); after training the
-best model's predictions table, confusion matrix, per-class precision and recall. OUT/last.pth, written every
-epoch, is what --resume continues; a resume refuses a change of any setting that shapes the run (RESUME_SAME).
-A cosine schedule from --learning-rate to 0 steps with every optimiser step. --batch-size is per process.
-Every flag also takes the underscore form the sweep agent writes (--batch_size=32, --watch=False).
+Data: DATA/train/<class>/* and DATA/val/<class>/*; DATA/<class>/* split by a seeded stratified --val-split; a list
+of name<TAB>label or path,label lines; the competition's download (DATA/train.txt, DATA/train/*). W&B keys follow
+the seed (main defines them, train_epochs logs them, the README lists them). Each improvement of --best-metric saves
+OUT/best_model.pth, a new version of a model artifact (aliases best, latest); after training, the best model's
+predictions table, confusion matrix, per-class precision and recall. OUT/last.pth, written every epoch, is what
+--resume continues; a resume refuses a change of any setting that shapes the run (RESUME_SAME). The cosine schedule
+steps with every optimiser step; --batch-size is per process; flags also take the sweep agent's --batch_size=32.
 """
 import argparse
 import functools
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,13 +29,13 @@ import wbflow
 
 LOSS_NAMES = {"ce": "CrossEntropyLoss", "focal": "FocalLoss"}
 # what --resume needs in a checkpoint (last.pth holds them; best_model.pth does not)
-RESUME_KEYS = ("model", "optimizer", "scheduler", "step", "scaler", "epoch", "best_val_acc", "skipped_steps", "rng",
+RESUME_KEYS = ("model", "optimizer", "scheduler", "step", "scaler", "epoch", "best", "skipped_steps", "rng",
                "train_state", "wandb_run_id", "wandb_last_act", "config")
 # the config a resume must share with its checkpoint: a resumed run is the same run, so the schedule (laid
 # out over epochs * steps_per_epoch), the data split and order, and the W&B config must not change under it
 RESUME_SAME = ("model", "classes", "image_size", "epochs", "world_size", "batch_size", "learning_rate",
                "optimizer", "weight_decay", "grad_clip", "loss", "focal_gamma", "class_weights", "weights", "seed",
-               "val_split", "train_images", "val_images")
+               "val_split", "train_images", "val_images", "sampler", "label_smoothing", "best_metric")
 OUT_FILES = ("best_model.pth", "last.pth")  # what this driver writes into --out-dir
 
 
@@ -60,40 +60,42 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     add = functools.partial(wbflow.add_sweep_argument, parser)
-    add("--data-dir", default="data/fire", help="image folders or a path,label CSV")
+    add("--data-dir", default="data/fire", help="image folders, a name<TAB>label / path,label list, train.txt's folder")
     add("--class-names", type=lambda text: text.split(","),
-        help="comma-separated, in label order (default: the sorted folder names / CSV labels)")
+        help="comma-separated, in label order (default: the sorted folder names / labels)")
     add("--val-split", type=float, default=0.2, help="val fraction when there is no val/ folder")
     add("--model", choices=wbflow.CLASSIFIER_NAMES, default="resnet50", help="architecture")
     add("--weights", choices=("imagenet", "none"), default="imagenet", help="initial weights")
     add("--loss", choices=tuple(LOSS_NAMES), default="ce", help="cross-entropy or focal loss")
     add("--focal-gamma", type=float, default=2.0, help="focusing parameter of --loss focal")
-    add("--class-weights", choices=("none", "balanced"), default="none",
-        help="balanced: CE weights / focal alpha of n / (classes * count)")
+    add("--class-weights", choices=("none", "balanced"), default="none", help="balanced: n / (classes * count)")
+    add("--label-smoothing", type=float, default=0.0, help="label smoothing of --loss ce, in [0, 1)")
+    add("--sampler", choices=("shuffle", "balanced"), default="shuffle", help="balanced: each class equally often")
+    add("--best-metric", choices=("val_acc", "val_macro_f1"), default="val_acc", help="what best_model.pth follows")
     add("--optimizer", choices=("adam", "adamw", "sgd"), default="adam", help="sgd: Nesterov momentum 0.9")
     add("--learning-rate", type=float, default=0.003, help="peak of the cosine schedule")
     add("--weight-decay", type=float, default=0.0, help="optimiser weight decay")
-    add("--epochs", type=int, default=10, help="epochs to train, the length of the cosine schedule; "
-                                               "--resume needs the run's own")
+    add("--epochs", type=int, default=10, help="the cosine schedule's length; --resume needs the run's own")
     add("--batch-size", type=int, default=32, help="images per process and optimiser step")
     add("--image-size", type=int, default=256, help="side of the square crop the model sees")
     add("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns clipping off")
     add("--amp", type=wbflow.str2bool, default=None, help="mixed precision (default: on for CUDA only)")
-    add("--num-workers", type=int, default=default_num_workers(),
-        help="loader processes per process: at most 4 and this process's share of the cores")
+    add("--num-workers", type=int, default=default_num_workers(), help="loader processes: at most 4, a core share")
     add("--seed", type=int, default=0, help="seeds the split, the data order and the initial weights")
     add("--out-dir", default=default_out_dir(), help="best_model.pth and last.pth (runs/fire/RUN_ID under a sweep "
                                                      "agent); a new run refuses one with an earlier run's checkpoints")
-    add("--overwrite", type=wbflow.str2bool, default=False,
-        help="delete an earlier run's checkpoints in --out-dir instead of refusing to start")
+    add("--overwrite", type=wbflow.str2bool, default=False, help="delete an earlier run's checkpoints in --out-dir")
     add("--resume", help="OUT/last.pth of the run to continue, with the same flags (default: a new run)")
-    add("--num-predictions", type=int, default=32, help="validation images in the predictions table")
+    add("--num-predictions", type=int, default=32, help="images in the predictions table (validation, or --predict)")
     add("--watch", type=wbflow.str2bool, default=False, help='wandb.watch(model, log="all", log_freq=100)')
-    add("--log-graph", type=wbflow.str2bool, default=False,
-        help="log the model graph as model_graph (torchviz + Graphviz), else W&B's own graph")
+    add("--log-graph", type=wbflow.str2bool, default=False, help="model_graph (torchviz + Graphviz), else W&B's graph")
     add("--no-wandb", type=wbflow.str2bool, default=False, help="train without W&B")
     add("--project", default="tianchi-fire-safety", help="W&B project")
     add("--run-name", help="W&B run name (default: W&B picks one)")
+    add("--predict", help="a list (A.txt) or folder of images to write the submission for (default: train)")
+    add("--checkpoint", help="--predict's model file or W&B model artifact (default: OUT/best_model.pth)")
+    add("--submission", help="--predict's file or folder, and predictions.csv (default: submission.txt by the model)")
+    add("--tta", type=wbflow.str2bool, default=False, help="--predict: average the image's and its mirror's prediction")
     return parser.parse_args(argv)
 
 
@@ -104,7 +106,9 @@ def check_settings(args, world_size):
                               "--learning-rate": args.learning_rate, "WORLD_SIZE": world_size},
                              {"--num-workers": args.num_workers, "--num-predictions": args.num_predictions,
                               "--grad-clip": args.grad_clip, "--weight-decay": args.weight_decay,
-                              "--focal-gamma": args.focal_gamma})
+                              "--focal-gamma": args.focal_gamma, "--label-smoothing": args.label_smoothing})
+        if args.label_smoothing and (args.loss != "ce" or args.label_smoothing >= 1):
+            raise ValueError(f"--label-smoothing {args.label_smoothing} needs --loss ce and a value below 1")
         if not 0 <= args.val_split < 1:
             raise ValueError(f"--val-split must be at least 0 and below 1, not {args.val_split}")
         if args.class_names is not None and len(set(args.class_names)) != len(args.class_names):
@@ -121,37 +125,45 @@ def load_data(args, device, rank, world_size):
                                          "validation images": len(val_samples)}, class_names=class_names)
     train_set = wbflow.ImageSamples(train_samples, wbflow.image_transforms(args.image_size, train=True))
     val_set = wbflow.ImageSamples(val_samples, wbflow.image_transforms(args.image_size, train=False))
+    weights = wbflow.class_balanced_weights(train_set.labels, len(class_names))[train_set.labels]  # 1 / class count
     loaders = wbflow.classifier_loaders(train_set, val_set, args.batch_size, num_workers=args.num_workers,
-                                        device=device, seed=args.seed, rank=rank, world_size=world_size)
+                                        device=device, seed=args.seed, rank=rank, world_size=world_size,
+                                        sample_weights=weights if args.sampler == "balanced" else None)
     if rank == 0:
         print(f"{len(train_set)} training and {len(val_set)} validation images, classes: {' '.join(class_names)}")
     return class_names, (train_set, val_set), loaders
 
 
 def build_model(args, num_classes, train_labels, steps_per_epoch, device, world_size):
-    """(model, the model to train (DDP across ranks), loss_fn, the trainables: model, optimiser, a cosine schedule
-    over every step, the AMP scaler); unavailable weights end in one line."""
+    """(model, the model to train (DDP across ranks), (loss_fn, the list it fills with validation batches' labels
+    and predictions), trainables: model, optimiser, a cosine schedule over every step, AMP scaler); one-line errors"""
     with wbflow.exit_on_error("train_fire", (FileNotFoundError, ValueError)):
         model = wbflow.build_classifier(args.model, num_classes, args.weights).to(device)
     train_model = nn.parallel.DistributedDataParallel(
         model, [device.index] if device.type == "cuda" else None) if world_size > 1 else model
     class_weights = (wbflow.class_balanced_weights(train_labels, num_classes).to(device)
                      if args.class_weights == "balanced" else None)
-    criterion = (nn.CrossEntropyLoss(weight=class_weights) if args.loss == "ce"
+    criterion = (nn.CrossEntropyLoss(weight=class_weights, label_smoothing=args.label_smoothing) if args.loss == "ce"
                  else functools.partial(wbflow.focal_loss, gamma=args.focal_gamma, alpha=class_weights))
+    val_batches = []
+
+    def criterion_noting_val_batches(logits, labels):  # validate runs in inference mode, training does not
+        if torch.is_inference_mode_enabled():
+            val_batches.append(torch.stack([labels, logits.argmax(dim=1)]))
+        return criterion(logits, labels)
     optimizer = wbflow.build_optimizer(args.optimizer, model.parameters(), args.learning_rate,
                                        weight_decay=args.weight_decay, fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
     trainables = {"model": model, "optimizer": optimizer, "scheduler": scheduler,
                   "scaler": wbflow.make_scaler(device, args.amp)}
-    return model, train_model, wbflow.classification_loss(criterion), trainables
+    return model, train_model, (wbflow.classification_loss(criterion_noting_val_batches), val_batches), trainables
 
 
 def resume_run(args, trainables, expected, device, rank):
     """(progress, first epoch, its stopped train_state, config's resumed_from) of a new run, or of --resume: this
     driver's last.pth holding `expected` (RESUME_SAME; else one line names the first that differs), loaded."""
     if not args.resume:
-        return {"step": 0, "best_val_acc": None, "skipped_steps": 0, "wandb_run_id": None}, 0, None, None
+        return {"step": 0, "best": None, "skipped_steps": 0, "wandb_run_id": None}, 0, None, None
     hints = {**{key: f" (a resumed run goes on as the same run: resume with the run's --{key.replace('_', '-')}, "
                      f"or start a new run)" for key in expected},
              "epochs": " (its cosine schedule ends there; changing --epochs would make the learning rate climb "
@@ -170,7 +182,7 @@ def resume_run(args, trainables, expected, device, rank):
         if state[name]:  # the scaler's is empty when saved without fp16 (bf16 or CPU)
             part.load_state_dict(state[name])
     wbflow.restore_rng_state(state["rng"][rank])
-    progress = {key: state[key] for key in ("step", "best_val_acc", "skipped_steps")}
+    progress = {key: state[key] for key in ("step", "best", "skipped_steps")}
     progress["wandb_run_id"], resumed_from = state["wandb_run_id"] if state["wandb_last_act"] else None, None
     if state["wandb_run_id"] is None:  # trained with --no-wandb: there is no run to continue
         wandb_plan = "a new run (the checkpoint's run had no W&B run)"
@@ -183,7 +195,7 @@ def resume_run(args, trainables, expected, device, rank):
     start_epoch = state["epoch"] + (state["train_state"] is None)  # a stopped epoch is finished first
     if rank == 0:
         print(f"resuming epoch {start_epoch} at batch {(state['train_state'] or {'batches': 0})['batches']}, step "
-              f"{state['step']} (best val_acc {state['best_val_acc']}) from {args.resume}; "
+              f"{state['step']} (best {args.best_metric} {state['best']}) from {args.resume}; "
               f"W&B: {'off' if args.no_wandb else wandb_plan}")
     return progress, start_epoch, state["train_state"], resumed_from
 
@@ -195,9 +207,9 @@ def checkpoint(trainables, progress, config, epoch, train_state=None, last_act=F
             "wandb_last_act": last_act, "config": config, "driver": "train_fire"}
 
 
-def train_epochs(args, argv, run, stop, train_model, loss_fn, trainables, loaders, progress, config, start, out_dir):
+def train_epochs(args, argv, run, stop, train_model, losses, trainables, loaders, progress, config, start, out_dir):
     """From `start` (first epoch, its stopped train_state): train (a stop saves and exits), validate, best, log."""
-    (train_loader, val_loader), (start_epoch, epoch_state) = loaders, start
+    (train_loader, val_loader), (start_epoch, epoch_state), (loss_fn, val_batches) = loaders, start, losses
     model, master = trainables["model"], wbflow.rank_and_world_size()[0] == 0  # rank 0 prints and writes
     device = next(model.parameters()).device
 
@@ -218,26 +230,72 @@ def train_epochs(args, argv, run, stop, train_model, loss_fn, trainables, loader
                                 where=f" at step {progress['step']} (epoch {epoch})")
         # the unwrapped model: DDP's forward would sync buffers, and val shards differ in length
         val = wbflow.validate(model, val_loader, loss_fn, device=device, amp=args.amp)
-        best_state = {"model": model.state_dict(), "epoch": epoch, "val_acc": val["accuracy"],
-                      "class_names": config["classes"], "config": config}
-        progress["best_val_acc"], improved = wbflow.save_best(
-            best_state, val["accuracy"], progress["best_val_acc"], out_dir / "best_model.pth", run=run,
-            aliases=(f"epoch-{epoch}",), metadata={"epoch": epoch, "global_step": progress["step"], "config": config})
+        noted = torch.cat(val_batches, dim=1).cpu() if val_batches else torch.zeros(2, 0, dtype=torch.long)
+        val_batches.clear()  # below: the labels and predictions of every rank's validation shard
+        f1, macro_f1 = wbflow.f1_scores(*torch.cat(wbflow.gather_from_ranks(noted), 1).tolist(), len(config["classes"]))
+        scores = {"val_acc": val["accuracy"], "val_macro_f1": macro_f1}
+        best_state = {"model": model.state_dict(), "epoch": epoch, **scores, "class_names": config["classes"],
+                      "config": config, "driver": "train_fire"}
+        progress["best"], improved = wbflow.save_best(
+            best_state, scores[args.best_metric], progress["best"], out_dir / "best_model.pth", run=run,
+            name=args.best_metric, aliases=(f"epoch-{epoch}",),
+            metadata={"epoch": epoch, "global_step": progress["step"], "config": config})
         run.log({"epoch": epoch, "epoch/train_loss": train["loss"], "epoch/train_acc": train["accuracy"],
-                 "val_loss": val["loss"], "val_acc": val["accuracy"],
-                 **({"best_val_acc": progress["best_val_acc"]} if improved else {})}, step=progress["step"])
+                 "val_loss": val["loss"], **scores, **{f"val_f1/{name}": f for name, f in zip(config["classes"], f1)},
+                 **({f"best_{args.best_metric}": progress["best"]} if improved else {})}, step=progress["step"])
         state = checkpoint(trainables, progress, config, epoch)
         if master:
             wbflow.flush_run(run)  # what the epoch logged is on disk before the checkpoint a resume starts from
             wbflow.save_checkpoint(state, out_dir / "last.pth")
             print(f"Epoch: {epoch} | Train Loss: {train['loss']:.4f} | Train Acc: {train['accuracy']:.2f}% | "
-                  f"Val Loss: {val['loss']:.4f} | Val Acc: {val['accuracy']:.2f}%"
+                  f"Val Loss: {val['loss']:.4f} | Val Acc: {val['accuracy']:.2f}% | Val macro-F1: {macro_f1:.4f}"
                   + (f" | best, saved to {out_dir / 'best_model.pth'}" if improved else ""))
+
+
+def predict(args):
+    """--predict: the submission (the list's order; unreadable: the most frequent class), predictions.csv, W&B."""
+    with wbflow.exit_on_error("train_fire", (FileNotFoundError, ValueError)):
+        checkpoint = wbflow.fetch_checkpoint(args.checkpoint or f"{args.out_dir}/best_model.pth", project=args.project)
+        state = wbflow.load_checkpoint(checkpoint)
+        wbflow.check_checkpoint(state, driver="train_fire", required=("model", "config"))
+        config, submission = state["config"], Path(args.submission or checkpoint.parent)
+        submission = submission / "submission.txt" if submission.is_dir() else submission
+        rows, classes = wbflow.list_images(args.predict, config["classes"], strict=False)
+        names, paths, labels = map(list, zip(*rows)) if rows else ([], [], [])
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = wbflow.build_classifier(config["model"], len(classes)).to(device)
+        model.load_state_dict(state["model"])
+        transform = wbflow.image_transforms(config["image_size"], train=False, mean_std=config.get("mean_std"))
+        probs = wbflow.predict_images(model, paths, transform, device=device, batch_size=args.batch_size,
+                                      num_workers=args.num_workers, tta=args.tta, progress=True)
+        most_frequent, read = max(range(len(classes)), key=config["class_counts"].__getitem__), ~probs.isnan().any(1)
+        predicted = wbflow.write_submission(submission, names, probs, classes, fallback=most_frequent)
+    print(f"{len(names)} predictions ({int((~read).sum())} unreadable: {classes[most_frequent]}) in {submission}")
+    scores, labelled = {}, [(label, guess) for label, guess in zip(labels, predicted) if label is not None]
+    if labelled:  # a list with labels: how the submission scores
+        scores = {"accuracy": 100.0 * sum(label == guess for label, guess in labelled) / len(labelled),
+                  "macro_f1": wbflow.f1_scores(*zip(*labelled), len(classes))[1]}
+        print(f"{len(labelled)} labelled images: accuracy {scores['accuracy']:.2f}%, macro-F1 {scores['macro_f1']:.4f}")
+    with wbflow.wandb_run({**config, "predict": args.predict, "checkpoint": args.checkpoint, "tta": args.tta},
+                          project=args.project, enabled=not args.no_wandb, job_type="predict",
+                          name=args.run_name) as run:
+        if run:
+            import wandb
+            if args.checkpoint and not os.path.isfile(args.checkpoint):  # a model artifact: this run used it
+                run.use_artifact(args.checkpoint)
+            run.log({"predictions": wandb.Table(columns=["image", "label", "confidence"], data=[
+                [wandb.Image(paths[index]), classes[predicted[index]], float(probs[index].max())]
+                for index in read.nonzero().flatten().tolist()[:args.num_predictions]]), **scores})
+        wbflow.log_artifact(run, submission, "submission", type="submission", policy="mutable",
+                            metadata={"images": len(names), "tta": args.tta, **scores})
+    return submission
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.predict:
+        return predict(args)
     out_dir, earlier_run = check_settings(args, int(os.environ.get("WORLD_SIZE", 1)))
     rank, world_size, device = wbflow.setup_distributed()
     master = rank == 0  # the only process that prints, logs to W&B and writes checkpoints
@@ -245,7 +303,7 @@ def main(argv=None):
         warnings.simplefilter("ignore")
     torch.manual_seed(args.seed + rank)  # each rank its own randomness
     class_names, (train_set, val_set), loaders = load_data(args, device, rank, world_size)
-    model, train_model, loss_fn, trainables = build_model(args, len(class_names), train_set.labels, len(loaders[0]),
+    model, train_model, losses, trainables = build_model(args, len(class_names), train_set.labels, len(loaders[0]),
                                                           device, world_size)
     # every setting as given, then what they became (names as the seed logs them)
     settings = {key: value for key, value in vars(args).items() if key != "resume"}
@@ -253,7 +311,8 @@ def main(argv=None):
               "scheduler": "CosineAnnealingLR", "classes": class_names,
               "amp": str(wbflow.autocast_dtype(device, args.amp) or "off").replace("torch.", ""),
               "device": device.type, "world_size": world_size, "train_images": len(train_set),
-              "val_images": len(val_set), "steps_per_epoch": len(loaders[0])}
+              "val_images": len(val_set), "steps_per_epoch": len(loaders[0]), "mean_std": wbflow.IMAGENET_MEAN_STD,
+              "class_counts": torch.bincount(torch.tensor(train_set.labels), minlength=len(class_names)).tolist()}
     progress, start_epoch, epoch_state, resumed_from = resume_run(
         args, trainables, {key: config[key] for key in RESUME_SAME}, device, rank)
     run_config = config if resumed_from is None else {**config, "resumed_from": resumed_from}
@@ -263,8 +322,8 @@ def main(argv=None):
         # windows on the global step, epoch means (own keys) and val_* on the epoch axis; summaries: the best value
         run.define_metric("epoch")
         for key, summary in {"train_loss": "min", "train_acc": "max", "epoch/train_loss": "min",
-                             "epoch/train_acc": "max", "val_loss": "min", "val_acc": "max",
-                             "best_val_acc": "last"}.items():
+                             "epoch/train_acc": "max", "val_loss": "min", "val_acc": "max", "val_macro_f1": "max",
+                             "val_f1/*": "max", f"best_{args.best_metric}": "last"}.items():
             run.define_metric(key, step_metric=None if key.startswith("train_") else "epoch", summary=summary)
         progress["wandb_run_id"] = run.id if run else progress["wandb_run_id"]
         graph_logged = args.log_graph and run and wbflow.log_model_graph(
@@ -275,7 +334,7 @@ def main(argv=None):
         if master:  # --overwrite: every check has passed, so the earlier run's checkpoints go now
             for path in earlier_run:
                 path.unlink(missing_ok=True)
-        train_epochs(args, argv, run, stop, train_model, loss_fn, trainables, loaders, progress, config,
+        train_epochs(args, argv, run, stop, train_model, losses, trainables, loaders, progress, config,
                      (start_epoch, epoch_state), out_dir)
         state = checkpoint(trainables, progress, config, args.epochs - 1, last_act=True)  # only the report follows
         if master and start_epoch < args.epochs:
@@ -290,10 +349,11 @@ def main(argv=None):
                                                       table_rows=args.num_predictions, step=progress["step"] + 1)
             for name, precision, recall in zip(class_names, report["precision"], report["recall"]):
                 print(f"{name}: precision {precision:.3f} recall {recall:.3f}")
-            print(f"best val_acc {best['val_acc']:.2f}% (epoch {best['epoch']}), model: {out_dir / 'best_model.pth'}")
+            value = f"{best['val_acc']:.2f}%" if args.best_metric == "val_acc" else f"{best['val_macro_f1']:.4f}"
+            print(f"best {args.best_metric} {value} (epoch {best['epoch']}), model: {out_dir / 'best_model.pth'}")
     if dist.is_initialized():
         dist.destroy_process_group()
-    return progress["best_val_acc"]
+    return progress["best"]
 
 
 if __name__ == "__main__":

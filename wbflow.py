@@ -3,18 +3,19 @@
 Sections, in data-flow order:
   device & data     to_device, rank_and_world_size, setup_distributed,
                     CIFAR10_URL, load_cifar10, synthetic_images, DeviceImageLoader (CIFAR-10 on the device),
-                    find_image_samples, stratified_split, drop_unreadable_images, ImageSamples,
-                    image_transforms, classifier_loaders, check_same_on_every_rank (image folders / CSV)
+                    find_image_samples, list_images, stratified_split, drop_unreadable_images, ImageSamples,
+                    IMAGENET_MEAN_STD, image_transforms, classifier_loaders, check_same_on_every_rank
+                    (image folders, name<TAB>label / path,label lists, a competition's train.txt)
   models            FlowUNet, CLASSIFIER_NAMES, build_classifier, build_optimizer
   losses            classification_loss, focal_loss, class_balanced_weights, ot_pairs, rectified_flow_loss
   training          autocast_dtype, make_scaler, make_ema, train_step, RunningSums, train_epoch, validate,
                     stop_on_signals, exit_stopped, capture_rng_state, restore_rng_state, gather_from_ranks,
-                    predict_dataset
+                    predict_dataset, predict_images, write_submission
   sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers, straightness
   reflow            generate_reflow_pairs, load_reflow_pairs, ReflowPairLoader
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, save_statistics,
-                    inception_score, per_class_precision_recall
+                    inception_score, per_class_precision_recall, f1_scores
   images & W&B      wandb_run, flush_run, watch_model, log_model_graph, log_artifact, use_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
   checkpoints       write_atomically, save_checkpoint, load_checkpoint, prepare_out_dir,
@@ -227,52 +228,86 @@ def _no_pixel_limit():
         Image.MAX_IMAGE_PIXELS = limit
 
 
-def _list_samples(list_path, class_names):
-    """(samples, class names) of a CSV of `path,label` rows: an optional header, paths relative to the
-    file's folder, a UTF-8 BOM ignored. Class names are the sorted labels unless `class_names` fixes them."""
+def list_images(source, class_names=None, *, strict=True):
+    """(rows, class names): a row (name, path, label index or None) for each image that a list file or
+    a folder names, in its order.
+
+    A list file has one `name<TAB>label` or `name,label` line per image (tab-separated when its first
+    line holds a tab; a test list has no labels), UTF-8 with or without BOM, with or without a header
+    (a first line whose name has no file suffix: path,label / name / image_id ...). A name is looked up
+    in the folder named like the list (train.txt -> train/) when that folder exists, unless the file is
+    only beside the list. A folder: its image files, also in subfolders, sorted, without labels.
+    Class names are the sorted labels unless `class_names` fixes them. Refused in one line that names
+    how many and the first few: an empty list file, labels outside `class_names` (ValueError); with
+    strict=True (training data) also rows without a label (ValueError), listed files that do not exist
+    (FileNotFoundError) and a file listed with two labels (ValueError), and a row repeating an earlier
+    one is dropped with one warning that counts them.
+    Usage: rows, class_names = list_images("data/fire/train.txt"); names, paths, labels = zip(*rows)
+    """
+    source, extensions = Path(source), (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+    folder = source if source.is_dir() else source.with_suffix("")
+    has_folder = folder.is_dir()
+
     def refuse_any(items, error, problem):  # one line: how many, and the first few
         if items:
             more = ", ..." if len(items) > 3 else ""
-            raise error(f"{list_path}: {len(items)} {problem}: {', '.join(items[:3])}{more}")
+            raise error(f"{source}: {len(items)} {problem}: {', '.join(items[:3])}{more}")
 
-    with open(list_path, newline="", encoding="utf-8-sig") as list_file:
-        rows = [[cell.strip() for cell in row] for row in csv.reader(list_file) if any(cell.strip() for cell in row)]
-    if rows and [cell.lower() for cell in rows[0][:2]] == ["path", "label"]:
-        rows = rows[1:]
-    refuse_any([",".join(row) for row in rows if len(row) < 2], ValueError, "row(s) that are not path,label")
-    class_names = sorted({row[1] for row in rows}) if class_names is None else list(class_names)
-    refuse_any(sorted({row[1] for row in rows} - set(class_names)), ValueError, "label(s) not in the class names")
-    listed = [(os.path.normpath(list_path.parent / path), class_names.index(label)) for path, label, *_ in rows]
-    refuse_any([path for path in dict.fromkeys(path for path, _ in listed) if not os.path.isfile(path)],
+    def find(name):  # in the folder named like the list; beside the list only when the file is there alone
+        inside, beside = folder / name, source.parent / name
+        return os.path.normpath(inside if has_folder and (inside.is_file() or not beside.is_file()) else beside)
+
+    if source.is_dir():
+        rows = [[str(path.relative_to(source))] for path in sorted(source.rglob("*"))
+                if path.suffix.lower() in extensions and path.is_file()]
+    else:
+        text = source.read_text(encoding="utf-8-sig")
+        lines = csv.reader(text.splitlines(), delimiter="\t" if "\t" in text.partition("\n")[0] else ",")
+        rows = [[cell.strip() for cell in row] for row in lines if any(cell.strip() for cell in row)]
+        rows = rows[1:] if rows and not Path(rows[0][0]).suffix else rows
+        if not rows:
+            raise ValueError(f"{source} lists no images")
+    labels = [row[1] if len(row) > 1 and row[1] else None for row in rows]
+    if strict:
+        refuse_any([row[0] for row, label in zip(rows, labels) if label is None], ValueError,
+                   "row(s) that are not path,label")
+    named = {label for label in labels if label is not None}
+    class_names = sorted(named) if class_names is None else list(class_names)
+    refuse_any(sorted(named - set(class_names)), ValueError, "label(s) not in the class names")
+    listed = [(row[0], find(row[0]), None if label is None else class_names.index(label))
+              for row, label in zip(rows, labels)]
+    if not strict:
+        return listed, class_names
+    refuse_any([path for path in dict.fromkeys(path for _, path, _ in listed) if not os.path.isfile(path)],
                FileNotFoundError, "listed file(s) do not exist")
-    samples, labels_of = list(dict.fromkeys(listed)), {}
-    for path, label in samples:
-        labels_of.setdefault(path, []).append(class_names[label])
+    unique, labels_of = {}, {}
+    for name, path, label in listed:
+        unique.setdefault((path, label), (name, path, label))
+        labels_of.setdefault(path, set()).add(class_names[label])
     refuse_any([f"{path} ({' and '.join(sorted(names))})" for path, names in labels_of.items() if len(names) > 1],
                ValueError, "file(s) listed with two labels")
-    if len(samples) < len(listed):  # the same image in train and val would inflate val_acc
-        warnings.warn(f"{list_path}: dropped {len(listed) - len(samples)} row(s) repeating an earlier one",
-                      stacklevel=3)
-    return samples, class_names
+    if len(unique) < len(listed):  # the same image in train and val would inflate val_acc
+        warnings.warn(f"{source}: dropped {len(listed) - len(unique)} row(s) repeating an earlier one", stacklevel=3)
+    return list(unique.values()), class_names
 
 
 def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
     """Train and validation samples, lists of (path, label index), and the class names.
 
     `data` is one of: a folder with train/<class>/* and val/<class>/*; a folder of class folders
-    (or train/ alone), split per class by stratified_split(val_split, seed); a CSV file of
-    `path,label` rows (an optional header, paths relative to the CSV), split the same way.
-    Class names are the sorted folder names / CSV labels; `class_names` fixes which and their order.
+    (or train/ alone), split per class by stratified_split(val_split, seed); a list file of
+    `name<TAB>label` or `path,label` rows (list_images), or a folder holding one as train.txt (a
+    competition's download: train.txt and a flat train/ folder), split the same way.
+    Class names are the sorted folder names / labels; `class_names` fixes which and their order.
     Unreadable images are dropped by drop_unreadable_images (one warning that counts them; images of
-    any size are read). A CSV row repeating an earlier one is dropped with one warning that counts them.
-    A missing folder, or CSV rows naming files that do not exist (their count and the first few), raise
-    FileNotFoundError; fewer than two classes, a class without readable images, a file listed with two
-    labels or (without `class_names`) a val/ class folder that train/ lacks, ValueError.
+    any size are read). A list row repeating an earlier one is dropped with one warning that counts them.
+    A missing folder, or list rows naming files that do not exist (their count and the first few), raise
+    FileNotFoundError; an empty list, rows without a label or with one outside `class_names`, fewer than
+    two classes, a class without readable images, a file listed with two labels or (without
+    `class_names`) a val/ class folder that train/ lacks, ValueError.
     Usage: train_samples, val_samples, class_names = find_image_samples("data", val_split=0.2)
-    Copy with: _list_samples, stratified_split, drop_unreadable_images, _no_pixel_limit
+    Copy with: list_images, stratified_split, drop_unreadable_images, _no_pixel_limit
     """
-    extensions = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
     def class_folders(root):
         return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -281,17 +316,18 @@ def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
         missing = [name for name in class_names if name not in folders]
         if missing:
             raise FileNotFoundError(f"class folder(s) not found in {root}: {', '.join(missing)}")
-        return [(str(path), label) for label, name in enumerate(class_names)
-                for path in sorted((root / name).rglob("*")) if path.suffix.lower() in extensions and path.is_file()]
+        return [(path, label) for label, name in enumerate(class_names)
+                for _, path, _ in list_images(root / name, strict=False)[0]]
 
     data, given_names = Path(data), class_names
     if not data.exists():
-        raise FileNotFoundError(f"data not found: {data} (expected a folder of class folders, "
-                                f"train/ and val/ folders of class folders, or a CSV of path,label)")
+        raise FileNotFoundError(f"data not found: {data} (expected a folder of class folders, train/ and val/ "
+                                f"folders of class folders, a list of name<TAB>label or a folder with train.txt)")
+    data = data / "train.txt" if (data / "train.txt").is_file() else data
     train_root = data / "train" if (data / "train").is_dir() else data
     if data.is_file():
-        samples, class_names = _list_samples(data, class_names)
-        splits, roots = [samples], [data.parent]
+        rows, class_names = list_images(data, class_names)
+        splits, roots = [[(path, label) for _, path, label in rows]], [data.parent]
     else:
         roots = [train_root] + ([data / "val"] if train_root != data and (data / "val").is_dir() else [])
         class_names = class_folders(train_root) if class_names is None else list(class_names)
@@ -307,8 +343,7 @@ def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
     for split, root in zip(splits, roots):
         empty = [name for label, name in enumerate(class_names) if label not in {label for _, label in split}]
         if empty:
-            raise ValueError(f"no readable images in {root} for class(es): {', '.join(empty)} "
-                             f"(extensions: {' '.join(extensions)})")
+            raise ValueError(f"no readable images in {root} for class(es): {', '.join(empty)}")
     if len(splits) == 2:
         return splits[0], splits[1], class_names
     if not 0 < val_split < 1:
@@ -409,12 +444,17 @@ class ImageSamples(torch.utils.data.Dataset):
         raise RuntimeError("no readable image left in the dataset")
 
 
-def image_transforms(image_size, *, train, normalize=True, crop_scale=(0.25, 1.0)):
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def image_transforms(image_size, *, train, normalize=True, crop_scale=(0.25, 1.0), mean_std=None):
     """Training: random resized crop (area `crop_scale`) and horizontal flip; validation: resize to
-    image_size * 256/224 and center crop. Then a float tensor with ImageNet normalisation, or with
-    normalize=False the cropped PIL image (for display). crop_scale is milder than ImageNet's
-    (0.08, 1) because a hazard may sit anywhere in a corridor photo and must stay in the crop.
+    image_size * 256/224 and center crop. Then a float tensor normalised with `mean_std` ((mean, std);
+    None: IMAGENET_MEAN_STD, which pretrained weights expect), or with normalize=False the PIL image (for
+    display). crop_scale is milder than ImageNet's (0.08, 1) because a hazard may sit anywhere in a
+    corridor photo and must stay in the crop.
     Usage: transform = image_transforms(256, train=True)
+    Copy with: IMAGENET_MEAN_STD
     """
     from torchvision.transforms import v2
     if train:
@@ -423,7 +463,7 @@ def image_transforms(image_size, *, train, normalize=True, crop_scale=(0.25, 1.0
         steps = [v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)]
     if normalize:
         steps = [v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True),
-                 v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]  # ImageNet's
+                 v2.Normalize(*(mean_std or IMAGENET_MEAN_STD))]
     return v2.Compose(steps)
 
 
@@ -437,14 +477,17 @@ def _leave_stop_signals_to_main(worker_id):
 
 
 def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device="cpu", seed=0,
-                       rank=0, world_size=1):
+                       rank=0, world_size=1, sample_weights=None):
     """(train_loader, val_loader) for one process of `world_size`.
 
     Training batches come from a seeded DistributedSampler (also when world_size is 1, so the order
     is reproducible: call train_loader.sampler.set_epoch(epoch) each epoch, or
     set_epoch(epoch, skip_batches=k) to start that epoch at its batch k when resuming); a last batch
     smaller than batch_size is dropped when there is more than one batch (BatchNorm cannot train on
-    one image). A dataset with seeded_augmentation = True (ImageSamples) is asked for
+    one image). With `sample_weights` (one per training sample, e.g. class_balanced_weights(labels,
+    K)[labels] for class-balanced batches) each epoch instead draws len(train_set) samples with
+    replacement in proportion to them (torch.multinomial, seeded by seed + epoch as the shuffle is),
+    every rank its share of the same draw. A dataset with seeded_augmentation = True (ImageSamples) is asked for
     (index, seed, epoch) keys, so its augmentation does not depend on workers or resumes.
     Validation is sharded by rank without padding, so all-reduced sums count every image once.
     Pinned memory on CUDA; workers persist across epochs and ignore SIGINT and SIGTERM, which the
@@ -461,7 +504,14 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
             self.skip_batches = skip_batches
 
         def __iter__(self):
-            indices = list(super().__iter__())[getattr(self, "skip_batches", 0) * batch_size:]
+            if sample_weights is None:
+                indices = list(super().__iter__())
+            else:
+                generator = torch.Generator().manual_seed(self.seed + self.epoch)  # as DistributedSampler's shuffle
+                drawn = torch.multinomial(torch.as_tensor(sample_weights, dtype=torch.float64), self.total_size,
+                                          replacement=True, generator=generator)
+                indices = drawn[self.rank:self.total_size:self.num_replicas].tolist()
+            indices = indices[getattr(self, "skip_batches", 0) * batch_size:]
             keys = getattr(train_set, "seeded_augmentation", False)
             return iter([(index, self.seed, self.epoch) for index in indices] if keys else indices)
 
@@ -1141,20 +1191,64 @@ def gather_from_ranks(value):
     return values
 
 
-def predict_dataset(model, dataset, *, device="cpu", batch_size=64, num_workers=0):
+def predict_dataset(model, dataset, *, device="cpu", batch_size=64, num_workers=0, tta=False, progress=False):
     """Class probabilities [N, K] (float32, CPU) and labels [N] for every (image, label) in `dataset`,
-    in order, with the model in eval mode (its mode is restored).
+    in order, with the model in eval mode (its mode is restored). tta=True averages the probabilities
+    of each image and of its horizontal flip; progress=True shows a bar over the images.
     Usage: probs, labels = predict_dataset(model, val_set, device="cuda")
     """
+    from tqdm.auto import tqdm
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     was_training, probs, labels = model.training, [], []
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), tqdm(total=len(dataset), desc="predict", unit="image", disable=not progress) as bar:
         for images, batch_labels in loader:
-            probs.append(model(images.to(device)).float().softmax(dim=1).cpu())
+            images = images.to(device)
+            batch_probs = model(images).float().softmax(dim=1)
+            if tta:
+                batch_probs = (batch_probs + model(images.flip(3)).float().softmax(dim=1)) / 2
+            probs.append(batch_probs.cpu())
             labels.append(batch_labels)
+            bar.update(len(images))
     model.train(was_training)
     return torch.cat(probs), torch.cat(labels)
+
+
+def predict_images(model, paths, transform, *, device="cpu", batch_size=64, num_workers=0, tta=False, progress=False):
+    """Class probabilities [N, K] (float32, CPU) of the image files `paths`, in order: each through
+    `transform` (e.g. image_transforms(256, train=False)) and predict_dataset (tta, progress as there).
+    A file that cannot be read gets a row of NaN, and one warning names them (drop_unreadable_images);
+    ValueError when none can be read.
+    Usage: probs = predict_images(model, ["a.jpg", "b.jpg"], image_transforms(256, train=False))
+    Copy with: drop_unreadable_images, _no_pixel_limit, ImageSamples, predict_dataset
+    """
+    readable = {path for path, _ in drop_unreadable_images([(path, 0) for path in paths])}
+    kept = [index for index, path in enumerate(paths) if path in readable]
+    if not kept:
+        raise ValueError(f"none of the {len(paths)} image file(s) can be read")
+    probs, _ = predict_dataset(model, ImageSamples([(paths[index], 0) for index in kept], transform), device=device,
+                               batch_size=batch_size, num_workers=num_workers, tta=tta, progress=progress)
+    all_probs = probs.new_full((len(paths), probs.shape[1]), math.nan)
+    all_probs[kept] = probs
+    return all_probs
+
+
+def write_submission(path, names, probs, class_names, fallback=0):
+    """Write a competition's submission to `path`: one `name<TAB>label` line per image of `names`, in
+    order (UTF-8, no header), the label being the most probable class, or class `fallback` for a row of
+    NaN (an image predict_images could not read); and predictions.csv beside it: a name column, then one
+    probability column per class (empty for NaN). Both through write_atomically. Returns the label indices.
+    Usage: predicted = write_submission("submission.txt", ["a.jpg"], torch.tensor([[0.2, 0.8]]), ["cat", "dog"])
+    Copy with: write_atomically
+    """
+    predicted = torch.where(probs.isnan().any(dim=1), fallback, probs.nan_to_num().argmax(dim=1)).tolist()
+    lines = [f"{name}\t{class_names[label]}\n" for name, label in zip(names, predicted)]
+    write_atomically(path, lambda file: file.write("".join(lines).encode()))
+    table = [["name", *class_names]] + [[name, *(f"{p:.6f}" if p == p else "" for p in row)]
+                                        for name, row in zip(names, probs.tolist())]
+    write_atomically(Path(path).with_name("predictions.csv"),
+                     lambda file: file.write("".join(",".join(row) + "\n" for row in table).encode()))
+    return predicted
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -1391,6 +1485,18 @@ def per_class_precision_recall(y_true, y_pred, num_classes):
     precision = (true_positive / np.maximum(n_predicted, 1)).tolist()
     recall = (true_positive / np.maximum(n_true, 1)).tolist()
     return precision, recall, n_true.tolist()
+
+
+def f1_scores(y_true, y_pred, num_classes):
+    """(per-class F1 list, macro-F1: their mean over all num_classes), from per_class_precision_recall;
+    a class with precision and recall 0 has F1 0.0 (sklearn's f1_score with zero_division=0).
+    Usage: f1, macro_f1 = f1_scores([0, 1, 1], [0, 1, 0], 2)  # [0.667, 0.667], 0.667
+    Copy with: per_class_precision_recall
+    """
+    precision, recall, _ = per_class_precision_recall(y_true, y_pred, num_classes)
+    f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall)]
+    return f1, sum(f1) / num_classes
+
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"

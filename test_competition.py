@@ -1,0 +1,303 @@
+"""The fire-safety competition end to end (issue 17): its download as it is (hash-named JPEGs of many sizes,
+train.txt of name<TAB>中文label lines without a header, an imbalanced class mix, A/ with A.txt), training on it
+with per-class F1 and macro-F1 in W&B, --predict's submission file, and every refusal in one line."""
+import contextlib
+import hashlib
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train_fire
+import wbflow
+from conftest import read_records, run_logs
+from test_guard import refused
+from test_wbflow import SEED_CLASSES, fire_args, pattern_image, table_json
+
+# the download's mix, as the competition's (无风险 59%, 低风险 19%, 中风险 14%, 非楼道 5%, 高风险 3%), at least two a class
+MIX = {"无风险": 20, "低风险": 7, "中风险": 5, "非楼道": 2, "高风险": 2}
+SEED_ORDER = ",".join(SEED_CLASSES)  # 高风险,中风险,低风险,无风险,非楼道: the seed's label indices
+
+
+def hashed_jpeg(folder, label, rng):
+    """A pattern of class `label` (SEED_CLASSES' index) of a random size, saved as <md5 of its bytes>.jpg."""
+    image = pattern_image(label, rng, size=32).resize(tuple(int(side) for side in rng.integers(24, 64, 2)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    name = hashlib.md5(buffer.getvalue()).hexdigest() + ".jpg"
+    (folder / name).write_bytes(buffer.getvalue())
+    return name
+
+
+def write_download(root, mix=MIX, test_images=6, seed=0):
+    """The competition's download: train/ and train.txt (name<TAB>label, shuffled, no header), A/ and A.txt (names
+    only, not sorted, one of them a broken file). Returns {name: label} of train.txt and A.txt's names."""
+    rng = np.random.default_rng(seed)
+    (root / "train").mkdir(parents=True)
+    (root / "A").mkdir()
+    labelled = {hashed_jpeg(root / "train", SEED_CLASSES.index(label), rng): label
+                for label, count in mix.items() for _ in range(count)}
+    lines = [f"{name}\t{label}" for name, label in labelled.items()]
+    rng.shuffle(lines)
+    (root / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    test_names = [hashed_jpeg(root / "A", index % 5, rng) for index in range(test_images)]
+    test_names.insert(2, "0badc0de.jpg")
+    (root / "A" / "0badc0de.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "A.txt").write_text("\n".join(test_names) + "\n", encoding="utf-8")
+    return labelled, test_names
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 2-epoch run on the download (28 training, 8 validation images) with W&B offline, balanced batches,
+    label smoothing and the best model by macro-F1: (root, out dir, argv, {name: label}, A's names, its RunLog)."""
+    root = tmp_path_factory.mktemp("tianchi")
+    labelled, test_names = write_download(root / "data")
+    argv = fire_args(root / "data", root / "out", "--epochs", "2", "--class-names", SEED_ORDER, "--sampler",
+                     "balanced", "--label-smoothing", "0.1", "--best-metric", "val_macro_f1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as conftest's one_torch_thread sets for each test, which runs after this fixture
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(root), "WANDB_SILENT": "true",
+                           "WANDB_CONSOLE": "off"}.items():
+            patch.setenv(key, value)
+        try:
+            train_fire.main(argv)
+        finally:
+            torch.set_num_threads(threads)
+        [log] = run_logs(root)
+    return root / "data", root / "out", argv, labelled, test_names, log
+
+
+def test_the_download_as_it_is_trains_and_logs_macro_f1_and_each_class_f1_every_epoch(trained):
+    data, out, argv, labelled, _, log = trained
+    assert log.exit_code == 0
+    assert log.config["classes"] == SEED_CLASSES and (log.config["train_images"], log.config["val_images"]) == (28, 8)
+    assert log.config["class_counts"] == [1, 4, 6, 16, 1]  # the training split of MIX, in the seed's order
+    epochs = log.rows_with("val_acc")
+    assert [row["epoch"] for row in epochs] == [0, 1]
+    for row in epochs:
+        per_class = [row[f"val_f1/{name}"] for name in SEED_CLASSES]
+        assert all(0 <= f1 <= 1 for f1 in per_class) and row["val_macro_f1"] == pytest.approx(np.mean(per_class))
+    assert log.summary["val_macro_f1"] == {"max": max(log.values("val_macro_f1"))}
+    for name in SEED_CLASSES:
+        assert log.summary[f"val_f1/{name}"] == {"max": max(log.values(f"val_f1/{name}"))}
+
+    # the best model follows --best-metric val_macro_f1, and its F1 is the validation set's, recomputed here
+    best = wbflow.load_checkpoint(out / "best_model.pth")
+    assert log.summary["best_val_macro_f1"] == best["val_macro_f1"] == max(log.values("val_macro_f1"))
+    assert "best_val_acc" not in log.summary
+    [best_row] = [row for row in epochs if row["epoch"] == best["epoch"]]
+    _, val_samples, _ = wbflow.find_image_samples(data, class_names=SEED_CLASSES, val_split=0.2, seed=0)
+    model = wbflow.build_classifier("resnet18", 5)
+    model.load_state_dict(best["model"])
+    probs, labels = wbflow.predict_dataset(model, wbflow.ImageSamples(
+        val_samples, wbflow.image_transforms(32, train=False)))
+    f1, macro_f1 = wbflow.f1_scores(labels.tolist(), probs.argmax(1).tolist(), 5)
+    assert [best_row[f"val_f1/{name}"] for name in SEED_CLASSES] == pytest.approx(f1)
+    assert best_row["val_macro_f1"] == pytest.approx(macro_f1)
+    assert [a["metadata"]["val_macro_f1"] for a in log.artifacts if a["type"] == "model"][-1] == best["val_macro_f1"]
+
+
+def test_the_data_dir_may_name_the_list_or_its_folder_and_a_tab_list_reads_names_in_the_folder_named_like_it(trained):
+    data, _, _, labelled, _, _ = trained
+    assert wbflow.find_image_samples(data) == wbflow.find_image_samples(data / "train.txt")
+    rows, class_names = wbflow.list_images(data / "train.txt")
+    assert class_names == sorted(MIX) and {name: class_names[label] for name, _, label in rows} == labelled
+    assert all(path == str(data / "train" / name) for name, path, _ in rows)
+
+
+@pytest.mark.parametrize("text", [
+    "\ufeffname,label\na.png,x\nsub/b.png,y\n",  # comma, a BOM and a header; a name with a folder
+    "a.png\tx\nsub/b.png\ty\n",  # tab, no header
+])
+def test_a_list_is_tab_or_comma_separated_with_or_without_header_and_bom_and_a_name_is_found_beside_it(tmp_path, text):
+    from PIL import Image
+    (tmp_path / "list").mkdir()
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "list" / "a.png")  # in the folder named like the list
+    Image.new("RGB", (4, 4)).save(tmp_path / "sub" / "b.png")  # only beside the list
+    (tmp_path / "list.txt").write_text(text, encoding="utf-8")
+    assert wbflow.list_images(tmp_path / "list.txt") == (
+        [("a.png", str(tmp_path / "list" / "a.png"), 0), ("sub/b.png", str(tmp_path / "sub" / "b.png"), 1)], ["x", "y"])
+
+
+# ----------------------------------------------------------------------------- predict and submit
+
+def predict_argv(trained, *extra):
+    data, out, *_ = trained
+    return ["--predict", str(data / "A.txt"), "--checkpoint", str(out / "best_model.pth"), "--num-workers", "0",
+            "--project", "test", *extra]
+
+
+def test_predict_writes_a_line_for_every_listed_image_in_the_lists_order_and_logs_a_predict_run(
+        trained, offline_wandb, capsys):
+    data, out, _, _, test_names, _ = trained
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\): .*0badc0de\.jpg$"):
+        submission = train_fire.main(predict_argv(trained))
+    assert submission == out / "submission.txt"
+    assert "7 predictions (1 unreadable: 无风险)" in capsys.readouterr().out
+    lines = submission.read_text(encoding="utf-8").splitlines()
+    assert [line.split("\t")[0] for line in lines] == test_names  # A.txt's order, no header
+    assert all(len(line.split("\t")) == 2 and line.split("\t")[1] in SEED_CLASSES for line in lines)
+    assert lines[2] == "0badc0de.jpg\t无风险"  # unreadable: the training set's most frequent class
+    header, *rows = [line.split(",") for line in (out / "predictions.csv").read_text(encoding="utf-8").splitlines()]
+    assert header == ["name", *SEED_CLASSES] and [row[0] for row in rows] == test_names
+    assert rows[2][1:] == [""] * 5
+    for line, row in zip(lines, rows):
+        if row[1]:
+            probs = [float(p) for p in row[1:]]
+            assert sum(probs) == pytest.approx(1, abs=1e-5) and line.split("\t")[1] == SEED_CLASSES[np.argmax(probs)]
+
+    [log] = run_logs(offline_wandb)
+    [run] = [record.run for record in read_records(next(offline_wandb.glob("wandb/*run-*/*.wandb")))
+             if record.WhichOneof("record_type") == "run"]
+    assert run.job_type == "predict" and log.exit_code == 0 and log.config["predict"] == str(data / "A.txt")
+    table = table_json(offline_wandb, "predictions")
+    assert table["columns"] == ["image", "label", "confidence"] and len(table["data"]) == 6
+    assert [row[1] for row in table["data"]] == [line.split("\t")[1] for line in lines if "0badc0de" not in line]
+    [artifact] = [a for a in log.artifacts if a["type"] == "submission"]
+    assert artifact["files"] == ["submission.txt"] and artifact["metadata"]["images"] == 7
+
+
+def test_predict_on_a_folder_writes_its_sorted_names_and_tta_moves_the_probabilities(trained, tmp_path):
+    data, *_ = trained
+    (tmp_path / "plain").mkdir()
+    with pytest.warns(UserWarning, match="unreadable"):
+        plain = train_fire.main(predict_argv(trained, "--no-wandb", "--predict", str(data / "A"),
+                                             "--submission", str(tmp_path / "plain")))  # a folder: submission.txt
+        tta = train_fire.main(predict_argv(trained, "--no-wandb", "--predict", str(data / "A"), "--tta",
+                                           "--submission", str(tmp_path / "tta" / "s.txt")))
+    assert plain == tmp_path / "plain" / "submission.txt"
+    names = [line.split("\t")[0] for line in plain.read_text(encoding="utf-8").splitlines()]
+    assert names == sorted(path.name for path in (data / "A").iterdir())
+    assert (plain.parent / "predictions.csv").read_text() != (tta.parent / "predictions.csv").read_text()
+
+
+def test_predict_tta_averages_the_probabilities_of_each_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+    images = torch.randn(5, 3, 4, 4)
+    dataset = torch.utils.data.TensorDataset(images, torch.zeros(5))
+    probs, _ = wbflow.predict_dataset(model, dataset, batch_size=2, tta=True)
+    with torch.no_grad():
+        expected = (model(images).softmax(1) + model(images.flip(3)).softmax(1)) / 2
+    torch.testing.assert_close(probs, expected)
+    assert not torch.allclose(probs, model(images).softmax(1))
+
+
+def test_predict_on_a_labelled_list_prints_and_logs_its_accuracy_and_macro_f1(trained, offline_wandb, tmp_path, capsys):
+    data, _, _, labelled, _, _ = trained
+    submission = train_fire.main(predict_argv(trained, "--predict", str(data / "train.txt"),
+                                              "--submission", str(tmp_path / "train_submission.txt")))
+    guesses = dict(line.split("\t") for line in submission.read_text(encoding="utf-8").splitlines())
+    y_true = [SEED_CLASSES.index(label) for label in labelled.values()]
+    y_pred = [SEED_CLASSES.index(guesses[name]) for name in labelled]
+    accuracy = 100.0 * np.mean(np.equal(y_true, y_pred))
+    macro_f1 = wbflow.f1_scores(y_true, y_pred, 5)[1]
+    assert f"36 labelled images: accuracy {accuracy:.2f}%, macro-F1 {macro_f1:.4f}" in capsys.readouterr().out
+    [log] = run_logs(offline_wandb)
+    assert log.summary["accuracy"] == pytest.approx(accuracy) and log.summary["macro_f1"] == pytest.approx(macro_f1)
+
+
+def test_f1_scores_equal_torchmetrics_per_class_and_macro():
+    from torchmetrics.classification import MulticlassF1Score
+    generator = torch.Generator().manual_seed(0)
+    y_true, y_pred = torch.randint(0, 5, (200,), generator=generator), torch.randint(0, 4, (200,), generator=generator)
+    f1, macro_f1 = wbflow.f1_scores(y_true.tolist(), y_pred.tolist(), 5)  # class 4 never predicted: F1 0
+    torch.testing.assert_close(torch.tensor(f1, dtype=torch.float32), MulticlassF1Score(5, average=None)(y_pred, y_true))
+    assert macro_f1 == pytest.approx(float(MulticlassF1Score(5, average="macro")(y_pred, y_true)))
+
+
+# ----------------------------------------------------------------------------- imbalance: sampler and label smoothing
+
+def test_the_balanced_sampler_draws_each_class_equally_often_seeded_shared_by_the_ranks_and_exact_on_resume():
+    labels = [0] * 90 + [1] * 10
+    weights = wbflow.class_balanced_weights(labels, 2)[labels]
+
+    def epoch_order(rank=0, world_size=1, epoch=3, skip_batches=0):
+        loader, _ = wbflow.classifier_loaders(list(range(100)), [0], 5, sample_weights=weights, seed=7, rank=rank,
+                                              world_size=world_size)
+        loader.sampler.set_epoch(epoch, skip_batches=skip_batches)
+        return [index for batch in loader for index in batch.tolist()]
+
+    order = epoch_order()
+    assert len(order) == 100 and 35 <= sum(index >= 90 for index in order) <= 65  # 10% of the data, half the draws
+    assert order == epoch_order() and order != epoch_order(epoch=4)
+    assert epoch_order(skip_batches=4) == order[20:]
+    halves = [epoch_order(rank, 2) for rank in (0, 1)]
+    assert [index for pair in zip(*halves) for index in pair] == order
+
+
+def test_label_smoothing_goes_into_the_cross_entropy(tmp_path):
+    args = train_fire.parse_args(fire_args(tmp_path, tmp_path / "out", "--label-smoothing", "0.2"))
+    _, _, (loss_fn, val_batches), _ = train_fire.build_model(args, 3, [0, 1, 2], 1, torch.device("cpu"), 1)
+    model, images, labels = nn.Linear(4, 3), torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss, _, _ = loss_fn(model, (images, labels))
+    torch.testing.assert_close(loss, F.cross_entropy(model(images), labels, label_smoothing=0.2))
+    assert not val_batches  # only validation's batches are noted
+
+
+# ----------------------------------------------------------------------------- refusals: one line, before any work
+
+@pytest.mark.parametrize("change, extra, match", [
+    (lambda data: open(data / "train.txt", "a").write("".join(f"gone{i}.jpg\t无风险\n" for i in range(4))), [],
+     r"train\.txt: 4 listed file\(s\) do not exist: .*/train/gone0\.jpg, .*/train/gone1\.jpg, .*/train/gone2\.jpg, "
+     r"\.\.\.$"),
+    (lambda data: open(data / "train.txt", "a").write(f"{next((data / 'train').iterdir()).name}\t高危\n"),
+     ["--class-names", SEED_ORDER], r"train\.txt: 1 label\(s\) not in the class names: 高危$"),
+    (lambda data: (data / "train.txt").write_text("\n\n"), [], r"train\.txt lists no images$"),
+    (lambda data: None, ["--class-names", SEED_ORDER + ",消防通道"], r"no readable images in .* for class\(es\): 消防通道$"),
+    (lambda data: None, ["--label-smoothing", "1"], r"--label-smoothing 1\.0 needs --loss ce and a value below 1$"),
+    (lambda data: None, ["--label-smoothing", "0.1", "--loss", "focal"], r"needs --loss ce"),
+])
+def test_training_data_and_settings_that_do_not_fit_are_refused_in_one_line(tmp_path, change, extra, match):
+    write_download(tmp_path / "data", mix=dict.fromkeys(SEED_CLASSES, 2), test_images=0)
+    change(tmp_path / "data")
+    refused(train_fire.main, fire_args(tmp_path / "data", tmp_path / "out", "--no-wandb", *extra), match)
+    assert not (tmp_path / "out" / "last.pth").exists()
+
+
+@pytest.mark.parametrize("setting, value, match", [
+    ("--sampler", "shuffle", r"trained with sampler balanced, this run has shuffle"),
+    ("--best-metric", "val_acc", r"trained with best_metric val_macro_f1, this run has val_acc"),
+    ("--label-smoothing", "0", r"trained with label_smoothing 0\.1, this run has 0\.0"),
+])
+def test_a_resume_refuses_another_sampler_best_metric_or_label_smoothing(trained, setting, value, match):
+    _, out, argv, *_ = trained
+    refused(train_fire.main, argv + ["--no-wandb", "--resume", str(out / "last.pth"), setting, value], match)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda tmp, out: ["--checkpoint", str(tmp / "none.pth")], r"checkpoint not found: .*none\.pth$"),
+    (lambda tmp, out: ["--checkpoint", str(wbflow.save_checkpoint({"driver": "train_flow"}, tmp / "flow.pt"))],
+     r"not a train_fire checkpoint \(train_flow wrote it\)$"),
+    (lambda tmp, out: ["--checkpoint", "model-0000:best"], r"model-0000:best is neither a checkpoint file nor"),
+    (lambda tmp, out: ["--predict", str(_write(tmp / "l.txt", "a.jpg\t高危\n"))],
+     r"l\.txt: 1 label\(s\) not in the class names: 高危$"),
+    (lambda tmp, out: ["--predict", str(_write(tmp / "l.txt", "a.jpg\nb.jpg\n"))],
+     r"none of the 2 image file\(s\) can be read$"),
+])
+def test_predict_refuses_in_one_line_before_writing_anything(trained, tmp_path, change, match):
+    _, out, *_ = trained
+    before = sorted(path.name for path in out.iterdir())
+    with warnings_allowed():
+        refused(train_fire.main, predict_argv(trained, "--no-wandb", *change(tmp_path, out)), match, seconds=60)
+    assert sorted(path.name for path in out.iterdir()) == before and not (tmp_path / "submission.txt").exists()
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@contextlib.contextmanager
+def warnings_allowed():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "skipped 2 unreadable image file(s)" before its refusal
+        yield
+
