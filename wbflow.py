@@ -556,12 +556,6 @@ def _group_norm(channels):
     return nn.GroupNorm(groups, channels)
 
 
-def _zeroed(layer):  # a residual branch ending in it starts as the identity
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
 class _FlowResBlock(nn.Module):
     def __init__(self, in_channels, out_channels, embed_dim, dropout):
         super().__init__()
@@ -569,7 +563,9 @@ class _FlowResBlock(nn.Module):
                                        nn.Conv2d(in_channels, out_channels, 3, padding=1))
         self.embed = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, out_channels))
         self.out_layers = nn.Sequential(_group_norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        _zeroed(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        nn.init.zeros_(self.out_layers[-1].weight)  # each block starts as the identity
+        nn.init.zeros_(self.out_layers[-1].bias)
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x, embedding):
@@ -583,7 +579,9 @@ class _FlowAttention(nn.Module):
         self.heads = max(1, channels // head_channels)
         self.norm = _group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = _zeroed(nn.Conv2d(channels, channels, 1))
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, x, embedding=None):
         batch, channels, height, width = x.shape
@@ -612,7 +610,7 @@ class FlowUNet(nn.Module):
     (128 channels, multipliers 1,2,2,2, two blocks per level, attention at 16x16 with 64-channel
     heads, dropout 0.1): about 35.7M parameters.
     Usage: model = FlowUNet(); velocity = model(x, torch.rand(x.shape[0]))
-    Copy with: _group_norm, _zeroed, _FlowResBlock, _FlowAttention, _FlowResample
+    Copy with: _group_norm, _FlowResBlock, _FlowAttention, _FlowResample
     """
 
     def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
@@ -651,8 +649,9 @@ class FlowUNet(nn.Module):
                     layers.append(_FlowResample(channels, up=True))
                     resolution *= 2
                 self.up.append(nn.ModuleList(layers))
-        self.output = nn.Sequential(_group_norm(channels), nn.SiLU(),
-                                    _zeroed(nn.Conv2d(channels, in_channels, 3, padding=1)))
+        self.output = nn.Sequential(_group_norm(channels), nn.SiLU(), nn.Conv2d(channels, in_channels, 3, padding=1))
+        nn.init.zeros_(self.output[-1].weight)
+        nn.init.zeros_(self.output[-1].bias)
 
     def forward(self, x, t):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
@@ -710,10 +709,9 @@ def build_classifier(name, num_classes, weights="none"):
 def _hub_cached_file(url, what, alternative, check_hash=False):
     """The file of `url` in the torch hub checkpoints folder, downloaded there when missing; when that
     fails, FileNotFoundError says which file to put where, or `alternative`."""
-    file_name = os.path.basename(url.split("?")[0])
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url.split("?")[0]))
     if not os.path.isfile(path):
-        hash_match = torch.hub.HASH_REGEX.search(file_name) if check_hash else None
+        hash_match = torch.hub.HASH_REGEX.search(os.path.basename(path)) if check_hash else None
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.hub.download_url_to_file(url, path, hash_match.group(1) if hash_match else None, progress=False)
@@ -1882,8 +1880,7 @@ def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef
         raise ValueError(f"KID subsets of {subset_size} need at least that many images on each side, got "
                          f"{len(real_features)} and {len(fake_features)}; pass a smaller subset_size")
     gamma = 1.0 / real_features.shape[1] if gamma is None else gamma
-    m = subset_size
-    random_state = np.random.RandomState(seed)
+    m, random_state = subset_size, np.random.RandomState(seed)
     mmds = np.zeros(subsets)
     for subset in range(subsets):
         x = real_features[random_state.choice(len(real_features), m, replace=False)]
