@@ -2524,6 +2524,21 @@ def fetch_checkpoint(reference, *, project=None, entity=None, root=None):
 
 # ----------------------------------------------------------------------------- config & command line
 
+def _fit_type(value, default, written):
+    # value as default's type (load_yaml_config's rule), else a ValueError naming `written`
+    if isinstance(default, float) and (type(value) is int or isinstance(value, str)):
+        with contextlib.suppress(ValueError):  # an int is a valid float; YAML 1.1 reads "1e-3" as a string
+            value = float(value)
+    listed = isinstance(default, list) and default
+    if listed and isinstance(value, list):
+        with contextlib.suppress(ValueError):  # an item of another type: the whole list is refused below
+            return [_fit_type(item, default[0], written) for item in value]
+    elif default is None or type(value) is type(default):
+        return value
+    kind = f"a list of {type(default[0]).__name__}" if listed else type(default).__name__
+    raise ValueError(f"{written}: expected {kind} like the config's {default!r}, got {type(value).__name__} {value!r}")
+
+
 def load_yaml_config(path, overrides=(), reference=None):
     """A YAML config as nested dicts, with "section.key=value" overrides applied (values parsed as
     YAML: numbers, lists [1, 2], true/false, null). Overriding a key the file lacks is a KeyError; a
@@ -2534,6 +2549,7 @@ def load_yaml_config(path, overrides=(), reference=None):
     its type by the same rule. A file that is no YAML, or holds no mapping of settings, is a ValueError.
 
     Usage: config = load_yaml_config("configs/cifar10_rectified_flow.yaml", ["training.gradient_clip=0.5"])
+    Copy with: _fit_type
     """
     import yaml
 
@@ -2550,20 +2566,6 @@ def load_yaml_config(path, overrides=(), reference=None):
                              f"not a mapping of settings")
         return config or {}
 
-    def fit(value, default, written):  # value as default's type, else a ValueError naming `written`
-        if isinstance(default, float) and (type(value) is int or isinstance(value, str)):
-            with contextlib.suppress(ValueError):  # an int is a valid float; YAML 1.1 reads "1e-3" as a string
-                value = float(value)
-        listed = isinstance(default, list) and default
-        if listed and isinstance(value, list):
-            with contextlib.suppress(ValueError):  # an item of another type: the whole list is refused below
-                return [fit(item, default[0], written) for item in value]
-        elif default is None or type(value) is type(default):
-            return value
-        kind = f"a list of {type(default[0]).__name__}" if listed else type(default).__name__
-        raise ValueError(f"{written}: expected {kind} like the config's {default!r}, "
-                         f"got {type(value).__name__} {value!r}")
-
     def check(section, expected, prefix=""):  # the file's sections and keys are exactly the reference's
         named = "the reference config" if isinstance(reference, dict) else reference
         for key in sorted(set(section) ^ set(expected), key=str)[:1]:  # the first that the file or the reference lacks
@@ -2573,7 +2575,7 @@ def load_yaml_config(path, overrides=(), reference=None):
             if isinstance(default, dict) and not isinstance(section[key], dict):
                 raise ValueError(f"{prefix}{key} in {path} is {section[key]!r}, not a section of settings")
             section[key] = (check(section[key], default, f"{prefix}{key}.") if isinstance(default, dict)
-                            else fit(section[key], default, f"{prefix}{key}: {section[key]!r} in {path}"))
+                            else _fit_type(section[key], default, f"{prefix}{key}: {section[key]!r} in {path}"))
         return section
 
     config = read(path)
@@ -2594,7 +2596,7 @@ def load_yaml_config(path, overrides=(), reference=None):
         except yaml.YAMLError as error:
             raise ValueError(f"{dotted}={text}: not a YAML value "
                              f"({getattr(error, 'problem', None) or error})") from None
-        section[key] = fit(value, section[key], f"{dotted}={text}")
+        section[key] = _fit_type(value, section[key], f"{dotted}={text}")
     return config
 
 
