@@ -183,15 +183,8 @@ def resume_run(args, trainables, expected, device, rank):
             part.load_state_dict(state[name])
     wbflow.restore_rng_state(state["rng"][rank])
     progress = {key: state[key] for key in ("step", "best", "skipped_steps")}
-    progress["wandb_run_id"], resumed_from = state["wandb_run_id"] if state["wandb_last_act"] else None, None
-    if state["wandb_run_id"] is None:  # trained with --no-wandb: there is no run to continue
-        wandb_plan = "a new run (the checkpoint's run had no W&B run)"
-    elif state["wandb_last_act"]:  # written when the run stopped: the run has nothing after it
-        wandb_plan = f"continuing run {state['wandb_run_id']}"
-    else:  # an epoch checkpoint: the run may have logged past it, and W&B would drop those steps
-        resumed_from = {"run_id": state["wandb_run_id"], "step": state["step"], "checkpoint": str(args.resume)}
-        wandb_plan = (f"a new run (config resumed_from: run {resumed_from['run_id']}, step {state['step']}), since "
-                      f"run {resumed_from['run_id']} may have logged past this checkpoint")
+    progress["wandb_run_id"], resumed_from, wandb_plan = wbflow.wandb_resume_plan(
+        state["wandb_run_id"], state["wandb_last_act"], state["step"], args.resume)
     start_epoch = state["epoch"] + (state["train_state"] is None)  # a stopped epoch is finished first
     if rank == 0:
         print(f"resuming epoch {start_epoch} at batch {(state['train_state'] or {'batches': 0})['batches']}, step "
