@@ -125,6 +125,19 @@ def test_a_list_is_tab_or_comma_separated_with_or_without_header_and_bom_and_a_n
         [("a.png", str(tmp_path / "list" / "a.png"), 0), ("sub/b.png", str(tmp_path / "sub" / "b.png"), 1)], ["x", "y"])
 
 
+def test_a_gbk_list_reads_its_chinese_labels_and_a_list_of_no_known_encoding_is_one_line(tmp_path):
+    from PIL import Image
+    (tmp_path / "train").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (4, 4)).save(tmp_path / "train" / name)
+    (tmp_path / "train.txt").write_bytes("a.jpg\t高风险\nb.jpg\t无风险\n".encode("gbk"))  # as Chinese Windows saves it
+    rows, class_names = wbflow.list_images(tmp_path / "train.txt", SEED_CLASSES)
+    assert [(name, SEED_CLASSES[label]) for name, _, label in rows] == [("a.jpg", "高风险"), ("b.jpg", "无风险")]
+    (tmp_path / "train.txt").write_bytes(b"a.jpg\t\x81\x30\n")  # a GB18030 four-byte sequence cut short
+    with pytest.raises(ValueError, match=r"^\S*train\.txt is neither UTF-8 nor GBK / GB18030 text$"):
+        wbflow.list_images(tmp_path / "train.txt", SEED_CLASSES)
+
+
 # ----------------------------------------------------------------------------- predict and submit
 
 def predict_argv(trained, *extra):

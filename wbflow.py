@@ -233,7 +233,7 @@ def list_images(source, class_names=None, *, strict=True):
     a folder names, in its order.
 
     A list file has one `name<TAB>label` or `name,label` line per image (tab-separated when its first
-    line holds a tab; a test list has no labels), UTF-8 with or without BOM, with or without a header
+    line holds a tab; a test list has no labels), UTF-8 with or without BOM (else GBK), with or without a header
     (a first line whose name has no file suffix: path,label / name / image_id ...). A name is looked up
     in the folder named like the list (train.txt -> train/) when that folder exists, unless the file is
     only beside the list. A folder: its image files, also in subfolders, sorted, without labels.
@@ -261,7 +261,13 @@ def list_images(source, class_names=None, *, strict=True):
         rows = [[str(path.relative_to(source))] for path in sorted(source.rglob("*"))
                 if path.suffix.lower() in extensions and path.is_file()]
     else:
-        text = source.read_text(encoding="utf-8-sig")
+        try:
+            text = source.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:  # a list saved on a Chinese Windows machine: GBK, which GB18030 extends
+            try:
+                text = source.read_text(encoding="gb18030")
+            except UnicodeDecodeError:
+                raise ValueError(f"{source} is neither UTF-8 nor GBK / GB18030 text") from None
         lines = csv.reader(text.splitlines(), delimiter="\t" if "\t" in text.partition("\n")[0] else ",")
         rows = [[cell.strip() for cell in row] for row in lines if any(cell.strip() for cell in row)]
         rows = rows[1:] if rows and not Path(rows[0][0]).suffix else rows
