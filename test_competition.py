@@ -247,11 +247,13 @@ def test_the_balanced_sampler_draws_each_class_equally_often_seeded_shared_by_th
 
 def test_label_smoothing_goes_into_the_cross_entropy(tmp_path):
     args = train_fire.parse_args(fire_args(tmp_path, tmp_path / "out", "--label-smoothing", "0.2"))
-    _, _, (loss_fn, val_batches), _ = train_fire.build_model(args, 3, [0, 1, 2], 1, torch.device("cpu"), 1)
+    _, _, (loss_fn, val_loss_fn, val_batches), _ = train_fire.build_model(args, 3, [0, 1, 2], 1, torch.device("cpu"), 1)
     model, images, labels = nn.Linear(4, 3), torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     loss, _, _ = loss_fn(model, (images, labels))
     torch.testing.assert_close(loss, F.cross_entropy(model(images), labels, label_smoothing=0.2))
     assert not val_batches  # only validation's batches are noted
+    torch.testing.assert_close(val_loss_fn(model, (images, labels))[0], loss)
+    assert torch.equal(val_batches[0], torch.stack([labels, model(images).argmax(dim=1)]))
 
 
 # ----------------------------------------------------------------------------- refusals: one line, before any work

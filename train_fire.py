@@ -135,8 +135,9 @@ def load_data(args, device, rank, world_size):
 
 
 def build_model(args, num_classes, train_labels, steps_per_epoch, device, world_size):
-    """(model, the model to train (DDP across ranks), (loss_fn, the list it fills with validation batches' labels
-    and predictions), trainables: model, optimiser, a cosine schedule over every step, AMP scaler); one-line errors"""
+    """(model, the model to train (DDP across ranks), (loss_fn, validation's loss_fn, the list that one fills with
+    its batches' labels and predictions), trainables: model, optimiser, a cosine schedule over every step, AMP
+    scaler); one-line errors"""
     with wbflow.exit_on_error("train_fire", (FileNotFoundError, ValueError)):
         model = wbflow.build_classifier(args.model, num_classes, args.weights).to(device)
     train_model = nn.parallel.DistributedDataParallel(
@@ -147,16 +148,17 @@ def build_model(args, num_classes, train_labels, steps_per_epoch, device, world_
                  else functools.partial(wbflow.focal_loss, gamma=args.focal_gamma, alpha=class_weights))
     val_batches = []
 
-    def criterion_noting_val_batches(logits, labels):  # validate runs in inference mode, training does not
-        if torch.is_inference_mode_enabled():
-            val_batches.append(torch.stack([labels, logits.argmax(dim=1)]))
+    def criterion_noting_predictions(logits, labels):  # validation's: the labels and predictions behind its F1
+        val_batches.append(torch.stack([labels, logits.argmax(dim=1)]))
         return criterion(logits, labels)
     optimizer = wbflow.build_optimizer(args.optimizer, model.parameters(), args.learning_rate,
                                        weight_decay=args.weight_decay, fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
     trainables = {"model": model, "optimizer": optimizer, "scheduler": scheduler,
                   "scaler": wbflow.make_scaler(device, args.amp)}
-    return model, train_model, (wbflow.classification_loss(criterion_noting_val_batches), val_batches), trainables
+    losses = (wbflow.classification_loss(criterion), wbflow.classification_loss(criterion_noting_predictions),
+              val_batches)
+    return model, train_model, losses, trainables
 
 
 def resume_run(args, trainables, expected, device, rank):
@@ -202,7 +204,7 @@ def checkpoint(trainables, progress, config, epoch, train_state=None, last_act=F
 
 def train_epochs(args, argv, run, stop, train_model, losses, trainables, loaders, progress, config, start, out_dir):
     """From `start` (first epoch, its stopped train_state): train (a stop saves and exits), validate, best, log."""
-    (train_loader, val_loader), (start_epoch, epoch_state), (loss_fn, val_batches) = loaders, start, losses
+    (train_loader, val_loader), (start_epoch, epoch_state), (loss_fn, val_loss_fn, val_batches) = loaders, start, losses
     model, master = trainables["model"], wbflow.rank_and_world_size()[0] == 0  # rank 0 prints and writes
     device = next(model.parameters()).device
 
@@ -222,7 +224,7 @@ def train_epochs(args, argv, run, stop, train_model, losses, trainables, loaders
             wbflow.exit_stopped(stop, state, out_dir / "last.pth", script=__file__, argv=argv,
                                 where=f" at step {progress['step']} (epoch {epoch})")
         # the unwrapped model: DDP's forward would sync buffers, and val shards differ in length
-        val = wbflow.validate(model, val_loader, loss_fn, device=device, amp=args.amp)
+        val = wbflow.validate(model, val_loader, val_loss_fn, device=device, amp=args.amp)
         noted = torch.cat(val_batches, dim=1).cpu() if val_batches else torch.zeros(2, 0, dtype=torch.long)
         val_batches.clear()  # below: the labels and predictions of every rank's validation shard
         f1, macro_f1 = wbflow.f1_scores(*torch.cat(wbflow.gather_from_ranks(noted), 1).tolist(), len(config["classes"]))
