@@ -763,7 +763,7 @@ def _fire_rates(train_samples, image_size, sizes):
         train_loader.sampler.set_epoch(epoch)
         stats = train(train_loader, epoch)
     rates = {"training": stats["samples"] / stats["seconds"], "loader": _loader_rate(train_loader, 2)}
-    batch = wbflow.to_device(next(iter(train_loader)), sizes["device"])
+    batch = [tensor.to(sizes["device"]) for tensor in next(iter(train_loader))]
     train([batch] * sizes["warm_up_batches"], 3)
     stats = train([batch] * len(train_loader), 4)
     rates["gpu"] = stats["samples"] / stats["seconds"]

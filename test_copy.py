@@ -109,12 +109,6 @@ def tiny_flow_model():
 
 # ----------------------------------------------------------------------------- device & data
 
-@call("to_device")
-def _(to_device, tmp_path, fixture):
-    moved = to_device({"x": [torch.ones(1)], "n": 3}, "cpu")
-    assert moved["n"] == 3 and torch.equal(moved["x"][0], torch.ones(1))
-
-
 @call("rank_and_world_size")
 def _(rank_and_world_size, tmp_path, fixture):
     assert rank_and_world_size() == (0, 1)
@@ -284,6 +278,21 @@ def _(train_step, tmp_path, fixture):
     result = train_step(model, tiny_batches(1)[0], optimizer, wbflow.classification_loss(nn.CrossEntropyLoss()),
                         grad_clip=1.0)
     assert bool(result["finite"]) and result["n_samples"] == 4 and not torch.equal(before, model[1].weight)
+    moves = []
+
+    class NotingMoves(torch.Tensor):  # a tensor that notes each .to(): the CPU sees the move CUDA would make
+        def to(self, *args, **kwargs):
+            moves.append((args, kwargs))
+            return super().to(*args, **kwargs)
+
+    def loss_of_a_nested_batch(model, batch):
+        (images, [labels]), count = batch["inputs"], batch["count"]
+        assert type(batch["inputs"]) is tuple and type(batch["inputs"][1]) is list and count == 4  # as they were
+        return nn.functional.cross_entropy(model(images), labels)
+
+    images, labels = (tensor.as_subclass(NotingMoves) for tensor in tiny_batches(1)[0])
+    result = train_step(model, {"inputs": (images, [labels]), "count": 4}, optimizer, loss_of_a_nested_batch)
+    assert moves == [((torch.device("cpu"),), {"non_blocking": True})] * 2 and result["n_samples"] == 4
 
 
 @call("RunningSums")

@@ -1,7 +1,7 @@
 """wbflow: a minimal PyTorch + Weights & Biases training kit of plain, copyable functions.
 
 Sections, in data-flow order:
-  device & data     to_device, rank_and_world_size, setup_distributed,
+  device & data     rank_and_world_size, setup_distributed,
                     CIFAR10_URL, load_cifar10, synthetic_images, DeviceImageLoader (CIFAR-10 on the device),
                     find_image_samples, list_images, stratified_split, drop_unreadable_images, ImageSamples,
                     IMAGENET_MEAN_STD, image_transforms, classifier_loaders, check_same_on_every_rank
@@ -64,20 +64,6 @@ import torchvision
 
 
 # ----------------------------------------------------------------------------- device & data
-
-def to_device(batch, device):
-    """Move a tensor, or a (nested) tuple / list / dict of tensors, to `device` without blocking.
-
-    Usage: images, labels = to_device(batch, torch.device("cuda"))
-    """
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(item, device) for item in batch)
-    if isinstance(batch, dict):
-        return {key: to_device(value, device) for key, value in batch.items()}
-    return batch
-
 
 def rank_and_world_size():
     """(rank, world size) of this process in its torch.distributed group; (0, 1) when not distributed.
@@ -885,10 +871,19 @@ def make_ema(model, decay=0.9999):
 
 
 def _forward(model, batch, loss_fn, amp_dtype, device=None):
-    # the forward train_step and validate share: the batch to `device` (the model's by default), loss_fn
-    # under autocast -> (loss, n_correct or None, n_samples)
+    # the forward train_step and validate share: the batch (a tensor or a nested list / tuple / dict of
+    # them) to `device` (the model's by default), loss_fn under autocast -> (loss, n_correct or None, n_samples)
+    def moved(item):
+        if torch.is_tensor(item):
+            return item.to(device, non_blocking=True)
+        if isinstance(item, (list, tuple)):
+            return type(item)(moved(part) for part in item)
+        if isinstance(item, dict):
+            return {key: moved(value) for key, value in item.items()}
+        return item
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    batch = to_device(batch, device)
+    batch = moved(batch)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         output = loss_fn(model, batch)
     loss, n_correct, n_samples = (output, None, None) if torch.is_tensor(output) else output
@@ -914,7 +909,7 @@ def train_step(model, batch, optimizer, loss_fn, *, amp_dtype=None, scaler=None,
     Returns {"loss", "grad_norm", "finite", "n_correct" (None without counts), "n_samples",
     "learning_rate" (the float this step used, read before scheduler.step())}.
     Usage: result = train_step(model, images, optimizer, rectified_flow_loss, grad_clip=1.0)
-    Copy with: _forward, to_device
+    Copy with: _forward
     """
     loss, n_correct, n_samples = _forward(model, batch, loss_fn, amp_dtype, device)
     scaler = scaler or torch.amp.GradScaler(loss.device.type, enabled=amp_dtype == torch.float16)
@@ -1034,7 +1029,7 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
     None when the epoch ran to its end. Under torch.distributed the returned means and counts are over
     all ranks; each rank's on_log sees its own windows.
     Usage: stats = train_epoch(model, loader, opt, loss_fn, step=step, on_log=lambda s, w: print(s, w))
-    Copy with: train_step, RunningSums, autocast_dtype, _forward, to_device, rank_and_world_size
+    Copy with: train_step, RunningSums, autocast_dtype, _forward, rank_and_world_size
     """
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -1085,7 +1080,7 @@ def validate(model, loader, loss_fn, *, device=None, amp=None, progress=False):
     when loss_fn gives no counts). Under torch.distributed the sums are all-reduced, so every rank
     returns the metrics of the whole (sharded) validation set. The model's train/eval mode is restored.
     Usage: metrics = validate(model, val_loader, classification_loss(nn.CrossEntropyLoss()))
-    Copy with: autocast_dtype, _forward, to_device, rank_and_world_size
+    Copy with: autocast_dtype, _forward, rank_and_world_size
     """
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
