@@ -900,12 +900,12 @@ def train_step(model, batch, optimizer, loss_fn, *, amp_dtype=None, scaler=None,
     """One optimiser step on `batch`; returns device tensors, so that nothing waits for the GPU.
 
     loss_fn(model, batch) returns a loss tensor, or (loss, n_correct, n_samples) for accuracy. The step:
-    the batch to the model's device (non-blocking), the forward under autocast in `amp_dtype` (what
-    autocast_dtype decides; None is float32), backward, unscale, the global L2 gradient norm before
-    clipping (clipped to `grad_clip` when given), the optimiser step, scheduler.step(), and the EMA
-    update of `ema_model` (make_ema). A step whose loss or gradients are not finite is skipped on the
-    device by an fp16 `scaler` (make_scaler) or a fused Adam/AdamW (fused=True); any other optimiser
-    needs one host read to skip it.
+    the batch (a tensor or a nested list / tuple / dict of them) to `device` (the model's by default;
+    non-blocking), the forward under autocast in `amp_dtype` (what autocast_dtype decides; None is
+    float32), backward, unscale, the global L2 gradient norm before clipping (clipped to `grad_clip`
+    when given), the optimiser step, scheduler.step(), and the EMA update of `ema_model` (make_ema).
+    A step whose loss or gradients are not finite is skipped on the device by an fp16 `scaler`
+    (make_scaler) or a fused Adam/AdamW (fused=True); any other optimiser needs one host read to skip it.
     Returns {"loss", "grad_norm", "finite", "n_correct" (None without counts), "n_samples",
     "learning_rate" (the float this step used, read before scheduler.step())}.
     Usage: result = train_step(model, images, optimizer, rectified_flow_loss, grad_clip=1.0)
