@@ -817,7 +817,8 @@ def autocast_dtype(device, amp=None):
     """The autocast dtype for `device`, or None for full precision.
 
     amp=None means on for CUDA (bf16 where supported, otherwise fp16) and off on CPU; amp=True on
-    CPU uses bf16; amp=False is always off.
+    CPU uses bf16; amp=False is always off. train_step, train_epoch and validate take its answer as
+    amp_dtype, the samplers as dtype.
     Usage: dtype = autocast_dtype(torch.device("cuda"))  # torch.bfloat16 on an A100
     """
     device = torch.device(device)
@@ -1004,15 +1005,15 @@ class RunningSums:
 
 
 def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=None, ema_model=None,
-                grad_clip=None, amp=None, scaler=None, step=0, epoch=0, log_every=10, on_log=None,
+                grad_clip=None, amp_dtype=None, scaler=None, step=0, epoch=0, log_every=10, on_log=None,
                 stop=None, resume=None, progress=True):
     """Train `model` for one pass over `loader` with train_step; returns the epoch means, the new global
     step and, when `stop` ended the epoch early, the state to finish it with.
 
-    loss_fn, scheduler, ema_model, grad_clip and scaler as in train_step; autocast as
-    autocast_dtype(device, amp) decides (bf16 on CUDA, fp16 where bf16 is missing, off on CPU unless
-    amp=True); batches go to `device` (the model's by default). Pass the fp16 `scaler` (make_scaler)
-    to keep its loss scale across epochs. Nothing waits for the GPU except at log points.
+    loss_fn, scheduler, ema_model, grad_clip, amp_dtype and scaler as in train_step: autocast in
+    `amp_dtype` (None trains in float32; pass amp_dtype=autocast_dtype(device) for mixed precision);
+    batches go to `device` (the model's by default). Pass the fp16 `scaler` (make_scaler) to keep its
+    loss scale across epochs. Nothing waits for the GPU except at log points.
 
     Logging: every optimiser step lands in exactly one window. A window closes when the global step is
     a multiple of `log_every`, and at the end of the epoch (a shorter window); then on_log(step, window)
@@ -1029,11 +1030,11 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
     None when the epoch ran to its end. Under torch.distributed the returned means and counts are over
     all ranks; each rank's on_log sees its own windows.
     Usage: stats = train_epoch(model, loader, opt, loss_fn, step=step, on_log=lambda s, w: print(s, w))
-    Copy with: train_step, RunningSums, autocast_dtype, _forward, rank_and_world_size
+    Copy with: train_step, RunningSums, _forward, rank_and_world_size
     """
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    (rank, world_size), amp_dtype = rank_and_world_size(), autocast_dtype(device, amp)
+    rank, world_size = rank_and_world_size()
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sums, start_step = RunningSums(device), step
     if resume is not None:
@@ -1073,18 +1074,19 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
             "state": {**sums.state_dict(), "seconds": seconds} if stopped else None}
 
 
-def validate(model, loader, loss_fn, *, device=None, amp=None, progress=False):
+def validate(model, loader, loss_fn, *, device=None, amp_dtype=None, progress=False):
     """Evaluate `model` on `loader` in inference mode; returns {"loss", "accuracy", "samples"}.
 
-    loss_fn and autocast as in train_epoch; the loss is the per-sample mean, accuracy is percent (None
-    when loss_fn gives no counts). Under torch.distributed the sums are all-reduced, so every rank
-    returns the metrics of the whole (sharded) validation set. The model's train/eval mode is restored.
+    loss_fn and amp_dtype as in train_epoch (None evaluates in float32; pass amp_dtype=autocast_dtype(device)
+    for mixed precision); the loss is the per-sample mean, accuracy is percent (None when loss_fn gives no
+    counts). Under torch.distributed the sums are all-reduced, so every rank returns the metrics of the
+    whole (sharded) validation set. The model's train/eval mode is restored.
     Usage: metrics = validate(model, val_loader, classification_loss(nn.CrossEntropyLoss()))
-    Copy with: autocast_dtype, _forward, rank_and_world_size
+    Copy with: _forward, rank_and_world_size
     """
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    amp_dtype, was_training = autocast_dtype(device, amp), model.training
+    was_training = model.training
     model.eval()
     zero = torch.zeros((), dtype=torch.float64, device=device)
     totals, has_accuracy = torch.zeros(3, dtype=torch.float64, device=device), False  # loss * n, n_correct, n
