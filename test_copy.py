@@ -69,6 +69,13 @@ def test_copy_with_names_exactly_the_definitions_a_public_one_needs(name):
     assert copy_with(name) == closure(name), f"{name}'s Copy with: line should name {sorted(closure(name))}"
 
 
+def test_closures_stay_small_outside_the_metrics_section():
+    # issue 16: a public definition pastes with at most 4 others; the metrics section (the FID Inception
+    # and its reference preprocessing) is the one exception
+    too_big = {name: sorted(closure(name)) for name in PUBLIC if section(name) != "metrics" and len(closure(name)) > 4}
+    assert not too_big, f"these need more than 4 names to paste: {too_big}"
+
+
 # ----------------------------------------------------------------------------- one call per public definition
 
 CALLS = {}
