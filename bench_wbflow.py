@@ -480,8 +480,8 @@ def _flow_recipe(model_config, training, *, device, channels_last, compile_backe
     def train(loader, amp, on_log=None):
         stats = wbflow.train_epoch(train_model, loader, optimizer, wbflow.rectified_flow_loss, device=device,
                                    scheduler=scheduler, ema_model=ema_model, grad_clip=training["gradient_clip"],
-                                   amp=amp, step=progress["step"], log_every=training["log_interval"], on_log=on_log,
-                                   progress=False)
+                                   amp_dtype=wbflow.autocast_dtype(device, amp), step=progress["step"],
+                                   log_every=training["log_interval"], on_log=on_log, progress=False)
         progress["step"] = stats["step"]
         return stats
     return train
@@ -741,7 +741,8 @@ def _fire_trainer(sizes, steps):
 
     def train(batches, epoch):
         return wbflow.train_epoch(model, batches, optimizer, loss_fn, device=device, scheduler=scheduler,
-                                  grad_clip=1.0, scaler=scaler, epoch=epoch, log_every=10, progress=False)
+                                  grad_clip=1.0, amp_dtype=wbflow.autocast_dtype(device), scaler=scaler, epoch=epoch,
+                                  log_every=10, progress=False)
     return train
 
 
@@ -763,7 +764,7 @@ def _fire_rates(train_samples, image_size, sizes):
         train_loader.sampler.set_epoch(epoch)
         stats = train(train_loader, epoch)
     rates = {"training": stats["samples"] / stats["seconds"], "loader": _loader_rate(train_loader, 2)}
-    batch = wbflow.to_device(next(iter(train_loader)), sizes["device"])
+    batch = [tensor.to(sizes["device"]) for tensor in next(iter(train_loader))]
     train([batch] * sizes["warm_up_batches"], 3)
     stats = train([batch] * len(train_loader), 4)
     rates["gpu"] = stats["samples"] / stats["seconds"]

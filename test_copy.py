@@ -69,6 +69,13 @@ def test_copy_with_names_exactly_the_definitions_a_public_one_needs(name):
     assert copy_with(name) == closure(name), f"{name}'s Copy with: line should name {sorted(closure(name))}"
 
 
+def test_closures_stay_small_outside_the_metrics_section():
+    # issue 16: a public definition pastes with at most 4 others; the metrics section (the FID Inception
+    # and its reference preprocessing) is the one exception
+    too_big = {name: sorted(closure(name)) for name in PUBLIC if section(name) != "metrics" and len(closure(name)) > 4}
+    assert not too_big, f"these need more than 4 names to paste: {too_big}"
+
+
 # ----------------------------------------------------------------------------- one call per public definition
 
 CALLS = {}
@@ -108,12 +115,6 @@ def tiny_flow_model():
 
 
 # ----------------------------------------------------------------------------- device & data
-
-@call("to_device")
-def _(to_device, tmp_path, fixture):
-    moved = to_device({"x": [torch.ones(1)], "n": 3}, "cpu")
-    assert moved["n"] == 3 and torch.equal(moved["x"][0], torch.ones(1))
-
 
 @call("rank_and_world_size")
 def _(rank_and_world_size, tmp_path, fixture):
@@ -284,6 +285,21 @@ def _(train_step, tmp_path, fixture):
     result = train_step(model, tiny_batches(1)[0], optimizer, wbflow.classification_loss(nn.CrossEntropyLoss()),
                         grad_clip=1.0)
     assert bool(result["finite"]) and result["n_samples"] == 4 and not torch.equal(before, model[1].weight)
+    moves = []
+
+    class NotingMoves(torch.Tensor):  # a tensor that notes each .to(): the CPU sees the move CUDA would make
+        def to(self, *args, **kwargs):
+            moves.append((args, kwargs))
+            return super().to(*args, **kwargs)
+
+    def loss_of_a_nested_batch(model, batch):
+        (images, [labels]), count = batch["inputs"], batch["count"]
+        assert type(batch["inputs"]) is tuple and type(batch["inputs"][1]) is list and count == 4  # as they were
+        return nn.functional.cross_entropy(model(images), labels)
+
+    images, labels = (tensor.as_subclass(NotingMoves) for tensor in tiny_batches(1)[0])
+    result = train_step(model, {"inputs": (images, [labels]), "count": 4}, optimizer, loss_of_a_nested_batch)
+    assert moves == [((torch.device("cpu"),), {"non_blocking": True})] * 2 and result["n_samples"] == 4
 
 
 @call("RunningSums")

@@ -100,7 +100,7 @@ def small_resnet(num_classes=5):
 def assert_flow_unet_trains(device, dtype, *, amp=None, scaler=None):
     """A tiny channels_last FlowUNet (train_flow's layout on CUDA) lowers its fixed-noise loss by over 15% in 5
     epochs of train_epoch on `device`; its convolutions ran in `dtype` on channels_last activations (autocast
-    as train_epoch chose it for `amp`), and its weights stayed channels_last through the optimiser's steps."""
+    as autocast_dtype chose it for `amp`), and its weights stayed channels_last through the optimiser's steps."""
     torch.manual_seed(0)
     model = wbflow.FlowUNet(**TINY_UNET).to(device).to(memory_format=torch.channels_last)
     held_out = next(iter(wbflow.DeviceImageLoader(wbflow.synthetic_images(64, size=16), 64, device=device,
@@ -112,8 +112,8 @@ def assert_flow_unet_trains(device, dtype, *, amp=None, scaler=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, fused=True)
     for epoch in range(5):
         loader.set_epoch(epoch)
-        wbflow.train_epoch(model, loader, optimizer, wbflow.rectified_flow_loss, grad_clip=1.0, amp=amp,
-                           scaler=scaler, epoch=epoch, progress=False)
+        wbflow.train_epoch(model, loader, optimizer, wbflow.rectified_flow_loss, grad_clip=1.0,
+                           amp_dtype=wbflow.autocast_dtype(device, amp), scaler=scaler, epoch=epoch, progress=False)
     assert set(conv_outputs) == {(dtype, True)}
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -130,8 +130,9 @@ def assert_resnet_trains(device, dtype, *, amp=None, scaler=None):
     batches = [(pin(batch), pin(batch_labels)) for batch, batch_labels in zip(images.split(16), labels.split(16))]
     optimizer = wbflow.build_optimizer("adam", resnet.parameters(), 1e-3, fused=True)
     loss_fn = wbflow.classification_loss(nn.CrossEntropyLoss())
-    losses = [wbflow.train_epoch(resnet, batches, optimizer, loss_fn, device=device, grad_clip=1.0, amp=amp,
-                                 scaler=scaler, epoch=epoch, progress=False)["loss"] for epoch in range(4)]
+    losses = [wbflow.train_epoch(resnet, batches, optimizer, loss_fn, device=device, grad_clip=1.0,
+                                 amp_dtype=wbflow.autocast_dtype(device, amp), scaler=scaler, epoch=epoch,
+                                 progress=False)["loss"] for epoch in range(4)]
     assert {output_dtype for output_dtype, _ in conv_outputs} == {dtype}
     assert losses[-1] < 0.7 * losses[0], losses
 
@@ -276,7 +277,7 @@ def test_an_inf_in_fp16_lowers_the_loss_scale_and_skips_the_step_on_cuda(monkeyp
 
     loader = wbflow.DeviceImageLoader(wbflow.synthetic_images(40, size=16), 8, device=device, channels_last=True)
     stats = wbflow.train_epoch(model, loader, optimizer, loss_with_an_inf_at_step_3, grad_clip=1.0, scaler=scaler,
-                               progress=False)
+                               amp_dtype=wbflow.autocast_dtype(device), progress=False)
     assert stats["skipped"] == 1 and stats["steps"] == 5
     assert scaler.get_scale() == 512.0  # halved once, for the one inf
     assert all(torch.equal(before, after) for before, after in zip(snapshots[2], snapshots[3]))
@@ -318,6 +319,7 @@ def test_train_epoch_makes_no_host_sync_between_log_points_on_cuda():
         def run(epoch, batches):
             return wbflow.train_epoch(train_model, batches, train_optimizer, loss_fn, device=device,
                                       scheduler=train_scheduler, ema_model=ema, grad_clip=1.0, step=12 * epoch,
+                                      amp_dtype=wbflow.autocast_dtype(device),
                                       epoch=epoch, log_every=4, on_log=lambda step, w: windows.append(step),
                                       progress=False)
         run(0, train_batches)  # warm-up: cuDNN, cuBLAS and the optimiser's state start here

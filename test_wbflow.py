@@ -194,12 +194,13 @@ def test_amp_on_cpu_autocasts_to_bfloat16_when_asked():
         seen.append(logits.dtype)
         return nn.functional.cross_entropy(logits.float(), batch[1])
 
-    model = linear_classifier()
+    model, amp_dtype = linear_classifier(), wbflow.autocast_dtype("cpu", amp=True)
     wbflow.train_epoch(model, linear_batches(1), torch.optim.SGD(model.parameters(), lr=0.1), loss_fn,
-                       amp=True, progress=False)
+                       amp_dtype=amp_dtype, progress=False)
     wbflow.train_epoch(model, linear_batches(1), torch.optim.SGD(model.parameters(), lr=0.1), loss_fn,
                        progress=False)
-    assert seen == [torch.bfloat16, torch.float32]
+    wbflow.validate(model, linear_batches(1), loss_fn, amp_dtype=amp_dtype)
+    assert seen == [torch.bfloat16, torch.float32, torch.bfloat16]
     assert wbflow.autocast_dtype("cpu") is None and not wbflow.make_scaler("cpu").is_enabled()
 
 

@@ -207,6 +207,7 @@ def train_epochs(args, argv, run, stop, train_model, losses, trainables, loaders
     (train_loader, val_loader), (start_epoch, epoch_state), (loss_fn, val_loss_fn, val_batches) = loaders, start, losses
     model, master = trainables["model"], wbflow.rank_and_world_size()[0] == 0  # rank 0 prints and writes
     device = next(model.parameters()).device
+    amp_dtype = wbflow.autocast_dtype(device, args.amp)
 
     def log_window(step, window):
         progress["skipped_steps"] += window["skipped"]
@@ -215,7 +216,7 @@ def train_epochs(args, argv, run, stop, train_model, losses, trainables, loaders
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch, skip_batches=epoch_state["batches"] if epoch_state else 0)
         train = wbflow.train_epoch(train_model, train_loader, trainables["optimizer"], loss_fn, device=device,
-                                   scheduler=trainables["scheduler"], grad_clip=args.grad_clip or None, amp=args.amp,
+                                   scheduler=trainables["scheduler"], grad_clip=args.grad_clip or None, amp_dtype=amp_dtype,
                                    scaler=trainables["scaler"], step=progress["step"], epoch=epoch, log_every=10,
                                    on_log=log_window, stop=stop, resume=epoch_state, progress=master)
         progress["step"], epoch_state = train["step"], None
@@ -224,7 +225,7 @@ def train_epochs(args, argv, run, stop, train_model, losses, trainables, loaders
             wbflow.exit_stopped(stop, state, out_dir / "last.pth", script=__file__, argv=argv,
                                 where=f" at step {progress['step']} (epoch {epoch})")
         # the unwrapped model: DDP's forward would sync buffers, and val shards differ in length
-        val = wbflow.validate(model, val_loader, val_loss_fn, device=device, amp=args.amp)
+        val = wbflow.validate(model, val_loader, val_loss_fn, device=device, amp_dtype=amp_dtype)
         noted = torch.cat(val_batches, dim=1).cpu() if val_batches else torch.zeros(2, 0, dtype=torch.long)
         val_batches.clear()  # below: the labels and predictions of every rank's validation shard
         f1, macro_f1 = wbflow.f1_scores(*torch.cat(wbflow.gather_from_ranks(noted), 1).tolist(), len(config["classes"]))

@@ -1,7 +1,7 @@
 """wbflow: a minimal PyTorch + Weights & Biases training kit of plain, copyable functions.
 
 Sections, in data-flow order:
-  device & data     to_device, rank_and_world_size, setup_distributed,
+  device & data     rank_and_world_size, setup_distributed,
                     CIFAR10_URL, load_cifar10, synthetic_images, DeviceImageLoader (CIFAR-10 on the device),
                     find_image_samples, list_images, stratified_split, drop_unreadable_images, ImageSamples,
                     IMAGENET_MEAN_STD, image_transforms, classifier_loaders, check_same_on_every_rank
@@ -64,20 +64,6 @@ import torchvision
 
 
 # ----------------------------------------------------------------------------- device & data
-
-def to_device(batch, device):
-    """Move a tensor, or a (nested) tuple / list / dict of tensors, to `device` without blocking.
-
-    Usage: images, labels = to_device(batch, torch.device("cuda"))
-    """
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(item, device) for item in batch)
-    if isinstance(batch, dict):
-        return {key: to_device(value, device) for key, value in batch.items()}
-    return batch
-
 
 def rank_and_world_size():
     """(rank, world size) of this process in its torch.distributed group; (0, 1) when not distributed.
@@ -831,7 +817,8 @@ def autocast_dtype(device, amp=None):
     """The autocast dtype for `device`, or None for full precision.
 
     amp=None means on for CUDA (bf16 where supported, otherwise fp16) and off on CPU; amp=True on
-    CPU uses bf16; amp=False is always off.
+    CPU uses bf16; amp=False is always off. train_step, train_epoch and validate take its answer as
+    amp_dtype, the samplers as dtype.
     Usage: dtype = autocast_dtype(torch.device("cuda"))  # torch.bfloat16 on an A100
     """
     device = torch.device(device)
@@ -885,10 +872,19 @@ def make_ema(model, decay=0.9999):
 
 
 def _forward(model, batch, loss_fn, amp_dtype, device=None):
-    # the forward train_step and validate share: the batch to `device` (the model's by default), loss_fn
-    # under autocast -> (loss, n_correct or None, n_samples)
+    # the forward train_step and validate share: the batch (a tensor or a nested list / tuple / dict of
+    # them) to `device` (the model's by default), loss_fn under autocast -> (loss, n_correct or None, n_samples)
+    def moved(item):
+        if torch.is_tensor(item):
+            return item.to(device, non_blocking=True)
+        if isinstance(item, (list, tuple)):
+            return type(item)(moved(part) for part in item)
+        if isinstance(item, dict):
+            return {key: moved(value) for key, value in item.items()}
+        return item
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    batch = to_device(batch, device)
+    batch = moved(batch)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         output = loss_fn(model, batch)
     loss, n_correct, n_samples = (output, None, None) if torch.is_tensor(output) else output
@@ -905,16 +901,16 @@ def train_step(model, batch, optimizer, loss_fn, *, amp_dtype=None, scaler=None,
     """One optimiser step on `batch`; returns device tensors, so that nothing waits for the GPU.
 
     loss_fn(model, batch) returns a loss tensor, or (loss, n_correct, n_samples) for accuracy. The step:
-    the batch to the model's device (non-blocking), the forward under autocast in `amp_dtype` (what
-    autocast_dtype decides; None is float32), backward, unscale, the global L2 gradient norm before
-    clipping (clipped to `grad_clip` when given), the optimiser step, scheduler.step(), and the EMA
-    update of `ema_model` (make_ema). A step whose loss or gradients are not finite is skipped on the
-    device by an fp16 `scaler` (make_scaler) or a fused Adam/AdamW (fused=True); any other optimiser
-    needs one host read to skip it.
+    the batch (a tensor or a nested list / tuple / dict of them) to `device` (the model's by default;
+    non-blocking), the forward under autocast in `amp_dtype` (what autocast_dtype decides; None is
+    float32), backward, unscale, the global L2 gradient norm before clipping (clipped to `grad_clip`
+    when given), the optimiser step, scheduler.step(), and the EMA update of `ema_model` (make_ema).
+    A step whose loss or gradients are not finite is skipped on the device by an fp16 `scaler`
+    (make_scaler) or a fused Adam/AdamW (fused=True); any other optimiser needs one host read to skip it.
     Returns {"loss", "grad_norm", "finite", "n_correct" (None without counts), "n_samples",
     "learning_rate" (the float this step used, read before scheduler.step())}.
     Usage: result = train_step(model, images, optimizer, rectified_flow_loss, grad_clip=1.0)
-    Copy with: _forward, to_device
+    Copy with: _forward
     """
     loss, n_correct, n_samples = _forward(model, batch, loss_fn, amp_dtype, device)
     scaler = scaler or torch.amp.GradScaler(loss.device.type, enabled=amp_dtype == torch.float16)
@@ -1009,15 +1005,15 @@ class RunningSums:
 
 
 def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=None, ema_model=None,
-                grad_clip=None, amp=None, scaler=None, step=0, epoch=0, log_every=10, on_log=None,
+                grad_clip=None, amp_dtype=None, scaler=None, step=0, epoch=0, log_every=10, on_log=None,
                 stop=None, resume=None, progress=True):
     """Train `model` for one pass over `loader` with train_step; returns the epoch means, the new global
     step and, when `stop` ended the epoch early, the state to finish it with.
 
-    loss_fn, scheduler, ema_model, grad_clip and scaler as in train_step; autocast as
-    autocast_dtype(device, amp) decides (bf16 on CUDA, fp16 where bf16 is missing, off on CPU unless
-    amp=True); batches go to `device` (the model's by default). Pass the fp16 `scaler` (make_scaler)
-    to keep its loss scale across epochs. Nothing waits for the GPU except at log points.
+    loss_fn, scheduler, ema_model, grad_clip, amp_dtype and scaler as in train_step: autocast in
+    `amp_dtype` (None trains in float32; pass amp_dtype=autocast_dtype(device) for mixed precision);
+    batches go to `device` (the model's by default). Pass the fp16 `scaler` (make_scaler) to keep its
+    loss scale across epochs. Nothing waits for the GPU except at log points.
 
     Logging: every optimiser step lands in exactly one window. A window closes when the global step is
     a multiple of `log_every`, and at the end of the epoch (a shorter window); then on_log(step, window)
@@ -1034,11 +1030,11 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
     None when the epoch ran to its end. Under torch.distributed the returned means and counts are over
     all ranks; each rank's on_log sees its own windows.
     Usage: stats = train_epoch(model, loader, opt, loss_fn, step=step, on_log=lambda s, w: print(s, w))
-    Copy with: train_step, RunningSums, autocast_dtype, _forward, to_device, rank_and_world_size
+    Copy with: train_step, RunningSums, _forward, rank_and_world_size
     """
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    (rank, world_size), amp_dtype = rank_and_world_size(), autocast_dtype(device, amp)
+    rank, world_size = rank_and_world_size()
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sums, start_step = RunningSums(device), step
     if resume is not None:
@@ -1078,18 +1074,19 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
             "state": {**sums.state_dict(), "seconds": seconds} if stopped else None}
 
 
-def validate(model, loader, loss_fn, *, device=None, amp=None, progress=False):
+def validate(model, loader, loss_fn, *, device=None, amp_dtype=None, progress=False):
     """Evaluate `model` on `loader` in inference mode; returns {"loss", "accuracy", "samples"}.
 
-    loss_fn and autocast as in train_epoch; the loss is the per-sample mean, accuracy is percent (None
-    when loss_fn gives no counts). Under torch.distributed the sums are all-reduced, so every rank
-    returns the metrics of the whole (sharded) validation set. The model's train/eval mode is restored.
+    loss_fn and amp_dtype as in train_epoch (None evaluates in float32; pass amp_dtype=autocast_dtype(device)
+    for mixed precision); the loss is the per-sample mean, accuracy is percent (None when loss_fn gives no
+    counts). Under torch.distributed the sums are all-reduced, so every rank returns the metrics of the
+    whole (sharded) validation set. The model's train/eval mode is restored.
     Usage: metrics = validate(model, val_loader, classification_loss(nn.CrossEntropyLoss()))
-    Copy with: autocast_dtype, _forward, to_device, rank_and_world_size
+    Copy with: _forward, rank_and_world_size
     """
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    amp_dtype, was_training = autocast_dtype(device, amp), model.training
+    was_training = model.training
     model.eval()
     zero = torch.zeros((), dtype=torch.float64, device=device)
     totals, has_accuracy = torch.zeros(3, dtype=torch.float64, device=device), False  # loss * n, n_correct, n
