@@ -25,15 +25,8 @@ import torch
 import wbflow
 
 HERE = Path(__file__).resolve().parent
-# --smoke: a tiny UNet on a few hundred images, every interval one epoch, small sample counts, its own out_dir.
-SMOKE_OVERRIDES = [
-    "data.max_images=256", "data.out_dir=runs/flow-smoke", "model.base_channels=16", "model.channel_mults=[1, 2]",
-    "model.num_res_blocks=1", "model.head_channels=16", "model.dropout=0.0", "training.epochs=1",
-    "training.batch_size=32", "training.warmup_steps=10", "training.ema_decay=0.9", "training.log_interval=2",
-    "training.save_interval=1", "training.sample_interval=1", "logging.log_images_interval=1",
-    "logging.log_model_interval=1", "sampling.num_images=16", "sampling.nfe=10", "sampling.table_nfes=[1, 2, 4]",
-    "sampling.rk45_tolerance=1.0e-3", "eval.sample_batch_size=16", "eval.inception_batch_size=10",
-    "eval.fid_interval=0", "reflow.num_pairs=64", "reflow.shard_size=32", "reflow.nfe=4"]
+SMOKE_OVERRIDES = [line for line in (HERE / "configs" / "smoke_overrides.txt").read_text().splitlines()
+                   if line and not line.startswith("#")]  # --smoke: a tiny UNet, a few hundred images, every interval 1
 # What every checkpoint carries on. ended: the epoch's end is done; train_state: a stopped epoch's place and sums;
 # epoch_row: the epoch's last W&B row, logged with the epoch's end.
 PROGRESS = {"epoch": 0, "ended": True, "train_state": None, "epoch_row": None, "global_step": 0, "skipped_steps": 0,
