@@ -398,6 +398,11 @@ def test_a_run_logs_every_seed_key_table_image_and_artifact(whole):
         "train/loss" in row and row["train/images_per_second"] > 0 and math.isfinite(row["train/epoch_loss"])
         and row["eval/generated_samples"]["_type"] == "image-file" for row in epoch_rows)
     assert log.summary["train/epoch_loss"] == {"min": min(log.values("train/epoch_loss"))}
+    assert log.summary["train/loss"] == {"min": min(log.values("train/loss"))}
+    step_metrics = {(metric.name or metric.glob_name): metric.step_metric for metric in log.metrics}
+    assert step_metrics == {"train/loss": "", "train/epoch": "", **dict.fromkeys(
+        ["train/epoch_loss", "train/images_per_second", "eval/fid_score", "eval/inception_score_*",
+         "eval/straightness"], "train/epoch")}
     assert sorted(path.name for path in (out / "samples").glob("epoch_000?.png")) == [
         "epoch_0001.png", "epoch_0002.png", "epoch_0003.png"]
 

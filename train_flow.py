@@ -25,15 +25,8 @@ import torch
 import wbflow
 
 HERE = Path(__file__).resolve().parent
-# --smoke: a tiny UNet on a few hundred images, every interval one epoch, small sample counts, its own out_dir.
-SMOKE_OVERRIDES = [
-    "data.max_images=256", "data.out_dir=runs/flow-smoke", "model.base_channels=16", "model.channel_mults=[1, 2]",
-    "model.num_res_blocks=1", "model.head_channels=16", "model.dropout=0.0", "training.epochs=1",
-    "training.batch_size=32", "training.warmup_steps=10", "training.ema_decay=0.9", "training.log_interval=2",
-    "training.save_interval=1", "training.sample_interval=1", "logging.log_images_interval=1",
-    "logging.log_model_interval=1", "sampling.num_images=16", "sampling.nfe=10", "sampling.table_nfes=[1, 2, 4]",
-    "sampling.rk45_tolerance=1.0e-3", "eval.sample_batch_size=16", "eval.inception_batch_size=10",
-    "eval.fid_interval=0", "reflow.num_pairs=64", "reflow.shard_size=32", "reflow.nfe=4"]
+SMOKE_OVERRIDES = [line for line in (HERE / "configs" / "smoke_overrides.txt").read_text().splitlines()
+                   if line and not line.startswith("#")]  # --smoke: a tiny UNet, a few hundred images, every interval 1
 # What every checkpoint carries on. ended: the epoch's end is done; train_state: a stopped epoch's place and sums;
 # epoch_row: the epoch's last W&B row, logged with the epoch's end.
 PROGRESS = {"epoch": 0, "ended": True, "train_state": None, "epoch_row": None, "global_step": 0, "skipped_steps": 0,
@@ -50,54 +43,50 @@ POSITIVE = {"training": ("epochs", "batch_size", "learning_rate", "log_interval"
             "reflow": ("num_pairs", "shard_size", "nfe")}
 NOT_NEGATIVE = {"training": ("warmup_steps", "gradient_clip", "keep_checkpoints"), "eval": ("fid_interval",)}
 SOLVERS, COUPLINGS = ("euler", "heun", "rk45"), ("independent", "ot")
+CONFIG_FLAGS = {"--data-dir": "data.data_dir", "--out-dir": "data.out_dir", "--epochs": "training.epochs",
+                "--batch-size": "training.batch_size"}  # flags that set a config key (the batch is the global one)
 DEFAULT_CONFIG = HERE / "configs" / "cifar10_rectified_flow.yaml"
 
 
 def parse_args(argv=None):
     defaults = wbflow.load_yaml_config(DEFAULT_CONFIG)  # for the defaults --help shows
-    data, training, sampling = defaults["data"], defaults["training"], defaults["sampling"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = parser.add_argument
+    add = functools.partial(wbflow.add_sweep_argument, parser)  # --out-dir and the seed's --out_dir
     add("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: %(default)s)")
     add("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override any config key, e.g. --set training.gradient_clip=0.5 (default: none)")
-    add("--data-dir", "--data_dir", help=f"folder holding cifar-10-batches-py/ (default: data.data_dir, {data['data_dir']})")
-    add("--out-dir", "--out_dir", help=f"checkpoints and sample PNGs; a new run refuses a folder holding checkpoints "
-                                       f"(default: data.out_dir, {data['out_dir']})")
+    for flag, key in CONFIG_FLAGS.items():
+        section, name = key.split(".")
+        add(flag, type=type(defaults[section][name]), help=f"default: {key}, {defaults[section][name]}")
     add("--overwrite", action="store_true",
-        help="delete an earlier run's checkpoints in --out-dir instead of refusing (default: off)")
-    add("--epochs", type=int, help=f"default: training.epochs, {training['epochs']}")
-    add("--batch-size", "--batch_size", type=int,
-        help=f"global, over all ranks (default: training.batch_size, {training['batch_size']})")
-    add("--no-wandb", "--no_wandb", action="store_true", help="train without W&B (default: logging.use_wandb decides)")
+        help="delete an earlier run's checkpoints in --out-dir, not refuse (default: off)")
+    add("--no-wandb", action="store_true", help="train without W&B (default: logging.use_wandb decides)")
     add("--smoke", action="store_true", help="tiny UNet, a few hundred images (--data-dir, else synthetic), CPU, "
                                              "W&B offline, --out-dir runs/flow-smoke (default: off)")
     add("--resume", metavar="PATH|ARTIFACT",
         help="checkpoint file or W&B model artifact of the run to continue (default: none)")
     add("--reflow", metavar="PATH|ARTIFACT", help="train a 2-rectified flow on pairs of this teacher checkpoint "
                                                  "(reflow.*), in --out-dir + '-reflow' (default: none)")
-    add = parser.add_argument_group("evaluation (--eval)").add_argument
+    add = functools.partial(wbflow.add_sweep_argument, parser.add_argument_group("evaluation (--eval)"))
     add("--eval", action="store_true", help="FID / Inception Score of --checkpoint (default: off)")
     add("--checkpoint", metavar="PATH|ARTIFACT", help="what --eval samples from (default: none)")
-    add("--num-samples", "--num_samples", type=int, default=10000, help="images to sample (default: %(default)s)")
+    add("--num-samples", type=int, default=10000, help="images to sample (default: %(default)s)")
     add("--metric", choices=("fid", "is", "both"), default="both", help="default: %(default)s")
-    add("--solver", choices=SOLVERS, help=f"default: sampling.solver, {sampling['solver']}")
-    add("--nfe", type=int, help=f"model evaluations per sample (default: sampling.nfe, {sampling['nfe']})")
-    add("--use-wandb", "--use_wandb", action="store_true", help="log the scores to W&B (default: off)")
-    add("--wandb-project", "--wandb_project", help=f"default: {defaults['logging']['project_name']}_eval")
+    add("--solver", choices=SOLVERS, help=f"default: sampling.solver, {defaults['sampling']['solver']}")
+    add("--nfe", type=int, help=f"model evaluations per sample (default: sampling.nfe, {defaults['sampling']['nfe']})")
+    add("--use-wandb", action="store_true", help="log the scores to W&B (default: off)")
+    add("--wandb-project", help=f"default: {defaults['logging']['project_name']}_eval")
     return parser.parse_args(argv)
 
 
 def load_config(args):
-    flags = {"training.epochs": args.epochs, "training.batch_size": args.batch_size}
+    given = {key: vars(args)[flag[2:].replace("-", "_")] for flag, key in CONFIG_FLAGS.items()}
     overrides = ((SMOKE_OVERRIDES if args.smoke else []) + args.set
-                 + [f"{key}={value}" for key, value in flags.items() if value is not None])
-    try:
+                 + [f"{key}={value}" for key, value in given.items() if value is not None])
+    try:  # a string key takes the text as written, so a path stays a path
         config = wbflow.load_yaml_config(args.config, overrides, reference=DEFAULT_CONFIG)
     except (OSError, KeyError, ValueError) as error:  # a missing file, an unknown key, a value of the wrong type
         raise SystemExit(f"train_flow.py: {error.args[0] if isinstance(error, KeyError) else error}") from None
-    for key in ("data_dir", "out_dir"):  # paths are set as given, not parsed as YAML
-        config["data"][key] = getattr(args, key) or config["data"][key]
     if args.reflow and not args.out_dir:  # the teacher's folder holds its checkpoints
         config["data"]["out_dir"] += "-reflow"
     if args.no_wandb:
@@ -109,10 +98,33 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     config = load_config(args)
+    with wbflow.exit_on_error("train_flow.py", (ValueError,)):
+        check_settings(args, config)
+        earlier_run = () if args.eval else wbflow.prepare_out_dir(config["data"]["out_dir"], resume=args.resume,
+                                                                  overwrite=args.overwrite)[1]
+    if args.smoke:
+        os.environ.setdefault("WANDB_MODE", "offline")
+    with wbflow.exit_on_error("train_flow.py"):  # missing data, checkpoint or weights; a full disk
+        if args.eval:
+            return evaluate(args, config)
+        return train(config, argv, resume=args.resume, smoke=args.smoke, synthetic=args.smoke and not args.data_dir,
+                     earlier_run=earlier_run, teacher=args.reflow)
+
+
+def check_settings(args, config):
+    """A ValueError naming the first bad setting or flag, before any data, process group or W&B; the FID weights
+    found (or downloaded) when training needs them."""
     data, training, sampling, evaluation = config["data"], config["training"], config["sampling"], config["eval"]
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     fid_during_training = not args.eval and evaluation["fid_interval"]
-    refusals = [  # every setting, before any data or process group
+    wbflow.check_numbers({**settings(config, POSITIVE), "--num-samples": args.num_samples, "--nfe": args.nfe or 1,
+                          "data.max_images": data["max_images"] or 1,
+                          "eval.num_real_images": evaluation["num_real_images"] or 1}, settings(config, NOT_NEGATIVE))
+    chosen = [("coupling", "training.coupling", training["coupling"], COUPLINGS),
+              ("solver", "reflow.solver", config["reflow"]["solver"], SOLVERS),
+              *[("solver", "sampling.solver / sampling.table_solvers", solver, SOLVERS)
+                for solver in [sampling["solver"], *sampling["table_solvers"]]]]
+    refusals = [
         (not 0 <= training["ema_decay"] < 1, f"training.ema_decay must be in [0, 1), not {training['ema_decay']}"),
         (training["batch_size"] < world_size, f"training.batch_size {training['batch_size']} is smaller than the "
                                               f"{world_size} ranks (it is the global batch, split over them)"),
@@ -122,33 +134,13 @@ def main(argv=None):
          f"eval.fid_num_samples is {evaluation['fid_num_samples']}: FID needs at least two samples, and one per rank"),
         *[(reference and os.path.isdir(reference), f"{flag} {reference} is a folder, not a checkpoint file")
           for flag, reference in (("--resume", args.resume), ("--checkpoint", args.checkpoint), ("--reflow", args.reflow))],
-        (training["coupling"] not in COUPLINGS, f"training.coupling is {training['coupling']!r}; choose from "
-                                                f"{', '.join(COUPLINGS)}"),
-        (config["reflow"]["solver"] not in SOLVERS,
-         f"unknown solver {config['reflow']['solver']!r} in reflow.solver; choose from {', '.join(SOLVERS)}"),
-        *[(solver not in SOLVERS, f"unknown solver {solver!r} in sampling.solver / sampling.table_solvers; "
-                                  f"choose from {', '.join(SOLVERS)}") for solver in [sampling["solver"], *sampling["table_solvers"]]],
+        *[(value not in allowed, f"unknown {kind} {value!r} in {name}; choose from {', '.join(allowed)}")
+          for kind, name, value, allowed in chosen],
         (args.eval and not args.checkpoint, "--eval needs --checkpoint PATH|ARTIFACT")]
-    with wbflow.exit_on_error("train_flow.py", (ValueError,)):
-        wbflow.check_numbers({**settings(config, POSITIVE), "--num-samples": args.num_samples, "--nfe": args.nfe or 1,
-                              "data.max_images": data["max_images"] or 1,
-                              "eval.num_real_images": evaluation["num_real_images"] or 1}, settings(config, NOT_NEGATIVE))
-        for message in [message for refused, message in refusals if refused][:1]:
-            raise ValueError(message)
-        if fid_during_training:  # found (or downloaded) before any data or W&B
-            check_fid_weights(evaluation["fid_weights"], evaluation["fid_interval"])
-        if not args.eval:
-            _, earlier_run = wbflow.prepare_out_dir(data["out_dir"], resume=args.resume, overwrite=args.overwrite)
-    if args.smoke:
-        os.environ.setdefault("WANDB_MODE", "offline")
-    with wbflow.exit_on_error("train_flow.py"):  # missing data, checkpoint or weights; a full disk
-        if not args.eval:
-            return train(config, argv, resume=args.resume, smoke=args.smoke, synthetic=args.smoke and not args.data_dir,
-                         earlier_run=earlier_run, teacher=args.reflow)
-        sampling.update(solver=args.solver or sampling["solver"], nfe=args.nfe or sampling["nfe"])
-        return evaluate(args.checkpoint, config, num_samples=args.num_samples, metric=args.metric,
-                        use_wandb=args.use_wandb, project=args.wandb_project or f"{config['logging']['project_name']}_eval",
-                        device=torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
+    for message in [message for refused, message in refusals if refused][:1]:
+        raise ValueError(message)
+    if fid_during_training:
+        check_fid_weights(evaluation["fid_weights"], evaluation["fid_interval"])
 
 
 def settings(config, names):  # {"section.key": value} for names {section: keys}
@@ -180,9 +172,8 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     images_uint8 = load_images(data, training["seed"], synthetic, say)
     channels_last = training["channels_last"] and device.type == "cuda"
 
-    model = wbflow.FlowUNet(**config["model"]).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = wbflow.FlowUNet(**config["model"]).to(device, memory_format=torch.channels_last if channels_last else
+                                                  torch.preserve_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=training["learning_rate"], fused=True)
     warmup_steps = max(1, training["warmup_steps"])  # lr * (step + 1) / warmup_steps, then constant
     parts = {"model": model, "ema": wbflow.make_ema(model, training["ema_decay"]), "optimizer": optimizer,
@@ -198,12 +189,9 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     progress, run_id, resumed_from = dict(PROGRESS), None, None
     if resume:
         progress, run_id, resumed_from = load_resume(resume, config, parts, device, say)
-    train_model = model
-    if world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if training["compile"]:  # compile outside DDP, so DDP's bucketing splits the graph
-        train_model = torch.compile(train_model)
+    train_model = model if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = torch.compile(train_model) if training["compile"] else train_model  # outside DDP: it splits the graph
     statistics = fid_statistics(images_uint8, config, device, synthetic) if config["eval"]["fid_interval"] else None
 
     def checkpoint(last_act=False):  # every rank takes part in gathering the RNG states
@@ -221,13 +209,11 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
             name=logging["run_name"], tags=logging["tags"], notes=logging["notes"]) as run:
         run_id = run.id if run else run_id  # without W&B the checkpoints keep the earlier run's, for a resume with it
         # per-step series on the global step; epoch ones on train/epoch; summaries hold the best, not the last
-        run.define_metric("train/loss", summary="min")
-        run.define_metric("train/epoch")
-        run.define_metric("train/epoch_loss", step_metric="train/epoch", summary="min")
-        run.define_metric("train/images_per_second", step_metric="train/epoch")
-        run.define_metric("eval/fid_score", step_metric="train/epoch", summary="min")
-        run.define_metric("eval/inception_score_*", step_metric="train/epoch")
-        run.define_metric("eval/straightness", step_metric="train/epoch", summary="min")
+        for key, summary in {"train/loss": "min", "train/epoch": None, "train/epoch_loss": "min",
+                             "train/images_per_second": None, "eval/fid_score": "min", "eval/inception_score_*": None,
+                             "eval/straightness": "min"}.items():
+            run.define_metric(key, step_metric=None if key in ("train/loss", "train/epoch") else "train/epoch",
+                              summary=summary)
         if teacher:  # lineage: teacher model -> pairs -> this model
             wbflow.use_artifact(run, *dataset, type="dataset")
         for path in earlier_run if rank == 0 else ():  # --overwrite: every check has passed, so they go now
@@ -284,20 +270,28 @@ def load_images(data, seed, synthetic, say):
     return images_uint8
 
 
+def load_checked(flag, reference, config, device=None, **check):
+    """(path, state) of the checkpoint file or W&B model artifact `reference`, loaded onto `device` and checked by
+    wbflow.check_checkpoint(**check); else one line naming `flag`."""
+    path = wbflow.fetch_checkpoint(reference, project=config["logging"]["project_name"],
+                                   entity=config["logging"]["entity"])
+    with wbflow.exit_on_error(f"train_flow.py: {flag} {reference}", (ValueError,)):
+        state = wbflow.load_checkpoint(path, map_location=device)
+        wbflow.check_checkpoint(state, driver="train_flow", **check)
+    return path, state
+
+
 def load_resume(resume, config, parts, device, say):
     """Load --resume into `parts` and this rank's RNG once it fits; (progress, W&B run id or None, resumed_from)."""
     logging, (rank, world_size) = config["logging"], wbflow.rank_and_world_size()
-    path = wbflow.fetch_checkpoint(resume, project=logging["project_name"], entity=logging["entity"])
-    with wbflow.exit_on_error(f"train_flow.py: --resume {resume}", (ValueError,)):
-        state = wbflow.load_checkpoint(path, map_location=device)
-        wbflow.check_checkpoint(
-            state, driver="train_flow", required=RESUME_KEYS,
-            expected={"model": config["model"], "world_size": world_size,
-                      **{section: {key: config[section][key] for key in keys} for section, keys in RESUME_FIXED.items()}},
-            hints={"model": ": pass the --config/--set (and --smoke) of the run it came from",
-                   **dict.fromkeys(RESUME_FIXED, ": a resumed run keeps the settings it trained with (only "
-                                                 "training.epochs and the intervals may change)"),
-                   "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)"})
+    path, state = load_checked(
+        "--resume", resume, config, device, required=RESUME_KEYS,
+        expected={"model": config["model"], "world_size": world_size,
+                  **{section: {key: config[section][key] for key in keys} for section, keys in RESUME_FIXED.items()}},
+        hints={"model": ": pass the --config/--set (and --smoke) of the run it came from",
+               **dict.fromkeys(RESUME_FIXED, ": a resumed run keeps the settings it trained with (only "
+                                             "training.epochs and the intervals may change)"),
+               "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)"})
     for name, part in parts.items():
         if state[name]:  # the scaler's is empty when saved without fp16 (bf16 or CPU)
             part.load_state_dict(state[name])
@@ -466,12 +460,9 @@ def reflow_pairs(teacher, config, parts, amp_dtype, *, initialise):
     when `initialise`) in out_dir/reflow_pairs, made in a W&B run that uses the teacher's model artifact and logs
     the pairs as a `dataset` artifact (a resume only reads them). Returns (images, noise seed), (folder, name)."""
     logging, reflow, (rank, world_size) = config["logging"], config["reflow"], wbflow.rank_and_world_size()
-    path = wbflow.fetch_checkpoint(teacher, project=logging["project_name"], entity=logging["entity"])
-    with wbflow.exit_on_error(f"train_flow.py: --reflow {teacher}", (ValueError,)):
-        state = wbflow.load_checkpoint(path)
-        wbflow.check_checkpoint(state, driver="train_flow", required=("ema", "config"),
-                                expected={"model": config["model"]},
-                                hints={"model": ": the student is the teacher's FlowUNet: pass its --config/--set"})
+    path, state = load_checked("--reflow", teacher, config, required=("ema", "config"),
+                               expected={"model": config["model"]},
+                               hints={"model": ": the student is the teacher's FlowUNet: pass its --config/--set"})
     parts["ema"].load_state_dict(state["ema"])
     if initialise:
         parts["model"].load_state_dict(parts["ema"].module.state_dict())
@@ -509,15 +500,15 @@ def cifar10_train_batches(data_dir, batch_size):  # read only when the FID stati
     yield from images_uint8.split(batch_size)
 
 
-def evaluate(checkpoint, config, *, num_samples, metric, use_wandb, project, device):
-    """--eval: FID and/or IS of `checkpoint`'s EMA model (sampling.solver, .nfe), logged to a run in `project`."""
+def evaluate(args, config):
+    """--eval: FID and/or IS of --checkpoint's EMA model (--solver, --nfe), logged to a run in --wandb-project."""
     data, sampling, evaluation, logging = (config[key] for key in ("data", "sampling", "eval", "logging"))
+    sampling.update(solver=args.solver or sampling["solver"], nfe=args.nfe or sampling["nfe"])
+    device, metric = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"), args.metric
     # everything the scores need is checked first: sampling can take hours
-    path = wbflow.fetch_checkpoint(checkpoint, project=logging["project_name"], entity=logging["entity"])
-    with wbflow.exit_on_error(f"train_flow.py: --checkpoint {checkpoint}", (ValueError,)):
-        state = wbflow.load_checkpoint(path, map_location=device)
-        wbflow.check_checkpoint(state, driver="train_flow", required=("ema", "config", "epoch", "global_step"),
-                                hints={"ema": " (not a train_flow checkpoint: every one holds the EMA weights)"})
+    path, state = load_checked("--checkpoint", args.checkpoint, config, device,
+                               required=("ema", "config", "epoch", "global_step"),
+                               hints={"ema": " (not a train_flow checkpoint: every one holds the EMA weights)"})
     real = evaluation["num_real_images"]
     name, statistics_dir = f"cifar10-train-{real}" if real else "cifar10-train", evaluation["stats_dir"] or Path(
         data["data_dir"]) / "fid_stats"
@@ -532,7 +523,7 @@ def evaluate(checkpoint, config, *, num_samples, metric, use_wandb, project, dev
     try:
         with wbflow.stop_on_signals() as stop:
             samples_uint8, used = wbflow.sample_images(
-                ema_model.module, num_samples, solver=sampling["solver"], nfe=sampling["nfe"],
+                ema_model.module, args.num_samples, solver=sampling["solver"], nfe=sampling["nfe"],
                 tolerance=sampling["rk45_tolerance"], batch_size=evaluation["sample_batch_size"], seed=sampling["seed"],
                 stop=stop.is_set, progress=True)
             if samples_uint8 is None:
@@ -555,10 +546,11 @@ def evaluate(checkpoint, config, *, num_samples, metric, use_wandb, project, dev
     print(", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
     grid = wbflow.sample_grid(samples_uint8[:64])
     wbflow.save_png(grid, Path(data["out_dir"]) / "samples" / f"eval_epoch_{state['epoch']:04d}.png")
-    eval_config = {"checkpoint": str(checkpoint), "epoch": state["epoch"], "global_step": state["global_step"],
-                   "num_samples": num_samples, "metric": metric, "solver": sampling["solver"], "nfe": used,
+    eval_config = {"checkpoint": str(args.checkpoint), "epoch": state["epoch"], "global_step": state["global_step"],
+                   "num_samples": args.num_samples, "metric": metric, "solver": sampling["solver"], "nfe": used,
                    "model": state["config"]["model"], "fid_reference": wbflow.fid_reference()}
-    with wbflow.wandb_run(eval_config, project=project, enabled=use_wandb, entity=logging["entity"], job_type="eval") as run:
+    with wbflow.wandb_run(eval_config, project=args.wandb_project or f"{logging['project_name']}_eval",
+                          enabled=args.use_wandb, entity=logging["entity"], job_type="eval") as run:
         run.log(metrics)
         wbflow.log_image_grid(run, "eval/sample_images", grid,
                               caption=f"{sampling['solver']} NFE {used}, epoch {state['epoch']}")
