@@ -156,6 +156,33 @@ def test_compiled_smoke_run_trains_with_the_eager_runs_loss(offline_wandb, tmp_p
         torch.testing.assert_close(weights["compiled"][name], tensor, rtol=1e-4, atol=1e-5)
 
 
+def test_both_drivers_train_and_validate_in_the_dtype_autocast_dtype_picks(offline_wandb, tmp_path, monkeypatch):
+    """train_epoch and validate take autocast_dtype's answer: each driver asks it once, for its device (on CUDA
+    bf16 or fp16; here train_flow is told bf16 as CUDA would be, train_fire's --amp true asks for it on the CPU)."""
+    seen = []
+
+    def spy(function):
+        def call(*args, amp_dtype=None, **kwargs):
+            seen.append((function.__name__, amp_dtype))
+            return function(*args, amp_dtype=amp_dtype, **kwargs)
+        return call
+
+    for name in ("train_epoch", "validate"):
+        monkeypatch.setattr(wbflow, name, spy(getattr(wbflow, name)))
+    asked = wbflow.autocast_dtype
+    monkeypatch.setattr(wbflow, "autocast_dtype", lambda device, amp=None: asked(device, True if amp is None else amp))
+    train_flow.main(TINY_FLOW + ["--out-dir", str(tmp_path / "flow")])
+    assert seen == [("train_epoch", torch.bfloat16)]
+    monkeypatch.setattr(wbflow, "autocast_dtype", asked)
+    seen.clear()
+    data = write_pattern_folders(tmp_path / "data", per_class=4)
+    train_fire.main(fire_args(data, tmp_path / "fire", "--epochs", "1", "--amp", "true", "--no-wandb"))
+    assert seen == [("train_epoch", torch.bfloat16), ("validate", torch.bfloat16)]
+    seen.clear()
+    train_fire.main(fire_args(data, tmp_path / "fire-fp32", "--epochs", "1", "--no-wandb"))  # CPU: off
+    assert seen == [("train_epoch", None), ("validate", None)]
+
+
 def test_bf16_autocast_on_the_cpu_trains_flow_unet_and_resnet_with_decreasing_loss():
     assert_flow_unet_trains(torch.device("cpu"), torch.bfloat16, amp=True)
     assert_resnet_trains(torch.device("cpu"), torch.bfloat16, amp=True)

@@ -220,7 +220,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
             path.unlink(missing_ok=True)
         for epoch in range(progress["epoch"] + progress["ended"], training["epochs"] + 1):
             if progress["ended"] or progress["train_state"]:  # else a resume into the epoch's end: trained already
-                stats = train_one_epoch(epoch, train_model, parts, loader, progress, run, stop, training)
+                stats = train_one_epoch(epoch, train_model, parts, loader, progress, run, stop, training, amp_dtype)
                 if stats["stopped"]:  # last.pt of where this epoch stands
                     stop_run(checkpoint(last_act=True))
                 say(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['samples'] / stats['seconds']:.0f} images/s, "
@@ -308,7 +308,7 @@ def load_resume(resume, config, parts, device, say):
     return progress, run_id, resumed_from
 
 
-def train_one_epoch(epoch, train_model, parts, loader, progress, run, stop, training):
+def train_one_epoch(epoch, train_model, parts, loader, progress, run, stop, training, amp_dtype):
     """Train `epoch` (on from its stopped place) and log its windows but the last, which waits in
     progress["epoch_row"] for the epoch's loss and end."""
     logged = []
@@ -328,7 +328,8 @@ def train_one_epoch(epoch, train_model, parts, loader, progress, run, stop, trai
     loss_fn = functools.partial(wbflow.rectified_flow_loss, coupling=training["coupling"])
     stats = wbflow.train_epoch(train_model, loader, parts["optimizer"], loss_fn, resume=resume,
                                scheduler=parts["scheduler"], ema_model=parts["ema"], grad_clip=training["gradient_clip"],
-                               scaler=parts["scaler"], step=progress["global_step"], epoch=epoch, stop=stop,
+                               amp_dtype=amp_dtype, scaler=parts["scaler"], step=progress["global_step"], epoch=epoch,
+                               stop=stop,
                                log_every=training["log_interval"], on_log=log_window,
                                progress=wbflow.rank_and_world_size()[0] == 0)
     progress.update(epoch=epoch, ended=False, train_state=stats["state"], global_step=stats["step"])
