@@ -305,6 +305,14 @@ def test_the_readmes_first_command_says_how_to_get_the_fid_weights_before_data_o
     assert "weights_path" not in message and not (tmp_path / "out").exists()
 
 
+def test_path_flags_are_taken_as_given_and_an_empty_one_is_refused():
+    odd = " runs/a=b null [1, 2] # x "  # YAML-looking text, '=' and spaces at both ends: a folder name all the same
+    config = train_flow.load_config(train_flow.parse_args(["--out-dir", odd, "--data-dir", "null", "--epochs", "3"]))
+    assert (config["data"]["out_dir"], config["data"]["data_dir"], config["training"]["epochs"]) == (odd, "null", 3)
+    for flag in ("--out-dir", "--data-dir"):  # "$OUT" unset: not the current folder
+        refused(train_flow.main, [flag, ""], f"{flag} is empty: name a folder")
+
+
 def test_train_flow_has_its_own_default_folders(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     flow = train_flow.load_config(train_flow.parse_args([]))["data"]

@@ -157,8 +157,8 @@ def test_compiled_smoke_run_trains_with_the_eager_runs_loss(offline_wandb, tmp_p
 
 
 def test_both_drivers_train_and_validate_in_the_dtype_autocast_dtype_picks(offline_wandb, tmp_path, monkeypatch):
-    """train_epoch and validate take autocast_dtype's answer: each driver asks it once, for its device (on CUDA
-    bf16 or fp16; here train_flow is told bf16 as CUDA would be, train_fire's --amp true asks for it on the CPU)."""
+    """train_epoch and validate take autocast_dtype's answer for the driver's device (on CUDA bf16 or fp16; here
+    train_flow is told bf16 as CUDA would be, and train_fire's --amp true asks for it on the CPU)."""
     seen = []
 
     def spy(function):

@@ -25,8 +25,9 @@ import torch
 import wbflow
 
 HERE = Path(__file__).resolve().parent
-SMOKE_OVERRIDES = [line for line in (HERE / "configs" / "smoke_overrides.txt").read_text().splitlines()
-                   if line and not line.startswith("#")]  # --smoke: a tiny UNet, a few hundred images, every interval 1
+# --smoke: a tiny UNet on a few hundred images, every interval one epoch (a --set override a line)
+SMOKE_OVERRIDES = [line.strip() for line in (HERE / "configs" / "smoke_overrides.txt").read_text().splitlines()
+                   if line.strip() and not line.strip().startswith("#")]
 # What every checkpoint carries on. ended: the epoch's end is done; train_state: a stopped epoch's place and sums;
 # epoch_row: the epoch's last W&B row, logged with the epoch's end.
 PROGRESS = {"epoch": 0, "ended": True, "train_state": None, "epoch_row": None, "global_step": 0, "skipped_steps": 0,
@@ -43,8 +44,10 @@ POSITIVE = {"training": ("epochs", "batch_size", "learning_rate", "log_interval"
             "reflow": ("num_pairs", "shard_size", "nfe")}
 NOT_NEGATIVE = {"training": ("warmup_steps", "gradient_clip", "keep_checkpoints"), "eval": ("fid_interval",)}
 SOLVERS, COUPLINGS = ("euler", "heun", "rk45"), ("independent", "ot")
-CONFIG_FLAGS = {"--data-dir": "data.data_dir", "--out-dir": "data.out_dir", "--epochs": "training.epochs",
-                "--batch-size": "training.batch_size"}  # flags that set a config key (the batch is the global one)
+CONFIG_FLAGS = {"--data-dir": ("data.data_dir", "folder holding cifar-10-batches-py/"),  # flags that set a config key
+                "--out-dir": ("data.out_dir", "checkpoints and sample PNGs; a new run refuses one holding checkpoints"),
+                "--epochs": ("training.epochs", "epochs to train"),
+                "--batch-size": ("training.batch_size", "global, over all ranks")}
 DEFAULT_CONFIG = HERE / "configs" / "cifar10_rectified_flow.yaml"
 
 
@@ -55,9 +58,9 @@ def parse_args(argv=None):
     add("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: %(default)s)")
     add("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override any config key, e.g. --set training.gradient_clip=0.5 (default: none)")
-    for flag, key in CONFIG_FLAGS.items():
+    for flag, (key, text) in CONFIG_FLAGS.items():
         section, name = key.split(".")
-        add(flag, type=type(defaults[section][name]), help=f"default: {key}, {defaults[section][name]}")
+        add(flag, type=type(defaults[section][name]), help=f"{text} (default: {key}, {defaults[section][name]})")
     add("--overwrite", action="store_true",
         help="delete an earlier run's checkpoints in --out-dir, not refuse (default: off)")
     add("--no-wandb", action="store_true", help="train without W&B (default: logging.use_wandb decides)")
@@ -80,13 +83,15 @@ def parse_args(argv=None):
 
 
 def load_config(args):
-    given = {key: vars(args)[flag[2:].replace("-", "_")] for flag, key in CONFIG_FLAGS.items()}
-    overrides = ((SMOKE_OVERRIDES if args.smoke else []) + args.set
-                 + [f"{key}={value}" for key, value in given.items() if value is not None])
-    try:  # a string key takes the text as written, so a path stays a path
-        config = wbflow.load_yaml_config(args.config, overrides, reference=DEFAULT_CONFIG)
+    try:
+        config = wbflow.load_yaml_config(args.config, (SMOKE_OVERRIDES if args.smoke else []) + args.set,
+                                         reference=DEFAULT_CONFIG)
     except (OSError, KeyError, ValueError) as error:  # a missing file, an unknown key, a value of the wrong type
         raise SystemExit(f"train_flow.py: {error.args[0] if isinstance(error, KeyError) else error}") from None
+    for flag, (key, _) in CONFIG_FLAGS.items():  # as given (argparse typed it): a path is not parsed as YAML
+        section, name = key.split(".")
+        value = vars(args)[flag[2:].replace("-", "_")]
+        config[section][name] = config[section][name] if value is None else value
     if args.reflow and not args.out_dir:  # the teacher's folder holds its checkpoints
         config["data"]["out_dir"] += "-reflow"
     if args.no_wandb:
@@ -132,6 +137,8 @@ def check_settings(args, config):
          f"--num-samples is {args.num_samples}: FID needs at least two samples"),
         (fid_during_training and evaluation["fid_num_samples"] < max(2, world_size),
          f"eval.fid_num_samples is {evaluation['fid_num_samples']}: FID needs at least two samples, and one per rank"),
+        *[(vars(args)[flag[2:].replace("-", "_")] == "", f"{flag} is empty: name a folder")
+          for flag in ("--data-dir", "--out-dir")],
         *[(reference and os.path.isdir(reference), f"{flag} {reference} is a folder, not a checkpoint file")
           for flag, reference in (("--resume", args.resume), ("--checkpoint", args.checkpoint), ("--reflow", args.reflow))],
         *[(value not in allowed, f"unknown {kind} {value!r} in {name}; choose from {', '.join(allowed)}")

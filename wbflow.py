@@ -833,7 +833,7 @@ def make_scaler(device, amp=None):
     """A GradScaler enabled only when autocast_dtype(device, amp) is float16 (bf16 and float32 need none).
 
     A disabled scaler passes scale/step/update straight through, so the training step has no branch.
-    Usage: scaler = make_scaler(device); train_epoch(..., scaler=scaler)
+    Usage: scaler = make_scaler(device); train_epoch(..., amp_dtype=autocast_dtype(device), scaler=scaler)
     Copy with: autocast_dtype
     """
     device = torch.device(device)
