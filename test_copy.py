@@ -529,10 +529,17 @@ def _(kid, tmp_path, fixture):
     assert kid(features, features, subsets=2, subset_size=10) == wbflow.kid(features, features, subsets=2, subset_size=10)
 
 
+@call("statistics_path")
+def _(statistics_path, tmp_path, fixture):
+    path = statistics_path(tmp_path, "cifar10-train", "ab" * 32, resize="pytorch-fid")
+    assert path == str(tmp_path / "cifar10-train-pytorch-fid-abababababab.npz")
+
+
 @call("save_statistics")
 def _(save_statistics, tmp_path, fixture):
     images = fixture("images_uint8")[:3]
     path = save_statistics(images, tmp_path, "pasted", weights_path=fixture("weights_path"))
+    assert path == wbflow.statistics_path(tmp_path, "pasted", wbflow.file_sha256(fixture("weights_path")))
     with np.load(path) as stored:
         assert np.array_equal(stored["mu"], wbflow.inception_features(images, fixture("inception"))[0].double().mean(0).numpy())
 

@@ -351,15 +351,20 @@ def train_one_epoch(epoch, train_model, parts, loader, progress, run, stop, trai
     return stats
 
 
+def statistics_cache(config, count, synthetic=False):
+    """(folder, name) of the cached FID statistics of the first `count` training images (of all: no count)."""
+    name = "synthetic" if synthetic else "cifar10-train"
+    folder = (Path(config["data"]["out_dir"]) / "fid_stats" if synthetic else
+              Path(config["eval"]["stats_dir"] or Path(config["data"]["data_dir"]) / "fid_stats"))
+    return folder, name if count == 50000 else f"{name}-{count}"
+
+
 def fid_statistics(images_uint8, config, device, synthetic):
     """The FID statistics of the training images, cached on disk; every rank gives a share of the images."""
-    data, evaluation, (rank, world_size) = config["data"], config["eval"], wbflow.rank_and_world_size()
-    name = "synthetic" if synthetic else "cifar10-train"
-    return wbflow.save_statistics(
-        images_uint8[rank::world_size], Path(data["out_dir"]) / "fid_stats" if synthetic else
-        evaluation["stats_dir"] or Path(data["data_dir"]) / "fid_stats",
-        name if len(images_uint8) == 50000 else f"{name}-{len(images_uint8)}",
-        batch_size=evaluation["inception_batch_size"], device=device, weights_path=evaluation["fid_weights"])
+    rank, world_size = wbflow.rank_and_world_size()
+    return wbflow.save_statistics(images_uint8[rank::world_size], *statistics_cache(config, len(images_uint8), synthetic),
+                                  batch_size=config["eval"]["inception_batch_size"], device=device,
+                                  weights_path=config["eval"]["fid_weights"])
 
 
 def epoch_end(epoch, ema_module, statistics, config, stop, *, amp_dtype):
@@ -518,11 +523,10 @@ def evaluate(args, config):
                                required=("ema", "config", "epoch", "global_step"),
                                hints={"ema": " (not a train_flow checkpoint: every one holds the EMA weights)"})
     real = evaluation["num_real_images"]
-    name, statistics_dir = f"cifar10-train-{real}" if real else "cifar10-train", evaluation["stats_dir"] or Path(
-        data["data_dir"]) / "fid_stats"
+    statistics_dir, name = statistics_cache(config, real or 50000)  # the cache a training run fills, too
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
-        weights_hash = wbflow.file_sha256(check_fid_weights(evaluation["fid_weights"]))[:12]
-    if metric != "is" and not (Path(statistics_dir) / f"{name}-tensorflow-{weights_hash}.npz").is_file():
+        weights_sha256 = wbflow.file_sha256(check_fid_weights(evaluation["fid_weights"]))
+    if metric != "is" and not os.path.isfile(wbflow.statistics_path(statistics_dir, name, weights_sha256)):
         wbflow.load_cifar10(data["data_dir"])  # downloads when absent, else says which archive to put where
 
     # seeded noise; SIGTERM or Ctrl-C stops between sampling batches or after the Inception pass, saving nothing

@@ -14,8 +14,8 @@ Sections, in data-flow order:
   sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers, straightness
   reflow            generate_reflow_pairs, load_reflow_pairs, ReflowPairLoader
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
-                    inception_features, feature_statistics, frechet_distance, fid, kid, save_statistics,
-                    inception_score, per_class_precision_recall, f1_scores
+                    inception_features, feature_statistics, frechet_distance, fid, kid, statistics_path,
+                    save_statistics, inception_score, per_class_precision_recall, f1_scores
   images & W&B      wandb_run, flush_run, watch_model, log_model_graph, log_artifact, use_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
   checkpoints       write_atomically, save_checkpoint, load_checkpoint, prepare_out_dir,
@@ -1897,10 +1897,18 @@ def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef
     return float(np.mean(mmds)), float(np.std(mmds))
 
 
+def statistics_path(cache_dir, name, weights_sha256, resize="tensorflow"):
+    """The file save_statistics caches `name`'s statistics in: its name carries the resize mode and the FID
+    weights file's hash (file_sha256), so a cached file is reused only for the same network.
+    Usage: cached = os.path.isfile(statistics_path("stats", "cifar10-train", file_sha256(fid_weights_path())))
+    """
+    return os.path.join(cache_dir, f"{name}-{resize}-{weights_sha256[:12]}.npz")
+
+
 def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow", batch_size=50,
                     device="cpu", num_images=None, weights_path=None, overwrite=False, quantize=True, progress=False):
-    """Compute mu/sigma once and save them as pytorch-fid's .npz format; the file name carries the
-    resize mode and the weights file's hash, so a cached file is reused only for the same network.
+    """Compute mu/sigma once and save them as pytorch-fid's .npz format in statistics_path(cache_dir, name, the
+    weights file's hash, resize), reused from there when it exists.
     Float images are rounded to uint8 first, as for fid (quantize=False skips that); progress=True
     shows a bar of the Inception batches.
     Usage: cifar10_statistics = save_statistics(train_images_uint8, "stats", "cifar10-train")
@@ -1909,11 +1917,11 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
       FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
       FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, _resize_like_tensorflow,
       _preprocess, _image_batches, _folder_batches, inception_features, feature_statistics,
-      write_atomically, load_checkpoint
+      write_atomically, load_checkpoint, statistics_path
     """
     weights_path = fid_weights_path(weights_path)
     weights_hash = file_sha256(weights_path)
-    path = os.path.join(cache_dir, f"{name}-{resize}-{weights_hash[:12]}.npz")
+    path = statistics_path(cache_dir, name, weights_hash, resize)
     if os.path.isfile(path) and not overwrite:
         return path
     features, _ = inception_features(images, None, weights_path=weights_path, device=device, resize=resize,
