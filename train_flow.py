@@ -508,11 +508,6 @@ def reflow_pairs(teacher, config, parts, amp_dtype, *, initialise):
     return pairs, dataset
 
 
-def cifar10_train_batches(data_dir, batch_size):  # read only when the FID statistics are not cached
-    images_uint8, _ = wbflow.load_cifar10(data_dir)
-    yield from images_uint8.split(batch_size)
-
-
 def evaluate(args, config):
     """--eval: FID and/or IS of --checkpoint's EMA model (--solver, --nfe), logged to a run in --wandb-project."""
     data, sampling, evaluation, logging = (config[key] for key in ("data", "sampling", "eval", "logging"))
@@ -526,8 +521,8 @@ def evaluate(args, config):
     statistics_dir, name = statistics_cache(config, real or 50000)  # the cache a training run fills, too
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
         weights_sha256 = wbflow.file_sha256(check_fid_weights(evaluation["fid_weights"]))
-    if metric != "is" and not os.path.isfile(wbflow.statistics_path(statistics_dir, name, weights_sha256)):
-        wbflow.load_cifar10(data["data_dir"])  # downloads when absent, else says which archive to put where
+    cached = metric == "is" or os.path.isfile(wbflow.statistics_path(statistics_dir, name, weights_sha256))
+    real_images = None if cached else wbflow.load_cifar10(data["data_dir"])[0][:real]  # downloads, or says where to put
 
     # seeded noise; SIGTERM or Ctrl-C stops between sampling batches or after the Inception pass, saving nothing
     ema_model = wbflow.make_ema(wbflow.FlowUNet(**state["config"]["model"]).to(device))
@@ -543,9 +538,8 @@ def evaluate(args, config):
             print(f"sampled {len(samples_uint8)} images from {path} (epoch {state['epoch']}) with {sampling['solver']}, "
                   f"NFE {used}")
             inception = wbflow.load_fid_inception(evaluation["fid_weights"], device)
-            statistics = None if metric == "is" else wbflow.save_statistics(
-                cifar10_train_batches(data["data_dir"], evaluation["inception_batch_size"]), statistics_dir, name,
-                batch_size=evaluation["inception_batch_size"], device=device, num_images=real,
+            statistics = None if metric == "is" else wbflow.save_statistics(  # the cached file, or real_images'
+                real_images, statistics_dir, name, batch_size=evaluation["inception_batch_size"], device=device,
                 weights_path=evaluation["fid_weights"], progress=True)
             metrics = scores(samples_uint8, inception, statistics, inception_score=metric != "fid",
                              batch_size=evaluation["inception_batch_size"], progress=True)
