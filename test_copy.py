@@ -714,6 +714,16 @@ def _(fetch_checkpoint, tmp_path, fixture):
     assert fetch_checkpoint(path) == path
 
 
+@call("load_checked")
+def _(load_checked, tmp_path, fixture):
+    path = wbflow.save_checkpoint({"model": {"w": torch.ones(2)}, "driver": "train"}, tmp_path / "c.pt")
+    assert load_checked(str(path), program="train.py", flag="--resume", driver="train", required=("model",))[1][
+        "model"]["w"].tolist() == [1.0, 1.0]
+    for reference, why in ((path, "lacks optimizer"), (tmp_path, "is a folder"), (tmp_path / "no.pt", "not found")):
+        with pytest.raises(SystemExit, match=f"^train.py: --resume {reference}: .*{why}"):
+            load_checked(str(reference), program="train.py", flag="--resume", driver="train", required=("optimizer",))
+
+
 # ----------------------------------------------------------------------------- config & command line
 
 @call("load_yaml_config")

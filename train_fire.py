@@ -175,10 +175,10 @@ def resume_run(args, trainables, expected, device, rank):
              "train_images": " (the data is not the data the run trained on: resume with the run's data, or start "
                              "a new run)"}
     hints["val_images"] = hints["train_images"]
-    with wbflow.exit_on_error(f"train_fire: --resume {args.resume}", (FileNotFoundError, ValueError)):
-        state = wbflow.load_checkpoint(args.resume, map_location=device)
-        wbflow.check_checkpoint(state, driver="train_fire", required=RESUME_KEYS,
-                                hints={"optimizer": " (best_model.pth holds weights only; resume from OUT/last.pth)"})
+    _, state = wbflow.load_checked(args.resume, program="train_fire", flag="--resume", driver="train_fire", device=device,
+                                   required=RESUME_KEYS,
+                                   hints={"optimizer": " (best_model.pth holds weights only; resume from OUT/last.pth)"})
+    with wbflow.exit_on_error(f"train_fire: --resume {args.resume}", (ValueError,)):
         wbflow.check_checkpoint(state, driver="train_fire", expected=expected, hints=hints)
     for name, part in trainables.items():
         if state[name]:  # the scaler's is empty when saved without fp16 (bf16 or CPU)
@@ -251,9 +251,9 @@ def train_epochs(args, argv, run, stop, train_model, losses, trainables, loaders
 def predict(args):
     """--predict: the submission (the list's order; unreadable: the most frequent class), predictions.csv, W&B."""
     with wbflow.exit_on_error("train_fire", (FileNotFoundError, ValueError)):
-        checkpoint = wbflow.fetch_checkpoint(args.checkpoint or f"{args.out_dir}/best_model.pth", project=args.project)
-        state = wbflow.load_checkpoint(checkpoint)
-        wbflow.check_checkpoint(state, driver="train_fire", required=("model", "config"))
+        checkpoint, state = wbflow.load_checked(args.checkpoint or f"{args.out_dir}/best_model.pth", program="train_fire",
+                                                flag="--checkpoint", driver="train_fire", project=args.project,
+                                                required=("model", "config"))
         config, submission = state["config"], Path(args.submission or checkpoint.parent)
         submission = submission / "submission.txt" if submission.is_dir() else submission
         rows, classes = wbflow.list_images(args.predict, config["classes"], strict=False)

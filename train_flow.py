@@ -277,15 +277,9 @@ def load_images(data, seed, synthetic, say):
     return images_uint8
 
 
-def load_checked(flag, reference, config, device=None, **check):
-    """(path, state) of the checkpoint file or W&B model artifact `reference`, loaded onto `device` and checked by
-    wbflow.check_checkpoint(**check); else one line naming `flag`."""
-    path = wbflow.fetch_checkpoint(reference, project=config["logging"]["project_name"],
-                                   entity=config["logging"]["entity"])
-    with wbflow.exit_on_error(f"train_flow.py: {flag} {reference}", (ValueError,)):
-        state = wbflow.load_checkpoint(path, map_location=device)
-        wbflow.check_checkpoint(state, driver="train_flow", **check)
-    return path, state
+def load_checked(flag, reference, config, device=None, **check):  # wbflow.load_checked with this run's W&B project
+    return wbflow.load_checked(reference, program="train_flow.py", flag=flag, driver="train_flow", device=device,
+                               project=config["logging"]["project_name"], entity=config["logging"]["entity"], **check)
 
 
 def load_resume(resume, config, parts, device, say):

@@ -20,7 +20,7 @@ Sections, in data-flow order:
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
   checkpoints       write_atomically, save_checkpoint, load_checkpoint, prepare_out_dir,
                     rotate_checkpoints, save_best, check_checkpoint, resume_command, wandb_resume_plan,
-                    fetch_checkpoint
+                    fetch_checkpoint, load_checked
   config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, exit_on_error
   command line      python wbflow.py fid (or python -m wbflow fid) DIR_OR_NPZ DIR_OR_NPZ: pytorch-fid's CLI
 
@@ -2512,7 +2512,7 @@ def fetch_checkpoint(reference, *, project=None, entity=None, root=None):
     Usage: state = load_checkpoint(fetch_checkpoint("model-1a2b3c4d:best", project="flow"))
     """
     reference = str(reference)
-    if os.path.isfile(reference):
+    if os.path.exists(reference):  # a local file (or a folder, which load_checkpoint refuses), not an artifact
         return Path(reference)
     if reference.endswith((".pt", ".pth")):  # a path with a typo: no W&B lookup (which may prompt)
         raise FileNotFoundError(f"checkpoint not found: {reference}")
@@ -2531,6 +2531,20 @@ def fetch_checkpoint(reference, *, project=None, entity=None, root=None):
     if len(files) != 1:
         raise FileNotFoundError(f"artifact {name} should hold one .pt/.pth checkpoint, found {[f.name for f in files]}")
     return files[0]
+
+
+def load_checked(reference, *, program, flag, driver, device=None, project=None, entity=None, **check):
+    """The checkpoint `reference` names (a file, or a W&B model artifact: fetch_checkpoint), loaded onto `device`
+    (weights_only) and checked by check_checkpoint(state, driver=driver, **check): (path, state). Whatever is
+    wrong ends the program in one line, "PROGRAM: FLAG REFERENCE: why".
+    Usage: path, state = load_checked("runs/last.pt", program="train.py", flag="--resume", driver="train")
+    Copy with: exit_on_error, fetch_checkpoint, load_checkpoint, check_checkpoint
+    """
+    with exit_on_error(f"{program}: {flag} {reference}", (FileNotFoundError, ValueError)):
+        path = fetch_checkpoint(reference, project=project, entity=entity)
+        state = load_checkpoint(path, map_location=device)
+        check_checkpoint(state, driver=driver, **check)
+    return path, state
 
 
 # ----------------------------------------------------------------------------- config & command line
