@@ -297,6 +297,7 @@ def _resume_targets(tmp_path, fire_run, flow_checkpoint):
     evil = tmp_path / "evil.pth"
     torch.save({"model": _Hostile(str(tmp_path / "pwned"))}, evil)
     return {"missing": (tmp_path / "nope.pth", r"not found: .*nope\.pth"),
+            "missing, no suffix": (tmp_path / "last", r"checkpoint not found: .*last$"),  # a file, not a W&B lookup
             "directory": (tmp_path, r"is a folder, not a checkpoint file"),
             "truncated": (truncated, r"cut\.pth is not a loadable checkpoint"),
             "pickled code": (evil, r"evil\.pth is not a loadable checkpoint"),
@@ -312,7 +313,28 @@ class _Hostile:
         return (open, (self.target, "w"))
 
 
-@pytest.mark.parametrize("case", ["missing", "directory", "truncated", "pickled code", "other driver", "best model"])
+def test_load_checked_maps_a_checkpoint_saved_on_cuda_to_the_cpu(tmp_path):
+    """A model trained on a GPU predicts (or teaches a reflow) on a machine without one: the storages that a CUDA run
+    saved are tagged cuda:0, and load_checked maps them to the CPU unless told another device."""
+    import struct
+    import zipfile
+    saved = wbflow.save_checkpoint({"model": {"w": torch.ones(2)}, "driver": "train"}, tmp_path / "cpu.pt")
+    on_cuda = tmp_path / "cuda.pt"
+    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(on_cuda, "w", zipfile.ZIP_STORED) as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename.endswith("data.pkl"):  # the pickled location string "cpu" -> "cuda:0"
+                data = data.replace(b"X" + struct.pack("<I", 3) + b"cpu", b"X" + struct.pack("<I", 6) + b"cuda:0")
+            target.writestr(item, data)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):  # the file really says CUDA
+            torch.load(on_cuda, weights_only=True)
+    _, state = wbflow.load_checked(str(on_cuda), program="p", flag="--checkpoint", driver="train")
+    assert state["model"]["w"].device.type == "cpu" and state["model"]["w"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("case", ["missing", "missing, no suffix", "directory", "truncated", "pickled code",
+                                  "other driver", "best model"])
 def test_train_fire_resume_refuses_a_file_that_does_not_fit(tmp_path, fire_run, flow_checkpoint, case):
     data, out, argv = fire_run
     path, match = _resume_targets(tmp_path, fire_run, flow_checkpoint)[case]

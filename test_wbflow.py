@@ -1023,6 +1023,7 @@ def test_eval_logs_fid_and_inception_score_against_cached_training_statistics(of
     assert log.values("eval/sample_images")[0]["_type"] == "image-file"
     assert log.config["solver"] == "heun" and log.config["nfe"] == 4
     [statistics] = (cifar_dir / "fid_stats").glob("cifar10-train-20-tensorflow-*.npz")
+    assert np.load(statistics)["num_images"] == 20  # eval.num_real_images: the first 20 of the 200
 
     def must_not_read_cifar(*args, **kwargs):
         raise AssertionError("the cached statistics should have been used")

@@ -176,7 +176,7 @@ def resume_run(args, trainables, expected, device, rank):
                              "a new run)"}
     hints["val_images"] = hints["train_images"]
     _, state = wbflow.load_checked(args.resume, program="train_fire", flag="--resume", driver="train_fire", device=device,
-                                   required=RESUME_KEYS,
+                                   artifacts=False, required=RESUME_KEYS,
                                    hints={"optimizer": " (best_model.pth holds weights only; resume from OUT/last.pth)"})
     with wbflow.exit_on_error(f"train_fire: --resume {args.resume}", (ValueError,)):
         wbflow.check_checkpoint(state, driver="train_fire", expected=expected, hints=hints)
@@ -251,9 +251,10 @@ def train_epochs(args, argv, run, stop, train_model, losses, trainables, loaders
 def predict(args):
     """--predict: the submission (the list's order; unreadable: the most frequent class), predictions.csv, W&B."""
     with wbflow.exit_on_error("train_fire", (FileNotFoundError, ValueError)):
-        checkpoint, state = wbflow.load_checked(args.checkpoint or f"{args.out_dir}/best_model.pth", program="train_fire",
-                                                flag="--checkpoint", driver="train_fire", project=args.project,
-                                                required=("model", "config"))
+        checkpoint, state = wbflow.load_checked(
+            args.checkpoint or f"{args.out_dir}/best_model.pth", program="train_fire", driver="train_fire",
+            flag="--checkpoint" if args.checkpoint else "the best model", project=args.project,
+            required=("model", "config"))
         config, submission = state["config"], Path(args.submission or checkpoint.parent)
         submission = submission / "submission.txt" if submission.is_dir() else submission
         rows, classes = wbflow.list_images(args.predict, config["classes"], strict=False)

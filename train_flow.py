@@ -277,7 +277,7 @@ def load_images(data, seed, synthetic, say):
     return images_uint8
 
 
-def load_checked(flag, reference, config, device=None, **check):  # wbflow.load_checked with this run's W&B project
+def load_checked(flag, reference, config, device="cpu", **check):  # wbflow.load_checked with this run's W&B project
     return wbflow.load_checked(reference, program="train_flow.py", flag=flag, driver="train_flow", device=device,
                                project=config["logging"]["project_name"], entity=config["logging"]["entity"], **check)
 
@@ -346,7 +346,7 @@ def train_one_epoch(epoch, train_model, parts, loader, progress, run, stop, trai
 
 
 def statistics_cache(config, count, synthetic=False):
-    """(folder, name) of the cached FID statistics of the first `count` training images (of all: no count)."""
+    """(folder, name) of the cached FID statistics of the first `count` training images (50,000: all of them)."""
     name = "synthetic" if synthetic else "cifar10-train"
     folder = (Path(config["data"]["out_dir"]) / "fid_stats" if synthetic else
               Path(config["eval"]["stats_dir"] or Path(config["data"]["data_dir"]) / "fid_stats"))

@@ -2533,15 +2533,16 @@ def fetch_checkpoint(reference, *, project=None, entity=None, root=None):
     return files[0]
 
 
-def load_checked(reference, *, program, flag, driver, device=None, project=None, entity=None, **check):
-    """The checkpoint `reference` names (a file, or a W&B model artifact: fetch_checkpoint), loaded onto `device`
-    (weights_only) and checked by check_checkpoint(state, driver=driver, **check): (path, state). Whatever is
-    wrong ends the program in one line, "PROGRAM: FLAG REFERENCE: why".
+def load_checked(reference, *, program, flag, driver, device="cpu", project=None, entity=None, artifacts=True,
+                 **check):
+    """The checkpoint `reference` names (a file, or with `artifacts` a W&B model artifact: fetch_checkpoint), loaded
+    onto `device` (weights_only) and checked by check_checkpoint(state, driver=driver, **check): (path, state).
+    Whatever is wrong ends the program in one line, "PROGRAM: FLAG REFERENCE: why".
     Usage: path, state = load_checked("runs/last.pt", program="train.py", flag="--resume", driver="train")
     Copy with: exit_on_error, fetch_checkpoint, load_checkpoint, check_checkpoint
     """
     with exit_on_error(f"{program}: {flag} {reference}", (FileNotFoundError, ValueError)):
-        path = fetch_checkpoint(reference, project=project, entity=entity)
+        path = fetch_checkpoint(reference, project=project, entity=entity) if artifacts else Path(reference)
         state = load_checkpoint(path, map_location=device)
         check_checkpoint(state, driver=driver, **check)
     return path, state
