@@ -540,6 +540,9 @@ def _(save_statistics, tmp_path, fixture):
     images = fixture("images_uint8")[:3]
     path = save_statistics(images, tmp_path, "pasted", weights_path=fixture("weights_path"))
     assert path == wbflow.statistics_path(tmp_path, "pasted", wbflow.file_sha256(fixture("weights_path")))
+    assert save_statistics(None, tmp_path, "pasted", weights_path=fixture("weights_path")) == path  # the cached file
+    with pytest.raises(FileNotFoundError, match="FID statistics file not found: .*uncached-tensorflow-"):
+        save_statistics(None, tmp_path, "uncached", weights_path=fixture("weights_path"))
     with np.load(path) as stored:
         assert np.array_equal(stored["mu"], wbflow.inception_features(images, fixture("inception"))[0].double().mean(0).numpy())
 

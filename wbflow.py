@@ -1908,9 +1908,9 @@ def statistics_path(cache_dir, name, weights_sha256, resize="tensorflow"):
 def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow", batch_size=50,
                     device="cpu", num_images=None, weights_path=None, overwrite=False, quantize=True, progress=False):
     """Compute mu/sigma once and save them as pytorch-fid's .npz format in statistics_path(cache_dir, name, the
-    weights file's hash, resize), reused from there when it exists.
-    Float images are rounded to uint8 first, as for fid (quantize=False skips that); progress=True
-    shows a bar of the Inception batches.
+    weights file's hash, resize), reused from there when it exists (images=None: that file only, else a
+    FileNotFoundError). Float images are rounded to uint8 first, as for fid (quantize=False skips that);
+    progress=True shows a bar of the Inception batches.
     Usage: cifar10_statistics = save_statistics(train_images_uint8, "stats", "cifar10-train")
            score = fid(cifar10_statistics, samples_uint8)
     Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
@@ -1924,6 +1924,8 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
     path = statistics_path(cache_dir, name, weights_hash, resize)
     if os.path.isfile(path) and not overwrite:
         return path
+    if images is None:  # only the cached file was wanted
+        raise FileNotFoundError(f"FID statistics file not found: {path}")
     features, _ = inception_features(images, None, weights_path=weights_path, device=device, resize=resize,
                                      batch_size=batch_size, num_images=num_images, quantize=quantize, progress=progress)
     mu, sigma = feature_statistics(features)
