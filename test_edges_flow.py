@@ -310,7 +310,8 @@ def test_path_flags_are_taken_as_given_and_an_empty_one_is_refused():
     config = train_flow.load_config(train_flow.parse_args(["--out-dir", odd, "--data-dir", "null", "--epochs", "3"]))
     assert (config["data"]["out_dir"], config["data"]["data_dir"], config["training"]["epochs"]) == (odd, "null", 3)
     for flag in ("--out-dir", "--data-dir"):  # "$OUT" unset: not the current folder
-        refused(train_flow.main, [flag, ""], f"{flag} is empty: name a folder")
+        refused(train_flow.main, [flag, ""], f"{flag} \\(data\\.\\w+\\) is empty: name a folder")
+    refused(train_flow.main, ["--set", "data.out_dir="], r"--out-dir \(data\.out_dir\) is empty")  # in the config too
 
 
 def test_train_flow_has_its_own_default_folders(monkeypatch):

@@ -137,8 +137,8 @@ def check_settings(args, config):
          f"--num-samples is {args.num_samples}: FID needs at least two samples"),
         (fid_during_training and evaluation["fid_num_samples"] < max(2, world_size),
          f"eval.fid_num_samples is {evaluation['fid_num_samples']}: FID needs at least two samples, and one per rank"),
-        *[(vars(args)[flag[2:].replace("-", "_")] == "", f"{flag} is empty: name a folder")
-          for flag in ("--data-dir", "--out-dir")],
+        *[(config["data"][key[5:]] == "", f"{flag} ({key}) is empty: name a folder")
+          for flag, (key, _) in CONFIG_FLAGS.items() if key.startswith("data.")],
         *[(reference and os.path.isdir(reference), f"{flag} {reference} is a folder, not a checkpoint file")
           for flag, reference in (("--resume", args.resume), ("--checkpoint", args.checkpoint), ("--reflow", args.reflow))],
         *[(value not in allowed, f"unknown {kind} {value!r} in {name}; choose from {', '.join(allowed)}")
