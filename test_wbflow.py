@@ -1,4 +1,5 @@
 """Tests for wbflow. W&B runs for real in offline mode; assertions read the run's record log back."""
+import errno
 import glob
 import json
 import math
@@ -377,6 +378,41 @@ def test_load_checkpoint_of_a_truncated_real_checkpoint_is_a_clear_error(tmp_pat
         wbflow.load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         wbflow.load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("real") / "whole.pt"
+    return wbflow.save_checkpoint({"model": {"w": torch.randn(3000, generator=torch.Generator().manual_seed(0))},
+                                   "step": 7}, path)
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(min_value=0, max_value=13_000))
+def test_load_checkpoint_of_a_real_checkpoint_cut_anywhere_is_one_line_naming_it(real_checkpoint, tmp_path_factory,
+                                                                                 length):
+    data = real_checkpoint.read_bytes()
+    path = tmp_path_factory.mktemp("cut") / "cut.pt"
+    path.write_bytes(data[:min(length, len(data) - 1)])
+    with pytest.raises(ValueError, match="cut.pt is not a loadable checkpoint") as caught:
+        wbflow.load_checkpoint(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_load_checkpoint_refuses_a_fifo_without_opening_it(tmp_path):
+    os.mkfifo(tmp_path / "pipe.pt")  # opening it would wait for a writer forever
+    with pytest.raises(ValueError, match="pipe.pt is not a regular file"):
+        wbflow.load_checkpoint(tmp_path / "pipe.pt")
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EIO, errno.ENOSPC])
+def test_load_checkpoint_leaves_an_error_of_the_disk_as_it_is(real_checkpoint, monkeypatch, code):
+    def failing_load(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(OSError) as caught:
+        wbflow.load_checkpoint(real_checkpoint)
+    assert caught.value.errno == code
 
 
 def test_save_best_keeps_old_file_when_write_fails(tmp_path, monkeypatch):

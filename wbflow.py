@@ -2317,22 +2317,26 @@ def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint with torch.load(weights_only=True): tensors, numbers, strings and plain
     containers only, so a file carrying code is refused before anything runs.
 
-    Raises FileNotFoundError, or ValueError naming the file when it is not a loadable checkpoint.
+    Raises FileNotFoundError, or ValueError naming the file when it is not a loadable checkpoint (also a
+    cut-off or damaged one); an error reading the disk (permission, I/O) surfaces as itself.
     Usage: state = load_checkpoint("checkpoints/last.pt"); model.load_state_dict(state["model"])
     """
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a checkpoint file")
+    if path.exists() and not path.is_file():  # a folder, or a FIFO / device that reading would hang on
+        raise ValueError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except OSError:
-        raise
+    except OSError as error:
+        if error.errno != errno.EINVAL:  # permission, I/O: the disk's fault, not the file's
+            raise
+        # the zip reader's seek before the file's start: the archive's offsets point outside a cut-off file
+        reason = f"its offsets point outside the file's {path.stat().st_size} bytes: cut off or damaged"
     except Exception as error:  # noqa: BLE001 - a malformed file can fail anywhere in the unpickler
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path} is not a loadable checkpoint (torch.load with weights_only=True "
-                         f"refused it: {reason[:300]})") from None
+    raise ValueError(f"{path} is not a loadable checkpoint (torch.load with weights_only=True "
+                     f"refused it: {reason[:300]})")
 
 
 def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
