@@ -1,4 +1,5 @@
 """Tests for wbflow. W&B runs for real in offline mode; assertions read the run's record log back."""
+import contextlib
 import errno
 import glob
 import json
@@ -44,6 +45,30 @@ def linear_classifier(features=4, classes=3, seed=0):
 
 
 CE_LOSS = wbflow.classification_loss(nn.CrossEntropyLoss())
+
+
+def within(seconds, function, *args, fifo=None):
+    """function(*args), failing the test when it runs longer than `seconds` (a regression that hangs fails
+    rather than hanging the suite); a reader blocked on `fifo` is then released by a writer's open and close."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = function(*args)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        if fifo is not None:
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"{function.__name__} still ran after {seconds} s (reading a FIFO waits for a writer)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 # ----------------------------------------------------------------------------- train_epoch
@@ -1370,6 +1395,19 @@ def test_unreadable_images_are_skipped_with_one_warning_that_counts_them(tmp_pat
     names = sorted(Path(path).name for path, _ in train + val)
     assert len(names) == 7 and "whole.jpg" in names
     assert not {"empty.jpg", "garbage.png", "truncated.jpg", "notes.txt"} & set(names)
+
+
+def test_a_fifo_among_the_images_is_skipped_as_unreadable_without_being_opened(tmp_path):
+    write_pattern_folders(tmp_path, per_class=1, classes=["a"])
+    os.mkfifo(tmp_path / "a" / "pipe.png")
+    samples = [(str(tmp_path / "a" / "0.png"), 0), (str(tmp_path / "a" / "pipe.png"), 0)]
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\): .*pipe\.png$"):
+        kept = within(30, wbflow.drop_unreadable_images, samples, fifo=tmp_path / "a" / "pipe.png")
+    assert kept == samples[:1]
+    dataset = wbflow.ImageSamples(samples[::-1], wbflow.image_transforms(32, train=False))
+    with pytest.warns(UserWarning, match="pipe.png"):
+        image, label = within(30, dataset.__getitem__, 0, fifo=tmp_path / "a" / "pipe.png")
+    assert image.shape == (3, 32, 32) and label == 0
 
 
 def test_an_image_that_breaks_mid_epoch_is_replaced_not_fatal(tmp_path):

@@ -368,13 +368,16 @@ def drop_unreadable_images(samples, max_workers=8):
 
     Each file is fully decoded (JPEGs at 1/8 scale via PIL's draft mode, which still reads every
     byte), so truncated files are caught here, not mid-epoch. Decoding runs in threads. Images of
-    any size count as readable (PIL's pixel limit is lifted while they are checked).
+    any size count as readable (PIL's pixel limit is lifted while they are checked). Only regular
+    files are read: a FIFO or device (which could block forever) is skipped as unreadable.
     Usage: samples = drop_unreadable_images([("a.jpg", 0), ("broken.jpg", 1)])
     Copy with: _no_pixel_limit
     """
     from PIL import Image
 
     def readable(path):
+        if not os.path.isfile(path):  # a FIFO or device: opening it could wait forever
+            return False
         try:
             with Image.open(path) as image:
                 image.draft("RGB", (64, 64))  # JPEGs decode at 1/8 scale, still reading every byte
@@ -422,6 +425,8 @@ class ImageSamples(torch.utils.data.Dataset):
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
+                if not os.path.isfile(path):  # a FIFO or device: opening it could wait forever
+                    raise OSError("not a regular file")
                 with _no_pixel_limit(), Image.open(path) as image:
                     if image.mode.startswith("I"):  # 16-bit: scale to 8 bits, rounded (convert would clip)
                         image = image.point(lambda value: value / 257 + 0.5).convert("L")
