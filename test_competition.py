@@ -4,6 +4,7 @@ with per-class F1 and macro-F1 in W&B, --predict's submission file, and every re
 import contextlib
 import hashlib
 import io
+import os
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import train_fire
 import wbflow
 from conftest import read_records, run_logs
 from test_guard import refused
-from test_wbflow import SEED_CLASSES, fire_args, pattern_image, table_json
+from test_wbflow import SEED_CLASSES, fire_args, pattern_image, table_json, within
 
 # the download's mix, as the competition's (无风险 59%, 低风险 19%, 中风险 14%, 非楼道 5%, 高风险 3%), at least two a class
 MIX = {"无风险": 20, "低风险": 7, "中风险": 5, "非楼道": 2, "高风险": 2}
@@ -188,6 +189,21 @@ def test_predict_on_a_folder_writes_its_sorted_names_and_tta_moves_the_probabili
     names = [line.split("\t")[0] for line in plain.read_text(encoding="utf-8").splitlines()]
     assert names == sorted(path.name for path in (data / "A").iterdir())
     assert (plain.parent / "predictions.csv").read_text() != (tta.parent / "predictions.csv").read_text()
+
+
+def test_predict_skips_a_fifo_named_in_the_test_list_with_a_counted_warning_instead_of_waiting_on_it(
+        trained, tmp_path, capsys):
+    data, _, _, _, test_names, _ = trained
+    (tmp_path / "A").mkdir()
+    (tmp_path / "A" / test_names[0]).write_bytes((data / "A" / test_names[0]).read_bytes())
+    os.mkfifo(tmp_path / "A" / "pipe.jpg")
+    listed = _write(tmp_path / "A.txt", f"pipe.jpg\n{test_names[0]}\n")
+    argv = predict_argv(trained, "--no-wandb", "--predict", str(listed), "--submission", str(tmp_path / "out" / "s.txt"))
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\): .*pipe\.jpg$"):
+        submission = within(60, train_fire.main, argv, fifo=tmp_path / "A" / "pipe.jpg")
+    assert "2 predictions (1 unreadable: 无风险)" in capsys.readouterr().out
+    assert [line.split("\t")[0] for line in submission.read_text(encoding="utf-8").splitlines()] == [
+        "pipe.jpg", test_names[0]]
 
 
 def test_predict_tta_averages_the_probabilities_of_each_image_and_its_mirror():

@@ -14,7 +14,7 @@ import torch
 import train_flow
 import wbflow
 from conftest import run_logs
-from test_wbflow import SMALL, _torch_fidelity_extractor
+from test_wbflow import SMALL, _torch_fidelity_extractor, within
 
 HERE = Path(__file__).resolve().parent
 FEATURE_TOLERANCE = 1e-4  # measured: at most 1.1e-5 on every input kind below
@@ -190,6 +190,31 @@ def test_a_folder_of_images_of_different_sizes_is_read(inception, images_uint8, 
     assert features.shape == (5, 2048)
 
 
+def _truncate(path):
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])
+
+
+class _InceptionThatMustNotRun:
+    def parameters(self):
+        raise AssertionError("the Inception ran before every folder was checked")
+
+
+def test_a_folder_holding_a_fifo_or_a_truncated_image_is_refused_before_any_inception_work(inception, images_uint8,
+                                                                                            tmp_path):
+    # pytorch-fid reads every image file of a folder and fails on one it cannot decode: refused, not skipped
+    good = _write_folder(tmp_path / "good", images_uint8[:3], ["png"])
+    with_fifo = _write_folder(tmp_path / "with_fifo", images_uint8[3:6], ["png"])
+    os.mkfifo(with_fifo / "pipe.png")
+    with pytest.raises(ValueError, match=r"with_fifo: 1 of its 4 image file\(s\) cannot be read .*: pipe\.png;"):
+        within(60, lambda: wbflow.fid(with_fifo, good, inception=inception), fifo=with_fifo / "pipe.png")
+    truncated = _write_folder(tmp_path / "truncated", images_uint8[3:9], ["png", "jpg"])
+    for name in ("001.jpg", "002.png", "003.jpg", "005.jpg"):
+        _truncate(truncated / name)
+    with pytest.raises(ValueError, match=r"truncated: 4 of its 6 image file\(s\) .*: 001\.jpg, 002\.png, 003\.jpg, \.\.\.;"):
+        wbflow.fid(good, truncated, inception=_InceptionThatMustNotRun())
+
+
 GATHER_ON_RANK = """
 import sys, torch, wbflow
 rank, init_file, weights, result = int(sys.argv[1]), *sys.argv[2:]
@@ -284,6 +309,18 @@ def test_command_line_refuses_a_missing_folder_in_one_line_naming_how_it_was_run
                             capture_output=True, text=True, cwd=HERE)
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr == f"{prog} fid: {tmp_path / 'absent'} does not exist\n"
+
+
+def test_command_line_refuses_a_folder_holding_a_truncated_image_in_one_line_counting_and_naming_it(weights_path,
+                                                                                                     images_uint8,
+                                                                                                     tmp_path):
+    real = _write_folder(tmp_path / "real", images_uint8[:3], ["png"])
+    fake = _write_folder(tmp_path / "fake", images_uint8[3:6], ["png", "jpg"])
+    _truncate(fake / "001.jpg")
+    with pytest.raises(SystemExit) as exit_info:
+        wbflow._command_line(["fid", str(real), str(fake), "--device", "cpu", "--weights", weights_path])
+    assert exit_info.value.code == (f"python wbflow.py fid: {fake}: 1 of its 3 image file(s) cannot be read (not a "
+                                    f"regular file, or truncated or damaged): 001.jpg; remove or replace them")
 
 
 # ----------------------------------------------------------------------------- KID

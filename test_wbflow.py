@@ -1,4 +1,6 @@
 """Tests for wbflow. W&B runs for real in offline mode; assertions read the run's record log back."""
+import contextlib
+import errno
 import glob
 import json
 import math
@@ -43,6 +45,30 @@ def linear_classifier(features=4, classes=3, seed=0):
 
 
 CE_LOSS = wbflow.classification_loss(nn.CrossEntropyLoss())
+
+
+def within(seconds, function, *args, fifo=None):
+    """function(*args), failing the test when it runs longer than `seconds` (a regression that hangs fails
+    rather than hanging the suite); a reader blocked on `fifo` is then released by a writer's open and close."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = function(*args)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        if fifo is not None:
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"{function.__name__} still ran after {seconds} s (reading a FIFO waits for a writer)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 # ----------------------------------------------------------------------------- train_epoch
@@ -377,6 +403,41 @@ def test_load_checkpoint_of_a_truncated_real_checkpoint_is_a_clear_error(tmp_pat
         wbflow.load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         wbflow.load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("real") / "whole.pt"
+    return wbflow.save_checkpoint({"model": {"w": torch.randn(3000, generator=torch.Generator().manual_seed(0))},
+                                   "step": 7}, path)
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(min_value=0, max_value=13_000))
+def test_load_checkpoint_of_a_real_checkpoint_cut_anywhere_is_one_line_naming_it(real_checkpoint, tmp_path_factory,
+                                                                                 length):
+    data = real_checkpoint.read_bytes()
+    path = tmp_path_factory.mktemp("cut") / "cut.pt"
+    path.write_bytes(data[:min(length, len(data) - 1)])
+    with pytest.raises(ValueError, match="cut.pt is not a loadable checkpoint") as caught:
+        wbflow.load_checkpoint(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_load_checkpoint_refuses_a_fifo_without_opening_it(tmp_path):
+    os.mkfifo(tmp_path / "pipe.pt")  # opening it would wait for a writer forever
+    with pytest.raises(ValueError, match="pipe.pt is not a regular file"):
+        wbflow.load_checkpoint(tmp_path / "pipe.pt")
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EIO, errno.ENOSPC])
+def test_load_checkpoint_leaves_an_error_of_the_disk_as_it_is(real_checkpoint, monkeypatch, code):
+    def failing_load(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(OSError) as caught:
+        wbflow.load_checkpoint(real_checkpoint)
+    assert caught.value.errno == code
 
 
 def test_save_best_keeps_old_file_when_write_fails(tmp_path, monkeypatch):
@@ -1334,6 +1395,19 @@ def test_unreadable_images_are_skipped_with_one_warning_that_counts_them(tmp_pat
     names = sorted(Path(path).name for path, _ in train + val)
     assert len(names) == 7 and "whole.jpg" in names
     assert not {"empty.jpg", "garbage.png", "truncated.jpg", "notes.txt"} & set(names)
+
+
+def test_a_fifo_among_the_images_is_skipped_as_unreadable_without_being_opened(tmp_path):
+    write_pattern_folders(tmp_path, per_class=1, classes=["a"])
+    os.mkfifo(tmp_path / "a" / "pipe.png")
+    samples = [(str(tmp_path / "a" / "0.png"), 0), (str(tmp_path / "a" / "pipe.png"), 0)]
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\): .*pipe\.png$"):
+        kept = within(30, wbflow.drop_unreadable_images, samples, fifo=tmp_path / "a" / "pipe.png")
+    assert kept == samples[:1]
+    dataset = wbflow.ImageSamples(samples[::-1], wbflow.image_transforms(32, train=False))
+    with pytest.warns(UserWarning, match="pipe.png"):
+        image, label = within(30, dataset.__getitem__, 0, fifo=tmp_path / "a" / "pipe.png")
+    assert image.shape == (3, 32, 32) and label == 0
 
 
 def test_an_image_that_breaks_mid_epoch_is_replaced_not_fatal(tmp_path):

@@ -2,7 +2,7 @@
 
   python train_flow.py                                         # one GPU, configs/cifar10_rectified_flow.yaml
   torchrun --standalone --nproc_per_node=8 train_flow.py       # DDP on one node (gloo on CPU)
-  python train_flow.py --smoke                                 # the whole workflow on CPU, offline, < 2 min
+  python train_flow.py --smoke                                 # the whole workflow on CPU, offline, in seconds
   python train_flow.py --epochs 10 --batch-size 256 --set training.gradient_clip=0.5 --no-wandb
   python train_flow.py --resume runs/flow/checkpoint_epoch_10.pt         # or --resume model-<run id>:latest
   python train_flow.py --reflow runs/flow/checkpoint_epoch_1020.pt       # 2-rectified flow from that teacher

@@ -368,13 +368,16 @@ def drop_unreadable_images(samples, max_workers=8):
 
     Each file is fully decoded (JPEGs at 1/8 scale via PIL's draft mode, which still reads every
     byte), so truncated files are caught here, not mid-epoch. Decoding runs in threads. Images of
-    any size count as readable (PIL's pixel limit is lifted while they are checked).
+    any size count as readable (PIL's pixel limit is lifted while they are checked). Only regular
+    files are read: a FIFO or device (which could block forever) is skipped as unreadable.
     Usage: samples = drop_unreadable_images([("a.jpg", 0), ("broken.jpg", 1)])
     Copy with: _no_pixel_limit
     """
     from PIL import Image
 
     def readable(path):
+        if not os.path.isfile(path):  # a FIFO or device: opening it could wait forever
+            return False
         try:
             with Image.open(path) as image:
                 image.draft("RGB", (64, 64))  # JPEGs decode at 1/8 scale, still reading every byte
@@ -422,6 +425,8 @@ class ImageSamples(torch.utils.data.Dataset):
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
+                if not os.path.isfile(path):  # a FIFO or device: opening it could wait forever
+                    raise OSError("not a regular file")
                 with _no_pixel_limit(), Image.open(path) as image:
                     if image.mode.startswith("I"):  # 16-bit: scale to 8 bits, rounded (convert would clip)
                         image = image.point(lambda value: value / 257 + 0.5).convert("L")
@@ -1667,7 +1672,11 @@ def _image_batches(images, batch_size, num_images):
 
 def _folder_batches(folder, batch_size):
     # pytorch-fid's file types, its sorted order and its PIL .convert("RGB") (gray, palette and
-    # 16-bit images become 8-bit RGB); consecutive images of one size share a batch.
+    # 16-bit images become 8-bit RGB); consecutive images of one size share a batch. pytorch-fid reads
+    # every such name and fails on one that does not decode, so a number is only ever over the files it
+    # reads: one that does not decode (truncated, a folder, a FIFO that would block) is refused, with
+    # their count and the first few, not skipped. Checked at the call, so a caller can check each folder
+    # before the Inception runs on any.
     from PIL import Image
     extensions = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
     if not os.path.isdir(folder):
@@ -1675,15 +1684,26 @@ def _folder_batches(folder, batch_size):
     paths = sorted(path for path in Path(folder).iterdir() if path.suffix.lower() in extensions)
     if not paths:
         raise ValueError(f"no images ({', '.join(sorted(extensions))}) in {folder}")
-    batch = []
-    for path in paths:
-        with Image.open(path) as image:
-            image_uint8 = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-        if batch and (len(batch) == batch_size or batch[0].shape != image_uint8.shape):
-            yield torch.stack(batch)
-            batch = []
-        batch.append(image_uint8)
-    yield torch.stack(batch)
+    with warnings.catch_warnings():  # its "skipped" warning: these are refused instead
+        warnings.simplefilter("ignore")
+        readable = {path for path, _ in drop_unreadable_images([(str(path), None) for path in paths])}
+    bad = [path.name for path in paths if str(path) not in readable]
+    if bad:
+        raise ValueError(f"{folder}: {len(bad)} of its {len(paths)} image file(s) cannot be read (not a regular "
+                         f"file, or truncated or damaged): {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}; "
+                         f"remove or replace them")
+
+    def batches():
+        batch = []
+        for path in paths:
+            with Image.open(path) as image:
+                image_uint8 = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+            if batch and (len(batch) == batch_size or batch[0].shape != image_uint8.shape):
+                yield torch.stack(batch)
+                batch = []
+            batch.append(image_uint8)
+        yield torch.stack(batch)
+    return batches()
 
 
 def inception_features(images, inception=None, *, resize="tensorflow", batch_size=50,
@@ -1693,14 +1713,16 @@ def inception_features(images, inception=None, *, resize="tensorflow", batch_siz
 
     images: (N, 3, H, W) or (N, 1, H, W) uint8 in 0..255 or float in [0, 1]; an iterable of such
     batches or of (images, labels) pairs; or a folder of image files (png, jpg, jpeg, bmp, ppm, pgm,
-    tif, tiff, webp; read as pytorch-fid reads them). Float images are rounded to uint8 first, as
-    saving them to PNG does, so a number is the same as for the saved files; quantize=False feeds
-    the unrounded floats instead. progress=True shows a tqdm bar of the batches.
+    tif, tiff, webp; read as pytorch-fid reads them; like pytorch-fid it refuses a file of these that
+    does not decode, here in one ValueError naming them before the first batch: a truncated or damaged
+    image, a FIFO, a folder; nothing is skipped, so a number is over every file). Float images are
+    rounded to uint8 first, as saving them to PNG does, so a number is the same as for the saved
+    files; quantize=False feeds the unrounded floats instead. progress=True shows a tqdm bar of the batches.
     Usage: features, logits = inception_features(images_uint8, load_fid_inception(device="cuda"))
     Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
       FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
       FIDInceptionV3, fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess,
-      _image_batches, _folder_batches, load_checkpoint
+      _image_batches, _no_pixel_limit, drop_unreadable_images, _folder_batches, load_checkpoint
     """
     from tqdm.auto import tqdm
     inception = inception or load_fid_inception(weights_path, device)
@@ -1808,7 +1830,10 @@ def _npz_statistics(path):
 def _metric_inputs(sources, need, inception, weights_path, device, **options):
     # fid's, kid's and inception_score's inputs as `need`: "statistics" [mu, sigma], "features" (N, D) or "logits"
     # (N, 1008). An .npz path or (mu, sigma) is statistics and a 2-d array features or logits, as given; anything
-    # else is images (a tensor, batches, a folder) for the Inception, loaded once and only for them.
+    # else is images (a tensor, batches, a folder) for the Inception, loaded once and only for them; every
+    # folder is checked before the Inception runs on any.
+    sources = [_folder_batches(source, options["batch_size"]) if isinstance(source, (str, os.PathLike))
+               and not str(source).endswith(".npz") else source for source in sources]
     results = []
     for source in sources:
         npz = isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz")
@@ -1840,13 +1865,14 @@ def fid(real, fake, *, resize="tensorflow", batch_size=50, device="cpu", num_ima
     first, as saving them to PNG does (quantize=False skips that). num_images caps the images read
     from each side. Under torch.distributed each rank passes its shard of images and every rank
     gets the FID over all of them; features and statistics are taken as given. Fewer than two
-    images on a side, or an .npz that holds no mu and sigma, is a ValueError.
+    images on a side, an .npz that holds no mu and sigma, or a folder with a file that does not
+    decode (inception_features: refused as pytorch-fid does, not skipped) is a ValueError.
     Usage: score = fid("stats/cifar10-train-tensorflow-6726825d.npz", samples_uint8, device="cuda")
     Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
       FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
       FIDInceptionV3, fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess,
-      _image_batches, _folder_batches, inception_features, feature_statistics, frechet_distance,
-      _npz_statistics, _metric_inputs, load_checkpoint
+      _image_batches, _no_pixel_limit, drop_unreadable_images, _folder_batches, inception_features,
+      feature_statistics, frechet_distance, _npz_statistics, _metric_inputs, load_checkpoint
     """
     (mu1, sigma1), (mu2, sigma2) = _metric_inputs((real, fake), "statistics", inception, weights_path, device,
                                                   resize=resize, batch_size=batch_size, num_images=num_images,
@@ -1868,8 +1894,8 @@ def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef
     Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
       FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
       FIDInceptionV3, fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess,
-      _image_batches, _folder_batches, inception_features, feature_statistics, _npz_statistics,
-      _metric_inputs, load_checkpoint
+      _image_batches, _no_pixel_limit, drop_unreadable_images, _folder_batches, inception_features,
+      feature_statistics, _npz_statistics, _metric_inputs, load_checkpoint
     """
     if subset_size < 2 or subsets < 1:  # the unbiased MMD divides by subset_size * (subset_size - 1)
         raise ValueError(f"KID needs subsets >= 1 of subset_size >= 2 images, got subsets={subsets}, "
@@ -1916,8 +1942,8 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
     Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
       FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
       FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, _resize_like_tensorflow,
-      _preprocess, _image_batches, _folder_batches, inception_features, feature_statistics,
-      write_atomically, load_checkpoint, statistics_path
+      _preprocess, _image_batches, _no_pixel_limit, drop_unreadable_images, _folder_batches,
+      inception_features, feature_statistics, write_atomically, load_checkpoint, statistics_path
     """
     weights_path = fid_weights_path(weights_path)
     weights_hash = file_sha256(weights_path)
@@ -1949,8 +1975,8 @@ def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, de
     Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
       FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
       FIDInceptionV3, fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess,
-      _image_batches, _folder_batches, inception_features, feature_statistics, _npz_statistics,
-      _metric_inputs, load_checkpoint
+      _image_batches, _no_pixel_limit, drop_unreadable_images, _folder_batches, inception_features,
+      feature_statistics, _npz_statistics, _metric_inputs, load_checkpoint
     """
     [logits] = _metric_inputs((images,), "logits", inception, weights_path, device, resize=resize,
                               batch_size=batch_size, num_images=num_images, quantize=quantize)
@@ -2317,22 +2343,26 @@ def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint with torch.load(weights_only=True): tensors, numbers, strings and plain
     containers only, so a file carrying code is refused before anything runs.
 
-    Raises FileNotFoundError, or ValueError naming the file when it is not a loadable checkpoint.
+    Raises FileNotFoundError, or ValueError naming the file when it is not a loadable checkpoint (also a
+    cut-off or damaged one); an error reading the disk (permission, I/O) surfaces as itself.
     Usage: state = load_checkpoint("checkpoints/last.pt"); model.load_state_dict(state["model"])
     """
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a checkpoint file")
+    if path.exists() and not path.is_file():  # a folder, or a FIFO / device that reading would hang on
+        raise ValueError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except OSError:
-        raise
+    except OSError as error:
+        if error.errno != errno.EINVAL:  # permission, I/O: the disk's fault, not the file's
+            raise
+        # the zip reader's seek before the file's start: the archive's offsets point outside a cut-off file
+        reason = f"its offsets point outside the file's {path.stat().st_size} bytes: cut off or damaged"
     except Exception as error:  # noqa: BLE001 - a malformed file can fail anywhere in the unpickler
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path} is not a loadable checkpoint (torch.load with weights_only=True "
-                         f"refused it: {reason[:300]})") from None
+    raise ValueError(f"{path} is not a loadable checkpoint (torch.load with weights_only=True "
+                     f"refused it: {reason[:300]})")
 
 
 def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
