@@ -4,13 +4,16 @@ with per-class F1 and macro-F1 in W&B, --predict's submission file, and every re
 import contextlib
 import hashlib
 import io
+import math
 import os
+import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 import train_fire
 import wbflow
@@ -18,8 +21,9 @@ from conftest import read_records, run_logs
 from test_guard import refused
 from test_wbflow import SEED_CLASSES, fire_args, pattern_image, table_json, within
 
-# the download's mix, as the competition's (无风险 59%, 低风险 19%, 中风险 14%, 非楼道 5%, 高风险 3%), at least two a class
-MIX = {"无风险": 20, "低风险": 7, "中风险": 5, "非楼道": 2, "高风险": 2}
+# the download's mix, as the competition's (无风险 59%, 低风险 19%, 中风险 14%, 非楼道 5%, 高风险 3%): 高风险's one image
+# is for training, so the validation set has none of it
+MIX = {"无风险": 20, "低风险": 7, "中风险": 5, "非楼道": 2, "高风险": 1}
 SEED_ORDER = ",".join(SEED_CLASSES)  # 高风险,中风险,低风险,无风险,非楼道: the seed's label indices
 
 
@@ -53,8 +57,9 @@ def write_download(root, mix=MIX, test_images=6, seed=0):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One 2-epoch run on the download (28 training, 8 validation images) with W&B offline, balanced batches,
-    label smoothing and the best model by macro-F1: (root, out dir, argv, {name: label}, A's names, its RunLog)."""
+    """One 2-epoch run on the download (28 training, 7 validation images) with W&B offline, balanced batches,
+    label smoothing and the best model by macro-F1: (root, out dir, argv, {name: label}, A's names, its RunLog,
+    whose `warned` holds the messages of the warnings the run gave)."""
     root = tmp_path_factory.mktemp("tianchi")
     labelled, test_names = write_download(root / "data")
     argv = fire_args(root / "data", root / "out", "--epochs", "2", "--class-names", SEED_ORDER, "--sampler",
@@ -66,25 +71,33 @@ def trained(tmp_path_factory):
                            "WANDB_CONSOLE": "off"}.items():
             patch.setenv(key, value)
         try:
-            train_fire.main(argv)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train_fire.main(argv)
         finally:
             torch.set_num_threads(threads)
         [log] = run_logs(root)
+    log.warned = [str(warning.message) for warning in caught]
     return root / "data", root / "out", argv, labelled, test_names, log
 
 
 def test_the_download_as_it_is_trains_and_logs_macro_f1_and_each_class_f1_every_epoch(trained):
     data, out, argv, labelled, _, log = trained
     assert log.exit_code == 0
-    assert log.config["classes"] == SEED_CLASSES and (log.config["train_images"], log.config["val_images"]) == (28, 8)
+    assert log.config["classes"] == SEED_CLASSES and (log.config["train_images"], log.config["val_images"]) == (28, 7)
     assert log.config["class_counts"] == [1, 4, 6, 16, 1]  # the training split of MIX, in the seed's order
+    # 高风险 has no validation image: said once, and it neither scores 0 nor caps val_macro_f1
+    assert [message for message in log.warned if "no image of class" in message] == [
+        "the validation set has no image of class(es) '高风险': val_macro_f1 is the mean over the classes that occur "
+        "in its labels or predictions, and a class in neither has no F1"]
     epochs = log.rows_with("val_acc")
     assert [row["epoch"] for row in epochs] == [0, 1]
     for row in epochs:
-        per_class = [row[f"val_f1/{name}"] for name in SEED_CLASSES]
+        per_class = [row[f"val_f1/{name}"] for name in SEED_CLASSES if f"val_f1/{name}" in row]
+        assert set(SEED_CLASSES[1:]) <= {key[len("val_f1/"):] for key in row if key.startswith("val_f1/")}
         assert all(0 <= f1 <= 1 for f1 in per_class) and row["val_macro_f1"] == pytest.approx(np.mean(per_class))
     assert log.summary["val_macro_f1"] == {"max": max(log.values("val_macro_f1"))}
-    for name in SEED_CLASSES:
+    for name in SEED_CLASSES[1:]:
         assert log.summary[f"val_f1/{name}"] == {"max": max(log.values(f"val_f1/{name}"))}
 
     # the best model follows --best-metric val_macro_f1, and its F1 is the validation set's, recomputed here
@@ -98,8 +111,10 @@ def test_the_download_as_it_is_trains_and_logs_macro_f1_and_each_class_f1_every_
     probs, labels = wbflow.predict_dataset(model, wbflow.ImageSamples(
         val_samples, wbflow.image_transforms(32, train=False)))
     f1, macro_f1 = wbflow.f1_scores(labels.tolist(), probs.argmax(1).tolist(), 5)
-    assert [best_row[f"val_f1/{name}"] for name in SEED_CLASSES] == pytest.approx(f1)
-    assert best_row["val_macro_f1"] == pytest.approx(macro_f1)
+    assert {name: best_row[f"val_f1/{name}"] for name in SEED_CLASSES if f"val_f1/{name}" in best_row} == (
+        pytest.approx({name: f for name, f in zip(SEED_CLASSES, f1) if f == f}))
+    from torchmetrics.classification import MulticlassF1Score
+    assert best_row["val_macro_f1"] == pytest.approx(float(MulticlassF1Score(5, average="macro")(probs.argmax(1), labels)))
     assert [a["metadata"]["val_macro_f1"] for a in log.artifacts if a["type"] == "model"][-1] == best["val_macro_f1"]
 
 
@@ -126,6 +141,33 @@ def test_a_list_is_tab_or_comma_separated_with_or_without_header_and_bom_and_a_n
         [("a.png", str(tmp_path / "list" / "a.png"), 0), ("sub/b.png", str(tmp_path / "sub" / "b.png"), 1)], ["x", "y"])
 
 
+@pytest.mark.parametrize("text, names", [
+    ("a\tx\nb\ty\n", ["a", "b"]),  # names without suffixes: the first row is an image, not a header
+    ("gone\tx\nb\ty\n", ["gone", "b"]),  # nor when its file is missing: it is named, not lost
+    ("gone.png\tx\nc.png\ty\n", ["gone.png", "c.png"]),
+    ("Image_ID\tlabel\na\tx\nb\ty\n", ["a", "b"]),  # a usual column name is a header
+    ("file,label\nc.png,x\n", ["c.png"]),  # a first cell without the suffix the names have is a header
+])
+def test_a_header_is_only_a_first_row_that_cannot_be_a_name_in_the_folder(tmp_path, text, names):
+    (tmp_path / "list").mkdir()
+    for name in ("a", "b", "c.png"):
+        (tmp_path / "list" / name).write_bytes(b"")
+    (tmp_path / "list.txt").write_text(text, encoding="utf-8")
+    rows, _ = wbflow.list_images(tmp_path / "list.txt", strict=False)
+    assert [name for name, _, _ in rows] == names
+
+
+def test_labels_that_differ_only_by_whitespace_are_two_classes_named_in_one_warning(tmp_path):
+    write_download(tmp_path / "data", mix=dict.fromkeys(SEED_CLASSES, 2), test_images=0)
+    rng = np.random.default_rng(0)
+    spaced = [hashed_jpeg(tmp_path / "data" / "train", SEED_CLASSES.index("无风险"), rng) for _ in range(2)]
+    with open(tmp_path / "data" / "train.txt", "a", encoding="utf-8") as file:
+        file.write("".join(f"{name}\t无 风险\n" for name in spaced))
+    with pytest.warns(UserWarning, match=r"train\.txt: classes that differ only by whitespace: '无 风险' and '无风险'$"):
+        _, _, class_names = wbflow.find_image_samples(tmp_path / "data")
+    assert len(class_names) == 6 and "无 风险" in class_names
+
+
 def test_a_gbk_list_reads_its_chinese_labels_and_a_list_of_no_known_encoding_is_one_line(tmp_path):
     from PIL import Image
     (tmp_path / "train").mkdir()
@@ -149,9 +191,11 @@ def predict_argv(trained, *extra):
 
 def test_predict_writes_a_line_for_every_listed_image_in_the_lists_order_and_logs_a_predict_run(
         trained, offline_wandb, capsys):
-    data, out, _, _, test_names, _ = trained
+    data, out, _, _, test_names, training_log = trained
+    default_checkpoint = ["--predict", str(data / "A.txt"), "--out-dir", str(out), "--num-workers", "0",
+                          "--project", "test"]  # OUT/best_model.pth
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\): .*0badc0de\.jpg$"):
-        submission = train_fire.main(predict_argv(trained))
+        submission = train_fire.main(default_checkpoint)
     assert submission == out / "submission.txt"
     assert "7 predictions (1 unreadable: 无风险)" in capsys.readouterr().out
     lines = submission.read_text(encoding="utf-8").splitlines()
@@ -170,6 +214,11 @@ def test_predict_writes_a_line_for_every_listed_image_in_the_lists_order_and_log
     [run] = [record.run for record in read_records(next(offline_wandb.glob("wandb/*run-*/*.wandb")))
              if record.WhichOneof("record_type") == "run"]
     assert run.job_type == "predict" and log.exit_code == 0 and log.config["predict"] == str(data / "A.txt")
+    # the file the default named, its hash, and a use of the training run's model artifact holding it
+    assert log.config["checkpoint"] == str(out / "best_model.pth")
+    assert log.config["checkpoint_sha256"] == wbflow.file_sha256(out / "best_model.pth")
+    [model] = [a for a in log.artifacts if a["type"] == "model"]
+    assert model["name"] == f"model-{training_log.run_id}" and model["used"]
     table = table_json(offline_wandb, "predictions")
     assert table["columns"] == ["image", "label", "confidence"] and len(table["data"]) == 6
     assert [row[1] for row in table["data"]] == [line.split("\t")[1] for line in lines if "0badc0de" not in line]
@@ -179,10 +228,9 @@ def test_predict_writes_a_line_for_every_listed_image_in_the_lists_order_and_log
 
 def test_predict_on_a_folder_writes_its_sorted_names_and_tta_moves_the_probabilities(trained, tmp_path):
     data, *_ = trained
-    (tmp_path / "plain").mkdir()
     with pytest.warns(UserWarning, match="unreadable"):
-        plain = train_fire.main(predict_argv(trained, "--no-wandb", "--predict", str(data / "A"),
-                                             "--submission", str(tmp_path / "plain")))  # a folder: submission.txt
+        plain = train_fire.main(predict_argv(trained, "--no-wandb", "--predict", str(data / "A"),  # a folder to make
+                                             "--submission", f"{tmp_path / 'plain'}/"))  # (its submission.txt)
         tta = train_fire.main(predict_argv(trained, "--no-wandb", "--predict", str(data / "A"), "--tta",
                                            "--submission", str(tmp_path / "tta" / "s.txt")))
     assert plain == tmp_path / "plain" / "submission.txt"
@@ -206,6 +254,76 @@ def test_predict_skips_a_fifo_named_in_the_test_list_with_a_counted_warning_inst
         "pipe.jpg", test_names[0]]
 
 
+def _linked(tmp_path, folder):
+    (tmp_path / "link").symlink_to(folder)
+    return tmp_path / "link"
+
+
+def _listing_predictions_csv(tmp_path, data):  # a list named like the probability CSV written beside the submission
+    (tmp_path / "predictions.csv").write_text("".join(f"{path}\n" for path in sorted((data / "A").iterdir())))
+    return ["--predict", str(tmp_path / "predictions.csv"), "--submission", str(tmp_path / "s.txt")]
+
+
+@pytest.mark.parametrize("extra, match", [
+    (lambda tmp, data, out: ["--submission", str(data / "A.txt")],
+     r"--submission \S*/A\.txt would overwrite an input of this command \(--predict \S*/A\.txt\)$"),
+    (lambda tmp, data, out: ["--submission", str(out / "best_model.pth")],
+     r"--submission \S*/best_model\.pth would overwrite an input of this command \(--checkpoint \S*/best_model\.pth\)$"),
+    (lambda tmp, data, out: ["--submission", f"{data}/./A/../A.txt"],
+     r"--submission \S*/data/A/\.\./A\.txt would overwrite an input of this command \(--predict \S*/A\.txt\)$"),
+    (lambda tmp, data, out: ["--submission", str(_linked(tmp, data) / "A.txt")],
+     r"--submission \S*/link/A\.txt would overwrite an input of this command \(--predict "),
+    (lambda tmp, data, out: ["--submission", str(data / "A" / "0badc0de.jpg")],
+     r"would overwrite an input of this command \(an image --predict lists \S*/A/0badc0de\.jpg\)$"),
+    (lambda tmp, data, out: ["--submission", str(tmp / "predictions.csv")],
+     r"predictions\.csv \S*/predictions\.csv would overwrite another output of this command \(--submission "),
+    (lambda tmp, data, out: _listing_predictions_csv(tmp, data),
+     r"predictions\.csv \S*/predictions\.csv would overwrite an input of this command \(--predict "),
+    (lambda tmp, data, out: ["--submission", str(data / "A.txt" / "submission.txt")],  # under a file: unwritable
+     r"--submission \S*/A\.txt/submission\.txt cannot be written \(\S*/A\.txt: Not a directory\)$"),
+])
+def test_predict_refuses_an_output_that_is_an_input_or_cannot_be_written_before_predicting(
+        trained, tmp_path, monkeypatch, extra, match):
+    data, out, *_ = trained
+    inputs = {path: path.read_bytes() for path in [data / "A.txt", out / "best_model.pth", *(data / "A").iterdir()]}
+    monkeypatch.setattr(wbflow, "predict_images", lambda *args, **kwargs: pytest.fail("predicted before checking"))
+    refused(train_fire.main, predict_argv(trained, "--no-wandb", *extra(tmp_path, data, out)), match)
+    assert all(path.read_bytes() == content for path, content in inputs.items())
+    assert not (data / "predictions.csv").exists() and not (data / "A" / "predictions.csv").exists()
+
+
+def test_predict_refuses_a_list_whose_lines_are_not_one_name_each(trained, tmp_path, monkeypatch):
+    data, *_ = trained
+    names = (data / "A.txt").read_text().splitlines()
+    # a name opening a quote swallows the lines after it: 7 lines, 2 names
+    (tmp_path / "A.txt").write_text("\n".join([names[0], '"' + names[1], *names[2:]]) + "\n")
+    monkeypatch.setattr(wbflow, "predict_images", lambda *args, **kwargs: pytest.fail("predicted before checking"))
+    refused(train_fire.main, predict_argv(trained, "--no-wandb", "--predict", str(tmp_path / "A.txt")),
+            r"A\.txt has 7 lines, but 2 names were read from them: the submission would not match the list line for "
+            r"line$")
+
+
+def test_predict_keeps_the_first_of_names_without_suffixes_and_reads_a_checkpoint_without_class_counts(
+        trained, tmp_path, capsys):
+    data, out, _, _, test_names, _ = trained
+    (tmp_path / "T").mkdir()
+    for name in test_names:  # the names without their .jpg, as some downloads list them
+        (tmp_path / "T" / name[:-4]).write_bytes((data / "A" / name).read_bytes())
+    (tmp_path / "T.txt").write_text("".join(name[:-4] + "\n" for name in test_names))
+    older = wbflow.load_checkpoint(out / "best_model.pth")  # as written before --predict existed
+    del older["config"]["class_counts"], older["config"]["mean_std"]
+    wbflow.save_checkpoint(older, tmp_path / "older.pth")
+    with pytest.warns(UserWarning, match="unreadable"):
+        submission = train_fire.main(predict_argv(trained, "--no-wandb", "--predict", str(tmp_path / "T.txt"),
+                                                  "--checkpoint", str(tmp_path / "older.pth")))
+    lines = [line.split("\t") for line in submission.read_text(encoding="utf-8").splitlines()]
+    assert [name for name, _ in lines] == [name[:-4] for name in test_names]  # the first row is an image too
+    guesses = [label for name, label in lines if name != "0badc0de"]
+    most_predicted = max(SEED_CLASSES, key=lambda label: (guesses.count(label), -SEED_CLASSES.index(label)))
+    assert dict(lines)["0badc0de"] == most_predicted
+    assert f"7 predictions (1 unreadable: {most_predicted}, the most frequent prediction) in" in capsys.readouterr().out
+
+
 def test_predict_tta_averages_the_probabilities_of_each_image_and_its_mirror():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
@@ -227,7 +345,7 @@ def test_predict_on_a_labelled_list_prints_and_logs_its_accuracy_and_macro_f1(tr
     y_pred = [SEED_CLASSES.index(guesses[name]) for name in labelled]
     accuracy = 100.0 * np.mean(np.equal(y_true, y_pred))
     macro_f1 = wbflow.f1_scores(y_true, y_pred, 5)[1]
-    assert f"36 labelled images: accuracy {accuracy:.2f}%, macro-F1 {macro_f1:.4f}" in capsys.readouterr().out
+    assert f"35 labelled images: accuracy {accuracy:.2f}%, macro-F1 {macro_f1:.4f}" in capsys.readouterr().out
     [log] = run_logs(offline_wandb)
     assert log.summary["accuracy"] == pytest.approx(accuracy) and log.summary["macro_f1"] == pytest.approx(macro_f1)
 
@@ -239,6 +357,27 @@ def test_f1_scores_equal_torchmetrics_per_class_and_macro():
     f1, macro_f1 = wbflow.f1_scores(y_true.tolist(), y_pred.tolist(), 5)  # class 4 never predicted: F1 0
     torch.testing.assert_close(torch.tensor(f1, dtype=torch.float32), MulticlassF1Score(5, average=None)(y_pred, y_true))
     assert macro_f1 == pytest.approx(float(MulticlassF1Score(5, average="macro")(y_pred, y_true)))
+
+
+def test_macro_f1_leaves_out_a_class_in_neither_labels_nor_predictions_and_counts_one_only_predicted():
+    # by hand, as sklearn's f1_score(average="macro", zero_division=0) on the labels it finds, 2 tp / (2 tp + fp + fn):
+    # class 0 2/3, class 1 4/6, class 2 (no label, predicted once) 0, class 3 (in neither) left out
+    f1, macro_f1 = wbflow.f1_scores([0, 0, 1, 1, 1], [0, 1, 1, 1, 2], 4)
+    assert f1[:3] == pytest.approx([2 / 3, 4 / 6, 0.0]) and math.isnan(f1[3])
+    assert macro_f1 == pytest.approx((2 / 3 + 4 / 6 + 0.0) / 3)  # not / 4: the class in neither caps nothing
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=1, max_size=30))
+def test_macro_f1_is_torchmetrics_macro_f1_and_per_class_f1_its_per_class_f1_where_a_class_occurs(pairs):
+    from torchmetrics.classification import MulticlassF1Score
+    y_true, y_pred = (torch.tensor(values) for values in zip(*pairs))
+    f1, macro_f1 = wbflow.f1_scores(y_true.tolist(), y_pred.tolist(), 5)
+    occurring = set(y_true.tolist()) | set(y_pred.tolist())
+    assert [label for label, value in enumerate(f1) if value == value] == sorted(occurring)
+    expected = MulticlassF1Score(5, average=None)(y_pred, y_true)
+    assert [f1[label] for label in sorted(occurring)] == pytest.approx(expected[sorted(occurring)].tolist(), abs=1e-6)
+    assert macro_f1 == pytest.approx(float(MulticlassF1Score(5, average="macro")(y_pred, y_true)), abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- imbalance: sampler and label smoothing
@@ -299,7 +438,8 @@ def test_training_data_and_settings_that_do_not_fit_are_refused_in_one_line(tmp_
 ])
 def test_a_resume_refuses_another_sampler_best_metric_or_label_smoothing(trained, setting, value, match):
     _, out, argv, *_ = trained
-    refused(train_fire.main, argv + ["--no-wandb", "--resume", str(out / "last.pth"), setting, value], match)
+    with pytest.warns(UserWarning, match=r"no image of class\(es\) '高风险'"):  # the data is read first
+        refused(train_fire.main, argv + ["--no-wandb", "--resume", str(out / "last.pth"), setting, value], match)
 
 
 @pytest.mark.parametrize("change, match", [

@@ -672,6 +672,15 @@ def _(load_checkpoint, tmp_path, fixture):
     assert load_checkpoint(wbflow.save_checkpoint({"s": 1}, tmp_path / "d.pt")) == {"s": 1}
 
 
+@call("check_outputs")
+def _(check_outputs, tmp_path, fixture):
+    (tmp_path / "A.txt").write_text("a.jpg\n")
+    check_outputs({"--submission": tmp_path / "s.txt"}, {"--predict": tmp_path / "A.txt"})
+    (tmp_path / "link").symlink_to(tmp_path)
+    with pytest.raises(ValueError, match=r"--submission .*/link/A\.txt would overwrite an input .*\(--predict "):
+        check_outputs({"--submission": tmp_path / "link" / "A.txt"}, {"--predict": tmp_path / "A.txt"})
+
+
 @call("prepare_out_dir")
 def _(prepare_out_dir, tmp_path, fixture):
     assert prepare_out_dir(tmp_path / "o") == (tmp_path / "o", [])

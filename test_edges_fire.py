@@ -259,6 +259,24 @@ def test_the_out_dir_refusal_names_only_train_fires_resumable_file(tmp_path):
     assert "last.pt " not in message and "last.pt)" not in message
 
 
+def test_an_empty_out_dir_is_refused_before_anything_is_written_into_the_current_folder(tmp_path, monkeypatch):
+    data = write_pattern_folders(tmp_path / "data", per_class=4, classes=["a", "b"])
+    monkeypatch.chdir(tmp_path)
+    for argv in (fire_args(data, ""), ["--predict", str(data / "a"), "--out-dir", ""]):
+        refused(train_fire.main, argv, r"^train_fire: --out-dir is empty: name a folder$")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_training_run_refuses_to_write_its_checkpoints_over_its_data_list(tmp_path):
+    data = write_pattern_folders(tmp_path / "data", per_class=4, classes=["a", "b"])
+    (tmp_path / "out").mkdir()
+    listed = "".join(f"{path},{path.parent.name}\n" for path in sorted(data.rglob("*.png")))
+    (tmp_path / "out" / "last.pth").write_text(listed)  # a list where the run writes last.pth
+    refused(train_fire.main, fire_args(tmp_path / "out" / "last.pth", tmp_path / "out", "--overwrite", "--no-wandb"),
+            r"--out-dir's last\.pth \S*/out/last\.pth would overwrite an input of this command \(--data-dir ")
+    assert (tmp_path / "out" / "last.pth").read_text() == listed
+
+
 def test_a_sweep_agents_runs_each_get_their_own_default_out_dir(monkeypatch):
     monkeypatch.setenv("WANDB_SWEEP_ID", "sweep1")
     monkeypatch.setenv("WANDB_RUN_ID", "run7")
@@ -267,6 +285,8 @@ def test_a_sweep_agents_runs_each_get_their_own_default_out_dir(monkeypatch):
 
 def test_a_finished_run_ends_with_the_best_val_acc_its_epoch_and_the_model_file(whole_run):
     data, whole, argv, printed = whole_run
+    # each class quoted, so that a name with a space reads as one
+    assert "classes: '中风险', '低风险', '无风险', '非楼道', '高风险'\n" in printed
     best = wbflow.load_checkpoint(whole / "best_model.pth")
     assert best["epoch"] in (0, 1) and printed.splitlines()[-1] == headline(whole)
     assert f"Val Acc: {best['val_acc']:.2f}%" in printed

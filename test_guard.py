@@ -266,6 +266,24 @@ def test_eval_without_cifar10_or_cached_statistics_stops_before_sampling(tmp_pat
         train_flow.main(argv + ["--metric", "is"])
 
 
+def test_eval_refuses_to_write_its_sample_grid_over_the_checkpoint_before_sampling(tmp_path, monkeypatch):
+    monkeypatch.setattr(wbflow, "sample_images", lambda *a, **k: pytest.fail("sampled before checking"))
+    checkpoint = _flow_like_checkpoint(tmp_path / "out" / "samples" / "eval_epoch_0001.png")  # its epoch is 1
+    before = checkpoint.read_bytes()
+    refused(train_flow.main, ["--eval", "--smoke", "--checkpoint", str(checkpoint), "--out-dir", str(tmp_path / "out")],
+            r"the sample grid \S*/eval_epoch_0001\.png would overwrite an input of this command \(--checkpoint ")
+    assert checkpoint.read_bytes() == before
+
+
+def test_a_reflow_run_refuses_an_out_dir_whose_checkpoints_it_would_replace_include_the_teacher(tmp_path):
+    teacher = _flow_like_checkpoint(tmp_path / "out" / "last.pt")
+    before = teacher.read_bytes()
+    refused(train_flow.main, FLOW_SMOKE + ["--no-wandb", "--reflow", str(teacher), "--out-dir", str(tmp_path / "out"),
+                                           "--overwrite"],
+            r"--out-dir \S*/out/last\.pt would overwrite an input of this command \(--reflow \S*/out/last\.pt\)$")
+    assert teacher.read_bytes() == before
+
+
 def test_eval_of_a_checkpoint_that_is_not_train_flows_is_refused(tmp_path):
     path = wbflow.save_checkpoint({"model": {}, "config": {"model": "resnet18"}}, tmp_path / "last.pth")
     refused(train_flow.main, ["--eval", "--smoke", "--checkpoint", str(path)], "not a train_flow checkpoint")

@@ -113,7 +113,13 @@ def check_settings(args, world_size):
             raise ValueError(f"--val-split must be at least 0 and below 1, not {args.val_split}")
         if args.class_names is not None and len(set(args.class_names)) != len(args.class_names):
             raise ValueError(f"--class-names repeats a name: {','.join(args.class_names)}")
-        return wbflow.prepare_out_dir(args.out_dir, resume=args.resume, overwrite=args.overwrite, patterns=OUT_FILES)
+        out_dir, earlier_run = wbflow.prepare_out_dir(args.out_dir, resume=args.resume, overwrite=args.overwrite,
+                                                      patterns=OUT_FILES)
+        # (--resume continues its run: the last.pth it starts from is the one it goes on writing)
+        data_list = next((path for path in (Path(args.data_dir), Path(args.data_dir) / "train.txt") if path.is_file()),
+                         None)
+        wbflow.check_outputs({f"--out-dir's {name}": out_dir / name for name in OUT_FILES}, {"--data-dir": data_list})
+        return out_dir, earlier_run
 
 
 def load_data(args, device, rank, world_size):
@@ -129,8 +135,10 @@ def load_data(args, device, rank, world_size):
     loaders = wbflow.classifier_loaders(train_set, val_set, args.batch_size, num_workers=args.num_workers,
                                         device=device, seed=args.seed, rank=rank, world_size=world_size,
                                         sample_weights=weights if args.sampler == "balanced" else None)
-    if rank == 0:
-        print(f"{len(train_set)} training and {len(val_set)} validation images, classes: {' '.join(class_names)}")
+    if rank == 0:  # each class quoted: a name may hold a space
+        print(f"{len(train_set)} training and {len(val_set)} validation images, classes: "
+              f"{', '.join(map(repr, class_names))}")
+        warn_of_absent_classes(val_set.labels, class_names, "the validation set", "val_macro_f1")
     return class_names, (train_set, val_set), loaders
 
 
@@ -231,13 +239,14 @@ def train_epochs(args, argv, run, stop, train_model, losses, trainables, loaders
         f1, macro_f1 = wbflow.f1_scores(*torch.cat(wbflow.gather_from_ranks(noted), 1).tolist(), len(config["classes"]))
         scores = {"val_acc": val["accuracy"], "val_macro_f1": macro_f1}
         best_state = {"model": model.state_dict(), "epoch": epoch, **scores, "class_names": config["classes"],
-                      "config": config, "driver": "train_fire"}
+                      "config": config, "driver": "train_fire", "wandb_run_id": progress["wandb_run_id"]}
         progress["best"], improved = wbflow.save_best(
             best_state, scores[args.best_metric], progress["best"], out_dir / "best_model.pth", run=run,
             name=args.best_metric, aliases=(f"epoch-{epoch}",),
             metadata={"epoch": epoch, "global_step": progress["step"], "config": config})
         run.log({"epoch": epoch, "epoch/train_loss": train["loss"], "epoch/train_acc": train["accuracy"],
-                 "val_loss": val["loss"], **scores, **{f"val_f1/{name}": f for name, f in zip(config["classes"], f1)},
+                 "val_loss": val["loss"], **scores,  # a class in neither labels nor predictions has no F1 (NaN)
+                 **{f"val_f1/{name}": f for name, f in zip(config["classes"], f1) if f == f},
                  **({f"best_{args.best_metric}": progress["best"]} if improved else {})}, step=progress["step"])
         state = checkpoint(trainables, progress, config, epoch)
         if master:
@@ -256,30 +265,44 @@ def predict(args):
             flag="--checkpoint" if args.checkpoint else "the best model", project=args.project,
             required=("model", "config"))
         config, submission = state["config"], Path(args.submission or checkpoint.parent)
-        submission = submission / "submission.txt" if submission.is_dir() else submission
+        if submission.is_dir() or (args.submission or "").endswith(("/", os.sep)):  # runs/new/: a folder to make
+            submission = submission / "submission.txt"
         rows, classes = wbflow.list_images(args.predict, config["classes"], strict=False)
         names, paths, labels = map(list, zip(*rows)) if rows else ([], [], [])
+        check_list_lines(args.predict, names)
+        # before the long work: nothing this command reads is what it writes, and it can write there
+        wbflow.check_outputs({"--submission": submission, "predictions.csv": submission.with_name("predictions.csv")},
+                             {"--predict": args.predict, "--checkpoint": checkpoint, "an image --predict lists": paths})
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = wbflow.build_classifier(config["model"], len(classes)).to(device)
         model.load_state_dict(state["model"])
         transform = wbflow.image_transforms(config["image_size"], train=False, mean_std=config.get("mean_std"))
         probs = wbflow.predict_images(model, paths, transform, device=device, batch_size=args.batch_size,
                                       num_workers=args.num_workers, tta=args.tta, progress=True)
-        most_frequent, read = max(range(len(classes)), key=config["class_counts"].__getitem__), ~probs.isnan().any(1)
+        read = ~probs.isnan().any(1)
+        # a best_model.pth written before --predict existed has no class counts: the predictions' counts stand in
+        counts = config.get("class_counts") or torch.bincount(probs[read].argmax(1), minlength=len(classes)).tolist()
+        most_frequent = max(range(len(classes)), key=counts.__getitem__)
         predicted = wbflow.write_submission(submission, names, probs, classes, fallback=most_frequent)
-    print(f"{len(names)} predictions ({int((~read).sum())} unreadable: {classes[most_frequent]}) in {submission}")
+    print(f"{len(names)} predictions ({int((~read).sum())} unreadable: {classes[most_frequent]}"
+          f"{'' if 'class_counts' in config else ', the most frequent prediction'}) in {submission}")
     scores, labelled = {}, [(label, guess) for label, guess in zip(labels, predicted) if label is not None]
     if labelled:  # a list with labels: how the submission scores
+        warn_of_absent_classes([label for label, _ in labelled], classes, "the list", "macro_f1")
         scores = {"accuracy": 100.0 * sum(label == guess for label, guess in labelled) / len(labelled),
                   "macro_f1": wbflow.f1_scores(*zip(*labelled), len(classes))[1]}
         print(f"{len(labelled)} labelled images: accuracy {scores['accuracy']:.2f}%, macro-F1 {scores['macro_f1']:.4f}")
-    with wbflow.wandb_run({**config, "predict": args.predict, "checkpoint": args.checkpoint, "tta": args.tta},
+    sha256 = wbflow.file_sha256(checkpoint)  # the file used, whichever flag or default named it
+    with wbflow.wandb_run({**config, "predict": args.predict, "checkpoint": args.checkpoint or str(checkpoint),
+                           "checkpoint_sha256": sha256, "tta": args.tta},
                           project=args.project, enabled=not args.no_wandb, job_type="predict",
                           name=args.run_name) as run:
         if run:
             import wandb
             if args.checkpoint and not os.path.isfile(args.checkpoint):  # a model artifact: this run used it
                 run.use_artifact(args.checkpoint)
+            else:  # the file: W&B keys versions by content, so this is the training run's version that holds it
+                wbflow.use_artifact(run, checkpoint, f"model-{state.get('wandb_run_id') or sha256[:12]}")
             run.log({"predictions": wandb.Table(columns=["image", "label", "confidence"], data=[
                 [wandb.Image(paths[index]), classes[predicted[index]], float(probs[index].max())]
                 for index in read.nonzero().flatten().tolist()[:args.num_predictions]]), **scores})
@@ -288,9 +311,33 @@ def predict(args):
     return submission
 
 
+def check_list_lines(source, names):
+    """The submission has a line per name: refuse a list (not a folder) whose non-empty lines are not one name each
+    (a header aside, which is printed)."""
+    if not os.path.isfile(source):
+        return
+    lines = [line for line in Path(source).read_bytes().splitlines() if line.strip()]
+    if len(lines) == len(names) + 1:
+        print(f"{source}: its first line is a header, not an image: {lines[0].decode('utf-8-sig', 'replace')}")
+    elif len(lines) != len(names):
+        raise ValueError(f"{source} has {len(lines)} lines, but {len(names)} names were read from them: the "
+                         f"submission would not match the list line for line")
+
+
+def warn_of_absent_classes(labels, classes, where, metric):
+    """One warning naming the classes without an image in `labels`: `metric` averages the others (f1_scores)."""
+    present = set(labels)
+    absent = [repr(name) for index, name in enumerate(classes) if index not in present]
+    if absent:
+        warnings.warn(f"{where} has no image of class(es) {', '.join(absent)}: {metric} is the mean over the classes "
+                      f"that occur in its labels or predictions, and a class in neither has no F1", stacklevel=2)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.out_dir == "":  # Path("") is the current folder: checkpoints and the lock would land there
+        raise SystemExit("train_fire: --out-dir is empty: name a folder")
     if args.predict:
         return predict(args)
     out_dir, earlier_run = check_settings(args, int(os.environ.get("WORLD_SIZE", 1)))

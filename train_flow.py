@@ -107,6 +107,10 @@ def main(argv=None):
         check_settings(args, config)
         earlier_run = () if args.eval else wbflow.prepare_out_dir(config["data"]["out_dir"], resume=args.resume,
                                                                   overwrite=args.overwrite)[1]
+        out_dir = Path(config["data"]["out_dir"])  # what --overwrite deletes and the run writes or rotates away
+        wbflow.check_outputs({} if args.eval else {"--out-dir": [*earlier_run, out_dir / "last.pt",
+                                                                 *out_dir.glob("checkpoint_epoch_*.pt")]},
+                             {"--reflow": args.reflow})
     if args.smoke:
         os.environ.setdefault("WANDB_MODE", "offline")
     with wbflow.exit_on_error("train_flow.py"):  # missing data, checkpoint or weights; a full disk
@@ -513,7 +517,9 @@ def evaluate(args, config):
                                hints={"ema": " (not a train_flow checkpoint: every one holds the EMA weights)"})
     real = evaluation["num_real_images"]
     statistics_dir, name = statistics_cache(config, real or 50000)  # the cache a training run fills, too
+    grid_png = Path(data["out_dir"]) / "samples" / f"eval_epoch_{state['epoch']:04d}.png"
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
+        wbflow.check_outputs({"the sample grid": grid_png}, {"--checkpoint": path})
         weights_sha256 = wbflow.file_sha256(check_fid_weights(evaluation["fid_weights"]))
     cached = metric == "is" or os.path.isfile(wbflow.statistics_path(statistics_dir, name, weights_sha256))
     real_images = None if cached else wbflow.load_cifar10(data["data_dir"])[0][:real]  # downloads, or says where to put
@@ -545,7 +551,7 @@ def evaluate(args, config):
         raise SystemExit(128 + number) from None
     print(", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
     grid = wbflow.sample_grid(samples_uint8[:64])
-    wbflow.save_png(grid, Path(data["out_dir"]) / "samples" / f"eval_epoch_{state['epoch']:04d}.png")
+    wbflow.save_png(grid, grid_png)
     eval_config = {"checkpoint": str(args.checkpoint), "epoch": state["epoch"], "global_step": state["global_step"],
                    "num_samples": args.num_samples, "metric": metric, "solver": sampling["solver"], "nfe": used,
                    "model": state["config"]["model"], "fid_reference": wbflow.fid_reference()}

@@ -18,7 +18,7 @@ Sections, in data-flow order:
                     save_statistics, inception_score, per_class_precision_recall, f1_scores
   images & W&B      wandb_run, flush_run, watch_model, log_model_graph, log_artifact, use_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
-  checkpoints       write_atomically, save_checkpoint, load_checkpoint, prepare_out_dir,
+  checkpoints       write_atomically, save_checkpoint, load_checkpoint, check_outputs, prepare_out_dir,
                     rotate_checkpoints, save_best, check_checkpoint, resume_command, wandb_resume_plan,
                     fetch_checkpoint, load_checked
   config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, exit_on_error
@@ -219,8 +219,11 @@ def list_images(source, class_names=None, *, strict=True):
     a folder names, in its order.
 
     A list file has one `name<TAB>label` or `name,label` line per image (tab-separated when its first
-    line holds a tab; a test list has no labels), UTF-8 with or without BOM (else GBK), with or without a header
-    (a first line whose name has no file suffix: path,label / name / image_id ...). A name is looked up
+    line holds a tab; a test list has no labels), UTF-8 with or without BOM (else GBK), with or without a header.
+    The first line is a header only when its first cell is no file where its name would be looked up, and is
+    a usual column name (name, filename, file, path, image, image_name, image_id, img, id; any case) or lacks
+    the file suffix that a later name has; so a list of names without suffixes keeps its first row (an
+    unknown header word is kept as a row too: a file that does not exist, never a lost image). A name is looked up
     in the folder named like the list (train.txt -> train/) when that folder exists, unless the file is
     only beside the list. A folder: its image files, also in subfolders, sorted, without labels.
     Class names are the sorted labels unless `class_names` fixes them. Refused in one line that names
@@ -256,7 +259,11 @@ def list_images(source, class_names=None, *, strict=True):
                 raise ValueError(f"{source} is neither UTF-8 nor GBK / GB18030 text") from None
         lines = csv.reader(text.splitlines(), delimiter="\t" if "\t" in text.partition("\n")[0] else ",")
         rows = [[cell.strip() for cell in row] for row in lines if any(cell.strip() for cell in row)]
-        rows = rows[1:] if rows and not Path(rows[0][0]).suffix else rows
+        first = rows[0][0] if rows else ""
+        column_names = ("name", "filename", "file", "path", "image", "image_name", "image_id", "img", "id")
+        if not os.path.isfile(find(first)) and (first.lower() in column_names or not Path(first).suffix and any(
+                Path(row[0]).suffix for row in rows[1:])):  # a header: never a name that is a file there
+            rows = rows[1:]
         if not rows:
             raise ValueError(f"{source} lists no images")
     labels = [row[1] if len(row) > 1 and row[1] else None for row in rows]
@@ -290,7 +297,8 @@ def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
     (or train/ alone), split per class by stratified_split(val_split, seed); a list file of
     `name<TAB>label` or `path,label` rows (list_images), or a folder holding one as train.txt (a
     competition's download: train.txt and a flat train/ folder), split the same way.
-    Class names are the sorted folder names / labels; `class_names` fixes which and their order.
+    Class names are the sorted folder names / labels; `class_names` fixes which and their order. Names
+    that differ only by whitespace ('无 风险', '无风险') are separate classes, with one warning naming them.
     Unreadable images are dropped by drop_unreadable_images (one warning that counts them; images of
     any size are read). A list row repeating an earlier one is dropped with one warning that counts them.
     A missing folder, or list rows naming files that do not exist (their count and the first few), raise
@@ -327,6 +335,12 @@ def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
     if len(class_names) < 2:
         raise ValueError(f"a classifier needs at least two classes; {train_root} has {len(class_names)}"
                          f"{': ' + ', '.join(class_names) if class_names else ''}")
+    spellings = {}
+    for name in class_names:  # '无 风险' beside '无风险' makes two classes where the user meant one
+        spellings.setdefault("".join(name.split()), []).append(repr(name))
+    alike = [" and ".join(names) for names in spellings.values() if len(names) > 1]
+    if alike:
+        warnings.warn(f"{data}: classes that differ only by whitespace: {'; '.join(alike)}", stacklevel=2)
     only_in_val = sorted(set(class_folders(roots[1])) - set(class_names)) if roots[1:] and not given_names else []
     if only_in_val:
         raise ValueError(f"class folder(s) in {roots[1]} that {train_root} lacks: {', '.join(only_in_val)}")
@@ -1494,14 +1508,21 @@ def per_class_precision_recall(y_true, y_pred, num_classes):
 
 
 def f1_scores(y_true, y_pred, num_classes):
-    """(per-class F1 list, macro-F1: their mean over all num_classes), from per_class_precision_recall;
-    a class with precision and recall 0 has F1 0.0 (sklearn's f1_score with zero_division=0).
-    Usage: f1, macro_f1 = f1_scores([0, 1, 1], [0, 1, 0], 2)  # [0.667, 0.667], 0.667
+    """(per-class F1 list, macro-F1), from per_class_precision_recall. A class that occurs in neither y_true nor
+    y_pred has no F1 (NaN) and is left out of macro-F1, the mean over the classes that occur in either: a class
+    without images then neither scores 0 nor caps the mean. That is sklearn's f1_score(average="macro",
+    zero_division=0) on the labels it finds, and torchmetrics' MulticlassF1Score(average="macro"); its
+    average=None gives 0.0 where this gives NaN. A class with precision and recall 0 (predicted but absent,
+    or never found) has F1 0.0 and counts. Macro-F1 of no labels at all is NaN.
+    Usage: f1, macro_f1 = f1_scores([0, 1, 1], [0, 1, 0], 3)  # [0.667, 0.667, nan], 0.667
     Copy with: per_class_precision_recall
     """
     precision, recall, _ = per_class_precision_recall(y_true, y_pred, num_classes)
-    f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall)]
-    return f1, sum(f1) / num_classes
+    occurring = set(np.asarray(y_true, dtype=np.int64).tolist()) | set(np.asarray(y_pred, dtype=np.int64).tolist())
+    f1 = [(2 * p * r / (p + r) if p + r else 0.0) if label in occurring else math.nan
+          for label, (p, r) in enumerate(zip(precision, recall))]
+    present = [value for value in f1 if value == value]
+    return f1, sum(present) / len(present) if present else math.nan
 
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -2363,6 +2384,45 @@ def load_checkpoint(path, map_location="cpu"):
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     raise ValueError(f"{path} is not a loadable checkpoint (torch.load with weights_only=True "
                      f"refused it: {reason[:300]})")
+
+
+def check_outputs(outputs, inputs=None):
+    """Refuse, before a command does any work, an output that would destroy something: a ValueError names the
+    first file of `outputs` ({what: path or list of paths}) that is also a file of `inputs` (the same form) or
+    of another output ("--submission data/A.txt would overwrite an input of this command (--predict
+    data/A.txt)"), that is a folder, or that cannot be written: its folder (or, before it is made, the nearest
+    one that exists) is not a writable folder. Paths are compared resolved (symlinks, `./` and `..`
+    spellings) and by device and inode (hard links); None is skipped, and an input that is not a local file
+    (a W&B artifact name) matches nothing.
+    Usage: check_outputs({"--submission": "runs/fire/submission.txt"}, {"--predict": "data/fire/A.txt"})
+    """
+    def named(paths):  # (what, path) pairs, each once
+        return list(dict.fromkeys((what, os.fspath(path)) for what, value in (paths or {}).items()
+                                  for path in (value if isinstance(value, (list, tuple)) else [value])
+                                  if path is not None))
+
+    def keys(path):  # what makes two spellings one file
+        try:
+            status = os.stat(path)
+            return {os.path.realpath(path), (status.st_dev, status.st_ino)}
+        except OSError:
+            return {os.path.realpath(path)}
+
+    seen = {key: ("an input", what, path) for what, path in named(inputs) for key in keys(path)}
+    for what, path in named(outputs):
+        clash = next((seen[key] for key in keys(path) if key in seen), None)
+        if clash:
+            raise ValueError(f"{what} {path} would overwrite {clash[0]} of this command ({clash[1]} {clash[2]})")
+        seen.update({key: ("another output", what, path) for key in keys(path)})
+        if os.path.isdir(path):
+            raise ValueError(f"{what} {path} is a folder, not a file")
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):  # made by the writer: the nearest folder that exists must take it
+            folder = os.path.dirname(folder)
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            raise ValueError(f"{what} {path} cannot be written ({folder}: {error.strerror or error})") from None
 
 
 def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
