@@ -1909,21 +1909,28 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
                     device="cpu", num_images=None, weights_path=None, overwrite=False, quantize=True, progress=False):
     """Compute mu/sigma once and save them as pytorch-fid's .npz format in statistics_path(cache_dir, name, the
     weights file's hash, resize), reused from there when it exists (images=None: that file only, else a
-    FileNotFoundError). Float images are rounded to uint8 first, as for fid (quantize=False skips that);
-    progress=True shows a bar of the Inception batches.
+    FileNotFoundError). `name` must say which images they are of (e.g. with a hash of their bytes): a file of
+    that name is reused for any images. A damaged file there is computed again (images=None: a ValueError).
+    Float images are rounded to uint8 first, as for fid (quantize=False skips that); progress=True shows a bar
+    of the Inception batches.
     Usage: cifar10_statistics = save_statistics(train_images_uint8, "stats", "cifar10-train")
            score = fid(cifar10_statistics, samples_uint8)
     Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
       FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
       FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, _resize_like_tensorflow,
-      _preprocess, _image_batches, _folder_batches, inception_features, feature_statistics,
+      _preprocess, _image_batches, _folder_batches, inception_features, feature_statistics, _npz_statistics,
       write_atomically, load_checkpoint, statistics_path
     """
     weights_path = fid_weights_path(weights_path)
     weights_hash = file_sha256(weights_path)
     path = statistics_path(cache_dir, name, weights_hash, resize)
     if os.path.isfile(path) and not overwrite:
-        return path
+        try:
+            _npz_statistics(path)  # a damaged or truncated copy is no cache
+            return path
+        except ValueError:
+            if images is None:
+                raise
     if images is None:  # only the cached file was wanted
         raise FileNotFoundError(f"FID statistics file not found: {path}")
     features, _ = inception_features(images, None, weights_path=weights_path, device=device, resize=resize,
@@ -2574,17 +2581,32 @@ def load_yaml_config(path, overrides=(), reference=None):
     takes items of the type of the file's first item, a key that is null in the file takes any value,
     and a string key takes the text as written). With `reference` (the path or dict of the config the
     file stands in for, e.g. the defaults), the file must have exactly its sections and keys, each of
-    its type by the same rule. A file that is no YAML, or holds no mapping of settings, is a ValueError.
+    its type by the same rule. A file that is no YAML, or holds no mapping of settings, is a ValueError,
+    and so is a key repeated in a mapping (plain YAML keeps its last value silently), naming both lines.
 
     Usage: config = load_yaml_config("configs/cifar10_rectified_flow.yaml", ["training.gradient_clip=0.5"])
     Copy with: _fit_type
     """
     import yaml
 
+    class UniqueKeyLoader(yaml.SafeLoader):  # YAML keeps a repeated key's last value silently: refuse it
+        def construct_mapping(self, node, deep=False):
+            first_lines = {}
+            for key_node, _ in node.value:
+                key = None if key_node.tag.endswith(":merge") else self.construct_object(key_node, deep=deep)
+                if key is None or getattr(key, "__hash__", None) is None:
+                    continue  # a << merge may repeat keys; an unhashable key is SafeLoader's own error
+                if key in first_lines:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"key {key!r} of line {first_lines[key]} repeated",
+                        problem_mark=key_node.start_mark)
+                first_lines[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep)
+
     def read(path):
         try:
             with open(path, encoding="utf-8") as file:
-                config = yaml.safe_load(file)
+                config = yaml.load(file, UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
