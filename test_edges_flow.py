@@ -19,7 +19,7 @@ import wbflow
 from conftest import run_logs
 from test_guard import FLOW_SMOKE, refused
 from test_training import signal_on_call
-from test_wbflow import tiny_flow_checkpoint
+from test_wbflow import tiny_flow_checkpoint, write_cifar_batches
 
 HERE = Path(__file__).resolve().parent
 # 64 synthetic images, batch 32: two steps an epoch; every epoch has samples, a one-row table and a checkpoint;
@@ -135,13 +135,33 @@ def flow_run(tmp_path_factory):
     (["--set", "training.warmup_steps=5"], r"warmup_steps 10 there, 5 here"),
     (["--set", "training.gradient_clip=0.5"], r"gradient_clip 1\.0 there, 0\.5 here"),
     (["--set", "training.seed=7"], r"seed 42 there, 7 here"),
-    (["--set", "data.max_images=32"], r"holds another data \(max_images 64 there, 32 here\)"),
+    (["--set", "training.coupling=ot"], r"holds another training \(coupling 'independent' there, 'ot' here\)"),
+    (["--set", "data.max_images=32"], r"holds another data \(max_images 64 there, 32 here; images_sha256 "),
     (["--set", "sampling.seed=3"], r"holds another sampling \(seed 0 there, 3 here\)"),
+    (["--set", "reflow.nfe=7"], r"holds another reflow \(nfe 4 there, 7 here\)"),
 ])
 def test_a_resume_with_other_training_settings_is_refused_naming_the_checkpoints_value(flow_run, change, match):
     message = refused(train_flow.main, FLOW + ["--out-dir", str(flow_run), "--epochs", "2",
                                                "--resume", str(flow_run / "last.pt"), *change], match)
-    assert "keeps the settings it trained with" in message
+    assert "keeps the settings it trained with" in message or "trains on" in message
+
+
+def test_a_resume_refuses_a_change_of_what_the_run_trains_on_the_teacher_or_the_images(flow_run, tmp_path):
+    resume = FLOW + ["--epochs", "2", "--resume"]
+    teacher = flow_run / "checkpoint_epoch_1.pt"  # a teacher whose UNet is this run's
+    refused(train_flow.main, resume + [str(flow_run / "last.pt"), "--out-dir", str(flow_run), "--reflow", str(teacher)],
+            rf"holds another reflow \(teacher_sha256 None there, '{wbflow.file_sha256(teacher)}' here\): a resumed run "
+            rf"trains on what it trained on: the pairs of the --reflow teacher")
+    state = wbflow.load_checkpoint(flow_run / "last.pt")  # a 2-RF student, resumed without --reflow
+    state["config"]["reflow"]["teacher_sha256"] = "ab" * 32
+    student = wbflow.save_checkpoint(state, tmp_path / "student.pt")
+    refused(train_flow.main, resume + [str(student), "--out-dir", str(tmp_path / "student")],
+            rf"holds another reflow \(teacher_sha256 '{'ab' * 32}' there, None here\)")
+    write_cifar_batches(tmp_path / "cifar", per_batch=13)  # CIFAR-10 where the run trained on synthetic images
+    refused(train_flow.main, resume + [str(flow_run / "last.pt"), "--out-dir", str(flow_run),
+                                       "--data-dir", str(tmp_path / "cifar")],
+            r"holds another data \(images_sha256 '[0-9a-f]{64}' there, '[0-9a-f]{64}' here\): a resumed run trains on "
+            r"the images it trained on")
 
 
 # ----------------------------------------------------------------------------- 5. every bad setting in one line

@@ -35,9 +35,12 @@ PROGRESS = {"epoch": 0, "ended": True, "train_state": None, "epoch_row": None, "
             "table_rows": []}
 RESUME_KEYS = ("model", "ema", "optimizer", "scheduler", "scaler", *PROGRESS, "rng", "config", "wandb_run_id",
                "wandb_last_act")
-# settings a resume must keep (else the W&B config lies, or the resume is inexact)
-RESUME_FIXED = {"training": ("batch_size", "learning_rate", "warmup_steps", "gradient_clip", "ema_decay", "seed"),
-                "data": ("max_images",), "sampling": ("num_images", "seed")}
+# settings a resume must keep (else the W&B config lies, or the resume is inexact), among them what the run trains on:
+# the images (their hash), the coupling, and the teacher whose pairs it trains on (its file's hash; None: images)
+RESUME_FIXED = {"training": ("batch_size", "learning_rate", "warmup_steps", "gradient_clip", "ema_decay", "seed",
+                             "coupling"),
+                "data": ("max_images", "images_sha256"), "sampling": ("num_images", "seed"),
+                "reflow": ("teacher_sha256", "num_pairs", "shard_size", "solver", "nfe", "seed")}
 POSITIVE = {"model": ("base_channels", "head_channels"),
             "training": ("epochs", "batch_size", "learning_rate", "log_interval", "save_interval", "sample_interval"),
             "logging": ("log_images_interval", "log_model_interval"), "sampling": ("num_images", "nfe", "rk45_tolerance"),
@@ -129,7 +132,7 @@ def main(argv=None):
         if args.eval:
             return evaluate(args, config)
         return train(config, argv, resume=args.resume, smoke=args.smoke, synthetic=args.smoke and not args.data_dir,
-                     earlier_run=earlier_run, teacher=args.reflow)
+                     earlier_run=earlier_run, teacher=args.reflow, overwrite=args.overwrite)
 
 
 def check_settings(args, config):
@@ -222,7 +225,7 @@ def check_fid_weights(weights, fid_interval=None):
                          f"to {hub_path}, or anywhere and pass --set eval.fid_weights=PATH{without}") from None
 
 
-def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=(), teacher=None):
+def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=(), teacher=None, overwrite=False):
     data, training, logging = config["data"], config["training"], config["logging"]
     rank, world_size, device = wbflow.setup_distributed()
     config["world_size"] = world_size  # in W&B and in checkpoints: a resume needs the same number of ranks
@@ -231,6 +234,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     out_dir = Path(data["out_dir"])
     torch.manual_seed(training["seed"] + rank)
     images_uint8 = load_images(data, training["seed"], synthetic, say)
+    data["images_sha256"] = images_sha256(images_uint8)  # what it trains on, which a resume keeps
     channels_last = training["channels_last"] and device.type == "cuda"
 
     model = wbflow.FlowUNet(**config["model"]).to(device, memory_format=torch.channels_last if channels_last else
@@ -242,14 +246,15 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
              "scaler": wbflow.make_scaler(device)}
     amp_dtype = wbflow.autocast_dtype(device)
     say(f"FlowUNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} x {device}")
-    if teacher:  # its pairs, and a new student starts from its EMA weights
-        config["reflow"]["teacher"] = str(teacher)
-        pairs, dataset = reflow_pairs(teacher, config, parts, amp_dtype, initialise=not resume)
-    loader = training_loader(pairs[0] if teacher else images_uint8, pairs[1] if teacher else None, training,
-                             device, channels_last)
+    teacher_checkpoint = load_teacher(teacher, config)  # before a resume compares its hash
     progress, run_id, resumed_from = dict(PROGRESS), None, None
     if resume:
         progress, run_id, resumed_from = load_resume(resume, config, parts, device, say)
+    if teacher:  # its pairs, and a new student starts from its EMA weights
+        pairs, dataset = reflow_pairs(teacher, teacher_checkpoint, config, parts, amp_dtype, initialise=not resume,
+                                      overwrite=overwrite)
+    loader = training_loader(pairs[0] if teacher else images_uint8, pairs[1] if teacher else None, training,
+                             device, channels_last)
     train_model = model if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     train_model = torch.compile(train_model) if training["compile"] else train_model  # outside DDP: it splits the graph
@@ -347,6 +352,10 @@ def load_resume(resume, config, parts, device, say):
         hints={"model": ": pass the --config/--set (and --smoke) of the run it came from",
                **dict.fromkeys(RESUME_FIXED, ": a resumed run keeps the settings it trained with (only "
                                              "training.epochs and the intervals may change)"),
+               "data": ": a resumed run trains on the images it trained on (the same data.max_images images of a "
+                       "CIFAR-10 folder, or --smoke's synthetic ones)",
+               "reflow": ": a resumed run trains on what it trained on: the pairs of the --reflow teacher it came "
+                         "from, with its reflow.* settings, or images without --reflow",
                "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)"})
     for name, part in parts.items():
         if state[name]:  # the scaler's is empty when saved without fp16 (bf16 or CPU)
@@ -538,20 +547,44 @@ def solver_rows(model, noise, epoch, out_dir, sampling, straightness, *, dtype, 
             f"{row['nfe']:03d}.png").relative_to(out_dir))} for row in compared]
 
 
-def reflow_pairs(teacher, config, parts, amp_dtype, *, initialise):
-    """--reflow: reflow.num_pairs pairs of the teacher's EMA model (loaded into parts["ema"]; also into the model
-    when `initialise`) in out_dir/reflow_pairs, made in a W&B run that uses the teacher's model artifact and logs
-    the pairs as a `dataset` artifact (a resume only reads them). Returns (images, noise seed), (folder, name)."""
-    logging, reflow, (rank, world_size) = config["logging"], config["reflow"], wbflow.rank_and_world_size()
+def load_teacher(teacher, config):
+    """--reflow's checkpoint, which must hold this run's FlowUNet: (path, state), or None without one. Its file's
+    hash names the teacher in the config (reflow.teacher_sha256), in the pairs' shards and for a resume."""
     path, state = load_checked("--reflow", teacher, config, required=("ema", "config"),
                                expected={"model": config["model"]},
-                               hints={"model": ": the student is the teacher's FlowUNet: pass its --config/--set"})
-    parts["ema"].load_state_dict(state["ema"])
-    if initialise:
-        parts["model"].load_state_dict(parts["ema"].module.state_dict())
+                               hints={"model": ": the student is the teacher's FlowUNet: pass its --config/--set"}
+                               ) if teacher else (None, None)
+    config["reflow"].update(teacher=str(teacher) if teacher else None,
+                            teacher_sha256=wbflow.file_sha256(path) if teacher else None)
+    return (path, state) if teacher else None
+
+
+def reflow_pairs(teacher, teacher_checkpoint, config, parts, amp_dtype, *, initialise, overwrite=False):
+    """--reflow: reflow.num_pairs pairs of the teacher's EMA model in out_dir/reflow_pairs, keyed by the teacher's hash
+    and the reflow settings. With `initialise` (a new student, which starts from the teacher's EMA weights) they are
+    made in a W&B run that uses the teacher's model artifact and logs the pairs as a `dataset` artifact, after
+    shards of another generation there are refused (or, with `overwrite`, deleted); a resume only reads them.
+    Returns (images, noise seed), (folder, name)."""
+    logging, reflow, (rank, world_size) = config["logging"], config["reflow"], wbflow.rank_and_world_size()
+    (path, state), sampling = teacher_checkpoint, config["sampling"]
     folder, teacher_name = Path(config["data"]["out_dir"]) / "reflow_pairs", state.get("wandb_run_id") or path.stem
     dataset = (folder, f"reflow-pairs-{teacher_name}")
+    made_by = {"teacher_sha256": reflow["teacher_sha256"], "solver": reflow["solver"], "nfe": reflow["nfe"],
+               **({"rk45_tolerance": sampling["rk45_tolerance"]} if reflow["solver"] == "rk45" else {})}
+    generation = {"shard_size": reflow["shard_size"], "seed": reflow["seed"], "settings": made_by}
     if initialise:
+        parts["ema"].load_state_dict(state["ema"])
+        parts["model"].load_state_dict(parts["ema"].module.state_dict())
+        others = wbflow.reflow_shards(folder, reflow["num_pairs"], **generation)[1]
+        if others and not overwrite:  # never mixed with this teacher's pairs
+            other, why = next(iter(others.items()))
+            more = f" and {len(others) - 1} more files hold" if len(others) > 1 else " holds"
+            raise SystemExit(f"train_flow.py: {other}{more} pairs of another generation ({why}): pass --overwrite to "
+                             f"delete them and make this teacher's, or another --out-dir")
+        for other in others if rank == 0 else ():  # --overwrite: every check has passed
+            other.unlink(missing_ok=True)
+        if others and world_size > 1:
+            torch.distributed.barrier()  # gone before any rank looks at the folder
         with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
                 {"teacher": str(teacher), "reflow": reflow}, project=logging["project_name"], entity=logging["entity"],
                 enabled=logging["use_wandb"], job_type="reflow-pairs") as run:
@@ -560,19 +593,17 @@ def reflow_pairs(teacher, config, parts, amp_dtype, *, initialise):
                 written = wbflow.generate_reflow_pairs(
                     lambda noise: wbflow.images_to_uint8(wbflow.sample_flow(
                         parts["ema"].module, noise, reflow["solver"], reflow["nfe"], dtype=amp_dtype,
-                        tolerance=config["sampling"]["rk45_tolerance"])[0]), folder, reflow["num_pairs"],
-                    shard_size=reflow["shard_size"], seed=reflow["seed"], stop=stop.is_set, rank=rank,
-                    world_size=world_size, settings={"solver": reflow["solver"], "nfe": reflow["nfe"]},
-                    device=next(parts["ema"].parameters()).device)
+                        tolerance=sampling["rk45_tolerance"])[0]), folder, reflow["num_pairs"], stop=stop.is_set,
+                    rank=rank, world_size=world_size, device=next(parts["ema"].parameters()).device, **generation)
             if written is None:
                 print(f"train_flow.py: pair generation stopped; the same command goes on at the next shard of "
                       f"{folder}", file=sys.stderr)
                 raise SystemExit(128 + (stop.signal or signal.SIGTERM))
             if world_size > 1:
                 torch.distributed.barrier()  # every rank's shards are written
-            wbflow.log_artifact(run, folder, dataset[1], type="dataset", metadata={**reflow, "teacher": str(teacher)})
+            wbflow.log_artifact(run, folder, dataset[1], type="dataset", metadata=reflow)
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
-        pairs = wbflow.load_reflow_pairs(folder, reflow["num_pairs"])
+        pairs = wbflow.load_reflow_pairs(folder, reflow["num_pairs"], {**made_by, "seed": reflow["seed"]})
     if rank == 0:
         print(f"reflow: {len(pairs[0])} pairs of {teacher} in {folder}")
     return pairs, dataset

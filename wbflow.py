@@ -12,7 +12,7 @@ Sections, in data-flow order:
                     stop_on_signals, exit_stopped, capture_rng_state, restore_rng_state, gather_from_ranks,
                     predict_dataset, predict_images, write_submission
   sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers, straightness
-  reflow            generate_reflow_pairs, load_reflow_pairs, ReflowPairLoader
+  reflow            reflow_shards, generate_reflow_pairs, load_reflow_pairs, ReflowPairLoader
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, statistics_path,
                     save_statistics, inception_score, per_class_precision_recall, f1_scores
@@ -1392,50 +1392,89 @@ def _pair_noise(indices, seed, shape):
                         for i in indices])
 
 
+def reflow_shards(folder, num_pairs, *, shard_size=1000, shape=(3, 32, 32), seed=0, settings=None):
+    """One generation of reflow pairs, and what in `folder` is not of it: (the metadata each shard pairs_00000.pt,
+    ... of the generation holds besides its samples, {path: why} for every file pairs_*.pt in `folder` that is no
+    shard of it). A generation is keyed by `settings` (what makes the samples: e.g. the teacher's file hash, the
+    solver and NFE), the noise seed, the sample shape, the pair count and the shard size, so pairs of another
+    teacher or settings are never mixed into it: refuse such files, or delete them and generate again. The files
+    are read with mmap, so their samples stay on disk.
+
+    Usage: plan, others = reflow_shards("out/pairs", 10_000, settings={"teacher_sha256": file_sha256("teacher.pt")})
+    """
+    key = {**(settings or {}), "num_pairs": num_pairs, "shard_size": shard_size, "seed": seed, "shape": list(shape)}
+    plan = [{**key, "first": first, "count": min(shard_size, num_pairs - first)}
+            for first in range(0, num_pairs, shard_size)]
+    names, others = {f"pairs_{index:05d}.pt": meta for index, meta in enumerate(plan)}, {}
+    for path in sorted(Path(folder).glob("pairs_*.pt")):
+        expected = names.get(path.name)
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            found = {name: saved.get(name) for name in expected or key}
+        except Exception as error:  # noqa: BLE001 - a damaged file is no shard of this generation either
+            others[path] = f"not a readable shard: {type(error).__name__}"
+            continue
+        if expected is None:
+            others[path] = f"not one of the {len(plan)} shards of {num_pairs} pairs"
+        elif found != expected:
+            name = next(name for name in expected if found[name] != expected[name])
+            others[path] = f"{name} {found[name]!r} there, {expected[name]!r} here"
+    return plan, others
+
+
 def generate_reflow_pairs(sample, folder, num_pairs, *, shard_size=1000, shape=(3, 32, 32), seed=0, settings=None,
                           device="cpu", rank=0, world_size=1, stop=None):
     """Write `num_pairs` (noise, sample) pairs into `folder` as shards pairs_00000.pt, ... of
     `shard_size` pairs: sample(noise) (a trained flow's uint8 samples, 3 KB a CIFAR pair) and what
     regenerates the noise (pair i's own seed). Each shard is written atomically and a shard already
-    there is kept, so a killed generation resumes at the next shard; a shard of other `settings`
-    (e.g. the solver) is a ValueError. Under DDP pass rank and world_size: each writes every
+    there is kept, so a killed generation resumes at the next shard. The shards are keyed by
+    `settings` (what makes the samples: pass the teacher's file hash, the solver, ...) and the other
+    arguments (reflow_shards): a folder holding any file pairs_*.pt of another generation is a
+    ValueError before anything is written. Under DDP pass rank and world_size: each writes every
     world_size-th shard. `stop` is checked before each shard: the result is then None, else this
     rank's shard paths.
 
     Usage: generate_reflow_pairs(lambda x0: images_to_uint8(sample_flow(ema, x0)[0]), "out/pairs", 10_000)
-    Copy with: _pair_noise, save_checkpoint, write_atomically, load_checkpoint
+    Copy with: _pair_noise, reflow_shards, save_checkpoint, write_atomically
     """
+    plan, others = reflow_shards(folder, num_pairs, shard_size=shard_size, shape=shape, seed=seed, settings=settings)
+    for path, why in list(others.items())[:1]:
+        more = f" and {len(others) - 1} more files hold" if len(others) > 1 else " holds"
+        raise ValueError(f"{path}{more} pairs of another generation ({why}): delete them or use another folder")
     paths = []
-    for shard in range(rank, math.ceil(num_pairs / shard_size), world_size):
-        path, first = Path(folder) / f"pairs_{shard:05d}.pt", shard * shard_size
-        meta = {**(settings or {}), "first": first, "count": min(shard_size, num_pairs - first), "seed": seed,
-                "shape": list(shape)}
-        if path.is_file():
-            saved = load_checkpoint(path)
-            if {key: saved.get(key) for key in meta} != meta:
-                raise ValueError(f"{path} holds pairs of other settings ({ {k: saved.get(k) for k in meta} }, "
-                                 f"this run makes {meta}): use another folder")
-        elif stop is not None and stop():
-            return None
-        else:
-            noise = _pair_noise(range(first, first + meta["count"]), seed, shape).to(device)
+    for shard in range(rank, len(plan), world_size):
+        path, meta = Path(folder) / f"pairs_{shard:05d}.pt", plan[shard]
+        if not path.is_file():
+            if stop is not None and stop():
+                return None
+            noise = _pair_noise(range(meta["first"], meta["first"] + meta["count"]), seed, shape).to(device)
             save_checkpoint({**meta, "images_uint8": sample(noise).cpu()}, path)
         paths.append(path)
     return paths
 
 
-def load_reflow_pairs(folder, num_pairs):
+def load_reflow_pairs(folder, num_pairs, settings=None):
     """The samples of generate_reflow_pairs' shards in `folder`, in pair order, and their noise seed:
-    (images_uint8, seed). Missing pairs or shards of mixed settings are a ValueError.
+    (images_uint8, seed). Missing pairs, shards of two generations (another teacher or settings), or
+    shards whose metadata differs from `settings` ({key: value}, e.g. the teacher's hash) are a ValueError.
 
-    Usage: images_uint8, seed = load_reflow_pairs("out/pairs", 100_000)
+    Usage: images_uint8, seed = load_reflow_pairs("out/pairs", 100_000, {"teacher_sha256": teacher_hash})
     Copy with: load_checkpoint
     """
-    shards = [load_checkpoint(path) for path in sorted(Path(folder).glob("pairs_*.pt"))]
+    paths = sorted(Path(folder).glob("pairs_*.pt"))
+    shards = [load_checkpoint(path) for path in paths]
+    keys = [{name: value for name, value in shard.items() if name not in ("first", "count", "images_uint8")}
+            for shard in shards]
+    for path, key in [(path, key) for path, key in zip(paths, keys) if key != keys[0]][:1]:
+        name = next(name for name in sorted(key.keys() | keys[0].keys()) if key.get(name) != keys[0].get(name))
+        raise ValueError(f"{folder} mixes pairs of two generations: {name} {keys[0].get(name)!r} in {paths[0].name}, "
+                         f"{key.get(name)!r} in {path.name}")
+    for name in [name for name in settings or {} if keys and keys[0].get(name) != settings[name]][:1]:
+        raise ValueError(f"{folder} holds pairs of another generation ({name} {keys[0].get(name)!r} there, "
+                         f"{settings[name]!r} here)")
     firsts = [shard["first"] for shard in shards]
-    if firsts != sorted(firsts) or sum(shard["count"] for shard in shards) != num_pairs or len(
-            {shard["seed"] for shard in shards}) > 1 or any(a["first"] + a["count"] != b["first"]
-                                                            for a, b in zip(shards, shards[1:])):
+    if firsts != sorted(firsts) or sum(shard["count"] for shard in shards) != num_pairs or any(
+            a["first"] + a["count"] != b["first"] for a, b in zip(shards, shards[1:])):
         raise ValueError(f"{folder} does not hold the {num_pairs} pairs of one generation "
                          f"({len(shards)} shards, {sum(shard['count'] for shard in shards)} pairs)")
     return torch.cat([shard["images_uint8"] for shard in shards]), shards[0]["seed"]
