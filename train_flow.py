@@ -70,7 +70,8 @@ def parse_args(argv=None):
         section, name = key.split(".")
         add(flag, type=type(defaults[section][name]), help=f"{text} (default: {key}, {defaults[section][name]})")
     add("--overwrite", type=wbflow.str2bool, default=False,
-        help="delete an earlier run's checkpoints in --out-dir, not refuse (default: off)")
+        help="delete an earlier run's checkpoints (and --reflow's pairs of another teacher or settings) in "
+             "--out-dir, not refuse (default: off)")
     add("--no-wandb", type=wbflow.str2bool, default=False,
         help="train without W&B (default: logging.use_wandb decides)")
     add("--smoke", type=wbflow.str2bool, default=False, help="tiny UNet, a few hundred images (--data-dir, else "
