@@ -551,13 +551,14 @@ def solver_rows(model, noise, epoch, out_dir, sampling, straightness, *, dtype, 
 def load_teacher(teacher, config):
     """--reflow's checkpoint, which must hold this run's FlowUNet: (path, state), or None without one. Its file's
     hash names the teacher in the config (reflow.teacher_sha256), in the pairs' shards and for a resume."""
+    config["reflow"].update(teacher=None, teacher_sha256=None)  # a run on images
+    if not teacher:
+        return None
     path, state = load_checked("--reflow", teacher, config, required=("ema", "config"),
                                expected={"model": config["model"]},
-                               hints={"model": ": the student is the teacher's FlowUNet: pass its --config/--set"}
-                               ) if teacher else (None, None)
-    config["reflow"].update(teacher=str(teacher) if teacher else None,
-                            teacher_sha256=wbflow.file_sha256(path) if teacher else None)
-    return (path, state) if teacher else None
+                               hints={"model": ": the student is the teacher's FlowUNet: pass its --config/--set"})
+    config["reflow"].update(teacher=str(teacher), teacher_sha256=wbflow.file_sha256(path))
+    return path, state
 
 
 def reflow_pairs(teacher, teacher_checkpoint, config, parts, amp_dtype, *, initialise, overwrite=False):
