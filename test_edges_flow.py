@@ -201,7 +201,7 @@ def _default_config(change):
     (["--set", "eval.stats_dir=5"], r"eval\.stats_dir must be text or null, not 5"),  # null in the YAML: any type
     (["--set", "model.base_channels=0"], r"model\.base_channels must be positive, not 0"),
     (["--set", "model.dropout=1.5"], r"model\.dropout must be in \[0, 1\), not 1\.5"),
-    (["--set", "model.base_channels=9"], r"model settings .*'base_channels': 9.* make no FlowUNet"),  # odd: no embedding
+    (["--set", "model.base_channels=9"], r"model settings .*'base_channels': 9.* make no FlowUNet"),  # odd channels
 ])
 def test_train_flow_refuses_a_bad_value_in_one_line(argv, match, tmp_path):
     refused(train_flow.main, FLOW_SMOKE + ["--out-dir", str(tmp_path / "out")] + argv, match)

@@ -154,7 +154,8 @@ def test_load_reflow_pairs_refuses_shards_of_two_generations_or_of_another_teach
     assert others == {tmp_path / "a" / "pairs_00001.pt": "teacher_sha256 'bb' there, 'aa' here"}
 
 
-def test_reflow_with_another_teacher_refuses_the_earlier_pairs_or_with_overwrite_makes_them_again(tmp_path, monkeypatch):
+def test_reflow_with_another_teacher_refuses_the_earlier_pairs_or_with_overwrite_makes_them_again(tmp_path,
+                                                                                                  monkeypatch):
     """A generation stopped under teacher A and run again with teacher B: never a mix of both teachers' pairs."""
     teachers = [tiny_flow_checkpoint(tmp_path / f"teacher_{name}.pt") for name in "ab"]
     hashes = [wbflow.file_sha256(path) for path in teachers]
