@@ -438,6 +438,14 @@ def _(straightness, tmp_path, fixture):
     assert straightness(ConstantVelocity(), torch.randn(2, 3), steps=4) == 0
 
 
+@call("reflow_shards")
+def _(reflow_shards, tmp_path, fixture):
+    wbflow.save_checkpoint({"seed": 0}, tmp_path / "pairs_00000.pt")
+    plan, others = reflow_shards(tmp_path, 3, shard_size=2, shape=(3,), settings={"nfe": 4})
+    assert [(meta["first"], meta["count"], meta["nfe"]) for meta in plan] == [(0, 2, 4), (2, 1, 4)]
+    assert others == {tmp_path / "pairs_00000.pt": "nfe None there, 4 here"}
+
+
 @call("generate_reflow_pairs")
 def _(generate_reflow_pairs, tmp_path, fixture):
     [path] = generate_reflow_pairs(lambda noise: wbflow.images_to_uint8(noise), tmp_path, 2, shape=(3,))

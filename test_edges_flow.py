@@ -19,7 +19,7 @@ import wbflow
 from conftest import run_logs
 from test_guard import FLOW_SMOKE, refused
 from test_training import signal_on_call
-from test_wbflow import tiny_flow_checkpoint
+from test_wbflow import tiny_flow_checkpoint, write_cifar_batches
 
 HERE = Path(__file__).resolve().parent
 # 64 synthetic images, batch 32: two steps an epoch; every epoch has samples, a one-row table and a checkpoint;
@@ -135,13 +135,33 @@ def flow_run(tmp_path_factory):
     (["--set", "training.warmup_steps=5"], r"warmup_steps 10 there, 5 here"),
     (["--set", "training.gradient_clip=0.5"], r"gradient_clip 1\.0 there, 0\.5 here"),
     (["--set", "training.seed=7"], r"seed 42 there, 7 here"),
-    (["--set", "data.max_images=32"], r"holds another data \(max_images 64 there, 32 here\)"),
+    (["--set", "training.coupling=ot"], r"holds another training \(coupling 'independent' there, 'ot' here\)"),
+    (["--set", "data.max_images=32"], r"holds another data \(max_images 64 there, 32 here; images_sha256 "),
     (["--set", "sampling.seed=3"], r"holds another sampling \(seed 0 there, 3 here\)"),
+    (["--set", "reflow.nfe=7"], r"holds another reflow \(nfe 4 there, 7 here\)"),
 ])
 def test_a_resume_with_other_training_settings_is_refused_naming_the_checkpoints_value(flow_run, change, match):
     message = refused(train_flow.main, FLOW + ["--out-dir", str(flow_run), "--epochs", "2",
                                                "--resume", str(flow_run / "last.pt"), *change], match)
-    assert "keeps the settings it trained with" in message
+    assert "keeps the settings it trained with" in message or "trains on" in message
+
+
+def test_a_resume_refuses_a_change_of_what_the_run_trains_on_the_teacher_or_the_images(flow_run, tmp_path):
+    resume = FLOW + ["--epochs", "2", "--resume"]
+    teacher = flow_run / "checkpoint_epoch_1.pt"  # a teacher whose UNet is this run's
+    refused(train_flow.main, resume + [str(flow_run / "last.pt"), "--out-dir", str(flow_run), "--reflow", str(teacher)],
+            rf"holds another reflow \(teacher_sha256 None there, '{wbflow.file_sha256(teacher)}' here\): a resumed run "
+            rf"trains on what it trained on: the pairs of the --reflow teacher")
+    state = wbflow.load_checkpoint(flow_run / "last.pt")  # a 2-RF student, resumed without --reflow
+    state["config"]["reflow"]["teacher_sha256"] = "ab" * 32
+    student = wbflow.save_checkpoint(state, tmp_path / "student.pt")
+    refused(train_flow.main, resume + [str(student), "--out-dir", str(tmp_path / "student")],
+            rf"holds another reflow \(teacher_sha256 '{'ab' * 32}' there, None here\)")
+    write_cifar_batches(tmp_path / "cifar", per_batch=13)  # CIFAR-10 where the run trained on synthetic images
+    refused(train_flow.main, resume + [str(flow_run / "last.pt"), "--out-dir", str(flow_run),
+                                       "--data-dir", str(tmp_path / "cifar")],
+            r"holds another data \(images_sha256 '[0-9a-f]{64}' there, '[0-9a-f]{64}' here\): a resumed run trains on "
+            r"the images it trained on")
 
 
 # ----------------------------------------------------------------------------- 5. every bad setting in one line
@@ -174,6 +194,14 @@ def _default_config(change):
     (["--set", "eval.fid_interval=1", "--set", "eval.fid_num_samples=1"],
      r"eval\.fid_num_samples is 1: FID needs at least two samples"),
     (["--eval", "--checkpoint", "c.pt", "--num-samples", "1"], r"--num-samples is 1: FID needs at least two samples"),
+    (["--eval", "--checkpoint", "c.pt", "--set", "eval.num_real_images=1"],
+     r"eval\.num_real_images is 1: FID needs at least two real images"),
+    (["--eval", "--checkpoint", "c.pt", "--nfe", "0"], r"--nfe must be positive, not 0"),
+    (["--set", "data.max_images=0"], r"data\.max_images must be positive, not 0"),
+    (["--set", "eval.stats_dir=5"], r"eval\.stats_dir must be text or null, not 5"),  # null in the YAML: any type
+    (["--set", "model.base_channels=0"], r"model\.base_channels must be positive, not 0"),
+    (["--set", "model.dropout=1.5"], r"model\.dropout must be in \[0, 1\), not 1\.5"),
+    (["--set", "model.base_channels=9"], r"model settings .*'base_channels': 9.* make no FlowUNet"),  # odd channels
 ])
 def test_train_flow_refuses_a_bad_value_in_one_line(argv, match, tmp_path):
     refused(train_flow.main, FLOW_SMOKE + ["--out-dir", str(tmp_path / "out")] + argv, match)
@@ -192,6 +220,10 @@ def test_train_flow_refuses_a_bad_value_in_one_line(argv, match, tmp_path):
     (_default_config(lambda config: config["training"].update(epochs="many")),
      r"training\.epochs: 'many' in .*config\.yaml: expected int"),
     (_default_config(lambda config: config.update(model=3)), r"model in .*config\.yaml is 3, not a section"),
+    pytest.param(train_flow.DEFAULT_CONFIG.read_text().replace("  learning_rate: 2.0e-4",
+                                                               "  learning_rate: 2.0e-4\n  learning_rate: 1"),
+                 r"config\.yaml is not valid YAML \(key 'learning_rate' of line (\d+) repeated at line (?!\1)\d+, "
+                 r"column 3\)", id="a repeated key"),  # plain YAML would keep the last value
 ])
 def test_a_config_file_of_another_shape_is_refused_in_one_line(text, match, tmp_path):
     refused(train_flow.main, FLOW_SMOKE + ["--out-dir", str(tmp_path / "out"), "--config", _config_file(tmp_path, text)],
@@ -289,20 +321,56 @@ def test_kid_refuses_subsets_it_cannot_average(settings):
 
 # ----------------------------------------------------------------------------- 6. a newcomer's first run
 
-def test_the_readmes_first_command_says_how_to_get_the_fid_weights_before_data_or_wandb(tmp_path, monkeypatch):
+def test_the_readmes_first_command_offline_names_the_fid_weights_and_cifar10_at_once_before_data_or_wandb(
+        tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
+    monkeypatch.chdir(tmp_path)  # no data/ here
     monkeypatch.delenv(wbflow.FID_WEIGHTS_ENV, raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    for name in ("load_cifar10", "synthetic_images", "wandb_run", "setup_distributed"):
+    read_cifar10 = wbflow.load_cifar10
+    monkeypatch.setattr(wbflow, "load_cifar10", lambda data_dir, train=True, download=True: read_cifar10(
+        data_dir, train, download) if not download else pytest.fail("read the data before the check"))
+    for name in ("synthetic_images", "wandb_run", "setup_distributed"):
         monkeypatch.setattr(wbflow, name, lambda *args, name=name, **kwargs: pytest.fail(f"{name} before the check"))
     message = refused(train_flow.main, ["--out-dir", str(tmp_path / "out")], "FID every 50 epochs")
     hub_path = tmp_path / "hub" / "checkpoints" / wbflow.FID_WEIGHTS_FILE
     assert f"download {wbflow.FID_WEIGHTS_URL} to {hub_path}" in message
     assert "--set eval.fid_weights=PATH" in message and "--set eval.fid_interval=0" in message
+    assert "; and CIFAR-10 is not in data/cifar-10-batches-py (missing data_batch_1" in message  # the same line
+    assert f"put {wbflow.CIFAR10_URL} in data/" in message
     assert "weights_path" not in message and not (tmp_path / "out").exists()
+
+
+def test_a_copied_train_flow_reads_the_smoke_overrides_only_for_smoke_and_names_a_missing_file(tmp_path):
+    import importlib.util
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "cifar10_rectified_flow.yaml").write_text(train_flow.DEFAULT_CONFIG.read_text())
+    (tmp_path / "train_flow.py").write_text((HERE / "train_flow.py").read_text())
+    spec = importlib.util.spec_from_file_location("copied_train_flow", tmp_path / "train_flow.py")
+    copied = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copied)  # the recipe alone, without configs/smoke_overrides.txt
+    assert "--smoke" in _help_text(lambda: copied.main(["--help"]))
+    assert copied.load_config(copied.parse_args(["--epochs", "2"]))["training"]["epochs"] == 2
+    missing = tmp_path / "configs" / "smoke_overrides.txt"
+    refused(copied.main, ["--smoke"], rf"^train_flow\.py: --smoke reads its settings from {re.escape(str(missing))}, "
+                                      rf"which could not be read \(No such file or directory\)$")
+    (tmp_path / "configs" / "cifar10_rectified_flow.yaml").unlink()
+    refused(copied.main, ["--help"], rf"its default config {re.escape(str(tmp_path))}.*cifar10_rectified_flow\.yaml "
+                                     rf"is missing")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--no_wandb=True", "--smoke=true", "--overwrite=False"], (True, True, False)),  # as the sweep agent writes them
+    (["--no-wandb", "--smoke", "--overwrite"], (True, True, True)),
+    (["--no-wandb=0", "--smoke=no", "--eval=yes", "--use_wandb=1"], (False, False, False)),
+])
+def test_train_flows_boolean_flags_take_the_sweep_agents_spelling_and_still_work_bare(argv, expected):
+    args = train_flow.parse_args(argv)
+    assert (args.no_wandb, args.smoke, args.overwrite) == expected
+    assert args.eval == ("--eval=yes" in argv) and args.use_wandb == ("--use_wandb=1" in argv)
 
 
 def test_path_flags_are_taken_as_given_and_an_empty_one_is_refused():

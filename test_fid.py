@@ -14,7 +14,8 @@ import torch
 import train_flow
 import wbflow
 from conftest import run_logs
-from test_wbflow import SMALL, _torch_fidelity_extractor, within
+from test_guard import refused
+from test_wbflow import SMALL, _torch_fidelity_extractor, tiny_flow_checkpoint, within, write_cifar_batches
 
 HERE = Path(__file__).resolve().parent
 FEATURE_TOLERANCE = 1e-4  # measured: at most 1.1e-5 on every input kind below
@@ -376,7 +377,7 @@ def test_fid_during_training_is_logged_per_epoch_and_leaves_training_unchanged(o
     rows = with_fid.rows_with("eval/fid_score")
     assert [row["train/epoch"] for row in rows] == [1, 2]
     assert all(math.isfinite(row["eval/fid_score"]) and row["eval/inception_score_mean"] >= 1 for row in rows)
-    assert len(list((tmp_path / "with" / "fid_stats").glob("synthetic-16-tensorflow-*.npz"))) == 1
+    assert len(list((tmp_path / "with" / "fid_stats").glob("synthetic-16-*-tensorflow-*.npz"))) == 1
 
 
 def test_fid_during_training_without_weights_stops_before_training(tmp_path, monkeypatch):
@@ -384,3 +385,48 @@ def test_fid_during_training_without_weights_stops_before_training(tmp_path, mon
     monkeypatch.setattr(wbflow, "train_epoch", lambda *args, **kwargs: pytest.fail("trained"))
     with pytest.raises(SystemExit, match="absent.pth"):
         train_flow.main(["--smoke", "--no-wandb", "--out-dir", str(tmp_path), "--set", "eval.fid_interval=1", *SMALL])
+
+
+# ----------------------------------------------------------------------------- the statistics cache of train_flow
+
+def test_one_stats_dir_keeps_each_data_folders_statistics_and_a_damaged_one_is_computed_again(
+        tmp_path, weights_path):
+    """train_flow's one cache key (training and --eval both call fid_statistics): the statistics' file is named by
+    what they were computed from, so two data folders sharing eval.stats_dir get their own."""
+    stats = tmp_path / "stats"
+    config = train_flow.load_config(train_flow.parse_args([
+        "--smoke", "--out-dir", str(tmp_path / "out"), "--set", f"eval.stats_dir={stats}",
+        "--set", f"eval.fid_weights={weights_path}", "--set", "eval.inception_batch_size=4"]))
+    real_images = [torch.from_numpy(write_cifar_batches(tmp_path / name, per_batch=2, test_images=0, seed=seed)[0][:4])
+                   for name, seed in (("a", 0), ("b", 1))]  # two data folders' first four images
+    paths = [Path(train_flow.fid_statistics(images, config, "cpu", False)) for images in real_images]
+    assert paths[0] != paths[1] and sorted(stats.iterdir()) == sorted(paths)
+    means = [wbflow.feature_statistics(wbflow.inception_features(images, weights_path=weights_path)[0])[0]
+             for images in real_images]
+    for path, mu in zip(paths, means):  # each file holds its own images' statistics
+        with np.load(path) as stored:
+            np.testing.assert_allclose(stored["mu"], mu, rtol=1e-5, atol=1e-5)
+    paths[0].write_bytes(paths[0].read_bytes()[:100])  # damaged: computed again, not a traceback after sampling
+    assert Path(train_flow.fid_statistics(real_images[0], config, "cpu", False)) == paths[0]
+    with np.load(paths[0]) as stored:
+        np.testing.assert_allclose(stored["mu"], means[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_unwritable_statistics_folder_or_out_dir_is_refused_before_sampling_or_training(
+        tmp_path, weights_path, monkeypatch):
+    monkeypatch.setenv("WBFLOW_FID_WEIGHTS", weights_path)
+    monkeypatch.setattr(wbflow, "sample_images", lambda *args, **kwargs: pytest.fail("sampled before the check"))
+    monkeypatch.setattr(wbflow, "train_epoch", lambda *args, **kwargs: pytest.fail("trained before the check"))
+    write_cifar_batches(tmp_path / "data", per_batch=2, test_images=0)
+    (tmp_path / "file").write_text("a file where a folder would be: not writable, even by root")
+    unwritable = tmp_path / "file" / "stats"
+    argv = ["--eval", "--smoke", "--checkpoint", str(tiny_flow_checkpoint(tmp_path / "c.pt")), "--num-samples", "2",
+            "--data-dir", str(tmp_path / "data"), "--set", "eval.num_real_images=4"]
+    refused(train_flow.main, argv + ["--out-dir", str(tmp_path / "out"), "--set", f"eval.stats_dir={unwritable}"],
+            rf"the FID statistics file \(eval\.stats_dir\) {re.escape(str(unwritable))}/\S+\.npz cannot be written "
+            rf"\({re.escape(str(tmp_path / 'file'))}: Not a directory\)")
+    refused(train_flow.main, argv + ["--out-dir", str(unwritable)],
+            rf"the sample grid {re.escape(str(unwritable))}/samples/\S+\.png cannot be written")
+    refused(train_flow.main, ["--smoke", "--no-wandb", "--out-dir", str(tmp_path / "train"), *SMALL, "--set",
+                              "eval.fid_interval=1", "--set", f"eval.stats_dir={unwritable}"],
+            r"the FID statistics file \(eval\.stats_dir\) .* cannot be written")

@@ -1,8 +1,9 @@
 """Fewer sampling steps (issue 18): the exact OT coupling, the straightness measure, reflow pairs in shards
 and `train_flow.py --reflow` with its W&B lineage, read back from the offline record."""
+import glob
 import itertools
 import json
-import glob
+import signal
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ from hypothesis import given, settings, strategies as st
 import train_flow
 import wbflow
 from conftest import run_logs
+from test_guard import refused
+from test_training import signal_on_call
+from test_wbflow import tiny_flow_checkpoint
 
 
 def _cost(noise, data):
@@ -90,7 +94,8 @@ def test_a_killed_pair_generation_resumes_at_the_next_shard_without_duplicates(t
         "pairs_00000.pt", "pairs_00001.pt", "pairs_00002.pt"]
     images_uint8, seed = wbflow.load_reflow_pairs(tmp_path / "cut", 10)
     torch.testing.assert_close(images_uint8, wbflow.load_reflow_pairs(tmp_path / "whole", 10)[0])
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"pairs_00000\.pt and 2 more files hold pairs of another generation "
+                                         r"\(nfe 2 there, 4 here\)"):
         wbflow.generate_reflow_pairs(model, tmp_path / "cut", 10, **{**settings_, "settings": {"nfe": 4}})
     loader = wbflow.ReflowPairLoader(images_uint8, seed, 3)
     loader.set_epoch(1)
@@ -129,3 +134,45 @@ def test_smoke_reflow_logs_pairs_that_use_the_teacher_and_a_student_that_uses_th
                             / "samples_table_*.table.json"))
     table = json.loads(open(table).read())
     assert table["columns"][4] == "straightness" and table["data"][0][4] == pytest.approx(straightness)
+
+
+def test_load_reflow_pairs_refuses_shards_of_two_generations_or_of_another_teacher(tmp_path):
+    def made_by(teacher, folder):
+        wbflow.generate_reflow_pairs(lambda noise: wbflow.images_to_uint8(noise), tmp_path / folder, 4, shard_size=2,
+                                     shape=(3,), settings={"teacher_sha256": teacher, "nfe": 1})
+    made_by("aa", "a")
+    made_by("bb", "b")
+    (tmp_path / "a" / "pairs_00001.pt").write_bytes((tmp_path / "b" / "pairs_00001.pt").read_bytes())
+    with pytest.raises(ValueError, match=r"mixes pairs of two generations: teacher_sha256 'aa' in pairs_00000\.pt, "
+                                         r"'bb' in pairs_00001\.pt"):
+        wbflow.load_reflow_pairs(tmp_path / "a", 4)
+    with pytest.raises(ValueError, match=r"holds pairs of another generation \(teacher_sha256 'bb' there, 'aa' here\)"):
+        wbflow.load_reflow_pairs(tmp_path / "b", 4, {"teacher_sha256": "aa", "nfe": 1})
+    assert wbflow.load_reflow_pairs(tmp_path / "b", 4, {"teacher_sha256": "bb", "nfe": 1})[0].shape == (4, 3)
+    plan, others = wbflow.reflow_shards(tmp_path / "a", 4, shard_size=2, shape=(3,), settings={"teacher_sha256": "aa",
+                                                                                             "nfe": 1})
+    assert others == {tmp_path / "a" / "pairs_00001.pt": "teacher_sha256 'bb' there, 'aa' here"}
+
+
+def test_reflow_with_another_teacher_refuses_the_earlier_pairs_or_with_overwrite_makes_them_again(tmp_path,
+                                                                                                  monkeypatch):
+    """A generation stopped under teacher A and run again with teacher B: never a mix of both teachers' pairs."""
+    teachers = [tiny_flow_checkpoint(tmp_path / f"teacher_{name}.pt") for name in "ab"]
+    hashes = [wbflow.file_sha256(path) for path in teachers]
+    out = tmp_path / "student"
+    argv = TINY + ["--no-wandb", "--set", "model.attention_resolutions=[]", "--out-dir", str(out)]  # the teachers' UNet
+    real_sample = wbflow.sample_flow
+    monkeypatch.setattr(wbflow, "sample_flow", signal_on_call(real_sample, 1))  # SIGTERM while making shard 0
+    with pytest.raises(SystemExit) as stopped:
+        train_flow.main(argv + ["--reflow", str(teachers[0])])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert [path.name for path in (out / "reflow_pairs").iterdir()] == ["pairs_00000.pt"]
+    monkeypatch.setattr(wbflow, "sample_flow", real_sample)
+    refused(train_flow.main, argv + ["--reflow", str(teachers[1])],
+            rf"pairs_00000\.pt holds pairs of another generation \(teacher_sha256 '{hashes[0]}' there, '{hashes[1]}' "
+            rf"here\): pass --overwrite to delete them")
+    monkeypatch.setattr(wbflow, "train_epoch", lambda *args, **kwargs: pytest.fail("training starts"))
+    with pytest.raises(pytest.fail.Exception, match="training starts"):
+        train_flow.main(argv + ["--reflow", str(teachers[1]), "--overwrite"])
+    shards = [wbflow.load_checkpoint(path) for path in sorted((out / "reflow_pairs").iterdir())]
+    assert [(shard["first"], shard["teacher_sha256"]) for shard in shards] == [(0, hashes[1]), (16, hashes[1])]

@@ -14,6 +14,7 @@ its W&B row, checkpoints, artifact -> (--eval) FID and Inception Score of a chec
 """
 import argparse
 import functools
+import hashlib
 import math
 import os
 import signal
@@ -26,8 +27,7 @@ import wbflow
 
 HERE = Path(__file__).resolve().parent
 # --smoke: a tiny UNet on a few hundred images, every interval one epoch (a --set override a line)
-SMOKE_OVERRIDES = [line.strip() for line in (HERE / "configs" / "smoke_overrides.txt").read_text().splitlines()
-                   if line.strip() and not line.strip().startswith("#")]
+SMOKE_OVERRIDES = HERE / "configs" / "smoke_overrides.txt"
 # What every checkpoint carries on. ended: the epoch's end is done; train_state: a stopped epoch's place and sums;
 # epoch_row: the epoch's last W&B row, logged with the epoch's end.
 PROGRESS = {"epoch": 0, "ended": True, "train_state": None, "epoch_row": None, "global_step": 0, "skipped_steps": 0,
@@ -35,14 +35,20 @@ PROGRESS = {"epoch": 0, "ended": True, "train_state": None, "epoch_row": None, "
             "table_rows": []}
 RESUME_KEYS = ("model", "ema", "optimizer", "scheduler", "scaler", *PROGRESS, "rng", "config", "wandb_run_id",
                "wandb_last_act")
-# settings a resume must keep (else the W&B config lies, or the resume is inexact)
-RESUME_FIXED = {"training": ("batch_size", "learning_rate", "warmup_steps", "gradient_clip", "ema_decay", "seed"),
-                "data": ("max_images",), "sampling": ("num_images", "seed")}
-POSITIVE = {"training": ("epochs", "batch_size", "learning_rate", "log_interval", "save_interval", "sample_interval"),
+# settings a resume must keep (else the W&B config lies, or the resume is inexact), among them what the run trains on:
+# the images (their hash), the coupling, and the teacher whose pairs it trains on (its file's hash; None: images)
+RESUME_FIXED = {"training": ("batch_size", "learning_rate", "warmup_steps", "gradient_clip", "ema_decay", "seed",
+                             "coupling"),
+                "data": ("max_images", "images_sha256"), "sampling": ("num_images", "seed"),
+                "reflow": ("teacher_sha256", "num_pairs", "shard_size", "solver", "nfe", "seed")}
+POSITIVE = {"model": ("base_channels", "head_channels"),
+            "training": ("epochs", "batch_size", "learning_rate", "log_interval", "save_interval", "sample_interval"),
             "logging": ("log_images_interval", "log_model_interval"), "sampling": ("num_images", "nfe", "rk45_tolerance"),
             "eval": ("sample_batch_size", "inception_batch_size", "fid_num_samples"),
             "reflow": ("num_pairs", "shard_size", "nfe")}
-NOT_NEGATIVE = {"training": ("warmup_steps", "gradient_clip", "keep_checkpoints"), "eval": ("fid_interval",)}
+NOT_NEGATIVE = {"model": ("num_res_blocks",), "training": ("warmup_steps", "gradient_clip", "keep_checkpoints"),
+                "eval": ("fid_interval",)}
+TEXT_OR_NULL = {"logging": ("entity", "run_name"), "eval": ("stats_dir", "fid_weights")}  # null in the YAML: any type
 SOLVERS, COUPLINGS = ("euler", "heun", "rk45"), ("independent", "ot")
 CONFIG_FLAGS = {"--data-dir": ("data.data_dir", "folder holding cifar-10-batches-py/"),  # flags that set a config key
                 "--out-dir": ("data.out_dir", "checkpoints and sample PNGs; a new run refuses one holding checkpoints"),
@@ -52,6 +58,8 @@ DEFAULT_CONFIG = HERE / "configs" / "cifar10_rectified_flow.yaml"
 
 
 def parse_args(argv=None):
+    if not DEFAULT_CONFIG.is_file():  # a copied train_flow.py without its configs/
+        raise SystemExit(f"train_flow.py: its default config {DEFAULT_CONFIG} is missing (copy configs/ beside it)")
     defaults = wbflow.load_yaml_config(DEFAULT_CONFIG)  # for the defaults --help shows
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = functools.partial(wbflow.add_sweep_argument, parser)  # --out-dir and the seed's --out_dir
@@ -61,30 +69,42 @@ def parse_args(argv=None):
     for flag, (key, text) in CONFIG_FLAGS.items():
         section, name = key.split(".")
         add(flag, type=type(defaults[section][name]), help=f"{text} (default: {key}, {defaults[section][name]})")
-    add("--overwrite", action="store_true",
-        help="delete an earlier run's checkpoints in --out-dir, not refuse (default: off)")
-    add("--no-wandb", action="store_true", help="train without W&B (default: logging.use_wandb decides)")
-    add("--smoke", action="store_true", help="tiny UNet, a few hundred images (--data-dir, else synthetic), CPU, "
-                                             "W&B offline, --out-dir runs/flow-smoke (default: off)")
+    add("--overwrite", type=wbflow.str2bool, default=False,
+        help="delete an earlier run's checkpoints (and --reflow's pairs of another teacher or settings) in "
+             "--out-dir, not refuse (default: off)")
+    add("--no-wandb", type=wbflow.str2bool, default=False,
+        help="train without W&B (default: logging.use_wandb decides)")
+    add("--smoke", type=wbflow.str2bool, default=False, help="tiny UNet, a few hundred images (--data-dir, else "
+                                                             "synthetic), CPU, W&B offline, --out-dir runs/flow-smoke "
+                                                             "(default: off)")
     add("--resume", metavar="PATH|ARTIFACT",
         help="checkpoint file or W&B model artifact of the run to continue (default: none)")
     add("--reflow", metavar="PATH|ARTIFACT", help="train a 2-rectified flow on pairs of this teacher checkpoint "
                                                  "(reflow.*), in --out-dir + '-reflow' (default: none)")
     add = functools.partial(wbflow.add_sweep_argument, parser.add_argument_group("evaluation (--eval)"))
-    add("--eval", action="store_true", help="FID / Inception Score of --checkpoint (default: off)")
+    add("--eval", type=wbflow.str2bool, default=False, help="FID / Inception Score of --checkpoint (default: off)")
     add("--checkpoint", metavar="PATH|ARTIFACT", help="what --eval samples from (default: none)")
     add("--num-samples", type=int, default=10000, help="images to sample (default: %(default)s)")
     add("--metric", choices=("fid", "is", "both"), default="both", help="default: %(default)s")
     add("--solver", choices=SOLVERS, help=f"default: sampling.solver, {defaults['sampling']['solver']}")
     add("--nfe", type=int, help=f"model evaluations per sample (default: sampling.nfe, {defaults['sampling']['nfe']})")
-    add("--use-wandb", action="store_true", help="log the scores to W&B (default: off)")
+    add("--use-wandb", type=wbflow.str2bool, default=False, help="log the scores to W&B (default: off)")
     add("--wandb-project", help=f"default: {defaults['logging']['project_name']}_eval")
     return parser.parse_args(argv)
 
 
+def smoke_overrides():
+    try:
+        lines = [line.strip() for line in SMOKE_OVERRIDES.read_text(encoding="utf-8").splitlines()]
+    except OSError as error:
+        raise SystemExit(f"train_flow.py: --smoke reads its settings from {SMOKE_OVERRIDES}, which could not be read "
+                         f"({error.strerror or error})") from None
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def load_config(args):
     try:
-        config = wbflow.load_yaml_config(args.config, (SMOKE_OVERRIDES if args.smoke else []) + args.set,
+        config = wbflow.load_yaml_config(args.config, (smoke_overrides() if args.smoke else []) + args.set,
                                          reference=DEFAULT_CONFIG)
     except (OSError, KeyError, ValueError) as error:  # a missing file, an unknown key, a value of the wrong type
         raise SystemExit(f"train_flow.py: {error.args[0] if isinstance(error, KeyError) else error}") from None
@@ -117,28 +137,34 @@ def main(argv=None):
         if args.eval:
             return evaluate(args, config)
         return train(config, argv, resume=args.resume, smoke=args.smoke, synthetic=args.smoke and not args.data_dir,
-                     earlier_run=earlier_run, teacher=args.reflow)
+                     earlier_run=earlier_run, teacher=args.reflow, overwrite=args.overwrite)
 
 
 def check_settings(args, config):
-    """A ValueError naming the first bad setting or flag, before any data, process group or W&B; the FID weights
-    found (or downloaded) when training needs them."""
+    """A ValueError naming the first bad setting or flag, before any data, process group or W&B; for training also
+    the model's settings, and then the files it needs that are missing, all of them (check_files)."""
     data, training, sampling, evaluation = config["data"], config["training"], config["sampling"], config["eval"]
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size, real = int(os.environ.get("WORLD_SIZE", 1)), evaluation["num_real_images"]
     fid_during_training = not args.eval and evaluation["fid_interval"]
-    wbflow.check_numbers({**settings(config, POSITIVE), "--num-samples": args.num_samples, "--nfe": args.nfe or 1,
-                          "data.max_images": data["max_images"] or 1,
-                          "eval.num_real_images": evaluation["num_real_images"] or 1}, settings(config, NOT_NEGATIVE))
+    optional = {"--nfe": args.nfe, "data.max_images": data["max_images"], "eval.num_real_images": real}  # None: unset
+    wbflow.check_numbers({**settings(config, POSITIVE), "--num-samples": args.num_samples,
+                          **{name: value for name, value in optional.items() if value is not None}},
+                         settings(config, NOT_NEGATIVE))
     chosen = [("coupling", "training.coupling", training["coupling"], COUPLINGS),
               ("solver", "reflow.solver", config["reflow"]["solver"], SOLVERS),
               *[("solver", "sampling.solver / sampling.table_solvers", solver, SOLVERS)
                 for solver in [sampling["solver"], *sampling["table_solvers"]]]]
     refusals = [
         (not 0 <= training["ema_decay"] < 1, f"training.ema_decay must be in [0, 1), not {training['ema_decay']}"),
+        (not 0 <= config["model"]["dropout"] < 1, f"model.dropout must be in [0, 1), not {config['model']['dropout']}"),
+        *[(value is not None and not isinstance(value, str), f"{name} must be text or null, not {value!r}")
+          for name, value in settings(config, TEXT_OR_NULL).items()],
         (training["batch_size"] < world_size, f"training.batch_size {training['batch_size']} is smaller than the "
                                               f"{world_size} ranks (it is the global batch, split over them)"),
         (args.eval and args.metric != "is" and args.num_samples < 2,
          f"--num-samples is {args.num_samples}: FID needs at least two samples"),
+        (args.eval and args.metric != "is" and real is not None and real < 2,
+         f"eval.num_real_images is {real}: FID needs at least two real images"),
         (fid_during_training and evaluation["fid_num_samples"] < max(2, world_size),
          f"eval.fid_num_samples is {evaluation['fid_num_samples']}: FID needs at least two samples, and one per rank"),
         *[(config["data"][key[5:]] == "", f"{flag} ({key}) is empty: name a folder")
@@ -150,8 +176,40 @@ def check_settings(args, config):
         (args.eval and not args.checkpoint, "--eval needs --checkpoint PATH|ARTIFACT")]
     for message in [message for refused, message in refusals if refused][:1]:
         raise ValueError(message)
-    if fid_during_training:
-        check_fid_weights(evaluation["fid_weights"], evaluation["fid_interval"])
+    if not args.eval:  # --eval checks its checkpoint first, then its model and files
+        check_model(config["model"])
+        check_files(args, config)
+
+
+def check_model(model_config):
+    """A ValueError unless these settings build a FlowUNet that maps a CIFAR batch to its shape (e.g. an odd
+    model.base_channels does not): built and run on the meta device, without memory or time."""
+    try:
+        with torch.device("meta"):
+            wbflow.FlowUNet(**model_config)(torch.zeros(1, 3, 32, 32), torch.zeros(1))
+    except (RuntimeError, ValueError, TypeError, ArithmeticError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"the model settings {model_config} make no FlowUNet ({reason})") from None
+
+
+def check_files(args, config):
+    """The files this run needs and cannot download, named in one ValueError: the FID weights (found or downloaded
+    when FID runs during training, and for --eval) and, when they are missing too, CIFAR-10 (which otherwise
+    downloads when it is read): an offline first run learns of both at once."""
+    evaluation, missing = config["eval"], []
+    if args.eval or evaluation["fid_interval"]:
+        try:
+            check_fid_weights(evaluation["fid_weights"], None if args.eval else evaluation["fid_interval"])
+        except ValueError as error:
+            missing.append(str(error))
+    reads_cifar = args.metric != "is" if args.eval else not (args.smoke and not args.data_dir)
+    if missing and reads_cifar:
+        try:
+            wbflow.load_cifar10(config["data"]["data_dir"], download=False)
+        except (FileNotFoundError, ValueError) as error:
+            missing.append(str(error))
+    if missing:
+        raise ValueError("; and ".join(missing))
 
 
 def settings(config, names):  # {"section.key": value} for names {section: keys}
@@ -172,7 +230,7 @@ def check_fid_weights(weights, fid_interval=None):
                          f"to {hub_path}, or anywhere and pass --set eval.fid_weights=PATH{without}") from None
 
 
-def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=(), teacher=None):
+def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=(), teacher=None, overwrite=False):
     data, training, logging = config["data"], config["training"], config["logging"]
     rank, world_size, device = wbflow.setup_distributed()
     config["world_size"] = world_size  # in W&B and in checkpoints: a resume needs the same number of ranks
@@ -181,6 +239,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     out_dir = Path(data["out_dir"])
     torch.manual_seed(training["seed"] + rank)
     images_uint8 = load_images(data, training["seed"], synthetic, say)
+    data["images_sha256"] = images_sha256(images_uint8)  # what it trains on, which a resume keeps
     channels_last = training["channels_last"] and device.type == "cuda"
 
     model = wbflow.FlowUNet(**config["model"]).to(device, memory_format=torch.channels_last if channels_last else
@@ -192,18 +251,20 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
              "scaler": wbflow.make_scaler(device)}
     amp_dtype = wbflow.autocast_dtype(device)
     say(f"FlowUNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} x {device}")
-    if teacher:  # its pairs, and a new student starts from its EMA weights
-        config["reflow"]["teacher"] = str(teacher)
-        pairs, dataset = reflow_pairs(teacher, config, parts, amp_dtype, initialise=not resume)
-    loader = training_loader(pairs[0] if teacher else images_uint8, pairs[1] if teacher else None, training,
-                             device, channels_last)
+    teacher_checkpoint = load_teacher(teacher, config)  # before a resume compares its hash
     progress, run_id, resumed_from = dict(PROGRESS), None, None
     if resume:
         progress, run_id, resumed_from = load_resume(resume, config, parts, device, say)
+    if teacher:  # its pairs, and a new student starts from its EMA weights
+        pairs, dataset = reflow_pairs(teacher, teacher_checkpoint, config, parts, amp_dtype, initialise=not resume,
+                                      overwrite=overwrite)
+    loader = training_loader(pairs[0] if teacher else images_uint8, pairs[1] if teacher else None, training,
+                             device, channels_last)
     train_model = model if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     train_model = torch.compile(train_model) if training["compile"] else train_model  # outside DDP: it splits the graph
-    statistics = fid_statistics(images_uint8, config, device, synthetic) if config["eval"]["fid_interval"] else None
+    with wbflow.exit_on_error("train_flow.py", (ValueError,)):
+        statistics = fid_statistics(images_uint8, config, device, synthetic) if config["eval"]["fid_interval"] else None
 
     def checkpoint(last_act=False):  # every rank takes part in gathering the RNG states
         return {**{name: part.state_dict() for name, part in parts.items()}, **progress, "config": config,
@@ -296,6 +357,10 @@ def load_resume(resume, config, parts, device, say):
         hints={"model": ": pass the --config/--set (and --smoke) of the run it came from",
                **dict.fromkeys(RESUME_FIXED, ": a resumed run keeps the settings it trained with (only "
                                              "training.epochs and the intervals may change)"),
+               "data": ": a resumed run trains on the images it trained on (the same data.max_images images of a "
+                       "CIFAR-10 folder, or --smoke's synthetic ones)",
+               "reflow": ": a resumed run trains on what it trained on: the pairs of the --reflow teacher it came "
+                         "from, with its reflow.* settings, or images without --reflow",
                "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)"})
     for name, part in parts.items():
         if state[name]:  # the scaler's is empty when saved without fp16 (bf16 or CPU)
@@ -349,20 +414,31 @@ def train_one_epoch(epoch, train_model, parts, loader, progress, run, stop, trai
     return stats
 
 
-def statistics_cache(config, count, synthetic=False):
-    """(folder, name) of the cached FID statistics of the first `count` training images (50,000: all of them)."""
-    name = "synthetic" if synthetic else "cifar10-train"
-    folder = (Path(config["data"]["out_dir"]) / "fid_stats" if synthetic else
-              Path(config["eval"]["stats_dir"] or Path(config["data"]["data_dir"]) / "fid_stats"))
-    return folder, name if count == 50000 else f"{name}-{count}"
+def images_sha256(images_uint8):
+    """What a run trains on, and what FID statistics were computed from: the SHA-256 of the images' bytes."""
+    return hashlib.sha256(images_uint8.contiguous().numpy()).hexdigest()
 
 
-def fid_statistics(images_uint8, config, device, synthetic):
-    """The FID statistics of the training images, cached on disk; every rank gives a share of the images."""
-    rank, world_size = wbflow.rank_and_world_size()
-    return wbflow.save_statistics(images_uint8[rank::world_size], *statistics_cache(config, len(images_uint8), synthetic),
-                                  batch_size=config["eval"]["inception_batch_size"], device=device,
-                                  weights_path=config["eval"]["fid_weights"])
+def statistics_cache(config, images_uint8, synthetic=False):
+    """(folder, name) of the cached FID statistics of these images: eval.stats_dir, else <out_dir>/fid_stats, and a
+    name that says what they were computed from (the source, the count and the images' hash), so a folder shared
+    by runs or data folders never hands one set's statistics to another (statistics_path adds the FID network)."""
+    source = "synthetic" if synthetic else "cifar10-train"
+    folder = config["eval"]["stats_dir"] or Path(config["data"]["out_dir"]) / "fid_stats"
+    return Path(folder), f"{source}-{len(images_uint8)}-{images_sha256(images_uint8)[:16]}"
+
+
+def fid_statistics(images_uint8, config, device, synthetic=False, progress=False):
+    """The FID statistics file of these images, from its cache or computed once (each rank a share of the images),
+    the cache folder's writability checked before the Inception pass (ValueError)."""
+    (rank, world_size), evaluation = wbflow.rank_and_world_size(), config["eval"]
+    folder, name = statistics_cache(config, images_uint8, synthetic)
+    weights_sha256 = wbflow.file_sha256(wbflow.fid_weights_path(evaluation["fid_weights"]))
+    cached = wbflow.statistics_path(folder, name, weights_sha256)
+    if not os.path.isfile(cached):
+        wbflow.check_outputs({"the FID statistics file (eval.stats_dir)": cached})
+    return wbflow.save_statistics(images_uint8[rank::world_size], folder, name, device=device, progress=progress,
+                                  batch_size=evaluation["inception_batch_size"], weights_path=evaluation["fid_weights"])
 
 
 def epoch_end(epoch, ema_module, statistics, config, stop, *, amp_dtype):
@@ -466,20 +542,45 @@ def solver_rows(model, noise, epoch, out_dir, sampling, straightness, *, dtype, 
             f"{row['nfe']:03d}.png").relative_to(out_dir))} for row in compared]
 
 
-def reflow_pairs(teacher, config, parts, amp_dtype, *, initialise):
-    """--reflow: reflow.num_pairs pairs of the teacher's EMA model (loaded into parts["ema"]; also into the model
-    when `initialise`) in out_dir/reflow_pairs, made in a W&B run that uses the teacher's model artifact and logs
-    the pairs as a `dataset` artifact (a resume only reads them). Returns (images, noise seed), (folder, name)."""
-    logging, reflow, (rank, world_size) = config["logging"], config["reflow"], wbflow.rank_and_world_size()
+def load_teacher(teacher, config):
+    """--reflow's checkpoint, which must hold this run's FlowUNet: (path, state), or None without one. Its file's
+    hash names the teacher in the config (reflow.teacher_sha256), in the pairs' shards and for a resume."""
+    config["reflow"].update(teacher=None, teacher_sha256=None)  # a run on images
+    if not teacher:
+        return None
     path, state = load_checked("--reflow", teacher, config, required=("ema", "config"),
                                expected={"model": config["model"]},
                                hints={"model": ": the student is the teacher's FlowUNet: pass its --config/--set"})
-    parts["ema"].load_state_dict(state["ema"])
-    if initialise:
-        parts["model"].load_state_dict(parts["ema"].module.state_dict())
+    config["reflow"].update(teacher=str(teacher), teacher_sha256=wbflow.file_sha256(path))
+    return path, state
+
+
+def reflow_pairs(teacher, teacher_checkpoint, config, parts, amp_dtype, *, initialise, overwrite=False):
+    """--reflow: reflow.num_pairs pairs of the teacher's EMA model in out_dir/reflow_pairs, keyed by the teacher's hash
+    and the reflow settings. With `initialise` (a new student, which starts from the teacher's EMA weights) they are
+    made in a W&B run that uses the teacher's model artifact and logs the pairs as a `dataset` artifact, after
+    shards of another generation there are refused (or, with `overwrite`, deleted); a resume only reads them.
+    Returns (images, noise seed), (folder, name)."""
+    logging, reflow, (rank, world_size) = config["logging"], config["reflow"], wbflow.rank_and_world_size()
+    (path, state), sampling = teacher_checkpoint, config["sampling"]
     folder, teacher_name = Path(config["data"]["out_dir"]) / "reflow_pairs", state.get("wandb_run_id") or path.stem
     dataset = (folder, f"reflow-pairs-{teacher_name}")
+    made_by = {"teacher_sha256": reflow["teacher_sha256"], "solver": reflow["solver"], "nfe": reflow["nfe"],
+               **({"rk45_tolerance": sampling["rk45_tolerance"]} if reflow["solver"] == "rk45" else {})}
+    generation = {"shard_size": reflow["shard_size"], "seed": reflow["seed"], "settings": made_by}
     if initialise:
+        parts["ema"].load_state_dict(state["ema"])
+        parts["model"].load_state_dict(parts["ema"].module.state_dict())
+        others = wbflow.reflow_shards(folder, reflow["num_pairs"], **generation)[1]
+        if others and not overwrite:  # never mixed with this teacher's pairs
+            other, why = next(iter(others.items()))
+            more = f" and {len(others) - 1} more files hold" if len(others) > 1 else " holds"
+            raise SystemExit(f"train_flow.py: {other}{more} pairs of another generation ({why}): pass --overwrite to "
+                             f"delete them and make this teacher's, or another --out-dir")
+        for other in others if rank == 0 else ():  # --overwrite: every check has passed
+            other.unlink(missing_ok=True)
+        if others and world_size > 1:
+            torch.distributed.barrier()  # gone before any rank looks at the folder
         with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
                 {"teacher": str(teacher), "reflow": reflow}, project=logging["project_name"], entity=logging["entity"],
                 enabled=logging["use_wandb"], job_type="reflow-pairs") as run:
@@ -488,19 +589,17 @@ def reflow_pairs(teacher, config, parts, amp_dtype, *, initialise):
                 written = wbflow.generate_reflow_pairs(
                     lambda noise: wbflow.images_to_uint8(wbflow.sample_flow(
                         parts["ema"].module, noise, reflow["solver"], reflow["nfe"], dtype=amp_dtype,
-                        tolerance=config["sampling"]["rk45_tolerance"])[0]), folder, reflow["num_pairs"],
-                    shard_size=reflow["shard_size"], seed=reflow["seed"], stop=stop.is_set, rank=rank,
-                    world_size=world_size, settings={"solver": reflow["solver"], "nfe": reflow["nfe"]},
-                    device=next(parts["ema"].parameters()).device)
+                        tolerance=sampling["rk45_tolerance"])[0]), folder, reflow["num_pairs"], stop=stop.is_set,
+                    rank=rank, world_size=world_size, device=next(parts["ema"].parameters()).device, **generation)
             if written is None:
                 print(f"train_flow.py: pair generation stopped; the same command goes on at the next shard of "
                       f"{folder}", file=sys.stderr)
                 raise SystemExit(128 + (stop.signal or signal.SIGTERM))
             if world_size > 1:
                 torch.distributed.barrier()  # every rank's shards are written
-            wbflow.log_artifact(run, folder, dataset[1], type="dataset", metadata={**reflow, "teacher": str(teacher)})
+            wbflow.log_artifact(run, folder, dataset[1], type="dataset", metadata=reflow)
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
-        pairs = wbflow.load_reflow_pairs(folder, reflow["num_pairs"])
+        pairs = wbflow.load_reflow_pairs(folder, reflow["num_pairs"], {**made_by, "seed": reflow["seed"]})
     if rank == 0:
         print(f"reflow: {len(pairs[0])} pairs of {teacher} in {folder}")
     return pairs, dataset
@@ -509,26 +608,26 @@ def reflow_pairs(teacher, config, parts, amp_dtype, *, initialise):
 def evaluate(args, config):
     """--eval: FID and/or IS of --checkpoint's EMA model (--solver, --nfe), logged to a run in --wandb-project."""
     data, sampling, evaluation, logging = (config[key] for key in ("data", "sampling", "eval", "logging"))
-    sampling.update(solver=args.solver or sampling["solver"], nfe=args.nfe or sampling["nfe"])
+    sampling.update(solver=args.solver or sampling["solver"], nfe=sampling["nfe"] if args.nfe is None else args.nfe)
     device, metric = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"), args.metric
     # everything the scores need is checked first: sampling can take hours
     path, state = load_checked("--checkpoint", args.checkpoint, config, device,
                                required=("ema", "config", "epoch", "global_step"),
                                hints={"ema": " (not a train_flow checkpoint: every one holds the EMA weights)"})
-    real = evaluation["num_real_images"]
-    statistics_dir, name = statistics_cache(config, real or 50000)  # the cache a training run fills, too
     grid_png = Path(data["out_dir"]) / "samples" / f"eval_epoch_{state['epoch']:04d}.png"
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
+        check_files(args, config)
         wbflow.check_outputs({"the sample grid": grid_png}, {"--checkpoint": path})
-        weights_sha256 = wbflow.file_sha256(check_fid_weights(evaluation["fid_weights"]))
-    cached = metric == "is" or os.path.isfile(wbflow.statistics_path(statistics_dir, name, weights_sha256))
-    real_images = None if cached else wbflow.load_cifar10(data["data_dir"])[0][:real]  # downloads, or says where to put
+    # the images the statistics are of (their hash names the cache a training run fills too); downloads, or says where
+    real_images = None if metric == "is" else wbflow.load_cifar10(data["data_dir"])[0][:evaluation["num_real_images"]]
 
     # seeded noise; SIGTERM or Ctrl-C stops between sampling batches or after the Inception pass, saving nothing
     ema_model = wbflow.make_ema(wbflow.FlowUNet(**state["config"]["model"]).to(device))
     ema_model.load_state_dict(state["ema"])
     try:
         with wbflow.stop_on_signals() as stop:
+            with wbflow.exit_on_error("train_flow.py", (ValueError,)):  # before sampling: nothing fails after it
+                statistics = None if metric == "is" else fid_statistics(real_images, config, device, progress=True)
             samples_uint8, used = wbflow.sample_images(
                 ema_model.module, args.num_samples, solver=sampling["solver"], nfe=sampling["nfe"],
                 tolerance=sampling["rk45_tolerance"], batch_size=evaluation["sample_batch_size"], seed=sampling["seed"],
@@ -538,9 +637,6 @@ def evaluate(args, config):
             print(f"sampled {len(samples_uint8)} images from {path} (epoch {state['epoch']}) with {sampling['solver']}, "
                   f"NFE {used}")
             inception = wbflow.load_fid_inception(evaluation["fid_weights"], device)
-            statistics = None if metric == "is" else wbflow.save_statistics(  # the cached file, or real_images'
-                real_images, statistics_dir, name, batch_size=evaluation["inception_batch_size"], device=device,
-                weights_path=evaluation["fid_weights"], progress=True)
             metrics = scores(samples_uint8, inception, statistics, inception_score=metric != "fid",
                              batch_size=evaluation["inception_batch_size"], progress=True)
             if stop.is_set():

@@ -12,7 +12,7 @@ Sections, in data-flow order:
                     stop_on_signals, exit_stopped, capture_rng_state, restore_rng_state, gather_from_ranks,
                     predict_dataset, predict_images, write_submission
   sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers, straightness
-  reflow            generate_reflow_pairs, load_reflow_pairs, ReflowPairLoader
+  reflow            reflow_shards, generate_reflow_pairs, load_reflow_pairs, ReflowPairLoader
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, statistics_path,
                     save_statistics, inception_score, per_class_precision_recall, f1_scores
@@ -1411,50 +1411,89 @@ def _pair_noise(indices, seed, shape):
                         for i in indices])
 
 
+def reflow_shards(folder, num_pairs, *, shard_size=1000, shape=(3, 32, 32), seed=0, settings=None):
+    """One generation of reflow pairs, and what in `folder` is not of it: (the metadata each shard pairs_00000.pt,
+    ... of the generation holds besides its samples, {path: why} for every file pairs_*.pt in `folder` that is no
+    shard of it). A generation is keyed by `settings` (what makes the samples: e.g. the teacher's file hash, the
+    solver and NFE), the noise seed, the sample shape, the pair count and the shard size, so pairs of another
+    teacher or settings are never mixed into it: refuse such files, or delete them and generate again. The files
+    are read with mmap, so their samples stay on disk.
+
+    Usage: plan, others = reflow_shards("out/pairs", 10_000, settings={"teacher_sha256": file_sha256("teacher.pt")})
+    """
+    key = {**(settings or {}), "num_pairs": num_pairs, "shard_size": shard_size, "seed": seed, "shape": list(shape)}
+    plan = [{**key, "first": first, "count": min(shard_size, num_pairs - first)}
+            for first in range(0, num_pairs, shard_size)]
+    names, others = {f"pairs_{index:05d}.pt": meta for index, meta in enumerate(plan)}, {}
+    for path in sorted(Path(folder).glob("pairs_*.pt")):
+        expected = names.get(path.name)
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            found = {name: saved.get(name) for name in expected or key}
+        except Exception as error:  # noqa: BLE001 - a damaged file is no shard of this generation either
+            others[path] = f"not a readable shard: {type(error).__name__}"
+            continue
+        if expected is None:
+            others[path] = f"not one of the {len(plan)} shards of {num_pairs} pairs"
+        elif found != expected:
+            name = next(name for name in expected if found[name] != expected[name])
+            others[path] = f"{name} {found[name]!r} there, {expected[name]!r} here"
+    return plan, others
+
+
 def generate_reflow_pairs(sample, folder, num_pairs, *, shard_size=1000, shape=(3, 32, 32), seed=0, settings=None,
                           device="cpu", rank=0, world_size=1, stop=None):
     """Write `num_pairs` (noise, sample) pairs into `folder` as shards pairs_00000.pt, ... of
     `shard_size` pairs: sample(noise) (a trained flow's uint8 samples, 3 KB a CIFAR pair) and what
     regenerates the noise (pair i's own seed). Each shard is written atomically and a shard already
-    there is kept, so a killed generation resumes at the next shard; a shard of other `settings`
-    (e.g. the solver) is a ValueError. Under DDP pass rank and world_size: each writes every
+    there is kept, so a killed generation resumes at the next shard. The shards are keyed by
+    `settings` (what makes the samples: pass the teacher's file hash, the solver, ...) and the other
+    arguments (reflow_shards): a folder holding any file pairs_*.pt of another generation is a
+    ValueError before anything is written. Under DDP pass rank and world_size: each writes every
     world_size-th shard. `stop` is checked before each shard: the result is then None, else this
     rank's shard paths.
 
     Usage: generate_reflow_pairs(lambda x0: images_to_uint8(sample_flow(ema, x0)[0]), "out/pairs", 10_000)
-    Copy with: _pair_noise, save_checkpoint, write_atomically, load_checkpoint
+    Copy with: _pair_noise, reflow_shards, save_checkpoint, write_atomically
     """
+    plan, others = reflow_shards(folder, num_pairs, shard_size=shard_size, shape=shape, seed=seed, settings=settings)
+    for path, why in list(others.items())[:1]:
+        more = f" and {len(others) - 1} more files hold" if len(others) > 1 else " holds"
+        raise ValueError(f"{path}{more} pairs of another generation ({why}): delete them or use another folder")
     paths = []
-    for shard in range(rank, math.ceil(num_pairs / shard_size), world_size):
-        path, first = Path(folder) / f"pairs_{shard:05d}.pt", shard * shard_size
-        meta = {**(settings or {}), "first": first, "count": min(shard_size, num_pairs - first), "seed": seed,
-                "shape": list(shape)}
-        if path.is_file():
-            saved = load_checkpoint(path)
-            if {key: saved.get(key) for key in meta} != meta:
-                raise ValueError(f"{path} holds pairs of other settings ({ {k: saved.get(k) for k in meta} }, "
-                                 f"this run makes {meta}): use another folder")
-        elif stop is not None and stop():
-            return None
-        else:
-            noise = _pair_noise(range(first, first + meta["count"]), seed, shape).to(device)
+    for shard in range(rank, len(plan), world_size):
+        path, meta = Path(folder) / f"pairs_{shard:05d}.pt", plan[shard]
+        if not path.is_file():
+            if stop is not None and stop():
+                return None
+            noise = _pair_noise(range(meta["first"], meta["first"] + meta["count"]), seed, shape).to(device)
             save_checkpoint({**meta, "images_uint8": sample(noise).cpu()}, path)
         paths.append(path)
     return paths
 
 
-def load_reflow_pairs(folder, num_pairs):
+def load_reflow_pairs(folder, num_pairs, settings=None):
     """The samples of generate_reflow_pairs' shards in `folder`, in pair order, and their noise seed:
-    (images_uint8, seed). Missing pairs or shards of mixed settings are a ValueError.
+    (images_uint8, seed). Missing pairs, shards of two generations (another teacher or settings), or
+    shards whose metadata differs from `settings` ({key: value}, e.g. the teacher's hash) are a ValueError.
 
-    Usage: images_uint8, seed = load_reflow_pairs("out/pairs", 100_000)
+    Usage: images_uint8, seed = load_reflow_pairs("out/pairs", 100_000, {"teacher_sha256": teacher_hash})
     Copy with: load_checkpoint
     """
-    shards = [load_checkpoint(path) for path in sorted(Path(folder).glob("pairs_*.pt"))]
+    paths = sorted(Path(folder).glob("pairs_*.pt"))
+    shards = [load_checkpoint(path) for path in paths]
+    keys = [{name: value for name, value in shard.items() if name not in ("first", "count", "images_uint8")}
+            for shard in shards]
+    for path, key in [(path, key) for path, key in zip(paths, keys) if key != keys[0]][:1]:
+        name = next(name for name in sorted(key.keys() | keys[0].keys()) if key.get(name) != keys[0].get(name))
+        raise ValueError(f"{folder} mixes pairs of two generations: {name} {keys[0].get(name)!r} in {paths[0].name}, "
+                         f"{key.get(name)!r} in {path.name}")
+    for name in [name for name in settings or {} if keys and keys[0].get(name) != settings[name]][:1]:
+        raise ValueError(f"{folder} holds pairs of another generation ({name} {keys[0].get(name)!r} there, "
+                         f"{settings[name]!r} here)")
     firsts = [shard["first"] for shard in shards]
-    if firsts != sorted(firsts) or sum(shard["count"] for shard in shards) != num_pairs or len(
-            {shard["seed"] for shard in shards}) > 1 or any(a["first"] + a["count"] != b["first"]
-                                                            for a, b in zip(shards, shards[1:])):
+    if firsts != sorted(firsts) or sum(shard["count"] for shard in shards) != num_pairs or any(
+            a["first"] + a["count"] != b["first"] for a, b in zip(shards, shards[1:])):
         raise ValueError(f"{folder} does not hold the {num_pairs} pairs of one generation "
                          f"({len(shards)} shards, {sum(shard['count'] for shard in shards)} pairs)")
     return torch.cat([shard["images_uint8"] for shard in shards]), shards[0]["seed"]
@@ -1956,21 +1995,28 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
                     device="cpu", num_images=None, weights_path=None, overwrite=False, quantize=True, progress=False):
     """Compute mu/sigma once and save them as pytorch-fid's .npz format in statistics_path(cache_dir, name, the
     weights file's hash, resize), reused from there when it exists (images=None: that file only, else a
-    FileNotFoundError). Float images are rounded to uint8 first, as for fid (quantize=False skips that);
-    progress=True shows a bar of the Inception batches.
+    FileNotFoundError). `name` must say which images they are of (e.g. with a hash of their bytes): a file of
+    that name is reused for any images. A damaged file there is computed again (images=None: a ValueError).
+    Float images are rounded to uint8 first, as for fid (quantize=False skips that); progress=True shows a bar
+    of the Inception batches.
     Usage: cifar10_statistics = save_statistics(train_images_uint8, "stats", "cifar10-train")
            score = fid(cifar10_statistics, samples_uint8)
     Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
       FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
       FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, _resize_like_tensorflow,
       _preprocess, _image_batches, _no_pixel_limit, drop_unreadable_images, _folder_batches,
-      inception_features, feature_statistics, write_atomically, load_checkpoint, statistics_path
+      inception_features, feature_statistics, _npz_statistics, write_atomically, load_checkpoint, statistics_path
     """
     weights_path = fid_weights_path(weights_path)
     weights_hash = file_sha256(weights_path)
     path = statistics_path(cache_dir, name, weights_hash, resize)
     if os.path.isfile(path) and not overwrite:
-        return path
+        try:
+            _npz_statistics(path)  # a damaged or truncated copy is no cache
+            return path
+        except ValueError:
+            if images is None:
+                raise
     if images is None:  # only the cached file was wanted
         raise FileNotFoundError(f"FID statistics file not found: {path}")
     features, _ = inception_features(images, None, weights_path=weights_path, device=device, resize=resize,
@@ -2664,17 +2710,32 @@ def load_yaml_config(path, overrides=(), reference=None):
     takes items of the type of the file's first item, a key that is null in the file takes any value,
     and a string key takes the text as written). With `reference` (the path or dict of the config the
     file stands in for, e.g. the defaults), the file must have exactly its sections and keys, each of
-    its type by the same rule. A file that is no YAML, or holds no mapping of settings, is a ValueError.
+    its type by the same rule. A file that is no YAML, or holds no mapping of settings, is a ValueError,
+    and so is a key repeated in a mapping (plain YAML keeps its last value silently), naming both lines.
 
     Usage: config = load_yaml_config("configs/cifar10_rectified_flow.yaml", ["training.gradient_clip=0.5"])
     Copy with: _fit_type
     """
     import yaml
 
+    class UniqueKeyLoader(yaml.SafeLoader):  # YAML keeps a repeated key's last value silently: refuse it
+        def construct_mapping(self, node, deep=False):
+            first_lines = {}
+            for key_node, _ in node.value:
+                key = None if key_node.tag.endswith(":merge") else self.construct_object(key_node, deep=deep)
+                if key is None or getattr(key, "__hash__", None) is None:
+                    continue  # a << merge may repeat keys; an unhashable key is SafeLoader's own error
+                if key in first_lines:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"key {key!r} of line {first_lines[key]} repeated",
+                        problem_mark=key_node.start_mark)
+                first_lines[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep)
+
     def read(path):
         try:
             with open(path, encoding="utf-8") as file:
-                config = yaml.safe_load(file)
+                config = yaml.load(file, UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
