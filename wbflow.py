@@ -22,19 +22,23 @@ Sections, in data-flow order:
                     rotate_checkpoints, save_best, check_checkpoint, resume_command, wandb_resume_plan,
                     fetch_checkpoint, load_checked
   config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, exit_on_error
-  command line      python wbflow.py fid (or python -m wbflow fid) DIR_OR_NPZ DIR_OR_NPZ: pytorch-fid's CLI
+  command line      python wbflow.py fid (or python -m wbflow fid) DIR_OR_NPZ DIR_OR_NPZ: pytorch-fid's CLI;
+                    python wbflow.py copy NAME [NAME ...]: NAME's source, ready to paste
 
-The copy rule: a public definition calls the module's helpers it needs, and its docstring's
-`Copy with:` line names exactly what to paste along with it: every definition its code reaches (no
-line: it pastes alone). Pasted under this module's import block with those, it runs; wandb, scipy,
-PIL, yaml and torchviz are imported inside the functions that use them. test_copy.py checks every
-line against the code and calls every public definition, pasted so, on a tiny real input.
+Copying: a public definition takes what it needs as arguments and calls the module's helpers rather
+than repeating them. `python wbflow.py copy NAME` prints what to paste into a file of your own: the
+import lines NAME's code uses, then every definition and constant of this module that it reaches, in
+the module's order, then NAME; it is computed from the code, so nothing lists it by hand. wandb, scipy,
+PIL, yaml and torchviz are imported inside the functions that use them. test_copy.py runs every public
+definition, pasted from that output into a fresh namespace, on a tiny real input.
 """
 
 import argparse
+import ast
 import concurrent.futures
 import contextlib
 import csv
+import difflib
 import errno
 import fcntl
 import hashlib
@@ -2685,26 +2689,38 @@ def exit_on_error(program, errors=(FileNotFoundError,)):
 
 # ----------------------------------------------------------------------------- command line
 
-def _command_line(argv=None, prog="python wbflow.py"):
-    """python wbflow.py fid DIR_OR_NPZ DIR_OR_NPZ (or python -m wbflow fid ...): pytorch-fid's command line on
-    wbflow's FID."""
-    parser = argparse.ArgumentParser(prog=prog, description="wbflow's command line")
-    fid_parser = parser.add_subparsers(dest="command", required=True).add_parser(
-        "fid", help="FID between two folders of images or .npz statistics (pytorch-fid's command line)",
-        description="Prints 'FID:  <value>' as python -m pytorch_fid does (its number with --resize pytorch-fid).")
-    fid_parser.add_argument("path", nargs=2, help="folders of images or .npz files with mu/sigma "
-                                                  "(with --save-stats: a folder, then the .npz to write)")
-    fid_parser.add_argument("--resize", choices=("tensorflow", "pytorch-fid"), default="tensorflow", help="tensorflow: "
-                            "TF FID / torch-fidelity numbers; pytorch-fid: pytorch-fid's (default: %(default)s)")
-    fid_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the "
-                            "Inception runs, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
-    fid_parser.add_argument("--batch-size", type=int, default=50,
-                            help="images per Inception batch (default: %(default)s)")
-    fid_parser.add_argument("--weights", help=f"{FID_WEIGHTS_FILE} (default: ${FID_WEIGHTS_ENV}, then the torch "
-                                              "hub cache)")
-    fid_parser.add_argument("--save-stats", action="store_true", help="write the first path's mu/sigma to the "
-                            "second (.npz appended when missing) instead; refuses an existing file (default: off)")
-    args = parser.parse_args(argv)
+def _copy_block(names):
+    """The paste-ready source of `names` (module-level definitions or constants): the import lines their
+    code uses, then every definition and constant they reach, transitively, in the module's order."""
+    source = Path(__file__).read_text(encoding="utf-8")
+    lines, imports, spans, uses = source.splitlines(), {}, {}, {}
+    for node in ast.parse(source).body:
+        first = min([node.lineno] + [decorator.lineno for decorator in getattr(node, "decorator_list", [])])
+        text = "\n".join(lines[first - 1:node.end_lineno])
+        if isinstance(node, (ast.Import, ast.ImportFrom)):  # by the name each binds: torch.nn as nn binds nn
+            imports.update({(alias.asname or alias.name).split(".")[0]: text for alias in node.names})
+        for name in ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
+                     [target.id for target in getattr(node, "targets", []) if isinstance(target, ast.Name)]):
+            spans[name] = text
+            uses[name] = {each.id for each in ast.walk(node) if isinstance(each, ast.Name)}
+    for name in names:
+        if name not in spans:
+            close = difflib.get_close_matches(name, spans, n=3)
+            raise ValueError(f"wbflow has no {name}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    needed, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(uses[name] & spans.keys())
+    used = set().union(*(uses[name] for name in needed))
+    import_lines = dict.fromkeys(text for bound, text in imports.items() if bound in used)
+    definitions = dict.fromkeys(text for name, text in spans.items() if name in needed)
+    return "\n".join(import_lines) + "\n\n\n" + "\n\n\n".join(definitions) + "\n"
+
+
+def _fid_command(args, prog):
+    # `fid`: pytorch-fid's command line on wbflow's FID (prints its number, or saves statistics)
     target = args.path[1] if args.path[1].endswith(".npz") else args.path[1] + ".npz"  # what np.savez writes
     options = dict(resize=args.resize, batch_size=args.batch_size, weights_path=args.weights)
     try:
@@ -2729,9 +2745,45 @@ def _command_line(argv=None, prog="python wbflow.py"):
             return None
         value = fid(*args.path, device=device, **options)
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"{fid_parser.prog}: {error}") from None
+        raise SystemExit(f"{prog}: {error}") from None
     print("FID: ", value)
     return value
+
+
+def _command_line(argv=None, prog="python wbflow.py"):
+    """python wbflow.py fid DIR_OR_NPZ DIR_OR_NPZ (or python -m wbflow fid ...): pytorch-fid's command line on
+    wbflow's FID; python wbflow.py copy NAME [NAME ...]: NAME's paste-ready source."""
+    parser = argparse.ArgumentParser(prog=prog, description="wbflow's command line")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fid_parser = commands.add_parser(
+        "fid", help="FID between two folders of images or .npz statistics (pytorch-fid's command line)",
+        description="Prints 'FID:  <value>' as python -m pytorch_fid does (its number with --resize pytorch-fid).")
+    fid_parser.add_argument("path", nargs=2, help="folders of images or .npz files with mu/sigma "
+                                                  "(with --save-stats: a folder, then the .npz to write)")
+    fid_parser.add_argument("--resize", choices=("tensorflow", "pytorch-fid"), default="tensorflow", help="tensorflow: "
+                            "TF FID / torch-fidelity numbers; pytorch-fid: pytorch-fid's (default: %(default)s)")
+    fid_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the "
+                            "Inception runs, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    fid_parser.add_argument("--batch-size", type=int, default=50,
+                            help="images per Inception batch (default: %(default)s)")
+    fid_parser.add_argument("--weights", help=f"{FID_WEIGHTS_FILE} (default: ${FID_WEIGHTS_ENV}, then the torch "
+                                              "hub cache)")
+    fid_parser.add_argument("--save-stats", action="store_true", help="write the first path's mu/sigma to the "
+                            "second (.npz appended when missing) instead; refuses an existing file (default: off)")
+    copy_parser = commands.add_parser(
+        "copy", help="print the source of NAME with the imports and definitions it needs, ready to paste",
+        description="Prints the import lines NAME's code uses, then every wbflow definition and constant it "
+                    "reaches, then NAME, in the module's order: paste it into a file of your own and it runs.")
+    copy_parser.add_argument("name", nargs="+", help="a public function, class or constant of wbflow")
+    args = parser.parse_args(argv)
+    if args.command == "fid":
+        return _fid_command(args, fid_parser.prog)
+    try:
+        block = _copy_block(args.name)
+    except ValueError as error:
+        raise SystemExit(f"{copy_parser.prog}: {error}") from None
+    print(block, end="")
+    return block
 
 
 if __name__ == "__main__":
