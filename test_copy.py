@@ -59,15 +59,16 @@ def test_the_module_has_the_public_functions_the_brief_names():
 
 def test_copy_prints_the_imports_a_definition_uses_then_what_it_reaches_in_module_order():
     names, imports = defined(copy_command("train_step"))
-    assert names == ["_forward", "train_step"]
+    assert names == ["_grad_scaler", "_to_device", "_forward", "train_step"]
     assert imports == ["import math", "import torch"]  # only what that code uses, not the module's whole block
     names, imports = defined(copy_command("make_scaler"))
-    assert names == ["autocast_dtype", "make_scaler"] and imports == ["import torch"]
+    assert names == ["autocast_dtype", "make_scaler", "_grad_scaler"] and imports == ["import torch"]
 
 
 def test_copy_of_several_names_prints_each_definition_once():
     names, _ = defined(copy_command("train_epoch", "validate", "rank_and_world_size"))
-    assert names == ["rank_and_world_size", "_forward", "train_step", "RunningSums", "train_epoch", "validate"]
+    assert names == ["rank_and_world_size", "_grad_scaler", "_to_device", "_forward", "train_step", "RunningSums",
+                     "train_epoch", "validate"]
 
 
 def test_copy_of_a_constant_prints_what_its_value_uses():

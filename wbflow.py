@@ -840,8 +840,13 @@ def make_scaler(device, amp=None):
     Usage: scaler = make_scaler(device); train_epoch(..., amp_dtype=autocast_dtype(device), scaler=scaler)
     Copy with: autocast_dtype
     """
-    device = torch.device(device)
-    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, amp) == torch.float16)
+    return _grad_scaler(device, autocast_dtype(device, amp))
+
+
+def _grad_scaler(device, amp_dtype):
+    # the one scaler policy, for make_scaler and for train_step / train_epoch when not given one:
+    # loss scaling only for float16 autocast
+    return torch.amp.GradScaler(torch.device(device).type, enabled=amp_dtype == torch.float16)
 
 
 class _EMAModel(torch.optim.swa_utils.AveragedModel):
@@ -875,20 +880,22 @@ def make_ema(model, decay=0.9999):
     return ema_model
 
 
-def _forward(model, batch, loss_fn, amp_dtype, device=None):
-    # the forward train_step and validate share: the batch (a tensor or a nested list / tuple / dict of
-    # them) to `device` (the model's by default), loss_fn under autocast -> (loss, n_correct or None, n_samples)
-    def moved(item):
-        if torch.is_tensor(item):
-            return item.to(device, non_blocking=True)
-        if isinstance(item, (list, tuple)):
-            return type(item)(moved(part) for part in item)
-        if isinstance(item, dict):
-            return {key: moved(value) for key, value in item.items()}
-        return item
+def _to_device(batch, device):
+    # a tensor, or a nested list / tuple / dict of them, to `device` (non-blocking); anything else as it is
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(part, device) for part in batch)
+    if isinstance(batch, dict):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    return batch
 
+
+def _forward(model, batch, loss_fn, amp_dtype, device=None):
+    # the forward train_step and validate share: the batch to `device` (the model's by default), loss_fn
+    # under autocast -> (loss, n_correct or None, n_samples)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    batch = moved(batch)
+    batch = _to_device(batch, device)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         output = loss_fn(model, batch)
     loss, n_correct, n_samples = (output, None, None) if torch.is_tensor(output) else output
@@ -917,7 +924,7 @@ def train_step(model, batch, optimizer, loss_fn, *, amp_dtype=None, scaler=None,
     Copy with: _forward
     """
     loss, n_correct, n_samples = _forward(model, batch, loss_fn, amp_dtype, device)
-    scaler = scaler or torch.amp.GradScaler(loss.device.type, enabled=amp_dtype == torch.float16)
+    scaler = scaler or _grad_scaler(loss.device, amp_dtype)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
@@ -1039,7 +1046,7 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
     rank, world_size = rank_and_world_size()
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = scaler or _grad_scaler(device, amp_dtype)
     sums, start_step = RunningSums(device), step
     if resume is not None:
         sums.load_state_dict(resume, rank)
