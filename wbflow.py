@@ -40,8 +40,8 @@ import contextlib
 import csv
 import difflib
 import errno
-import fcntl
 import hashlib
+import io
 import itertools
 import math
 import numbers
@@ -1256,10 +1256,11 @@ def write_submission(path, names, probs, class_names, fallback=0):
     predicted = torch.where(probs.isnan().any(dim=1), fallback, probs.nan_to_num().argmax(dim=1)).tolist()
     lines = [f"{name}\t{class_names[label]}\n" for name, label in zip(names, predicted)]
     write_atomically(path, lambda file: file.write("".join(lines).encode()))
-    table = [["name", *class_names]] + [[name, *(f"{p:.6f}" if p == p else "" for p in row)]
-                                        for name, row in zip(names, probs.tolist())]
-    write_atomically(Path(path).with_name("predictions.csv"),
-                     lambda file: file.write("".join(",".join(row) + "\n" for row in table).encode()))
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")  # quotes a name with a comma or a quote in it
+    writer.writerow(["name", *class_names])
+    writer.writerows([name, *(f"{p:.6f}" if p == p else "" for p in row)] for name, row in zip(names, probs.tolist()))
+    write_atomically(Path(path).with_name("predictions.csv"), lambda file: file.write(table.getvalue().encode()))
     return predicted
 
 
@@ -1611,11 +1612,14 @@ def load_fid_inception(weights_path=None, device="cpu", fuse=True):
 
 
 def file_sha256(path):
-    """Hex SHA-256 of a file (hashlib.file_digest); keys statistics caches to the weights used.
+    """Hex SHA-256 of a file, read in 1 MiB chunks; keys statistics caches to the weights used.
     Usage: key = file_sha256(fid_weights_path())[:12]
     """
+    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+        for chunk in iter(lambda: file.read(1 << 20), b""):  # hashlib.file_digest does this from Python 3.11 on
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _resize_like_tensorflow(images, size):
@@ -2300,8 +2304,10 @@ def write_atomically(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     temp_path = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        # os.open applies the umask to 0o666 (tempfile.mkstemp would leave the file 0600)
-        with os.fdopen(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as temp_file:
+        # os.open applies the umask to 0o666 (tempfile.mkstemp would leave the file 0600); O_BINARY: Windows
+        # opens a descriptor in text mode otherwise, and would write each b"\n" of a checkpoint as b"\r\n"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        with os.fdopen(os.open(temp_path, flags, 0o666), "wb") as temp_file:
             write(temp_file)
             temp_file.flush()
             os.fsync(temp_file.fileno())
@@ -2346,6 +2352,29 @@ def load_checkpoint(path, map_location="cpu"):
                          f"refused it: {reason[:300]})") from None
 
 
+def _lock_out_dir(out_dir):
+    # rank 0's lock on out_dir/.lock, held while this process lives (a ValueError when another process holds it)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no POSIX locks; the run goes on unlocked, as on a filesystem without them
+        warnings.warn(f"--out-dir {out_dir} is not locked on this system (no fcntl): make sure no other run "
+                      f"writes there", stacklevel=3)
+        return
+    lock = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:  # a POSIX lock: this process's (not its forked loader workers'), freed by the kernel when it ends
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # another process holds it
+        holder = os.pread(lock, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(lock)
+        raise ValueError(f"--out-dir {out_dir} is in use by another run (process {holder}): wait for it to end, "
+                         f"or pass another --out-dir") from None
+    except OSError:  # a filesystem without locks (e.g. Lustre mounted without flock): unlocked, as before
+        os.close(lock)
+    else:  # never closed (closing any descriptor of the file would free the lock): held while this process lives
+        os.ftruncate(lock, 0)
+        os.write(lock, str(os.getpid()).encode())
+
+
 def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
                     patterns=("best_model.pth", "last.pth", "last.pt", "checkpoint_epoch_*.pt")):
     """Make `out_dir` ready for a run without ever replacing an earlier run's checkpoints; returns
@@ -2353,8 +2382,9 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
 
     Refuses (ValueError, one line) when out_dir is a file or not writable; when another process's run
     holds it (rank 0 locks `out_dir/.lock` for as long as its process lives, and the kernel frees the
-    lock when it ends, kill -9 included; the same process may prepare it again, as a notebook does);
-    and when it already holds checkpoints matching `patterns`,
+    lock when it ends, kill -9 included; the same process may prepare it again, as a notebook does;
+    without fcntl, as on Windows, one warning says the lock is off); and when it already holds
+    checkpoints matching `patterns`,
     unless `resume` is a file inside it (the same run goes on) or overwrite=True. Those are returned,
     not deleted: delete them right before the first write, once every other check has passed, so that
     a typo in another setting leaves them. Stale `.*.tmp` files that a kill during save_checkpoint left
@@ -2373,20 +2403,8 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
         raise ValueError(f"--out-dir {out_dir} is not writable ({error.strerror or error})") from None
     # torchrun's RANK: the drivers prepare the out-dir before the process group starts
     if int(os.environ.get("RANK", rank_and_world_size()[0])) == 0:  # the run's lock; the other ranks run under it
-        lock = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
-        try:  # a POSIX lock: this process's (not its forked loader workers'), freed by the kernel when it ends
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):  # another process holds it
-            holder = os.pread(lock, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(lock)
-            raise ValueError(f"--out-dir {out_dir} is in use by another run (process {holder}): wait for it to end, "
-                             f"or pass another --out-dir") from None
-        except OSError:  # a filesystem without locks (e.g. Lustre mounted without flock): unlocked, as before
-            os.close(lock)
-        else:  # never closed (closing any descriptor of the file would free the lock): held while this process lives
-            os.ftruncate(lock, 0)
-            os.write(lock, str(os.getpid()).encode())
-        for stale in out_dir.glob(".*.tmp"):  # only under the lock: a running save's temporary file is not stale
+        _lock_out_dir(out_dir)
+        for stale in out_dir.glob(".*.tmp"):  # only once locked: a running save's temporary file is not stale
             stale.unlink(missing_ok=True)
     earlier = sorted({path for pattern in patterns for path in out_dir.glob(pattern)})
     if not earlier or (resume and os.path.isfile(resume) and Path(resume).resolve().parent == out_dir.resolve()):
