@@ -137,30 +137,6 @@ def offline_wandb(tmp_path, monkeypatch):
     return wandb_dir
 
 
-# ----------------------------------------------------------------------------- the copy rule
-
-def paste_alone(*names, module_path=Path(__file__).resolve().parent / "wbflow.py"):
-    """Execute wbflow's import block plus the source of `names` alone in a fresh namespace, as a user
-    who pastes those definitions into their own file would, and return that namespace."""
-    import ast
-    source = module_path.read_text()
-    lines, imports, spans = source.splitlines(), [], {}  # spans: a definition's lines, decorators included
-    for node in ast.parse(source).body:
-        first = min([node.lineno] + [decorator.lineno for decorator in getattr(node, "decorator_list", [])])
-        text = "\n".join(lines[first - 1:node.end_lineno])
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            imports.append(text)
-        for target in node.targets if isinstance(node, ast.Assign) else [node]:
-            spans[getattr(target, "id", getattr(target, "name", None))] = text
-    missing = set(names) - set(spans)
-    assert not missing, f"the module defines no {sorted(missing)}"
-    # in the module's order: a constant or a helper comes before what uses it at definition time
-    import_block, sources = "\n".join(imports), [text for name, text in spans.items() if name in names]
-    namespace = {"__name__": "pasted"}
-    exec(compile(import_block + "\n\n" + "\n\n".join(sources), "<pasted>", "exec"), namespace)
-    return namespace
-
-
 # ----------------------------------------------------------------------------- FID Inception weights
 
 def _calibrated_fid_inception():

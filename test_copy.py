@@ -1,11 +1,17 @@
-"""The copy rule: every public definition of wbflow.py, pasted under the module's import block with
-exactly the definitions its docstring's `Copy with:` line names, runs on a tiny real input.
+"""Copying a function: `python wbflow.py copy NAME` prints NAME with the imports and definitions it needs,
+and every public definition of wbflow.py, pasted from that output into a fresh namespace, runs on a tiny
+real input.
 
 CALLS holds one call per public definition, grouped by the module's sections; each gets the pasted
 definition (not wbflow's) and checks what it returns."""
 import ast
+import contextlib
+import csv
+import functools
+import io
 import math
-import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,47 +21,34 @@ import torch
 import torch.nn as nn
 
 import wbflow
-from conftest import paste_alone
 
-SOURCE = (Path(__file__).resolve().parent / "wbflow.py").read_text()
-TREE = ast.parse(SOURCE)
-DEFINITIONS = {node.name: node for node in TREE.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-CONSTANTS = {target.id for node in TREE.body if isinstance(node, ast.Assign)
-             for target in node.targets if isinstance(target, ast.Name)}
-PUBLIC = sorted(name for name in DEFINITIONS if not name.startswith("_"))
-SECTION_LINES = [(number, line.rsplit("-", 1)[-1].strip()) for number, line in enumerate(SOURCE.splitlines(), 1)
-                 if line.startswith("# ---")]
+HERE = Path(__file__).resolve().parent
+TREE = ast.parse((HERE / "wbflow.py").read_text())
+PUBLIC = sorted(node.name for node in TREE.body
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"))
 
 
-def section(name):
-    return [title for number, title in SECTION_LINES if number < DEFINITIONS[name].lineno][-1]
-
-
-def uses(name):
-    """The module's definitions and constants that `name`'s source refers to."""
-    node = DEFINITIONS.get(name)
-    return set() if node is None else {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} & (
-        set(DEFINITIONS) | CONSTANTS) - {name}
-
-
-def closure(name):
-    needed, todo = set(), [name]
-    while todo:
-        for used in uses(todo.pop()) - needed:
-            needed.add(used)
-            todo.append(used)
-    return needed - {name}
-
-
-def copy_with(name):
-    """The names on the `Copy with:` line of `name`'s docstring (empty when it has none)."""
-    doc = ast.get_docstring(DEFINITIONS[name]) or ""
-    return set(re.findall(r"\w+", doc.split("Copy with:", 1)[1])) if "Copy with:" in doc else set()
+@functools.lru_cache(maxsize=None)
+def copy_command(*names):
+    """What `python wbflow.py copy NAMES` prints, run in this process."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        wbflow._command_line(["copy", *names])
+    return printed.getvalue()
 
 
 def pasted(name):
-    """`name` as a user gets it: its source and its Copy with: names under the import block, nothing else."""
-    return paste_alone(name, *sorted(copy_with(name)))[name]
+    """`name` as a user gets it: the copy command's output executed in a fresh namespace, nothing else."""
+    namespace = {"__name__": "pasted"}
+    exec(compile(copy_command(name), f"<copy {name}>", "exec"), namespace)
+    return namespace[name]
+
+
+def defined(block):
+    """The names a pasted block defines, in order, and its import lines."""
+    body = ast.parse(block).body
+    return ([getattr(node, "name", None) or node.targets[0].id for node in body if not isinstance(node, (
+        ast.Import, ast.ImportFrom))], [ast.unparse(node) for node in body if isinstance(node, (ast.Import, ast.ImportFrom))])
 
 
 def test_the_module_has_the_public_functions_the_brief_names():
@@ -64,16 +57,51 @@ def test_the_module_has_the_public_functions_the_brief_names():
             "FlowUNet"} <= set(PUBLIC)
 
 
-@pytest.mark.parametrize("name", PUBLIC)
-def test_copy_with_names_exactly_the_definitions_a_public_one_needs(name):
-    assert copy_with(name) == closure(name), f"{name}'s Copy with: line should name {sorted(closure(name))}"
+def test_copy_prints_the_imports_a_definition_uses_then_what_it_reaches_in_module_order():
+    names, imports = defined(copy_command("train_step"))
+    assert names == ["_grad_scaler", "_to_device", "_forward", "train_step"]
+    assert imports == ["import math", "import torch"]  # only what that code uses, not the module's whole block
+    names, imports = defined(copy_command("make_scaler"))
+    assert names == ["autocast_dtype", "make_scaler", "_grad_scaler"] and imports == ["import torch"]
 
 
-def test_closures_stay_small_outside_the_metrics_section():
-    # issue 16: a public definition pastes with at most 4 others; the metrics section (the FID Inception
-    # and its reference preprocessing) is the one exception
-    too_big = {name: sorted(closure(name)) for name in PUBLIC if section(name) != "metrics" and len(closure(name)) > 4}
-    assert not too_big, f"these need more than 4 names to paste: {too_big}"
+def test_copy_of_several_names_prints_each_definition_once():
+    names, _ = defined(copy_command("train_epoch", "validate", "rank_and_world_size"))
+    assert names == ["rank_and_world_size", "_grad_scaler", "_to_device", "_forward", "train_step", "RunningSums",
+                     "train_epoch", "validate"]
+
+
+def test_copy_of_a_constant_prints_what_its_value_uses():
+    assert defined(copy_command("FID_WEIGHTS_URL"))[0] == ["FID_WEIGHTS_FILE", "FID_WEIGHTS_URL"]
+
+
+def test_copy_of_an_unknown_name_is_one_line_naming_the_close_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        wbflow._command_line(["copy", "train_epoch", "trian_step"])
+    assert exit_info.value.code == "python wbflow.py copy: wbflow has no trian_step (did you mean train_step, train_epoch?)"
+    assert capsys.readouterr().out == ""  # nothing half-printed before the refusal
+    with pytest.raises(SystemExit, match="^python wbflow.py copy: wbflow has no xyzzy$"):
+        wbflow._command_line(["copy", "xyzzy"])
+
+
+def test_the_printed_block_runs_as_a_file_of_its_own_in_a_fresh_interpreter(tmp_path):
+    block = subprocess.run([sys.executable, "wbflow.py", "copy", "train_epoch", "fid"], cwd=HERE, check=True,
+                           capture_output=True, text=True, timeout=120).stdout
+    (tmp_path / "pasted.py").write_text(block + """
+
+import sys
+assert "wbflow" not in sys.modules
+torch.manual_seed(0)
+model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))) for _ in range(4)]
+stats = train_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1),
+                    lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]), progress=False)
+features = torch.randn(30, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+print(stats["steps"], round(fid(features, features + 1), 6))
+""")
+    result = subprocess.run([sys.executable, "pasted.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "4 8.0\n"  # 4 steps; the same covariance, the means 1 apart in 8 dims
 
 
 # ----------------------------------------------------------------------------- one call per public definition
@@ -89,7 +117,7 @@ def call(name):
 
 
 @pytest.mark.parametrize("name", PUBLIC)
-def test_a_public_definition_pasted_with_its_copy_with_names_runs_on_a_real_input(name, tmp_path, request):
+def test_a_public_definition_pasted_from_the_copy_command_runs_on_a_real_input(name, tmp_path, request):
     assert name in CALLS, f"test_copy.py has no call for {name}"
     CALLS[name](pasted(name), tmp_path, request.getfixturevalue)
 

@@ -22,22 +22,26 @@ Sections, in data-flow order:
                     rotate_checkpoints, save_best, check_checkpoint, resume_command, wandb_resume_plan,
                     fetch_checkpoint, load_checked
   config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, exit_on_error
-  command line      python wbflow.py fid (or python -m wbflow fid) DIR_OR_NPZ DIR_OR_NPZ: pytorch-fid's CLI
+  command line      python wbflow.py fid (or python -m wbflow fid) DIR_OR_NPZ DIR_OR_NPZ: pytorch-fid's CLI;
+                    python wbflow.py copy NAME [NAME ...]: NAME's source, ready to paste
 
-The copy rule: a public definition calls the module's helpers it needs, and its docstring's
-`Copy with:` line names exactly what to paste along with it: every definition its code reaches (no
-line: it pastes alone). Pasted under this module's import block with those, it runs; wandb, scipy,
-PIL, yaml and torchviz are imported inside the functions that use them. test_copy.py checks every
-line against the code and calls every public definition, pasted so, on a tiny real input.
+Copying: a public definition takes what it needs as arguments and calls the module's helpers rather
+than repeating them. `python wbflow.py copy NAME` prints what to paste into a file of your own: the
+import lines NAME's code uses, then every definition and constant of this module that it reaches, in
+the module's order, then NAME; it is computed from the code, so nothing lists it by hand. wandb, scipy,
+PIL, yaml and torchviz are imported inside the functions that use them. test_copy.py runs every public
+definition, pasted from that output into a fresh namespace, on a tiny real input.
 """
 
 import argparse
+import ast
 import concurrent.futures
 import contextlib
 import csv
+import difflib
 import errno
-import fcntl
 import hashlib
+import io
 import itertools
 import math
 import numbers
@@ -855,8 +859,13 @@ def make_scaler(device, amp=None):
     Usage: scaler = make_scaler(device); train_epoch(..., amp_dtype=autocast_dtype(device), scaler=scaler)
     Copy with: autocast_dtype
     """
-    device = torch.device(device)
-    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, amp) == torch.float16)
+    return _grad_scaler(device, autocast_dtype(device, amp))
+
+
+def _grad_scaler(device, amp_dtype):
+    # the one scaler policy, for make_scaler and for train_step / train_epoch when not given one:
+    # loss scaling only for float16 autocast
+    return torch.amp.GradScaler(torch.device(device).type, enabled=amp_dtype == torch.float16)
 
 
 class _EMAModel(torch.optim.swa_utils.AveragedModel):
@@ -890,20 +899,22 @@ def make_ema(model, decay=0.9999):
     return ema_model
 
 
-def _forward(model, batch, loss_fn, amp_dtype, device=None):
-    # the forward train_step and validate share: the batch (a tensor or a nested list / tuple / dict of
-    # them) to `device` (the model's by default), loss_fn under autocast -> (loss, n_correct or None, n_samples)
-    def moved(item):
-        if torch.is_tensor(item):
-            return item.to(device, non_blocking=True)
-        if isinstance(item, (list, tuple)):
-            return type(item)(moved(part) for part in item)
-        if isinstance(item, dict):
-            return {key: moved(value) for key, value in item.items()}
-        return item
+def _to_device(batch, device):
+    # a tensor, or a nested list / tuple / dict of them, to `device` (non-blocking); anything else as it is
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(part, device) for part in batch)
+    if isinstance(batch, dict):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    return batch
 
+
+def _forward(model, batch, loss_fn, amp_dtype, device=None):
+    # the forward train_step and validate share: the batch to `device` (the model's by default), loss_fn
+    # under autocast -> (loss, n_correct or None, n_samples)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    batch = moved(batch)
+    batch = _to_device(batch, device)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         output = loss_fn(model, batch)
     loss, n_correct, n_samples = (output, None, None) if torch.is_tensor(output) else output
@@ -932,7 +943,7 @@ def train_step(model, batch, optimizer, loss_fn, *, amp_dtype=None, scaler=None,
     Copy with: _forward
     """
     loss, n_correct, n_samples = _forward(model, batch, loss_fn, amp_dtype, device)
-    scaler = scaler or torch.amp.GradScaler(loss.device.type, enabled=amp_dtype == torch.float16)
+    scaler = scaler or _grad_scaler(loss.device, amp_dtype)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
@@ -1054,7 +1065,7 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
     rank, world_size = rank_and_world_size()
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = scaler or _grad_scaler(device, amp_dtype)
     sums, start_step = RunningSums(device), step
     if resume is not None:
         sums.load_state_dict(resume, rank)
@@ -1264,10 +1275,11 @@ def write_submission(path, names, probs, class_names, fallback=0):
     predicted = torch.where(probs.isnan().any(dim=1), fallback, probs.nan_to_num().argmax(dim=1)).tolist()
     lines = [f"{name}\t{class_names[label]}\n" for name, label in zip(names, predicted)]
     write_atomically(path, lambda file: file.write("".join(lines).encode()))
-    table = [["name", *class_names]] + [[name, *(f"{p:.6f}" if p == p else "" for p in row)]
-                                        for name, row in zip(names, probs.tolist())]
-    write_atomically(Path(path).with_name("predictions.csv"),
-                     lambda file: file.write("".join(",".join(row) + "\n" for row in table).encode()))
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")  # quotes a name with a comma or a quote in it
+    writer.writerow(["name", *class_names])
+    writer.writerows([name, *(f"{p:.6f}" if p == p else "" for p in row)] for name, row in zip(names, probs.tolist()))
+    write_atomically(Path(path).with_name("predictions.csv"), lambda file: file.write(table.getvalue().encode()))
     return predicted
 
 
@@ -1665,11 +1677,14 @@ def load_fid_inception(weights_path=None, device="cpu", fuse=True):
 
 
 def file_sha256(path):
-    """Hex SHA-256 of a file (hashlib.file_digest); keys statistics caches to the weights used.
+    """Hex SHA-256 of a file, read in 1 MiB chunks; keys statistics caches to the weights used.
     Usage: key = file_sha256(fid_weights_path())[:12]
     """
+    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+        for chunk in iter(lambda: file.read(1 << 20), b""):  # hashlib.file_digest does this from Python 3.11 on
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _resize_like_tensorflow(images, size):
@@ -2382,8 +2397,10 @@ def write_atomically(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     temp_path = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        # os.open applies the umask to 0o666 (tempfile.mkstemp would leave the file 0600)
-        with os.fdopen(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as temp_file:
+        # os.open applies the umask to 0o666 (tempfile.mkstemp would leave the file 0600); O_BINARY: Windows
+        # opens a descriptor in text mode otherwise, and would write each b"\n" of a checkpoint as b"\r\n"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        with os.fdopen(os.open(temp_path, flags, 0o666), "wb") as temp_file:
             write(temp_file)
             temp_file.flush()
             os.fsync(temp_file.fileno())
@@ -2471,6 +2488,29 @@ def check_outputs(outputs, inputs=None):
             raise ValueError(f"{what} {path} cannot be written ({folder}: {error.strerror or error})") from None
 
 
+def _lock_out_dir(out_dir):
+    # rank 0's lock on out_dir/.lock, held while this process lives (a ValueError when another process holds it)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no POSIX locks; the run goes on unlocked, as on a filesystem without them
+        warnings.warn(f"--out-dir {out_dir} is not locked on this system (no fcntl): make sure no other run "
+                      f"writes there", stacklevel=3)
+        return
+    lock = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:  # a POSIX lock: this process's (not its forked loader workers'), freed by the kernel when it ends
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # another process holds it
+        holder = os.pread(lock, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(lock)
+        raise ValueError(f"--out-dir {out_dir} is in use by another run (process {holder}): wait for it to end, "
+                         f"or pass another --out-dir") from None
+    except OSError:  # a filesystem without locks (e.g. Lustre mounted without flock): unlocked, as before
+        os.close(lock)
+    else:  # never closed (closing any descriptor of the file would free the lock): held while this process lives
+        os.ftruncate(lock, 0)
+        os.write(lock, str(os.getpid()).encode())
+
+
 def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
                     patterns=("best_model.pth", "last.pth", "last.pt", "checkpoint_epoch_*.pt")):
     """Make `out_dir` ready for a run without ever replacing an earlier run's checkpoints; returns
@@ -2478,8 +2518,9 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
 
     Refuses (ValueError, one line) when out_dir is a file or not writable; when another process's run
     holds it (rank 0 locks `out_dir/.lock` for as long as its process lives, and the kernel frees the
-    lock when it ends, kill -9 included; the same process may prepare it again, as a notebook does);
-    and when it already holds checkpoints matching `patterns`,
+    lock when it ends, kill -9 included; the same process may prepare it again, as a notebook does;
+    without fcntl, as on Windows, one warning says the lock is off); and when it already holds
+    checkpoints matching `patterns`,
     unless `resume` is a file inside it (the same run goes on) or overwrite=True. Those are returned,
     not deleted: delete them right before the first write, once every other check has passed, so that
     a typo in another setting leaves them. Stale `.*.tmp` files that a kill during save_checkpoint left
@@ -2498,20 +2539,8 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
         raise ValueError(f"--out-dir {out_dir} is not writable ({error.strerror or error})") from None
     # torchrun's RANK: the drivers prepare the out-dir before the process group starts
     if int(os.environ.get("RANK", rank_and_world_size()[0])) == 0:  # the run's lock; the other ranks run under it
-        lock = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
-        try:  # a POSIX lock: this process's (not its forked loader workers'), freed by the kernel when it ends
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):  # another process holds it
-            holder = os.pread(lock, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(lock)
-            raise ValueError(f"--out-dir {out_dir} is in use by another run (process {holder}): wait for it to end, "
-                             f"or pass another --out-dir") from None
-        except OSError:  # a filesystem without locks (e.g. Lustre mounted without flock): unlocked, as before
-            os.close(lock)
-        else:  # never closed (closing any descriptor of the file would free the lock): held while this process lives
-            os.ftruncate(lock, 0)
-            os.write(lock, str(os.getpid()).encode())
-        for stale in out_dir.glob(".*.tmp"):  # only under the lock: a running save's temporary file is not stale
+        _lock_out_dir(out_dir)
+        for stale in out_dir.glob(".*.tmp"):  # only once locked: a running save's temporary file is not stale
             stale.unlink(missing_ok=True)
     earlier = sorted({path for pattern in patterns for path in out_dir.glob(pattern)})
     if not earlier or (resume and os.path.isfile(resume) and Path(resume).resolve().parent == out_dir.resolve()):
@@ -2836,26 +2865,38 @@ def exit_on_error(program, errors=(FileNotFoundError,)):
 
 # ----------------------------------------------------------------------------- command line
 
-def _command_line(argv=None, prog="python wbflow.py"):
-    """python wbflow.py fid DIR_OR_NPZ DIR_OR_NPZ (or python -m wbflow fid ...): pytorch-fid's command line on
-    wbflow's FID."""
-    parser = argparse.ArgumentParser(prog=prog, description="wbflow's command line")
-    fid_parser = parser.add_subparsers(dest="command", required=True).add_parser(
-        "fid", help="FID between two folders of images or .npz statistics (pytorch-fid's command line)",
-        description="Prints 'FID:  <value>' as python -m pytorch_fid does (its number with --resize pytorch-fid).")
-    fid_parser.add_argument("path", nargs=2, help="folders of images or .npz files with mu/sigma "
-                                                  "(with --save-stats: a folder, then the .npz to write)")
-    fid_parser.add_argument("--resize", choices=("tensorflow", "pytorch-fid"), default="tensorflow", help="tensorflow: "
-                            "TF FID / torch-fidelity numbers; pytorch-fid: pytorch-fid's (default: %(default)s)")
-    fid_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the "
-                            "Inception runs, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
-    fid_parser.add_argument("--batch-size", type=int, default=50,
-                            help="images per Inception batch (default: %(default)s)")
-    fid_parser.add_argument("--weights", help=f"{FID_WEIGHTS_FILE} (default: ${FID_WEIGHTS_ENV}, then the torch "
-                                              "hub cache)")
-    fid_parser.add_argument("--save-stats", action="store_true", help="write the first path's mu/sigma to the "
-                            "second (.npz appended when missing) instead; refuses an existing file (default: off)")
-    args = parser.parse_args(argv)
+def _copy_block(names):
+    """The paste-ready source of `names` (module-level definitions or constants): the import lines their
+    code uses, then every definition and constant they reach, transitively, in the module's order."""
+    source = Path(__file__).read_text(encoding="utf-8")
+    lines, imports, spans, uses = source.splitlines(), {}, {}, {}
+    for node in ast.parse(source).body:
+        first = min([node.lineno] + [decorator.lineno for decorator in getattr(node, "decorator_list", [])])
+        text = "\n".join(lines[first - 1:node.end_lineno])
+        if isinstance(node, (ast.Import, ast.ImportFrom)):  # by the name each binds: torch.nn as nn binds nn
+            imports.update({(alias.asname or alias.name).split(".")[0]: text for alias in node.names})
+        for name in ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
+                     [target.id for target in getattr(node, "targets", []) if isinstance(target, ast.Name)]):
+            spans[name] = text
+            uses[name] = {each.id for each in ast.walk(node) if isinstance(each, ast.Name)}
+    for name in names:
+        if name not in spans:
+            close = difflib.get_close_matches(name, spans, n=3)
+            raise ValueError(f"wbflow has no {name}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    needed, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(uses[name] & spans.keys())
+    used = set().union(*(uses[name] for name in needed))
+    import_lines = dict.fromkeys(text for bound, text in imports.items() if bound in used)
+    definitions = dict.fromkeys(text for name, text in spans.items() if name in needed)
+    return "\n".join(import_lines) + "\n\n\n" + "\n\n\n".join(definitions) + "\n"
+
+
+def _fid_command(args, prog):
+    # `fid`: pytorch-fid's command line on wbflow's FID (prints its number, or saves statistics)
     target = args.path[1] if args.path[1].endswith(".npz") else args.path[1] + ".npz"  # what np.savez writes
     options = dict(resize=args.resize, batch_size=args.batch_size, weights_path=args.weights)
     try:
@@ -2880,9 +2921,45 @@ def _command_line(argv=None, prog="python wbflow.py"):
             return None
         value = fid(*args.path, device=device, **options)
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"{fid_parser.prog}: {error}") from None
+        raise SystemExit(f"{prog}: {error}") from None
     print("FID: ", value)
     return value
+
+
+def _command_line(argv=None, prog="python wbflow.py"):
+    """python wbflow.py fid DIR_OR_NPZ DIR_OR_NPZ (or python -m wbflow fid ...): pytorch-fid's command line on
+    wbflow's FID; python wbflow.py copy NAME [NAME ...]: NAME's paste-ready source."""
+    parser = argparse.ArgumentParser(prog=prog, description="wbflow's command line")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fid_parser = commands.add_parser(
+        "fid", help="FID between two folders of images or .npz statistics (pytorch-fid's command line)",
+        description="Prints 'FID:  <value>' as python -m pytorch_fid does (its number with --resize pytorch-fid).")
+    fid_parser.add_argument("path", nargs=2, help="folders of images or .npz files with mu/sigma "
+                                                  "(with --save-stats: a folder, then the .npz to write)")
+    fid_parser.add_argument("--resize", choices=("tensorflow", "pytorch-fid"), default="tensorflow", help="tensorflow: "
+                            "TF FID / torch-fidelity numbers; pytorch-fid: pytorch-fid's (default: %(default)s)")
+    fid_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the "
+                            "Inception runs, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    fid_parser.add_argument("--batch-size", type=int, default=50,
+                            help="images per Inception batch (default: %(default)s)")
+    fid_parser.add_argument("--weights", help=f"{FID_WEIGHTS_FILE} (default: ${FID_WEIGHTS_ENV}, then the torch "
+                                              "hub cache)")
+    fid_parser.add_argument("--save-stats", action="store_true", help="write the first path's mu/sigma to the "
+                            "second (.npz appended when missing) instead; refuses an existing file (default: off)")
+    copy_parser = commands.add_parser(
+        "copy", help="print the source of NAME with the imports and definitions it needs, ready to paste",
+        description="Prints the import lines NAME's code uses, then every wbflow definition and constant it "
+                    "reaches, then NAME, in the module's order: paste it into a file of your own and it runs.")
+    copy_parser.add_argument("name", nargs="+", help="a public function, class or constant of wbflow")
+    args = parser.parse_args(argv)
+    if args.command == "fid":
+        return _fid_command(args, fid_parser.prog)
+    try:
+        block = _copy_block(args.name)
+    except ValueError as error:
+        raise SystemExit(f"{copy_parser.prog}: {error}") from None
+    print(block, end="")
+    return block
 
 
 if __name__ == "__main__":
