@@ -148,7 +148,8 @@ def test_a_resume_with_other_training_settings_is_refused_naming_the_checkpoints
 
 def test_a_resume_refuses_a_change_of_what_the_run_trains_on_the_teacher_or_the_images(flow_run, tmp_path):
     resume = FLOW + ["--epochs", "2", "--resume"]
-    teacher = flow_run / "checkpoint_epoch_1.pt"  # a teacher whose UNet is this run's
+    teacher = tmp_path / "teacher.pt"  # a teacher whose UNet is this run's, outside the run's out-dir
+    teacher.write_bytes((flow_run / "checkpoint_epoch_1.pt").read_bytes())
     refused(train_flow.main, resume + [str(flow_run / "last.pt"), "--out-dir", str(flow_run), "--reflow", str(teacher)],
             rf"holds another reflow \(teacher_sha256 None there, '{wbflow.file_sha256(teacher)}' here\): a resumed run "
             rf"trains on what it trained on: the pairs of the --reflow teacher")

@@ -616,8 +616,8 @@ def evaluate(args, config):
                                hints={"ema": " (not a train_flow checkpoint: every one holds the EMA weights)"})
     grid_png = Path(data["out_dir"]) / "samples" / f"eval_epoch_{state['epoch']:04d}.png"
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
-        check_files(args, config)
         wbflow.check_outputs({"the sample grid": grid_png}, {"--checkpoint": path})
+        check_files(args, config)
     # the images the statistics are of (their hash names the cache a training run fills too); downloads, or says where
     real_images = None if metric == "is" else wbflow.load_cifar10(data["data_dir"])[0][:evaluation["num_real_images"]]
 

@@ -106,7 +106,6 @@ def load_cifar10(data_dir, train=True, download=True):
     extracts a cifar-10-python.tar.gz already placed there, offline). If that fails, the
     FileNotFoundError says which archive to put where.
     Usage: images_uint8, labels = load_cifar10("data")
-    Copy with: CIFAR10_URL
     """
     class CifarUnpickler(pickle.Unpickler):
         """Unpickles CIFAR-10's batches (dicts of numpy arrays, lists, strings) and refuses any other
@@ -310,7 +309,6 @@ def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
     two classes, a class without readable images, a file listed with two labels or (without
     `class_names`) a val/ class folder that train/ lacks, ValueError.
     Usage: train_samples, val_samples, class_names = find_image_samples("data", val_split=0.2)
-    Copy with: list_images, stratified_split, drop_unreadable_images, _no_pixel_limit
     """
     def class_folders(root):
         return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -389,7 +387,6 @@ def drop_unreadable_images(samples, max_workers=8):
     any size count as readable (PIL's pixel limit is lifted while they are checked). Only regular
     files are read: a FIFO or device (which could block forever) is skipped as unreadable.
     Usage: samples = drop_unreadable_images([("a.jpg", 0), ("broken.jpg", 1)])
-    Copy with: _no_pixel_limit
     """
     from PIL import Image
 
@@ -423,7 +420,6 @@ class ImageSamples(torch.utils.data.Dataset):
     CPU generator seeded by exactly those three (then restored): a sample's augmentation is the
     same whatever the worker count, the rank, or where a run was stopped and resumed.
     Usage: dataset = ImageSamples(train_samples, image_transforms(256, train=True))
-    Copy with: _no_pixel_limit
     """
     seeded_augmentation = True  # classifier_loaders' sampler sends (index, seed, epoch) keys
 
@@ -469,7 +465,6 @@ def image_transforms(image_size, *, train, normalize=True, crop_scale=(0.25, 1.0
     display). crop_scale is milder than ImageNet's (0.08, 1) because a hazard may sit anywhere in a
     corridor photo and must stay in the crop.
     Usage: transform = image_transforms(256, train=True)
-    Copy with: IMAGENET_MEAN_STD
     """
     from torchvision.transforms import v2
     if train:
@@ -509,7 +504,6 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
     main process handles (see stop_on_signals). The loaders draw their worker seeds from their own
     generators, not from torch's global one.
     Usage: train_loader, val_loader = classifier_loaders(train_set, val_set, 32, num_workers=4)
-    Copy with: _leave_stop_signals_to_main
     """
     class EpochSampler(torch.utils.data.DistributedSampler):
         """set_epoch(epoch, skip_batches) and, for a seeded_augmentation dataset, (index, seed, epoch) keys."""
@@ -547,7 +541,6 @@ def check_same_on_every_rank(counts, class_names=None):
     `class_names`, e.g. a node holding a partial or another copy of the data, which would otherwise
     hang at the first collective or train one model on two labellings. Does nothing outside DDP.
     Usage: check_same_on_every_rank({"training images": len(train_set)}, class_names=["cat", "dog"])
-    Copy with: rank_and_world_size
     """
     if rank_and_world_size()[1] == 1:
         return
@@ -625,7 +618,6 @@ class FlowUNet(nn.Module):
     (128 channels, multipliers 1,2,2,2, two blocks per level, attention at 16x16 with 64-channel
     heads, dropout 0.1): about 35.7M parameters.
     Usage: model = FlowUNet(); velocity = model(x, torch.rand(x.shape[0]))
-    Copy with: _group_norm, _FlowResBlock, _FlowAttention, _FlowResample
     """
 
     def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
@@ -702,7 +694,6 @@ def build_classifier(name, num_classes, weights="none"):
     --weights none; a damaged cached file is a ValueError naming it. weights="none" (or None) starts
     from random weights.
     Usage: model = build_classifier("resnet50", num_classes=5, weights="imagenet")
-    Copy with: CLASSIFIER_NAMES, _hub_cached_file, load_checkpoint
     """
     if name not in CLASSIFIER_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(CLASSIFIER_NAMES)}")
@@ -793,7 +784,6 @@ def rectified_flow_loss(model, batch, *, coupling="independent"):
     `batch` is data x1 of any shape (N, ...) or an (x1, labels) pair, with noise x0 ~ N(0, I) paired
     independently or, with coupling="ot", by ot_pairs; or {"noise": x0, "data": x1}, fixed pairs (reflow).
     Usage: stats = wbflow.train_epoch(model, loader, optimizer, rectified_flow_loss)
-    Copy with: ot_pairs
     """
     if isinstance(batch, dict):
         noise, data = batch["noise"], batch["data"]
@@ -857,7 +847,6 @@ def make_scaler(device, amp=None):
 
     A disabled scaler passes scale/step/update straight through, so the training step has no branch.
     Usage: scaler = make_scaler(device); train_epoch(..., amp_dtype=autocast_dtype(device), scaler=scaler)
-    Copy with: autocast_dtype
     """
     return _grad_scaler(device, autocast_dtype(device, amp))
 
@@ -892,7 +881,6 @@ def make_ema(model, decay=0.9999):
     train_step updates it after each optimiser step, without a host sync; evaluate or sample with
     ema_model.module. Its state_dict is AveragedModel's.
     Usage: ema_model = make_ema(model, decay=0.9999)
-    Copy with: _EMAModel
     """
     ema_model = _EMAModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
     torch.optim.swa_utils.AveragedModel.update_parameters(ema_model, model)  # the first update copies the weights
@@ -940,7 +928,6 @@ def train_step(model, batch, optimizer, loss_fn, *, amp_dtype=None, scaler=None,
     Returns {"loss", "grad_norm", "finite", "n_correct" (None without counts), "n_samples",
     "learning_rate" (the float this step used, read before scheduler.step())}.
     Usage: result = train_step(model, images, optimizer, rectified_flow_loss, grad_clip=1.0)
-    Copy with: _forward
     """
     loss, n_correct, n_samples = _forward(model, batch, loss_fn, amp_dtype, device)
     scaler = scaler or _grad_scaler(loss.device, amp_dtype)
@@ -982,7 +969,6 @@ class RunningSums:
     sums, gathered; tensors and plain numbers) and load_state_dict(state, rank) carry an unfinished
     epoch into a resumed run.
     Usage: sums = RunningSums(device); sums.add(train_step(...)); if step % 100 == 0: print(sums.close_window())
-    Copy with: rank_and_world_size
     """
 
     def __init__(self, device):
@@ -1060,7 +1046,6 @@ def train_epoch(model, loader, optimizer, loss_fn, *, device=None, scheduler=Non
     None when the epoch ran to its end. Under torch.distributed the returned means and counts are over
     all ranks; each rank's on_log sees its own windows.
     Usage: stats = train_epoch(model, loader, opt, loss_fn, step=step, on_log=lambda s, w: print(s, w))
-    Copy with: train_step, RunningSums, _forward, rank_and_world_size
     """
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -1112,7 +1097,6 @@ def validate(model, loader, loss_fn, *, device=None, amp_dtype=None, progress=Fa
     counts). Under torch.distributed the sums are all-reduced, so every rank returns the metrics of the
     whole (sharded) validation set. The model's train/eval mode is restored.
     Usage: metrics = validate(model, val_loader, classification_loss(nn.CrossEntropyLoss()))
-    Copy with: _forward, rank_and_world_size
     """
     from tqdm.auto import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -1167,7 +1151,6 @@ def exit_stopped(stop, state, path, *, script, argv, where=""):
     the command that continues from it (resume_command); every rank exits with 128 + the signal's
     number, as a shell reports a process ended by that signal (143 for SIGTERM, 130 for Ctrl-C).
     Usage: if stats["stopped"]: exit_stopped(stop, state, "runs/flow/last.pt", script=__file__, argv=sys.argv[1:])
-    Copy with: save_checkpoint, write_atomically, resume_command, rank_and_world_size
     """
     rank, world_size = rank_and_world_size()
     if rank == 0:
@@ -1214,7 +1197,6 @@ def gather_from_ranks(value):
     [value] when not distributed; every rank must call it.
 
     Usage: state["rng"] = gather_from_ranks(capture_rng_state()); ...; restore_rng_state(state["rng"][rank])
-    Copy with: rank_and_world_size
     """
     values = [value] * rank_and_world_size()[1]
     if len(values) > 1:
@@ -1251,7 +1233,6 @@ def predict_images(model, paths, transform, *, device="cpu", batch_size=64, num_
     A file that cannot be read gets a row of NaN, and one warning names them (drop_unreadable_images);
     ValueError when none can be read.
     Usage: probs = predict_images(model, ["a.jpg", "b.jpg"], image_transforms(256, train=False))
-    Copy with: drop_unreadable_images, _no_pixel_limit, ImageSamples, predict_dataset
     """
     readable = {path for path, _ in drop_unreadable_images([(path, 0) for path in paths])}
     kept = [index for index, path in enumerate(paths) if path in readable]
@@ -1270,7 +1251,6 @@ def write_submission(path, names, probs, class_names, fallback=0):
     NaN (an image predict_images could not read); and predictions.csv beside it: a name column, then one
     probability column per class (empty for NaN). Both through write_atomically. Returns the label indices.
     Usage: predicted = write_submission("submission.txt", ["a.jpg"], torch.tensor([[0.2, 0.8]]), ["cat", "dog"])
-    Copy with: write_atomically
     """
     predicted = torch.where(probs.isnan().any(dim=1), fallback, probs.nan_to_num().argmax(dim=1)).tolist()
     lines = [f"{name}\t{class_names[label]}\n" for name, label in zip(names, predicted)]
@@ -1340,7 +1320,6 @@ def sample_flow(model, noise, solver="euler", nfe=100, *, tolerance=1e-5, dtype=
     "rk45" (adaptive at `tolerance`; nfe unused); returns (samples float32, model evaluations used).
 
     Usage: images, nfe_used = sample_flow(ema_model.module, torch.randn(64, 3, 32, 32), "heun", 100)
-    Copy with: euler_sample, rk45_sample
     """
     if solver == "rk45":
         return rk45_sample(model, noise, tolerance=tolerance, dtype=dtype)
@@ -1356,7 +1335,6 @@ def sample_images(model, count, *, solver="euler", nfe=100, tolerance=1e-5, dtyp
     `stop` (a callable) is checked before each batch; when it returns True, the result is (None, None).
 
     Usage: images_uint8, nfe_used = sample_images(ema_model.module, 10000, solver="euler", nfe=100)
-    Copy with: sample_flow, euler_sample, rk45_sample, images_to_uint8
     """
     from tqdm.auto import tqdm
     generator, device, batches, used = torch.Generator().manual_seed(seed), next(model.parameters()).device, [], None
@@ -1377,7 +1355,6 @@ def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1,
     stop_on_signals()'s event.is_set) is checked before each row: when it returns True, the result is None.
 
     Usage: rows = compare_solvers(ema_model.module, fixed_noise, nfes=(1, 2, 4, 10, 50, 100))
-    Copy with: sample_flow, euler_sample, rk45_sample
     """
     rows = []
     for solver in solvers:
@@ -1408,7 +1385,6 @@ def straightness(model, noise, steps=100, *, dtype=None):
     flow. Since x_1 - x_0 is the mean velocity, this is mean(v^2) - (x_1 - x_0)^2, in one pass.
 
     Usage: eval_straightness = straightness(ema_model.module, fixed_noise, steps=100)
-    Copy with: euler_sample, _VelocitySums
     """
     sums = _VelocitySums(model)
     euler_sample(sums, noise, steps, dtype=dtype)
@@ -1466,7 +1442,6 @@ def generate_reflow_pairs(sample, folder, num_pairs, *, shard_size=1000, shape=(
     rank's shard paths.
 
     Usage: generate_reflow_pairs(lambda x0: images_to_uint8(sample_flow(ema, x0)[0]), "out/pairs", 10_000)
-    Copy with: _pair_noise, reflow_shards, save_checkpoint, write_atomically
     """
     plan, others = reflow_shards(folder, num_pairs, shard_size=shard_size, shape=shape, seed=seed, settings=settings)
     for path, why in list(others.items())[:1]:
@@ -1490,7 +1465,6 @@ def load_reflow_pairs(folder, num_pairs, settings=None):
     shards whose metadata differs from `settings` ({key: value}, e.g. the teacher's hash) are a ValueError.
 
     Usage: images_uint8, seed = load_reflow_pairs("out/pairs", 100_000, {"teacher_sha256": teacher_hash})
-    Copy with: load_checkpoint
     """
     paths = sorted(Path(folder).glob("pairs_*.pt"))
     shards = [load_checkpoint(path) for path in paths]
@@ -1517,7 +1491,6 @@ class ReflowPairLoader:
     per pair. Order, DDP shares and resume as DeviceImageLoader: set_epoch(epoch, skip_batches=k).
 
     Usage: loader = ReflowPairLoader(*load_reflow_pairs("out/pairs", 100_000), 128, device="cuda")
-    Copy with: _pair_noise
     """
 
     def __init__(self, images_uint8, noise_seed, batch_size, *, device="cpu", seed=0, rank=0, world_size=1):
@@ -1566,7 +1539,6 @@ def f1_scores(y_true, y_pred, num_classes):
     average=None gives 0.0 where this gives NaN. A class with precision and recall 0 (predicted but absent,
     or never found) has F1 0.0 and counts. Macro-F1 of no labels at all is NaN.
     Usage: f1, macro_f1 = f1_scores([0, 1, 1], [0, 1, 0], 3)  # [0.667, 0.667, nan], 0.667
-    Copy with: per_class_precision_recall
     """
     precision, recall, _ = per_class_precision_recall(y_true, y_pred, num_classes)
     occurring = set(np.asarray(y_true, dtype=np.int64).tolist()) | set(np.asarray(y_pred, dtype=np.int64).tolist())
@@ -1617,7 +1589,6 @@ class FIDInceptionV3(torchvision.models.inception.Inception3):
     Input: (N, 3, 299, 299) floats in [-1, 1]. Output: (pool features (N, 2048), logits without
     the fc bias (N, 1008)) from one pass; the unbiased logits are what the original IS code used.
     Usage: features, logits_unbiased = FIDInceptionV3()(images_minus1_to_1)
-    Copy with: _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE
     """
 
     def __init__(self):
@@ -1639,7 +1610,6 @@ def fid_weights_path(weights_path=None):
     """Path of the FID Inception weights: argument, then $WBFLOW_FID_WEIGHTS, then the torch hub
     cache, downloading pytorch-fid's release file there once when online.
     Usage: path = fid_weights_path()  # e.g. ~/.cache/torch/hub/checkpoints/pt_inception-...pth
-    Copy with: FID_WEIGHTS_ENV, FID_WEIGHTS_FILE, FID_WEIGHTS_URL, _hub_cached_file
     """
     path = weights_path or os.environ.get(FID_WEIGHTS_ENV)
     if path and not os.path.isfile(path):
@@ -1657,8 +1627,6 @@ def load_fid_inception(weights_path=None, device="cpu", fuse=True):
     features within float32 rounding, but its state_dict no longer matches the weights file. Either
     way the model is channels_last.
     Usage: inception = load_fid_inception("pt_inception-2015-12-05-6726825d.pth", device="cuda")
-    Copy with: _hub_cached_file, FID_WEIGHTS_FILE, FID_WEIGHTS_URL, FID_WEIGHTS_ENV, _avg_pool_valid_only,
-      _FIDInceptionA, _FIDInceptionC, _FIDInceptionE, FIDInceptionV3, fid_weights_path, load_checkpoint
     """
     path = fid_weights_path(weights_path)
     with torch.device("meta"):
@@ -1794,10 +1762,6 @@ def inception_features(images, inception=None, *, resize="tensorflow", batch_siz
     rounded to uint8 first, as saving them to PNG does, so a number is the same as for the saved
     files; quantize=False feeds the unrounded floats instead. progress=True shows a tqdm bar of the batches.
     Usage: features, logits = inception_features(images_uint8, load_fid_inception(device="cuda"))
-    Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
-      FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
-      FIDInceptionV3, fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess,
-      _image_batches, _no_pixel_limit, drop_unreadable_images, _folder_batches, load_checkpoint
     """
     from tqdm.auto import tqdm
     inception = inception or load_fid_inception(weights_path, device)
@@ -1943,11 +1907,6 @@ def fid(real, fake, *, resize="tensorflow", batch_size=50, device="cpu", num_ima
     images on a side, an .npz that holds no mu and sigma, or a folder with a file that does not
     decode (inception_features: refused as pytorch-fid does, not skipped) is a ValueError.
     Usage: score = fid("stats/cifar10-train-tensorflow-6726825d.npz", samples_uint8, device="cuda")
-    Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
-      FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
-      FIDInceptionV3, fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess,
-      _image_batches, _no_pixel_limit, drop_unreadable_images, _folder_batches, inception_features,
-      feature_statistics, frechet_distance, _npz_statistics, _metric_inputs, load_checkpoint
     """
     (mu1, sigma1), (mu2, sigma2) = _metric_inputs((real, fake), "statistics", inception, weights_path, device,
                                                   resize=resize, batch_size=batch_size, num_images=num_images,
@@ -1966,11 +1925,6 @@ def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef
     Each side: features (N, D), or images / batches / a folder as for fid (float images rounded to
     uint8 first unless quantize=False), which need the network.
     Usage: kid_mean, kid_std = kid(real_uint8, samples_uint8, subset_size=100)
-    Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
-      FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
-      FIDInceptionV3, fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess,
-      _image_batches, _no_pixel_limit, drop_unreadable_images, _folder_batches, inception_features,
-      feature_statistics, _npz_statistics, _metric_inputs, load_checkpoint
     """
     if subset_size < 2 or subsets < 1:  # the unbiased MMD divides by subset_size * (subset_size - 1)
         raise ValueError(f"KID needs subsets >= 1 of subset_size >= 2 images, got subsets={subsets}, "
@@ -2016,11 +1970,6 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
     of the Inception batches.
     Usage: cifar10_statistics = save_statistics(train_images_uint8, "stats", "cifar10-train")
            score = fid(cifar10_statistics, samples_uint8)
-    Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
-      FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
-      FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, _resize_like_tensorflow,
-      _preprocess, _image_batches, _no_pixel_limit, drop_unreadable_images, _folder_batches,
-      inception_features, feature_statistics, _npz_statistics, write_atomically, load_checkpoint, statistics_path
     """
     weights_path = fid_weights_path(weights_path)
     weights_hash = file_sha256(weights_path)
@@ -2054,11 +2003,6 @@ def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, de
     images: as for fid (float images rounded to uint8 first unless quantize=False; a folder too),
     or precomputed unbiased logits (N, 1008), which need no network.
     Usage: is_mean, is_std = inception_score(samples_uint8, device="cuda")
-    Copy with: rank_and_world_size, _hub_cached_file, gather_from_ranks, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
-      FID_WEIGHTS_ENV, _avg_pool_valid_only, _FIDInceptionA, _FIDInceptionC, _FIDInceptionE,
-      FIDInceptionV3, fid_weights_path, load_fid_inception, _resize_like_tensorflow, _preprocess,
-      _image_batches, _no_pixel_limit, drop_unreadable_images, _folder_batches, inception_features,
-      feature_statistics, _npz_statistics, _metric_inputs, load_checkpoint
     """
     [logits] = _metric_inputs((images,), "logits", inception, weights_path, device, resize=resize,
                               batch_size=batch_size, num_images=num_images, quantize=quantize)
@@ -2165,7 +2109,6 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
     keyword arguments go to wandb.init (entity, name, tags, notes...). The run finishes with exit code 1
     if the block raises.
     Usage: with wandb_run({"lr": 2e-4}, project="flow") as run: run.log({"loss": 0.1}, step=1)
-    Copy with: _GuardedRun, _open_run, rank_and_world_size
     """
     run = None
     if enabled and rank_and_world_size()[0] == 0 and os.environ.get("WANDB_MODE") != "disabled":
@@ -2300,7 +2243,6 @@ def sample_grid(images, nrow=None):
     ready for wandb.Image or a PNG; nrow defaults to a square layout.
 
     Usage: grid = sample_grid(samples[:64])  # 8 x 8 images
-    Copy with: images_to_uint8
     """
     images = images if images.dtype == torch.uint8 else images_to_uint8(images)
     grid = torchvision.utils.make_grid(images.cpu(), nrow=nrow or math.ceil(math.sqrt(len(images))), padding=2)
@@ -2312,7 +2254,6 @@ def save_png(grid_uint8, path):
     returns the path as a Path.
 
     Usage: save_png(sample_grid(samples), "checkpoints/samples/epoch_0010.png")
-    Copy with: write_atomically
     """
     from PIL import Image
     return write_atomically(path, lambda file: Image.fromarray(grid_uint8).save(file, format="PNG"))
@@ -2355,7 +2296,6 @@ def log_classification_report(run, probs, labels, class_names, *, images=None, t
     e.g. an ImageSamples with image_transforms(..., normalize=False); without it the table has no
     image column. Nothing is logged when `run` is None.
     Usage: log_classification_report(run, probs, labels, ["高风险", "中风险"], images=display_set)
-    Copy with: per_class_precision_recall
     """
     probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
     confidence, predicted = probs.max(dim=1)
@@ -2418,7 +2358,6 @@ def save_checkpoint(state, path):
     """torch.save `state` to `path` atomically (write_atomically): a crash or a full disk never leaves
     a truncated checkpoint, and the previous file stays as it was until the new one is complete.
     Usage: save_checkpoint({"model": model.state_dict(), "step": step}, "checkpoints/last.pt")
-    Copy with: write_atomically
     """
     return write_atomically(path, lambda file: torch.save(state, file))
 
@@ -2527,7 +2466,6 @@ def prepare_out_dir(out_dir, *, resume=None, overwrite=False,
     behind are removed.
     Usage: out_dir, earlier_run = prepare_out_dir("checkpoints", resume=args.resume, overwrite=args.overwrite)
            # ... data, model and resume checks ..., then: for path in earlier_run: path.unlink(missing_ok=True)
-    Copy with: rank_and_world_size
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -2595,7 +2533,6 @@ def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None
     gets the same return value.
     Usage: best_acc, improved = save_best(state, val_acc, best_acc, "checkpoints/best_model.pth", run=run,
                                           aliases=(f"epoch-{epoch}",), metadata={"epoch": epoch})
-    Copy with: log_artifact, rank_and_world_size, save_checkpoint, write_atomically
     """
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', not {mode!r}")
@@ -2706,7 +2643,6 @@ def load_checked(reference, *, program, flag, driver, device="cpu", project=None
     onto `device` (weights_only) and checked by check_checkpoint(state, driver=driver, **check): (path, state).
     Whatever is wrong ends the program in one line, "PROGRAM: FLAG REFERENCE: why".
     Usage: path, state = load_checked("runs/last.pt", program="train.py", flag="--resume", driver="train")
-    Copy with: exit_on_error, fetch_checkpoint, load_checkpoint, check_checkpoint
     """
     with exit_on_error(f"{program}: {flag} {reference}", (FileNotFoundError, ValueError)):
         path = fetch_checkpoint(reference, project=project, entity=entity) if artifacts else Path(reference)
@@ -2743,7 +2679,6 @@ def load_yaml_config(path, overrides=(), reference=None):
     and so is a key repeated in a mapping (plain YAML keeps its last value silently), naming both lines.
 
     Usage: config = load_yaml_config("configs/cifar10_rectified_flow.yaml", ["training.gradient_clip=0.5"])
-    Copy with: _fit_type
     """
     import yaml
 
