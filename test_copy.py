@@ -240,6 +240,7 @@ def _(FlowUNet, tmp_path, fixture):
     model = FlowUNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, head_channels=8, image_size=8,
                      attention_resolutions=(4,))
     assert model(torch.randn(2, 3, 8, 8), torch.rand(2)).shape == (2, 3, 8, 8)
+    assert model.embed(torch.rand(2)).shape == (2, 32)  # 4 x base_channels
 
 
 @call("build_classifier")

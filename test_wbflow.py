@@ -2,6 +2,7 @@
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import math
 import os
@@ -863,6 +864,54 @@ def test_flow_unet_output_depends_on_x_and_t_at_every_width(base_channels):
     # a time-blind block (one channel per GroupNorm group) moved the output by ~1e-6 of its scale
     assert (out - changed_t).abs().max() > 1e-3 * scale
     assert (out - changed_x).abs().max() > 1e-3 * scale
+
+
+# FlowUNet's state_dict as checkpoints hold it (the recipe's model and --smoke's), frozen as the count and sha256 of
+# its "key shape" lines: a model built for the time t alone keeps exactly these, so every checkpoint still loads
+FLOW_UNET_STATE_DICTS = {
+    "default": ({}, 304, "0a02e89f4bd0bf0b6e135a703609bea22cf42d6cd8daa6cf52bf4c21f32d9385"),
+    "smoke": (dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, head_channels=16, dropout=0.0), 128,
+              "0f8441b803c4cc1c55bad500010374792c8efb0c21b60356a1cd2935663324ba")}
+
+
+@pytest.mark.parametrize("name", FLOW_UNET_STATE_DICTS)
+def test_flow_unet_keeps_the_state_dict_keys_and_shapes_its_checkpoints_were_written_with(name):
+    model_config, count, sha256 = FLOW_UNET_STATE_DICTS[name]
+    with torch.device("meta"):  # shapes without the weights
+        state = wbflow.FlowUNet(**model_config).state_dict()
+    lines = "".join(f"{key} {tuple(value.shape)}\n" for key, value in state.items())
+    assert (len(state), hashlib.sha256(lines.encode()).hexdigest()) == (count, sha256)
+
+
+def test_a_saved_flow_unet_loads_strictly_and_gives_the_same_velocity_with_r_and_labels_none(tmp_path):
+    torch.manual_seed(0)
+    saved = wbflow.FlowUNet(**TINY_UNET)
+    for parameter in saved.parameters():
+        nn.init.normal_(parameter, std=0.05)
+    torch.save(saved.state_dict(), tmp_path / "flow_unet.pt")
+    loaded = wbflow.FlowUNet(**TINY_UNET)
+    loaded.load_state_dict(torch.load(tmp_path / "flow_unet.pt", weights_only=True))  # strict: every key, no other
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.7])
+    with torch.no_grad():
+        expected = saved.eval()(x, t)
+        assert torch.equal(loaded.eval()(x, t), expected)
+        assert torch.equal(loaded(x, t, r=None, labels=None), expected)
+
+
+def test_flow_unet_embeds_t_alone_as_guided_diffusions_sinusoidal_features_through_time_embed():
+    model, t = wbflow.FlowUNet(**TINY_UNET), torch.tensor([0.0, 0.25, 1.0])
+    frequencies = torch.exp(-math.log(10000) * torch.arange(8) / 8)  # base_channels 16: 8 of each
+    features = torch.cat([torch.cos(t[:, None] * frequencies), torch.sin(t[:, None] * frequencies)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(t), model.time_embed(features), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("extra", ["r", "labels"])
+def test_a_flow_unet_built_for_t_alone_refuses_r_or_labels_with_a_value_error(extra):
+    model = wbflow.FlowUNet(**TINY_UNET)
+    given = {"r": torch.ones(2), "labels": torch.zeros(2, dtype=torch.long)}[extra]
+    with pytest.raises(ValueError, match=rf"^FlowUNet: {extra} given, but this model was built for the time t alone$"):
+        model(torch.randn(2, 3, 32, 32), torch.rand(2), **{extra: given})
 
 
 def test_channels_last_and_bf16_autocast_paths_match_the_float32_contiguous_ones():

@@ -610,7 +610,10 @@ class _FlowResample(nn.Module):
 
 
 class FlowUNet(nn.Module):
-    """A time-conditioned UNet for velocity fields, called as model(x, t) with t (N,) in [0, 1].
+    """A time-conditioned UNet for velocity fields, called as model(x, t) with t (N,) in [0, 1] (a velocity
+    callable for the samplers), or model(x, t, r=None, labels=None): `embed` turns (t, r, labels) into the one
+    embedding every block adds; a second time r and class labels are for a model built for them, and this one
+    takes neither (a ValueError).
 
     The architecture of guided-diffusion's UNet as torchcfm's CIFAR-10 example configures it:
     residual blocks with the time embedding added, self-attention at the resolutions listed (and in
@@ -660,13 +663,19 @@ class FlowUNet(nn.Module):
         nn.init.zeros_(self.output[-1].weight)
         nn.init.zeros_(self.output[-1].bias)
 
-    def forward(self, x, t):
-        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+    def embed(self, t, r=None, labels=None):
+        """The embedding the blocks add, of the time t (N,) and of what else the model was built to take."""
+        for name, value in (("r", r), ("labels", labels)):
+            if value is not None:
+                raise ValueError(f"FlowUNet: {name} given, but this model was built for the time t alone")
         half = self.time_embed[0].in_features // 2  # sinusoidal features of t as guided-diffusion's (t as given)
-        frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+        frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         angles = t.float()[:, None] * frequencies
         features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
-        embedding = self.time_embed(features.to(self.input_conv.weight.dtype))
+        return self.time_embed(features.to(self.input_conv.weight.dtype))
+
+    def forward(self, x, t, r=None, labels=None):
+        embedding = self.embed(torch.as_tensor(t, device=x.device).expand(x.shape[0]), r, labels)
         h = self.input_conv(x)
         skips = [h]
         for layers in self.down:
