@@ -309,7 +309,7 @@ def _eight_gaussians(count, generator, radius=4.0, std=0.2):
 def _fit(model, batches, coupling="independent", lr=1e-3):
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss = functools.partial(wbflow.rectified_flow_loss, coupling=coupling)
-    return wbflow.train_epoch(model, batches, optimizer, loss, progress=False)["loss"], model
+    return wbflow.train_epoch(model, batches, optimizer, loss, progress=False)["loss"], model.eval()
 
 
 def _w2(samples, held_out):
@@ -644,17 +644,17 @@ def gpu_euler_rows(sizes):
     model = wbflow.FlowUNet(**(sizes["unet"] or _recipe()["model"]), image_size=sizes["image_size"]).to(device)
     for parameter in model.parameters():  # non-zero output layers, so the field is not trivially zero
         torch.nn.init.normal_(parameter, std=0.02)
-    model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    model = (model.to(memory_format=torch.channels_last) if device.type == "cuda" else model).eval()
     generator, shape = torch.Generator(device).manual_seed(0), (3, sizes["image_size"], sizes["image_size"])
     noise = [torch.randn(min(sizes["sample_batch"], sizes["samples"] - start), *shape, device=device,
                          generator=generator) for start in range(0, sizes["samples"], sizes["sample_batch"])]
     seconds = {}
-    for name, dtype in (("bf16", wbflow.autocast_dtype(device, True)), ("float32", None)):  # bf16 first: the faster
-        wbflow.euler_sample(model, noise[0], 1, dtype=dtype)  # warm-up
+    for name, amp_dtype in (("bf16", wbflow.autocast_dtype(device, True)), ("float32", None)):  # bf16 first: faster
+        wbflow.euler_sample(model, noise[0], 1, amp_dtype=amp_dtype)  # warm-up
         _synchronize(device)
         started = time.perf_counter()
         for batch in noise:
-            wbflow.images_to_uint8(wbflow.euler_sample(model, batch, sizes["euler_steps"], dtype=dtype)).cpu()
+            wbflow.images_to_uint8(wbflow.euler_sample(model, batch, sizes["euler_steps"], amp_dtype=amp_dtype)).cpu()
         seconds[name] = time.perf_counter() - started
         yield _row("sampling", f"{sizes['samples']:,} Euler-{sizes['euler_steps']} samples, {name}",
                    f"{_seconds(seconds[name])} ({_rate(sizes['samples'] / seconds[name], 'samples/s')})",

@@ -240,6 +240,7 @@ def _(FlowUNet, tmp_path, fixture):
     model = FlowUNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, head_channels=8, image_size=8,
                      attention_resolutions=(4,))
     assert model(torch.randn(2, 3, 8, 8), torch.rand(2)).shape == (2, 3, 8, 8)
+    assert model.embed(torch.rand(2)).shape == (2, 32)  # 4 x base_channels
 
 
 @call("build_classifier")
@@ -423,7 +424,7 @@ def _(write_submission, tmp_path, fixture):
 @call("euler_sample")
 def _(euler_sample, tmp_path, fixture):
     noise = torch.randn(2, 3)
-    samples = euler_sample(ConstantVelocity(), noise, 4)  # a constant velocity 1 moves x by 1
+    samples = euler_sample(lambda x, t: torch.ones_like(x), noise, 4)  # a constant velocity 1 moves x by 1
     torch.testing.assert_close(samples, noise + 1)
 
 
@@ -445,17 +446,17 @@ def _(sample_flow, tmp_path, fixture):
 
 @call("sample_images")
 def _(sample_images, tmp_path, fixture):
-    model, rng = tiny_flow_model(), torch.get_rng_state()
-    images_uint8, nfe = sample_images(model, 3, nfe=2, batch_size=2, seed=1)
+    model, rng = tiny_flow_model().eval(), torch.get_rng_state()
+    images_uint8, nfe = sample_images(model, 3, device="cpu", nfe=2, batch_size=2, seed=1)
     assert images_uint8.shape == (3, 3, 32, 32) and images_uint8.dtype == torch.uint8 and nfe == 2
-    assert torch.equal(sample_images(model, 3, nfe=2, batch_size=2, seed=1)[0], images_uint8)  # seeded noise
+    assert torch.equal(sample_images(model, 3, device="cpu", nfe=2, batch_size=2, seed=1)[0], images_uint8)  # seeded
     assert torch.equal(torch.get_rng_state(), rng)  # of its own generator
     assert sample_images(tiny_flow_model(), 3, stop=lambda: True) == (None, None)
 
 
 @call("compare_solvers")
 def _(compare_solvers, tmp_path, fixture):
-    rows = compare_solvers(tiny_flow_model(), torch.randn(2, 3, 32, 32), solvers=("euler", "heun"), nfes=(1, 2))
+    rows = compare_solvers(tiny_flow_model().eval(), torch.randn(2, 3, 32, 32), solvers=("euler", "heun"), nfes=(1, 2))
     assert [(row["solver"], row["nfe"]) for row in rows] == [("euler", 1), ("euler", 2), ("heun", 2)]
 
 

@@ -389,6 +389,21 @@ def test_channels_last_bf16_matches_float32_contiguous_on_cuda():
 
 
 @cuda
+def test_sample_images_starts_from_the_cpus_seeded_noise_and_runs_a_velocity_closure_in_bf16_on_cuda():
+    seen = []
+
+    def still(x, t):  # v = 0: the samples are the noise
+        seen.append((x.device.type, t.device.type, torch.is_autocast_enabled("cuda")
+                     and torch.get_autocast_dtype("cuda")))
+        return torch.zeros_like(x)
+
+    images_uint8, nfe = wbflow.sample_images(still, 3, device="cuda", nfe=2, amp_dtype=torch.bfloat16, seed=4)
+    expected = wbflow.images_to_uint8(torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4)))
+    assert torch.equal(images_uint8, expected) and nfe == 2  # uint8 on the CPU, the same noise as a CPU run's
+    assert set(seen) == {("cuda", "cuda", torch.bfloat16)}
+
+
+@cuda
 def test_inception_features_on_cuda_match_the_cpus_within_1e_4(weights_path):
     images_uint8 = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     cpu_features, cpu_logits = wbflow.inception_features(images_uint8, wbflow.load_fid_inception(weights_path))

@@ -136,6 +136,24 @@ def test_smoke_reflow_logs_pairs_that_use_the_teacher_and_a_student_that_uses_th
     assert table["columns"][4] == "straightness" and table["data"][0][4] == pytest.approx(straightness)
 
 
+def test_the_epochs_end_and_the_pair_generation_sample_the_ema_model_in_eval_mode(tmp_path):
+    """The samplers leave the velocity's mode as given: train_flow puts its EMA model in eval mode (no dropout)."""
+    calls = []  # (training mode, inference mode) of every FlowUNet forward
+
+    def record(module, args):
+        if isinstance(module, wbflow.FlowUNet):
+            calls.append((module.training, torch.is_inference_mode_enabled()))
+
+    argv = TINY + ["--no-wandb", "--set", "model.dropout=0.5"]
+    with torch.nn.modules.module.register_module_forward_pre_hook(record):  # removed at the end
+        train_flow.main(argv + ["--out-dir", str(tmp_path / "teacher")])
+        trained = len(calls)
+        train_flow.main(argv + ["--out-dir", str(tmp_path / "student"), "--reflow", str(tmp_path / "teacher" / "last.pt")])
+    sampled = [training for training, inference in calls if inference]
+    assert set(calls[:trained]) == {(True, False), (False, True)}  # the steps; the grid, straightness and table
+    assert sampled and not any(sampled) and (False, True) in calls[trained:]  # and the teacher's pairs
+
+
 def test_load_reflow_pairs_refuses_shards_of_two_generations_or_of_another_teacher(tmp_path):
     def made_by(teacher, folder):
         wbflow.generate_reflow_pairs(lambda noise: wbflow.images_to_uint8(noise), tmp_path / folder, 4, shard_size=2,

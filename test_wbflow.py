@@ -2,12 +2,14 @@
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import math
 import os
 import re
 import pickle
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -865,6 +867,54 @@ def test_flow_unet_output_depends_on_x_and_t_at_every_width(base_channels):
     assert (out - changed_x).abs().max() > 1e-3 * scale
 
 
+# FlowUNet's state_dict as checkpoints hold it (the recipe's model and --smoke's), frozen as the count and sha256 of
+# its "key shape" lines: a model built for the time t alone keeps exactly these, so every checkpoint still loads
+FLOW_UNET_STATE_DICTS = {
+    "default": ({}, 304, "0a02e89f4bd0bf0b6e135a703609bea22cf42d6cd8daa6cf52bf4c21f32d9385"),
+    "smoke": (dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, head_channels=16, dropout=0.0), 128,
+              "0f8441b803c4cc1c55bad500010374792c8efb0c21b60356a1cd2935663324ba")}
+
+
+@pytest.mark.parametrize("name", FLOW_UNET_STATE_DICTS)
+def test_flow_unet_keeps_the_state_dict_keys_and_shapes_its_checkpoints_were_written_with(name):
+    model_config, count, sha256 = FLOW_UNET_STATE_DICTS[name]
+    with torch.device("meta"):  # shapes without the weights
+        state = wbflow.FlowUNet(**model_config).state_dict()
+    lines = "".join(f"{key} {tuple(value.shape)}\n" for key, value in state.items())
+    assert (len(state), hashlib.sha256(lines.encode()).hexdigest()) == (count, sha256)
+
+
+def test_a_saved_flow_unet_loads_strictly_and_gives_the_same_velocity_with_r_and_labels_none(tmp_path):
+    torch.manual_seed(0)
+    saved = wbflow.FlowUNet(**TINY_UNET)
+    for parameter in saved.parameters():
+        nn.init.normal_(parameter, std=0.05)
+    torch.save(saved.state_dict(), tmp_path / "flow_unet.pt")
+    loaded = wbflow.FlowUNet(**TINY_UNET)
+    loaded.load_state_dict(torch.load(tmp_path / "flow_unet.pt", weights_only=True))  # strict: every key, no other
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.7])
+    with torch.no_grad():
+        expected = saved.eval()(x, t)
+        assert torch.equal(loaded.eval()(x, t), expected)
+        assert torch.equal(loaded(x, t, r=None, labels=None), expected)
+
+
+def test_flow_unet_embeds_t_alone_as_guided_diffusions_sinusoidal_features_through_time_embed():
+    model, t = wbflow.FlowUNet(**TINY_UNET), torch.tensor([0.0, 0.25, 1.0])
+    frequencies = torch.exp(-math.log(10000) * torch.arange(8) / 8)  # base_channels 16: 8 of each
+    features = torch.cat([torch.cos(t[:, None] * frequencies), torch.sin(t[:, None] * frequencies)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(t), model.time_embed(features), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("extra", ["r", "labels"])
+def test_a_flow_unet_built_for_t_alone_refuses_r_or_labels_with_a_value_error(extra):
+    model = wbflow.FlowUNet(**TINY_UNET)
+    given = {"r": torch.ones(2), "labels": torch.zeros(2, dtype=torch.long)}[extra]
+    with pytest.raises(ValueError, match=rf"^FlowUNet: {extra} given, but this model was built for the time t alone$"):
+        model(torch.randn(2, 3, 32, 32), torch.rand(2), **{extra: given})
+
+
 def test_channels_last_and_bf16_autocast_paths_match_the_float32_contiguous_ones():
     torch.manual_seed(0)
     model = wbflow.FlowUNet(**TINY_UNET)
@@ -882,21 +932,22 @@ def test_channels_last_and_bf16_autocast_paths_match_the_float32_contiguous_ones
         loss = wbflow.rectified_flow_loss(model, images)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     noise = torch.randn(4, 3, 32, 32)
-    samples = wbflow.euler_sample(model, noise, 4, dtype=torch.bfloat16)
+    samples = wbflow.euler_sample(model, noise, 4, amp_dtype=torch.bfloat16)
     assert samples.dtype == torch.float32
     assert (samples - wbflow.euler_sample(model, noise, 4)).abs().max() < 0.1
 
 
 class _LinearField(nn.Module):
-    """v(x, t) = a * x, so x(1) = x(0) * exp(a); counts evaluations and records the modes it ran in."""
+    """v(x, t) = a * x, so x(1) = x(0) * exp(a); counts evaluations and records (inference mode, training mode)
+    of each."""
 
     def __init__(self, a=1.0):
         super().__init__()
-        self.a, self.calls, self.grad_enabled = a, 0, []
+        self.a, self.calls, self.modes = a, 0, []
 
     def forward(self, x, t):
         self.calls += 1
-        self.grad_enabled.append(torch.is_grad_enabled() or self.training)
+        self.modes.append((torch.is_inference_mode_enabled(), self.training))
         return self.a * x
 
 
@@ -906,9 +957,9 @@ def test_euler_and_heun_converge_at_first_and_second_order_with_steps_and_2x_ste
     errors = {}
     for name, evaluations in [("euler", 1), ("heun", 2)]:
         for steps in (10, 20):
-            field = _LinearField().train()
+            field = _LinearField().train()  # the caller's mode: the sampler leaves it as it is
             samples = wbflow.euler_sample(field, noise, steps, heun=name == "heun")
-            assert field.calls == evaluations * steps and not any(field.grad_enabled) and field.training
+            assert field.calls == evaluations * steps and set(field.modes) == {(True, True)} and field.training
             errors[name, steps] = (samples - exact).abs().max().item()
     assert 1.8 < errors["euler", 10] / errors["euler", 20] < 2.2
     assert 3.6 < errors["heun", 10] / errors["heun", 20] < 4.4
@@ -928,6 +979,66 @@ def test_compare_solvers_gives_one_row_per_solver_and_budget():
     assert [(row["solver"], row["nfe"]) for row in rows[:5]] == [
         ("euler", 1), ("euler", 2), ("euler", 4), ("heun", 2), ("heun", 4)]
     assert rows[5]["solver"] == "rk45" and rows[5]["nfe"] > 0 and len(rows) == 6
+
+
+def test_euler_and_heun_sample_a_model_bit_for_bit_as_a_hand_written_loop_does_in_the_callers_mode():
+    torch.manual_seed(0)
+    model = wbflow.FlowUNet(**{**TINY_UNET, "dropout": 0.3}).eval()  # the caller's eval mode: no dropout
+    for parameter in model.parameters():
+        nn.init.normal_(parameter, std=0.05)
+    noise, steps = torch.randn(2, 3, 32, 32), 3
+    times = torch.linspace(0.0, 1.0, steps + 1).tolist()
+    euler, heun = noise.clone(), noise.clone()
+    with torch.inference_mode():
+        for t_now, t_next in zip(times[:-1], times[1:]):
+            dt, now, after = t_next - t_now, torch.full((2,), t_now), torch.full((2,), t_next)
+            euler.add_(model(euler, now), alpha=dt)
+            velocity = model(heun, now)
+            heun.add_((velocity + model(heun + dt * velocity, after)) / 2, alpha=dt)
+    assert torch.equal(wbflow.euler_sample(model, noise, steps), euler)
+    assert torch.equal(wbflow.sample_flow(model, noise, "heun", 2 * steps)[0], heun)
+    assert not torch.equal(wbflow.euler_sample(model.train(), noise, steps), euler)  # dropout on: the mode is as given
+
+
+def test_every_sampler_takes_a_plain_velocity_function_and_runs_it_in_inference_mode_under_amp_dtype():
+    calls = []
+
+    def velocity(x, t):  # v = 1 + 2t: x(1) = x(0) + 2
+        calls.append((t.shape, torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu")
+                      and torch.get_autocast_dtype("cpu")))
+        return (1 + 2 * t)[:, None].expand_as(x)
+
+    noise = torch.randn(3, 2)
+    torch.testing.assert_close(wbflow.euler_sample(velocity, noise, 4, heun=True, amp_dtype=torch.bfloat16), noise + 2)
+    assert set(calls) == {((3,), True, torch.bfloat16)} and len(calls) == 8
+    calls.clear()
+    samples, nfe = wbflow.rk45_sample(velocity, noise, tolerance=1e-6)
+    torch.testing.assert_close(samples, noise + 2)
+    assert len(calls) == nfe and set(calls) == {((3,), True, False)}
+    rows = wbflow.compare_solvers(velocity, noise, nfes=(1, 2), amp_dtype=torch.bfloat16)
+    assert [(row["solver"], row["nfe"]) for row in rows][:3] == [("euler", 1), ("euler", 2), ("heun", 2)]
+    torch.testing.assert_close(rows[2]["images"], noise + 2)  # Heun: exact for v linear in t
+    # the velocities at t = 0, 1/4, 2/4, 3/4: 1 + 2t has variance 4 * 5/64 over them
+    assert wbflow.straightness(velocity, noise, steps=4, amp_dtype=torch.bfloat16) == pytest.approx(20 / 64)
+    images_uint8, nfe = wbflow.sample_images(velocity, 3, device="cpu", shape=(2,), solver="heun", nfe=2, seed=5)
+    generator = torch.Generator().manual_seed(5)
+    assert nfe == 2 and torch.equal(images_uint8, wbflow.images_to_uint8(torch.randn(3, 2, generator=generator) + 2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.integers(1, 64), a=st.floats(-4, 4), b=st.floats(-4, 4), seed=st.integers(0, 2**16))
+def test_euler_is_exact_for_a_constant_velocity_and_heun_for_one_linear_in_t(steps, a, b, seed):
+    noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(seed))
+
+    def linear(x, t):
+        return (a + b * t)[:, None].expand_as(x)
+
+    def close(samples, expected):  # float32 steps of values up to about 16
+        torch.testing.assert_close(samples, expected, rtol=0, atol=1e-4)
+
+    close(wbflow.euler_sample(lambda x, t: torch.full_like(x, a), noise, steps), noise + a)
+    close(wbflow.euler_sample(linear, noise, steps, heun=True), noise + a + b / 2)
+    close(wbflow.euler_sample(linear, noise, steps), noise + a + b / 2 - b / (2 * steps))  # Euler: a left Riemann sum
 
 
 def _mixture_of_gaussians(count, generator, modes=8, radius=4.0, std=0.3):
@@ -1066,6 +1177,22 @@ def tiny_flow_checkpoint(path):
     ema = wbflow.make_ema(wbflow.FlowUNet(**model_config))
     return wbflow.save_checkpoint({"ema": ema.state_dict(), "config": {"model": model_config}, "epoch": 1,
                                    "global_step": 2, "driver": "train_flow"}, path)
+
+
+def test_eval_samples_the_checkpoints_ema_model_in_eval_mode_on_its_device(tmp_path, monkeypatch, weights_path):
+    monkeypatch.setenv("WBFLOW_FID_WEIGHTS", weights_path)
+    checkpoint = tiny_flow_checkpoint(tmp_path / "checkpoint_epoch_1.pt")
+    seen = []
+
+    def sample_images(velocity, count, **options):  # what --eval hands the sampler; then a stop, as Ctrl-C's
+        seen.append((velocity.training, options["device"], count))
+        return None, None
+
+    monkeypatch.setattr(wbflow, "sample_images", sample_images)
+    with pytest.raises(SystemExit) as stopped:
+        train_flow.main(["--smoke", "--eval", "--checkpoint", str(checkpoint), "--metric", "is", "--num-samples", "3",
+                         "--out-dir", str(tmp_path / "out")])
+    assert stopped.value.code == 128 + signal.SIGINT and seen == [(False, torch.device("cpu"), 3)]
 
 
 def test_eval_logs_fid_and_inception_score_against_cached_training_statistics(offline_wandb, cifar_dir, tmp_path,

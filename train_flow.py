@@ -446,13 +446,14 @@ def epoch_end(epoch, ema_module, statistics, config, stop, *, amp_dtype):
     from no global RNG, so an end cut short is done again, whole: None on every rank when a stop came first."""
     training, logging, evaluation, sampling = (config[key] for key in ("training", "logging", "eval", "sampling"))
     (rank, world_size), device = wbflow.rank_and_world_size(), next(ema_module.parameters()).device
+    ema_module.eval()  # the velocity every sampler below calls, without dropout
     out_dir, solver, nfe, tolerance = (Path(config["data"]["out_dir"]), sampling["solver"], sampling["nfe"],
                                        sampling["rk45_tolerance"])
     end, stopped = {"scores": {}, "straightness": {}, "grid": None, "rows": []}, False
     if evaluation["fid_interval"] and epoch % evaluation["fid_interval"] == 0:
         count = evaluation["fid_num_samples"]
         samples_uint8, _ = wbflow.sample_images(  # as many batches, so as many stop checks, on every rank
-            ema_module, -(-count // world_size), solver=solver, nfe=nfe, tolerance=tolerance,
+            ema_module, -(-count // world_size), device=device, solver=solver, nfe=nfe, tolerance=tolerance,
             batch_size=evaluation["sample_batch_size"], seed=sampling["seed"] + 1 + rank,
             stop=lambda: any(wbflow.gather_from_ranks(stop.is_set())))
         stopped = samples_uint8 is None
@@ -466,13 +467,13 @@ def epoch_end(epoch, ema_module, statistics, config, stop, *, amp_dtype):
     if rank == 0 and not stopped and epoch % logging["log_images_interval"] == 0:
         stopped = stop.is_set()  # before the grid
         if not stopped:
-            samples, used = wbflow.sample_flow(ema_module, noise, solver, nfe, tolerance=tolerance, dtype=amp_dtype)
+            samples, used = wbflow.sample_flow(ema_module, noise, solver, nfe, tolerance=tolerance, amp_dtype=amp_dtype)
             end["grid"], end["caption"] = wbflow.sample_grid(samples), f"epoch {epoch}, EMA, {solver} NFE {used}"
             wbflow.save_png(end["grid"], out_dir / "samples" / f"epoch_{epoch:04d}.png")
     if rank == 0 and not stopped and (epoch % training["sample_interval"] == 0 or epoch == training["epochs"]):
-        straight = wbflow.straightness(ema_module, noise, sampling["nfe"], dtype=amp_dtype)
+        straight = wbflow.straightness(ema_module, noise, sampling["nfe"], amp_dtype=amp_dtype)
         end["straightness"] = {"eval/straightness": straight}
-        end["rows"] = solver_rows(ema_module, noise, epoch, out_dir, sampling, straight, dtype=amp_dtype,
+        end["rows"] = solver_rows(ema_module, noise, epoch, out_dir, sampling, straight, amp_dtype=amp_dtype,
                                   stop=stop.is_set)
         stopped = end["rows"] is None
     return None if wbflow.gather_from_ranks(stopped)[0] else end  # rank 0's account
@@ -530,11 +531,11 @@ def scores(samples_uint8, inception, statistics=None, *, inception_score=True, b
     return metrics
 
 
-def solver_rows(model, noise, epoch, out_dir, sampling, straightness, *, dtype, stop):
+def solver_rows(model, noise, epoch, out_dir, sampling, straightness, *, amp_dtype, stop):
     """This epoch's rows of eval/samples_table (None when stop() cut them short), their grids in PNGs named
     relative to out_dir, so the rows in a checkpoint survive moving the folder."""
     compared = wbflow.compare_solvers(model, noise, solvers=sampling["table_solvers"], nfes=sampling["table_nfes"],
-                                      tolerance=sampling["rk45_tolerance"], dtype=dtype, stop=stop)
+                                      tolerance=sampling["rk45_tolerance"], amp_dtype=amp_dtype, stop=stop)
     return None if compared is None else [
         {**{key: row[key] for key in ("solver", "nfe", "seconds")}, "epoch": epoch, "straightness": straightness,
          "samples": str(wbflow.save_png(
@@ -571,6 +572,7 @@ def reflow_pairs(teacher, teacher_checkpoint, config, parts, amp_dtype, *, initi
     if initialise:
         parts["ema"].load_state_dict(state["ema"])
         parts["model"].load_state_dict(parts["ema"].module.state_dict())
+        parts["ema"].module.eval()  # the teacher's velocity, without dropout
         others = wbflow.reflow_shards(folder, reflow["num_pairs"], **generation)[1]
         if others and not overwrite:  # never mixed with this teacher's pairs
             other, why = next(iter(others.items()))
@@ -588,7 +590,7 @@ def reflow_pairs(teacher, teacher_checkpoint, config, parts, amp_dtype, *, initi
             with wbflow.exit_on_error("train_flow.py", (ValueError,)):
                 written = wbflow.generate_reflow_pairs(
                     lambda noise: wbflow.images_to_uint8(wbflow.sample_flow(
-                        parts["ema"].module, noise, reflow["solver"], reflow["nfe"], dtype=amp_dtype,
+                        parts["ema"].module, noise, reflow["solver"], reflow["nfe"], amp_dtype=amp_dtype,
                         tolerance=sampling["rk45_tolerance"])[0]), folder, reflow["num_pairs"], stop=stop.is_set,
                     rank=rank, world_size=world_size, device=next(parts["ema"].parameters()).device, **generation)
             if written is None:
@@ -624,12 +626,13 @@ def evaluate(args, config):
     # seeded noise; SIGTERM or Ctrl-C stops between sampling batches or after the Inception pass, saving nothing
     ema_model = wbflow.make_ema(wbflow.FlowUNet(**state["config"]["model"]).to(device))
     ema_model.load_state_dict(state["ema"])
+    ema_model.module.eval()
     try:
         with wbflow.stop_on_signals() as stop:
             with wbflow.exit_on_error("train_flow.py", (ValueError,)):  # before sampling: nothing fails after it
                 statistics = None if metric == "is" else fid_statistics(real_images, config, device, progress=True)
             samples_uint8, used = wbflow.sample_images(
-                ema_model.module, args.num_samples, solver=sampling["solver"], nfe=sampling["nfe"],
+                ema_model.module, args.num_samples, device=device, solver=sampling["solver"], nfe=sampling["nfe"],
                 tolerance=sampling["rk45_tolerance"], batch_size=evaluation["sample_batch_size"], seed=sampling["seed"],
                 stop=stop.is_set, progress=True)
             if samples_uint8 is None:

@@ -610,7 +610,10 @@ class _FlowResample(nn.Module):
 
 
 class FlowUNet(nn.Module):
-    """A time-conditioned UNet for velocity fields, called as model(x, t) with t (N,) in [0, 1].
+    """A time-conditioned UNet for velocity fields, called as model(x, t) with t (N,) in [0, 1] (a velocity
+    callable for the samplers), or model(x, t, r=None, labels=None): `embed` turns (t, r, labels) into the one
+    embedding every block adds; a second time r and class labels are for a model built for them, and this one
+    takes neither (a ValueError).
 
     The architecture of guided-diffusion's UNet as torchcfm's CIFAR-10 example configures it:
     residual blocks with the time embedding added, self-attention at the resolutions listed (and in
@@ -660,13 +663,19 @@ class FlowUNet(nn.Module):
         nn.init.zeros_(self.output[-1].weight)
         nn.init.zeros_(self.output[-1].bias)
 
-    def forward(self, x, t):
-        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+    def embed(self, t, r=None, labels=None):
+        """The embedding the blocks add, of the time t (N,) and of what else the model was built to take."""
+        for name, value in (("r", r), ("labels", labels)):
+            if value is not None:
+                raise ValueError(f"FlowUNet: {name} given, but this model was built for the time t alone")
         half = self.time_embed[0].in_features // 2  # sinusoidal features of t as guided-diffusion's (t as given)
-        frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+        frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         angles = t.float()[:, None] * frequencies
         features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
-        embedding = self.time_embed(features.to(self.input_conv.weight.dtype))
+        return self.time_embed(features.to(self.input_conv.weight.dtype))
+
+    def forward(self, x, t, r=None, labels=None):
+        embedding = self.embed(torch.as_tensor(t, device=x.device).expand(x.shape[0]), r, labels)
         h = self.input_conv(x)
         skips = [h]
         for layers in self.down:
@@ -830,9 +839,9 @@ def autocast_dtype(device, amp=None):
     """The autocast dtype for `device`, or None for full precision.
 
     amp=None means on for CUDA (bf16 where supported, otherwise fp16) and off on CPU; amp=True on
-    CPU uses bf16; amp=False is always off. train_step, train_epoch and validate take its answer as
-    amp_dtype, the samplers as dtype.
-    Usage: dtype = autocast_dtype(torch.device("cuda"))  # torch.bfloat16 on an A100
+    CPU uses bf16; amp=False is always off. train_step, train_epoch, validate and the samplers take its
+    answer as amp_dtype.
+    Usage: amp_dtype = autocast_dtype(torch.device("cuda"))  # torch.bfloat16 on an A100
     """
     device = torch.device(device)
     if not (device.type == "cuda" if amp is None else amp):
@@ -1265,96 +1274,94 @@ def write_submission(path, names, probs, class_names, fallback=0):
 
 # ----------------------------------------------------------------------------- sampling
 
-def euler_sample(model, noise, steps, *, heun=False, dtype=None):
-    """Integrate dx/dt = model(x, t) from t=0 (noise) to t=1 (data) in `steps` equal steps: Euler
-    (one model evaluation a step) or, with heun=True, Heun's second-order method (two). Runs in
-    inference mode and eval mode (the model's mode is restored); `dtype` is an autocast dtype
-    (e.g. wbflow.autocast_dtype(device)) or None for float32. Returns float32 samples.
+def euler_sample(velocity, noise, steps, *, heun=False, amp_dtype=None):
+    """Integrate dx/dt = velocity(x, t) from t=0 (noise) to t=1 (data) in `steps` equal steps: Euler (one
+    evaluation a step) or, with heun=True, Heun's second-order method (two). `velocity` is any callable of
+    (x, t) with t an (N,) tensor: a model (put in eval mode by the caller; the mode is left as it is) or a
+    closure around one. Runs in inference mode, under autocast in `amp_dtype` (e.g.
+    wbflow.autocast_dtype(device); None for float32). Returns float32 samples.
 
-    Usage: images = euler_sample(ema_model.module, torch.randn(64, 3, 32, 32), steps=100)
+    Usage: images = euler_sample(ema_model.module.eval(), torch.randn(64, 3, 32, 32), steps=100)
     """
-    was_training, x = model.training, noise.float().clone()
-    model.eval()
-    times = torch.linspace(0.0, 1.0, steps + 1).tolist()
-    t = torch.empty(x.shape[0], device=x.device)
-    with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype or torch.float32,
-                                                enabled=dtype is not None):
+    x, times = noise.float().clone(), torch.linspace(0.0, 1.0, steps + 1).tolist()
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
+                                                enabled=amp_dtype is not None):
         for t_now, t_next in zip(times[:-1], times[1:]):
             dt = t_next - t_now
-            velocity = model(x, t.fill_(t_now))
+            v = velocity(x, torch.full((x.shape[0],), t_now, device=x.device))
             if heun:
-                velocity = (velocity + model(x + dt * velocity, t.fill_(t_next))) / 2
-            x.add_(velocity, alpha=dt)
-    model.train(was_training)
+                v = (v + velocity(x + dt * v, torch.full((x.shape[0],), t_next, device=x.device))) / 2
+            x.add_(v, alpha=dt)
     return x
 
 
-def rk45_sample(model, noise, *, tolerance=1e-5, dtype=None):
-    """Integrate the flow ODE from t=0 to 1 with adaptive RK45 (scipy.integrate.solve_ivp, float64
-    state, rtol = atol = `tolerance`); returns (samples float32, number of model evaluations used).
+def rk45_sample(velocity, noise, *, tolerance=1e-5, amp_dtype=None):
+    """Integrate dx/dt = velocity(x, t) (as in euler_sample) from t=0 to 1 with adaptive RK45
+    (scipy.integrate.solve_ivp, float64 state, rtol = atol = `tolerance`); returns (samples float32, number of
+    velocity evaluations used).
 
-    Usage: images, nfe = rk45_sample(ema_model.module, torch.randn(64, 3, 32, 32), tolerance=1e-5)
+    Usage: images, nfe = rk45_sample(ema_model.module.eval(), torch.randn(64, 3, 32, 32), tolerance=1e-5)
     """
     from scipy.integrate import solve_ivp
-    was_training, shape, device = model.training, noise.shape, noise.device
-    model.eval()
+    shape, device = noise.shape, noise.device
 
-    def velocity(t_now, x_flat):
+    def flat_velocity(t_now, x_flat):
         x = torch.from_numpy(x_flat).to(device=device, dtype=torch.float32).reshape(shape)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
-                                                    enabled=dtype is not None):
-            v = model(x, torch.full((shape[0],), t_now, device=device))
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                    enabled=amp_dtype is not None):
+            v = velocity(x, torch.full((shape[0],), t_now, device=device))
         return v.float().cpu().numpy().reshape(-1).astype(np.float64)
 
-    solution = solve_ivp(velocity, (0.0, 1.0), noise.detach().cpu().double().numpy().reshape(-1),
+    solution = solve_ivp(flat_velocity, (0.0, 1.0), noise.detach().cpu().double().numpy().reshape(-1),
                          method="RK45", rtol=tolerance, atol=tolerance, t_eval=[1.0])
-    model.train(was_training)
     if not solution.success:
         raise RuntimeError(f"RK45 failed: {solution.message}")
     samples = torch.from_numpy(solution.y[:, -1]).reshape(shape).to(device=device, dtype=torch.float32)
     return samples, int(solution.nfev)
 
 
-def sample_flow(model, noise, solver="euler", nfe=100, *, tolerance=1e-5, dtype=None):
-    """Samples from `noise` with solver "euler" (nfe steps), "heun" (nfe // 2 steps of two evaluations) or
-    "rk45" (adaptive at `tolerance`; nfe unused); returns (samples float32, model evaluations used).
+def sample_flow(velocity, noise, solver="euler", nfe=100, *, tolerance=1e-5, amp_dtype=None):
+    """Samples of the velocity callable from `noise` with solver "euler" (nfe steps), "heun" (nfe // 2 steps of
+    two evaluations) or "rk45" (adaptive at `tolerance`; nfe unused); returns (samples float32, evaluations used).
 
-    Usage: images, nfe_used = sample_flow(ema_model.module, torch.randn(64, 3, 32, 32), "heun", 100)
+    Usage: images, nfe_used = sample_flow(ema_model.module.eval(), torch.randn(64, 3, 32, 32), "heun", 100)
     """
     if solver == "rk45":
-        return rk45_sample(model, noise, tolerance=tolerance, dtype=dtype)
+        return rk45_sample(velocity, noise, tolerance=tolerance, amp_dtype=amp_dtype)
     steps = max(1, nfe // 2) if solver == "heun" else nfe
-    return euler_sample(model, noise, steps, heun=solver == "heun", dtype=dtype), steps * (1 + (solver == "heun"))
+    samples = euler_sample(velocity, noise, steps, heun=solver == "heun", amp_dtype=amp_dtype)
+    return samples, steps * (1 + (solver == "heun"))
 
 
-def sample_images(model, count, *, solver="euler", nfe=100, tolerance=1e-5, dtype=None, shape=(3, 32, 32),
-                  batch_size=500, seed=0, stop=None, progress=False):
-    """`count` samples of `model` (solver, nfe, tolerance and dtype as in sample_flow; float32 by default, as
-    published FIDs sample) as uint8 images on the CPU, drawn in batches from seeded noise of their own
-    generator (the global RNG is left as it was), and the evaluations one used: (images_uint8, nfe_used).
-    `stop` (a callable) is checked before each batch; when it returns True, the result is (None, None).
+def sample_images(velocity, count, *, device="cpu", solver="euler", nfe=100, tolerance=1e-5, amp_dtype=None,
+                  shape=(3, 32, 32), batch_size=500, seed=0, stop=None, progress=False):
+    """`count` samples of the velocity callable (solver, nfe, tolerance and amp_dtype as in sample_flow; float32
+    by default, as published FIDs sample) as uint8 images on the CPU, drawn in batches from seeded noise of their
+    own generator (the global RNG is left as it was) moved to `device`, and the evaluations one used:
+    (images_uint8, nfe_used). `stop` (a callable) is checked before each batch; when it returns True, the
+    result is (None, None).
 
-    Usage: images_uint8, nfe_used = sample_images(ema_model.module, 10000, solver="euler", nfe=100)
+    Usage: images_uint8, nfe_used = sample_images(ema_model.module.eval(), 10000, device="cuda", nfe=100)
     """
     from tqdm.auto import tqdm
-    generator, device, batches, used = torch.Generator().manual_seed(seed), next(model.parameters()).device, [], None
+    generator, batches, used = torch.Generator().manual_seed(seed), [], None
     for start in tqdm(range(0, count, batch_size), desc="sampling", unit="batch", disable=not progress, leave=False):
         if stop is not None and stop():
             return None, None
         noise = torch.randn(min(batch_size, count - start), *shape, generator=generator).to(device)
-        samples, used = sample_flow(model, noise, solver, nfe, tolerance=tolerance, dtype=dtype)
+        samples, used = sample_flow(velocity, noise, solver, nfe, tolerance=tolerance, amp_dtype=amp_dtype)
         batches.append(images_to_uint8(samples).cpu())
     return torch.cat(batches), used
 
 
-def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1, 2, 4, 10, 50, 100),
-                    tolerance=1e-5, dtype=None, stop=None):
+def compare_solvers(velocity, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1, 2, 4, 10, 50, 100),
+                    tolerance=1e-5, amp_dtype=None, stop=None):
     """Sample the same noise with every solver at every NFE budget; returns a list of rows
     {"solver", "nfe" (evaluations used), "seconds", "images"}. Heun takes the even budgets (2 per
     step), RK45 runs once at `tolerance` and reports the evaluations it needed. `stop` (a callable, e.g.
     stop_on_signals()'s event.is_set) is checked before each row: when it returns True, the result is None.
 
-    Usage: rows = compare_solvers(ema_model.module, fixed_noise, nfes=(1, 2, 4, 10, 50, 100))
+    Usage: rows = compare_solvers(ema_model.module.eval(), fixed_noise, nfes=(1, 2, 4, 10, 50, 100))
     """
     rows = []
     for solver in solvers:
@@ -1362,33 +1369,28 @@ def compare_solvers(model, noise, *, solvers=("euler", "heun", "rk45"), nfes=(1,
             if stop is not None and stop():
                 return None
             started = time.perf_counter()
-            images, used = sample_flow(model, noise, solver, budget, tolerance=tolerance, dtype=dtype)
+            images, used = sample_flow(velocity, noise, solver, budget, tolerance=tolerance, amp_dtype=amp_dtype)
             rows.append({"solver": solver, "nfe": used, "seconds": time.perf_counter() - started, "images": images})
     return rows
 
 
-class _VelocitySums(nn.Module):
-    # the model, summing the velocities it returns and their squares (float64), for straightness
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.total, self.squares = model, 0.0, 0.0
-
-    def forward(self, x, t):
-        velocity = self.model(x, t)
-        self.total, self.squares = self.total + velocity.double(), self.squares + velocity.double().square()
-        return velocity
-
-
-def straightness(model, noise, steps=100, *, dtype=None):
-    """RectifiedFlow's straightness S of `model`'s own Euler trajectory from `noise` (`steps` steps):
-    the mean over steps of the per-dimension mean of ((x_1 - x_0) - v(x_t, t))^2; 0 for a straight
+def straightness(velocity, noise, steps=100, *, amp_dtype=None):
+    """RectifiedFlow's straightness S of the velocity callable's own Euler trajectory from `noise` (`steps`
+    steps): the mean over steps of the per-dimension mean of ((x_1 - x_0) - v(x_t, t))^2; 0 for a straight
     flow. Since x_1 - x_0 is the mean velocity, this is mean(v^2) - (x_1 - x_0)^2, in one pass.
 
-    Usage: eval_straightness = straightness(ema_model.module, fixed_noise, steps=100)
+    Usage: eval_straightness = straightness(ema_model.module.eval(), fixed_noise, steps=100)
     """
-    sums = _VelocitySums(model)
-    euler_sample(sums, noise, steps, dtype=dtype)
-    return (sums.squares / steps - (sums.total / steps).square()).mean().clamp(min=0).item()
+    total = squares = 0.0  # of the velocities, in float64
+
+    def summed_velocity(x, t):
+        nonlocal total, squares
+        v = velocity(x, t)
+        total, squares = total + v.double(), squares + v.double().square()
+        return v
+
+    euler_sample(summed_velocity, noise, steps, amp_dtype=amp_dtype)
+    return (squares / steps - (total / steps).square()).mean().clamp(min=0).item()
 
 
 # ----------------------------------------------------------------------------- reflow
