@@ -108,13 +108,13 @@ def test_the_download_as_it_is_trains_and_logs_macro_f1_and_each_class_f1_every_
     _, val_samples, _ = wbflow.find_image_samples(data, class_names=SEED_CLASSES, val_split=0.2, seed=0)
     model = wbflow.build_classifier("resnet18", 5)
     model.load_state_dict(best["model"])
-    probs, labels = wbflow.predict_dataset(model, wbflow.ImageSamples(
+    logits, labels = wbflow.predict_logits(model, wbflow.ImageSamples(
         val_samples, wbflow.image_transforms(32, train=False)))
-    f1, macro_f1 = wbflow.f1_scores(labels.tolist(), probs.argmax(1).tolist(), 5)
+    f1, macro_f1 = wbflow.f1_scores(labels.tolist(), logits.argmax(1).tolist(), 5)
     assert {name: best_row[f"val_f1/{name}"] for name in SEED_CLASSES if f"val_f1/{name}" in best_row} == (
         pytest.approx({name: f for name, f in zip(SEED_CLASSES, f1) if f == f}))
     from torchmetrics.classification import MulticlassF1Score
-    assert best_row["val_macro_f1"] == pytest.approx(float(MulticlassF1Score(5, average="macro")(probs.argmax(1), labels)))
+    assert best_row["val_macro_f1"] == pytest.approx(float(MulticlassF1Score(5, average="macro")(logits.argmax(1), labels)))
     assert [a["metadata"]["val_macro_f1"] for a in log.artifacts if a["type"] == "model"][-1] == best["val_macro_f1"]
 
 
@@ -220,7 +220,7 @@ def test_predict_writes_a_line_for_every_listed_image_in_the_lists_order_and_log
     [model] = [a for a in log.artifacts if a["type"] == "model"]
     assert model["name"] == f"model-{training_log.run_id}" and model["used"]
     table = table_json(offline_wandb, "predictions")
-    assert table["columns"] == ["image", "label", "confidence"] and len(table["data"]) == 6
+    assert table["columns"] == ["image", "predicted", "confidence"] and len(table["data"]) == 6  # no true labels
     assert [row[1] for row in table["data"]] == [line.split("\t")[1] for line in lines if "0badc0de" not in line]
     [artifact] = [a for a in log.artifacts if a["type"] == "submission"]
     assert artifact["files"] == ["submission.txt"] and artifact["metadata"]["images"] == 7
@@ -329,11 +329,11 @@ def test_predict_tta_averages_the_probabilities_of_each_image_and_its_mirror():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
     images = torch.randn(5, 3, 4, 4)
     dataset = torch.utils.data.TensorDataset(images, torch.zeros(5))
-    probs, _ = wbflow.predict_dataset(model, dataset, batch_size=2, tta=True)
+    logits, _ = wbflow.predict_logits(model, dataset, batch_size=2, tta=True)
     with torch.no_grad():
         expected = (model(images).softmax(1) + model(images.flip(3)).softmax(1)) / 2
-    torch.testing.assert_close(probs, expected)
-    assert not torch.allclose(probs, model(images).softmax(1))
+    torch.testing.assert_close(logits.softmax(1), expected)
+    assert not torch.allclose(logits.softmax(1), model(images).softmax(1))
 
 
 def test_predict_on_a_labelled_list_prints_and_logs_its_accuracy_and_macro_f1(trained, offline_wandb, tmp_path, capsys):
@@ -402,13 +402,68 @@ def test_the_balanced_sampler_draws_each_class_equally_often_seeded_shared_by_th
 
 def test_label_smoothing_goes_into_the_cross_entropy(tmp_path):
     args = train_fire.parse_args(fire_args(tmp_path, tmp_path / "out", "--label-smoothing", "0.2"))
-    _, _, (loss_fn, val_loss_fn, val_batches), _ = train_fire.build_model(args, 3, [0, 1, 2], 1, torch.device("cpu"), 1)
-    model, images, labels = nn.Linear(4, 3), torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
-    loss, _, _ = loss_fn(model, (images, labels))
-    torch.testing.assert_close(loss, F.cross_entropy(model(images), labels, label_smoothing=0.2))
-    assert not val_batches  # only validation's batches are noted
-    torch.testing.assert_close(val_loss_fn(model, (images, labels))[0], loss)
-    assert torch.equal(val_batches[0], torch.stack([labels, model(images).argmax(dim=1)]))
+    criterion = train_fire.build_model(args, 3, [0, 1, 2], 1, torch.device("cpu")).criterion  # also val_loss's
+    logits, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    torch.testing.assert_close(criterion(logits, labels), F.cross_entropy(logits, labels, label_smoothing=0.2))
+
+
+# ----------------------------------------------------------------------------- the smoke run and its generated data
+
+def test_write_pattern_dataset_writes_the_competitions_layout_with_classes_a_small_cnn_learns(tmp_path):
+    counts = {"高风险": 24, "中风险": 24, "低风险": 24, "无风险": 24, "非楼道": 24, "sixth": 24}
+    labelled, test = wbflow.write_pattern_dataset(tmp_path, counts, test_images=60, size=24, seed=1)
+    rows, classes = wbflow.list_images(tmp_path / "train.txt")  # name<TAB>label, found in train/
+    assert {name: classes[label] for name, _, label in rows} == labelled and sorted(classes) == sorted(counts)
+    assert [line for line in (tmp_path / "A.txt").read_text(encoding="utf-8").splitlines()] == list(test)
+    assert all((tmp_path / "A" / name).is_file() for name in test) and set(test.values()) <= set(counts)
+    assert wbflow.write_pattern_dataset(tmp_path / "again", counts, test_images=60, size=24, seed=1) == (labelled, test)
+    train_set = wbflow.ImageSamples([(path, label) for _, path, label in rows],
+                                    wbflow.image_transforms(24, train=True, crop_scale=(0.5, 1)))
+    test_set = wbflow.ImageSamples([(str(tmp_path / "A" / name), classes.index(label)) for name, label in test.items()],
+                                   wbflow.image_transforms(24, train=False))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 6))
+    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(8):  # epochs: flips and crops keep each class's shape
+        for images, labels in torch.utils.data.DataLoader(train_set, batch_size=16, shuffle=True):
+            optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    logits, labels = wbflow.predict_logits(model, test_set)
+    assert (logits.argmax(1) == labels).double().mean() > 0.6  # chance: 1/6
+
+
+def test_smoke_flags_given_win_over_its_defaults():
+    smoke = train_fire.parse_args(["--smoke", "--epochs", "1", "--out-dir", "elsewhere"])
+    assert (smoke.epochs, smoke.out_dir, smoke.model, smoke.weights, smoke.data_dir) == (
+        1, "elsewhere", "resnet18", "none", None)  # no --data-dir: its own data, in OUT/data
+    assert train_fire.parse_args(["--smoke", "--data-dir", "data/fire"]).data_dir == "data/fire"
+    assert train_fire.parse_args([]).model == "resnet50"
+
+
+def test_smoke_writes_the_download_trains_on_the_cpu_offline_and_writes_the_submission(
+        offline_wandb, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_MODE")  # the smoke run sets it
+    out = tmp_path / "smoke"
+    train_fire.main(["--smoke", "--out-dir", str(out)])
+    assert os.environ["WANDB_MODE"] == "offline"
+    train_run, predict_run = run_logs(offline_wandb)
+    assert train_run.exit_code == predict_run.exit_code == 0
+    assert (train_run.config["device"], train_run.config["model"], train_run.config["epochs"]) == ("cpu", "resnet18", 2)
+    assert sorted(train_run.config["classes"]) == sorted(SEED_CLASSES)  # the download's labels, read from train.txt
+    epochs = train_run.rows_with("val_acc")
+    assert [row["epoch"] for row in epochs] == [0, 1]
+    for row in epochs:  # the seed's keys, every epoch
+        assert {"epoch", "epoch/train_loss", "epoch/train_acc", "val_loss", "val_acc", "val_macro_f1"} <= set(row)
+        assert any(key.startswith("val_f1/") for key in row)
+    assert train_run.rows_with("best_val_acc") and train_run.rows_with("confusion_matrix_table")
+    listed = (out / "data" / "A.txt").read_text(encoding="utf-8").splitlines()
+    lines = (out / "submission.txt").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(listed) == 20 and [line.split("\t")[0] for line in lines] == listed
+    assert {line.split("\t")[1] for line in lines} <= set(SEED_CLASSES) and (out / "predictions.csv").is_file()
+    assert predict_run.config["predict"] == str(out / "data" / "A.txt")
+    assert f"20 predictions (0 unreadable: 无风险) in {out / 'submission.txt'}" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- refusals: one line, before any work

@@ -168,6 +168,13 @@ def _(synthetic_images, tmp_path, fixture):
     assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8 and torch.equal(images, synthetic_images(2, size=8))
 
 
+@call("write_pattern_dataset")
+def _(write_pattern_dataset, tmp_path, fixture):
+    labelled, test = write_pattern_dataset(tmp_path, {"a": 2, "b": 1}, test_images=2, size=8)
+    assert sorted(labelled.values()) == ["a", "a", "b"] and len(test) == 2
+    assert wbflow.list_images(tmp_path / "train.txt")[1] == ["a", "b"]
+
+
 @call("DeviceImageLoader")
 def _(DeviceImageLoader, tmp_path, fixture):
     loader = DeviceImageLoader(torch.full((8, 3, 4, 4), 255, dtype=torch.uint8), 4)
@@ -395,11 +402,12 @@ def _(gather_from_ranks, tmp_path, fixture):
     assert gather_from_ranks({"rank": 0}) == [{"rank": 0}]
 
 
-@call("predict_dataset")
-def _(predict_dataset, tmp_path, fixture):
+@call("predict_logits")
+def _(predict_logits, tmp_path, fixture):
     dataset = torch.utils.data.TensorDataset(torch.randn(5, 3, 2, 2), torch.arange(5) % 3)
-    probs, labels = predict_dataset(tiny_classifier(), dataset, batch_size=2)
-    assert probs.shape == (5, 3) and torch.allclose(probs.sum(1), torch.ones(5)) and labels.tolist() == [0, 1, 2, 0, 1]
+    logits, labels = predict_logits(tiny_classifier(), dataset, batch_size=2, tta=True)
+    assert logits.shape == (5, 3) and torch.allclose(logits.softmax(1).sum(1), torch.ones(5))
+    assert labels.tolist() == [0, 1, 2, 0, 1]
 
 
 @call("predict_images")
@@ -688,6 +696,7 @@ def _(log_classification_report, tmp_path, fixture):
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
     with offline_run(fixture) as run:
         report = log_classification_report(run, probs, torch.tensor([0, 1, 0]), ["x", "y"], step=3)
+        assert log_classification_report(run, probs, None, ["x", "y"]) == {}  # a test list: the table alone
     assert report == {"precision": [1.0, 0.5], "recall": [0.5, 1.0], "support": [2, 1]}
 
 

@@ -157,7 +157,7 @@ def test_compiled_smoke_run_trains_with_the_eager_runs_loss(offline_wandb, tmp_p
 
 
 def test_both_drivers_train_and_validate_in_the_dtype_autocast_dtype_picks(offline_wandb, tmp_path, monkeypatch):
-    """train_epoch and validate take autocast_dtype's answer for the driver's device (on CUDA bf16 or fp16; here
+    """train_epoch and predict_logits take autocast_dtype's answer for the driver's device (on CUDA bf16 or fp16; here
     train_flow is told bf16 as CUDA would be, and train_fire's --amp true asks for it on the CPU)."""
     seen = []
 
@@ -167,7 +167,7 @@ def test_both_drivers_train_and_validate_in_the_dtype_autocast_dtype_picks(offli
             return function(*args, amp_dtype=amp_dtype, **kwargs)
         return call
 
-    for name in ("train_epoch", "validate"):
+    for name in ("train_epoch", "predict_logits"):
         monkeypatch.setattr(wbflow, name, spy(getattr(wbflow, name)))
     asked = wbflow.autocast_dtype
     monkeypatch.setattr(wbflow, "autocast_dtype", lambda device, amp=None: asked(device, True if amp is None else amp))
@@ -177,10 +177,11 @@ def test_both_drivers_train_and_validate_in_the_dtype_autocast_dtype_picks(offli
     seen.clear()
     data = write_pattern_folders(tmp_path / "data", per_class=4)
     train_fire.main(fire_args(data, tmp_path / "fire", "--epochs", "1", "--amp", "true", "--no-wandb"))
-    assert seen == [("train_epoch", torch.bfloat16), ("validate", torch.bfloat16)]
+    assert seen == [("train_epoch", torch.bfloat16), ("predict_logits", torch.bfloat16),  # validation
+                    ("predict_logits", torch.bfloat16)]  # the best model's report
     seen.clear()
     train_fire.main(fire_args(data, tmp_path / "fire-fp32", "--epochs", "1", "--no-wandb"))  # CPU: off
-    assert seen == [("train_epoch", None), ("validate", None)]
+    assert seen == [("train_epoch", None), ("predict_logits", None), ("predict_logits", None)]
 
 
 def test_bf16_autocast_on_the_cpu_trains_flow_unet_and_resnet_with_decreasing_loss():

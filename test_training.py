@@ -308,7 +308,7 @@ def test_train_fire_stopped_by_sigterm_mid_epoch_resumes_the_same_run_with_the_s
     train_fire.main(fire_args(data, tmp_path / "whole", "--epochs", "2"))
     argv = fire_args(data, tmp_path / "split", "--epochs", "2")
     real_loss = wbflow.classification_loss
-    wraps = iter([sigterm_after(7)])  # the training loss_fn, built first (validation's is its own): 5 + 2 steps
+    wraps = iter([sigterm_after(7)])  # the training loss_fn, the only one train_fire builds: 5 + 2 steps
     monkeypatch.setattr(wbflow, "classification_loss", lambda criterion: next(wraps, lambda fn: fn)(real_loss(criterion)))
     with pytest.raises(SystemExit) as stopped:
         train_fire.main(argv)

@@ -282,6 +282,49 @@ def test_train_epoch_and_validate_all_reduce_and_only_rank_0_saves_best(tmp_path
     assert wbflow.load_checkpoint(f"{result_file}.best") == {"rank": 0}
 
 
+def small_conv_classifier():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 3))
+
+
+def indexed_images(count=7):
+    """(image, its index): row i of a prediction must be sample i."""
+    return torch.utils.data.TensorDataset(torch.randn(count, 3, 4, 4, generator=torch.Generator().manual_seed(0)),
+                                          torch.arange(count))
+
+
+def test_predict_logits_is_the_eval_forward_under_autocast_in_dataset_order_and_restores_the_mode():
+    model, dataset = small_conv_classifier().train(), indexed_images()
+    logits, labels = wbflow.predict_logits(model, dataset, batch_size=3)
+    bf16_logits, _ = wbflow.predict_logits(model, dataset, batch_size=3, amp_dtype=torch.bfloat16)
+    assert model.training and labels.tolist() == list(range(7)) and bf16_logits.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model.eval()(dataset.tensors[0]))  # BatchNorm's running statistics
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(bf16_logits, model(dataset.tensors[0]).float())
+
+
+def _predict_worker(rank, world_size, init_file, result_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    model, images_seen = small_conv_classifier(), []
+    model.register_forward_hook(lambda module, inputs, output: images_seen.append(len(inputs[0])))
+    logits, labels = wbflow.predict_logits(model, indexed_images(), batch_size=2, tta=True)
+    torch.save({"logits": logits, "labels": labels, "images_seen": sum(images_seen)}, f"{result_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_predict_logits_on_two_ranks_predicts_a_share_on_each_and_gives_every_rank_all_rows_in_order(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_predict_worker, args=(2, tmp_path / "init", tmp_path / "logits"), nprocs=2)
+    whole, _ = wbflow.predict_logits(small_conv_classifier(), indexed_images(), batch_size=2, tta=True)
+    results = [torch.load(f"{tmp_path / 'logits'}.{rank}", weights_only=True) for rank in range(2)]
+    assert [result["images_seen"] for result in results] == [2 * 4, 2 * 3]  # samples 0, 2, 4, 6 and 1, 3, 5; mirrored
+    for result in results:
+        assert result["labels"].tolist() == list(range(7))
+        torch.testing.assert_close(result["logits"], whole)
+
+
 # ----------------------------------------------------------------------------- W&B run helper
 
 def test_wandb_run_without_wandb_installed_warns_once_and_trains(monkeypatch, capsys):
@@ -1358,7 +1401,7 @@ def test_crashed_run_resumes_in_a_new_wandb_run_for_the_remaining_epochs_and_kee
     out = tmp_path / "checkpoints"
     argv = fire_args(data, out, "--epochs", "3", "--loss", "focal", "--optimizer", "adamw",
                      "--class-weights", "balanced")
-    real_train_epoch, real_validate = wbflow.train_epoch, wbflow.validate
+    real_train_epoch, real_predict_logits = wbflow.train_epoch, wbflow.predict_logits
     val_accs = iter([50.0, 80.0, 60.0])  # epoch 2, after the resume, must not replace epoch 1's best
 
     def killed_in_epoch_2(*args, **kwargs):
@@ -1366,10 +1409,15 @@ def test_crashed_run_resumes_in_a_new_wandb_run_for_the_remaining_epochs_and_kee
             raise KeyboardInterrupt
         return real_train_epoch(*args, **kwargs)
 
-    def scripted_validate(*args, **kwargs):
-        return {**real_validate(*args, **kwargs), "accuracy": next(val_accs)}
+    def scripted_predictions(*args, **kwargs):  # that share of the validation images right; then the report's
+        logits, labels = real_predict_logits(*args, **kwargs)
+        accuracy = next(val_accs, None)
+        if accuracy is None:
+            return logits, labels
+        right = torch.arange(len(labels)) < round(accuracy * len(labels) / 100)
+        return F.one_hot(torch.where(right, labels, (labels + 1) % 5), 5).float(), labels
 
-    monkeypatch.setattr(wbflow, "validate", scripted_validate)
+    monkeypatch.setattr(wbflow, "predict_logits", scripted_predictions)
     monkeypatch.setattr(wbflow, "train_epoch", killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train_fire.main(argv)
@@ -1421,6 +1469,8 @@ def test_torchrun_with_two_processes_logs_one_run_and_saves_one_best_file(offlin
     models = [artifact for artifact in log.artifacts if artifact["type"] == "model"]
     assert len(models) == len(log.rows_with("best_val_acc")) >= 1
     assert [row for row in log.history if logged_media(row, "predictions")]
+    confusion = table_json(offline_wandb, "confusion_matrix_table")  # the report: both ranks' shares, gathered
+    assert sum(row[2] for row in confusion["data"]) == n_val
 
 
 def test_unavailable_imagenet_weights_end_with_a_message_naming_the_file_and_folder(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@
     python train_fire.py --data-dir data/fire --resume runs/fire/last.pth        # continue a killed run
     wandb sweep sweep.yaml                                                        # then: wandb agent <id>
     python train_fire.py --predict data/fire/A.txt --checkpoint runs/fire/best_model.pth   # the submission file
+    python train_fire.py --smoke       # generated data, train, predict, submission: CPU, offline, under a minute
 
 Data: DATA/train/<class>/* and DATA/val/<class>/*; DATA/<class>/* split by a seeded stratified --val-split; a list
 of name<TAB>label or path,label lines; the competition's download (DATA/train.txt, DATA/train/*). W&B keys follow
@@ -15,6 +16,7 @@ predictions table, confusion matrix, per-class precision and recall. OUT/last.pt
 steps with every optimiser step; --batch-size is per process; flags also take the sweep agent's --batch_size=32.
 """
 import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -37,6 +39,9 @@ RESUME_SAME = ("model", "classes", "image_size", "epochs", "world_size", "batch_
                "optimizer", "weight_decay", "grad_clip", "loss", "focal_gamma", "class_weights", "weights", "seed",
                "val_split", "train_images", "val_images", "sampler", "label_smoothing", "best_metric")
 OUT_FILES = ("best_model.pth", "last.pth")  # what this driver writes into --out-dir
+SMOKE_DEFAULTS = {"out_dir": "runs/fire-smoke", "data_dir": None, "model": "resnet18", "weights": "none", "epochs": 2,
+                  "image_size": 32, "batch_size": 8, "learning_rate": 0.001, "num_workers": 0, "num_predictions": 16}
+SMOKE_CLASS_COUNTS = {"高风险": 8, "中风险": 12, "低风险": 16, "无风险": 32, "非楼道": 12}  # imbalanced, as the download
 
 
 def default_num_workers():
@@ -96,6 +101,10 @@ def parse_args(argv=None):
     add("--checkpoint", help="--predict's model file or W&B model artifact (default: OUT/best_model.pth)")
     add("--submission", help="--predict's file or folder, and predictions.csv (default: submission.txt by the model)")
     add("--tta", type=wbflow.str2bool, default=False, help="--predict: average the image's and its mirror's prediction")
+    add("--smoke", type=wbflow.str2bool, default=False, help="the whole workflow in seconds: SMOKE_DEFAULTS (flags "
+        "given win), generated data in OUT/data (unless --data-dir names some), CPU, W&B offline, --predict A.txt")
+    if parser.parse_args(argv).smoke:  # its defaults, under the flags given
+        parser.set_defaults(**SMOKE_DEFAULTS)
     return parser.parse_args(argv)
 
 
@@ -123,7 +132,7 @@ def check_settings(args, world_size):
 
 
 def load_data(args, device, rank, world_size):
-    """The class names, train and validation ImageSamples and their loaders; bad data ends in one line."""
+    """The class names, train and validation ImageSamples and the training loader; bad data ends in one line."""
     with wbflow.exit_on_error("train_fire", (FileNotFoundError, ValueError)):
         train_samples, val_samples, class_names = wbflow.find_image_samples(
             args.data_dir, class_names=args.class_names, val_split=args.val_split, seed=args.seed)
@@ -132,129 +141,147 @@ def load_data(args, device, rank, world_size):
     train_set = wbflow.ImageSamples(train_samples, wbflow.image_transforms(args.image_size, train=True))
     val_set = wbflow.ImageSamples(val_samples, wbflow.image_transforms(args.image_size, train=False))
     weights = wbflow.class_balanced_weights(train_set.labels, len(class_names))[train_set.labels]  # 1 / class count
-    loaders = wbflow.classifier_loaders(train_set, val_set, args.batch_size, num_workers=args.num_workers,
-                                        device=device, seed=args.seed, rank=rank, world_size=world_size,
-                                        sample_weights=weights if args.sampler == "balanced" else None)
+    train_loader, _ = wbflow.classifier_loaders(  # validation: predict_logits shards val_set over the ranks itself
+        train_set, val_set, args.batch_size, num_workers=args.num_workers, device=device, seed=args.seed, rank=rank,
+        world_size=world_size, sample_weights=weights if args.sampler == "balanced" else None)
     if rank == 0:  # each class quoted: a name may hold a space
         print(f"{len(train_set)} training and {len(val_set)} validation images, classes: "
               f"{', '.join(map(repr, class_names))}")
         warn_of_absent_classes(val_set.labels, class_names, "the validation set", "val_macro_f1")
-    return class_names, (train_set, val_set), loaders
+    return class_names, train_set, val_set, train_loader
 
 
-def build_model(args, num_classes, train_labels, steps_per_epoch, device, world_size):
-    """(model, the model to train (DDP across ranks), (loss_fn, validation's loss_fn, the list that one fills with
-    its batches' labels and predictions), trainables: model, optimiser, a cosine schedule over every step, AMP
-    scaler); one-line errors"""
+@dataclasses.dataclass
+class RunState:
+    """What the run trains and where it stands: train_epochs advances it, last.pth holds its checkpoint()."""
+    model: nn.Module  # unwrapped (train_epochs trains it in DDP across the ranks)
+    criterion: object  # (logits, labels) -> loss: training's, and val_loss on every validation image's logits
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # cosine, over every optimiser step of the run
+    scaler: torch.amp.GradScaler
+    config: dict = None  # what W&B and every checkpoint get
+    step: int = 0  # optimiser steps taken: W&B's x-axis
+    best: float = None  # the best --best-metric so far (best_model.pth's); None before the first epoch
+    skipped_steps: int = 0  # steps the fp16 scaler skipped
+    wandb_run_id: str = None
+    epoch: int = 0  # the next epoch to train
+    epoch_state: dict = None  # its train_state when a stop interrupted it: the resume finishes that epoch first
+
+    def checkpoint(self, epoch, train_state=None, last_act=False):
+        """What a resume needs (RESUME_KEYS); last_act marks the run's final write. Every rank gathers its RNG."""
+        return {**{name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scheduler", "scaler")},
+                **{name: getattr(self, name) for name in ("step", "best", "skipped_steps", "wandb_run_id", "config")},
+                "epoch": epoch, "train_state": train_state, "rng": wbflow.gather_from_ranks(wbflow.capture_rng_state()),
+                "wandb_last_act": last_act, "driver": "train_fire"}
+
+
+def build_model(args, num_classes, train_labels, steps_per_epoch, device):
+    """A new run's RunState: model, criterion, optimiser, a per-step cosine schedule, AMP scaler; one-line errors."""
     with wbflow.exit_on_error("train_fire", (FileNotFoundError, ValueError)):
         model = wbflow.build_classifier(args.model, num_classes, args.weights).to(device)
-    train_model = nn.parallel.DistributedDataParallel(
-        model, [device.index] if device.type == "cuda" else None) if world_size > 1 else model
     class_weights = (wbflow.class_balanced_weights(train_labels, num_classes).to(device)
                      if args.class_weights == "balanced" else None)
     criterion = (nn.CrossEntropyLoss(weight=class_weights, label_smoothing=args.label_smoothing) if args.loss == "ce"
                  else functools.partial(wbflow.focal_loss, gamma=args.focal_gamma, alpha=class_weights))
-    val_batches = []
-
-    def criterion_noting_predictions(logits, labels):  # validation's: the labels and predictions behind its F1
-        val_batches.append(torch.stack([labels, logits.argmax(dim=1)]))
-        return criterion(logits, labels)
     optimizer = wbflow.build_optimizer(args.optimizer, model.parameters(), args.learning_rate,
                                        weight_decay=args.weight_decay, fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
-    trainables = {"model": model, "optimizer": optimizer, "scheduler": scheduler,
-                  "scaler": wbflow.make_scaler(device, args.amp)}
-    losses = (wbflow.classification_loss(criterion), wbflow.classification_loss(criterion_noting_predictions),
-              val_batches)
-    return model, train_model, losses, trainables
+    return RunState(model, criterion, optimizer, scheduler, wbflow.make_scaler(device, args.amp))
 
 
-def resume_run(args, trainables, expected, device, rank):
-    """(progress, first epoch, its stopped train_state, config's resumed_from) of a new run, or of --resume: this
-    driver's last.pth holding `expected` (RESUME_SAME; else one line names the first that differs), loaded."""
+def resume_run(args, state, device, rank):
+    """Continue --resume (else a new run: None): this driver's last.pth, holding state.config's RESUME_SAME values
+    (else one line names the first that differs), loaded into `state`; returns config's resumed_from."""
     if not args.resume:
-        return {"step": 0, "best": None, "skipped_steps": 0, "wandb_run_id": None}, 0, None, None
+        return None
+    expected = {key: state.config[key] for key in RESUME_SAME}
     hints = {**{key: f" (a resumed run goes on as the same run: resume with the run's --{key.replace('_', '-')}, "
                      f"or start a new run)" for key in expected},
              "epochs": " (its cosine schedule ends there; changing --epochs would make the learning rate climb "
                        "back up: resume with the run's --epochs, or start a new run)",
              "classes": " (the labels keep their indices: pass --class-names in the checkpoint's order)",
              "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)",
-             "train_images": " (the data is not the data the run trained on: resume with the run's data, or start "
-                             "a new run)"}
-    hints["val_images"] = hints["train_images"]
-    _, state = wbflow.load_checked(args.resume, program="train_fire", flag="--resume", driver="train_fire", device=device,
+             **dict.fromkeys(("train_images", "val_images"), " (the data is not the data the run trained on: resume "
+                                                             "with the run's data, or start a new run)")}
+    _, saved = wbflow.load_checked(args.resume, program="train_fire", flag="--resume", driver="train_fire", device=device,
                                    artifacts=False, required=RESUME_KEYS,
                                    hints={"optimizer": " (best_model.pth holds weights only; resume from OUT/last.pth)"})
     with wbflow.exit_on_error(f"train_fire: --resume {args.resume}", (ValueError,)):
-        wbflow.check_checkpoint(state, driver="train_fire", expected=expected, hints=hints)
-    for name, part in trainables.items():
-        if state[name]:  # the scaler's is empty when saved without fp16 (bf16 or CPU)
-            part.load_state_dict(state[name])
-    wbflow.restore_rng_state(state["rng"][rank])
-    progress = {key: state[key] for key in ("step", "best", "skipped_steps")}
-    progress["wandb_run_id"], resumed_from, wandb_plan = wbflow.wandb_resume_plan(
-        state["wandb_run_id"], state["wandb_last_act"], state["step"], args.resume)
-    start_epoch = state["epoch"] + (state["train_state"] is None)  # a stopped epoch is finished first
+        wbflow.check_checkpoint(saved, driver="train_fire", expected=expected, hints=hints)
+    for name in ("model", "optimizer", "scheduler", "scaler"):
+        if saved[name]:  # the scaler's is empty when saved without fp16 (bf16 or CPU)
+            getattr(state, name).load_state_dict(saved[name])
+    wbflow.restore_rng_state(saved["rng"][rank])
+    state.step, state.best, state.skipped_steps = saved["step"], saved["best"], saved["skipped_steps"]
+    state.wandb_run_id, resumed_from, wandb_plan = wbflow.wandb_resume_plan(
+        saved["wandb_run_id"], saved["wandb_last_act"], saved["step"], args.resume)
+    state.epoch_state = saved["train_state"]  # a stopped epoch's, which train_epochs finishes first
+    state.epoch = saved["epoch"] + (state.epoch_state is None)
     if rank == 0:
-        print(f"resuming epoch {start_epoch} at batch {(state['train_state'] or {'batches': 0})['batches']}, step "
-              f"{state['step']} (best {args.best_metric} {state['best']}) from {args.resume}; "
+        print(f"resuming epoch {state.epoch} at batch {(state.epoch_state or {'batches': 0})['batches']}, step "
+              f"{state.step} (best {args.best_metric} {state.best}) from {args.resume}; "
               f"W&B: {'off' if args.no_wandb else wandb_plan}")
-    return progress, start_epoch, state["train_state"], resumed_from
+    return resumed_from
 
 
-def checkpoint(trainables, progress, config, epoch, train_state=None, last_act=False):
-    """What a resume needs (RESUME_KEYS); last_act marks the run's final write. Every rank gathers its RNG."""
-    return {**{name: part.state_dict() for name, part in trainables.items()}, **progress, "epoch": epoch,
-            "train_state": train_state, "rng": wbflow.gather_from_ranks(wbflow.capture_rng_state()),
-            "wandb_last_act": last_act, "config": config, "driver": "train_fire"}
-
-
-def train_epochs(args, argv, run, stop, train_model, losses, trainables, loaders, progress, config, start, out_dir):
-    """From `start` (first epoch, its stopped train_state): train (a stop saves and exits), validate, best, log."""
-    (train_loader, val_loader), (start_epoch, epoch_state), (loss_fn, val_loss_fn, val_batches) = loaders, start, losses
-    model, master = trainables["model"], wbflow.rank_and_world_size()[0] == 0  # rank 0 prints and writes
-    device = next(model.parameters()).device
-    amp_dtype = wbflow.autocast_dtype(device, args.amp)
+def train_epochs(args, argv, run, stop, state, data):
+    """From state.epoch: train (a stop saves and exits), validate, best, log, last.pth; then the best model's report."""
+    (train_loader, val_set), out_dir, (rank, world_size) = data, Path(args.out_dir), wbflow.rank_and_world_size()
+    device, master, classes = next(state.model.parameters()).device, rank == 0, state.config["classes"]  # 0 writes
+    amp_dtype, loss_fn = wbflow.autocast_dtype(device, args.amp), wbflow.classification_loss(state.criterion)
+    train_model = nn.parallel.DistributedDataParallel(  # validation uses state.model: its shards differ in length
+        state.model, [device.index] if device.type == "cuda" else None) if world_size > 1 else state.model
 
     def log_window(step, window):
-        progress["skipped_steps"] += window["skipped"]
+        state.skipped_steps += window["skipped"]
         run.log({"epoch": window["epoch"], "batch": window["batch"], "train_loss": window["loss"],
                  "train_acc": window["accuracy"], "learning_rate": window["learning_rate"]}, step=step)
-    for epoch in range(start_epoch, args.epochs):
-        train_loader.sampler.set_epoch(epoch, skip_batches=epoch_state["batches"] if epoch_state else 0)
-        train = wbflow.train_epoch(train_model, train_loader, trainables["optimizer"], loss_fn, device=device,
-                                   scheduler=trainables["scheduler"], grad_clip=args.grad_clip or None, amp_dtype=amp_dtype,
-                                   scaler=trainables["scaler"], step=progress["step"], epoch=epoch, log_every=10,
-                                   on_log=log_window, stop=stop, resume=epoch_state, progress=master)
-        progress["step"], epoch_state = train["step"], None
+    for epoch in range(state.epoch, args.epochs):
+        train_loader.sampler.set_epoch(epoch, skip_batches=state.epoch_state["batches"] if state.epoch_state else 0)
+        train = wbflow.train_epoch(train_model, train_loader, state.optimizer, loss_fn, device=device,
+                                   scheduler=state.scheduler, grad_clip=args.grad_clip or None, amp_dtype=amp_dtype,
+                                   scaler=state.scaler, step=state.step, epoch=epoch, log_every=10, on_log=log_window,
+                                   stop=stop, resume=state.epoch_state, progress=master)
+        state.step, state.epoch_state = train["step"], None
         if train["stopped"]:  # SIGTERM or Ctrl-C: save where this epoch stands, and say how to go on
-            state = checkpoint(trainables, progress, config, epoch, train["state"], last_act=True)
-            wbflow.exit_stopped(stop, state, out_dir / "last.pth", script=__file__, argv=argv,
-                                where=f" at step {progress['step']} (epoch {epoch})")
-        # the unwrapped model: DDP's forward would sync buffers, and val shards differ in length
-        val = wbflow.validate(model, val_loader, val_loss_fn, device=device, amp_dtype=amp_dtype)
-        noted = torch.cat(val_batches, dim=1).cpu() if val_batches else torch.zeros(2, 0, dtype=torch.long)
-        val_batches.clear()  # below: the labels and predictions of every rank's validation shard
-        f1, macro_f1 = wbflow.f1_scores(*torch.cat(wbflow.gather_from_ranks(noted), 1).tolist(), len(config["classes"]))
-        scores = {"val_acc": val["accuracy"], "val_macro_f1": macro_f1}
-        best_state = {"model": model.state_dict(), "epoch": epoch, **scores, "class_names": config["classes"],
-                      "config": config, "driver": "train_fire", "wandb_run_id": progress["wandb_run_id"]}
-        progress["best"], improved = wbflow.save_best(
-            best_state, scores[args.best_metric], progress["best"], out_dir / "best_model.pth", run=run,
+            wbflow.exit_stopped(stop, state.checkpoint(epoch, train["state"], last_act=True), out_dir / "last.pth",
+                                script=__file__, argv=argv, where=f" at step {state.step} (epoch {epoch})")
+        logits, labels = wbflow.predict_logits(state.model, val_set, device=device, amp_dtype=amp_dtype,
+                                               batch_size=args.batch_size, num_workers=args.num_workers)
+        f1, macro_f1 = wbflow.f1_scores(labels.tolist(), logits.argmax(dim=1).tolist(), len(classes))
+        scores = {"val_loss": float(state.criterion(logits.to(device), labels.to(device))),  # on every val image
+                  "val_acc": 100.0 * float((logits.argmax(dim=1) == labels).double().mean()), "val_macro_f1": macro_f1}
+        best_state = {"model": state.model.state_dict(), "epoch": epoch, **scores, "class_names": classes,
+                      "config": state.config, "driver": "train_fire", "wandb_run_id": state.wandb_run_id}
+        state.best, improved = wbflow.save_best(
+            best_state, scores[args.best_metric], state.best, out_dir / "best_model.pth", run=run,
             name=args.best_metric, aliases=(f"epoch-{epoch}",),
-            metadata={"epoch": epoch, "global_step": progress["step"], "config": config})
-        run.log({"epoch": epoch, "epoch/train_loss": train["loss"], "epoch/train_acc": train["accuracy"],
-                 "val_loss": val["loss"], **scores,  # a class in neither labels nor predictions has no F1 (NaN)
-                 **{f"val_f1/{name}": f for name, f in zip(config["classes"], f1) if f == f},
-                 **({f"best_{args.best_metric}": progress["best"]} if improved else {})}, step=progress["step"])
-        state = checkpoint(trainables, progress, config, epoch)
+            metadata={"epoch": epoch, "global_step": state.step, "config": state.config})
+        run.log({"epoch": epoch, "epoch/train_loss": train["loss"], "epoch/train_acc": train["accuracy"], **scores,
+                 **{f"val_f1/{name}": f for name, f in zip(classes, f1) if f == f},  # NaN: in neither, no F1
+                 **({f"best_{args.best_metric}": state.best} if improved else {})}, step=state.step)
+        state.epoch, checkpoint = epoch + 1, state.checkpoint(epoch, last_act=epoch == args.epochs - 1)
         if master:
             wbflow.flush_run(run)  # what the epoch logged is on disk before the checkpoint a resume starts from
-            wbflow.save_checkpoint(state, out_dir / "last.pth")
+            wbflow.save_checkpoint(checkpoint, out_dir / "last.pth")
             print(f"Epoch: {epoch} | Train Loss: {train['loss']:.4f} | Train Acc: {train['accuracy']:.2f}% | "
-                  f"Val Loss: {val['loss']:.4f} | Val Acc: {val['accuracy']:.2f}% | Val macro-F1: {macro_f1:.4f}"
+                  f"Val Loss: {scores['val_loss']:.4f} | Val Acc: {scores['val_acc']:.2f}% | "
+                  f"Val macro-F1: {scores['val_macro_f1']:.4f}"
                   + (f" | best, saved to {out_dir / 'best_model.pth'}" if improved else ""))
+    if state.best is not None:  # the report: the best model on the whole val set (every rank predicts a share)
+        best = wbflow.load_checkpoint(out_dir / "best_model.pth", map_location=device)
+        state.model.load_state_dict(best["model"])
+        logits, labels = wbflow.predict_logits(state.model, val_set, device=device, amp_dtype=amp_dtype,
+                                               batch_size=args.batch_size, num_workers=args.num_workers)
+        if master:
+            display_set = wbflow.ImageSamples(val_set.samples,
+                                              wbflow.image_transforms(args.image_size, train=False, normalize=False))
+            report = wbflow.log_classification_report(run, logits.softmax(dim=1), labels, classes, images=display_set,
+                                                      table_rows=args.num_predictions, step=state.step + 1)
+            for name, precision, recall in zip(classes, report["precision"], report["recall"]):
+                print(f"{name}: precision {precision:.3f} recall {recall:.3f}")
+            value = f"{best['val_acc']:.2f}%" if args.best_metric == "val_acc" else f"{best['val_macro_f1']:.4f}"
+            print(f"best {args.best_metric} {value} (epoch {best['epoch']}), model: {out_dir / 'best_model.pth'}")
 
 
 def predict(args):
@@ -277,7 +304,8 @@ def predict(args):
         model = wbflow.build_classifier(config["model"], len(classes)).to(device)
         model.load_state_dict(state["model"])
         transform = wbflow.image_transforms(config["image_size"], train=False, mean_std=config.get("mean_std"))
-        probs = wbflow.predict_images(model, paths, transform, device=device, batch_size=args.batch_size,
+        probs = wbflow.predict_images(model, paths, transform, device=device,
+                                      amp_dtype=wbflow.autocast_dtype(device, args.amp), batch_size=args.batch_size,
                                       num_workers=args.num_workers, tta=args.tta, progress=True)
         read = ~probs.isnan().any(1)
         # a best_model.pth written before --predict existed has no class counts: the predictions' counts stand in
@@ -294,18 +322,16 @@ def predict(args):
         print(f"{len(labelled)} labelled images: accuracy {scores['accuracy']:.2f}%, macro-F1 {scores['macro_f1']:.4f}")
     sha256 = wbflow.file_sha256(checkpoint)  # the file used, whichever flag or default named it
     with wbflow.wandb_run({**config, "predict": args.predict, "checkpoint": args.checkpoint or str(checkpoint),
-                           "checkpoint_sha256": sha256, "tta": args.tta},
-                          project=args.project, enabled=not args.no_wandb, job_type="predict",
-                          name=args.run_name) as run:
-        if run:
-            import wandb
-            if args.checkpoint and not os.path.isfile(args.checkpoint):  # a model artifact: this run used it
-                run.use_artifact(args.checkpoint)
-            else:  # the file: W&B keys versions by content, so this is the training run's version that holds it
-                wbflow.use_artifact(run, checkpoint, f"model-{state.get('wandb_run_id') or sha256[:12]}")
-            run.log({"predictions": wandb.Table(columns=["image", "label", "confidence"], data=[
-                [wandb.Image(paths[index]), classes[predicted[index]], float(probs[index].max())]
-                for index in read.nonzero().flatten().tolist()[:args.num_predictions]]), **scores})
+                           "checkpoint_sha256": sha256, "tta": args.tta}, project=args.project,
+                          enabled=not args.no_wandb, job_type="predict", name=args.run_name) as run:
+        if run and args.checkpoint and not os.path.isfile(args.checkpoint):  # a model artifact: this run used it
+            run.use_artifact(args.checkpoint)
+        elif run:  # the file: W&B keys versions by content, so this is the training run's version that holds it
+            wbflow.use_artifact(run, checkpoint, f"model-{state.get('wandb_run_id') or sha256[:12]}")
+        if scores:
+            run.log(scores)
+        wbflow.log_classification_report(run, probs[read], None, classes, table_rows=args.num_predictions,
+                                          images=[path for path, ok in zip(paths, read.tolist()) if ok])
         wbflow.log_artifact(run, submission, "submission", type="submission", policy="mutable",
                             metadata={"images": len(names), "tta": args.tta, **scores})
     return submission
@@ -314,9 +340,8 @@ def predict(args):
 def check_list_lines(source, names):
     """The submission has a line per name: refuse a list (not a folder) whose non-empty lines are not one name each
     (a header aside, which is printed)."""
-    if not os.path.isfile(source):
-        return
-    lines = [line for line in Path(source).read_bytes().splitlines() if line.strip()]
+    lines = ([line for line in Path(source).read_bytes().splitlines() if line.strip()] if os.path.isfile(source)
+             else names)  # a folder: its names are its files
     if len(lines) == len(names) + 1:
         print(f"{source}: its first line is a header, not an image: {lines[0].decode('utf-8-sig', 'replace')}")
     elif len(lines) != len(names):
@@ -338,30 +363,35 @@ def main(argv=None):
     args = parse_args(argv)
     if args.out_dir == "":  # Path("") is the current folder: checkpoints and the lock would land there
         raise SystemExit("train_fire: --out-dir is empty: name a folder")
+    if args.smoke:
+        os.environ.setdefault("WANDB_MODE", "offline")
     if args.predict:
         return predict(args)
+    generate = args.smoke and args.data_dir is None  # --smoke's data, unless --data-dir names some
+    args.data_dir = str(Path(args.out_dir) / "data") if generate else args.data_dir
     out_dir, earlier_run = check_settings(args, int(os.environ.get("WORLD_SIZE", 1)))
     rank, world_size, device = wbflow.setup_distributed()
-    master = rank == 0  # the only process that prints, logs to W&B and writes checkpoints
+    master, device = rank == 0, torch.device("cpu") if args.smoke else device  # rank 0 alone prints, logs, writes
     if not master:
         warnings.simplefilter("ignore")
+    if generate and master:
+        wbflow.write_pattern_dataset(args.data_dir, SMOKE_CLASS_COUNTS, test_images=20, seed=args.seed)
+    wbflow.gather_from_ranks(generate)  # a barrier: no rank reads --smoke's data before it is written
     torch.manual_seed(args.seed + rank)  # each rank its own randomness
-    class_names, (train_set, val_set), loaders = load_data(args, device, rank, world_size)
-    model, train_model, losses, trainables = build_model(args, len(class_names), train_set.labels, len(loaders[0]),
-                                                          device, world_size)
+    class_names, train_set, val_set, train_loader = load_data(args, device, rank, world_size)
+    state = build_model(args, len(class_names), train_set.labels, len(train_loader), device)
     # every setting as given, then what they became (names as the seed logs them)
-    settings = {key: value for key, value in vars(args).items() if key != "resume"}
-    config = {**settings, "optimizer": type(trainables["optimizer"]).__name__, "loss_function": LOSS_NAMES[args.loss],
-              "scheduler": "CosineAnnealingLR", "classes": class_names,
-              "amp": str(wbflow.autocast_dtype(device, args.amp) or "off").replace("torch.", ""),
-              "device": device.type, "world_size": world_size, "train_images": len(train_set),
-              "val_images": len(val_set), "steps_per_epoch": len(loaders[0]), "mean_std": wbflow.IMAGENET_MEAN_STD,
-              "class_counts": torch.bincount(torch.tensor(train_set.labels), minlength=len(class_names)).tolist()}
-    progress, start_epoch, epoch_state, resumed_from = resume_run(
-        args, trainables, {key: config[key] for key in RESUME_SAME}, device, rank)
-    run_config = config if resumed_from is None else {**config, "resumed_from": resumed_from}
+    state.config = {**{key: value for key, value in vars(args).items() if key != "resume"},
+                    "optimizer": type(state.optimizer).__name__, "loss_function": LOSS_NAMES[args.loss],
+                    "scheduler": "CosineAnnealingLR", "classes": class_names,
+                    "amp": str(wbflow.autocast_dtype(device, args.amp) or "off").replace("torch.", ""),
+                    "device": device.type, "world_size": world_size, "steps_per_epoch": len(train_loader),
+                    "train_images": len(train_set), "val_images": len(val_set), "mean_std": wbflow.IMAGENET_MEAN_STD,
+                    "class_counts": [train_set.labels.count(label) for label in range(len(class_names))]}
+    resumed_from = resume_run(args, state, device, rank)
+    run_config = state.config if resumed_from is None else {**state.config, "resumed_from": resumed_from}
     with wbflow.exit_on_error("train_fire", ()), wbflow.stop_on_signals() as stop, wbflow.wandb_run(
-            run_config, project=args.project, enabled=not args.no_wandb, run_id=progress["wandb_run_id"],
+            run_config, project=args.project, enabled=not args.no_wandb, run_id=state.wandb_run_id,
             name=args.run_name) as run:
         # windows on the global step, epoch means (own keys) and val_* on the epoch axis; summaries: the best value
         run.define_metric("epoch")
@@ -369,35 +399,21 @@ def main(argv=None):
                              "epoch/train_acc": "max", "val_loss": "min", "val_acc": "max", "val_macro_f1": "max",
                              "val_f1/*": "max", f"best_{args.best_metric}": "last"}.items():
             run.define_metric(key, step_metric=None if key.startswith("train_") else "epoch", summary=summary)
-        progress["wandb_run_id"] = run.id if run else progress["wandb_run_id"]
+        state.wandb_run_id = run.id if run else state.wandb_run_id
         graph_logged = args.log_graph and run and wbflow.log_model_graph(
-            run, model, val_set[0][0][None].to(device), progress["step"])
+            run, state.model, val_set[0][0][None].to(device), state.step)
         if args.watch or (args.log_graph and not graph_logged):
-            wbflow.watch_model(run, model, log="all" if args.watch else None, log_freq=100,
+            wbflow.watch_model(run, state.model, log="all" if args.watch else None, log_freq=100,
                                log_graph=args.log_graph and not graph_logged)
         if master:  # --overwrite: every check has passed, so the earlier run's checkpoints go now
             for path in earlier_run:
                 path.unlink(missing_ok=True)
-        train_epochs(args, argv, run, stop, train_model, losses, trainables, loaders, progress, config,
-                     (start_epoch, epoch_state), out_dir)
-        state = checkpoint(trainables, progress, config, args.epochs - 1, last_act=True)  # only the report follows
-        if master and start_epoch < args.epochs:
-            wbflow.save_checkpoint(state, out_dir / "last.pth")
-        if master and (out_dir / "best_model.pth").is_file():  # the report: the best model on the whole val set
-            best = wbflow.load_checkpoint(out_dir / "best_model.pth", map_location=device)
-            model.load_state_dict(best["model"])
-            probs, labels = wbflow.predict_dataset(model, val_set, device=device, batch_size=args.batch_size)
-            display_set = wbflow.ImageSamples(val_set.samples,
-                                              wbflow.image_transforms(args.image_size, train=False, normalize=False))
-            report = wbflow.log_classification_report(run, probs, labels, class_names, images=display_set,
-                                                      table_rows=args.num_predictions, step=progress["step"] + 1)
-            for name, precision, recall in zip(class_names, report["precision"], report["recall"]):
-                print(f"{name}: precision {precision:.3f} recall {recall:.3f}")
-            value = f"{best['val_acc']:.2f}%" if args.best_metric == "val_acc" else f"{best['val_macro_f1']:.4f}"
-            print(f"best {args.best_metric} {value} (epoch {best['epoch']}), model: {out_dir / 'best_model.pth'}")
+        train_epochs(args, argv, run, stop, state, (train_loader, val_set))
     if dist.is_initialized():
         dist.destroy_process_group()
-    return progress["best"]
+    if args.smoke and master and (Path(args.data_dir) / "A.txt").is_file():  # the submission of the smoke's model
+        predict(argparse.Namespace(**{**vars(args), "predict": str(Path(args.data_dir) / "A.txt")}))
+    return state.best
 
 
 if __name__ == "__main__":

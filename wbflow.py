@@ -3,14 +3,15 @@
 Sections, in data-flow order:
   device & data     rank_and_world_size, setup_distributed,
                     CIFAR10_URL, load_cifar10, synthetic_images, DeviceImageLoader (CIFAR-10 on the device),
-                    find_image_samples, list_images, stratified_split, drop_unreadable_images, ImageSamples,
-                    IMAGENET_MEAN_STD, image_transforms, classifier_loaders, check_same_on_every_rank
+                    write_pattern_dataset (generated images in a competition's layout), find_image_samples,
+                    list_images, stratified_split, drop_unreadable_images, ImageSamples, IMAGENET_MEAN_STD,
+                    image_transforms, classifier_loaders, check_same_on_every_rank
                     (image folders, name<TAB>label / path,label lists, a competition's train.txt)
   models            FlowUNet, CLASSIFIER_NAMES, build_classifier, build_optimizer
   losses            classification_loss, focal_loss, class_balanced_weights, ot_pairs, rectified_flow_loss
   training          autocast_dtype, make_scaler, make_ema, train_step, RunningSums, train_epoch, validate,
                     stop_on_signals, exit_stopped, capture_rng_state, restore_rng_state, gather_from_ranks,
-                    predict_dataset, predict_images, write_submission
+                    predict_logits, predict_images, write_submission
   sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers, straightness
   reflow            reflow_shards, generate_reflow_pairs, load_reflow_pairs, ReflowPairLoader
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
@@ -202,6 +203,49 @@ class DeviceImageLoader:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images.float().div_(127.5).sub_(1.0)
+
+
+def write_pattern_dataset(folder, class_counts, *, test_images=0, size=32, seed=0):
+    """Write a small learnable image dataset in a competition's layout into `folder`: train/ of JPEGs named
+    like hashes and train.txt of `name<TAB>label` lines (shuffled, UTF-8, no header), class_counts[name]
+    images of each class (at most 6 classes); with test_images, A/ and A.txt of names alone, their classes
+    drawn in the same proportions. A class is a shape, not a colour, and survives flips and crops:
+    horizontal stripes, vertical stripes, a checkerboard, diagonal stripes, rings, or none, in random
+    bright-on-dark colours with noise, each image of its own size (size to 2 * size a side). Returns
+    ({training name: class name}, {test name: class name}).
+    Usage: labelled, test = write_pattern_dataset("data/smoke", {"高风险": 8, "无风险": 24}, test_images=10)
+    """
+    from PIL import Image
+    classes, counts = list(class_counts), np.array(list(class_counts.values()))
+    if not 2 <= len(classes) <= 6:
+        raise ValueError(f"write_pattern_dataset makes 2 to 6 classes, not {len(classes)}")
+    folder, rng = Path(folder), np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    width = max(2, size // 8)  # of a stripe
+
+    def image(label):
+        shift_y, shift_x = rng.integers(0, 2 * width, 2)
+        rows, cols = (y + shift_y) // width % 2, (x + shift_x) // width % 2
+        rings = np.hypot(y - size / 2 + shift_y / 2, x - size / 2 + shift_x / 2).astype(int) // width % 2
+        on = [rows, cols, rows ^ cols, (x + y + shift_x) // width % 2, rings, np.zeros_like(x)][label]
+        bright, dark = rng.integers(150, 256, 3), rng.integers(0, 90, 3)
+        pixels = np.where(on[..., None] == 1, bright, dark) + rng.normal(0, 10, (size, size, 3))
+        return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).resize(tuple(rng.integers(size, 2 * size, 2)))
+
+    def write(subfolder, labels):
+        (folder / subfolder).mkdir(parents=True, exist_ok=True)
+        names = [f"{rng.bytes(16).hex()}.jpg" for _ in labels]
+        for name, label in zip(names, labels):
+            image(label).save(folder / subfolder / name, quality=90)
+        return {name: classes[label] for name, label in zip(names, labels)}
+    train = write("train", np.repeat(np.arange(len(classes)), counts).tolist())
+    lines = [f"{name}\t{label}\n" for name, label in train.items()]
+    rng.shuffle(lines)
+    (folder / "train.txt").write_text("".join(lines), encoding="utf-8")
+    test = write("A", rng.choice(len(classes), test_images, p=counts / counts.sum()).tolist()) if test_images else {}
+    if test_images:
+        (folder / "A.txt").write_text("".join(f"{name}\n" for name in test), encoding="utf-8")
+    return train, test
 
 
 @contextlib.contextmanager
@@ -1213,45 +1257,66 @@ def gather_from_ranks(value):
     return values
 
 
-def predict_dataset(model, dataset, *, device="cpu", batch_size=64, num_workers=0, tta=False, progress=False):
-    """Class probabilities [N, K] (float32, CPU) and labels [N] for every (image, label) in `dataset`,
-    in order, with the model in eval mode (its mode is restored). tta=True averages the probabilities
-    of each image and of its horizontal flip; progress=True shows a bar over the images.
-    Usage: probs, labels = predict_dataset(model, val_set, device="cuda")
+def predict_logits(model, dataset, *, device=None, amp_dtype=None, batch_size=64, num_workers=0, tta=False,
+                   progress=False):
+    """(logits [N, K] float32, labels [N]) on the CPU for every (image, label) of `dataset`, row i being
+    sample i: the model in eval mode (its mode is restored) on `device` (None: the model's), under autocast
+    in amp_dtype (None: float32).
+    softmax(logits) are the class probabilities; tta=True averages the probabilities of each image and of
+    its horizontal flip, the logits being the log of that mean. Under torch.distributed every rank
+    predicts every world_size-th sample and all ranks get the whole set, in order: every rank calls it,
+    with the unwrapped model (DDP's forward would sync buffers over shards of different lengths).
+    progress=True shows a bar over this rank's images.
+    Usage: logits, labels = predict_logits(model, val_set, amp_dtype=autocast_dtype(device)); probs = logits.softmax(1)
     """
     from tqdm.auto import tqdm
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    was_training, probs, labels = model.training, [], []
+    rank, world_size = rank_and_world_size()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda", worker_init_fn=_leave_stop_signals_to_main)
+    was_training, logits, labels = model.training, [], []
     model.eval()
-    with torch.inference_mode(), tqdm(total=len(dataset), desc="predict", unit="image", disable=not progress) as bar:
+    with torch.inference_mode(), tqdm(total=len(shard), desc="predict", unit="image", disable=not progress) as bar, \
+            torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         for images, batch_labels in loader:
-            images = images.to(device)
-            batch_probs = model(images).float().softmax(dim=1)
-            if tta:
-                batch_probs = (batch_probs + model(images.flip(3)).float().softmax(dim=1)) / 2
-            probs.append(batch_probs.cpu())
-            labels.append(batch_labels)
+            images = images.to(device, non_blocking=True)
+            batch_logits = model(images).float()
+            if tta:  # log((p + p_flipped) / 2), without leaving log space
+                flipped = model(images.flip(3)).float()
+                batch_logits = torch.stack([batch_logits.log_softmax(1), flipped.log_softmax(1)]).logsumexp(0)
+                batch_logits -= math.log(2)
+            logits.append(batch_logits.cpu())
+            labels.append(torch.as_tensor(batch_labels))
             bar.update(len(images))
     model.train(was_training)
-    return torch.cat(probs), torch.cat(labels)
+    parts = gather_from_ranks((torch.cat(logits), torch.cat(labels)) if labels else None)  # None: no sample here
+    if not any(parts):
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
+    # rank r predicted samples r, r + world_size, ...: each row goes back to its sample's place
+    samples = [index for part_rank in range(world_size) for index in range(part_rank, len(dataset), world_size)]
+    order = torch.tensor(samples).argsort()
+    return tuple(torch.cat([part[which] for part in parts if part])[order] for which in (0, 1))
 
 
-def predict_images(model, paths, transform, *, device="cpu", batch_size=64, num_workers=0, tta=False, progress=False):
+def predict_images(model, paths, transform, *, device=None, amp_dtype=None, batch_size=64, num_workers=0, tta=False,
+                   progress=False):
     """Class probabilities [N, K] (float32, CPU) of the image files `paths`, in order: each through
-    `transform` (e.g. image_transforms(256, train=False)) and predict_dataset (tta, progress as there).
-    A file that cannot be read gets a row of NaN, and one warning names them (drop_unreadable_images);
-    ValueError when none can be read.
+    `transform` (e.g. image_transforms(256, train=False)) and predict_logits (amp_dtype, tta, progress as
+    there). A file that cannot be read gets a row of NaN, and one warning names them
+    (drop_unreadable_images); ValueError when none can be read.
     Usage: probs = predict_images(model, ["a.jpg", "b.jpg"], image_transforms(256, train=False))
     """
     readable = {path for path, _ in drop_unreadable_images([(path, 0) for path in paths])}
     kept = [index for index, path in enumerate(paths) if path in readable]
     if not kept:
         raise ValueError(f"none of the {len(paths)} image file(s) can be read")
-    probs, _ = predict_dataset(model, ImageSamples([(paths[index], 0) for index in kept], transform), device=device,
-                               batch_size=batch_size, num_workers=num_workers, tta=tta, progress=progress)
-    all_probs = probs.new_full((len(paths), probs.shape[1]), math.nan)
-    all_probs[kept] = probs
-    return all_probs
+    logits, _ = predict_logits(model, ImageSamples([(paths[index], 0) for index in kept], transform), device=device,
+                               amp_dtype=amp_dtype, batch_size=batch_size, num_workers=num_workers, tta=tta,
+                               progress=progress)
+    probs = logits.new_full((len(paths), logits.shape[1]), math.nan)
+    probs[kept] = logits.softmax(dim=1)
+    return probs
 
 
 def write_submission(path, names, probs, class_names, fallback=0):
@@ -2289,36 +2354,43 @@ def samples_table(rows, root="."):
 
 
 def log_classification_report(run, probs, labels, class_names, *, images=None, table_rows=32, step=None):
-    """Log a classifier's results on a labelled set; returns {"precision", "recall", "support"}.
+    """Log a classifier's predictions on a set of images; returns {"precision", "recall", "support"}.
 
     W&B keys: `predictions`, a table (image, true, predicted, confidence) of `table_rows` samples
-    spread evenly over the set (always the same ones); `confusion_matrix` (wandb.plot.confusion_matrix);
-    `per_class_metrics`, a table (class, precision, recall, support); and precision/<class>,
-    recall/<class> in the summary. images[i][0] (or images[i]) is the display image of sample i,
-    e.g. an ImageSamples with image_transforms(..., normalize=False); without it the table has no
-    image column. Nothing is logged when `run` is None.
+    spread evenly over the set (always the same ones); with labels, `confusion_matrix`
+    (wandb.plot.confusion_matrix), `per_class_metrics`, a table (class, precision, recall, support), and
+    precision/<class>, recall/<class> in the summary. labels=None (a test list) logs the table alone,
+    without its `true` column, and returns {}. images[i][0] (or images[i]: a PIL image or a file's path)
+    is the display image of sample i, e.g. an ImageSamples with image_transforms(..., normalize=False);
+    without it the table has no image column. Nothing is logged when `run` is None.
     Usage: log_classification_report(run, probs, labels, ["高风险", "中风险"], images=display_set)
     """
-    probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
+    probs = torch.as_tensor(probs)
     confidence, predicted = probs.max(dim=1)
-    precision, recall, support = per_class_precision_recall(labels.numpy(), predicted.numpy(), len(class_names))
-    report = {"precision": precision, "recall": recall, "support": support}
+    labels = None if labels is None else torch.as_tensor(labels)
+    precision, recall, support = (([], [], []) if labels is None else
+                                  per_class_precision_recall(labels.numpy(), predicted.numpy(), len(class_names)))
+    report = {} if labels is None else {"precision": precision, "recall": recall, "support": support}
     if not run:
         return report
     import wandb
-    columns = (["image"] if images is not None else []) + ["true", "predicted", "confidence"]
-    predictions = wandb.Table(columns=columns)
-    for index in np.unique(np.linspace(0, len(labels) - 1, min(table_rows, len(labels))).round().astype(int)):
-        row = [class_names[int(labels[index])], class_names[int(predicted[index])], float(confidence[index])]
+    columns = (["image"] if images is not None else []) + (["true"] if labels is not None else [])
+    predictions = wandb.Table(columns=columns + ["predicted", "confidence"])
+    for index in np.unique(np.linspace(0, len(probs) - 1, min(table_rows, len(probs))).round().astype(int)):
+        row = [class_names[int(predicted[index])], float(confidence[index])]
+        if labels is not None:
+            row.insert(0, class_names[int(labels[index])])
         if images is not None:
             image = images[int(index)]
             row.insert(0, wandb.Image(image[0] if isinstance(image, tuple) else image))
         predictions.add_data(*row)
-    per_class = wandb.Table(columns=["class", "precision", "recall", "support"],
-                            data=[list(row) for row in zip(class_names, precision, recall, support)])
-    confusion = wandb.plot.confusion_matrix(y_true=labels.tolist(), preds=predicted.tolist(),
-                                            class_names=list(class_names))
-    run.log({"predictions": predictions, "confusion_matrix": confusion, "per_class_metrics": per_class}, step=step)
+    logged = {"predictions": predictions}
+    if labels is not None:
+        logged["confusion_matrix"] = wandb.plot.confusion_matrix(y_true=labels.tolist(), preds=predicted.tolist(),
+                                                                 class_names=list(class_names))
+        logged["per_class_metrics"] = wandb.Table(columns=["class", "precision", "recall", "support"],
+                                                  data=[list(row) for row in zip(class_names, *report.values())])
+    run.log(logged, step=step)
     for name, class_precision, class_recall in zip(class_names, precision, recall):
         run.summary[f"precision/{name}"] = class_precision
         run.summary[f"recall/{name}"] = class_recall
