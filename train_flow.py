@@ -333,17 +333,12 @@ def training_loader(images_uint8, noise_seed, training, device, channels_last):
 
 
 def load_images(data, seed, synthetic, say):
-    """The training images as one uint8 tensor, the same count on every rank (rank 0 downloads first)."""
-    rank, world_size = wbflow.rank_and_world_size()
+    """The training images as one uint8 tensor, the same count on every rank."""
     if synthetic:
         images_uint8 = wbflow.synthetic_images(data["max_images"], seed=seed)
         say(f"smoke: {len(images_uint8)} synthetic images (pass --data-dir to use CIFAR-10)")
     else:
-        if world_size > 1 and rank > 0:  # rank 0 reads first (and downloads), then the others
-            torch.distributed.barrier()
-        images_uint8 = wbflow.load_cifar10(data["data_dir"], download=rank == 0)[0][:data["max_images"]]
-        if world_size > 1 and rank == 0:
-            torch.distributed.barrier()
+        images_uint8 = wbflow.load_cifar10(data["data_dir"])[0][:data["max_images"]]
         say(f"CIFAR-10: {len(images_uint8)} training images from {data['data_dir']}")
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
         wbflow.check_same_on_every_rank({"training images": len(images_uint8)})
@@ -421,22 +416,15 @@ def epoch_end(epoch, ema_module, statistics, config, stop, amp_dtype):
     PNGs written): {"metrics": W&B keys, "grid", "caption", "rows"}. It logs nothing and draws from no global RNG,
     so an end that a stop cuts short is simply done again from last.pt: None on every rank then."""
     training, logging, evaluation, sampling = (config[key] for key in ("training", "logging", "eval", "sampling"))
-    (rank, world_size), device = wbflow.rank_and_world_size(), next(ema_module.parameters()).device
+    rank, device = wbflow.rank_and_world_size()[0], next(ema_module.parameters()).device
     solver, nfe, tolerance = sampling["solver"], sampling["nfe"], sampling["rk45_tolerance"]
     end = {"metrics": {}, "grid": None, "caption": None, "rows": []}
     if evaluation["fid_interval"] and epoch % evaluation["fid_interval"] == 0:
-        count = evaluation["fid_num_samples"]
-        samples_uint8, _ = wbflow.sample_images(  # as many batches, so as many stop checks, on every rank
-            ema_module, -(-count // world_size), solver=solver, nfe=nfe, tolerance=tolerance,
-            batch_size=evaluation["sample_batch_size"], seed=sampling["seed"] + 1 + rank,
-            stop=lambda: any(wbflow.gather_from_ranks(stop.is_set())))
-        if samples_uint8 is None:
+        scored = sample_and_score(ema_module, evaluation["fid_num_samples"], statistics, config, stop,
+                                  seed=sampling["seed"] + 1)
+        if scored is None:
             return None
-        fid, (is_mean, is_std) = wbflow.fid_and_inception_score(
-            samples_uint8[:len(range(rank, count, world_size))], statistics,
-            inception=wbflow.load_fid_inception(evaluation["fid_weights"], device),
-            batch_size=evaluation["inception_batch_size"])
-        end["metrics"] = {"eval/fid_score": fid, "eval/inception_score_mean": is_mean, "eval/inception_score_std": is_std}
+        end["metrics"] = scored[0]
     # the same seeded noise every epoch, so eval/generated_samples show progress, not new noise
     noise = torch.randn(sampling["num_images"], 3, 32, 32,
                         generator=torch.Generator().manual_seed(sampling["seed"])).to(device)
@@ -454,6 +442,26 @@ def epoch_end(epoch, ema_module, statistics, config, stop, amp_dtype):
             end["metrics"]["eval/straightness"] = straightness
             end["rows"] = wbflow.samples_table_rows(compared, epoch, config["data"]["out_dir"], straightness=straightness)
     return None if wbflow.gather_from_ranks(stopped)[0] else end
+
+
+def sample_and_score(ema_module, count, statistics, config, stop, *, seed, progress=False):
+    """eval/fid_score (with `statistics`) and eval/inception_score_* of `count` samples of the EMA model, sampled with
+    sampling.solver and nfe, each rank its share from its own seeded noise, stopping between batches when any rank
+    was told to: (metrics, this rank's samples, evaluations a sample used), or None after a stop."""
+    evaluation, sampling, (rank, world_size) = config["eval"], config["sampling"], wbflow.rank_and_world_size()
+    samples_uint8, used = wbflow.sample_images(  # as many batches, so as many stop checks, on every rank
+        ema_module, -(-count // world_size), solver=sampling["solver"], nfe=sampling["nfe"],
+        tolerance=sampling["rk45_tolerance"], batch_size=evaluation["sample_batch_size"], seed=seed + rank,
+        stop=lambda: any(wbflow.gather_from_ranks(stop.is_set())), progress=progress)
+    if samples_uint8 is None:
+        return None
+    samples_uint8 = samples_uint8[:len(range(rank, count, world_size))]
+    inception = wbflow.load_fid_inception(evaluation["fid_weights"], next(ema_module.parameters()).device)
+    fid, (is_mean, is_std) = wbflow.fid_and_inception_score(samples_uint8, statistics, inception=inception,
+                                                            batch_size=evaluation["inception_batch_size"],
+                                                            progress=progress)
+    return ({"eval/fid_score": fid, "eval/inception_score_mean": is_mean, "eval/inception_score_std": is_std},
+            samples_uint8, used)
 
 
 def log_epoch(run, epoch, state, end, config):
@@ -510,22 +518,15 @@ def images_sha256(images_uint8):
     return hashlib.sha256(images_uint8.contiguous().numpy()).hexdigest()
 
 
-def statistics_cache(config, images_uint8, synthetic=False):
-    """(folder, name) of the cached FID statistics of these images: eval.stats_dir, else <out_dir>/fid_stats, and a
-    name that says what they were computed from (the source, the count and the images' hash), so a folder shared
-    by runs or data folders never hands one set's statistics to another (statistics_path adds the FID network)."""
-    source = "synthetic" if synthetic else "cifar10-train"
-    folder = config["eval"]["stats_dir"] or Path(config["data"]["out_dir"]) / "fid_stats"
-    return Path(folder), f"{source}-{len(images_uint8)}-{images_sha256(images_uint8)[:16]}"
-
-
 def fid_statistics(images_uint8, config, device, synthetic=False, progress=False):
-    """The FID statistics file of these images, from its cache or computed once (each rank a share of the images),
-    the cache folder's writability checked before the Inception pass (ValueError)."""
+    """The FID statistics file of these images, computed once (each rank a share) and cached in eval.stats_dir, else
+    <out_dir>/fid_stats, under a name that says what they were computed from (the source, the count and the images'
+    hash; statistics_path adds the FID network), so a folder shared by runs or data folders never hands one set's
+    statistics to another. The cache folder's writability is checked before the Inception pass (ValueError)."""
     (rank, world_size), evaluation = wbflow.rank_and_world_size(), config["eval"]
-    folder, name = statistics_cache(config, images_uint8, synthetic)
-    weights_sha256 = wbflow.file_sha256(wbflow.fid_weights_path(evaluation["fid_weights"]))
-    cached = wbflow.statistics_path(folder, name, weights_sha256)
+    folder = evaluation["stats_dir"] or Path(config["data"]["out_dir"]) / "fid_stats"
+    name = f"{'synthetic' if synthetic else 'cifar10-train'}-{len(images_uint8)}-{images_sha256(images_uint8)[:16]}"
+    cached = wbflow.statistics_path(folder, name, wbflow.file_sha256(wbflow.fid_weights_path(evaluation["fid_weights"])))
     if not os.path.isfile(cached):
         wbflow.check_outputs({"the FID statistics file (eval.stats_dir)": cached})
     return wbflow.save_statistics(images_uint8[rank::world_size], folder, name, device=device, progress=progress,
@@ -617,25 +618,17 @@ def evaluate(args, config):
         with wbflow.stop_on_signals() as stop:
             with wbflow.exit_on_error("train_flow.py", (ValueError,)):  # before sampling: nothing fails after it
                 statistics = None if metric == "is" else fid_statistics(real_images, config, device, progress=True)
-            samples_uint8, used = wbflow.sample_images(
-                ema_model.module, args.num_samples, solver=sampling["solver"], nfe=sampling["nfe"],
-                tolerance=sampling["rk45_tolerance"], batch_size=evaluation["sample_batch_size"], seed=sampling["seed"],
-                stop=stop.is_set, progress=True)
-            if samples_uint8 is None:
+            scored = sample_and_score(ema_model.module, args.num_samples, statistics, config, stop,
+                                      seed=sampling["seed"], progress=True)
+            if scored is None or stop.is_set():  # between sampling batches, or in the Inception pass
                 raise KeyboardInterrupt  # as a second signal does: the except below says so in one line
-            print(f"sampled {len(samples_uint8)} images from {path} (epoch {state['epoch']}) with {sampling['solver']}, "
-                  f"NFE {used}")
-            fid, (is_mean, is_std) = wbflow.fid_and_inception_score(
-                samples_uint8, statistics, inception=wbflow.load_fid_inception(evaluation["fid_weights"], device),
-                batch_size=evaluation["inception_batch_size"], progress=True)
-            if stop.is_set():
-                raise KeyboardInterrupt
     except KeyboardInterrupt:
         number = stop.signal or signal.SIGINT
         print(f"train_flow.py: --eval stopped by {signal.Signals(number).name}; nothing was saved", file=sys.stderr)
         raise SystemExit(128 + number) from None
-    metrics = {**({} if metric == "is" else {"eval/fid_score": fid}), **({} if metric == "fid" else {
-        "eval/inception_score_mean": is_mean, "eval/inception_score_std": is_std})}
+    metrics, samples_uint8, used = scored
+    print(f"sampled {len(samples_uint8)} images from {path} (epoch {state['epoch']}) with {sampling['solver']}, NFE {used}")
+    metrics = {key: value for key, value in metrics.items() if value is not None and (metric != "fid" or "fid" in key)}
     print(", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
     grid = wbflow.sample_grid(samples_uint8[:64])
     wbflow.save_png(grid, grid_png)

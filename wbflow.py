@@ -105,7 +105,8 @@ def load_cifar10(data_dir, train=True, download=True):
     Reads the python-pickle batches directly (data_batch_1..5, or test_batch). When they are absent
     and `download` is true, torchvision downloads and extracts the archive into `data_dir` (it also
     extracts a cifar-10-python.tar.gz already placed there, offline). If that fails, the
-    FileNotFoundError says which archive to put where.
+    FileNotFoundError says which archive to put where. Under torch.distributed rank 0 downloads
+    while the other ranks wait (a barrier), then they read its files.
     Usage: images_uint8, labels = load_cifar10("data")
     """
     class CifarUnpickler(pickle.Unpickler):
@@ -121,12 +122,17 @@ def load_cifar10(data_dir, train=True, download=True):
 
     folder = Path(data_dir) / "cifar-10-batches-py"
     names = [f"data_batch_{index}" for index in range(1, 6)] if train else ["test_batch"]
-    download_failure = ""
-    if download and not all((folder / name).is_file() for name in names):
-        try:
+    download_failure, (rank, world_size) = "", rank_and_world_size()
+    if download and rank > 0:  # rank 0 downloads first
+        dist.barrier()
+    try:
+        if download and rank == 0 and not all((folder / name).is_file() for name in names):
             torchvision.datasets.CIFAR10(str(data_dir), train=train, download=True)
-        except Exception as error:  # noqa: BLE001 - any download failure gets the same instructions
-            download_failure = f" and could not be downloaded ({type(error).__name__}: {error})"
+    except Exception as error:  # noqa: BLE001 - any download failure gets the same instructions
+        download_failure = f" and could not be downloaded ({type(error).__name__}: {error})"
+    finally:
+        if download and rank == 0 and world_size > 1:
+            dist.barrier()
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"CIFAR-10 is not in {folder} (missing {', '.join(missing)}){download_failure}: put "
