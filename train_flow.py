@@ -628,7 +628,8 @@ def evaluate(args, config):
         raise SystemExit(128 + number) from None
     metrics, samples_uint8, used = scored
     print(f"sampled {len(samples_uint8)} images from {path} (epoch {state['epoch']}) with {sampling['solver']}, NFE {used}")
-    metrics = {key: value for key, value in metrics.items() if value is not None and (metric != "fid" or "fid" in key)}
+    metrics = {key: value for key, value in metrics.items()  # --metric fid, is or both
+               if value is not None and (metric != "fid" or key == "eval/fid_score")}
     print(", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
     grid = wbflow.sample_grid(samples_uint8[:64])
     wbflow.save_png(grid, grid_png)
