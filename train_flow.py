@@ -265,8 +265,8 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
             wbflow.use_artifact(run, *dataset, type="dataset")
         for path in earlier_run if rank == 0 else ():  # --overwrite: every check has passed, so they go now
             path.unlink(missing_ok=True)
-        for epoch in range(state["epoch"] + state["ended"], training["epochs"] + 1):  # an epoch not ended goes on
-            if state["ended"] or state["train_state"]:  # else a resume into the epoch's end: trained already
+        for epoch in range(state["epoch"] + 1 if state["ended"] else state["epoch"], training["epochs"] + 1):
+            if state["ended"] or state["train_state"]:  # else a resume into this epoch's end: trained already
                 train_one_epoch(epoch, state, train_model, loader, run, stop, training, amp_dtype)
             if state["train_state"]:  # stopped: last.pt of where this epoch stands
                 stop_run(stop, state, config, argv)
