@@ -598,6 +598,17 @@ def _(inception_score, tmp_path, fixture):
     assert inception_score(logits, splits=2) == wbflow.inception_score(logits, splits=2)
 
 
+@call("fid_and_inception_score")
+def _(fid_and_inception_score, tmp_path, fixture):
+    images, inception = fixture("images_uint8"), fixture("inception")
+    real = torch.randn(30, 2048, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    score, (is_mean, is_std) = fid_and_inception_score(images, real, weights_path=fixture("weights_path"))
+    features, logits = wbflow.inception_features(images, inception)
+    assert score == pytest.approx(wbflow.fid(real, features), rel=1e-6)
+    assert (is_mean, is_std) == pytest.approx(wbflow.inception_score(logits, splits=10), rel=1e-6)
+    assert fid_and_inception_score(images[:3], inception=inception)[0] is None  # no statistics: no FID
+
+
 # ----------------------------------------------------------------------------- images & W&B
 
 @call("wandb_run")
@@ -691,6 +702,15 @@ def _(samples_table, tmp_path, fixture):
     assert table.columns[:3] == ["epoch", "solver", "nfe"] and len(table.data) == 1
 
 
+@call("samples_table_rows")
+def _(samples_table_rows, tmp_path, fixture):
+    compared = [{"solver": "heun", "nfe": 2, "seconds": 0.5, "images": torch.zeros(4, 3, 8, 8)}]  # compare_solvers'
+    rows = samples_table_rows(compared, 3, tmp_path, straightness=0.25)
+    assert rows == [{"epoch": 3, "solver": "heun", "nfe": 2, "seconds": 0.5, "straightness": 0.25,
+                     "samples": str(Path("samples") / "epoch_0003_heun_nfe002.png")}]
+    assert (tmp_path / rows[0]["samples"]).is_file() and len(wbflow.samples_table(rows, root=tmp_path).data) == 1
+
+
 @call("log_classification_report")
 def _(log_classification_report, tmp_path, fixture):
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
@@ -744,6 +764,24 @@ def _(save_best, tmp_path, fixture):
     path = tmp_path / "best.pt"
     assert save_best({"w": 1}, 0.5, None, path) == (0.5, True)
     assert save_best({"w": 2}, 0.4, 0.5, path) == (0.5, False) and wbflow.load_checkpoint(path) == {"w": 1}
+
+
+@call("checkpoint_state")
+def _(checkpoint_state, tmp_path, fixture):
+    model = nn.Linear(2, 1)
+    state = checkpoint_state({"model": model, "epoch": 3}, driver="train")
+    assert state["epoch"] == 3 and state["driver"] == "train" and torch.equal(state["model"]["bias"], model.bias)
+    assert torch.equal(state["rng"][0]["torch"], torch.get_rng_state())  # every rank's, in rank order
+
+
+@call("restore_state")
+def _(restore_state, tmp_path, fixture):
+    model, scaler = nn.Linear(2, 1), torch.amp.GradScaler("cpu", enabled=False)
+    saved = wbflow.checkpoint_state({"model": model, "scaler": scaler, "epoch": 3})
+    expected, drawn = model.weight.detach().clone(), torch.rand(1)
+    state = {"model": nn.Linear(2, 1), "scaler": scaler, "epoch": 0}
+    assert restore_state(state, wbflow.load_checkpoint(wbflow.save_checkpoint(saved, tmp_path / "s.pt"))) is state
+    assert state["epoch"] == 3 and torch.equal(state["model"].weight, expected) and torch.equal(torch.rand(1), drawn)
 
 
 @call("check_checkpoint")

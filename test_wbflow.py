@@ -808,6 +808,26 @@ def test_load_cifar10_offline_says_which_archive_to_put_where(tmp_path, monkeypa
     assert wbflow.CIFAR10_URL in message
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_load_cifar10_under_ddp_downloads_on_rank_0_while_the_other_ranks_wait(tmp_path, rank, monkeypatch):
+    events = []
+
+    def download(*args, **kwargs):  # what torchvision's download leaves in the folder
+        events.append("download")
+        write_cifar_batches(tmp_path)
+
+    def barrier():  # rank 1 waits here while rank 0 downloads
+        events.append("barrier")
+        if rank == 1:
+            download()
+    monkeypatch.setattr(wbflow, "rank_and_world_size", lambda: (rank, 2))
+    monkeypatch.setattr(wbflow.torchvision.datasets, "CIFAR10", download)
+    monkeypatch.setattr(wbflow.dist, "barrier", barrier)
+    images, _ = wbflow.load_cifar10(tmp_path)
+    assert events == (["download", "barrier"] if rank == 0 else ["barrier", "download"])  # rank 1 never downloads
+    assert images.shape == (200, 3, 32, 32)
+
+
 def test_driver_without_data_offline_exits_with_the_message_and_no_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(wbflow.torchvision.datasets, "CIFAR10",
                         lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))

@@ -28,13 +28,12 @@ import wbflow
 HERE = Path(__file__).resolve().parent
 # --smoke: a tiny UNet on a few hundred images, every interval one epoch (a --set override a line)
 SMOKE_OVERRIDES = HERE / "configs" / "smoke_overrides.txt"
-# What every checkpoint carries on. ended: the epoch's end is done; train_state: a stopped epoch's place and sums;
-# epoch_row: the epoch's last W&B row, logged with the epoch's end.
-PROGRESS = {"epoch": 0, "ended": True, "train_state": None, "epoch_row": None, "global_step": 0, "skipped_steps": 0,
-            "epoch_loss": None, "best_loss": None, "best_epoch": None, "best_checkpoint": None, "last_fid": None,
-            "table_rows": []}
-RESUME_KEYS = ("model", "ema", "optimizer", "scheduler", "scaler", *PROGRESS, "rng", "config", "wandb_run_id",
-               "wandb_last_act")
+# Where a run stands, in every checkpoint beside the model, EMA, optimiser, scheduler and scaler: the epoch and whether
+# its end (FID, grid, solver table, W&B row) is done; a stopped epoch's place and sums (train_state); the epoch's last
+# window row, loss and speed, which wait for its end; the totals the W&B rows and the closing headline show.
+PROGRESS = {"epoch": 0, "ended": True, "train_state": None, "last_window": None, "epoch_loss": None,
+            "images_per_second": None, "global_step": 0, "skipped_steps": 0, "best_loss": None, "best_epoch": None,
+            "best_checkpoint": None, "last_fid": None, "table_rows": []}
 # settings a resume must keep (else the W&B config lies, or the resume is inexact), among them what the run trains on:
 # the images (their hash), the coupling, and the teacher whose pairs it trains on (its file's hash; None: images)
 RESUME_FIXED = {"training": ("batch_size", "learning_rate", "warmup_steps", "gradient_clip", "ema_decay", "seed",
@@ -231,83 +230,92 @@ def check_fid_weights(weights, fid_interval=None):
 
 
 def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=(), teacher=None, overwrite=False):
-    data, training, logging = config["data"], config["training"], config["logging"]
+    """Data, model and optimiser, then each epoch: its training, last.pt, its end, its one W&B row, its checkpoints.
+    Where the run stands is one dict, `state`: all a checkpoint holds besides the config."""
+    training, logging, out_dir = config["training"], config["logging"], Path(config["data"]["out_dir"])
     rank, world_size, device = wbflow.setup_distributed()
-    config["world_size"] = world_size  # in W&B and in checkpoints: a resume needs the same number of ranks
     device = torch.device("cpu") if smoke else device
+    config["world_size"] = world_size  # in W&B and in checkpoints: a resume needs the same number of ranks
     say = print if rank == 0 else (lambda *_, **__: None)  # rank 0 alone prints, logs, saves
-    out_dir = Path(data["out_dir"])
     torch.manual_seed(training["seed"] + rank)
-    images_uint8 = load_images(data, training["seed"], synthetic, say)
-    data["images_sha256"] = images_sha256(images_uint8)  # what it trains on, which a resume keeps
+    images_uint8 = load_images(config["data"], training["seed"], synthetic, say)
+    config["data"]["images_sha256"] = images_sha256(images_uint8)  # what it trains on, which a resume keeps
     channels_last = training["channels_last"] and device.type == "cuda"
-
-    model = wbflow.FlowUNet(**config["model"]).to(device, memory_format=torch.channels_last if channels_last else
-                                                  torch.preserve_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=training["learning_rate"], fused=True)
-    warmup_steps = max(1, training["warmup_steps"])  # lr * (step + 1) / warmup_steps, then constant
-    parts = {"model": model, "ema": wbflow.make_ema(model, training["ema_decay"]), "optimizer": optimizer,
-             "scheduler": torch.optim.lr_scheduler.LinearLR(optimizer, 1 / warmup_steps, total_iters=warmup_steps - 1),
-             "scaler": wbflow.make_scaler(device)}
-    amp_dtype = wbflow.autocast_dtype(device)
-    say(f"FlowUNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} x {device}")
-    teacher_checkpoint = load_teacher(teacher, config)  # before a resume compares its hash
-    progress, run_id, resumed_from = dict(PROGRESS), None, None
-    if resume:
-        progress, run_id, resumed_from = load_resume(resume, config, parts, device, say)
-    if teacher:  # its pairs, and a new student starts from its EMA weights
-        pairs, dataset = reflow_pairs(teacher, teacher_checkpoint, config, parts, amp_dtype, initialise=not resume,
-                                      overwrite=overwrite)
-    loader = training_loader(pairs[0] if teacher else images_uint8, pairs[1] if teacher else None, training,
-                             device, channels_last)
-    train_model = model if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+    state = new_state(config, device, channels_last)
+    say(f"FlowUNet: {sum(p.numel() for p in state['model'].parameters()) / 1e6:.2f}M parameters, {world_size} x {device}")
+    amp_dtype, teacher_checkpoint = wbflow.autocast_dtype(device), load_teacher(teacher, config)  # before a resume
+    resumed_from = load_resume(resume, config, state, device, say) if resume else None
+    pairs, dataset = (images_uint8, None), None  # what it trains on: the images, or the teacher's pairs
+    if teacher:  # a new student starts from its teacher's EMA weights
+        pairs, dataset = reflow_pairs(teacher_checkpoint, config, state, amp_dtype, new=not resume, overwrite=overwrite)
+    loader = training_loader(*pairs, training, device, channels_last)
+    train_model = state["model"] if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+        state["model"], device_ids=[device.index] if device.type == "cuda" else None)
     train_model = torch.compile(train_model) if training["compile"] else train_model  # outside DDP: it splits the graph
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
         statistics = fid_statistics(images_uint8, config, device, synthetic) if config["eval"]["fid_interval"] else None
 
-    def checkpoint(last_act=False):  # every rank takes part in gathering the RNG states
-        return {**{name: part.state_dict() for name, part in parts.items()}, **progress, "config": config,
-                "rng": wbflow.gather_from_ranks(wbflow.capture_rng_state()), "wandb_run_id": run_id,
-                "wandb_last_act": last_act, "driver": "train_flow"}
-
-    def stop_run(state, where=""):  # SIGTERM or Ctrl-C: last.pt, the resume command, exit 128 + signal
-        wbflow.exit_stopped(stop, state, out_dir / "last.pt", script=__file__, argv=argv,
-                            where=f" at step {progress['global_step']} (epoch {progress['epoch']}){where}")
-
     with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
-            config if resumed_from is None else {**config, "resumed_from": resumed_from},
-            project=logging["project_name"], enabled=logging["use_wandb"], run_id=run_id, entity=logging["entity"],
+            config if resumed_from is None else {**config, "resumed_from": resumed_from}, project=logging["project_name"],
+            enabled=logging["use_wandb"], run_id=state["wandb_run_id"], entity=logging["entity"],
             name=logging["run_name"], tags=logging["tags"], notes=logging["notes"]) as run:
-        run_id = run.id if run else run_id  # without W&B the checkpoints keep the earlier run's, for a resume with it
-        # per-step series on the global step; epoch ones on train/epoch; summaries hold the best, not the last
-        for key, summary in {"train/loss": "min", "train/epoch": None, "train/epoch_loss": "min",
-                             "train/images_per_second": None, "eval/fid_score": "min", "eval/inception_score_*": None,
-                             "eval/straightness": "min"}.items():
-            run.define_metric(key, step_metric=None if key in ("train/loss", "train/epoch") else "train/epoch",
-                              summary=summary)
+        state["wandb_run_id"] = run.id if run else state["wandb_run_id"]  # without W&B: kept for a resume with it
+        define_metrics(run)
         if teacher:  # lineage: teacher model -> pairs -> this model
             wbflow.use_artifact(run, *dataset, type="dataset")
         for path in earlier_run if rank == 0 else ():  # --overwrite: every check has passed, so they go now
             path.unlink(missing_ok=True)
-        for epoch in range(progress["epoch"] + progress["ended"], training["epochs"] + 1):
-            if progress["ended"] or progress["train_state"]:  # else a resume into the epoch's end: trained already
-                stats = train_one_epoch(epoch, train_model, parts, loader, progress, run, stop, training, amp_dtype)
-                if stats["stopped"]:  # last.pt of where this epoch stands
-                    stop_run(checkpoint(last_act=True))
-                say(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['samples'] / stats['seconds']:.0f} images/s, "
-                    f"step {stats['step']}")
-            trained = checkpoint()
+        for epoch in range(state["epoch"] + 1 if state["ended"] else state["epoch"], training["epochs"] + 1):
+            if state["ended"] or state["train_state"]:  # else a resume into this epoch's end: trained already
+                train_one_epoch(epoch, state, train_model, loader, run, stop, training, amp_dtype)
+            if state["train_state"]:  # stopped: last.pt of where this epoch stands
+                stop_run(stop, state, config, argv)
+            trained = checkpoint(state, config)  # every rank gathers its RNG state
             if rank == 0:  # the epoch's training is safe before its end
                 wbflow.save_checkpoint(trained, out_dir / "last.pt")
-            end = epoch_end(epoch, parts["ema"].module, statistics, config, stop, amp_dtype=amp_dtype)
-            if end is None:  # nothing of the end is logged yet: the resume does it again, whole
-                stop_run({**trained, "wandb_last_act": True}, ", in its end")
-            save_epoch(epoch, end, progress, run, config, checkpoint)
+            end = epoch_end(epoch, state["ema"].module, statistics, config, stop, amp_dtype)
+            if end is None:  # it logged nothing: the resume does the end again, whole, from last.pt
+                stop_run(stop, state, config, argv, ", in its end")
+            log_epoch(run, epoch, state, end, config)
+            save_epoch(run, epoch, state, config)
     if world_size > 1:
         torch.distributed.destroy_process_group()
-    say(headline(out_dir, progress))
-    return {"step": progress["global_step"], "best_loss": progress["best_loss"], "out_dir": out_dir}
+    say(headline(out_dir, state))
+    return {"step": state["global_step"], "best_loss": state["best_loss"], "out_dir": out_dir}
+
+
+def new_state(config, device, channels_last):
+    """A new run's state: the FlowUNet, its EMA, Adam with a linear warm-up, the fp16 GradScaler, and PROGRESS."""
+    training = config["training"]
+    model = wbflow.FlowUNet(**config["model"]).to(device, memory_format=torch.channels_last if channels_last else
+                                                  torch.preserve_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=training["learning_rate"], fused=True)
+    warmup_steps = max(1, training["warmup_steps"])  # lr * (step + 1) / warmup_steps, then constant
+    return {"model": model, "ema": wbflow.make_ema(model, training["ema_decay"]), "optimizer": optimizer,
+            "scheduler": torch.optim.lr_scheduler.LinearLR(optimizer, 1 / warmup_steps, total_iters=warmup_steps - 1),
+            "scaler": wbflow.make_scaler(device), **PROGRESS, "wandb_run_id": None}
+
+
+def define_metrics(run):
+    """Per-step series on the global step, epoch ones on train/epoch; summaries hold the best, not the last."""
+    for key, summary in {"train/loss": "min", "train/epoch": None, "train/epoch_loss": "min",
+                         "train/images_per_second": None, "eval/fid_score": "min", "eval/inception_score_*": None,
+                         "eval/straightness": "min"}.items():
+        run.define_metric(key, step_metric=None if key in ("train/loss", "train/epoch") else "train/epoch",
+                          summary=summary)
+
+
+def checkpoint(state, config, last_act=False):
+    """`state` as a checkpoint (every rank takes part in gathering the RNG states). last_act: nothing is logged after
+    it, so a resume from it continues the W&B run (wbflow.wandb_resume_plan)."""
+    return wbflow.checkpoint_state(state, config=config, wandb_last_act=last_act, driver="train_flow")
+
+
+def stop_run(stop, state, config, argv, where=""):
+    """SIGTERM or Ctrl-C: last.pt of where the run stands, the command that resumes it, exit 128 + signal."""
+    wbflow.exit_stopped(stop, checkpoint(state, config, last_act=True), Path(config["data"]["out_dir"]) / "last.pt",
+                        script=__file__, argv=argv,
+                        where=f" at step {state['global_step']} (epoch {state['epoch']}){where}")
 
 
 def training_loader(images_uint8, noise_seed, training, device, channels_last):
@@ -325,17 +333,12 @@ def training_loader(images_uint8, noise_seed, training, device, channels_last):
 
 
 def load_images(data, seed, synthetic, say):
-    """The training images as one uint8 tensor, the same count on every rank (rank 0 downloads first)."""
-    rank, world_size = wbflow.rank_and_world_size()
+    """The training images as one uint8 tensor, the same count on every rank."""
     if synthetic:
         images_uint8 = wbflow.synthetic_images(data["max_images"], seed=seed)
         say(f"smoke: {len(images_uint8)} synthetic images (pass --data-dir to use CIFAR-10)")
     else:
-        if world_size > 1 and rank > 0:  # rank 0 reads first (and downloads), then the others
-            torch.distributed.barrier()
-        images_uint8 = wbflow.load_cifar10(data["data_dir"], download=rank == 0)[0][:data["max_images"]]
-        if world_size > 1 and rank == 0:
-            torch.distributed.barrier()
+        images_uint8 = wbflow.load_cifar10(data["data_dir"])[0][:data["max_images"]]
         say(f"CIFAR-10: {len(images_uint8)} training images from {data['data_dir']}")
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
         wbflow.check_same_on_every_rank({"training images": len(images_uint8)})
@@ -347,12 +350,11 @@ def load_checked(flag, reference, config, device="cpu", **check):  # wbflow.load
                                project=config["logging"]["project_name"], entity=config["logging"]["entity"], **check)
 
 
-def load_resume(resume, config, parts, device, say):
-    """Load --resume into `parts` and this rank's RNG once it fits; (progress, W&B run id or None, resumed_from)."""
-    logging, (rank, world_size) = config["logging"], wbflow.rank_and_world_size()
-    path, state = load_checked(
-        "--resume", resume, config, device, required=RESUME_KEYS,
-        expected={"model": config["model"], "world_size": world_size,
+def load_resume(resume, config, state, device, say):
+    """Load --resume into `state` and this rank's RNG once it fits this run; a new W&B run's resumed_from, or None."""
+    path, saved = load_checked(
+        "--resume", resume, config, device, required=(*state, "rng", "config", "wandb_last_act"),
+        expected={"model": config["model"], "world_size": wbflow.rank_and_world_size()[1],
                   **{section: {key: config[section][key] for key in keys} for section, keys in RESUME_FIXED.items()}},
         hints={"model": ": pass the --config/--set (and --smoke) of the run it came from",
                **dict.fromkeys(RESUME_FIXED, ": a resumed run keeps the settings it trained with (only "
@@ -362,56 +364,155 @@ def load_resume(resume, config, parts, device, say):
                "reflow": ": a resumed run trains on what it trained on: the pairs of the --reflow teacher it came "
                          "from, with its reflow.* settings, or images without --reflow",
                "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)"})
-    for name, part in parts.items():
-        if state[name]:  # the scaler's is empty when saved without fp16 (bf16 or CPU)
-            part.load_state_dict(state[name])
-    wbflow.restore_rng_state(state["rng"][rank])
-    place = (f"batch {state['train_state']['batches']}" if state["train_state"] else
-             "before its end" if not state["ended"] else "after its end")
-    say(f"resumed from {resume} at epoch {state['epoch']} ({place}), step {state['global_step']}")
-    progress = {key: state[key] for key in PROGRESS}
-    if not logging["use_wandb"]:  # the run id stays in the checkpoints, for a resume with W&B
-        return progress, state["wandb_run_id"], None
-    run_id, resumed_from, plan = wbflow.wandb_resume_plan(state["wandb_run_id"], state["wandb_last_act"],
-                                                          state["global_step"], path)
+    wbflow.restore_state(state, saved)
+    place = (f"batch {saved['train_state']['batches']}" if saved["train_state"] else
+             "before its end" if not saved["ended"] else "after its end")
+    say(f"resumed from {resume} at epoch {saved['epoch']} ({place}), step {saved['global_step']}")
+    if not config["logging"]["use_wandb"]:  # the run id stays in the checkpoints, for a resume with W&B
+        return None
+    state["wandb_run_id"], resumed_from, plan = wbflow.wandb_resume_plan(
+        saved["wandb_run_id"], saved["wandb_last_act"], saved["global_step"], path)
     say(f"W&B: {plan}")
-    return progress, run_id, resumed_from
+    return resumed_from
 
 
-def train_one_epoch(epoch, train_model, parts, loader, progress, run, stop, training, amp_dtype):
-    """Train `epoch` (on from its stopped place) and log its windows but the last, which waits in
-    progress["epoch_row"] for the epoch's loss and end."""
+def train_one_epoch(epoch, state, train_model, loader, run, stop, training, amp_dtype):
+    """Train `epoch` on from where `state` stands, logging every window's row but the epoch's last, which waits in
+    state["last_window"] for the epoch's end (log_epoch); a stop leaves the epoch's place in state["train_state"]."""
     logged = []
 
     def log_window(step, window):
-        progress["skipped_steps"] += window["skipped"]
+        state["skipped_steps"] += window["skipped"]
         row = {"train/loss": window["loss"], "train/learning_rate": window["learning_rate"],
                "train/grad_norm": window["grad_norm"], "train/epoch": window["epoch"],
-               "train/skipped_steps": progress["skipped_steps"]}
+               "train/skipped_steps": state["skipped_steps"]}
         if window["batch"] < len(loader) - 1:
             logged.append(run.log(row, step=step))
         else:
-            progress["epoch_row"] = row
+            state["last_window"] = row
 
-    resume = progress["train_state"]
-    loader.set_epoch(epoch, skip_batches=resume["batches"] if resume else 0)
+    loader.set_epoch(epoch, skip_batches=state["train_state"]["batches"] if state["train_state"] else 0)
     loss_fn = functools.partial(wbflow.rectified_flow_loss, coupling=training["coupling"])
-    stats = wbflow.train_epoch(train_model, loader, parts["optimizer"], loss_fn, resume=resume,
-                               scheduler=parts["scheduler"], ema_model=parts["ema"], grad_clip=training["gradient_clip"],
-                               amp_dtype=amp_dtype, scaler=parts["scaler"], step=progress["global_step"], epoch=epoch,
-                               stop=stop,
-                               log_every=training["log_interval"], on_log=log_window,
+    stats = wbflow.train_epoch(train_model, loader, state["optimizer"], loss_fn, resume=state["train_state"],
+                               scheduler=state["scheduler"], ema_model=state["ema"], grad_clip=training["gradient_clip"],
+                               amp_dtype=amp_dtype, scaler=state["scaler"], step=state["global_step"], epoch=epoch,
+                               stop=stop, log_every=training["log_interval"], on_log=log_window,
                                progress=wbflow.rank_and_world_size()[0] == 0)
-    progress.update(epoch=epoch, ended=False, train_state=stats["state"], global_step=stats["step"])
+    state.update(epoch=epoch, ended=False, train_state=stats["state"], global_step=stats["step"])
     if stats["stopped"]:
-        return stats
+        return
     if logged:  # its windows are on disk before last.pt (flush_run commits; with nothing logged it adds a row)
         wbflow.flush_run(run)
-    loss = progress["epoch_loss"] = stats["loss"]  # over all ranks already, as the sample count
-    progress["epoch_row"].update({"train/epoch_loss": loss, "train/images_per_second": stats["samples"] / stats["seconds"]})
-    if not math.isnan(loss) and (progress["best_loss"] is None or loss < progress["best_loss"]):
-        progress.update(best_loss=loss, best_epoch=epoch)
-    return stats
+    loss = stats["loss"]  # over all ranks already, as the sample count
+    state.update(epoch_loss=loss, images_per_second=stats["samples"] / stats["seconds"])
+    if not math.isnan(loss) and (state["best_loss"] is None or loss < state["best_loss"]):
+        state.update(best_loss=loss, best_epoch=epoch)
+    if wbflow.rank_and_world_size()[0] == 0:
+        print(f"epoch {epoch}: loss {loss:.4f}, {state['images_per_second']:.0f} images/s, step {stats['step']}")
+
+
+def epoch_end(epoch, ema_module, statistics, config, stop, amp_dtype):
+    """`epoch`'s due FID and IS (every rank samples a share), and on rank 0 its EMA grid and solver-table rows (their
+    PNGs written): {"metrics": W&B keys, "grid", "caption", "rows"}. It logs nothing and draws from no global RNG,
+    so an end that a stop cuts short is simply done again from last.pt: None on every rank then."""
+    training, logging, evaluation, sampling = (config[key] for key in ("training", "logging", "eval", "sampling"))
+    rank, device = wbflow.rank_and_world_size()[0], next(ema_module.parameters()).device
+    solver, nfe, tolerance = sampling["solver"], sampling["nfe"], sampling["rk45_tolerance"]
+    end = {"metrics": {}, "grid": None, "caption": None, "rows": []}
+    ema_module.eval()  # the velocity every sampler below calls, without dropout
+    if evaluation["fid_interval"] and epoch % evaluation["fid_interval"] == 0:
+        scored = sample_and_score(ema_module, evaluation["fid_num_samples"], statistics, config, stop,
+                                  seed=sampling["seed"] + 1)
+        if scored is None:
+            return None
+        end["metrics"] = scored[0]
+    # the same seeded noise every epoch, so eval/generated_samples show progress, not new noise
+    noise = torch.randn(sampling["num_images"], 3, 32, 32,
+                        generator=torch.Generator().manual_seed(sampling["seed"])).to(device)
+    stopped = rank == 0 and stop.is_set()
+    if rank == 0 and not stopped and epoch % logging["log_images_interval"] == 0:
+        samples, used = wbflow.sample_flow(ema_module, noise, solver, nfe, tolerance=tolerance, amp_dtype=amp_dtype)
+        end["grid"], end["caption"] = wbflow.sample_grid(samples), f"epoch {epoch}, EMA, {solver} NFE {used}"
+        wbflow.save_png(end["grid"], Path(config["data"]["out_dir"]) / "samples" / f"epoch_{epoch:04d}.png")
+    if rank == 0 and not stopped and (epoch % training["sample_interval"] == 0 or epoch == training["epochs"]):
+        straightness = wbflow.straightness(ema_module, noise, nfe, amp_dtype=amp_dtype)
+        compared = wbflow.compare_solvers(ema_module, noise, solvers=sampling["table_solvers"], stop=stop.is_set,
+                                          nfes=sampling["table_nfes"], tolerance=tolerance, amp_dtype=amp_dtype)
+        stopped = compared is None
+        if not stopped:
+            end["metrics"]["eval/straightness"] = straightness
+            end["rows"] = wbflow.samples_table_rows(compared, epoch, config["data"]["out_dir"], straightness=straightness)
+    return None if wbflow.gather_from_ranks(stopped)[0] else end
+
+
+def sample_and_score(ema_module, count, statistics, config, stop, *, seed, progress=False):
+    """eval/fid_score (with `statistics`) and eval/inception_score_* of `count` samples of the EMA model, sampled with
+    sampling.solver and nfe, each rank its share from its own seeded noise, stopping between batches when any rank
+    was told to: (metrics, this rank's samples, evaluations a sample used), or None after a stop."""
+    evaluation, sampling, (rank, world_size) = config["eval"], config["sampling"], wbflow.rank_and_world_size()
+    samples_uint8, used = wbflow.sample_images(  # as many batches, so as many stop checks, on every rank
+        ema_module, -(-count // world_size), device=next(ema_module.parameters()).device, solver=sampling["solver"],
+        nfe=sampling["nfe"],
+        tolerance=sampling["rk45_tolerance"], batch_size=evaluation["sample_batch_size"], seed=seed + rank,
+        stop=lambda: any(wbflow.gather_from_ranks(stop.is_set())), progress=progress)
+    if samples_uint8 is None:
+        return None
+    samples_uint8 = samples_uint8[:len(range(rank, count, world_size))]
+    inception = wbflow.load_fid_inception(evaluation["fid_weights"], next(ema_module.parameters()).device)
+    fid, (is_mean, is_std) = wbflow.fid_and_inception_score(samples_uint8, statistics, inception=inception,
+                                                            batch_size=evaluation["inception_batch_size"],
+                                                            progress=progress)
+    return ({"eval/fid_score": fid, "eval/inception_score_mean": is_mean, "eval/inception_score_std": is_std},
+            samples_uint8, used)
+
+
+def log_epoch(run, epoch, state, end, config):
+    """Log `epoch`'s one W&B row: its last window, loss and speed, what its end measured and drew, and after the
+    last epoch the samples table of every epoch's rows. The epoch's end is then done."""
+    step, fid = state["global_step"], end["metrics"].get("eval/fid_score")
+    table_rows = state["table_rows"] + end["rows"]
+    row = {**state["last_window"], "train/epoch_loss": state["epoch_loss"],
+           "train/images_per_second": state["images_per_second"], **end["metrics"]}
+    if epoch == config["training"]["epochs"]:  # every epoch's rows, their grids read from the PNGs
+        row["eval/samples_table"] = wbflow.samples_table(table_rows, root=config["data"]["out_dir"])
+    run.log(row, step=step)
+    if end["grid"] is not None:
+        wbflow.log_image_grid(run, "eval/generated_samples", end["grid"], step=step, caption=end["caption"])
+    if fid is not None:
+        state["last_fid"] = {"epoch": epoch, "fid": fid, "samples": config["eval"]["fid_num_samples"]}
+        if wbflow.rank_and_world_size()[0] == 0:
+            print(f"epoch {epoch}: FID {fid:.2f} on {state['last_fid']['samples']} samples")
+    state.update(ended=True, last_window=None, table_rows=table_rows)
+
+
+def save_epoch(run, epoch, state, config):
+    """After `epoch`'s row: checkpoint_epoch_N.pt when due, a version of the run's model artifact, then last.pt."""
+    training, logging, out_dir = config["training"], config["logging"], Path(config["data"]["out_dir"])
+    last, lowest, loss = epoch == training["epochs"], state["best_checkpoint"], state["epoch_loss"]
+    saved = epoch % training["save_interval"] == 0 or epoch % logging["log_model_interval"] == 0 or last
+    if saved and not math.isnan(loss) and (lowest is None or loss < lowest["epoch_loss"]):
+        state["best_checkpoint"] = {"path": f"checkpoint_epoch_{epoch}.pt", "epoch": epoch, "epoch_loss": loss}
+    ended = checkpoint(state, config, last_act=last)  # after the last epoch: a resume may continue the W&B run
+    if wbflow.rank_and_world_size()[0] > 0:
+        return
+    wbflow.flush_run(run)  # what the epoch logged is on disk before the checkpoints a resume starts from
+    if saved:
+        path = wbflow.save_checkpoint(ended, out_dir / f"checkpoint_epoch_{epoch}.pt")
+        wbflow.rotate_checkpoints(out_dir, keep=training["keep_checkpoints"])
+        print(f"saved {path}")
+        if epoch % logging["log_model_interval"] == 0:
+            wbflow.log_artifact(run, path, f"model-{run.id}", aliases=["latest", f"epoch-{epoch}"] + ["best"] * (
+                state["best_epoch"] == epoch), metadata={"epoch": epoch, "global_step": state["global_step"],
+                                                         "config": config})
+    wbflow.save_checkpoint(ended, out_dir / "last.pt")
+
+
+def headline(out_dir, state):
+    best, fid, lowest = state["best_loss"], state["last_fid"], state["best_checkpoint"]
+    best = f"best epoch loss {best:.4f} (epoch {state['best_epoch']})" if best is not None else "no finite epoch loss"
+    fid = f", last FID {fid['fid']:.2f} (epoch {fid['epoch']}, {fid['samples']} samples)" if fid else ""
+    lowest = (f"; the lowest-loss checkpoint: {out_dir / lowest['path']} (epoch {lowest['epoch']})" if lowest else "")
+    return f"done at step {state['global_step']}: {best}{fid}\n  last checkpoint: {out_dir / 'last.pt'}{lowest}"
 
 
 def images_sha256(images_uint8):
@@ -419,128 +520,19 @@ def images_sha256(images_uint8):
     return hashlib.sha256(images_uint8.contiguous().numpy()).hexdigest()
 
 
-def statistics_cache(config, images_uint8, synthetic=False):
-    """(folder, name) of the cached FID statistics of these images: eval.stats_dir, else <out_dir>/fid_stats, and a
-    name that says what they were computed from (the source, the count and the images' hash), so a folder shared
-    by runs or data folders never hands one set's statistics to another (statistics_path adds the FID network)."""
-    source = "synthetic" if synthetic else "cifar10-train"
-    folder = config["eval"]["stats_dir"] or Path(config["data"]["out_dir"]) / "fid_stats"
-    return Path(folder), f"{source}-{len(images_uint8)}-{images_sha256(images_uint8)[:16]}"
-
-
 def fid_statistics(images_uint8, config, device, synthetic=False, progress=False):
-    """The FID statistics file of these images, from its cache or computed once (each rank a share of the images),
-    the cache folder's writability checked before the Inception pass (ValueError)."""
+    """The FID statistics file of these images, computed once (each rank a share) and cached in eval.stats_dir, else
+    <out_dir>/fid_stats, under a name that says what they were computed from (the source, the count and the images'
+    hash; statistics_path adds the FID network), so a folder shared by runs or data folders never hands one set's
+    statistics to another. The cache folder's writability is checked before the Inception pass (ValueError)."""
     (rank, world_size), evaluation = wbflow.rank_and_world_size(), config["eval"]
-    folder, name = statistics_cache(config, images_uint8, synthetic)
-    weights_sha256 = wbflow.file_sha256(wbflow.fid_weights_path(evaluation["fid_weights"]))
-    cached = wbflow.statistics_path(folder, name, weights_sha256)
+    folder = evaluation["stats_dir"] or Path(config["data"]["out_dir"]) / "fid_stats"
+    name = f"{'synthetic' if synthetic else 'cifar10-train'}-{len(images_uint8)}-{images_sha256(images_uint8)[:16]}"
+    cached = wbflow.statistics_path(folder, name, wbflow.file_sha256(wbflow.fid_weights_path(evaluation["fid_weights"])))
     if not os.path.isfile(cached):
         wbflow.check_outputs({"the FID statistics file (eval.stats_dir)": cached})
     return wbflow.save_statistics(images_uint8[rank::world_size], folder, name, device=device, progress=progress,
                                   batch_size=evaluation["inception_batch_size"], weights_path=evaluation["fid_weights"])
-
-
-def epoch_end(epoch, ema_module, statistics, config, stop, *, amp_dtype):
-    """`epoch`'s due FID and IS, EMA grid (rank 0, also a PNG) and table rows (rank 0). It logs nothing and draws
-    from no global RNG, so an end cut short is done again, whole: None on every rank when a stop came first."""
-    training, logging, evaluation, sampling = (config[key] for key in ("training", "logging", "eval", "sampling"))
-    (rank, world_size), device = wbflow.rank_and_world_size(), next(ema_module.parameters()).device
-    ema_module.eval()  # the velocity every sampler below calls, without dropout
-    out_dir, solver, nfe, tolerance = (Path(config["data"]["out_dir"]), sampling["solver"], sampling["nfe"],
-                                       sampling["rk45_tolerance"])
-    end, stopped = {"scores": {}, "straightness": {}, "grid": None, "rows": []}, False
-    if evaluation["fid_interval"] and epoch % evaluation["fid_interval"] == 0:
-        count = evaluation["fid_num_samples"]
-        samples_uint8, _ = wbflow.sample_images(  # as many batches, so as many stop checks, on every rank
-            ema_module, -(-count // world_size), device=device, solver=solver, nfe=nfe, tolerance=tolerance,
-            batch_size=evaluation["sample_batch_size"], seed=sampling["seed"] + 1 + rank,
-            stop=lambda: any(wbflow.gather_from_ranks(stop.is_set())))
-        stopped = samples_uint8 is None
-        if not stopped:
-            end["scores"] = scores(samples_uint8[:len(range(rank, count, world_size))],
-                                   wbflow.load_fid_inception(evaluation["fid_weights"], device), statistics,
-                                   batch_size=evaluation["inception_batch_size"])
-    # the same seeded noise every epoch, so eval/generated_samples show progress, not new noise
-    noise = torch.randn(sampling["num_images"], 3, 32, 32,
-                        generator=torch.Generator().manual_seed(sampling["seed"])).to(device)
-    if rank == 0 and not stopped and epoch % logging["log_images_interval"] == 0:
-        stopped = stop.is_set()  # before the grid
-        if not stopped:
-            samples, used = wbflow.sample_flow(ema_module, noise, solver, nfe, tolerance=tolerance, amp_dtype=amp_dtype)
-            end["grid"], end["caption"] = wbflow.sample_grid(samples), f"epoch {epoch}, EMA, {solver} NFE {used}"
-            wbflow.save_png(end["grid"], out_dir / "samples" / f"epoch_{epoch:04d}.png")
-    if rank == 0 and not stopped and (epoch % training["sample_interval"] == 0 or epoch == training["epochs"]):
-        straight = wbflow.straightness(ema_module, noise, sampling["nfe"], amp_dtype=amp_dtype)
-        end["straightness"] = {"eval/straightness": straight}
-        end["rows"] = solver_rows(ema_module, noise, epoch, out_dir, sampling, straight, amp_dtype=amp_dtype,
-                                  stop=stop.is_set)
-        stopped = end["rows"] is None
-    return None if wbflow.gather_from_ranks(stopped)[0] else end  # rank 0's account
-
-
-def save_epoch(epoch, end, progress, run, config, checkpoint):
-    """Log `epoch`'s row whole (after the last epoch also the samples table), then write last.pt and, when due,
-    checkpoint_epoch_N.pt, a version of the run's model artifact."""
-    training, logging, out_dir = config["training"], config["logging"], Path(config["data"]["out_dir"])
-    step, loss, last = progress["global_step"], progress["epoch_loss"], epoch == training["epochs"]
-    saved = epoch % training["save_interval"] == 0 or epoch % logging["log_model_interval"] == 0 or last
-    lowest = progress["best_checkpoint"]
-    if saved and not math.isnan(loss) and (lowest is None or loss < lowest["epoch_loss"]):
-        progress["best_checkpoint"] = {"path": f"checkpoint_epoch_{epoch}.pt", "epoch": epoch, "epoch_loss": loss}
-    if end["scores"]:
-        progress["last_fid"] = {"epoch": epoch, "fid": end["scores"]["eval/fid_score"],
-                                "samples": config["eval"]["fid_num_samples"]}
-    run.log({**progress["epoch_row"], **end["scores"], **end.get("straightness", {})}, step=step)
-    if end["grid"] is not None:
-        wbflow.log_image_grid(run, "eval/generated_samples", end["grid"], step=step, caption=end["caption"])
-    progress.update(ended=True, epoch_row=None, table_rows=progress["table_rows"] + end["rows"])
-    if last:  # every epoch's rows, with their grids read from the PNGs
-        run.log({"eval/samples_table": wbflow.samples_table(progress["table_rows"], root=out_dir)}, step=step)
-    state = checkpoint(last_act=last)  # after the last epoch, the run's last act: a resume may continue the run
-    if wbflow.rank_and_world_size()[0] > 0:
-        return
-    if end["scores"]:
-        print(f"epoch {epoch}: FID {progress['last_fid']['fid']:.2f} on {progress['last_fid']['samples']} samples")
-    wbflow.flush_run(run)  # what the epoch logged is on disk before the checkpoints a resume starts from
-    if saved:
-        path = wbflow.save_checkpoint(state, out_dir / f"checkpoint_epoch_{epoch}.pt")
-        wbflow.rotate_checkpoints(out_dir, keep=training["keep_checkpoints"])
-        print(f"saved {path}")
-        if epoch % logging["log_model_interval"] == 0:
-            wbflow.log_artifact(run, path, f"model-{run.id}", metadata={"epoch": epoch, "global_step": step, "config": config},
-                                aliases=["latest", f"epoch-{epoch}"] + ["best"] * (progress["best_epoch"] == epoch))
-    wbflow.save_checkpoint(state, out_dir / "last.pt")
-
-
-def headline(out_dir, progress):
-    best, fid, lowest = progress["best_loss"], progress["last_fid"], progress["best_checkpoint"]
-    best = f"best epoch loss {best:.4f} (epoch {progress['best_epoch']})" if best is not None else "no finite epoch loss"
-    fid = f", last FID {fid['fid']:.2f} (epoch {fid['epoch']}, {fid['samples']} samples)" if fid else ""
-    lowest = (f"; the lowest-loss checkpoint: {out_dir / lowest['path']} (epoch {lowest['epoch']})" if lowest else "")
-    return f"done at step {progress['global_step']}: {best}{fid}\n  last checkpoint: {out_dir / 'last.pt'}{lowest}"
-
-
-def scores(samples_uint8, inception, statistics=None, *, inception_score=True, batch_size, progress=False):
-    """eval/fid_score (against `statistics`, when given) and eval/inception_score_*, from one Inception pass."""
-    features, logits = wbflow.inception_features(samples_uint8, inception, batch_size=batch_size, progress=progress)
-    metrics = {} if statistics is None else {"eval/fid_score": wbflow.fid(statistics, features)}
-    if inception_score:
-        metrics["eval/inception_score_mean"], metrics["eval/inception_score_std"] = wbflow.inception_score(
-            logits, splits=min(10, len(logits)))
-    return metrics
-
-
-def solver_rows(model, noise, epoch, out_dir, sampling, straightness, *, amp_dtype, stop):
-    """This epoch's rows of eval/samples_table (None when stop() cut them short), their grids in PNGs named
-    relative to out_dir, so the rows in a checkpoint survive moving the folder."""
-    compared = wbflow.compare_solvers(model, noise, solvers=sampling["table_solvers"], nfes=sampling["table_nfes"],
-                                      tolerance=sampling["rk45_tolerance"], amp_dtype=amp_dtype, stop=stop)
-    return None if compared is None else [
-        {**{key: row[key] for key in ("solver", "nfe", "seconds")}, "epoch": epoch, "straightness": straightness,
-         "samples": str(wbflow.save_png(
-            wbflow.sample_grid(row["images"]), out_dir / "samples" / f"epoch_{epoch:04d}_{row['solver']}_nfe"
-            f"{row['nfe']:03d}.png").relative_to(out_dir))} for row in compared]
 
 
 def load_teacher(teacher, config):
@@ -556,23 +548,22 @@ def load_teacher(teacher, config):
     return path, state
 
 
-def reflow_pairs(teacher, teacher_checkpoint, config, parts, amp_dtype, *, initialise, overwrite=False):
+def reflow_pairs(teacher_checkpoint, config, state, amp_dtype, *, new, overwrite=False):
     """--reflow: reflow.num_pairs pairs of the teacher's EMA model in out_dir/reflow_pairs, keyed by the teacher's hash
-    and the reflow settings. With `initialise` (a new student, which starts from the teacher's EMA weights) they are
-    made in a W&B run that uses the teacher's model artifact and logs the pairs as a `dataset` artifact, after
-    shards of another generation there are refused (or, with `overwrite`, deleted); a resume only reads them.
-    Returns (images, noise seed), (folder, name)."""
+    and the reflow settings. A `new` student starts from the teacher's EMA weights, and its pairs are made in a W&B
+    run that uses the teacher's model artifact and logs them as a `dataset` artifact, after shards of another
+    generation there are refused (or, with `overwrite`, deleted); a resume only reads them.
+    Returns (images, noise seed), (folder, artifact name)."""
     logging, reflow, (rank, world_size) = config["logging"], config["reflow"], wbflow.rank_and_world_size()
-    (path, state), sampling = teacher_checkpoint, config["sampling"]
-    folder, teacher_name = Path(config["data"]["out_dir"]) / "reflow_pairs", state.get("wandb_run_id") or path.stem
-    dataset = (folder, f"reflow-pairs-{teacher_name}")
+    (path, teacher_state), sampling = teacher_checkpoint, config["sampling"]
+    folder, teacher_name = Path(config["data"]["out_dir"]) / "reflow_pairs", teacher_state.get("wandb_run_id") or path.stem
     made_by = {"teacher_sha256": reflow["teacher_sha256"], "solver": reflow["solver"], "nfe": reflow["nfe"],
                **({"rk45_tolerance": sampling["rk45_tolerance"]} if reflow["solver"] == "rk45" else {})}
     generation = {"shard_size": reflow["shard_size"], "seed": reflow["seed"], "settings": made_by}
-    if initialise:
-        parts["ema"].load_state_dict(state["ema"])
-        parts["model"].load_state_dict(parts["ema"].module.state_dict())
-        parts["ema"].module.eval()  # the teacher's velocity, without dropout
+    if new:
+        state["ema"].load_state_dict(teacher_state["ema"])
+        state["model"].load_state_dict(state["ema"].module.state_dict())
+        state["ema"].module.eval()  # the teacher's velocity, without dropout
         others = wbflow.reflow_shards(folder, reflow["num_pairs"], **generation)[1]
         if others and not overwrite:  # never mixed with this teacher's pairs
             other, why = next(iter(others.items()))
@@ -584,27 +575,27 @@ def reflow_pairs(teacher, teacher_checkpoint, config, parts, amp_dtype, *, initi
         if others and world_size > 1:
             torch.distributed.barrier()  # gone before any rank looks at the folder
         with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
-                {"teacher": str(teacher), "reflow": reflow}, project=logging["project_name"], entity=logging["entity"],
-                enabled=logging["use_wandb"], job_type="reflow-pairs") as run:
-            wbflow.use_artifact(run, path, f"model-{teacher_name}", metadata={"epoch": state.get("epoch")})
+                {"teacher": reflow["teacher"], "reflow": reflow}, project=logging["project_name"],
+                entity=logging["entity"], enabled=logging["use_wandb"], job_type="reflow-pairs") as run:
+            wbflow.use_artifact(run, path, f"model-{teacher_name}", metadata={"epoch": teacher_state.get("epoch")})
             with wbflow.exit_on_error("train_flow.py", (ValueError,)):
                 written = wbflow.generate_reflow_pairs(
                     lambda noise: wbflow.images_to_uint8(wbflow.sample_flow(
-                        parts["ema"].module, noise, reflow["solver"], reflow["nfe"], amp_dtype=amp_dtype,
+                        state["ema"].module, noise, reflow["solver"], reflow["nfe"], amp_dtype=amp_dtype,
                         tolerance=sampling["rk45_tolerance"])[0]), folder, reflow["num_pairs"], stop=stop.is_set,
-                    rank=rank, world_size=world_size, device=next(parts["ema"].parameters()).device, **generation)
+                    rank=rank, world_size=world_size, device=next(state["ema"].parameters()).device, **generation)
             if written is None:
                 print(f"train_flow.py: pair generation stopped; the same command goes on at the next shard of "
                       f"{folder}", file=sys.stderr)
                 raise SystemExit(128 + (stop.signal or signal.SIGTERM))
             if world_size > 1:
                 torch.distributed.barrier()  # every rank's shards are written
-            wbflow.log_artifact(run, folder, dataset[1], type="dataset", metadata=reflow)
+            wbflow.log_artifact(run, folder, f"reflow-pairs-{teacher_name}", type="dataset", metadata=reflow)
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
         pairs = wbflow.load_reflow_pairs(folder, reflow["num_pairs"], {**made_by, "seed": reflow["seed"]})
     if rank == 0:
-        print(f"reflow: {len(pairs[0])} pairs of {teacher} in {folder}")
-    return pairs, dataset
+        print(f"reflow: {len(pairs[0])} pairs of {reflow['teacher']} in {folder}")
+    return pairs, (folder, f"reflow-pairs-{teacher_name}")
 
 
 def evaluate(args, config):
@@ -631,23 +622,18 @@ def evaluate(args, config):
         with wbflow.stop_on_signals() as stop:
             with wbflow.exit_on_error("train_flow.py", (ValueError,)):  # before sampling: nothing fails after it
                 statistics = None if metric == "is" else fid_statistics(real_images, config, device, progress=True)
-            samples_uint8, used = wbflow.sample_images(
-                ema_model.module, args.num_samples, device=device, solver=sampling["solver"], nfe=sampling["nfe"],
-                tolerance=sampling["rk45_tolerance"], batch_size=evaluation["sample_batch_size"], seed=sampling["seed"],
-                stop=stop.is_set, progress=True)
-            if samples_uint8 is None:
+            scored = sample_and_score(ema_model.module, args.num_samples, statistics, config, stop,
+                                      seed=sampling["seed"], progress=True)
+            if scored is None or stop.is_set():  # between sampling batches, or in the Inception pass
                 raise KeyboardInterrupt  # as a second signal does: the except below says so in one line
-            print(f"sampled {len(samples_uint8)} images from {path} (epoch {state['epoch']}) with {sampling['solver']}, "
-                  f"NFE {used}")
-            inception = wbflow.load_fid_inception(evaluation["fid_weights"], device)
-            metrics = scores(samples_uint8, inception, statistics, inception_score=metric != "fid",
-                             batch_size=evaluation["inception_batch_size"], progress=True)
-            if stop.is_set():
-                raise KeyboardInterrupt
     except KeyboardInterrupt:
         number = stop.signal or signal.SIGINT
         print(f"train_flow.py: --eval stopped by {signal.Signals(number).name}; nothing was saved", file=sys.stderr)
         raise SystemExit(128 + number) from None
+    metrics, samples_uint8, used = scored
+    print(f"sampled {len(samples_uint8)} images from {path} (epoch {state['epoch']}) with {sampling['solver']}, NFE {used}")
+    metrics = {key: value for key, value in metrics.items()  # --metric fid, is or both
+               if value is not None and (metric != "fid" or key == "eval/fid_score")}
     print(", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
     grid = wbflow.sample_grid(samples_uint8[:64])
     wbflow.save_png(grid, grid_png)

@@ -16,12 +16,13 @@ Sections, in data-flow order:
   reflow            reflow_shards, generate_reflow_pairs, load_reflow_pairs, ReflowPairLoader
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, statistics_path,
-                    save_statistics, inception_score, per_class_precision_recall, f1_scores
+                    save_statistics, inception_score, fid_and_inception_score, per_class_precision_recall, f1_scores
   images & W&B      wandb_run, flush_run, watch_model, log_model_graph, log_artifact, use_artifact,
-                    images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, log_classification_report
+                    images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, samples_table_rows,
+                    log_classification_report
   checkpoints       write_atomically, save_checkpoint, load_checkpoint, check_outputs, prepare_out_dir,
-                    rotate_checkpoints, save_best, check_checkpoint, resume_command, wandb_resume_plan,
-                    fetch_checkpoint, load_checked
+                    rotate_checkpoints, save_best, checkpoint_state, restore_state, check_checkpoint, resume_command,
+                    wandb_resume_plan, fetch_checkpoint, load_checked
   config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, exit_on_error
   command line      python wbflow.py fid (or python -m wbflow fid) DIR_OR_NPZ DIR_OR_NPZ: pytorch-fid's CLI;
                     python wbflow.py copy NAME [NAME ...]: NAME's source, ready to paste
@@ -105,7 +106,8 @@ def load_cifar10(data_dir, train=True, download=True):
     Reads the python-pickle batches directly (data_batch_1..5, or test_batch). When they are absent
     and `download` is true, torchvision downloads and extracts the archive into `data_dir` (it also
     extracts a cifar-10-python.tar.gz already placed there, offline). If that fails, the
-    FileNotFoundError says which archive to put where.
+    FileNotFoundError says which archive to put where. Under torch.distributed rank 0 downloads
+    while the other ranks wait (a barrier), then they read its files.
     Usage: images_uint8, labels = load_cifar10("data")
     """
     class CifarUnpickler(pickle.Unpickler):
@@ -121,12 +123,17 @@ def load_cifar10(data_dir, train=True, download=True):
 
     folder = Path(data_dir) / "cifar-10-batches-py"
     names = [f"data_batch_{index}" for index in range(1, 6)] if train else ["test_batch"]
-    download_failure = ""
-    if download and not all((folder / name).is_file() for name in names):
-        try:
+    download_failure, (rank, world_size) = "", rank_and_world_size()
+    if download and rank > 0:  # rank 0 downloads first
+        dist.barrier()
+    try:
+        if download and rank == 0 and not all((folder / name).is_file() for name in names):
             torchvision.datasets.CIFAR10(str(data_dir), train=train, download=True)
-        except Exception as error:  # noqa: BLE001 - any download failure gets the same instructions
-            download_failure = f" and could not be downloaded ({type(error).__name__}: {error})"
+    except Exception as error:  # noqa: BLE001 - any download failure gets the same instructions
+        download_failure = f" and could not be downloaded ({type(error).__name__}: {error})"
+    finally:
+        if download and rank == 0 and world_size > 1:
+            dist.barrier()
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"CIFAR-10 is not in {folder} (missing {', '.join(missing)}){download_failure}: put "
@@ -2087,6 +2094,20 @@ def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, de
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def fid_and_inception_score(images, statistics=None, *, inception=None, splits=10, batch_size=50, device="cpu",
+                            weights_path=None, progress=False):
+    """FID against `statistics` (any side fid takes: a save_statistics file, (mu, sigma), features; None: no
+    FID) and the Inception Score (mean, std; at most one split per image) of `images`, from one Inception
+    pass (inception_features): (fid or None, (is_mean, is_std)). Under torch.distributed each rank passes
+    its share of the images and every rank gets the scores over all of them.
+    Usage: fid_score, (is_mean, is_std) = fid_and_inception_score(samples_uint8, "stats/cifar10-train.npz")
+    """
+    features, logits = inception_features(images, inception, batch_size=batch_size, device=device,
+                                          weights_path=weights_path, progress=progress)
+    score = None if statistics is None else fid(statistics, features)
+    return score, inception_score(logits, splits=min(splits, len(logits)))
+
+
 # ----------------------------------------------------------------------------- images & W&B
 
 class _GuardedRun:
@@ -2351,6 +2372,18 @@ def samples_table(rows, root="."):
                          caption=f"epoch {row['epoch']} {row['solver']} NFE {row['nfe']}")]
             for row in rows]
     return wandb.Table(columns=["epoch", "solver", "nfe", "seconds", "straightness", "samples"], data=data)
+
+
+def samples_table_rows(compared, epoch, root, *, folder="samples", straightness=None):
+    """compare_solvers' rows as samples_table rows of `epoch` (with `straightness` in each): every row's
+    images saved as a grid PNG in root/folder (epoch_0001_euler_nfe001.png) and named relative to `root`,
+    so rows kept in a checkpoint stay valid when `root` moves.
+    Usage: rows = samples_table_rows(compare_solvers(ema_model.module, noise), 10, "runs/flow")
+    """
+    return [{"epoch": epoch, "solver": row["solver"], "nfe": row["nfe"], "seconds": row["seconds"],
+             "straightness": straightness, "samples": str(save_png(sample_grid(row["images"]), Path(root) / folder / (
+                 f"epoch_{epoch:04d}_{row['solver']}_nfe{row['nfe']:03d}.png")).relative_to(root))}
+            for row in compared]
 
 
 def log_classification_report(run, probs, labels, class_names, *, images=None, table_rows=32, step=None):
@@ -2622,6 +2655,32 @@ def save_best(state, metric, best, path, *, mode="max", name="val_acc", run=None
             log_artifact(run, path, artifact_name or f"model-{run.id}", aliases=("best", "latest", *aliases),
                          metadata={name: metric, **(metadata or {})}, policy="mutable" if run.offline else "immutable")
     return metric, True
+
+
+def checkpoint_state(state, **extra):
+    """A run's `state` ({name: value}) as a checkpoint: each value that has a state_dict() (model, EMA,
+    optimiser, scheduler, GradScaler) as that state dict, the others as they are, every rank's RNG states
+    under "rng" (gather_from_ranks(capture_rng_state()): every rank must call it), and `extra`.
+    restore_state loads it back.
+    Usage: save_checkpoint(checkpoint_state({"model": model, "optimizer": optimizer, "epoch": 3}), "last.pt")
+    """
+    return {**{name: value.state_dict() if hasattr(value, "state_dict") else value for name, value in state.items()},
+            "rng": gather_from_ranks(capture_rng_state()), **extra}
+
+
+def restore_state(state, checkpoint):
+    """Load checkpoint_state's `checkpoint` back into `state`, in place, and return it: each value that has
+    a load_state_dict() loads its own (an empty one, as a GradScaler saved while disabled writes, is
+    skipped), the others are replaced by the checkpoint's, and this rank's RNG states are restored.
+    Usage: restore_state(state, load_checkpoint("last.pt"))
+    """
+    for name, value in state.items():
+        if not hasattr(value, "load_state_dict"):
+            state[name] = checkpoint[name]
+        elif checkpoint[name]:
+            value.load_state_dict(checkpoint[name])
+    restore_rng_state(checkpoint["rng"][rank_and_world_size()[0]])
+    return state
 
 
 def check_checkpoint(state, *, driver, required=(), expected=None, hints=None):
