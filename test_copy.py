@@ -279,6 +279,14 @@ def _(ot_pairs, tmp_path, fixture):
     assert ot_pairs(torch.tensor([[5.0], [0.0]]), torch.tensor([[0.1], [4.9]])).tolist() == [[0.0], [5.0]]
 
 
+@call("drop_labels")
+def _(drop_labels, tmp_path, fixture):
+    seen = []
+    loss_fn = drop_labels(lambda model, batch: seen.append(batch[1]), 1.0, null_label=3)
+    loss_fn(None, (torch.zeros(2, 1), torch.tensor([0, 2])))
+    assert seen[0].tolist() == [3, 3]
+
+
 @call("focal_loss")
 def _(focal_loss, tmp_path, fixture):
     logits, targets = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
@@ -473,6 +481,22 @@ def _(compare_solvers, tmp_path, fixture):
 @call("straightness")
 def _(straightness, tmp_path, fixture):
     assert straightness(ConstantVelocity(), torch.randn(2, 3), steps=4) == 0
+
+
+@call("guided_velocity")
+def _(guided_velocity, tmp_path, fixture):
+    model = wbflow.FlowUNet(base_channels=8, channel_mults=(1,), num_res_blocks=1, head_channels=8, num_classes=2)
+    x, t = torch.randn(4, 3, 8, 8), torch.rand(4)
+    with torch.no_grad():
+        expected = model.eval()(x, t, labels=torch.tensor([0, 1, 0, 1]))
+        assert torch.equal(guided_velocity(model, torch.arange(2), 1.0)(x, t), expected)
+
+
+@call("class_grid")
+def _(class_grid, tmp_path, fixture):
+    model = wbflow.FlowUNet(base_channels=8, channel_mults=(1,), num_res_blocks=1, head_channels=8, num_classes=2)
+    grid, caption, used = class_grid(model.eval(), torch.randn(3, 3, 8, 8), ["cat", "dog"], guidance=2.0, nfe=2)
+    assert grid.shape == (22, 32, 3) and caption == "rows: cat, dog" and used == 2
 
 
 @call("reflow_shards")
@@ -709,6 +733,13 @@ def _(samples_table_rows, tmp_path, fixture):
     assert rows == [{"epoch": 3, "solver": "heun", "nfe": 2, "seconds": 0.5, "straightness": 0.25,
                      "samples": str(Path("samples") / "epoch_0003_heun_nfe002.png")}]
     assert (tmp_path / rows[0]["samples"]).is_file() and len(wbflow.samples_table(rows, root=tmp_path).data) == 1
+
+
+@call("log_guidance_sweep")
+def _(log_guidance_sweep, tmp_path, fixture):
+    with offline_run(fixture) as run:
+        best = log_guidance_sweep(run, [{"guidance": 1.0, "fid": 9.0}, {"guidance": 2.0, "fid": 7.0}])
+    assert best == {"guidance": 2.0, "fid": 7.0}
 
 
 @call("log_classification_report")
