@@ -14,7 +14,6 @@ its W&B row, checkpoints, artifact -> (--eval) FID and Inception Score of a chec
 """
 import argparse
 import functools
-import hashlib
 import math
 import os
 import signal
@@ -47,8 +46,10 @@ POSITIVE = {"model": ("base_channels", "head_channels"),
             "reflow": ("num_pairs", "shard_size", "nfe")}
 NOT_NEGATIVE = {"model": ("num_res_blocks",), "training": ("warmup_steps", "gradient_clip", "keep_checkpoints"),
                 "eval": ("fid_interval",)}
+FRACTIONS = {"training": ("ema_decay",), "model": ("dropout",)}  # in [0, 1)
 TEXT_OR_NULL = {"logging": ("entity", "run_name"), "eval": ("stats_dir", "fid_weights")}  # null in the YAML: any type
 SOLVERS, COUPLINGS = ("euler", "heun", "rk45"), ("independent", "ot")
+SOLVER_SETTINGS = {"sampling": ("solver", "table_solvers"), "reflow": ("solver",)}
 CONFIG_FLAGS = {"--data-dir": ("data.data_dir", "folder holding cifar-10-batches-py/"),  # flags that set a config key
                 "--out-dir": ("data.out_dir", "checkpoints and sample PNGs; a new run refuses one holding checkpoints"),
                 "--epochs": ("training.epochs", "epochs to train"),
@@ -140,38 +141,31 @@ def main(argv=None):
 
 
 def check_settings(args, config):
-    """A ValueError naming the first bad setting or flag, before any data, process group or W&B; for training also
-    the model's settings, and then the files it needs that are missing, all of them (check_files)."""
-    data, training, sampling, evaluation = config["data"], config["training"], config["sampling"], config["eval"]
-    world_size, real = int(os.environ.get("WORLD_SIZE", 1)), evaluation["num_real_images"]
-    fid_during_training = not args.eval and evaluation["fid_interval"]
+    """A ValueError naming the first bad setting or flag, before any data, process group or W&B; for training then
+    the model's settings and the files it needs."""
+    data, training, evaluation = config["data"], config["training"], config["eval"]
+    world_size, real, fid = int(os.environ.get("WORLD_SIZE", 1)), evaluation["num_real_images"], args.metric != "is"
     optional = {"--nfe": args.nfe, "data.max_images": data["max_images"], "eval.num_real_images": real}  # None: unset
     wbflow.check_numbers({**settings(config, POSITIVE), "--num-samples": args.num_samples,
                           **{name: value for name, value in optional.items() if value is not None}},
-                         settings(config, NOT_NEGATIVE))
-    chosen = [("coupling", "training.coupling", training["coupling"], COUPLINGS),
-              ("solver", "reflow.solver", config["reflow"]["solver"], SOLVERS),
-              *[("solver", "sampling.solver / sampling.table_solvers", solver, SOLVERS)
-                for solver in [sampling["solver"], *sampling["table_solvers"]]]]
+                         settings(config, NOT_NEGATIVE), settings(config, FRACTIONS))
+    wbflow.check_choices("coupling", COUPLINGS, {"training.coupling": training["coupling"]})
+    wbflow.check_choices("solver", SOLVERS, settings(config, SOLVER_SETTINGS))
     refusals = [
-        (not 0 <= training["ema_decay"] < 1, f"training.ema_decay must be in [0, 1), not {training['ema_decay']}"),
-        (not 0 <= config["model"]["dropout"] < 1, f"model.dropout must be in [0, 1), not {config['model']['dropout']}"),
         *[(value is not None and not isinstance(value, str), f"{name} must be text or null, not {value!r}")
           for name, value in settings(config, TEXT_OR_NULL).items()],
         (training["batch_size"] < world_size, f"training.batch_size {training['batch_size']} is smaller than the "
                                               f"{world_size} ranks (it is the global batch, split over them)"),
-        (args.eval and args.metric != "is" and args.num_samples < 2,
-         f"--num-samples is {args.num_samples}: FID needs at least two samples"),
-        (args.eval and args.metric != "is" and real is not None and real < 2,
+        (args.eval and fid and args.num_samples < 2, f"--num-samples is {args.num_samples}: FID needs at least two "
+                                                     f"samples"),
+        (args.eval and fid and real is not None and real < 2,
          f"eval.num_real_images is {real}: FID needs at least two real images"),
-        (fid_during_training and evaluation["fid_num_samples"] < max(2, world_size),
+        (not args.eval and evaluation["fid_interval"] and evaluation["fid_num_samples"] < max(2, world_size),
          f"eval.fid_num_samples is {evaluation['fid_num_samples']}: FID needs at least two samples, and one per rank"),
-        *[(config["data"][key[5:]] == "", f"{flag} ({key}) is empty: name a folder")
+        *[(data[key[5:]] == "", f"{flag} ({key}) is empty: name a folder")
           for flag, (key, _) in CONFIG_FLAGS.items() if key.startswith("data.")],
         *[(reference and os.path.isdir(reference), f"{flag} {reference} is a folder, not a checkpoint file")
           for flag, reference in (("--resume", args.resume), ("--checkpoint", args.checkpoint), ("--reflow", args.reflow))],
-        *[(value not in allowed, f"unknown {kind} {value!r} in {name}; choose from {', '.join(allowed)}")
-          for kind, name, value, allowed in chosen],
         (args.eval and not args.checkpoint, "--eval needs --checkpoint PATH|ARTIFACT")]
     for message in [message for refused, message in refusals if refused][:1]:
         raise ValueError(message)
@@ -181,8 +175,8 @@ def check_settings(args, config):
 
 
 def check_model(model_config):
-    """A ValueError unless these settings build a FlowUNet that maps a CIFAR batch to its shape (e.g. an odd
-    model.base_channels does not): built and run on the meta device, without memory or time."""
+    """A ValueError unless these settings build a FlowUNet that maps a CIFAR batch to its shape (built on the meta
+    device: no memory, no time); an odd model.base_channels does not."""
     try:
         with torch.device("meta"):
             wbflow.FlowUNet(**model_config)(torch.zeros(1, 3, 32, 32), torch.zeros(1))
@@ -192,17 +186,16 @@ def check_model(model_config):
 
 
 def check_files(args, config):
-    """The files this run needs and cannot download, named in one ValueError: the FID weights (found or downloaded
-    when FID runs during training, and for --eval) and, when they are missing too, CIFAR-10 (which otherwise
-    downloads when it is read): an offline first run learns of both at once."""
-    evaluation, missing = config["eval"], []
-    if args.eval or evaluation["fid_interval"]:
+    """The files this run needs and cannot download, in one ValueError: the FID weights when FID runs, and then
+    CIFAR-10 if it is missing too (else it downloads when read), so an offline first run learns of both at once."""
+    fid_interval, missing = None if args.eval else config["eval"]["fid_interval"], []
+    if args.eval or fid_interval:
         try:
-            check_fid_weights(evaluation["fid_weights"], None if args.eval else evaluation["fid_interval"])
-        except ValueError as error:
-            missing.append(str(error))
-    reads_cifar = args.metric != "is" if args.eval else not (args.smoke and not args.data_dir)
-    if missing and reads_cifar:
+            wbflow.fid_weights_path(config["eval"]["fid_weights"], pass_as="--set eval.fid_weights=PATH")
+        except FileNotFoundError as error:
+            missing.append(f"FID every {fid_interval} epochs (eval.fid_interval): {error}; or train without FID: "
+                           f"--set eval.fid_interval=0" if fid_interval else f"--eval: {error}")
+    if missing and (args.metric != "is" if args.eval else not (args.smoke and not args.data_dir)):  # reads CIFAR-10
         try:
             wbflow.load_cifar10(config["data"]["data_dir"], download=False)
         except (FileNotFoundError, ValueError) as error:
@@ -215,20 +208,6 @@ def settings(config, names):  # {"section.key": value} for names {section: keys}
     return {f"{section}.{key}": config[section][key] for section, keys in names.items() for key in keys}
 
 
-def check_fid_weights(weights, fid_interval=None):
-    """The FID Inception weights file, else a one-line ValueError saying where to put it (or how to train without)."""
-    try:
-        return wbflow.fid_weights_path(weights)
-    except FileNotFoundError:
-        hub_path = Path(torch.hub.get_dir()) / "checkpoints" / wbflow.FID_WEIGHTS_FILE
-        given = weights or os.environ.get(wbflow.FID_WEIGHTS_ENV)
-        needs = f"FID every {fid_interval} epochs (eval.fid_interval)" if fid_interval else "--eval"
-        found = f"{given} does not exist" if given else "they could not be downloaded"
-        without = "; or train without FID: --set eval.fid_interval=0" if fid_interval else ""
-        raise ValueError(f"{needs} needs the FID Inception weights, but {found}: download {wbflow.FID_WEIGHTS_URL} "
-                         f"to {hub_path}, or anywhere and pass --set eval.fid_weights=PATH{without}") from None
-
-
 def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=(), teacher=None, overwrite=False):
     """Data, model and optimiser, then each epoch: its training, last.pt, its end, its one W&B row, its checkpoints.
     Where the run stands is one dict, `state`: all a checkpoint holds besides the config."""
@@ -239,7 +218,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     say = print if rank == 0 else (lambda *_, **__: None)  # rank 0 alone prints, logs, saves
     torch.manual_seed(training["seed"] + rank)
     images_uint8 = load_images(config["data"], training["seed"], synthetic, say)
-    config["data"]["images_sha256"] = images_sha256(images_uint8)  # what it trains on, which a resume keeps
+    config["data"]["images_sha256"] = wbflow.images_sha256(images_uint8)  # what it trains on, which a resume keeps
     channels_last = training["channels_last"] and device.type == "cuda"
     state = new_state(config, device, channels_last)
     say(f"FlowUNet: {sum(p.numel() for p in state['model'].parameters()) / 1e6:.2f}M parameters, {world_size} x {device}")
@@ -446,22 +425,18 @@ def epoch_end(epoch, ema_module, statistics, config, stop, amp_dtype):
 
 
 def sample_and_score(ema_module, count, statistics, config, stop, *, seed, progress=False):
-    """eval/fid_score (with `statistics`) and eval/inception_score_* of `count` samples of the EMA model, sampled with
-    sampling.solver and nfe, each rank its share from its own seeded noise, stopping between batches when any rank
-    was told to: (metrics, this rank's samples, evaluations a sample used), or None after a stop."""
-    evaluation, sampling, (rank, world_size) = config["eval"], config["sampling"], wbflow.rank_and_world_size()
-    samples_uint8, used = wbflow.sample_images(  # as many batches, so as many stop checks, on every rank
-        ema_module, -(-count // world_size), device=next(ema_module.parameters()).device, solver=sampling["solver"],
-        nfe=sampling["nfe"],
-        tolerance=sampling["rk45_tolerance"], batch_size=evaluation["sample_batch_size"], seed=seed + rank,
-        stop=lambda: any(wbflow.gather_from_ranks(stop.is_set())), progress=progress)
-    if samples_uint8 is None:
+    """eval/fid_score (with `statistics`) and eval/inception_score_* of `count` samples of the EMA model, each rank
+    its share, sampled with sampling.solver and nfe: (metrics, this rank's samples, evaluations a sample used), or
+    None once any rank was stopped."""
+    evaluation, sampling = config["eval"], config["sampling"]
+    scored = wbflow.sample_and_score(
+        ema_module, count, statistics, device=next(ema_module.parameters()).device, solver=sampling["solver"],
+        nfe=sampling["nfe"], tolerance=sampling["rk45_tolerance"], batch_size=evaluation["sample_batch_size"],
+        seed=seed, inception_batch_size=evaluation["inception_batch_size"], weights_path=evaluation["fid_weights"],
+        stop=stop.is_set, progress=progress)
+    if scored is None:
         return None
-    samples_uint8 = samples_uint8[:len(range(rank, count, world_size))]
-    inception = wbflow.load_fid_inception(evaluation["fid_weights"], next(ema_module.parameters()).device)
-    fid, (is_mean, is_std) = wbflow.fid_and_inception_score(samples_uint8, statistics, inception=inception,
-                                                            batch_size=evaluation["inception_batch_size"],
-                                                            progress=progress)
+    (fid, (is_mean, is_std)), samples_uint8, used = scored
     return ({"eval/fid_score": fid, "eval/inception_score_mean": is_mean, "eval/inception_score_std": is_std},
             samples_uint8, used)
 
@@ -515,24 +490,14 @@ def headline(out_dir, state):
     return f"done at step {state['global_step']}: {best}{fid}\n  last checkpoint: {out_dir / 'last.pt'}{lowest}"
 
 
-def images_sha256(images_uint8):
-    """What a run trains on, and what FID statistics were computed from: the SHA-256 of the images' bytes."""
-    return hashlib.sha256(images_uint8.contiguous().numpy()).hexdigest()
-
-
 def fid_statistics(images_uint8, config, device, synthetic=False, progress=False):
-    """The FID statistics file of these images, computed once (each rank a share) and cached in eval.stats_dir, else
-    <out_dir>/fid_stats, under a name that says what they were computed from (the source, the count and the images'
-    hash; statistics_path adds the FID network), so a folder shared by runs or data folders never hands one set's
-    statistics to another. The cache folder's writability is checked before the Inception pass (ValueError)."""
-    (rank, world_size), evaluation = wbflow.rank_and_world_size(), config["eval"]
-    folder = evaluation["stats_dir"] or Path(config["data"]["out_dir"]) / "fid_stats"
-    name = f"{'synthetic' if synthetic else 'cifar10-train'}-{len(images_uint8)}-{images_sha256(images_uint8)[:16]}"
-    cached = wbflow.statistics_path(folder, name, wbflow.file_sha256(wbflow.fid_weights_path(evaluation["fid_weights"])))
-    if not os.path.isfile(cached):
-        wbflow.check_outputs({"the FID statistics file (eval.stats_dir)": cached})
-    return wbflow.save_statistics(images_uint8[rank::world_size], folder, name, device=device, progress=progress,
-                                  batch_size=evaluation["inception_batch_size"], weights_path=evaluation["fid_weights"])
+    """The FID statistics of these images, cached in eval.stats_dir, else <out_dir>/fid_stats, under a name that says
+    which images they are of (wbflow.cached_statistics): training and --eval share them."""
+    evaluation = config["eval"]
+    return wbflow.cached_statistics(
+        images_uint8, evaluation["stats_dir"] or Path(config["data"]["out_dir"]) / "fid_stats",
+        "synthetic" if synthetic else "cifar10-train", what="the FID statistics file (eval.stats_dir)", device=device,
+        batch_size=evaluation["inception_batch_size"], weights_path=evaluation["fid_weights"], progress=progress)
 
 
 def load_teacher(teacher, config):
@@ -549,47 +514,32 @@ def load_teacher(teacher, config):
 
 
 def reflow_pairs(teacher_checkpoint, config, state, amp_dtype, *, new, overwrite=False):
-    """--reflow: reflow.num_pairs pairs of the teacher's EMA model in out_dir/reflow_pairs, keyed by the teacher's hash
-    and the reflow settings. A `new` student starts from the teacher's EMA weights, and its pairs are made in a W&B
-    run that uses the teacher's model artifact and logs them as a `dataset` artifact, after shards of another
-    generation there are refused (or, with `overwrite`, deleted); a resume only reads them.
-    Returns (images, noise seed), (folder, artifact name)."""
+    """--reflow's reflow.num_pairs pairs in out_dir/reflow_pairs: a `new` student starts from the teacher's EMA weights
+    and makes them (`overwrite`: in place of another generation's), then logs them as a `dataset` artifact in a W&B
+    run that uses the teacher's model artifact; a resume reads them. Returns (images, noise seed), (folder, name)."""
     logging, reflow, (rank, world_size) = config["logging"], config["reflow"], wbflow.rank_and_world_size()
     (path, teacher_state), sampling = teacher_checkpoint, config["sampling"]
     folder, teacher_name = Path(config["data"]["out_dir"]) / "reflow_pairs", teacher_state.get("wandb_run_id") or path.stem
     made_by = {"teacher_sha256": reflow["teacher_sha256"], "solver": reflow["solver"], "nfe": reflow["nfe"],
                **({"rk45_tolerance": sampling["rk45_tolerance"]} if reflow["solver"] == "rk45" else {})}
-    generation = {"shard_size": reflow["shard_size"], "seed": reflow["seed"], "settings": made_by}
     if new:
         state["ema"].load_state_dict(teacher_state["ema"])
         state["model"].load_state_dict(state["ema"].module.state_dict())
-        state["ema"].module.eval()  # the teacher's velocity, without dropout
-        others = wbflow.reflow_shards(folder, reflow["num_pairs"], **generation)[1]
-        if others and not overwrite:  # never mixed with this teacher's pairs
-            other, why = next(iter(others.items()))
-            more = f" and {len(others) - 1} more files hold" if len(others) > 1 else " holds"
-            raise SystemExit(f"train_flow.py: {other}{more} pairs of another generation ({why}): pass --overwrite to "
-                             f"delete them and make this teacher's, or another --out-dir")
-        for other in others if rank == 0 else ():  # --overwrite: every check has passed
-            other.unlink(missing_ok=True)
-        if others and world_size > 1:
-            torch.distributed.barrier()  # gone before any rank looks at the folder
-        with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
-                {"teacher": reflow["teacher"], "reflow": reflow}, project=logging["project_name"],
-                entity=logging["entity"], enabled=logging["use_wandb"], job_type="reflow-pairs") as run:
+        teacher = state["ema"].module.eval()  # the teacher's velocity, without dropout
+        with wbflow.stop_on_signals() as stop, wbflow.exit_on_error("train_flow.py", (ValueError,)):
+            written = wbflow.generate_reflow_pairs(
+                lambda noise: wbflow.images_to_uint8(wbflow.sample_flow(
+                    teacher, noise, reflow["solver"], reflow["nfe"], amp_dtype=amp_dtype,
+                    tolerance=sampling["rk45_tolerance"])[0]), folder, reflow["num_pairs"], settings=made_by,
+                shard_size=reflow["shard_size"], seed=reflow["seed"], stop=stop.is_set, overwrite=overwrite,
+                rank=rank, world_size=world_size, device=next(teacher.parameters()).device)
+        if written is None:
+            print(f"train_flow.py: pair generation stopped; the same command goes on at the next shard of "
+                  f"{folder}", file=sys.stderr)
+            raise SystemExit(128 + (stop.signal or signal.SIGTERM))
+        with wbflow.wandb_run({"teacher": reflow["teacher"], "reflow": reflow}, project=logging["project_name"],
+                              entity=logging["entity"], enabled=logging["use_wandb"], job_type="reflow-pairs") as run:
             wbflow.use_artifact(run, path, f"model-{teacher_name}", metadata={"epoch": teacher_state.get("epoch")})
-            with wbflow.exit_on_error("train_flow.py", (ValueError,)):
-                written = wbflow.generate_reflow_pairs(
-                    lambda noise: wbflow.images_to_uint8(wbflow.sample_flow(
-                        state["ema"].module, noise, reflow["solver"], reflow["nfe"], amp_dtype=amp_dtype,
-                        tolerance=sampling["rk45_tolerance"])[0]), folder, reflow["num_pairs"], stop=stop.is_set,
-                    rank=rank, world_size=world_size, device=next(state["ema"].parameters()).device, **generation)
-            if written is None:
-                print(f"train_flow.py: pair generation stopped; the same command goes on at the next shard of "
-                      f"{folder}", file=sys.stderr)
-                raise SystemExit(128 + (stop.signal or signal.SIGTERM))
-            if world_size > 1:
-                torch.distributed.barrier()  # every rank's shards are written
             wbflow.log_artifact(run, folder, f"reflow-pairs-{teacher_name}", type="dataset", metadata=reflow)
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
         pairs = wbflow.load_reflow_pairs(folder, reflow["num_pairs"], {**made_by, "seed": reflow["seed"]})
