@@ -25,8 +25,24 @@ import torch
 import wbflow
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_CONFIG = HERE / "configs" / "cifar10_rectified_flow.yaml"
 # --smoke: a tiny UNet on a few hundred images, every interval one epoch (a --set override a line)
 SMOKE_OVERRIDES = HERE / "configs" / "smoke_overrides.txt"
+CONFIG_FLAGS = {"--data-dir": ("data.data_dir", "folder holding cifar-10-batches-py/"),  # flags that set a config key
+                "--out-dir": ("data.out_dir", "checkpoints and sample PNGs; a new run refuses one holding checkpoints"),
+                "--epochs": ("training.epochs", "epochs to train"),
+                "--batch-size": ("training.batch_size", "global, over all ranks")}
+# the rules of the settings, checked before anything runs (check_settings)
+POSITIVE = {"model": ("base_channels", "head_channels"), "logging": ("log_images_interval", "log_model_interval"),
+            "training": ("epochs", "batch_size", "learning_rate", "log_interval", "save_interval", "sample_interval"),
+            "sampling": ("num_images", "nfe", "rk45_tolerance"), "reflow": ("num_pairs", "shard_size", "nfe"),
+            "eval": ("sample_batch_size", "inception_batch_size", "fid_num_samples")}
+NOT_NEGATIVE = {"model": ("num_res_blocks",), "training": ("warmup_steps", "gradient_clip", "keep_checkpoints"),
+                "eval": ("fid_interval",)}
+FRACTIONS = {"training": ("ema_decay",), "model": ("dropout",)}  # in [0, 1)
+TEXT_OR_NULL = {"logging": ("entity", "run_name"), "eval": ("stats_dir", "fid_weights")}  # null in the YAML: any type
+SOLVERS, COUPLINGS = ("euler", "heun", "rk45"), ("independent", "ot")
+SOLVER_SETTINGS = {"sampling": ("solver", "table_solvers"), "reflow": ("solver",)}
 # Where a run stands, in every checkpoint beside the model, EMA, optimiser, scheduler and scaler: the epoch and whether
 # its end (FID, grid, solver table, W&B row) is done; a stopped epoch's place and sums (train_state); the epoch's last
 # window row, loss and speed, which wait for its end; the totals the W&B rows and the closing headline show.
@@ -39,22 +55,6 @@ RESUME_FIXED = {"training": ("batch_size", "learning_rate", "warmup_steps", "gra
                              "coupling"),
                 "data": ("max_images", "images_sha256"), "sampling": ("num_images", "seed"),
                 "reflow": ("teacher_sha256", "num_pairs", "shard_size", "solver", "nfe", "seed")}
-POSITIVE = {"model": ("base_channels", "head_channels"),
-            "training": ("epochs", "batch_size", "learning_rate", "log_interval", "save_interval", "sample_interval"),
-            "logging": ("log_images_interval", "log_model_interval"), "sampling": ("num_images", "nfe", "rk45_tolerance"),
-            "eval": ("sample_batch_size", "inception_batch_size", "fid_num_samples"),
-            "reflow": ("num_pairs", "shard_size", "nfe")}
-NOT_NEGATIVE = {"model": ("num_res_blocks",), "training": ("warmup_steps", "gradient_clip", "keep_checkpoints"),
-                "eval": ("fid_interval",)}
-FRACTIONS = {"training": ("ema_decay",), "model": ("dropout",)}  # in [0, 1)
-TEXT_OR_NULL = {"logging": ("entity", "run_name"), "eval": ("stats_dir", "fid_weights")}  # null in the YAML: any type
-SOLVERS, COUPLINGS = ("euler", "heun", "rk45"), ("independent", "ot")
-SOLVER_SETTINGS = {"sampling": ("solver", "table_solvers"), "reflow": ("solver",)}
-CONFIG_FLAGS = {"--data-dir": ("data.data_dir", "folder holding cifar-10-batches-py/"),  # flags that set a config key
-                "--out-dir": ("data.out_dir", "checkpoints and sample PNGs; a new run refuses one holding checkpoints"),
-                "--epochs": ("training.epochs", "epochs to train"),
-                "--batch-size": ("training.batch_size", "global, over all ranks")}
-DEFAULT_CONFIG = HERE / "configs" / "cifar10_rectified_flow.yaml"
 
 
 def parse_args(argv=None):
@@ -141,8 +141,7 @@ def main(argv=None):
 
 
 def check_settings(args, config):
-    """A ValueError naming the first bad setting or flag, before any data, process group or W&B; for training then
-    the model's settings and the files it needs."""
+    """A ValueError naming the first bad setting or flag, before any data, process group or W&B."""
     data, training, evaluation = config["data"], config["training"], config["eval"]
     world_size, real, fid = int(os.environ.get("WORLD_SIZE", 1)), evaluation["num_real_images"], args.metric != "is"
     optional = {"--nfe": args.nfe, "data.max_images": data["max_images"], "eval.num_real_images": real}  # None: unset
@@ -151,13 +150,14 @@ def check_settings(args, config):
                          settings(config, NOT_NEGATIVE), settings(config, FRACTIONS))
     wbflow.check_choices("coupling", COUPLINGS, {"training.coupling": training["coupling"]})
     wbflow.check_choices("solver", SOLVERS, settings(config, SOLVER_SETTINGS))
+    references = {"--resume": args.resume, "--checkpoint": args.checkpoint, "--reflow": args.reflow}
     refusals = [
         *[(value is not None and not isinstance(value, str), f"{name} must be text or null, not {value!r}")
           for name, value in settings(config, TEXT_OR_NULL).items()],
         (training["batch_size"] < world_size, f"training.batch_size {training['batch_size']} is smaller than the "
                                               f"{world_size} ranks (it is the global batch, split over them)"),
-        (args.eval and fid and args.num_samples < 2, f"--num-samples is {args.num_samples}: FID needs at least two "
-                                                     f"samples"),
+        (args.eval and fid and args.num_samples < 2,
+         f"--num-samples is {args.num_samples}: FID needs at least two samples"),
         (args.eval and fid and real is not None and real < 2,
          f"eval.num_real_images is {real}: FID needs at least two real images"),
         (not args.eval and evaluation["fid_interval"] and evaluation["fid_num_samples"] < max(2, world_size),
@@ -165,7 +165,7 @@ def check_settings(args, config):
         *[(data[key[5:]] == "", f"{flag} ({key}) is empty: name a folder")
           for flag, (key, _) in CONFIG_FLAGS.items() if key.startswith("data.")],
         *[(reference and os.path.isdir(reference), f"{flag} {reference} is a folder, not a checkpoint file")
-          for flag, reference in (("--resume", args.resume), ("--checkpoint", args.checkpoint), ("--reflow", args.reflow))],
+          for flag, reference in references.items()],
         (args.eval and not args.checkpoint, "--eval needs --checkpoint PATH|ARTIFACT")]
     for message in [message for refused, message in refusals if refused][:1]:
         raise ValueError(message)
@@ -175,8 +175,7 @@ def check_settings(args, config):
 
 
 def check_model(model_config):
-    """A ValueError unless these settings build a FlowUNet that maps a CIFAR batch to its shape (built on the meta
-    device: no memory, no time); an odd model.base_channels does not."""
+    """A ValueError unless these settings build a FlowUNet that keeps a CIFAR batch's shape (on the meta device)."""
     try:
         with torch.device("meta"):
             wbflow.FlowUNet(**model_config)(torch.zeros(1, 3, 32, 32), torch.zeros(1))
@@ -186,8 +185,7 @@ def check_model(model_config):
 
 
 def check_files(args, config):
-    """The files this run needs and cannot download, in one ValueError: the FID weights when FID runs, and then
-    CIFAR-10 if it is missing too (else it downloads when read), so an offline first run learns of both at once."""
+    """The FID weights when FID runs, and then CIFAR-10 if it is missing too: an offline first run learns of both."""
     fid_interval, missing = None if args.eval else config["eval"]["fid_interval"], []
     if args.eval or fid_interval:
         try:
@@ -209,21 +207,20 @@ def settings(config, names):  # {"section.key": value} for names {section: keys}
 
 
 def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=(), teacher=None, overwrite=False):
-    """Data, model and optimiser, then each epoch: its training, last.pt, its end, its one W&B row, its checkpoints.
-    Where the run stands is one dict, `state`: all a checkpoint holds besides the config."""
+    """Data, model and optimiser, then each epoch: its training, last.pt, its end, its one W&B row, its checkpoints."""
     training, logging, out_dir = config["training"], config["logging"], Path(config["data"]["out_dir"])
     rank, world_size, device = wbflow.setup_distributed()
     device = torch.device("cpu") if smoke else device
     config["world_size"] = world_size  # in W&B and in checkpoints: a resume needs the same number of ranks
-    say = print if rank == 0 else (lambda *_, **__: None)  # rank 0 alone prints, logs, saves
     torch.manual_seed(training["seed"] + rank)
-    images_uint8 = load_images(config["data"], training["seed"], synthetic, say)
+    images_uint8 = load_images(config["data"], training["seed"], synthetic)
     config["data"]["images_sha256"] = wbflow.images_sha256(images_uint8)  # what it trains on, which a resume keeps
     channels_last = training["channels_last"] and device.type == "cuda"
     state = new_state(config, device, channels_last)
-    say(f"FlowUNet: {sum(p.numel() for p in state['model'].parameters()) / 1e6:.2f}M parameters, {world_size} x {device}")
+    parameters = sum(parameter.numel() for parameter in state["model"].parameters())
+    say(f"FlowUNet: {parameters / 1e6:.2f}M parameters, {world_size} x {device}")
     amp_dtype, teacher_checkpoint = wbflow.autocast_dtype(device), load_teacher(teacher, config)  # before a resume
-    resumed_from = load_resume(resume, config, state, device, say) if resume else None
+    resumed_from = load_resume(resume, config, state, device) if resume else None
     pairs, dataset = (images_uint8, None), None  # what it trains on: the images, or the teacher's pairs
     if teacher:  # a new student starts from its teacher's EMA weights
         pairs, dataset = reflow_pairs(teacher_checkpoint, config, state, amp_dtype, new=not resume, overwrite=overwrite)
@@ -235,7 +232,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
         statistics = fid_statistics(images_uint8, config, device, synthetic) if config["eval"]["fid_interval"] else None
 
     with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
-            config if resumed_from is None else {**config, "resumed_from": resumed_from}, project=logging["project_name"],
+            {**config, "resumed_from": resumed_from} if resumed_from else config, project=logging["project_name"],
             enabled=logging["use_wandb"], run_id=state["wandb_run_id"], entity=logging["entity"],
             name=logging["run_name"], tags=logging["tags"], notes=logging["notes"]) as run:
         state["wandb_run_id"] = run.id if run else state["wandb_run_id"]  # without W&B: kept for a resume with it
@@ -263,6 +260,12 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     return {"step": state["global_step"], "best_loss": state["best_loss"], "out_dir": out_dir}
 
 
+def say(*args):
+    """print, on rank 0 alone."""
+    if wbflow.rank_and_world_size()[0] == 0:
+        print(*args)
+
+
 def new_state(config, device, channels_last):
     """A new run's state: the FlowUNet, its EMA, Adam with a linear warm-up, the fp16 GradScaler, and PROGRESS."""
     training = config["training"]
@@ -285,8 +288,7 @@ def define_metrics(run):
 
 
 def checkpoint(state, config, last_act=False):
-    """`state` as a checkpoint (every rank takes part in gathering the RNG states). last_act: nothing is logged after
-    it, so a resume from it continues the W&B run (wbflow.wandb_resume_plan)."""
+    """`state` as a checkpoint (every rank gathers); last_act: nothing is logged after it (wbflow.wandb_resume_plan)."""
     return wbflow.checkpoint_state(state, config=config, wandb_last_act=last_act, driver="train_flow")
 
 
@@ -311,7 +313,7 @@ def training_loader(images_uint8, noise_seed, training, device, channels_last):
     return loader
 
 
-def load_images(data, seed, synthetic, say):
+def load_images(data, seed, synthetic):
     """The training images as one uint8 tensor, the same count on every rank."""
     if synthetic:
         images_uint8 = wbflow.synthetic_images(data["max_images"], seed=seed)
@@ -329,7 +331,7 @@ def load_checked(flag, reference, config, device="cpu", **check):  # wbflow.load
                                project=config["logging"]["project_name"], entity=config["logging"]["entity"], **check)
 
 
-def load_resume(resume, config, state, device, say):
+def load_resume(resume, config, state, device):
     """Load --resume into `state` and this rank's RNG once it fits this run; a new W&B run's resumed_from, or None."""
     path, saved = load_checked(
         "--resume", resume, config, device, required=(*state, "rng", "config", "wandb_last_act"),
@@ -356,8 +358,7 @@ def load_resume(resume, config, state, device, say):
 
 
 def train_one_epoch(epoch, state, train_model, loader, run, stop, training, amp_dtype):
-    """Train `epoch` on from where `state` stands, logging every window's row but the epoch's last, which waits in
-    state["last_window"] for the epoch's end (log_epoch); a stop leaves the epoch's place in state["train_state"]."""
+    """Train `epoch` on from where `state` stands; its last window's row waits in state for the epoch's end."""
     logged = []
 
     def log_window(step, window):
@@ -373,9 +374,9 @@ def train_one_epoch(epoch, state, train_model, loader, run, stop, training, amp_
     loader.set_epoch(epoch, skip_batches=state["train_state"]["batches"] if state["train_state"] else 0)
     loss_fn = functools.partial(wbflow.rectified_flow_loss, coupling=training["coupling"])
     stats = wbflow.train_epoch(train_model, loader, state["optimizer"], loss_fn, resume=state["train_state"],
-                               scheduler=state["scheduler"], ema_model=state["ema"], grad_clip=training["gradient_clip"],
-                               amp_dtype=amp_dtype, scaler=state["scaler"], step=state["global_step"], epoch=epoch,
-                               stop=stop, log_every=training["log_interval"], on_log=log_window,
+                               scheduler=state["scheduler"], ema_model=state["ema"], scaler=state["scaler"],
+                               grad_clip=training["gradient_clip"], amp_dtype=amp_dtype, step=state["global_step"],
+                               epoch=epoch, stop=stop, log_every=training["log_interval"], on_log=log_window,
                                progress=wbflow.rank_and_world_size()[0] == 0)
     state.update(epoch=epoch, ended=False, train_state=stats["state"], global_step=stats["step"])
     if stats["stopped"]:
@@ -386,20 +387,17 @@ def train_one_epoch(epoch, state, train_model, loader, run, stop, training, amp_
     state.update(epoch_loss=loss, images_per_second=stats["samples"] / stats["seconds"])
     if not math.isnan(loss) and (state["best_loss"] is None or loss < state["best_loss"]):
         state.update(best_loss=loss, best_epoch=epoch)
-    if wbflow.rank_and_world_size()[0] == 0:
-        print(f"epoch {epoch}: loss {loss:.4f}, {state['images_per_second']:.0f} images/s, step {stats['step']}")
+    say(f"epoch {epoch}: loss {loss:.4f}, {state['images_per_second']:.0f} images/s, step {stats['step']}")
 
 
 def epoch_end(epoch, ema_module, statistics, config, stop, amp_dtype):
-    """`epoch`'s due FID and IS (every rank samples a share), and on rank 0 its EMA grid and solver-table rows (their
-    PNGs written): {"metrics": W&B keys, "grid", "caption", "rows"}. It logs nothing and draws from no global RNG,
-    so an end that a stop cuts short is simply done again from last.pt: None on every rank then."""
+    """`epoch`'s due FID, grid and solver-table rows; it logs nothing: a stopped end (None) is redone from last.pt."""
     training, logging, evaluation, sampling = (config[key] for key in ("training", "logging", "eval", "sampling"))
     rank, device = wbflow.rank_and_world_size()[0], next(ema_module.parameters()).device
     solver, nfe, tolerance = sampling["solver"], sampling["nfe"], sampling["rk45_tolerance"]
     end = {"metrics": {}, "grid": None, "caption": None, "rows": []}
     ema_module.eval()  # the velocity every sampler below calls, without dropout
-    if evaluation["fid_interval"] and epoch % evaluation["fid_interval"] == 0:
+    if evaluation["fid_interval"] and epoch % evaluation["fid_interval"] == 0:  # every rank samples a share
         scored = sample_and_score(ema_module, evaluation["fid_num_samples"], statistics, config, stop,
                                   seed=sampling["seed"] + 1)
         if scored is None:
@@ -420,14 +418,13 @@ def epoch_end(epoch, ema_module, statistics, config, stop, amp_dtype):
         stopped = compared is None
         if not stopped:
             end["metrics"]["eval/straightness"] = straightness
-            end["rows"] = wbflow.samples_table_rows(compared, epoch, config["data"]["out_dir"], straightness=straightness)
+            end["rows"] = wbflow.samples_table_rows(compared, epoch, config["data"]["out_dir"],
+                                                    straightness=straightness)
     return None if wbflow.gather_from_ranks(stopped)[0] else end
 
 
 def sample_and_score(ema_module, count, statistics, config, stop, *, seed, progress=False):
-    """eval/fid_score (with `statistics`) and eval/inception_score_* of `count` samples of the EMA model, each rank
-    its share, sampled with sampling.solver and nfe: (metrics, this rank's samples, evaluations a sample used), or
-    None once any rank was stopped."""
+    """eval/fid_score and eval/inception_score_* of `count` samples: (metrics, samples, NFE), or None after a stop."""
     evaluation, sampling = config["eval"], config["sampling"]
     scored = wbflow.sample_and_score(
         ema_module, count, statistics, device=next(ema_module.parameters()).device, solver=sampling["solver"],
@@ -442,8 +439,7 @@ def sample_and_score(ema_module, count, statistics, config, stop, *, seed, progr
 
 
 def log_epoch(run, epoch, state, end, config):
-    """Log `epoch`'s one W&B row: its last window, loss and speed, what its end measured and drew, and after the
-    last epoch the samples table of every epoch's rows. The epoch's end is then done."""
+    """Log `epoch`'s one W&B row: its last window, loss, speed, what its end measured and drew, the samples table."""
     step, fid = state["global_step"], end["metrics"].get("eval/fid_score")
     table_rows = state["table_rows"] + end["rows"]
     row = {**state["last_window"], "train/epoch_loss": state["epoch_loss"],
@@ -455,8 +451,7 @@ def log_epoch(run, epoch, state, end, config):
         wbflow.log_image_grid(run, "eval/generated_samples", end["grid"], step=step, caption=end["caption"])
     if fid is not None:
         state["last_fid"] = {"epoch": epoch, "fid": fid, "samples": config["eval"]["fid_num_samples"]}
-        if wbflow.rank_and_world_size()[0] == 0:
-            print(f"epoch {epoch}: FID {fid:.2f} on {state['last_fid']['samples']} samples")
+        say(f"epoch {epoch}: FID {fid:.2f} on {state['last_fid']['samples']} samples")
     state.update(ended=True, last_window=None, table_rows=table_rows)
 
 
@@ -491,8 +486,7 @@ def headline(out_dir, state):
 
 
 def fid_statistics(images_uint8, config, device, synthetic=False, progress=False):
-    """The FID statistics of these images, cached in eval.stats_dir, else <out_dir>/fid_stats, under a name that says
-    which images they are of (wbflow.cached_statistics): training and --eval share them."""
+    """The FID statistics of these images, cached in eval.stats_dir, else <out_dir>/fid_stats (training, --eval)."""
     evaluation = config["eval"]
     return wbflow.cached_statistics(
         images_uint8, evaluation["stats_dir"] or Path(config["data"]["out_dir"]) / "fid_stats",
@@ -501,8 +495,7 @@ def fid_statistics(images_uint8, config, device, synthetic=False, progress=False
 
 
 def load_teacher(teacher, config):
-    """--reflow's checkpoint, which must hold this run's FlowUNet: (path, state), or None without one. Its file's
-    hash names the teacher in the config (reflow.teacher_sha256), in the pairs' shards and for a resume."""
+    """--reflow's checkpoint of this FlowUNet, (path, state) or None; reflow.teacher_sha256 is its file's hash."""
     config["reflow"].update(teacher=None, teacher_sha256=None)  # a run on images
     if not teacher:
         return None
@@ -514,14 +507,13 @@ def load_teacher(teacher, config):
 
 
 def reflow_pairs(teacher_checkpoint, config, state, amp_dtype, *, new, overwrite=False):
-    """--reflow's reflow.num_pairs pairs in out_dir/reflow_pairs: a `new` student starts from the teacher's EMA weights
-    and makes them (`overwrite`: in place of another generation's), then logs them as a `dataset` artifact in a W&B
-    run that uses the teacher's model artifact; a resume reads them. Returns (images, noise seed), (folder, name)."""
+    """--reflow's pairs, which a new student makes from its teacher's EMA: (images, noise seed), (folder, artifact)."""
     logging, reflow, (rank, world_size) = config["logging"], config["reflow"], wbflow.rank_and_world_size()
-    (path, teacher_state), sampling = teacher_checkpoint, config["sampling"]
-    folder, teacher_name = Path(config["data"]["out_dir"]) / "reflow_pairs", teacher_state.get("wandb_run_id") or path.stem
+    (path, teacher_state), tolerance = teacher_checkpoint, config["sampling"]["rk45_tolerance"]
+    folder = Path(config["data"]["out_dir"]) / "reflow_pairs"
+    teacher_name = teacher_state.get("wandb_run_id") or path.stem
     made_by = {"teacher_sha256": reflow["teacher_sha256"], "solver": reflow["solver"], "nfe": reflow["nfe"],
-               **({"rk45_tolerance": sampling["rk45_tolerance"]} if reflow["solver"] == "rk45" else {})}
+               **({"rk45_tolerance": tolerance} if reflow["solver"] == "rk45" else {})}
     if new:
         state["ema"].load_state_dict(teacher_state["ema"])
         state["model"].load_state_dict(state["ema"].module.state_dict())
@@ -529,10 +521,10 @@ def reflow_pairs(teacher_checkpoint, config, state, amp_dtype, *, new, overwrite
         with wbflow.stop_on_signals() as stop, wbflow.exit_on_error("train_flow.py", (ValueError,)):
             written = wbflow.generate_reflow_pairs(
                 lambda noise: wbflow.images_to_uint8(wbflow.sample_flow(
-                    teacher, noise, reflow["solver"], reflow["nfe"], amp_dtype=amp_dtype,
-                    tolerance=sampling["rk45_tolerance"])[0]), folder, reflow["num_pairs"], settings=made_by,
-                shard_size=reflow["shard_size"], seed=reflow["seed"], stop=stop.is_set, overwrite=overwrite,
-                rank=rank, world_size=world_size, device=next(teacher.parameters()).device)
+                    teacher, noise, reflow["solver"], reflow["nfe"], amp_dtype=amp_dtype, tolerance=tolerance)[0]),
+                folder, reflow["num_pairs"], settings=made_by, shard_size=reflow["shard_size"], seed=reflow["seed"],
+                stop=stop.is_set, overwrite=overwrite, rank=rank, world_size=world_size,
+                device=next(teacher.parameters()).device)
         if written is None:
             print(f"train_flow.py: pair generation stopped; the same command goes on at the next shard of "
                   f"{folder}", file=sys.stderr)
@@ -543,8 +535,7 @@ def reflow_pairs(teacher_checkpoint, config, state, amp_dtype, *, new, overwrite
             wbflow.log_artifact(run, folder, f"reflow-pairs-{teacher_name}", type="dataset", metadata=reflow)
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
         pairs = wbflow.load_reflow_pairs(folder, reflow["num_pairs"], {**made_by, "seed": reflow["seed"]})
-    if rank == 0:
-        print(f"reflow: {len(pairs[0])} pairs of {reflow['teacher']} in {folder}")
+    say(f"reflow: {len(pairs[0])} pairs of {reflow['teacher']} in {folder}")
     return pairs, (folder, f"reflow-pairs-{teacher_name}")
 
 
@@ -563,16 +554,13 @@ def evaluate(args, config):
         check_files(args, config)
     # the images the statistics are of (their hash names the cache a training run fills too); downloads, or says where
     real_images = None if metric == "is" else wbflow.load_cifar10(data["data_dir"])[0][:evaluation["num_real_images"]]
-
-    # seeded noise; SIGTERM or Ctrl-C stops between sampling batches or after the Inception pass, saving nothing
     ema_model = wbflow.make_ema(wbflow.FlowUNet(**state["config"]["model"]).to(device))
     ema_model.load_state_dict(state["ema"])
-    ema_model.module.eval()
-    try:
+    try:  # SIGTERM or Ctrl-C stops between sampling batches or after the Inception pass, saving nothing
         with wbflow.stop_on_signals() as stop:
             with wbflow.exit_on_error("train_flow.py", (ValueError,)):  # before sampling: nothing fails after it
                 statistics = None if metric == "is" else fid_statistics(real_images, config, device, progress=True)
-            scored = sample_and_score(ema_model.module, args.num_samples, statistics, config, stop,
+            scored = sample_and_score(ema_model.module.eval(), args.num_samples, statistics, config, stop,
                                       seed=sampling["seed"], progress=True)
             if scored is None or stop.is_set():  # between sampling batches, or in the Inception pass
                 raise KeyboardInterrupt  # as a second signal does: the except below says so in one line
@@ -581,7 +569,8 @@ def evaluate(args, config):
         print(f"train_flow.py: --eval stopped by {signal.Signals(number).name}; nothing was saved", file=sys.stderr)
         raise SystemExit(128 + number) from None
     metrics, samples_uint8, used = scored
-    print(f"sampled {len(samples_uint8)} images from {path} (epoch {state['epoch']}) with {sampling['solver']}, NFE {used}")
+    print(f"sampled {len(samples_uint8)} images from {path} (epoch {state['epoch']}) with {sampling['solver']}, "
+          f"NFE {used}")
     metrics = {key: value for key, value in metrics.items()  # --metric fid, is or both
                if value is not None and (metric != "fid" or key == "eval/fid_score")}
     print(", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))

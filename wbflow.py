@@ -14,16 +14,17 @@ Sections, in data-flow order:
                     predict_logits, predict_images, write_submission
   sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers, straightness
   reflow            reflow_shards, generate_reflow_pairs, load_reflow_pairs, ReflowPairLoader
-  metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
+  metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, images_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, statistics_path,
-                    save_statistics, inception_score, fid_and_inception_score, per_class_precision_recall, f1_scores
+                    save_statistics, cached_statistics, inception_score, fid_and_inception_score, sample_and_score,
+                    per_class_precision_recall, f1_scores
   images & W&B      wandb_run, flush_run, watch_model, log_model_graph, log_artifact, use_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, samples_table_rows,
                     log_classification_report
   checkpoints       write_atomically, save_checkpoint, load_checkpoint, check_outputs, prepare_out_dir,
                     rotate_checkpoints, save_best, checkpoint_state, restore_state, check_checkpoint, resume_command,
                     wandb_resume_plan, fetch_checkpoint, load_checked
-  config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, exit_on_error
+  config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, check_choices, exit_on_error
   command line      python wbflow.py fid (or python -m wbflow fid) DIR_OR_NPZ DIR_OR_NPZ: pytorch-fid's CLI;
                     python wbflow.py copy NAME [NAME ...]: NAME's source, ready to paste
 
