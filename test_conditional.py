@@ -2,7 +2,9 @@
 dropout, the class-wise OT plan, guided_velocity, the class grid, the guidance column and the guidance sweep in W&B."""
 import itertools
 import json
+import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,8 +12,12 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
+import train_flow
 import wbflow
-from conftest import run_logs
+from conftest import run_logs, run_offline
+from test_guard import refused
+from test_training import signal_on_call
+from test_wbflow import tiny_flow_checkpoint, write_cifar_batches
 
 HERE = Path(__file__).resolve().parent
 TINY = dict(base_channels=8, channel_mults=(1,), num_res_blocks=1, head_channels=8, dropout=0.0)
@@ -270,3 +276,152 @@ def test_log_guidance_sweep_logs_a_table_and_a_line_plot_and_puts_the_best_scale
     assert [(line[0], line[1]) for line in table["data"]] == [(1.0, 20.0), (1.5, 12.0), (2.0, 11.5), (3.0, 14.0)]
     assert log.summary["eval/best_guidance"] == 2.0 and log.summary["eval/best_fid_score"] == 11.5
     assert wbflow.log_guidance_sweep(None, scores)["fid"] == 11.5  # without a run: the best, nothing logged
+
+
+# ----------------------------------------------------------------------------- reflow: pairs keep their labels
+
+def test_a_conditional_teachers_reflow_pairs_keep_the_label_each_was_generated_for(tmp_path):
+    seen = []
+
+    def sample(noise, labels):  # a "teacher" whose sample shows the label it was asked for
+        seen.append(labels.clone())
+        return torch.full((len(noise), 2), 0, dtype=torch.uint8) + labels[:, None].to(torch.uint8)
+
+    paths = wbflow.generate_reflow_pairs(sample, tmp_path, 10, shard_size=4, shape=(2,), num_classes=3)
+    assert len(paths) == 3 and torch.equal(torch.cat(seen), torch.arange(10) % 3)  # class-balanced, pair i: i % 3
+    images_uint8, seed, labels = wbflow.load_reflow_pairs(tmp_path, 10)
+    assert torch.equal(labels, torch.arange(10) % 3) and torch.equal(images_uint8[:, 0].long(), labels)
+    loader = wbflow.ReflowPairLoader(images_uint8, seed, 5, labels=labels)
+    loader.set_epoch(2)
+    for batch in loader:
+        assert torch.equal(((batch["data"][:, 0] + 1) * 127.5).round().long(), batch["labels"])  # each pair its own
+    plan, others = wbflow.reflow_shards(tmp_path, 10, shard_size=4, shape=(2,))  # an unconditional generation
+    assert sorted(others.values()) == ["num_classes 3 there, None here"] * 3
+    with pytest.raises(ValueError, match="pairs of another generation \\(num_classes 3 there, None here\\)"):
+        wbflow.generate_reflow_pairs(lambda noise: noise, tmp_path, 10, shard_size=4, shape=(2,))
+
+
+# ----------------------------------------------------------------------------- train_flow.py, class-conditional
+
+CONDITIONAL = ["--smoke", "--epochs", "2", "--set", "model.num_classes=10", "--set", "training.coupling=ot",
+               "--set", "data.max_images=32", "--set", "training.batch_size=16", "--set", "model.base_channels=8",
+               "--set", "model.channel_mults=[1]", "--set", "model.head_channels=8", "--set", "sampling.num_images=20",
+               "--set", "sampling.nfe=2", "--set", "sampling.table_solvers=[euler]", "--set", "sampling.table_nfes=[1]",
+               "--set", "reflow.num_pairs=20", "--set", "reflow.shard_size=10", "--set", "reflow.nfe=1"]
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    """One class-conditional --smoke run of two epochs on CIFAR-10's layout, W&B offline in its own folder: argv (all
+    but --out-dir), out dir, RunLog, the W&B folder and the CIFAR labels. Tests only read it."""
+    root = tmp_path_factory.mktemp("conditional")
+    labels = write_cifar_batches(root / "data", per_batch=8, test_images=2)[1]
+    argv = CONDITIONAL + ["--data-dir", str(root / "data")]
+    run_offline(train_flow.main, argv + ["--out-dir", str(root / "out")], root)
+    [log] = run_logs(root)
+    return SimpleNamespace(argv=argv, out=root / "out", log=log, root=root, labels=labels)
+
+
+def test_train_flow_reads_cifar_10s_own_labels_with_its_images(tmp_path):
+    written_images, written_labels = write_cifar_batches(tmp_path / "data", per_batch=8, test_images=2)
+    images_uint8, labels = train_flow.load_images({"data_dir": str(tmp_path / "data"), "max_images": 30}, 0, False)
+    assert torch.equal(images_uint8, torch.from_numpy(written_images[:30])) and labels.tolist() == written_labels[:30]
+
+
+def test_a_conditional_smoke_run_logs_a_class_grid_of_fixed_noise_and_the_guidance_column(conditional_run):
+    log, out, classes = conditional_run.log, conditional_run.out, list(wbflow.CIFAR10_CLASSES)
+    assert log.exit_code == 0 and log.config["model"]["num_classes"] == 10 and log.config["class_names"] == classes
+    grids = log.values("eval/generated_samples")
+    assert len(grids) == 2 and all(grid["caption"].endswith("guidance 1; rows: " + ", ".join(classes))
+                                   for grid in grids)
+    assert (grids[0]["height"], grids[0]["width"]) == (10 * 34 + 2, 2 * 34 + 2)  # a row per class, 2 noise columns
+    last = wbflow.load_checkpoint(out / "last.pt")
+    ema = wbflow.make_ema(wbflow.FlowUNet(**last["config"]["model"]))
+    ema.load_state_dict(last["ema"])
+    noise = torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(0))[:2]  # sampling.seed's noise
+    grid = wbflow.class_grid(ema.module.eval(), noise, classes, nfe=2)[0]
+    from PIL import Image
+    assert np.array_equal(np.asarray(Image.open(out / "samples" / "epoch_0002.png")), grid)
+
+    [row] = log.rows_with("eval/samples_table")
+    [table_file] = conditional_run.root.glob(f"wandb/*run-*/files/{row['eval/samples_table']['path']}")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["epoch", "solver", "nfe", "guidance", "seconds", "straightness", "samples"]
+    assert [line[:4] for line in table["data"]] == [[epoch, "euler", 1, scale] for epoch in (1, 2) for scale in (1, 2)]
+    assert last["config"]["class_names"] == classes
+    models = [artifact for artifact in log.artifacts if artifact["type"] == "model"]
+    assert len(models) == 2 and all(model["metadata"]["class_names"] == classes for model in models)
+
+
+def test_eval_guidance_logs_fid_and_is_per_scale_and_the_best_scale_in_the_summary(conditional_run, offline_wandb,
+                                                                                  weights_path, tmp_path):
+    argv = ["--smoke", "--eval", "--checkpoint", str(conditional_run.out / "last.pt"), "--guidance", "2.0,1.0",
+            "--num-samples", "4", "--nfe", "1", "--use-wandb", "--data-dir", str(conditional_run.root / "data"),
+            "--out-dir", str(tmp_path / "eval"), "--set", f"eval.fid_weights={weights_path}",
+            "--set", "eval.num_real_images=4", "--set", "eval.inception_batch_size=4"]
+    metrics = train_flow.main(argv)
+    [log] = run_logs(offline_wandb)
+    [row] = log.rows_with("eval/guidance_table")
+    [table_file] = offline_wandb.glob(f"wandb/*run-*/files/{row['eval/guidance_table']['path']}")
+    table = json.loads(table_file.read_text())
+    assert [line[0] for line in table["data"]] == [1.0, 2.0] and row["eval/fid_vs_guidance_table"]["nrows"] == 2
+    fids = {line[0]: line[1] for line in table["data"]}
+    assert all(np.isfinite(fid) for fid in fids.values()) and fids[1.0] != fids[2.0]
+    best = min(fids, key=fids.get)
+    assert log.summary["eval/best_guidance"] == best and log.summary["eval/best_fid_score"] == fids[best]
+    assert metrics["eval/fid_score"] == fids[best] and log.config["guidance"] == [2.0, 1.0]
+    assert log.values("eval/sample_images")[0]["caption"].endswith(
+        f"guidance {best:g}; columns: " + ", ".join(wbflow.CIFAR10_CLASSES))
+
+
+def test_a_stopped_conditional_run_resumes_to_the_uninterrupted_runs_weights(conditional_run, tmp_path, monkeypatch,
+                                                                            capsys):
+    argv = conditional_run.argv + ["--no-wandb", "--out-dir", str(tmp_path / "split")]
+    real_loss = wbflow.rectified_flow_loss
+    monkeypatch.setattr(wbflow, "rectified_flow_loss", signal_on_call(real_loss, 3))  # epoch 2, its first step
+    with pytest.raises(SystemExit) as stop:
+        train_flow.main(argv)
+    assert stop.value.code == 128 + signal.SIGTERM and "stopped at step 3 (epoch 2)" in capsys.readouterr().out
+    monkeypatch.setattr(wbflow, "rectified_flow_loss", real_loss)
+    train_flow.main(argv + ["--resume", str(tmp_path / "split" / "last.pt")])
+    end, expected = (wbflow.load_checkpoint(out / "last.pt") for out in (tmp_path / "split", conditional_run.out))
+    assert end["global_step"] == expected["global_step"] == 4
+    for key in ("model", "ema"):
+        for name, tensor in expected[key].items():
+            torch.testing.assert_close(end[key][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_a_conditional_run_refuses_what_does_not_fit_in_one_line(conditional_run, tmp_path, weights_path):
+    last, argv = str(conditional_run.out / "last.pt"), conditional_run.argv + ["--no-wandb"]
+    resume = argv + ["--out-dir", str(tmp_path / "resumed"), "--resume", last]
+    refused(train_flow.main, resume + ["--set", "model.num_classes=0"],
+            r"trained with class_names \['airplane', .*\], this run has None: pass the model\.num_classes")
+    refused(train_flow.main, resume + ["--set", "training.label_dropout=0.2"],
+            r"holds another training \(label_dropout 0\.1 there, 0\.2 here\)")
+    refused(train_flow.main, argv + ["--set", "model.num_classes=5"],
+            r"^train_flow\.py: model\.num_classes must be 0 \(unconditional\) or 10 \(CIFAR-10's classes\), not 5$")
+    refused(train_flow.main, argv + ["--set", "training.label_dropout=1.0"],
+            r"^train_flow\.py: training\.label_dropout must be in \[0, 1\), not 1\.0$")
+    unconditional = tiny_flow_checkpoint(tmp_path / "unconditional.pt")
+    refused(train_flow.main, ["--eval", "--checkpoint", str(unconditional), "--guidance", "1,2",
+                              "--set", f"eval.fid_weights={weights_path}", "--out-dir", str(tmp_path / "eval")],
+            r"--guidance needs a class-conditional checkpoint; .*unconditional\.pt holds a model for t alone$")
+    refused(train_flow.main, argv + ["--out-dir", str(tmp_path / "student"), "--reflow", last, "--set",
+                                     "model.num_classes=0"], r"--reflow .*last\.pt: trained with class_names \['airplane'")
+
+
+def test_a_conditional_teachers_student_trains_every_pair_with_its_label(conditional_run, tmp_path, monkeypatch):
+    batches, real_loss = [], wbflow.rectified_flow_loss
+
+    def recording(model, batch, **options):
+        batches.append(batch)
+        return real_loss(model, batch, **options)
+
+    monkeypatch.setattr(wbflow, "rectified_flow_loss", recording)
+    train_flow.main(conditional_run.argv + ["--no-wandb", "--epochs", "1", "--out-dir", str(tmp_path / "student"),
+                                            "--reflow", str(conditional_run.out / "last.pt")])
+    shards = [wbflow.load_checkpoint(path) for path in sorted((tmp_path / "student" / "reflow_pairs").glob("*.pt"))]
+    assert torch.equal(torch.cat([shard["labels"] for shard in shards]), torch.arange(20) % 10)
+    assert shards[0]["guidance"] == 1.0 and shards[0]["num_classes"] == 10
+    assert len(batches) == 1 and set(batches[0]) == {"noise", "data", "labels"}  # 16 of the 20 pairs, labelled
+    assert ((batches[0]["labels"] >= 0) & (batches[0]["labels"] <= 10)).all()

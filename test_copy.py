@@ -521,8 +521,8 @@ def _(generate_reflow_pairs, tmp_path, fixture):
 def _(load_reflow_pairs, tmp_path, fixture):
     wbflow.save_checkpoint({"first": 0, "count": 2, "seed": 5, "images_uint8": torch.zeros(2, 3, dtype=torch.uint8)},
                            tmp_path / "pairs_00000.pt")
-    images_uint8, seed = load_reflow_pairs(tmp_path, 2)
-    assert images_uint8.shape == (2, 3) and seed == 5
+    images_uint8, seed, labels = load_reflow_pairs(tmp_path, 2)
+    assert images_uint8.shape == (2, 3) and seed == 5 and labels is None  # a shard of an unconditional teacher
 
 
 @call("ReflowPairLoader")

@@ -1571,17 +1571,19 @@ def _pair_noise(indices, seed, shape):
                         for i in indices])
 
 
-def reflow_shards(folder, num_pairs, *, shard_size=1000, shape=(3, 32, 32), seed=0, settings=None):
+def reflow_shards(folder, num_pairs, *, shard_size=1000, shape=(3, 32, 32), seed=0, settings=None, num_classes=None):
     """One generation of reflow pairs, and what in `folder` is not of it: (the metadata each shard pairs_00000.pt,
     ... of the generation holds besides its samples, {path: why} for every file pairs_*.pt in `folder` that is no
     shard of it). A generation is keyed by `settings` (what makes the samples: e.g. the teacher's file hash, the
-    solver and NFE), the noise seed, the sample shape, the pair count and the shard size, so pairs of another
-    teacher or settings are never mixed into it: refuse such files, or delete them and generate again. The files
-    are read with mmap, so their samples stay on disk.
+    solver and NFE), the noise seed, the sample shape, the pair count, the shard size and the classes of a
+    class-conditional teacher (None: unconditional), so pairs of another teacher or settings are never mixed into
+    it: refuse such files, or delete them and generate again. The files are read with mmap, so their samples stay
+    on disk.
 
     Usage: plan, others = reflow_shards("out/pairs", 10_000, settings={"teacher_sha256": file_sha256("teacher.pt")})
     """
-    key = {**(settings or {}), "num_pairs": num_pairs, "shard_size": shard_size, "seed": seed, "shape": list(shape)}
+    key = {**(settings or {}), "num_pairs": num_pairs, "shard_size": shard_size, "seed": seed, "shape": list(shape),
+           "num_classes": num_classes}  # a shard written before num_classes existed reads as None: unconditional
     plan = [{**key, "first": first, "count": min(shard_size, num_pairs - first)}
             for first in range(0, num_pairs, shard_size)]
     names, others = {f"pairs_{index:05d}.pt": meta for index, meta in enumerate(plan)}, {}
@@ -1602,7 +1604,7 @@ def reflow_shards(folder, num_pairs, *, shard_size=1000, shape=(3, 32, 32), seed
 
 
 def generate_reflow_pairs(sample, folder, num_pairs, *, shard_size=1000, shape=(3, 32, 32), seed=0, settings=None,
-                          device="cpu", rank=0, world_size=1, stop=None, overwrite=False):
+                          num_classes=None, device="cpu", rank=0, world_size=1, stop=None, overwrite=False):
     """Write `num_pairs` (noise, sample) pairs into `folder` as shards pairs_00000.pt, ... of
     `shard_size` pairs: sample(noise) (a trained flow's uint8 samples, 3 KB a CIFAR pair) and what
     regenerates the noise (pair i's own seed). Each shard is written atomically and a shard already
@@ -1612,11 +1614,14 @@ def generate_reflow_pairs(sample, folder, num_pairs, *, shard_size=1000, shape=(
     ValueError before anything is written, or with overwrite=True those files are deleted first. Under
     DDP pass rank and world_size: each writes every world_size-th shard, rank 0 deletes, and every rank
     returns once all shards are written. `stop` is checked before each shard: the result is then
-    None, else this rank's shard paths.
+    None, else this rank's shard paths. With `num_classes` (a class-conditional teacher) pair i is made for
+    class i % num_classes, by sample(noise, labels), and its shard keeps the labels, so the student trains
+    every pair with the label it was generated for.
 
     Usage: generate_reflow_pairs(lambda x0: images_to_uint8(sample_flow(ema, x0)[0]), "out/pairs", 10_000)
     """
-    plan, others = reflow_shards(folder, num_pairs, shard_size=shard_size, shape=shape, seed=seed, settings=settings)
+    plan, others = reflow_shards(folder, num_pairs, shard_size=shard_size, shape=shape, seed=seed, settings=settings,
+                                 num_classes=num_classes)
     for path, why in list(others.items())[:1] if not overwrite else ():
         more = f" and {len(others) - 1} more files hold" if len(others) > 1 else " holds"
         raise ValueError(f"{path}{more} pairs of another generation ({why}): pass --overwrite to delete them and "
@@ -1631,8 +1636,13 @@ def generate_reflow_pairs(sample, folder, num_pairs, *, shard_size=1000, shape=(
         if not path.is_file():
             if stop is not None and stop():
                 return None
-            noise = _pair_noise(range(meta["first"], meta["first"] + meta["count"]), seed, shape).to(device)
-            save_checkpoint({**meta, "images_uint8": sample(noise).cpu()}, path)
+            indices = torch.arange(meta["first"], meta["first"] + meta["count"])
+            noise = _pair_noise(indices, seed, shape).to(device)
+            if num_classes is None:
+                save_checkpoint({**meta, "images_uint8": sample(noise).cpu()}, path)
+            else:
+                labels = indices % num_classes
+                save_checkpoint({**meta, "images_uint8": sample(noise, labels.to(device)).cpu(), "labels": labels}, path)
         paths.append(path)
     if world_size > 1:
         dist.barrier()  # every rank's shards are written
@@ -1640,16 +1650,17 @@ def generate_reflow_pairs(sample, folder, num_pairs, *, shard_size=1000, shape=(
 
 
 def load_reflow_pairs(folder, num_pairs, settings=None):
-    """The samples of generate_reflow_pairs' shards in `folder`, in pair order, and their noise seed:
-    (images_uint8, seed). Missing pairs, shards of two generations (another teacher or settings), or
-    shards whose metadata differs from `settings` ({key: value}, e.g. the teacher's hash) are a ValueError.
+    """The samples of generate_reflow_pairs' shards in `folder`, in pair order, their noise seed and the labels they
+    were made for (None for an unconditional teacher's): (images_uint8, seed, labels). Missing pairs, shards of two
+    generations (another teacher or settings), or shards whose metadata differs from `settings` ({key: value}, e.g.
+    the teacher's hash) are a ValueError.
 
-    Usage: images_uint8, seed = load_reflow_pairs("out/pairs", 100_000, {"teacher_sha256": teacher_hash})
+    Usage: images_uint8, seed, labels = load_reflow_pairs("out/pairs", 100_000, {"teacher_sha256": teacher_hash})
     """
     paths = sorted(Path(folder).glob("pairs_*.pt"))
     shards = [load_checkpoint(path) for path in paths]
-    keys = [{name: value for name, value in shard.items() if name not in ("first", "count", "images_uint8")}
-            for shard in shards]
+    keys = [{"num_classes": None, **{name: value for name, value in shard.items()  # num_classes: None in older shards
+                                     if name not in ("first", "count", "images_uint8", "labels")}} for shard in shards]
     for path, key in [(path, key) for path, key in zip(paths, keys) if key != keys[0]][:1]:
         name = next(name for name in sorted(key.keys() | keys[0].keys()) if key.get(name) != keys[0].get(name))
         raise ValueError(f"{folder} mixes pairs of two generations: {name} {keys[0].get(name)!r} in {paths[0].name}, "
@@ -1662,20 +1673,25 @@ def load_reflow_pairs(folder, num_pairs, settings=None):
             a["first"] + a["count"] != b["first"] for a, b in zip(shards, shards[1:])):
         raise ValueError(f"{folder} does not hold the {num_pairs} pairs of one generation "
                          f"({len(shards)} shards, {sum(shard['count'] for shard in shards)} pairs)")
-    return torch.cat([shard["images_uint8"] for shard in shards]), shards[0]["seed"]
+    labels = torch.cat([shard["labels"] for shard in shards]) if keys[0]["num_classes"] else None
+    return torch.cat([shard["images_uint8"] for shard in shards]), shards[0]["seed"], labels
 
 
 class ReflowPairLoader:
     """Batches {"noise": x0, "data": x1} of reflow pairs (load_reflow_pairs' images and seed) for
     rectified_flow_loss: the samples stay one uint8 tensor on the device, the noise is regenerated
     per pair. Order, DDP shares and resume as DeviceImageLoader: set_epoch(epoch, skip_batches=k).
+    With `labels` (a class-conditional teacher's pairs) each batch holds the pairs' "labels" too.
 
-    Usage: loader = ReflowPairLoader(*load_reflow_pairs("out/pairs", 100_000), 128, device="cuda")
+    Usage: images_uint8, seed, labels = load_reflow_pairs("out/pairs", 100_000)
+           loader = ReflowPairLoader(images_uint8, seed, 128, labels=labels, device="cuda")
     """
 
-    def __init__(self, images_uint8, noise_seed, batch_size, *, device="cpu", seed=0, rank=0, world_size=1):
+    def __init__(self, images_uint8, noise_seed, batch_size, *, device="cpu", seed=0, rank=0, world_size=1,
+                 labels=None):
         self.device = torch.device(device)
         self.images_uint8 = images_uint8.to(self.device, non_blocking=True)
+        self.labels = None if labels is None else labels.to(self.device, non_blocking=True)
         self.noise_seed, self.batch_size, self.seed, self.rank, self.world_size = (
             noise_seed, batch_size, seed, rank, world_size)
         self.epoch, self.skip_batches = 0, 0
@@ -1692,8 +1708,10 @@ class ReflowPairLoader:
         for batch in range(self.skip_batches, len(self)):
             index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
             noise = _pair_noise(index.tolist(), self.noise_seed, self.images_uint8.shape[1:])
-            yield {"noise": noise.to(self.device, non_blocking=True),
-                   "data": self.images_uint8[index.to(self.device)].float().div_(127.5).sub_(1.0)}
+            index = index.to(self.device)
+            batch = {"noise": noise.to(self.device, non_blocking=True),
+                     "data": self.images_uint8[index].float().div_(127.5).sub_(1.0)}
+            yield batch if self.labels is None else {**batch, "labels": self.labels[index]}
 
 
 # ----------------------------------------------------------------------------- metrics
