@@ -262,7 +262,7 @@ def test_samples_table_has_a_guidance_column_only_for_rows_that_hold_one(tmp_pat
 
 
 def test_log_guidance_sweep_logs_a_table_and_a_line_plot_and_puts_the_best_scale_in_the_summary(offline_wandb):
-    scores = [{"guidance": scale, "fid": fid, "inception_score_mean": 5.0 + scale, "inception_score_std": 0.1}
+    scores = [{"guidance": scale, "eval/fid_score": fid, "eval/inception_score_mean": 5.0 + scale}
               for scale, fid in ((3.0, 14.0), (1.0, 20.0), (2.0, 11.5), (1.5, 12.0))]
     with wbflow.wandb_run(project="test") as run:
         best = wbflow.log_guidance_sweep(run, scores)
@@ -272,10 +272,10 @@ def test_log_guidance_sweep_logs_a_table_and_a_line_plot_and_puts_the_best_scale
     assert row["eval/guidance_table"]["_type"] == "table-file" and row["eval/fid_vs_guidance_table"]["nrows"] == 4
     [table_file] = offline_wandb.glob(f"wandb/*run-*/files/{row['eval/guidance_table']['path']}")
     table = json.loads(table_file.read_text())
-    assert table["columns"] == ["guidance", "fid", "inception_score_mean", "inception_score_std"]
+    assert table["columns"] == ["guidance", "eval/fid_score", "eval/inception_score_mean"]
     assert [(line[0], line[1]) for line in table["data"]] == [(1.0, 20.0), (1.5, 12.0), (2.0, 11.5), (3.0, 14.0)]
     assert log.summary["eval/best_guidance"] == 2.0 and log.summary["eval/best_fid_score"] == 11.5
-    assert wbflow.log_guidance_sweep(None, scores)["fid"] == 11.5  # without a run: the best, nothing logged
+    assert wbflow.log_guidance_sweep(None, scores)["eval/fid_score"] == 11.5  # without a run: the best, no log
 
 
 # ----------------------------------------------------------------------------- reflow: pairs keep their labels
@@ -364,6 +364,7 @@ def test_eval_guidance_logs_fid_and_is_per_scale_and_the_best_scale_in_the_summa
     [row] = log.rows_with("eval/guidance_table")
     [table_file] = offline_wandb.glob(f"wandb/*run-*/files/{row['eval/guidance_table']['path']}")
     table = json.loads(table_file.read_text())
+    assert table["columns"] == ["guidance", "eval/fid_score", "eval/inception_score_mean", "eval/inception_score_std"]
     assert [line[0] for line in table["data"]] == [1.0, 2.0] and row["eval/fid_vs_guidance_table"]["nrows"] == 2
     fids = {line[0]: line[1] for line in table["data"]}
     assert all(np.isfinite(fid) for fid in fids.values()) and fids[1.0] != fids[2.0]
@@ -406,8 +407,9 @@ def test_a_conditional_run_refuses_what_does_not_fit_in_one_line(conditional_run
     refused(train_flow.main, ["--eval", "--checkpoint", str(unconditional), "--guidance", "1,2",
                               "--set", f"eval.fid_weights={weights_path}", "--out-dir", str(tmp_path / "eval")],
             r"--guidance needs a class-conditional checkpoint; .*unconditional\.pt holds a model for t alone$")
-    refused(train_flow.main, argv + ["--out-dir", str(tmp_path / "student"), "--reflow", last, "--set",
-                                     "model.num_classes=0"], r"--reflow .*last\.pt: trained with class_names \['airplane'")
+    refused(train_flow.main, argv + ["--out-dir", str(tmp_path / "student"), "--reflow", last,
+                                     "--set", "model.num_classes=0"],
+            r"--reflow .*last\.pt: trained with class_names \['airplane'")
 
 
 def test_a_conditional_teachers_student_trains_every_pair_with_its_label(conditional_run, tmp_path, monkeypatch):

@@ -775,8 +775,9 @@ def _(samples_table_rows, tmp_path, fixture):
 @call("log_guidance_sweep")
 def _(log_guidance_sweep, tmp_path, fixture):
     with offline_run(fixture) as run:
-        best = log_guidance_sweep(run, [{"guidance": 1.0, "fid": 9.0}, {"guidance": 2.0, "fid": 7.0}])
-    assert best == {"guidance": 2.0, "fid": 7.0}
+        scores = [{"guidance": 1.0, "eval/fid_score": 9.0}, {"guidance": 2.0, "eval/fid_score": 7.0}]
+        best = log_guidance_sweep(run, scores)
+    assert best == {"guidance": 2.0, "eval/fid_score": 7.0}
 
 
 @call("log_classification_report")

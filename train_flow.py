@@ -466,7 +466,8 @@ def sample_and_score(ema_module, count, statistics, config, stop, *, seed, scale
     class-conditional): (metrics, samples, NFE), or None after a stop."""
     evaluation, sampling = config["eval"], config["sampling"]
     scored = wbflow.sample_and_score(
-        velocity(ema_module, sampling["guidance"] if scale is None else scale), count, statistics, device=next(ema_module.parameters()).device, solver=sampling["solver"],
+        velocity(ema_module, sampling["guidance"] if scale is None else scale), count, statistics,
+        device=next(ema_module.parameters()).device, solver=sampling["solver"],
         nfe=sampling["nfe"], tolerance=sampling["rk45_tolerance"], batch_size=evaluation["sample_batch_size"],
         seed=seed, inception_batch_size=evaluation["inception_batch_size"], weights_path=evaluation["fid_weights"],
         stop=stop.is_set, progress=progress)
@@ -563,8 +564,8 @@ def reflow_pairs(teacher_checkpoint, config, state, amp_dtype, *, new, overwrite
                 lambda noise, labels=None: wbflow.images_to_uint8(wbflow.sample_flow(
                     velocity(teacher, made_by.get("guidance"), labels), noise, reflow["solver"], reflow["nfe"],
                     amp_dtype=amp_dtype, tolerance=tolerance)[0]), folder, reflow["num_pairs"], settings=made_by,
-                shard_size=reflow["shard_size"], seed=reflow["seed"], num_classes=teacher.num_classes, stop=stop.is_set, overwrite=overwrite, rank=rank, world_size=world_size,
-                device=next(teacher.parameters()).device)
+                shard_size=reflow["shard_size"], seed=reflow["seed"], num_classes=teacher.num_classes, stop=stop.is_set,
+                overwrite=overwrite, rank=rank, world_size=world_size, device=next(teacher.parameters()).device)
         if written is None:
             print(f"train_flow.py: pair generation stopped; the same command goes on at the next shard of "
                   f"{folder}", file=sys.stderr)
@@ -611,9 +612,7 @@ def evaluate(args, config):
         number = stop.signal or signal.SIGINT
         print(f"train_flow.py: --eval stopped by {signal.Signals(number).name}; nothing was saved", file=sys.stderr)
         raise SystemExit(128 + number) from None
-    scores = [{"guidance": scale, "fid": metrics["eval/fid_score"], "inception_score_mean": metrics[
-        "eval/inception_score_mean"], "inception_score_std": metrics["eval/inception_score_std"]}
-              for scale, (metrics, _, _) in scored.items()]
+    scores = [{"guidance": scale, **metrics} for scale, (metrics, _, _) in scored.items()]
     best = wbflow.log_guidance_sweep(None, scores) or scores[0]  # the lowest FID's scale (the first without FID)
     metrics, samples_uint8, used = scored[best["guidance"]]
     print(f"sampled {len(samples_uint8)} images a scale from {path} (epoch {state['epoch']}) with "

@@ -1642,7 +1642,8 @@ def generate_reflow_pairs(sample, folder, num_pairs, *, shard_size=1000, shape=(
                 save_checkpoint({**meta, "images_uint8": sample(noise).cpu()}, path)
             else:
                 labels = indices % num_classes
-                save_checkpoint({**meta, "images_uint8": sample(noise, labels.to(device)).cpu(), "labels": labels}, path)
+                images_uint8 = sample(noise, labels.to(device)).cpu()
+                save_checkpoint({**meta, "images_uint8": images_uint8, "labels": labels}, path)
         paths.append(path)
     if world_size > 1:
         dist.barrier()  # every rank's shards are written
@@ -2576,26 +2577,26 @@ def samples_table_rows(compared, epoch, root, *, folder="samples", straightness=
             for row in compared]
 
 
-def log_guidance_sweep(run, scores, *, step=None):
-    """Log FID and Inception Score against the guidance scale: `scores` is a list of {"guidance", "fid",
-    "inception_score_mean", "inception_score_std"} (a score None where not computed), one per scale. W&B keys:
-    eval/guidance_table (a wandb.Table of those columns), eval/fid_vs_guidance (its line plot), and in the summary
-    eval/best_guidance and eval/best_fid_score (the lowest FID's scale and FID). Returns that best row (None
-    without a FID); logs nothing without a run.
+def log_guidance_sweep(run, scores, *, metric="eval/fid_score", step=None):
+    """Log scores against the guidance scale: `scores` is one row per scale, {"guidance": scale, name: value, ...}
+    (e.g. eval/fid_score, eval/inception_score_mean; None where not computed). W&B keys: eval/guidance_table (a
+    wandb.Table of the rows, by scale), eval/fid_vs_guidance (the line plot of `metric` against the scale) and in
+    the summary eval/best_guidance and eval/best_<metric's name> (the lowest `metric`'s scale and value; lower is
+    better, as for FID). Returns that best row (None when no row has `metric`); logs nothing without a run.
 
-    Usage: log_guidance_sweep(run, [{"guidance": 1.0, "fid": 12.3, ...}, {"guidance": 2.0, "fid": 9.8, ...}])
+    Usage: log_guidance_sweep(run, [{"guidance": scale, **metrics} for scale, metrics in scored.items()])
     """
-    columns = ["guidance", "fid", "inception_score_mean", "inception_score_std"]
     rows = sorted(scores, key=lambda row: row["guidance"])
-    best = min([row for row in rows if row.get("fid") is not None], key=lambda row: row["fid"], default=None)
+    best = min([row for row in rows if row.get(metric) is not None], key=lambda row: row[metric], default=None)
     if run:
         import wandb
+        columns = list(dict.fromkeys(name for row in rows for name in row))
         table = wandb.Table(columns=columns, data=[[row.get(column) for column in columns] for row in rows])
-        plot = wandb.plot.line(table, "guidance", "fid" if best else "inception_score_mean",
-                               title="FID against guidance scale" if best else "Inception Score against guidance")
-        run.log({"eval/guidance_table": table, "eval/fid_vs_guidance": plot}, step=step)
+        run.log({"eval/guidance_table": table, **({"eval/fid_vs_guidance": wandb.plot.line(
+            table, "guidance", metric, title=f"{metric} against the guidance scale")} if best else {})}, step=step)
         if best:
-            run.summary["eval/best_guidance"], run.summary["eval/best_fid_score"] = best["guidance"], best["fid"]
+            run.summary["eval/best_guidance"] = best["guidance"]
+            run.summary[f"eval/best_{metric.rsplit('/', 1)[-1]}"] = best[metric]
     return best
 
 
