@@ -370,14 +370,13 @@ def gpu_sizes(dry_run):
     """What each --gpu section measures: the recipe's sizes on the GPU, or toy ones on the CPU (--dry-run),
     where the compile row uses aot_eager (dynamo and AOTAutograd as on the GPU, without inductor's minute of
     C++ builds) and train_fire's row a ResNet-18."""
-    import train_fire
     if not dry_run:
         return {"device": "cuda", "unet": None, "torchcfm_unet": RECIPE_TORCHCFM_UNET, "image_size": 32,
                 "batch": None, "log_every": None, "train_steps": 300, "compile_backend": "inductor",
                 "samples": 10_000, "sample_batch": 500, "euler_steps": 100, "inception_images": 10_000,
                 "inception_batch": 200, "classifier": "resnet50", "jpegs": 1920, "jpeg_size": (640, 480),
                 "fire_sizes": (224, 256), "fire_batch": 32, "warm_up_batches": 10,
-                "workers": train_fire.default_num_workers(), "all_workers": len(os.sched_getaffinity(0))}
+                "workers": wbflow.default_num_workers(), "all_workers": len(os.sched_getaffinity(0))}
     # the two toy UNets are one architecture (176,195 parameters each), as the recipe's are at full size
     return {"device": "cpu", "unet": dict(base_channels=32, channel_mults=(1,), num_res_blocks=1, head_channels=32),
             "torchcfm_unet": dict(num_res_blocks=1, num_channels=32, channel_mult=[1], num_heads=1,

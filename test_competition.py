@@ -457,7 +457,9 @@ def test_smoke_writes_the_download_trains_on_the_cpu_offline_and_writes_the_subm
     for row in epochs:  # the seed's keys, every epoch
         assert {"epoch", "epoch/train_loss", "epoch/train_acc", "val_loss", "val_acc", "val_macro_f1"} <= set(row)
         assert any(key.startswith("val_f1/") for key in row)
-    assert train_run.rows_with("best_val_acc") and train_run.rows_with("confusion_matrix_table")
+    # the competition's classes: best_model.pth follows the competition's score
+    assert train_run.config["best_metric"] == "val_score" and train_run.summary["val_score"]["max"] > 0
+    assert train_run.rows_with("best_val_score") and train_run.rows_with("confusion_matrix_table")
     listed = (out / "data" / "A.txt").read_text(encoding="utf-8").splitlines()
     lines = (out / "submission.txt").read_text(encoding="utf-8").splitlines()
     assert len(lines) == len(listed) == 20 and [line.split("\t")[0] for line in lines] == listed
