@@ -1352,11 +1352,12 @@ def test_train_fire_learns_patterns_and_logs_the_seed_workflow(offline_wandb, tm
     [log] = run_logs(offline_wandb)
     assert log.exit_code == 0
     for key, value in vars(train_fire.parse_args(argv)).items():  # every setting as given
-        if key not in ("resume", "optimizer", "amp"):
+        if key not in ("resume", "optimizer", "amp", "score_weights"):
             assert log.config[key] == value, key
     for key, value in {"optimizer": "Adam", "loss_function": "CrossEntropyLoss", "scheduler": "CosineAnnealingLR",
                        "amp": "off", "device": "cpu", "world_size": 1, "train_images": 60, "val_images": 15,
-                       "steps_per_epoch": 7, "classes": sorted(SEED_CLASSES)}.items():  # and what they became
+                       "steps_per_epoch": 7, "classes": sorted(SEED_CLASSES),  # and what they became
+                       "score_weights": [1.5, 1.0, 1.0, 1.0, 2.0]}.items():  # the competition's, in the classes' order
         assert log.config[key] == value, key
 
     # every 10 batches (train_epoch's global step) and the rest of each 7-step epoch at its end
@@ -1724,7 +1725,7 @@ def test_str2bool_refuses_other_words():
 def test_sweep_yaml_is_a_bayes_search_whose_agent_command_parses():
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
     sweep = yaml.safe_load((HERE / "sweep.yaml").read_text())
-    assert sweep["method"] == "bayes" and sweep["metric"] == {"name": "best_val_acc", "goal": "maximize"}
+    assert sweep["method"] == "bayes" and sweep["metric"] == {"name": "best_val_score", "goal": "maximize"}
     assert set(sweep["parameters"]) == {"learning_rate", "batch_size", "model"}
     assert set(sweep["parameters"]["model"]["values"]) <= set(torchvision.models.list_models(module=torchvision.models))
     assert sweep["program"] == "train_fire.py"
