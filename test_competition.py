@@ -383,8 +383,8 @@ def test_macro_f1_is_torchmetrics_macro_f1_and_per_class_f1_its_per_class_f1_whe
 # ----------------------------------------------------------------------------- the competition's score
 
 def test_the_score_is_each_classs_f1_weighted_as_the_competition_weighs_them_computed_by_hand():
-    weights = [train_fire.COMPETITION_WEIGHTS[name] for name in SEED_CLASSES]  # 高风险 2, 中风险 1.5, the others 1
-    assert weights == [2.0, 1.5, 1.0, 1.0, 1.0]
+    weights = [train_fire.COMPETITION_WEIGHTS[name] for name in SEED_CLASSES]
+    assert weights == [2.0, 1.5, 1.0, 1.0, 1.0]  # 高风险 2, 中风险 1.5, the others 1
     y_true, y_pred = [0, 0, 1, 1, 2, 3, 4, 4], [0, 1, 1, 1, 2, 3, 4, 0]
     # F1 = 2 tp / (2 tp + fp + fn): 高风险 2/4, 中风险 4/5, 低风险 1, 无风险 1, 非楼道 2/3
     assert wbflow.weighted_f1_score(y_true, y_pred, weights) == pytest.approx(2 * 2 / 4 + 1.5 * 4 / 5 + 1 + 1 + 2 / 3)
@@ -412,7 +412,8 @@ def test_val_score_is_logged_every_epoch_as_the_score_of_the_validation_predicti
     [best_row] = [row for row in log.rows_with("val_score") if row["epoch"] == best["epoch"]]
     _, val_samples, _ = wbflow.find_image_samples(data, class_names=SEED_CLASSES, val_split=0.2, seed=0)
     model = wbflow.build_classifier("resnet18", 5, state_dict=best["model"])
-    logits, labels = wbflow.predict_logits(model, wbflow.ImageSamples(val_samples, wbflow.image_transforms(32, train=False)))
+    val_set = wbflow.ImageSamples(val_samples, wbflow.image_transforms(32, train=False))
+    logits, labels = wbflow.predict_logits(model, val_set)
     score = wbflow.weighted_f1_score(labels, logits.argmax(1), weights)
     assert best_row["val_score"] == best["val_score"] == pytest.approx(score)
 

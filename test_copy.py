@@ -965,8 +965,8 @@ def _(read_ensemble, tmp_path, fixture):
 @call("fit_ensemble")
 def _(fit_ensemble, tmp_path, fixture):
     model = wbflow.save_checkpoint({"w": 1}, tmp_path / "a.pt")
-    wbflow.write_probability_csv(tmp_path / "oof.csv", ["a", "b", "c"], torch.tensor([[0.6, 0.4], [0.6, 0.4],
-                                                                                     [0.9, 0.1]]), ["x", "y"], [0, 1, 0])
+    probs = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.9, 0.1]])  # the second image is of class y
+    wbflow.write_probability_csv(tmp_path / "oof.csv", ["a", "b", "c"], probs, ["x", "y"], [0, 1, 0])
     scores, offsets = fit_ensemble([tmp_path / "oof.csv"], [model], ["x", "y"], [1.0, 1.0], tmp_path / "e.json")
     assert scores["oof_score_with_offsets"] > scores["oof_score"] and scores["oof_acc"] == pytest.approx(200 / 3)
     assert wbflow.read_ensemble(tmp_path / "e.json")[2] == offsets
@@ -993,7 +993,8 @@ def _(name_values, tmp_path, fixture):
 @call("output_file")
 def _(output_file, tmp_path, fixture):
     assert output_file(None, tmp_path, "s.txt") == output_file(str(tmp_path), "x", "s.txt") == tmp_path / "s.txt"
-    assert output_file("new/", "x", "s.txt") == Path("new/s.txt") and output_file("a.txt", "x", "s.txt") == Path("a.txt")
+    assert output_file("new/", "x", "s.txt") == Path("new/s.txt")
+    assert output_file("a.txt", "x", "s.txt") == Path("a.txt")
 
 
 @call("DefaultsHelpFormatter")

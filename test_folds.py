@@ -148,8 +148,9 @@ def predictions(folder):
 def test_an_ensemble_predicts_the_mean_of_its_models_probabilities_with_tta_and_the_offsets(folds_run, tmp_path):
     root, out, *_ = folds_run
     listed = ["--predict", str(root / "data" / "A.txt"), "--tta", "--num-workers", "0", "--no-wandb"]
-    for name, checkpoints in {"fold0": ["fold0/best_model.pth"], "fold1": ["fold1/best_model.pth"],
-                              "both": ["fold0/best_model.pth", "fold1/best_model.pth"], "json": ["ensemble.json"]}.items():
+    models = ["fold0/best_model.pth", "fold1/best_model.pth"]
+    runs = {"fold0": models[:1], "fold1": models[1:], "both": models, "json": ["ensemble.json"]}
+    for name, checkpoints in runs.items():
         train_fire.main([*listed, "--checkpoint", *[str(out / path) for path in checkpoints],
                          "--submission", str(tmp_path / name) + "/"])
     (fold0, _), (fold1, _) = predictions(tmp_path / "fold0"), predictions(tmp_path / "fold1")
@@ -218,7 +219,7 @@ def test_an_ensemble_of_other_classes_or_offsets_or_a_changed_model_is_refused(f
     (["--score-weights", "消防=3"], r"^train_fire: --score-weights: 消防: no class of "),
     (["--mixup", "0.2", "--loss", "focal"], r"--mixup and --cutmix make soft labels: they need --loss ce$"),
     (["--ema-decay", "1"], r"--ema-decay must be at least 0 and below 1, not 1\.0$"),
-    (["--warmup-epochs", "1", "--epochs", "1"], r"the warm-up \(\d+ steps\) must be shorter than the run \(\d+ steps\)$"),
+    (["--warmup-epochs", "1", "--epochs", "1"], r"the warm-up \(\d+ steps\) must be shorter than the run \(\d+ st"),
     (["--model", "convnext_tiyn"], r"unknown model 'convnext_tiyn': not a torchvision classification model \(did you "
                                    r"mean convnext_tiny"),
 ])
@@ -236,5 +237,6 @@ def test_cv_of_an_experiment_with_a_fold_missing_says_which_to_train(folds_run, 
     (tmp_path / "cv" / "fold1" / "oof.csv").unlink()
     refused(train_fire.main, ["--cv", str(tmp_path / "cv"), "--no-wandb"],
             r"^train_fire: --cv \S+: no oof\.csv of fold\(s\) 1: train \(or resume\) each fold$")
-    refused(train_fire.main, ["--cv", str(tmp_path / "nothing"), "--no-wandb"], r"--cv \S+nothing/fold0/best_model\.pth")
+    refused(train_fire.main, ["--cv", str(tmp_path / "nothing"), "--no-wandb"],
+            r"--cv \S+nothing/fold0/best_model\.pth")
     assert not (tmp_path / "cv" / "ensemble.json").exists()

@@ -12,8 +12,9 @@ Sections, in data-flow order:
   losses            classification_loss, focal_loss, class_balanced_weights, ot_pairs, rectified_flow_loss
   training          autocast_dtype, make_scaler, make_ema, warmup_cosine_schedule, train_step, RunningSums,
                     train_epoch, validate, stop_on_signals, exit_stopped, capture_rng_state, restore_rng_state,
-                    gather_from_ranks, predict_logits, evaluate_classifier, predict_images (a model or an ensemble),
-                    predict_submission, apply_class_offsets, write_submission, write_probability_csv, read_probability_csv
+                    gather_from_ranks, predict_logits, evaluate_classifier, predict_images (a model or an
+                    ensemble), predict_submission, apply_class_offsets, write_submission, write_probability_csv,
+                    read_probability_csv
   sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers, straightness
   reflow            reflow_shards, generate_reflow_pairs, load_reflow_pairs, ReflowPairLoader
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
@@ -370,8 +371,7 @@ def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0, fold=No
     labelled sample (train/ and val/ folders pooled), the training samples the other folds; val_split
     is then unused. Each list keeps the order in which the samples were found.
     Class names are the sorted folder names / labels; `class_names` fixes which and their order (each
-    once). Names
-    that differ only by whitespace ('无 风险', '无风险') are separate classes, with one warning naming them.
+    once). Names that differ only by whitespace ('无 风险', '无风险') are separate classes, with one warning naming them.
     Unreadable images are dropped by drop_unreadable_images (one warning that counts them; images of
     any size are read). A list row repeating an earlier one is dropped with one warning that counts them.
     A missing folder, or list rows naming files that do not exist (their count and the first few), raise
@@ -1495,7 +1495,7 @@ def predict_submission(states, names, paths, submission, *, offsets=None, device
     Several states are an ensemble: the mean of their probabilities (predict_images), each model built in its
     turn. An unreadable image gets the training set's most frequent class (without class_counts: the most
     frequent prediction). Returns (probabilities [N, K], predicted class indices, that fallback class).
-    Usage: probs, predicted, _ = predict_submission([load_checkpoint("best_model.pth")], ["a.jpg"], ["data/a.jpg"], "s.txt")
+    Usage: probs, predicted, _ = predict_submission([load_checkpoint("best_model.pth")], ["a"], ["A/a.jpg"], "s.txt")
     """
     config = states[0]["config"]
     models = (build_classifier(state["config"]["model"], len(state["config"]["classes"]),
@@ -1574,7 +1574,8 @@ def read_probability_csv(*paths):
         names += [row[0] for row in rows[1:]]
     repeated = [name for name, count in collections.Counter(names).items() if count > 1]
     if repeated:
-        raise ValueError(f"{len(repeated)} name(s) appear twice in {', '.join(map(str, paths))}: {', '.join(repeated[:3])}")
+        raise ValueError(f"{len(repeated)} name(s) appear twice in {', '.join(map(str, paths))}: "
+                         f"{', '.join(repeated[:3])}")
     return names, torch.cat(probs), labels if first_column == 2 else None, class_names
 
 
@@ -3112,7 +3113,7 @@ def fit_ensemble(oof_paths, checkpoints, class_names, weights, path, *, run=None
     files `checkpoints` to `path` (write_ensemble). Logs to `run` oof_score and oof_score_with_offsets (the
     score before and after the offsets), oof_acc, oof_macro_f1, oof_f1/<class> and the confusion matrix
     (log_classification_report). Returns (those scores, the offsets).
-    Usage: scores, offsets = fit_ensemble(["cv/fold0/oof.csv", "cv/fold1/oof.csv"], models, ["a", "b"], [2, 1], "e.json")
+    Usage: scores, offsets = fit_ensemble(["cv/fold0/oof.csv", "cv/fold1/oof.csv"], models, ["a", "b"], [2, 1], "e")
     """
     names, probs, labels, found = read_probability_csv(*oof_paths)
     if labels is None or found != list(class_names):
@@ -3132,7 +3133,7 @@ def fit_ensemble(oof_paths, checkpoints, class_names, weights, path, *, run=None
 def load_checkpoints(references, *, same=(), program, flag, driver, **check):
     """load_checked of each of `references`, as a list of (path, state): the models of an ensemble, each
     holding the first's state["config"] values of the keys `same` (else one line names the first difference).
-    Usage: members = load_checkpoints(["a.pth", "b.pth"], same=("classes",), program="p", flag="--checkpoint", driver="d")
+    Usage: members = load_checkpoints(["a.pth", "b.pth"], same=("classes",), program="p", flag="--model", driver="d")
     """
     first = load_checked(references[0], program=program, flag=flag, driver=driver, **check)
     expected = {**check.pop("expected", {}), **{key: first[1]["config"].get(key) for key in same}}
@@ -3151,7 +3152,8 @@ def write_ensemble(path, checkpoints, class_names, offsets=None, **metadata):
     folder = Path(path).resolve().parent
     document = {"checkpoints": [{"path": os.path.relpath(Path(checkpoint).resolve(), folder),
                                  "sha256": file_sha256(checkpoint)} for checkpoint in checkpoints],
-                "class_names": list(class_names), "offsets": [float(value) for value in offsets or [0] * len(class_names)],
+                "class_names": list(class_names),
+                "offsets": [float(value) for value in offsets or [0] * len(class_names)],
                 **metadata}
     return write_atomically(path, lambda file: file.write(json.dumps(document, indent=2, ensure_ascii=False).encode()))
 
