@@ -55,7 +55,8 @@ def parse_args(argv=None):
     add("--class-weights", choices=("none", "balanced"), default="none", help="balanced: n / (classes * count)")
     add("--label-smoothing", type=float, default=0.0, help="label smoothing of --loss ce, in [0, 1)")
     add("--sampler", choices=("shuffle", "balanced"), default="shuffle", help="balanced: each class equally often")
-    add("--best-metric", choices=("val_acc", "val_macro_f1", "val_score"), help="best_model.pth's (default: val_score)")
+    add("--best-metric", choices=("val_acc", "val_macro_f1", "val_score"),
+        help="best_model.pth's (default: val_score; for other classes than the competition's: val_acc)")
     add("--score-weights", type=wbflow.name_values, help="NAME=W,...; others 1 (default: 高风险=2,中风险=1.5)")
     add("--folds", type=int, help="K stratified folds: --fold k's, or all in turn, then --cv (default: --val-split)")
     add("--fold", type=int, help="train fold k of --folds K as one run, in OUT/fold{k} (default: every fold)")
@@ -283,8 +284,7 @@ def train_epochs(args, argv, run, stop, state, data):
 
 
 def predict(args):
-    """--predict: the submission (the list's order; unreadable: the most frequent class), predictions.csv, W&B. Several
-    --checkpoint files, or --cv's ensemble.json, are an ensemble: the mean of their probabilities (and its offsets)."""
+    """--predict: submission (list order), predictions.csv, W&B; several models or ensemble.json: their mean."""
     with wbflow.exit_on_error("train_fire", (FileNotFoundError, ValueError)):
         references = args.checkpoint or [f"{args.out_dir}/best_model.pth"]  # --cv's ensemble.json: the folds', offsets
         ensemble = references[0] if len(references) == 1 and references[0].endswith(".json") else None
@@ -345,7 +345,7 @@ def cross_validate(args):
                                                                                         "val_images")], **load)
         weights, ensemble = config["score_weights"], out / "ensemble.json"  # the folds' validation score
         wbflow.check_outputs({"--cv's ensemble.json": ensemble})
-        with wbflow.wandb_run({**config, "cv": str(out)}, project=args.project, enabled=not args.no_wandb,
+        with wbflow.wandb_run({**config, "cv": str(out), "fold": None}, project=args.project, enabled=not args.no_wandb,
                               job_type="cv", group=config["group"], name=f"{config['group']}-cv") as run:
             scores, offsets = wbflow.fit_ensemble([model.with_name("oof.csv") for model in models], models,
                                                   config["classes"], weights, ensemble, run=run)
@@ -402,8 +402,8 @@ def main(argv=None):
             "val_loss": "min", "val_acc": "max", "val_macro_f1": "max", "val_score": "max", "val_f1/*": "max",
             f"best_{args.best_metric}": "last"}, "epoch", global_step=("train_",))
         state.wandb_run_id = run.id if run else state.wandb_run_id
-        example = val_set[0][0][None].to(device)
-        graph = args.log_graph and not (run and wbflow.log_model_graph(run, state.model, example, state.step))
+        graph = args.log_graph and not (run and wbflow.log_model_graph(run, state.model, val_set[0][0][None].to(device),
+                                                                       state.step))
         if args.watch or graph:  # W&B's graph where torchviz drew none
             wbflow.watch_model(run, state.model, log="all" if args.watch else None, log_freq=100, log_graph=graph)
         for path in earlier_run if master else []:  # --overwrite: every check has passed, the earlier run's files go
