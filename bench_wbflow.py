@@ -387,7 +387,7 @@ def _held_out_score(data, checkpoints, out, labelled):
     return scores["score"], scores["macro_f1"], scores["acc"]
 
 
-def bench_competition(images=500, held_out=500, epochs=8, image_size=20, folds=5, seed=0):
+def bench_competition(images=500, held_out=500, epochs=3, image_size=32, folds=5, seed=0):
     """The competition's workflow on generated images in its layout and class shares (59/19/14/5/3 %), a ResNet-18
     at low resolution on the CPU: the weighted score (at most 6.5) on a labelled held-out list of one model selected
     on val_acc, the same run's model selected on val_score, the 5-fold ensemble, and the ensemble with --cv's
