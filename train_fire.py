@@ -175,7 +175,7 @@ class RunState:
 def build_model(args, num_classes, train_labels, steps_per_epoch, device):
     """A new run's RunState: model, criterion, optimiser, per-step warm-up and cosine schedule, AMP scaler, EMA."""
     with wbflow.exit_on_error("train_fire", (FileNotFoundError, ValueError)):  # also a warm-up as long as the run
-        model = wbflow.build_classifier(args.model, num_classes, args.weights).to(device)
+        model = wbflow.build_classifier(args.model, num_classes, args.weights, image_size=args.image_size).to(device)
         optimizer = wbflow.build_optimizer(args.optimizer, model.parameters(), args.learning_rate,
                                            weight_decay=args.weight_decay, fused=device.type == "cuda" or None)
         scheduler = wbflow.warmup_cosine_schedule(optimizer, args.epochs * steps_per_epoch,

@@ -851,7 +851,7 @@ class FlowUNet(nn.Module):
         return self.output(h)
 
 
-def build_classifier(name, num_classes, weights="none", state_dict=None):
+def build_classifier(name, num_classes, weights="none", state_dict=None, image_size=None):
     """torchvision's classification model `name` (any of torchvision.models.list_models(module=
     torchvision.models): resnet50, convnext_tiny, efficientnet_v2_s, regnet_y_1_6gf, swin_t, vit_b_16, ...)
     with its ImageNet head (the last layer with 1000 outputs: a Linear, or SqueezeNet's 1x1 convolution)
@@ -862,7 +862,8 @@ def build_classifier(name, num_classes, weights="none", state_dict=None):
     (hash-checked); when that fails, FileNotFoundError says which file to put where, or to pass
     --weights none; a damaged cached file is a ValueError naming it. weights="none" (or None) starts
     from random weights; `state_dict` (a trained model's) is then loaded into it. An unknown name is a
-    ValueError naming the close ones.
+    ValueError naming the close ones; so is, with `image_size`, a model that cannot take images of that
+    side (ViT's fixed 224, a side too small for the network's strides), found by one forward on the CPU.
     Usage: model = build_classifier("convnext_tiny", num_classes=5, weights="imagenet")
     """
     names = torchvision.models.list_models(module=torchvision.models)
@@ -891,7 +892,14 @@ def build_classifier(name, num_classes, weights="none", state_dict=None):
     setattr(model.get_submodule(parent), attribute, new_head)
     if state_dict is not None:
         model.load_state_dict(state_dict)
-    return model
+    if image_size:  # refused here, not at the first training step
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, 3, image_size, image_size))
+        except (RuntimeError, AssertionError, ValueError) as error:
+            raise ValueError(f"{name} does not take {image_size}x{image_size} images ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0]})") from None
+    return model.train()
 
 
 def _hub_cached_file(url, what, alternative, check_hash=False):
