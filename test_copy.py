@@ -461,9 +461,9 @@ def _(predict_images, tmp_path, fixture):
 @call("predict_submission")
 def _(predict_submission, tmp_path, fixture):
     paths = [path for path, _ in image_folders(tmp_path)[1]]
-    model = wbflow.build_classifier("resnet18", 2)
-    state = {"model": model.state_dict(), "config": {"model": "resnet18", "classes": ["a", "b"], "image_size": 8,
-                                                       "mean_std": None, "class_counts": [1, 5]}}
+    model = wbflow.build_classifier("mobilenet_v3_small", 2)
+    state = {"model": model.state_dict(), "config": {"model": "mobilenet_v3_small", "classes": ["a", "b"],
+                                                       "image_size": 8, "mean_std": None, "class_counts": [1, 5]}}
     probs, predicted, fallback = predict_submission([state, state], ["x.png", "y.png"], paths, tmp_path / "s.txt")
     assert probs.shape == (2, 2) and fallback == 1 and len((tmp_path / "s.txt").read_text().splitlines()) == 2
 
