@@ -218,7 +218,7 @@ def test_an_ensemble_of_other_classes_or_offsets_or_a_changed_model_is_refused(f
     (["--folds", "26", "--fold", "0"], r"25 samples cannot make 26 folds: choose 2 to 25$"),
     (["--score-weights", "消防=3"], r"^train_fire: --score-weights: 消防: no class of "),
     (["--mixup", "0.2", "--loss", "focal"], r"--mixup and --cutmix make soft labels: they need --loss ce$"),
-    (["--ema-decay", "1"], r"--ema-decay must be at least 0 and below 1, not 1\.0$"),
+    (["--ema-decay", "1"], r"--ema-decay must be in \[0, 1\), not 1\.0$"),
     (["--warmup-epochs", "1", "--epochs", "1"], r"the warm-up \(\d+ steps\) must be shorter than the run \(\d+ st"),
     (["--class-names", "高风险,中风险,高风险"], r"^train_fire: the class names repeat a name: 高风险,中风险,高风险$"),
     (["--model", "vit_b_32"], r"^train_fire: vit_b_32 does not take 32x32 images \(AssertionError: Wrong image "
