@@ -348,6 +348,8 @@ def test_a_conditional_smoke_run_logs_a_class_grid_of_fixed_noise_and_the_guidan
     table = json.loads(table_file.read_text())
     assert table["columns"] == ["epoch", "solver", "nfe", "guidance", "seconds", "straightness", "samples"]
     assert [line[:4] for line in table["data"]] == [[epoch, "euler", 1, scale] for epoch in (1, 2) for scale in (1, 2)]
+    straightness = log.values("eval/straightness")  # measured at sampling.guidance 1: the rows of that scale hold it
+    assert [line[5] for line in table["data"]] == [straightness[0], None, straightness[1], None]
     assert last["config"]["class_names"] == classes
     models = [artifact for artifact in log.artifacts if artifact["type"] == "model"]
     assert len(models) == 2 and all(model["metadata"]["class_names"] == classes for model in models)
@@ -427,3 +429,16 @@ def test_a_conditional_teachers_student_trains_every_pair_with_its_label(conditi
     assert shards[0]["guidance"] == 1.0 and shards[0]["num_classes"] == 10
     assert len(batches) == 1 and set(batches[0]) == {"noise", "data", "labels"}  # 16 of the 20 pairs, labelled
     assert ((batches[0]["labels"] >= 0) & (batches[0]["labels"] <= 10)).all()
+
+
+def test_a_checkpoint_written_before_model_num_classes_resumes_and_teaches_as_unconditional(tmp_path):
+    argv = [*CONDITIONAL, "--no-wandb", "--set", "model.num_classes=0", "--set", "training.coupling=independent",
+            "--out-dir", str(tmp_path / "old")]
+    train_flow.main(argv + ["--epochs", "1"])
+    old = wbflow.load_checkpoint(tmp_path / "old" / "last.pt")  # as the code before class labels wrote it:
+    del old["config"]["model"]["num_classes"], old["config"]["class_names"], old["config"]["training"]["label_dropout"]
+    wbflow.save_checkpoint(old, tmp_path / "old" / "last.pt")
+    result = train_flow.main(argv + ["--epochs", "2", "--resume", str(tmp_path / "old" / "last.pt")])
+    assert result["step"] == 4
+    config = train_flow.load_config(train_flow.parse_args(argv))
+    assert train_flow.load_teacher(str(tmp_path / "old" / "checkpoint_epoch_1.pt"), config) is not None

@@ -447,8 +447,9 @@ def epoch_end(epoch, ema_module, statistics, config, stop, amp_dtype):
             stopped = compared is None
             if stopped:
                 break
-            end["rows"] += wbflow.samples_table_rows(compared, epoch, config["data"]["out_dir"],
-                                                     straightness=straightness, guidance=scale)
+            end["rows"] += wbflow.samples_table_rows(compared, epoch, config["data"]["out_dir"], guidance=scale,
+                                                     straightness=straightness if scale in (None, sampling["guidance"])
+                                                     else None)  # measured at sampling.guidance
         if not stopped:
             end["metrics"]["eval/straightness"] = straightness
     return None if wbflow.gather_from_ranks(stopped)[0] else end
