@@ -239,6 +239,17 @@ def test_one_step_is_noise_plus_the_jump_from_0_to_1_and_k_steps_are_euler_on_ju
     torch.testing.assert_close(samples, expected)
 
 
+def test_the_meanflow_solver_of_sample_flow_and_compare_solvers_makes_nfe_jumps_of_the_model():
+    model, noise = tiny_meanflow_unet().eval(), torch.randn(2, 3, 8, 8)
+    samples, used = wbflow.sample_flow(model, noise, "meanflow", 2)
+    assert used == 2 and torch.equal(samples, wbflow.euler_sample(wbflow.meanflow_velocity(model, 2), noise, 2))
+    rows = wbflow.compare_solvers(model, noise, solvers=("meanflow",), nfes=(1, 2, 4))
+    assert [(row["solver"], row["nfe"]) for row in rows] == [("meanflow", 1), ("meanflow", 2), ("meanflow", 4)]
+    with torch.no_grad():
+        torch.testing.assert_close(rows[0]["images"], noise + model(noise, 0, r=1))
+    assert torch.equal(rows[1]["images"], samples)
+
+
 # ----------------------------------------------------------------------------- DDP and torch.compile
 
 _DDP_RANK = """

@@ -1480,15 +1480,27 @@ def rk45_sample(velocity, noise, *, tolerance=1e-5, amp_dtype=None):
     return samples, int(solution.nfev)
 
 
+def meanflow_velocity(model, steps):
+    """The velocity callable for `steps` Euler steps of a MeanFlow model (meanflow_loss): at time t, the
+    average velocity of the jump to t + 1/steps, so euler_sample(meanflow_velocity(model, k), noise, k) makes
+    k jumps, and k = 1 is the one step noise + model(noise, 0, r=1).
+
+    Usage: images = euler_sample(meanflow_velocity(ema_model.module.eval(), 1), torch.randn(64, 3, 32, 32), 1)
+    """
+    return lambda x, t: model(x, t, r=t + 1 / steps)
+
+
 def sample_flow(velocity, noise, solver="euler", nfe=100, *, tolerance=1e-5, amp_dtype=None):
     """Samples of the velocity callable from `noise` with solver "euler" (nfe steps), "heun" (nfe // 2 steps of
-    two evaluations) or "rk45" (adaptive at `tolerance`; nfe unused); returns (samples float32, evaluations used).
+    two evaluations) or "rk45" (adaptive at `tolerance`; nfe unused), or "meanflow": nfe jumps of a MeanFlow
+    model (`velocity` is the model; Euler on meanflow_velocity); returns (samples float32, evaluations used).
 
     Usage: images, nfe_used = sample_flow(ema_model.module.eval(), torch.randn(64, 3, 32, 32), "heun", 100)
     """
     if solver == "rk45":
         return rk45_sample(velocity, noise, tolerance=tolerance, amp_dtype=amp_dtype)
     steps = max(1, nfe // 2) if solver == "heun" else nfe
+    velocity = meanflow_velocity(velocity, steps) if solver == "meanflow" else velocity
     samples = euler_sample(velocity, noise, steps, heun=solver == "heun", amp_dtype=amp_dtype)
     return samples, steps * (1 + (solver == "heun"))
 
@@ -1518,14 +1530,16 @@ def compare_solvers(velocity, noise, *, solvers=("euler", "heun", "rk45"), nfes=
                     tolerance=1e-5, amp_dtype=None, stop=None):
     """Sample the same noise with every solver at every NFE budget; returns a list of rows
     {"solver", "nfe" (evaluations used), "seconds", "images"}. Heun takes the even budgets (2 per
-    step), RK45 runs once at `tolerance` and reports the evaluations it needed. `stop` (a callable, e.g.
+    step), RK45 runs once at `tolerance` and reports the evaluations it needed; "meanflow" (sample_flow) takes
+    each budget as that many jumps of a MeanFlow model. `stop` (a callable, e.g.
     stop_on_signals()'s event.is_set) is checked before each row: when it returns True, the result is None.
 
     Usage: rows = compare_solvers(ema_model.module.eval(), fixed_noise, nfes=(1, 2, 4, 10, 50, 100))
     """
     rows = []
     for solver in solvers:
-        for budget in {"euler": nfes, "heun": [n for n in nfes if n >= 2 and n % 2 == 0], "rk45": [None]}[solver]:
+        for budget in {"euler": nfes, "meanflow": nfes, "heun": [n for n in nfes if n >= 2 and n % 2 == 0],
+                       "rk45": [None]}[solver]:
             if stop is not None and stop():
                 return None
             started = time.perf_counter()
@@ -1551,16 +1565,6 @@ def straightness(velocity, noise, steps=100, *, amp_dtype=None):
 
     euler_sample(summed_velocity, noise, steps, amp_dtype=amp_dtype)
     return (squares / steps - (total / steps).square()).mean().clamp(min=0).item()
-
-
-def meanflow_velocity(model, steps):
-    """The velocity callable for `steps` Euler steps of a MeanFlow model (meanflow_loss): at time t, the
-    average velocity of the jump to t + 1/steps, so euler_sample(meanflow_velocity(model, k), noise, k) makes
-    k jumps, and k = 1 is the one step noise + model(noise, 0, r=1).
-
-    Usage: images = euler_sample(meanflow_velocity(ema_model.module.eval(), 1), torch.randn(64, 3, 32, 32), 1)
-    """
-    return lambda x, t: model(x, t, r=t + 1 / steps)
 
 
 # ----------------------------------------------------------------------------- reflow
