@@ -517,6 +517,10 @@ def _(reflow_shards, tmp_path, fixture):
 def _(generate_reflow_pairs, tmp_path, fixture):
     [path] = generate_reflow_pairs(lambda noise: wbflow.images_to_uint8(noise), tmp_path, 2, shape=(3,))
     assert wbflow.load_checkpoint(path)["images_uint8"].shape == (2, 3)
+    with pytest.raises(ValueError, match=r"pairs_00000\.pt holds pairs of another generation \(seed 0 there, 1 here\)"):
+        generate_reflow_pairs(lambda noise: wbflow.images_to_uint8(noise), tmp_path, 2, shape=(3,), seed=1)
+    generate_reflow_pairs(lambda noise: wbflow.images_to_uint8(noise), tmp_path, 2, shape=(3,), seed=1, overwrite=True)
+    assert wbflow.load_checkpoint(path)["seed"] == 1  # the other generation's shard deleted, this one's written
 
 
 @call("load_reflow_pairs")
@@ -555,6 +559,9 @@ def _(FIDInceptionV3, tmp_path, fixture):
 @call("fid_weights_path")
 def _(fid_weights_path, tmp_path, fixture):
     assert fid_weights_path(fixture("weights_path")) == fixture("weights_path")
+    with pytest.raises(FileNotFoundError, match=r"weights file \S*absent\.pth does not exist: download https://\S+ to "
+                                                r"\S+, or anywhere and pass --weights PATH \(or set \$WBFLOW_FID_WEIGHTS\)$"):
+        fid_weights_path(tmp_path / "absent.pth", pass_as="--weights PATH")
 
 
 @call("load_fid_inception")
@@ -566,6 +573,12 @@ def _(load_fid_inception, tmp_path, fixture):
 def _(file_sha256, tmp_path, fixture):
     (tmp_path / "x").write_bytes(b"abc")
     assert file_sha256(tmp_path / "x") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+@call("images_sha256")
+def _(images_sha256, tmp_path, fixture):
+    abc = torch.tensor([97, 98, 99], dtype=torch.uint8)  # the bytes b"abc"
+    assert images_sha256(abc) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
 @call("fid_reference")
@@ -622,6 +635,18 @@ def _(save_statistics, tmp_path, fixture):
         assert np.array_equal(stored["mu"], wbflow.inception_features(images, fixture("inception"))[0].double().mean(0).numpy())
 
 
+@call("cached_statistics")
+def _(cached_statistics, tmp_path, fixture):
+    images, weights = fixture("images_uint8")[:3], fixture("weights_path")
+    path = cached_statistics(images, tmp_path, "pasted", weights_path=weights)
+    digest = wbflow.images_sha256(images)[:16]
+    assert path == wbflow.statistics_path(tmp_path, f"pasted-3-{digest}", wbflow.file_sha256(weights))
+    assert cached_statistics(images[:2], tmp_path, "pasted", weights_path=weights) != path  # other images, other file
+    (tmp_path / "file").write_text("a file where the cache folder would be")
+    with pytest.raises(ValueError, match=r"the cache .*\.npz cannot be written"):
+        cached_statistics(images, tmp_path / "file" / "stats", what="the cache", weights_path=weights)
+
+
 @call("inception_score")
 def _(inception_score, tmp_path, fixture):
     logits = torch.randn(20, 1008, generator=torch.Generator().manual_seed(0))
@@ -637,6 +662,18 @@ def _(fid_and_inception_score, tmp_path, fixture):
     assert score == pytest.approx(wbflow.fid(real, features), rel=1e-6)
     assert (is_mean, is_std) == pytest.approx(wbflow.inception_score(logits, splits=10), rel=1e-6)
     assert fid_and_inception_score(images[:3], inception=inception)[0] is None  # no statistics: no FID
+
+
+@call("sample_and_score")
+def _(sample_and_score, tmp_path, fixture):
+    model, real = tiny_flow_model().eval(), torch.randn(30, 2048, generator=torch.Generator().manual_seed(1))
+    (score, (is_mean, is_std)), samples_uint8, used = sample_and_score(
+        model, 3, real.double(), nfe=2, batch_size=2, seed=1, weights_path=fixture("weights_path"))
+    assert torch.equal(samples_uint8, wbflow.sample_images(model, 3, nfe=2, batch_size=2, seed=1)[0]) and used == 2
+    features, logits = wbflow.inception_features(samples_uint8, fixture("inception"))
+    assert score == pytest.approx(wbflow.fid(real.double(), features), rel=1e-6)
+    assert (is_mean, is_std) == pytest.approx(wbflow.inception_score(logits, splits=3), rel=1e-6)
+    assert sample_and_score(model, 3, stop=lambda: True, weights_path=fixture("weights_path")) is None
 
 
 # ----------------------------------------------------------------------------- images & W&B
@@ -875,6 +912,15 @@ def _(add_sweep_argument, tmp_path, fixture):
 def _(check_numbers, tmp_path, fixture):
     with pytest.raises(ValueError, match="--epochs must be positive, not 0"):
         check_numbers({"--epochs": 0})
+    with pytest.raises(ValueError, match=r"--dropout must be in \[0, 1\), not 1"):
+        check_numbers({"--epochs": 1}, {}, {"--ema-decay": 0.0, "--dropout": 1})
+
+
+@call("check_choices")
+def _(check_choices, tmp_path, fixture):
+    assert check_choices("solver", ("euler", "heun"), {"solver": "heun", "table": ["euler", "heun"]}) is None
+    with pytest.raises(ValueError, match=r"^unknown solver 'rk4' in table; choose from euler, heun$"):
+        check_choices("solver", ("euler", "heun"), {"solver": "heun", "table": ["euler", "rk4"]})
 
 
 @call("exit_on_error")

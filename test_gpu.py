@@ -461,7 +461,7 @@ def test_inception_features_on_cuda_match_the_cpus_within_1e_4(weights_path):
 
 def flow_flags_on_cuda(data_dir, out_dir):
     """--smoke's settings without --smoke, which keeps a run on the CPU: the same small run, on the GPU."""
-    smoke_settings = [flag for override in train_flow.SMOKE_OVERRIDES for flag in ("--set", override)]
+    smoke_settings = [flag for override in train_flow.smoke_overrides() for flag in ("--set", override)]
     return smoke_settings + ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--epochs", "2"]
 
 

@@ -14,7 +14,6 @@ its W&B row, checkpoints, artifact -> (--eval) FID and Inception Score of a chec
 """
 import argparse
 import functools
-import hashlib
 import math
 import os
 import signal
@@ -26,8 +25,24 @@ import torch
 import wbflow
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_CONFIG = HERE / "configs" / "cifar10_rectified_flow.yaml"
 # --smoke: a tiny UNet on a few hundred images, every interval one epoch (a --set override a line)
 SMOKE_OVERRIDES = HERE / "configs" / "smoke_overrides.txt"
+CONFIG_FLAGS = {"--data-dir": ("data.data_dir", "folder holding cifar-10-batches-py/"),  # flags that set a config key
+                "--out-dir": ("data.out_dir", "checkpoints and sample PNGs; a new run refuses one holding checkpoints"),
+                "--epochs": ("training.epochs", "epochs to train"),
+                "--batch-size": ("training.batch_size", "global, over all ranks")}
+# the rules of the settings, checked before anything runs (check_settings)
+POSITIVE = {"model": ("base_channels", "head_channels"), "logging": ("log_images_interval", "log_model_interval"),
+            "training": ("epochs", "batch_size", "learning_rate", "log_interval", "save_interval", "sample_interval"),
+            "sampling": ("num_images", "nfe", "rk45_tolerance"), "reflow": ("num_pairs", "shard_size", "nfe"),
+            "eval": ("sample_batch_size", "inception_batch_size", "fid_num_samples")}
+NOT_NEGATIVE = {"model": ("num_res_blocks",), "training": ("warmup_steps", "gradient_clip", "keep_checkpoints"),
+                "eval": ("fid_interval",)}
+FRACTIONS = {"training": ("ema_decay",), "model": ("dropout",)}  # in [0, 1)
+TEXT_OR_NULL = {"logging": ("entity", "run_name"), "eval": ("stats_dir", "fid_weights")}  # null in the YAML: any type
+SOLVERS, COUPLINGS = ("euler", "heun", "rk45"), ("independent", "ot")
+SOLVER_SETTINGS = {"sampling": ("solver", "table_solvers"), "reflow": ("solver",)}
 # Where a run stands, in every checkpoint beside the model, EMA, optimiser, scheduler and scaler: the epoch and whether
 # its end (FID, grid, solver table, W&B row) is done; a stopped epoch's place and sums (train_state); the epoch's last
 # window row, loss and speed, which wait for its end; the totals the W&B rows and the closing headline show.
@@ -40,20 +55,6 @@ RESUME_FIXED = {"training": ("batch_size", "learning_rate", "warmup_steps", "gra
                              "coupling"),
                 "data": ("max_images", "images_sha256"), "sampling": ("num_images", "seed"),
                 "reflow": ("teacher_sha256", "num_pairs", "shard_size", "solver", "nfe", "seed")}
-POSITIVE = {"model": ("base_channels", "head_channels"),
-            "training": ("epochs", "batch_size", "learning_rate", "log_interval", "save_interval", "sample_interval"),
-            "logging": ("log_images_interval", "log_model_interval"), "sampling": ("num_images", "nfe", "rk45_tolerance"),
-            "eval": ("sample_batch_size", "inception_batch_size", "fid_num_samples"),
-            "reflow": ("num_pairs", "shard_size", "nfe")}
-NOT_NEGATIVE = {"model": ("num_res_blocks",), "training": ("warmup_steps", "gradient_clip", "keep_checkpoints"),
-                "eval": ("fid_interval",)}
-TEXT_OR_NULL = {"logging": ("entity", "run_name"), "eval": ("stats_dir", "fid_weights")}  # null in the YAML: any type
-SOLVERS, COUPLINGS = ("euler", "heun", "rk45"), ("independent", "ot")
-CONFIG_FLAGS = {"--data-dir": ("data.data_dir", "folder holding cifar-10-batches-py/"),  # flags that set a config key
-                "--out-dir": ("data.out_dir", "checkpoints and sample PNGs; a new run refuses one holding checkpoints"),
-                "--epochs": ("training.epochs", "epochs to train"),
-                "--batch-size": ("training.batch_size", "global, over all ranks")}
-DEFAULT_CONFIG = HERE / "configs" / "cifar10_rectified_flow.yaml"
 
 
 def parse_args(argv=None):
@@ -140,38 +141,31 @@ def main(argv=None):
 
 
 def check_settings(args, config):
-    """A ValueError naming the first bad setting or flag, before any data, process group or W&B; for training also
-    the model's settings, and then the files it needs that are missing, all of them (check_files)."""
-    data, training, sampling, evaluation = config["data"], config["training"], config["sampling"], config["eval"]
-    world_size, real = int(os.environ.get("WORLD_SIZE", 1)), evaluation["num_real_images"]
-    fid_during_training = not args.eval and evaluation["fid_interval"]
+    """A ValueError naming the first bad setting or flag, before any data, process group or W&B."""
+    data, training, evaluation = config["data"], config["training"], config["eval"]
+    world_size, real, fid = int(os.environ.get("WORLD_SIZE", 1)), evaluation["num_real_images"], args.metric != "is"
     optional = {"--nfe": args.nfe, "data.max_images": data["max_images"], "eval.num_real_images": real}  # None: unset
     wbflow.check_numbers({**settings(config, POSITIVE), "--num-samples": args.num_samples,
                           **{name: value for name, value in optional.items() if value is not None}},
-                         settings(config, NOT_NEGATIVE))
-    chosen = [("coupling", "training.coupling", training["coupling"], COUPLINGS),
-              ("solver", "reflow.solver", config["reflow"]["solver"], SOLVERS),
-              *[("solver", "sampling.solver / sampling.table_solvers", solver, SOLVERS)
-                for solver in [sampling["solver"], *sampling["table_solvers"]]]]
+                         settings(config, NOT_NEGATIVE), settings(config, FRACTIONS))
+    wbflow.check_choices("coupling", COUPLINGS, {"training.coupling": training["coupling"]})
+    wbflow.check_choices("solver", SOLVERS, settings(config, SOLVER_SETTINGS))
+    references = {"--resume": args.resume, "--checkpoint": args.checkpoint, "--reflow": args.reflow}
     refusals = [
-        (not 0 <= training["ema_decay"] < 1, f"training.ema_decay must be in [0, 1), not {training['ema_decay']}"),
-        (not 0 <= config["model"]["dropout"] < 1, f"model.dropout must be in [0, 1), not {config['model']['dropout']}"),
         *[(value is not None and not isinstance(value, str), f"{name} must be text or null, not {value!r}")
           for name, value in settings(config, TEXT_OR_NULL).items()],
         (training["batch_size"] < world_size, f"training.batch_size {training['batch_size']} is smaller than the "
                                               f"{world_size} ranks (it is the global batch, split over them)"),
-        (args.eval and args.metric != "is" and args.num_samples < 2,
+        (args.eval and fid and args.num_samples < 2,
          f"--num-samples is {args.num_samples}: FID needs at least two samples"),
-        (args.eval and args.metric != "is" and real is not None and real < 2,
+        (args.eval and fid and real is not None and real < 2,
          f"eval.num_real_images is {real}: FID needs at least two real images"),
-        (fid_during_training and evaluation["fid_num_samples"] < max(2, world_size),
+        (not args.eval and evaluation["fid_interval"] and evaluation["fid_num_samples"] < max(2, world_size),
          f"eval.fid_num_samples is {evaluation['fid_num_samples']}: FID needs at least two samples, and one per rank"),
-        *[(config["data"][key[5:]] == "", f"{flag} ({key}) is empty: name a folder")
+        *[(data[key[5:]] == "", f"{flag} ({key}) is empty: name a folder")
           for flag, (key, _) in CONFIG_FLAGS.items() if key.startswith("data.")],
         *[(reference and os.path.isdir(reference), f"{flag} {reference} is a folder, not a checkpoint file")
-          for flag, reference in (("--resume", args.resume), ("--checkpoint", args.checkpoint), ("--reflow", args.reflow))],
-        *[(value not in allowed, f"unknown {kind} {value!r} in {name}; choose from {', '.join(allowed)}")
-          for kind, name, value, allowed in chosen],
+          for flag, reference in references.items()],
         (args.eval and not args.checkpoint, "--eval needs --checkpoint PATH|ARTIFACT")]
     for message in [message for refused, message in refusals if refused][:1]:
         raise ValueError(message)
@@ -181,8 +175,7 @@ def check_settings(args, config):
 
 
 def check_model(model_config):
-    """A ValueError unless these settings build a FlowUNet that maps a CIFAR batch to its shape (e.g. an odd
-    model.base_channels does not): built and run on the meta device, without memory or time."""
+    """A ValueError unless these settings build a FlowUNet that keeps a CIFAR batch's shape (on the meta device)."""
     try:
         with torch.device("meta"):
             wbflow.FlowUNet(**model_config)(torch.zeros(1, 3, 32, 32), torch.zeros(1))
@@ -192,17 +185,15 @@ def check_model(model_config):
 
 
 def check_files(args, config):
-    """The files this run needs and cannot download, named in one ValueError: the FID weights (found or downloaded
-    when FID runs during training, and for --eval) and, when they are missing too, CIFAR-10 (which otherwise
-    downloads when it is read): an offline first run learns of both at once."""
-    evaluation, missing = config["eval"], []
-    if args.eval or evaluation["fid_interval"]:
+    """The FID weights when FID runs, and then CIFAR-10 if it is missing too: an offline first run learns of both."""
+    fid_interval, missing = None if args.eval else config["eval"]["fid_interval"], []
+    if args.eval or fid_interval:
         try:
-            check_fid_weights(evaluation["fid_weights"], None if args.eval else evaluation["fid_interval"])
-        except ValueError as error:
-            missing.append(str(error))
-    reads_cifar = args.metric != "is" if args.eval else not (args.smoke and not args.data_dir)
-    if missing and reads_cifar:
+            wbflow.fid_weights_path(config["eval"]["fid_weights"], pass_as="--set eval.fid_weights=PATH")
+        except FileNotFoundError as error:
+            missing.append(f"FID every {fid_interval} epochs (eval.fid_interval): {error}; or train without FID: "
+                           f"--set eval.fid_interval=0" if fid_interval else f"--eval: {error}")
+    if missing and (args.metric != "is" if args.eval else not (args.smoke and not args.data_dir)):  # reads CIFAR-10
         try:
             wbflow.load_cifar10(config["data"]["data_dir"], download=False)
         except (FileNotFoundError, ValueError) as error:
@@ -215,36 +206,21 @@ def settings(config, names):  # {"section.key": value} for names {section: keys}
     return {f"{section}.{key}": config[section][key] for section, keys in names.items() for key in keys}
 
 
-def check_fid_weights(weights, fid_interval=None):
-    """The FID Inception weights file, else a one-line ValueError saying where to put it (or how to train without)."""
-    try:
-        return wbflow.fid_weights_path(weights)
-    except FileNotFoundError:
-        hub_path = Path(torch.hub.get_dir()) / "checkpoints" / wbflow.FID_WEIGHTS_FILE
-        given = weights or os.environ.get(wbflow.FID_WEIGHTS_ENV)
-        needs = f"FID every {fid_interval} epochs (eval.fid_interval)" if fid_interval else "--eval"
-        found = f"{given} does not exist" if given else "they could not be downloaded"
-        without = "; or train without FID: --set eval.fid_interval=0" if fid_interval else ""
-        raise ValueError(f"{needs} needs the FID Inception weights, but {found}: download {wbflow.FID_WEIGHTS_URL} "
-                         f"to {hub_path}, or anywhere and pass --set eval.fid_weights=PATH{without}") from None
-
-
 def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=(), teacher=None, overwrite=False):
-    """Data, model and optimiser, then each epoch: its training, last.pt, its end, its one W&B row, its checkpoints.
-    Where the run stands is one dict, `state`: all a checkpoint holds besides the config."""
+    """Data, model and optimiser, then each epoch: its training, last.pt, its end, its one W&B row, its checkpoints."""
     training, logging, out_dir = config["training"], config["logging"], Path(config["data"]["out_dir"])
     rank, world_size, device = wbflow.setup_distributed()
     device = torch.device("cpu") if smoke else device
     config["world_size"] = world_size  # in W&B and in checkpoints: a resume needs the same number of ranks
-    say = print if rank == 0 else (lambda *_, **__: None)  # rank 0 alone prints, logs, saves
     torch.manual_seed(training["seed"] + rank)
-    images_uint8 = load_images(config["data"], training["seed"], synthetic, say)
-    config["data"]["images_sha256"] = images_sha256(images_uint8)  # what it trains on, which a resume keeps
+    images_uint8 = load_images(config["data"], training["seed"], synthetic)
+    config["data"]["images_sha256"] = wbflow.images_sha256(images_uint8)  # what it trains on, which a resume keeps
     channels_last = training["channels_last"] and device.type == "cuda"
     state = new_state(config, device, channels_last)
-    say(f"FlowUNet: {sum(p.numel() for p in state['model'].parameters()) / 1e6:.2f}M parameters, {world_size} x {device}")
+    parameters = sum(parameter.numel() for parameter in state["model"].parameters())
+    say(f"FlowUNet: {parameters / 1e6:.2f}M parameters, {world_size} x {device}")
     amp_dtype, teacher_checkpoint = wbflow.autocast_dtype(device), load_teacher(teacher, config)  # before a resume
-    resumed_from = load_resume(resume, config, state, device, say) if resume else None
+    resumed_from = load_resume(resume, config, state, device) if resume else None
     pairs, dataset = (images_uint8, None), None  # what it trains on: the images, or the teacher's pairs
     if teacher:  # a new student starts from its teacher's EMA weights
         pairs, dataset = reflow_pairs(teacher_checkpoint, config, state, amp_dtype, new=not resume, overwrite=overwrite)
@@ -256,7 +232,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
         statistics = fid_statistics(images_uint8, config, device, synthetic) if config["eval"]["fid_interval"] else None
 
     with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
-            config if resumed_from is None else {**config, "resumed_from": resumed_from}, project=logging["project_name"],
+            {**config, "resumed_from": resumed_from} if resumed_from else config, project=logging["project_name"],
             enabled=logging["use_wandb"], run_id=state["wandb_run_id"], entity=logging["entity"],
             name=logging["run_name"], tags=logging["tags"], notes=logging["notes"]) as run:
         state["wandb_run_id"] = run.id if run else state["wandb_run_id"]  # without W&B: kept for a resume with it
@@ -284,6 +260,12 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     return {"step": state["global_step"], "best_loss": state["best_loss"], "out_dir": out_dir}
 
 
+def say(*args):
+    """print, on rank 0 alone."""
+    if wbflow.rank_and_world_size()[0] == 0:
+        print(*args)
+
+
 def new_state(config, device, channels_last):
     """A new run's state: the FlowUNet, its EMA, Adam with a linear warm-up, the fp16 GradScaler, and PROGRESS."""
     training = config["training"]
@@ -306,8 +288,7 @@ def define_metrics(run):
 
 
 def checkpoint(state, config, last_act=False):
-    """`state` as a checkpoint (every rank takes part in gathering the RNG states). last_act: nothing is logged after
-    it, so a resume from it continues the W&B run (wbflow.wandb_resume_plan)."""
+    """`state` as a checkpoint (every rank gathers); last_act: nothing is logged after it (wbflow.wandb_resume_plan)."""
     return wbflow.checkpoint_state(state, config=config, wandb_last_act=last_act, driver="train_flow")
 
 
@@ -332,7 +313,7 @@ def training_loader(images_uint8, noise_seed, training, device, channels_last):
     return loader
 
 
-def load_images(data, seed, synthetic, say):
+def load_images(data, seed, synthetic):
     """The training images as one uint8 tensor, the same count on every rank."""
     if synthetic:
         images_uint8 = wbflow.synthetic_images(data["max_images"], seed=seed)
@@ -350,7 +331,7 @@ def load_checked(flag, reference, config, device="cpu", **check):  # wbflow.load
                                project=config["logging"]["project_name"], entity=config["logging"]["entity"], **check)
 
 
-def load_resume(resume, config, state, device, say):
+def load_resume(resume, config, state, device):
     """Load --resume into `state` and this rank's RNG once it fits this run; a new W&B run's resumed_from, or None."""
     path, saved = load_checked(
         "--resume", resume, config, device, required=(*state, "rng", "config", "wandb_last_act"),
@@ -377,8 +358,7 @@ def load_resume(resume, config, state, device, say):
 
 
 def train_one_epoch(epoch, state, train_model, loader, run, stop, training, amp_dtype):
-    """Train `epoch` on from where `state` stands, logging every window's row but the epoch's last, which waits in
-    state["last_window"] for the epoch's end (log_epoch); a stop leaves the epoch's place in state["train_state"]."""
+    """Train `epoch` on from where `state` stands; its last window's row waits in state for the epoch's end."""
     logged = []
 
     def log_window(step, window):
@@ -394,9 +374,9 @@ def train_one_epoch(epoch, state, train_model, loader, run, stop, training, amp_
     loader.set_epoch(epoch, skip_batches=state["train_state"]["batches"] if state["train_state"] else 0)
     loss_fn = functools.partial(wbflow.rectified_flow_loss, coupling=training["coupling"])
     stats = wbflow.train_epoch(train_model, loader, state["optimizer"], loss_fn, resume=state["train_state"],
-                               scheduler=state["scheduler"], ema_model=state["ema"], grad_clip=training["gradient_clip"],
-                               amp_dtype=amp_dtype, scaler=state["scaler"], step=state["global_step"], epoch=epoch,
-                               stop=stop, log_every=training["log_interval"], on_log=log_window,
+                               scheduler=state["scheduler"], ema_model=state["ema"], scaler=state["scaler"],
+                               grad_clip=training["gradient_clip"], amp_dtype=amp_dtype, step=state["global_step"],
+                               epoch=epoch, stop=stop, log_every=training["log_interval"], on_log=log_window,
                                progress=wbflow.rank_and_world_size()[0] == 0)
     state.update(epoch=epoch, ended=False, train_state=stats["state"], global_step=stats["step"])
     if stats["stopped"]:
@@ -407,20 +387,17 @@ def train_one_epoch(epoch, state, train_model, loader, run, stop, training, amp_
     state.update(epoch_loss=loss, images_per_second=stats["samples"] / stats["seconds"])
     if not math.isnan(loss) and (state["best_loss"] is None or loss < state["best_loss"]):
         state.update(best_loss=loss, best_epoch=epoch)
-    if wbflow.rank_and_world_size()[0] == 0:
-        print(f"epoch {epoch}: loss {loss:.4f}, {state['images_per_second']:.0f} images/s, step {stats['step']}")
+    say(f"epoch {epoch}: loss {loss:.4f}, {state['images_per_second']:.0f} images/s, step {stats['step']}")
 
 
 def epoch_end(epoch, ema_module, statistics, config, stop, amp_dtype):
-    """`epoch`'s due FID and IS (every rank samples a share), and on rank 0 its EMA grid and solver-table rows (their
-    PNGs written): {"metrics": W&B keys, "grid", "caption", "rows"}. It logs nothing and draws from no global RNG,
-    so an end that a stop cuts short is simply done again from last.pt: None on every rank then."""
+    """`epoch`'s due FID, grid and solver-table rows; it logs nothing: a stopped end (None) is redone from last.pt."""
     training, logging, evaluation, sampling = (config[key] for key in ("training", "logging", "eval", "sampling"))
     rank, device = wbflow.rank_and_world_size()[0], next(ema_module.parameters()).device
     solver, nfe, tolerance = sampling["solver"], sampling["nfe"], sampling["rk45_tolerance"]
     end = {"metrics": {}, "grid": None, "caption": None, "rows": []}
     ema_module.eval()  # the velocity every sampler below calls, without dropout
-    if evaluation["fid_interval"] and epoch % evaluation["fid_interval"] == 0:
+    if evaluation["fid_interval"] and epoch % evaluation["fid_interval"] == 0:  # every rank samples a share
         scored = sample_and_score(ema_module, evaluation["fid_num_samples"], statistics, config, stop,
                                   seed=sampling["seed"] + 1)
         if scored is None:
@@ -441,34 +418,28 @@ def epoch_end(epoch, ema_module, statistics, config, stop, amp_dtype):
         stopped = compared is None
         if not stopped:
             end["metrics"]["eval/straightness"] = straightness
-            end["rows"] = wbflow.samples_table_rows(compared, epoch, config["data"]["out_dir"], straightness=straightness)
+            end["rows"] = wbflow.samples_table_rows(compared, epoch, config["data"]["out_dir"],
+                                                    straightness=straightness)
     return None if wbflow.gather_from_ranks(stopped)[0] else end
 
 
 def sample_and_score(ema_module, count, statistics, config, stop, *, seed, progress=False):
-    """eval/fid_score (with `statistics`) and eval/inception_score_* of `count` samples of the EMA model, sampled with
-    sampling.solver and nfe, each rank its share from its own seeded noise, stopping between batches when any rank
-    was told to: (metrics, this rank's samples, evaluations a sample used), or None after a stop."""
-    evaluation, sampling, (rank, world_size) = config["eval"], config["sampling"], wbflow.rank_and_world_size()
-    samples_uint8, used = wbflow.sample_images(  # as many batches, so as many stop checks, on every rank
-        ema_module, -(-count // world_size), device=next(ema_module.parameters()).device, solver=sampling["solver"],
-        nfe=sampling["nfe"],
-        tolerance=sampling["rk45_tolerance"], batch_size=evaluation["sample_batch_size"], seed=seed + rank,
-        stop=lambda: any(wbflow.gather_from_ranks(stop.is_set())), progress=progress)
-    if samples_uint8 is None:
+    """eval/fid_score and eval/inception_score_* of `count` samples: (metrics, samples, NFE), or None after a stop."""
+    evaluation, sampling = config["eval"], config["sampling"]
+    scored = wbflow.sample_and_score(
+        ema_module, count, statistics, device=next(ema_module.parameters()).device, solver=sampling["solver"],
+        nfe=sampling["nfe"], tolerance=sampling["rk45_tolerance"], batch_size=evaluation["sample_batch_size"],
+        seed=seed, inception_batch_size=evaluation["inception_batch_size"], weights_path=evaluation["fid_weights"],
+        stop=stop.is_set, progress=progress)
+    if scored is None:
         return None
-    samples_uint8 = samples_uint8[:len(range(rank, count, world_size))]
-    inception = wbflow.load_fid_inception(evaluation["fid_weights"], next(ema_module.parameters()).device)
-    fid, (is_mean, is_std) = wbflow.fid_and_inception_score(samples_uint8, statistics, inception=inception,
-                                                            batch_size=evaluation["inception_batch_size"],
-                                                            progress=progress)
+    (fid, (is_mean, is_std)), samples_uint8, used = scored
     return ({"eval/fid_score": fid, "eval/inception_score_mean": is_mean, "eval/inception_score_std": is_std},
             samples_uint8, used)
 
 
 def log_epoch(run, epoch, state, end, config):
-    """Log `epoch`'s one W&B row: its last window, loss and speed, what its end measured and drew, and after the
-    last epoch the samples table of every epoch's rows. The epoch's end is then done."""
+    """Log `epoch`'s one W&B row: its last window, loss, speed, what its end measured and drew, the samples table."""
     step, fid = state["global_step"], end["metrics"].get("eval/fid_score")
     table_rows = state["table_rows"] + end["rows"]
     row = {**state["last_window"], "train/epoch_loss": state["epoch_loss"],
@@ -480,8 +451,7 @@ def log_epoch(run, epoch, state, end, config):
         wbflow.log_image_grid(run, "eval/generated_samples", end["grid"], step=step, caption=end["caption"])
     if fid is not None:
         state["last_fid"] = {"epoch": epoch, "fid": fid, "samples": config["eval"]["fid_num_samples"]}
-        if wbflow.rank_and_world_size()[0] == 0:
-            print(f"epoch {epoch}: FID {fid:.2f} on {state['last_fid']['samples']} samples")
+        say(f"epoch {epoch}: FID {fid:.2f} on {state['last_fid']['samples']} samples")
     state.update(ended=True, last_window=None, table_rows=table_rows)
 
 
@@ -515,29 +485,17 @@ def headline(out_dir, state):
     return f"done at step {state['global_step']}: {best}{fid}\n  last checkpoint: {out_dir / 'last.pt'}{lowest}"
 
 
-def images_sha256(images_uint8):
-    """What a run trains on, and what FID statistics were computed from: the SHA-256 of the images' bytes."""
-    return hashlib.sha256(images_uint8.contiguous().numpy()).hexdigest()
-
-
 def fid_statistics(images_uint8, config, device, synthetic=False, progress=False):
-    """The FID statistics file of these images, computed once (each rank a share) and cached in eval.stats_dir, else
-    <out_dir>/fid_stats, under a name that says what they were computed from (the source, the count and the images'
-    hash; statistics_path adds the FID network), so a folder shared by runs or data folders never hands one set's
-    statistics to another. The cache folder's writability is checked before the Inception pass (ValueError)."""
-    (rank, world_size), evaluation = wbflow.rank_and_world_size(), config["eval"]
-    folder = evaluation["stats_dir"] or Path(config["data"]["out_dir"]) / "fid_stats"
-    name = f"{'synthetic' if synthetic else 'cifar10-train'}-{len(images_uint8)}-{images_sha256(images_uint8)[:16]}"
-    cached = wbflow.statistics_path(folder, name, wbflow.file_sha256(wbflow.fid_weights_path(evaluation["fid_weights"])))
-    if not os.path.isfile(cached):
-        wbflow.check_outputs({"the FID statistics file (eval.stats_dir)": cached})
-    return wbflow.save_statistics(images_uint8[rank::world_size], folder, name, device=device, progress=progress,
-                                  batch_size=evaluation["inception_batch_size"], weights_path=evaluation["fid_weights"])
+    """The FID statistics of these images, cached in eval.stats_dir, else <out_dir>/fid_stats (training, --eval)."""
+    evaluation = config["eval"]
+    return wbflow.cached_statistics(
+        images_uint8, evaluation["stats_dir"] or Path(config["data"]["out_dir"]) / "fid_stats",
+        "synthetic" if synthetic else "cifar10-train", what="the FID statistics file (eval.stats_dir)", device=device,
+        batch_size=evaluation["inception_batch_size"], weights_path=evaluation["fid_weights"], progress=progress)
 
 
 def load_teacher(teacher, config):
-    """--reflow's checkpoint, which must hold this run's FlowUNet: (path, state), or None without one. Its file's
-    hash names the teacher in the config (reflow.teacher_sha256), in the pairs' shards and for a resume."""
+    """--reflow's checkpoint of this FlowUNet, (path, state) or None; reflow.teacher_sha256 is its file's hash."""
     config["reflow"].update(teacher=None, teacher_sha256=None)  # a run on images
     if not teacher:
         return None
@@ -549,52 +507,35 @@ def load_teacher(teacher, config):
 
 
 def reflow_pairs(teacher_checkpoint, config, state, amp_dtype, *, new, overwrite=False):
-    """--reflow: reflow.num_pairs pairs of the teacher's EMA model in out_dir/reflow_pairs, keyed by the teacher's hash
-    and the reflow settings. A `new` student starts from the teacher's EMA weights, and its pairs are made in a W&B
-    run that uses the teacher's model artifact and logs them as a `dataset` artifact, after shards of another
-    generation there are refused (or, with `overwrite`, deleted); a resume only reads them.
-    Returns (images, noise seed), (folder, artifact name)."""
+    """--reflow's pairs, which a new student makes from its teacher's EMA: (images, noise seed), (folder, artifact)."""
     logging, reflow, (rank, world_size) = config["logging"], config["reflow"], wbflow.rank_and_world_size()
-    (path, teacher_state), sampling = teacher_checkpoint, config["sampling"]
-    folder, teacher_name = Path(config["data"]["out_dir"]) / "reflow_pairs", teacher_state.get("wandb_run_id") or path.stem
+    (path, teacher_state), tolerance = teacher_checkpoint, config["sampling"]["rk45_tolerance"]
+    folder = Path(config["data"]["out_dir"]) / "reflow_pairs"
+    teacher_name = teacher_state.get("wandb_run_id") or path.stem
     made_by = {"teacher_sha256": reflow["teacher_sha256"], "solver": reflow["solver"], "nfe": reflow["nfe"],
-               **({"rk45_tolerance": sampling["rk45_tolerance"]} if reflow["solver"] == "rk45" else {})}
-    generation = {"shard_size": reflow["shard_size"], "seed": reflow["seed"], "settings": made_by}
+               **({"rk45_tolerance": tolerance} if reflow["solver"] == "rk45" else {})}
     if new:
         state["ema"].load_state_dict(teacher_state["ema"])
         state["model"].load_state_dict(state["ema"].module.state_dict())
-        state["ema"].module.eval()  # the teacher's velocity, without dropout
-        others = wbflow.reflow_shards(folder, reflow["num_pairs"], **generation)[1]
-        if others and not overwrite:  # never mixed with this teacher's pairs
-            other, why = next(iter(others.items()))
-            more = f" and {len(others) - 1} more files hold" if len(others) > 1 else " holds"
-            raise SystemExit(f"train_flow.py: {other}{more} pairs of another generation ({why}): pass --overwrite to "
-                             f"delete them and make this teacher's, or another --out-dir")
-        for other in others if rank == 0 else ():  # --overwrite: every check has passed
-            other.unlink(missing_ok=True)
-        if others and world_size > 1:
-            torch.distributed.barrier()  # gone before any rank looks at the folder
-        with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
-                {"teacher": reflow["teacher"], "reflow": reflow}, project=logging["project_name"],
-                entity=logging["entity"], enabled=logging["use_wandb"], job_type="reflow-pairs") as run:
+        teacher = state["ema"].module.eval()  # the teacher's velocity, without dropout
+        with wbflow.stop_on_signals() as stop, wbflow.exit_on_error("train_flow.py", (ValueError,)):
+            written = wbflow.generate_reflow_pairs(
+                lambda noise: wbflow.images_to_uint8(wbflow.sample_flow(
+                    teacher, noise, reflow["solver"], reflow["nfe"], amp_dtype=amp_dtype, tolerance=tolerance)[0]),
+                folder, reflow["num_pairs"], settings=made_by, shard_size=reflow["shard_size"], seed=reflow["seed"],
+                stop=stop.is_set, overwrite=overwrite, rank=rank, world_size=world_size,
+                device=next(teacher.parameters()).device)
+        if written is None:
+            print(f"train_flow.py: pair generation stopped; the same command goes on at the next shard of "
+                  f"{folder}", file=sys.stderr)
+            raise SystemExit(128 + (stop.signal or signal.SIGTERM))
+        with wbflow.wandb_run({"teacher": reflow["teacher"], "reflow": reflow}, project=logging["project_name"],
+                              entity=logging["entity"], enabled=logging["use_wandb"], job_type="reflow-pairs") as run:
             wbflow.use_artifact(run, path, f"model-{teacher_name}", metadata={"epoch": teacher_state.get("epoch")})
-            with wbflow.exit_on_error("train_flow.py", (ValueError,)):
-                written = wbflow.generate_reflow_pairs(
-                    lambda noise: wbflow.images_to_uint8(wbflow.sample_flow(
-                        state["ema"].module, noise, reflow["solver"], reflow["nfe"], amp_dtype=amp_dtype,
-                        tolerance=sampling["rk45_tolerance"])[0]), folder, reflow["num_pairs"], stop=stop.is_set,
-                    rank=rank, world_size=world_size, device=next(state["ema"].parameters()).device, **generation)
-            if written is None:
-                print(f"train_flow.py: pair generation stopped; the same command goes on at the next shard of "
-                      f"{folder}", file=sys.stderr)
-                raise SystemExit(128 + (stop.signal or signal.SIGTERM))
-            if world_size > 1:
-                torch.distributed.barrier()  # every rank's shards are written
             wbflow.log_artifact(run, folder, f"reflow-pairs-{teacher_name}", type="dataset", metadata=reflow)
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
         pairs = wbflow.load_reflow_pairs(folder, reflow["num_pairs"], {**made_by, "seed": reflow["seed"]})
-    if rank == 0:
-        print(f"reflow: {len(pairs[0])} pairs of {reflow['teacher']} in {folder}")
+    say(f"reflow: {len(pairs[0])} pairs of {reflow['teacher']} in {folder}")
     return pairs, (folder, f"reflow-pairs-{teacher_name}")
 
 
@@ -613,16 +554,13 @@ def evaluate(args, config):
         check_files(args, config)
     # the images the statistics are of (their hash names the cache a training run fills too); downloads, or says where
     real_images = None if metric == "is" else wbflow.load_cifar10(data["data_dir"])[0][:evaluation["num_real_images"]]
-
-    # seeded noise; SIGTERM or Ctrl-C stops between sampling batches or after the Inception pass, saving nothing
     ema_model = wbflow.make_ema(wbflow.FlowUNet(**state["config"]["model"]).to(device))
     ema_model.load_state_dict(state["ema"])
-    ema_model.module.eval()
-    try:
+    try:  # SIGTERM or Ctrl-C stops between sampling batches or after the Inception pass, saving nothing
         with wbflow.stop_on_signals() as stop:
             with wbflow.exit_on_error("train_flow.py", (ValueError,)):  # before sampling: nothing fails after it
                 statistics = None if metric == "is" else fid_statistics(real_images, config, device, progress=True)
-            scored = sample_and_score(ema_model.module, args.num_samples, statistics, config, stop,
+            scored = sample_and_score(ema_model.module.eval(), args.num_samples, statistics, config, stop,
                                       seed=sampling["seed"], progress=True)
             if scored is None or stop.is_set():  # between sampling batches, or in the Inception pass
                 raise KeyboardInterrupt  # as a second signal does: the except below says so in one line
@@ -631,7 +569,8 @@ def evaluate(args, config):
         print(f"train_flow.py: --eval stopped by {signal.Signals(number).name}; nothing was saved", file=sys.stderr)
         raise SystemExit(128 + number) from None
     metrics, samples_uint8, used = scored
-    print(f"sampled {len(samples_uint8)} images from {path} (epoch {state['epoch']}) with {sampling['solver']}, NFE {used}")
+    print(f"sampled {len(samples_uint8)} images from {path} (epoch {state['epoch']}) with {sampling['solver']}, "
+          f"NFE {used}")
     metrics = {key: value for key, value in metrics.items()  # --metric fid, is or both
                if value is not None and (metric != "fid" or key == "eval/fid_score")}
     print(", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))

@@ -16,16 +16,17 @@ Sections, in data-flow order:
   sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers, straightness,
                     meanflow_velocity
   reflow            reflow_shards, generate_reflow_pairs, load_reflow_pairs, ReflowPairLoader
-  metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, fid_reference,
+  metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, images_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, statistics_path,
-                    save_statistics, inception_score, fid_and_inception_score, per_class_precision_recall, f1_scores
+                    save_statistics, cached_statistics, inception_score, fid_and_inception_score, sample_and_score,
+                    per_class_precision_recall, f1_scores
   images & W&B      wandb_run, flush_run, watch_model, log_model_graph, log_artifact, use_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, samples_table_rows,
                     log_classification_report
   checkpoints       write_atomically, save_checkpoint, load_checkpoint, check_outputs, prepare_out_dir,
                     rotate_checkpoints, save_best, checkpoint_state, restore_state, check_checkpoint, resume_command,
                     wandb_resume_plan, fetch_checkpoint, load_checked
-  config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, exit_on_error
+  config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, check_choices, exit_on_error
   command line      python wbflow.py fid (or python -m wbflow fid) DIR_OR_NPZ DIR_OR_NPZ: pytorch-fid's CLI;
                     python wbflow.py copy NAME [NAME ...]: NAME's source, ready to paste
 
@@ -1606,23 +1607,29 @@ def reflow_shards(folder, num_pairs, *, shard_size=1000, shape=(3, 32, 32), seed
 
 
 def generate_reflow_pairs(sample, folder, num_pairs, *, shard_size=1000, shape=(3, 32, 32), seed=0, settings=None,
-                          device="cpu", rank=0, world_size=1, stop=None):
+                          device="cpu", rank=0, world_size=1, stop=None, overwrite=False):
     """Write `num_pairs` (noise, sample) pairs into `folder` as shards pairs_00000.pt, ... of
     `shard_size` pairs: sample(noise) (a trained flow's uint8 samples, 3 KB a CIFAR pair) and what
     regenerates the noise (pair i's own seed). Each shard is written atomically and a shard already
     there is kept, so a killed generation resumes at the next shard. The shards are keyed by
     `settings` (what makes the samples: pass the teacher's file hash, the solver, ...) and the other
     arguments (reflow_shards): a folder holding any file pairs_*.pt of another generation is a
-    ValueError before anything is written. Under DDP pass rank and world_size: each writes every
-    world_size-th shard. `stop` is checked before each shard: the result is then None, else this
-    rank's shard paths.
+    ValueError before anything is written, or with overwrite=True those files are deleted first. Under
+    DDP pass rank and world_size: each writes every world_size-th shard, rank 0 deletes, and every rank
+    returns once all shards are written. `stop` is checked before each shard: the result is then
+    None, else this rank's shard paths.
 
     Usage: generate_reflow_pairs(lambda x0: images_to_uint8(sample_flow(ema, x0)[0]), "out/pairs", 10_000)
     """
     plan, others = reflow_shards(folder, num_pairs, shard_size=shard_size, shape=shape, seed=seed, settings=settings)
-    for path, why in list(others.items())[:1]:
+    for path, why in list(others.items())[:1] if not overwrite else ():
         more = f" and {len(others) - 1} more files hold" if len(others) > 1 else " holds"
-        raise ValueError(f"{path}{more} pairs of another generation ({why}): delete them or use another folder")
+        raise ValueError(f"{path}{more} pairs of another generation ({why}): pass --overwrite to delete them and "
+                         f"make these pairs (overwrite=True), or use another folder")
+    for path in others if overwrite and rank == 0 else ():
+        path.unlink(missing_ok=True)
+    if overwrite and world_size > 1:
+        dist.barrier()  # gone before any rank writes into the folder
     paths = []
     for shard in range(rank, len(plan), world_size):
         path, meta = Path(folder) / f"pairs_{shard:05d}.pt", plan[shard]
@@ -1632,6 +1639,8 @@ def generate_reflow_pairs(sample, folder, num_pairs, *, shard_size=1000, shape=(
             noise = _pair_noise(range(meta["first"], meta["first"] + meta["count"]), seed, shape).to(device)
             save_checkpoint({**meta, "images_uint8": sample(noise).cpu()}, path)
         paths.append(path)
+    if world_size > 1:
+        dist.barrier()  # every rank's shards are written
     return paths
 
 
@@ -1782,17 +1791,24 @@ class FIDInceptionV3(torchvision.models.inception.Inception3):
         return pool_features, pool_features @ self.fc.weight.T
 
 
-def fid_weights_path(weights_path=None):
+def fid_weights_path(weights_path=None, *, pass_as="weights_path=PATH"):
     """Path of the FID Inception weights: argument, then $WBFLOW_FID_WEIGHTS, then the torch hub
-    cache, downloading pytorch-fid's release file there once when online.
+    cache, downloading pytorch-fid's release file there once when online. Else one FileNotFoundError
+    says where to put the file, or to pass it as `pass_as` (how your program names the setting).
     Usage: path = fid_weights_path()  # e.g. ~/.cache/torch/hub/checkpoints/pt_inception-...pth
     """
     path = weights_path or os.environ.get(FID_WEIGHTS_ENV)
-    if path and not os.path.isfile(path):
-        raise FileNotFoundError(f"FID Inception weights file {path!r} does not exist; expected "
-                                f"pytorch-fid's {FID_WEIGHTS_FILE} from {FID_WEIGHTS_URL}")
-    return str(path) if path else _hub_cached_file(FID_WEIGHTS_URL, "the FID Inception weights",
-                                                   f"pass weights_path=... or set ${FID_WEIGHTS_ENV}")
+    if path and os.path.isfile(path):
+        return str(path)
+    try:
+        if not path:
+            return _hub_cached_file(FID_WEIGHTS_URL, "the FID Inception weights", "")
+        found = f"file {path} does not exist"
+    except FileNotFoundError:
+        found = "could not be downloaded"
+    hub_path = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_FILE)
+    raise FileNotFoundError(f"the FID Inception weights {found}: download {FID_WEIGHTS_URL} to {hub_path}, or "
+                            f"anywhere and pass {pass_as} (or set ${FID_WEIGHTS_ENV})")
 
 
 def load_fid_inception(weights_path=None, device="cpu", fuse=True):
@@ -1829,6 +1845,13 @@ def file_sha256(path):
         for chunk in iter(lambda: file.read(1 << 20), b""):  # hashlib.file_digest does this from Python 3.11 on
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def images_sha256(images):
+    """Hex SHA-256 of a tensor's bytes: says which images a run trains on, or FID statistics were computed from.
+    Usage: config["data"]["images_sha256"] = images_sha256(train_images_uint8)
+    """
+    return hashlib.sha256(images.detach().cpu().contiguous().numpy()).hexdigest()
 
 
 def _resize_like_tensorflow(images, size):
@@ -2171,6 +2194,25 @@ def save_statistics(images, cache_dir, name="statistics", *, resize="tensorflow"
     return path
 
 
+def cached_statistics(images, cache_dir, source="images", *, what="the FID statistics file", batch_size=50,
+                      device="cpu", weights_path=None, progress=False):
+    """save_statistics of `images`, cached in `cache_dir` under a name that says what they were computed from:
+    `source`, the count and the images' hash (images_sha256; statistics_path adds the FID network), so a folder
+    shared by runs or data folders never hands one set's statistics to another. Under torch.distributed every rank
+    passes all the images and computes a share. Before the Inception pass, a cache file that cannot be written is a
+    ValueError naming it as `what` (check_outputs), and missing FID weights a FileNotFoundError (fid_weights_path).
+    Usage: statistics = cached_statistics(cifar10_train_uint8, "fid_stats", "cifar10-train", device="cuda")
+           score = fid(statistics, samples_uint8)
+    """
+    rank, world_size = rank_and_world_size()
+    name = f"{source}-{len(images)}-{images_sha256(images)[:16]}"
+    path = statistics_path(cache_dir, name, file_sha256(fid_weights_path(weights_path)))
+    if not os.path.isfile(path):
+        check_outputs({what: path})
+    return save_statistics(images[rank::world_size], cache_dir, name, batch_size=batch_size, device=device,
+                           weights_path=weights_path, progress=progress)
+
+
 def inception_score(images, *, splits=10, resize="tensorflow", batch_size=50, device="cpu",
                     num_images=None, weights_path=None, inception=None, seed=2020, quantize=True):
     """Inception Score (mean, population std over splits), equal to torch-fidelity 0.4.0's ISC:
@@ -2208,6 +2250,32 @@ def fid_and_inception_score(images, statistics=None, *, inception=None, splits=1
                                           weights_path=weights_path, progress=progress)
     score = None if statistics is None else fid(statistics, features)
     return score, inception_score(logits, splits=min(splits, len(logits)))
+
+
+def sample_and_score(velocity, count, statistics=None, *, device="cpu", solver="euler", nfe=100, tolerance=1e-5,
+                     amp_dtype=None, batch_size=500, seed=0, inception_batch_size=50, weights_path=None, stop=None,
+                     progress=False):
+    """FID against `statistics` (None: no FID) and the Inception Score of `count` samples of the velocity callable,
+    for the FID curve during training and a checkpoint's evaluation alike: sample_images' samples (solver, nfe,
+    tolerance, amp_dtype, batch_size as there), then one Inception pass (fid_and_inception_score). Under
+    torch.distributed every rank calls it: each samples its share from its own seeded noise (seed + rank), `stop`
+    (a callable) is checked between batches and a stop on any rank stops them all, and every rank gets the scores
+    over all samples. Returns ((fid or None, (is_mean, is_std)), this rank's samples uint8, the evaluations a
+    sample used), or None after a stop.
+
+    Usage: (fid_score, (is_mean, is_std)), samples_uint8, nfe_used = sample_and_score(ema.module.eval(), 10_000, stats)
+    """
+    rank, world_size = rank_and_world_size()
+    samples_uint8, used = sample_images(  # as many batches on every rank, so as many stop checks
+        velocity, -(-count // world_size), device=device, solver=solver, nfe=nfe, tolerance=tolerance,
+        amp_dtype=amp_dtype, batch_size=batch_size, seed=seed + rank, progress=progress,
+        stop=None if stop is None else lambda: any(gather_from_ranks(bool(stop()))))
+    if samples_uint8 is None:
+        return None
+    samples_uint8 = samples_uint8[:len(range(rank, count, world_size))]  # count in all, in rank order
+    scores = fid_and_inception_score(samples_uint8, statistics, inception=load_fid_inception(weights_path, device),
+                                     batch_size=inception_batch_size, progress=progress)
+    return scores, samples_uint8, used
 
 
 # ----------------------------------------------------------------------------- images & W&B
@@ -3001,18 +3069,31 @@ def add_sweep_argument(parser, flag, **kwargs):
     return parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
 
 
-def check_numbers(positive=None, not_negative=None):
-    """Raise ValueError naming the first setting of `positive` ({name: value}) that is not above 0, or
-    of `not_negative` that is below 0 (NaN, and anything but a number, fail both): "--epochs must be
-    positive, not 0".
+def check_numbers(positive=None, not_negative=None, fractions=None):
+    """Raise ValueError naming the first setting of `positive` ({name: value}) that is not above 0, of
+    `not_negative` that is below 0, or of `fractions` (a decay, a dropout rate) that is not in [0, 1)
+    (NaN, and anything but a number, fail each): "--epochs must be positive, not 0".
 
-    Usage: check_numbers({"--epochs": args.epochs}, {"--num-workers": args.num_workers})
+    Usage: check_numbers({"--epochs": args.epochs}, {"--num-workers": args.num_workers}, {"--dropout": 0.1})
     """
     for values, holds, rule in ((positive, lambda value: value > 0, "must be positive"),
-                                (not_negative, lambda value: value >= 0, "must not be negative")):
+                                (not_negative, lambda value: value >= 0, "must not be negative"),
+                                (fractions, lambda value: 0 <= value < 1, "must be in [0, 1)")):
         for name, value in (values or {}).items():
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not holds(value):
                 raise ValueError(f"{name} {rule}, not {repr(value) if isinstance(value, str) else value}")
+
+
+def check_choices(kind, allowed, values):
+    """Raise ValueError naming the first setting of `values` ({name: value, or a list of values}) that is
+    not one of `allowed`: "unknown solver 'rk4' in sampling.table_solvers; choose from euler, heun, rk45".
+
+    Usage: check_choices("solver", ("euler", "heun"), {"--solver": args.solver, "--table-solvers": ["euler"]})
+    """
+    for name, value in values.items():
+        for choice in value if isinstance(value, (list, tuple)) else [value]:
+            if choice not in allowed:
+                raise ValueError(f"unknown {kind} {choice!r} in {name}; choose from {', '.join(allowed)}")
 
 
 @contextlib.contextmanager
