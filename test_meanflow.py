@@ -1,17 +1,24 @@
 """MeanFlow: FlowUNet's second time input, meanflow_times / meanflow_target / meanflow_loss, one-step and k-step
-sampling through the samplers, and the loss under DDP, torch.compile and autocast."""
+sampling through the samplers, the loss under DDP, torch.compile and autocast; train_flow.py's meanflow objective:
+its record (the one-step grid, the table of jumps), its resume checks, --eval, and a kill and resume against one
+uninterrupted run."""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+import train_flow
 import wbflow
+from conftest import kill_when_marked
+from test_training import _HANG, assert_same_history, read_run, scalar_rows, uninterrupted_flow_run
+from test_wbflow import _table_data, tiny_flow_checkpoint
 
 HERE = Path(__file__).resolve().parent
 # a FlowUNet with every block kind (residual blocks, the middle attention, skips), for 8x8 images
@@ -322,3 +329,85 @@ def test_a_compiled_flow_unet_trains_on_meanflow_loss_with_inductor():
     assert graphs
     for parameter, eager_parameter in zip(model.parameters(), eager.parameters()):
         torch.testing.assert_close(parameter, eager_parameter, rtol=1e-3, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- train_flow.py --set training.objective=meanflow
+
+# --smoke's workflow at toy sizes: 48 synthetic images, batch 16, 3 steps an epoch, 2 epochs; every epoch a grid, a
+# table of 1, 2 and 4 jumps and a checkpoint
+TOY_RUN = ["--smoke", "--epochs", "2", "--set", "data.max_images=48", "--set", "training.batch_size=16",
+           "--set", "training.log_interval=2", "--set", "model.base_channels=8", "--set", "model.head_channels=8",
+           "--set", "sampling.num_images=4", "--set", "sampling.nfe=1"]
+MEANFLOW_RUN = TOY_RUN + ["--set", "training.objective=meanflow"]
+
+
+@pytest.fixture(scope="module")
+def meanflow_run(tmp_path_factory):
+    """The uninterrupted MeanFlow run (uninterrupted_flow_run). Tests only read it."""
+    return uninterrupted_flow_run(tmp_path_factory.mktemp("meanflow"), MEANFLOW_RUN)
+
+
+def test_a_meanflow_smoke_run_logs_its_one_step_grid_and_a_table_of_1_2_and_4_jumps(meanflow_run):
+    log, last = meanflow_run.log, wbflow.load_checkpoint(meanflow_run.out / "last.pt")
+    assert log.exit_code == 0 and log.config["training"]["objective"] == "meanflow"
+    assert log.config["model"]["second_time"] is True and log.config["sampling"]["solver"] == "meanflow"
+    grids = log.values("eval/generated_samples")
+    assert [grid["caption"] for grid in grids] == ["epoch 1, EMA, meanflow NFE 1", "epoch 2, EMA, meanflow NFE 1"]
+    # the last grid is the one step of the last EMA weights from the run's fixed noise
+    ema = wbflow.make_ema(wbflow.FlowUNet(**last["config"]["model"]))
+    ema.load_state_dict(last["ema"])
+    noise = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(last["config"]["sampling"]["seed"]))
+    with torch.no_grad():
+        expected = wbflow.sample_grid(noise + ema.module.eval()(noise, 0, r=1))
+    from PIL import Image
+    [run_folder] = (meanflow_run.root / "wandb").glob("offline-run-*")
+    logged = np.asarray(Image.open(run_folder / "files" / grids[-1]["path"]).convert("RGB"))
+    assert logged.shape == expected.shape and np.abs(logged.astype(int) - expected.astype(int)).max() <= 1
+    columns, data = _table_data(meanflow_run.root)
+    assert [(row[0], row[1], row[2]) for row in data] == [(epoch, "meanflow", nfe) for epoch in (1, 2)
+                                                          for nfe in (1, 2, 4)]
+    assert all(np.isfinite(log.values("train/loss"))) and last["global_step"] == 6
+
+
+@pytest.mark.parametrize("argv, named", [
+    (TOY_RUN, "second_time True there, None here"),
+    (MEANFLOW_RUN + ["--set", "meanflow.norm_p=1.0"], "norm_p 0.75 there, 1.0 here")], ids=["objective", "setting"])
+def test_a_meanflow_run_resumes_only_with_its_objective_and_settings(meanflow_run, tmp_path, argv, named):
+    with pytest.raises(SystemExit) as refused:
+        train_flow.main(argv + ["--no-wandb", "--out-dir", str(tmp_path), "--resume", str(meanflow_run.out / "last.pt")])
+    assert str(refused.value).startswith("train_flow.py: ") and named in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_eval_samples_a_meanflow_checkpoint_by_jumps_and_refuses_the_meanflow_solver_for_a_rectified_flow(
+        meanflow_run, tmp_path, monkeypatch, weights_path, capsys):
+    monkeypatch.setenv("WBFLOW_FID_WEIGHTS", weights_path)
+    flags = ["--smoke", "--eval", "--metric", "is", "--num-samples", "2", "--out-dir", str(tmp_path / "out")]
+    metrics = train_flow.main(flags + ["--checkpoint", str(meanflow_run.out / "last.pt"), "--nfe", "1"])
+    assert "with meanflow, NFE 1" in capsys.readouterr().out and metrics["eval/inception_score_mean"] >= 1
+    rectified_flow = tiny_flow_checkpoint(tmp_path / "rectified_flow.pt")
+    with pytest.raises(SystemExit, match=r"^train_flow.py: --solver meanflow samples a MeanFlow checkpoint; .* is a "
+                                         r"rectified flow$"):
+        train_flow.main(flags + ["--checkpoint", str(rectified_flow), "--solver", "meanflow"])
+
+
+def test_a_killed_meanflow_run_resumes_to_the_uninterrupted_runs_record_and_weights(meanflow_run, offline_wandb,
+                                                                                    tmp_path):
+    argv = meanflow_run.argv + ["--out-dir", str(tmp_path / "killed")]
+    last = tmp_path / "killed" / "last.pt"
+    kill_when_marked(_HANG.format(here=str(Path(__file__).resolve().parent), marker=str(tmp_path / "in_epoch_2"),
+                                  argv=argv, patch="wbflow.meanflow_loss = hang_at(wbflow.meanflow_loss, 5)"),
+                     tmp_path / "in_epoch_2")
+    killed = wbflow.load_checkpoint(last)  # epoch 1 and its end; epoch 2's steps 4 and 5 are lost with the process
+    assert (killed["epoch"], killed["global_step"], killed["ended"]) == (1, 3, True)
+    train_flow.main(argv + ["--resume", str(last)])
+    end, expected = wbflow.load_checkpoint(last), wbflow.load_checkpoint(meanflow_run.out / "last.pt")
+    first = read_run(offline_wandb, killed["wandb_run_id"], lambda log: log.rows_with("train/epoch_loss"))
+    resumed = read_run(offline_wandb, end["wandb_run_id"], lambda log: log.exit_code is not None)
+    assert resumed.run_id != first.run_id and resumed.config["resumed_from"]["step"] == 3  # a killed run: a new one
+    kept = [(step, values) for step, values in scalar_rows(first) if step <= 3] + scalar_rows(resumed)
+    assert_same_history(kept, scalar_rows(meanflow_run.log))
+    assert end["global_step"] == 6 and [row["nfe"] for row in end["table_rows"]] == [1, 2, 4] * 2
+    for key in ("model", "ema"):
+        for name, tensor in expected[key].items():
+            torch.testing.assert_close(end[key][name], tensor, rtol=1e-5, atol=1e-6)
