@@ -267,14 +267,18 @@ import wbflow
 from test_meanflow import ddp_batch, tiny_meanflow_unet, fixed_times
 
 rank, world_size, device = wbflow.setup_distributed()
-model = torch.nn.parallel.DistributedDataParallel(tiny_meanflow_unet())
 (noise, data), (t, r) = ddp_batch()
 share = slice(rank * len(t) // world_size, (rank + 1) * len(t) // world_size)
 loss_fn = lambda model, batch: wbflow.meanflow_loss(model, batch, times=fixed_times(t[share], r[share]))
-optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-wbflow.train_step(model, {{"noise": noise[share], "data": data[share]}}, optimizer, loss_fn)
+gradients = []
+for compiled in (False, True):  # DDP, and torch.compile outside DDP as train_flow compiles
+    model = torch.nn.parallel.DistributedDataParallel(tiny_meanflow_unet())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_model = torch.compile(model, backend="aot_eager") if compiled else model
+    wbflow.train_step(train_model, {{"noise": noise[share], "data": data[share]}}, optimizer, loss_fn)
+    gradients.append([parameter.grad for parameter in model.module.parameters()])
 if rank == 0:
-    torch.save([parameter.grad for parameter in model.module.parameters()], {gradients!r})
+    torch.save(gradients, {gradients!r})
 """
 
 
@@ -285,7 +289,8 @@ def ddp_batch(count=8):
         jump_times(count, seed=9)
 
 
-def test_meanflow_gradients_under_ddp_on_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path):
+def test_meanflow_gradients_under_ddp_and_compile_on_two_gloo_processes_equal_one_process_on_the_global_batch(
+        tmp_path):
     script, gradients_file = tmp_path / "rank.py", tmp_path / "gradients.pt"
     script.write_text(_DDP_RANK.format(here=str(HERE), gradients=str(gradients_file)))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -296,10 +301,10 @@ def test_meanflow_gradients_under_ddp_on_two_gloo_processes_equal_one_process_on
     (noise, data), (t, r) = ddp_batch()
     loss = wbflow.meanflow_loss(model, {"noise": noise, "data": data}, times=fixed_times(t, r))
     expected = torch.autograd.grad(loss, list(model.parameters()))
-    ddp_gradients = torch.load(gradients_file, weights_only=True)
-    assert len(ddp_gradients) == len(expected)
-    for gradient, expected_gradient in zip(ddp_gradients, expected):
-        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-4, atol=1e-6)
+    for ddp_gradients in torch.load(gradients_file, weights_only=True):  # DDP, then compiled DDP
+        assert len(ddp_gradients) == len(expected)
+        for gradient, expected_gradient in zip(ddp_gradients, expected):
+            torch.testing.assert_close(gradient, expected_gradient, rtol=1e-4, atol=1e-6)
 
 
 def test_a_compiled_flow_unet_trains_on_meanflow_loss_with_inductor():
