@@ -585,8 +585,9 @@ def gpu_train_rows(sizes, peak_flops):
                    settings=f"{cfm_flops / 1e9:.2f} GFLOP/image measured; the same recipe, torchcfm's step")
     flops, parameters = _flow_flops_per_image(model_config, sizes, images_uint8[:batch_size], "rectified_flow")
     meanflow_flops, _ = _flow_flops_per_image(model_config, sizes, images_uint8[:batch_size], "meanflow")
-    settings = (f"FlowUNet of {parameters:,} parameters, batch {batch_size}, Adam (fused), EMA {training['ema_decay']}, "
-                f"clip {training['gradient_clip']}, W&B log at every log_interval ({training['log_interval']}) steps, "
+    settings = (f"FlowUNet of {parameters:,} parameters, batch {batch_size}, Adam (fused), "
+                f"EMA {training['ema_decay']}, clip {training['gradient_clip']}, "
+                f"W&B log at every log_interval ({training['log_interval']}) steps, "
                 f"timed from step {training['log_interval']} to {sizes['train_steps']}")
     default = "bf16 + channels_last eager (train_flow's default)"
     variants = {"float32 eager (TF32 convolutions: PyTorch's CUDA default)": (False, False, None, "rectified_flow"),

@@ -336,7 +336,7 @@ def test_a_compiled_flow_unet_trains_on_meanflow_loss_with_inductor():
         torch.testing.assert_close(parameter, eager_parameter, rtol=1e-3, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- train_flow.py --set training.objective=meanflow
+# ----------------------------------------------------------------------------- train_flow's meanflow objective
 
 # --smoke's workflow at toy sizes: 48 synthetic images, batch 16, 3 steps an epoch, 2 epochs; every epoch a grid, a
 # table of 1, 2 and 4 jumps and a checkpoint
@@ -379,7 +379,8 @@ def test_a_meanflow_smoke_run_logs_its_one_step_grid_and_a_table_of_1_2_and_4_ju
     (MEANFLOW_RUN + ["--set", "meanflow.norm_p=1.0"], "norm_p 0.75 there, 1.0 here")], ids=["objective", "setting"])
 def test_a_meanflow_run_resumes_only_with_its_objective_and_settings(meanflow_run, tmp_path, argv, named):
     with pytest.raises(SystemExit) as refused:
-        train_flow.main(argv + ["--no-wandb", "--out-dir", str(tmp_path), "--resume", str(meanflow_run.out / "last.pt")])
+        train_flow.main(argv + ["--no-wandb", "--out-dir", str(tmp_path / "out"),
+                                "--resume", str(meanflow_run.out / "last.pt")])
     assert str(refused.value).startswith("train_flow.py: ") and named in str(refused.value)
     assert "\n" not in str(refused.value)
 

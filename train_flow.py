@@ -89,8 +89,8 @@ def parse_args(argv=None):
     add("--checkpoint", metavar="PATH|ARTIFACT", help="what --eval samples from (default: none)")
     add("--num-samples", type=int, default=10000, help="images to sample (default: %(default)s)")
     add("--metric", choices=("fid", "is", "both"), default="both", help="default: %(default)s")
-    add("--solver", choices=SOLVERS + ("meanflow",), help=f"default: sampling.solver, {defaults['sampling']['solver']}; "
-                                                         "a MeanFlow checkpoint's: meanflow (--nfe jumps)")
+    add("--solver", choices=SOLVERS + ("meanflow",),
+        help=f"default: sampling.solver, {defaults['sampling']['solver']}; a MeanFlow checkpoint's: meanflow (jumps)")
     add("--nfe", type=int, help=f"model evaluations per sample (default: sampling.nfe, {defaults['sampling']['nfe']})")
     add("--use-wandb", type=wbflow.str2bool, default=False, help="log the scores to W&B (default: off)")
     add("--wandb-project", help=f"default: {defaults['logging']['project_name']}_eval")
@@ -428,8 +428,8 @@ def epoch_end(epoch, ema_module, statistics, config, stop, amp_dtype):
                         generator=torch.Generator().manual_seed(sampling["seed"])).to(device)
     stopped = rank == 0 and stop.is_set()
     if rank == 0 and not stopped and epoch % logging["log_images_interval"] == 0:
-        grid_nfe = 1 if solver == "meanflow" else nfe  # a MeanFlow run's grid: one step
-        samples, used = wbflow.sample_flow(ema_module, noise, solver, grid_nfe, tolerance=tolerance, amp_dtype=amp_dtype)
+        samples, used = wbflow.sample_flow(ema_module, noise, solver, 1 if solver == "meanflow" else nfe,  # MeanFlow:
+                                           tolerance=tolerance, amp_dtype=amp_dtype)  # its grid is one step
         end["grid"], end["caption"] = wbflow.sample_grid(samples), f"epoch {epoch}, EMA, {solver} NFE {used}"
         wbflow.save_png(end["grid"], Path(config["data"]["out_dir"]) / "samples" / f"epoch_{epoch:04d}.png")
     if rank == 0 and not stopped and (epoch % training["sample_interval"] == 0 or epoch == training["epochs"]):
