@@ -6,6 +6,7 @@
     python bench_wbflow.py flow       # DeviceImageLoader vs torchvision; euler_sample vs steps x forward
     python bench_wbflow.py flow --data-dir data --device cuda
     python bench_wbflow.py fewer      # 8 Gaussians: 1-RF vs OT vs 2-RF vs MeanFlow (W2 at NFE 1/2/100, time)
+    python bench_wbflow.py competition  # the fire competition: one model vs the 5-fold ensemble and its offsets
     python bench_wbflow.py --gpu      # CUDA: flow training vs torchcfm, Euler sampling, FID features, train_fire
     python bench_wbflow.py --gpu --dry-run             # the same sections and table at toy sizes on the CPU
 
@@ -14,8 +15,10 @@ row needs torchcfm (pip install --no-deps -r requirements-torchcfm.txt), and say
 """
 import argparse
 import concurrent.futures
+import contextlib
 import copy
 import functools
+import io
 import json
 import os
 import pickle
@@ -379,18 +382,75 @@ RECIPE_TORCHCFM_UNET = dict(num_res_blocks=2, num_channels=128, channel_mult=[1,
                             num_head_channels=64, attention_resolutions="16", dropout=0.1)  # its train_cifar10.py
 
 
+COMPETITION_SHARES = {"无风险": 0.59, "低风险": 0.19, "中风险": 0.14, "非楼道": 0.05, "高风险": 0.03}  # its download's
+
+
+def _held_out_score(data, checkpoints, out, labelled):
+    """train_fire --predict of the labelled held-out list data/A.txt with `checkpoints` (--tta): the weighted
+    score, macro-F1 and accuracy of its submission against `labelled` ({name: class})."""
+    import train_fire
+    with contextlib.redirect_stdout(io.StringIO()):
+        submission = train_fire.main(["--predict", str(data / "A.txt"), "--checkpoint", *map(str, checkpoints),
+                                      "--submission", str(out) + "/", "--tta", "--num-workers", "0", "--no-wandb"])
+    predicted = dict(line.split("\t") for line in submission.read_text(encoding="utf-8").splitlines())
+    classes = list(COMPETITION_SHARES)
+    scores = wbflow.classification_scores([classes.index(labelled[name]) for name in predicted],
+                                          [classes.index(label) for label in predicted.values()],
+                                          [train_fire.COMPETITION_WEIGHTS[name] for name in classes])
+    return scores["score"], scores["macro_f1"], scores["acc"]
+
+
+def bench_competition(images=500, held_out=500, epochs=3, image_size=32, folds=5, seed=0):
+    """The competition's workflow on generated images in its layout and class shares (59/19/14/5/3 %), a ResNet-18
+    at low resolution on the CPU: the weighted score (at most 6.5) on a labelled held-out list of one model selected
+    on val_acc, the same run's model selected on val_score, the 5-fold ensemble, and the ensemble with --cv's
+    offsets (each with --tta). Prints a markdown table and returns its rows."""
+    import train_fire
+    counts = {name: max(1, round(share * images)) for name, share in COMPETITION_SHARES.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convolutions: a second thread on 2 shared cores costs more than it gives
+    with tempfile.TemporaryDirectory() as root, contextlib.redirect_stdout(io.StringIO()):
+        root, started = Path(root), time.perf_counter()
+        _, labelled = wbflow.write_pattern_dataset(root / "data", counts, test_images=held_out, size=image_size,
+                                                   seed=seed)
+        (root / "data" / "A.txt").write_text("".join(f"{name}\t{label}\n" for name, label in labelled.items()),
+                                             encoding="utf-8")  # the held-out list, with its labels
+        common = ["--data-dir", str(root / "data"), "--model", "resnet18", "--weights", "none", "--epochs", str(epochs),
+                  "--image-size", str(image_size), "--batch-size", "32", "--num-workers", "0", "--no-wandb",
+                  "--seed", str(seed)]
+        for metric in ("val_acc", "val_score"):  # one run each, trained alike: only the selection differs
+            train_fire.main([*common, "--best-metric", metric, "--out-dir", str(root / metric)])
+        train_fire.main([*common, "--folds", str(folds), "--out-dir", str(root / "cv")])
+        ensemble = json.loads((root / "cv" / "ensemble.json").read_text(encoding="utf-8"))
+        models = [root / "cv" / member["path"] for member in ensemble["checkpoints"]]
+        rows = [("one model, selected on val_acc", [root / "val_acc" / "best_model.pth"], ""),
+                ("one model, selected on val_score", [root / "val_score" / "best_model.pth"], ""),
+                (f"{folds}-fold ensemble", models, f"OOF score {ensemble['oof_score']:.3f}"),
+                (f"{folds}-fold ensemble with --cv's offsets", [root / "cv" / "ensemble.json"],
+                 f"OOF score {ensemble['oof_score_with_offsets']:.3f}")]
+        rows = [(name, *_held_out_score(root / "data", paths, root / f"predict{index}", labelled), note)
+                for index, (name, paths, note) in enumerate(rows)]
+    torch.set_num_threads(threads)
+    print(f"competition: {sum(counts.values())} training images {counts}, {held_out} held out, ResNet-18 from scratch "
+          f"at {image_size} px, {epochs} epochs, batch 32, Adam 0.003, TTA, CPU, 1 thread, "
+          f"{time.perf_counter() - started:.0f} s")
+    print("\n| model | held-out score (max 6.5) | macro-F1 | accuracy | out-of-fold |\n|---|---|---|---|---|")
+    for name, score, macro_f1, accuracy, note in rows:
+        print(f"| {name} | {score:.3f} | {macro_f1:.3f} | {accuracy:.1f}% | {note} |")
+    return rows
+
+
 def gpu_sizes(dry_run):
     """What each --gpu section measures: the recipe's sizes on the GPU, or toy ones on the CPU (--dry-run),
     where the compile row uses aot_eager (dynamo and AOTAutograd as on the GPU, without inductor's minute of
     C++ builds) and train_fire's row a ResNet-18."""
-    import train_fire
     if not dry_run:
         return {"device": "cuda", "unet": None, "torchcfm_unet": RECIPE_TORCHCFM_UNET, "image_size": 32,
                 "batch": None, "log_every": None, "train_steps": 300, "compile_backend": "inductor",
                 "samples": 10_000, "sample_batch": 500, "euler_steps": 100, "inception_images": 10_000,
                 "inception_batch": 200, "classifier": "resnet50", "jpegs": 1920, "jpeg_size": (640, 480),
                 "fire_sizes": (224, 256), "fire_batch": 32, "warm_up_batches": 10,
-                "workers": train_fire.default_num_workers(), "all_workers": len(os.sched_getaffinity(0))}
+                "workers": wbflow.default_num_workers(), "all_workers": len(os.sched_getaffinity(0))}
     # the two toy UNets are one architecture (176,195 parameters each), as the recipe's are at full size
     return {"device": "cpu", "unet": dict(base_channels=32, channel_mults=(1,), num_res_blocks=1, head_channels=32),
             "torchcfm_unet": dict(num_res_blocks=1, num_channels=32, channel_mult=[1], num_heads=1,
@@ -872,7 +932,8 @@ def bench_gpu(sections=GPU_SECTIONS, *, dry_run=False, results=None, peak_tflops
 BENCHMARKS = {"train": lambda args: bench_train_epoch(),
               "fid": lambda args: bench_fid(),
               "flow": lambda args: bench_flow(args.data_dir, args.batch_size, args.steps, args.device),
-              "fewer": lambda args: bench_fewer_steps()}
+              "fewer": lambda args: bench_fewer_steps(),
+              "competition": lambda args: bench_competition()}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -62,11 +62,11 @@ def _items_to_dict(items):
 
 
 class RunLog:
-    """What one offline run logged: history rows, the final summary, artifacts, config, exit code."""
+    """What one offline run logged: history rows, the final summary, artifacts, config, exit code, group, job type."""
 
     def __init__(self, wandb_file):
         self.history, self.summary, self.artifacts, self.config = [], {}, [], {}
-        self.metrics, self.exit_code, self.run_id = [], None, None
+        self.metrics, self.exit_code, self.run_id, self.group, self.job_type = [], None, None, None, None
         for record in read_records(wandb_file):
             kind = record.WhichOneof("record_type")
             if kind == "history":
@@ -86,7 +86,7 @@ class RunLog:
             elif kind == "exit":
                 self.exit_code = record.exit.exit_code
             elif kind == "run":
-                self.run_id = record.run.run_id
+                self.run_id, self.group, self.job_type = record.run.run_id, record.run.run_group, record.run.job_type
                 self.config.update(_items_to_dict(record.run.config.update))
 
     def rows_with(self, key):

@@ -380,6 +380,44 @@ def test_macro_f1_is_torchmetrics_macro_f1_and_per_class_f1_its_per_class_f1_whe
     assert macro_f1 == pytest.approx(float(MulticlassF1Score(5, average="macro")(y_pred, y_true)), abs=1e-6)
 
 
+# ----------------------------------------------------------------------------- the competition's score
+
+def test_the_score_is_each_classs_f1_weighted_as_the_competition_weighs_them_computed_by_hand():
+    weights = [train_fire.COMPETITION_WEIGHTS[name] for name in SEED_CLASSES]
+    assert weights == [2.0, 1.5, 1.0, 1.0, 1.0]  # 高风险 2, 中风险 1.5, the others 1
+    y_true, y_pred = [0, 0, 1, 1, 2, 3, 4, 4], [0, 1, 1, 1, 2, 3, 4, 0]
+    # F1 = 2 tp / (2 tp + fp + fn): 高风险 2/4, 中风险 4/5, 低风险 1, 无风险 1, 非楼道 2/3
+    assert wbflow.weighted_f1_score(y_true, y_pred, weights) == pytest.approx(2 * 2 / 4 + 1.5 * 4 / 5 + 1 + 1 + 2 / 3)
+    assert wbflow.weighted_f1_score(y_true, y_true, weights) == 6.5  # the maximum
+    # a class in neither the labels nor the predictions counts 0, its weight still in the maximum
+    assert wbflow.weighted_f1_score([0, 1], [0, 1], [1.0, 1.0, 5.0]) == 2.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=1, max_size=30),
+       st.lists(st.floats(0, 3), min_size=5, max_size=5))
+def test_the_score_is_torchmetrics_per_class_f1_weighted(pairs, weights):
+    from torchmetrics.classification import MulticlassF1Score
+    y_true, y_pred = (torch.tensor(values) for values in zip(*pairs))
+    per_class = MulticlassF1Score(5, average=None)(y_pred, y_true).double()
+    expected = float((per_class * torch.tensor(weights, dtype=torch.float64)).sum())
+    assert wbflow.weighted_f1_score(y_true.tolist(), y_pred.tolist(), weights) == pytest.approx(expected, abs=1e-6)
+
+
+def test_val_score_is_logged_every_epoch_as_the_score_of_the_validation_predictions(trained):
+    data, out, *_, log = trained
+    weights = [train_fire.COMPETITION_WEIGHTS[name] for name in SEED_CLASSES]
+    assert log.config["score_weights"] == weights and log.summary["val_score"] == {"max": max(log.values("val_score"))}
+    best = wbflow.load_checkpoint(out / "best_model.pth")
+    [best_row] = [row for row in log.rows_with("val_score") if row["epoch"] == best["epoch"]]
+    _, val_samples, _ = wbflow.find_image_samples(data, class_names=SEED_CLASSES, val_split=0.2, seed=0)
+    model = wbflow.build_classifier("resnet18", 5, state_dict=best["model"])
+    val_set = wbflow.ImageSamples(val_samples, wbflow.image_transforms(32, train=False))
+    logits, labels = wbflow.predict_logits(model, val_set)
+    score = wbflow.weighted_f1_score(labels, logits.argmax(1), weights)
+    assert best_row["val_score"] == best["val_score"] == pytest.approx(score)
+
+
 # ----------------------------------------------------------------------------- imbalance: sampler and label smoothing
 
 def test_the_balanced_sampler_draws_each_class_equally_often_seeded_shared_by_the_ranks_and_exact_on_resume():
@@ -457,7 +495,9 @@ def test_smoke_writes_the_download_trains_on_the_cpu_offline_and_writes_the_subm
     for row in epochs:  # the seed's keys, every epoch
         assert {"epoch", "epoch/train_loss", "epoch/train_acc", "val_loss", "val_acc", "val_macro_f1"} <= set(row)
         assert any(key.startswith("val_f1/") for key in row)
-    assert train_run.rows_with("best_val_acc") and train_run.rows_with("confusion_matrix_table")
+    # the competition's classes: best_model.pth follows the competition's score
+    assert train_run.config["best_metric"] == "val_score" and train_run.summary["val_score"]["max"] > 0
+    assert train_run.rows_with("best_val_score") and train_run.rows_with("confusion_matrix_table")
     listed = (out / "data" / "A.txt").read_text(encoding="utf-8").splitlines()
     lines = (out / "submission.txt").read_text(encoding="utf-8").splitlines()
     assert len(lines) == len(listed) == 20 and [line.split("\t")[0] for line in lines] == listed

@@ -208,6 +208,12 @@ def _(stratified_split, tmp_path, fixture):
     assert sorted(train_index + val_index) == [0, 1, 2, 3] and len(val_index) == 2
 
 
+@call("stratified_folds")
+def _(stratified_folds, tmp_path, fixture):
+    folds = stratified_folds([0, 0, 0, 1, 1, 1, 1], 3, seed=1)
+    assert sorted(sum(folds, [])) == list(range(7)) and sorted(map(len, folds)) == [2, 2, 3]
+
+
 @call("drop_unreadable_images")
 def _(drop_unreadable_images, tmp_path, fixture):
     samples = image_folders(tmp_path)[1]
@@ -227,6 +233,20 @@ def _(ImageSamples, tmp_path, fixture):
 def _(image_transforms, tmp_path, fixture):
     from PIL import Image
     assert image_transforms(8, train=False)(Image.new("RGB", (20, 10))).shape == (3, 8, 8)
+
+
+@call("mix_batches")
+def _(mix_batches, tmp_path, fixture):
+    torch.manual_seed(0)
+    images, soft_labels = mix_batches(3, mixup=0.4)(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))
+    assert images.shape == (4, 3, 8, 8) and soft_labels.shape == (4, 3)
+    torch.testing.assert_close(soft_labels.sum(1), torch.ones(4))
+    assert mix_batches(3) is None
+
+
+@call("default_num_workers")
+def _(default_num_workers, tmp_path, fixture):
+    assert 0 <= default_num_workers(most=2) <= 2
 
 
 @call("classifier_loaders")
@@ -337,6 +357,17 @@ def _(make_ema, tmp_path, fixture):
     torch.testing.assert_close(ema_model.module.weight, expected)
 
 
+@call("warmup_cosine_schedule")
+def _(warmup_cosine_schedule, tmp_path, fixture):
+    optimizer = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=1.0)
+    scheduler, rates = warmup_cosine_schedule(optimizer, 6, 2), []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and rates[3] > rates[4] > rates[5] > 0
+
+
 @call("train_step")
 def _(train_step, tmp_path, fixture):
     model = tiny_classifier()
@@ -434,6 +465,14 @@ def _(predict_logits, tmp_path, fixture):
     assert labels.tolist() == [0, 1, 2, 0, 1]
 
 
+@call("evaluate_classifier")
+def _(evaluate_classifier, tmp_path, fixture):
+    dataset = torch.utils.data.TensorDataset(torch.randn(6, 3, 2, 2), torch.arange(6) % 3)
+    scores, probs, labels = evaluate_classifier(tiny_classifier(), dataset, nn.CrossEntropyLoss(), [2.0, 1.0, 1.0])
+    assert probs.shape == (6, 3) and labels.tolist() == [0, 1, 2, 0, 1, 2] and scores["loss"] > 0
+    assert scores["score"] == pytest.approx(wbflow.weighted_f1_score(labels, probs.argmax(1), [2.0, 1.0, 1.0]))
+
+
 @call("predict_images")
 def _(predict_images, tmp_path, fixture):
     paths = [path for path, _ in image_folders(tmp_path)[1]] + [str(tmp_path / "missing.png")]
@@ -443,12 +482,46 @@ def _(predict_images, tmp_path, fixture):
     assert probs.shape == (3, 3) and torch.allclose(probs[:2].sum(1), torch.ones(2)) and probs[2].isnan().all()
 
 
+@call("predict_submission")
+def _(predict_submission, tmp_path, fixture):
+    paths = [path for path, _ in image_folders(tmp_path)[1]]
+    model = wbflow.build_classifier("mobilenet_v3_small", 2)
+    state = {"model": model.state_dict(), "config": {"model": "mobilenet_v3_small", "classes": ["a", "b"],
+                                                       "image_size": 8, "mean_std": None, "class_counts": [1, 5]}}
+    probs, predicted, fallback = predict_submission([state, state], ["x.png", "y.png"], paths, tmp_path / "s.txt")
+    assert probs.shape == (2, 2) and fallback == 1 and len((tmp_path / "s.txt").read_text().splitlines()) == 2
+
+
+@call("apply_class_offsets")
+def _(apply_class_offsets, tmp_path, fixture):
+    probs = torch.tensor([[0.6, 0.4], [0.9, 0.1]])
+    assert apply_class_offsets(probs).tolist() == [0, 0]
+    assert apply_class_offsets(probs, [0.0, 0.5]).tolist() == [1, 0]  # log 0.4 + 0.5 > log 0.6
+
+
 @call("write_submission")
 def _(write_submission, tmp_path, fixture):
     probs = torch.tensor([[0.2, 0.8], [math.nan, math.nan]])
     assert write_submission(tmp_path / "s.txt", ["a.jpg", "b.jpg"], probs, ["x", "y"], fallback=0) == [1, 0]
     assert (tmp_path / "s.txt").read_text() == "a.jpg\ty\nb.jpg\tx\n"
     assert (tmp_path / "predictions.csv").read_text() == "name,x,y\na.jpg,0.200000,0.800000\nb.jpg,,\n"
+
+
+@call("write_probability_csv")
+def _(write_probability_csv, tmp_path, fixture):
+    write_probability_csv(tmp_path / "oof.csv", ["a,1.jpg"], torch.tensor([[0.25, 0.75]]), ["x", "y"], labels=[1])
+    assert (tmp_path / "oof.csv").read_text() == 'name,label,x,y\n"a,1.jpg",y,0.250000,0.750000\n'
+
+
+@call("read_probability_csv")
+def _(read_probability_csv, tmp_path, fixture):
+    for name, text in (("a.csv", "name,label,x,y\na.jpg,y,0.25,0.75\n"), ("b.csv", "name,label,x,y\nb.jpg,x,1,0\n")):
+        (tmp_path / name).write_text(text)
+    names, probs, labels, class_names = read_probability_csv(tmp_path / "a.csv", tmp_path / "b.csv")
+    assert (names, probs.tolist(), labels, class_names) == (["a.jpg", "b.jpg"], [[0.25, 0.75], [1, 0]], [1, 0],
+                                                            ["x", "y"])
+    with pytest.raises(ValueError, match="name"):
+        read_probability_csv(tmp_path / "a.csv", tmp_path / "a.csv")  # a.jpg twice
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -546,6 +619,38 @@ def _(per_class_precision_recall, tmp_path, fixture):
 def _(f1_scores, tmp_path, fixture):
     f1, macro_f1 = f1_scores([0, 1, 1, 2], [0, 1, 0, 1], 3)
     assert f1 == pytest.approx([2 / 3, 0.5, 0.0]) and macro_f1 == pytest.approx(7 / 18)
+
+
+@call("weighted_f1_score")
+def _(weighted_f1_score, tmp_path, fixture):
+    assert weighted_f1_score([0, 1, 2, 2], [0, 1, 2, 1], [2.0, 1.5, 1.0]) == pytest.approx(2 + 1.5 * 2 / 3 + 2 / 3)
+
+
+@call("weights_by_name")
+def _(weights_by_name, tmp_path, fixture):
+    assert weights_by_name({"b": 2}, ["a", "b"]) == [1.0, 2.0]
+    with pytest.raises(ValueError, match="c: no class"):
+        weights_by_name({"c": 2}, ["a", "b"])
+
+
+@call("classification_scores")
+def _(classification_scores, tmp_path, fixture):
+    scores = classification_scores([0, 1, 1], [0, 1, 0], [1.0, 2.0])
+    assert scores["acc"] == pytest.approx(200 / 3) and scores["f1"] == pytest.approx([2 / 3, 2 / 3])
+    assert scores["score"] == pytest.approx(2.0) and scores["macro_f1"] == pytest.approx(2 / 3)
+
+
+@call("fit_class_offsets")
+def _(fit_class_offsets, tmp_path, fixture):
+    probs = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.9, 0.1]])  # the second image is of class 1
+    offsets, before, after = fit_class_offsets(probs, [0, 1, 0], [1.0, 1.0])
+    assert after > before and wbflow.apply_class_offsets(probs, offsets).tolist() in ([0, 1, 0], [1, 1, 0])
+
+
+@call("warn_of_absent_classes")
+def _(warn_of_absent_classes, tmp_path, fixture):
+    with pytest.warns(UserWarning, match="no image of class\\(es\\) 'b'"):
+        warn_of_absent_classes([0, 0], ["a", "b"], "the list", "macro_f1")
 
 
 @call("FIDInceptionV3")
@@ -686,6 +791,15 @@ def _(wandb_run, tmp_path, fixture):
         run.log({"x": 1.0}, step=1)
     [log] = run_logs(wandb_dir)
     assert log.values("x") == [1.0] and log.config["a"] == 1
+
+
+@call("define_metrics")
+def _(define_metrics, tmp_path, fixture):
+    from conftest import run_logs
+    with offline_run(fixture) as run:
+        define_metrics(run, {"loss": "min", "val_acc": "max"}, "epoch", global_step=("loss",))
+    steps = {metric.name: metric.step_metric for metric in run_logs(fixture("offline_wandb"))[0].metrics}
+    assert steps == {"epoch": "", "loss": "", "val_acc": "epoch"}
 
 
 def offline_run(fixture):
@@ -887,6 +1001,44 @@ def _(load_checked, tmp_path, fixture):
             load_checked(str(reference), program="train.py", flag="--resume", driver="train", required=("optimizer",))
 
 
+@call("load_checkpoints")
+def _(load_checkpoints, tmp_path, fixture):
+    paths = [wbflow.save_checkpoint({"config": {"classes": classes}}, tmp_path / f"{index}.pt")
+             for index, classes in enumerate((["a", "b"], ["a", "b"], ["b", "a"]))]
+    assert len(load_checkpoints(paths[:2], same=("classes",), program="p", flag="--checkpoint", driver="d")) == 2
+    with pytest.raises(SystemExit, match="2.pt: trained with classes"):
+        load_checkpoints(paths, same=("classes",), program="p", flag="--checkpoint", driver="d")
+
+
+@call("write_ensemble")
+def _(write_ensemble, tmp_path, fixture):
+    path = wbflow.save_checkpoint({"w": 1}, tmp_path / "m" / "a.pt")
+    write_ensemble(tmp_path / "e.json", [path], ["x", "y"], [0.5, 0.0], note=1)
+    assert wbflow.read_ensemble(tmp_path / "e.json")[2:] == ([0.5, 0.0], {
+        "checkpoints": [{"path": "m/a.pt", "sha256": wbflow.file_sha256(path)}], "class_names": ["x", "y"],
+        "offsets": [0.5, 0.0], "note": 1})
+
+
+@call("read_ensemble")
+def _(read_ensemble, tmp_path, fixture):
+    path = wbflow.save_checkpoint({"w": 1}, tmp_path / "a.pt")
+    wbflow.write_ensemble(tmp_path / "e.json", [path], ["x", "y"])
+    assert read_ensemble(tmp_path / "e.json")[:3] == ([tmp_path / "a.pt"], ["x", "y"], [0.0, 0.0])
+    wbflow.save_checkpoint({"w": 2}, path)
+    with pytest.raises(ValueError, match="a.pt has changed since"):
+        read_ensemble(tmp_path / "e.json")
+
+
+@call("fit_ensemble")
+def _(fit_ensemble, tmp_path, fixture):
+    model = wbflow.save_checkpoint({"w": 1}, tmp_path / "a.pt")
+    probs = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.9, 0.1]])  # the second image is of class y
+    wbflow.write_probability_csv(tmp_path / "oof.csv", ["a", "b", "c"], probs, ["x", "y"], [0, 1, 0])
+    scores, offsets = fit_ensemble([tmp_path / "oof.csv"], [model], ["x", "y"], [1.0, 1.0], tmp_path / "e.json")
+    assert scores["oof_score_with_offsets"] > scores["oof_score"] and scores["oof_acc"] == pytest.approx(200 / 3)
+    assert wbflow.read_ensemble(tmp_path / "e.json")[2] == offsets
+
+
 # ----------------------------------------------------------------------------- config & command line
 
 @call("load_yaml_config")
@@ -898,6 +1050,27 @@ def _(load_yaml_config, tmp_path, fixture):
 @call("str2bool")
 def _(str2bool, tmp_path, fixture):
     assert str2bool("False") is False and str2bool("yes") is True
+
+
+@call("name_values")
+def _(name_values, tmp_path, fixture):
+    assert name_values("高风险=2, 中风险=1.5") == {"高风险": 2.0, "中风险": 1.5}
+
+
+@call("output_file")
+def _(output_file, tmp_path, fixture):
+    assert output_file(None, tmp_path, "s.txt") == output_file(str(tmp_path), "x", "s.txt") == tmp_path / "s.txt"
+    assert output_file("new/", "x", "s.txt") == Path("new/s.txt")
+    assert output_file("a.txt", "x", "s.txt") == Path("a.txt")
+
+
+@call("DefaultsHelpFormatter")
+def _(DefaultsHelpFormatter, tmp_path, fixture):
+    import argparse
+    parser = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--size", type=int, default=3, help="a size")
+    parser.add_argument("--name", help="a name (default: the first)")
+    assert "a size (default: 3)" in parser.format_help() and "(default: None)" not in parser.format_help()
 
 
 @call("add_sweep_argument")

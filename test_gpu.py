@@ -500,6 +500,25 @@ def test_train_fire_runs_end_to_end_on_cuda_with_bf16_and_loader_workers(offline
 
 
 @cuda
+def test_train_fire_recipe_augmentation_mixup_and_ema_step_on_cuda(tmp_path):
+    # TrivialAugment and random erasing in the loader's workers, MixUp / CutMix batches, a warm-up, bf16 autocast
+    # and the EMA's update on the GPU (its tensors stay there), validated and saved from the EMA
+    data = write_pattern_folders(tmp_path / "data", per_class=12)
+    train_fire.main(fire_args(data, tmp_path / "out", "--epochs", "2", "--num-workers", "2", "--no-wandb",
+                              "--augment", "trivialaugment", "--random-erase", "0.25", "--mixup", "0.2",
+                              "--cutmix", "1.0", "--ema-decay", "0.9", "--warmup-epochs", "1"))
+    last = wbflow.load_checkpoint(tmp_path / "out" / "last.pth", map_location=None)  # where they were saved from
+    assert (last["config"]["device"], last["config"]["amp"]) == ("cuda", "bfloat16")
+    assert all(tensor.is_cuda for tensor in last["ema"].values())
+    assert int(last["ema"]["n_averaged"]) == last["step"] + 1  # the copy at the start, then one update a step
+    best = wbflow.load_checkpoint(tmp_path / "out" / "best_model.pth")
+    assert math.isfinite(best["val_loss"]) and 0 <= best["val_score"] <= 6.5 and best["epoch"] in (0, 1)
+    if best["epoch"] == 1:  # the last epoch's best model is the EMA that last.pth holds
+        ema_weights = {name[len("module."):]: tensor for name, tensor in last["ema"].items() if name != "n_averaged"}
+        assert all(torch.equal(best["model"][name], tensor.cpu()) for name, tensor in ema_weights.items())
+
+
+@cuda
 def test_torchrun_one_nccl_process_trains_flow_on_cuda(tmp_path):
     write_cifar_batches(tmp_path / "data", per_batch=64)
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}

@@ -3,30 +3,36 @@
 Sections, in data-flow order:
   device & data     rank_and_world_size, setup_distributed,
                     CIFAR10_URL, load_cifar10, synthetic_images, DeviceImageLoader (CIFAR-10 on the device),
-                    write_pattern_dataset (generated images in a competition's layout), find_image_samples,
-                    list_images, stratified_split, drop_unreadable_images, ImageSamples, IMAGENET_MEAN_STD,
-                    image_transforms, classifier_loaders, check_same_on_every_rank
+                    write_pattern_dataset (generated images in a competition's layout), list_images,
+                    find_image_samples, stratified_split, stratified_folds,
+                    drop_unreadable_images, ImageSamples, IMAGENET_MEAN_STD, image_transforms, mix_batches,
+                    classifier_loaders, check_same_on_every_rank
                     (image folders, name<TAB>label / path,label lists, a competition's train.txt)
-  models            FlowUNet, CLASSIFIER_NAMES, build_classifier, build_optimizer
+  models            FlowUNet, build_classifier (any torchvision classification model), build_optimizer
   losses            classification_loss, focal_loss, class_balanced_weights, ot_pairs, rectified_flow_loss,
                     meanflow_times, meanflow_target, meanflow_loss
-  training          autocast_dtype, make_scaler, make_ema, train_step, RunningSums, train_epoch, validate,
-                    stop_on_signals, exit_stopped, capture_rng_state, restore_rng_state, gather_from_ranks,
-                    predict_logits, predict_images, write_submission
+  training          autocast_dtype, make_scaler, make_ema, warmup_cosine_schedule, train_step, RunningSums,
+                    train_epoch, validate, stop_on_signals, exit_stopped, capture_rng_state, restore_rng_state,
+                    gather_from_ranks, predict_logits, evaluate_classifier, predict_images (a model or an
+                    ensemble), predict_submission, apply_class_offsets, write_submission, write_probability_csv,
+                    read_probability_csv
   sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers, straightness,
                     meanflow_velocity
   reflow            reflow_shards, generate_reflow_pairs, load_reflow_pairs, ReflowPairLoader
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, images_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, statistics_path,
                     save_statistics, cached_statistics, inception_score, fid_and_inception_score, sample_and_score,
-                    per_class_precision_recall, f1_scores
-  images & W&B      wandb_run, flush_run, watch_model, log_model_graph, log_artifact, use_artifact,
+                    per_class_precision_recall, f1_scores, weighted_f1_score (a competition's score),
+                    weights_by_name, classification_scores, fit_class_offsets, warn_of_absent_classes
+  images & W&B      wandb_run, define_metrics, flush_run, watch_model, log_model_graph, log_artifact, use_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, samples_table_rows,
                     log_classification_report
   checkpoints       write_atomically, save_checkpoint, load_checkpoint, check_outputs, prepare_out_dir,
                     rotate_checkpoints, save_best, checkpoint_state, restore_state, check_checkpoint, resume_command,
-                    wandb_resume_plan, fetch_checkpoint, load_checked
-  config            load_yaml_config, str2bool, add_sweep_argument, check_numbers, check_choices, exit_on_error
+                    wandb_resume_plan, fetch_checkpoint, load_checked, load_checkpoints, write_ensemble,
+                    read_ensemble, fit_ensemble
+  config            load_yaml_config, str2bool, name_values, output_file, DefaultsHelpFormatter, add_sweep_argument,
+                    check_numbers, check_choices, exit_on_error
   command line      python wbflow.py fid (or python -m wbflow fid) DIR_OR_NPZ DIR_OR_NPZ: pytorch-fid's CLI;
                     python wbflow.py copy NAME [NAME ...]: NAME's source, ready to paste
 
@@ -40,14 +46,17 @@ definition, pasted from that output into a fresh namespace, on a tiny real input
 
 import argparse
 import ast
+import collections
 import concurrent.futures
 import contextlib
 import csv
 import difflib
 import errno
+import functools
 import hashlib
 import io
 import itertools
+import json
 import math
 import numbers
 import os
@@ -287,7 +296,9 @@ def list_images(source, class_names=None, *, strict=True):
     how many and the first few: an empty list file, labels outside `class_names` (ValueError); with
     strict=True (training data) also rows without a label (ValueError), listed files that do not exist
     (FileNotFoundError) and a file listed with two labels (ValueError), and a row repeating an earlier
-    one is dropped with one warning that counts them.
+    one is dropped with one warning that counts them; with strict=False (a test list, whose submission
+    has a line per name) a list whose non-empty lines are not one name each, as when a name opens a
+    quote that swallows the lines after it (ValueError), and a header it drops is printed.
     Usage: rows, class_names = list_images("data/fire/train.txt"); names, paths, labels = zip(*rows)
     """
     source, extensions = Path(source), (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -318,11 +329,16 @@ def list_images(source, class_names=None, *, strict=True):
         rows = [[cell.strip() for cell in row] for row in lines if any(cell.strip() for cell in row)]
         first = rows[0][0] if rows else ""
         column_names = ("name", "filename", "file", "path", "image", "image_name", "image_id", "img", "id")
-        if not os.path.isfile(find(first)) and (first.lower() in column_names or not Path(first).suffix and any(
-                Path(row[0]).suffix for row in rows[1:])):  # a header: never a name that is a file there
-            rows = rows[1:]
+        header = not os.path.isfile(find(first)) and (first.lower() in column_names or not Path(first).suffix and any(
+            Path(row[0]).suffix for row in rows[1:]))  # a header: never a name that is a file there
+        rows, lines = rows[header:], [line for line in text.splitlines() if line.strip()]
         if not rows:
             raise ValueError(f"{source} lists no images")
+        if not strict and len(lines) != len(rows) + header:
+            raise ValueError(f"{source} has {len(lines)} lines, but {len(rows)} names were read from them: the "
+                             f"submission would not match the list line for line")
+        if not strict and header:
+            print(f"{source}: its first line is a header, not an image: {lines[0]}")
     labels = [row[1] if len(row) > 1 and row[1] else None for row in rows]
     if strict:
         refuse_any([row[0] for row, label in zip(rows, labels) if label is None], ValueError,
@@ -347,15 +363,18 @@ def list_images(source, class_names=None, *, strict=True):
     return list(unique.values()), class_names
 
 
-def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
+def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0, fold=None):
     """Train and validation samples, lists of (path, label index), and the class names.
 
     `data` is one of: a folder with train/<class>/* and val/<class>/*; a folder of class folders
     (or train/ alone), split per class by stratified_split(val_split, seed); a list file of
     `name<TAB>label` or `path,label` rows (list_images), or a folder holding one as train.txt (a
     competition's download: train.txt and a flat train/ folder), split the same way.
-    Class names are the sorted folder names / labels; `class_names` fixes which and their order. Names
-    that differ only by whitespace ('无 风险', '无风险') are separate classes, with one warning naming them.
+    fold=(k, K): the validation samples are fold k of stratified_folds(labels, K, seed) over every
+    labelled sample (train/ and val/ folders pooled), the training samples the other folds; val_split
+    is then unused. Each list keeps the order in which the samples were found.
+    Class names are the sorted folder names / labels; `class_names` fixes which and their order (each
+    once). Names that differ only by whitespace ('无 风险', '无风险') are separate classes, with one warning naming them.
     Unreadable images are dropped by drop_unreadable_images (one warning that counts them; images of
     any size are read). A list row repeating an earlier one is dropped with one warning that counts them.
     A missing folder, or list rows naming files that do not exist (their count and the first few), raise
@@ -376,6 +395,8 @@ def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
                 for _, path, _ in list_images(root / name, strict=False)[0]]
 
     data, given_names = Path(data), class_names
+    if class_names is not None and len(set(class_names)) != len(class_names):
+        raise ValueError(f"the class names repeat a name: {','.join(class_names)}")
     if not data.exists():
         raise FileNotFoundError(f"data not found: {data} (expected a folder of class folders, train/ and val/ "
                                 f"folders of class folders, a list of name<TAB>label or a folder with train.txt)")
@@ -406,12 +427,27 @@ def find_image_samples(data, *, class_names=None, val_split=0.2, seed=0):
         empty = [name for label, name in enumerate(class_names) if label not in {label for _, label in split}]
         if empty:
             raise ValueError(f"no readable images in {root} for class(es): {', '.join(empty)}")
+    if fold is not None:
+        samples, (index, folds) = sum(splits, []), fold
+        val_index = set(stratified_folds([label for _, label in samples], folds, seed)[index])
+        return ([sample for i, sample in enumerate(samples) if i not in val_index],
+                [samples[i] for i in sorted(val_index)], class_names)
     if len(splits) == 2:
         return splits[0], splits[1], class_names
     if not 0 < val_split < 1:
         raise ValueError(f"val_split must be between 0 and 1 when {data} has no val/ folder, not {val_split}")
     train_index, val_index = stratified_split([label for _, label in splits[0]], val_split, seed)
     return [splits[0][i] for i in train_index], [splits[0][i] for i in val_index], class_names
+
+
+def _shuffled_classes(labels, seed):
+    # each class's indices, shuffled by a generator seeded with (seed, label): a class's order does not depend
+    # on the other classes
+    labels = np.asarray(labels)
+    for label in np.unique(labels):
+        index = np.flatnonzero(labels == label)
+        np.random.default_rng([seed, int(label)]).shuffle(index)
+        yield index
 
 
 def stratified_split(labels, val_fraction, seed=0):
@@ -422,15 +458,26 @@ def stratified_split(labels, val_fraction, seed=0):
     when it has two or more.
     Usage: train_index, val_index = stratified_split([0, 0, 0, 1, 1, 1], 1 / 3, seed=0)
     """
-    labels = np.asarray(labels)
     train_index, val_index = [], []
-    for label in np.unique(labels):
-        index = np.flatnonzero(labels == label)
-        np.random.default_rng([seed, int(label)]).shuffle(index)
+    for index in _shuffled_classes(labels, seed):
         n_val = min(max(int(round(val_fraction * len(index))), 1), len(index) - 1) if val_fraction > 0 else 0
         val_index += index[:n_val].tolist()
         train_index += index[n_val:].tolist()
     return sorted(train_index), sorted(val_index)
+
+
+def stratified_folds(labels, folds, seed=0):
+    """`folds` sorted index lists, disjoint and covering every sample, fold k being the validation set of
+    the k-th of `folds` runs (k-fold cross-validation). Every fold holds an equal share of every class:
+    each class is shuffled as stratified_split shuffles it, and the classes' indices, one class after
+    another, are dealt to the folds in turn, so a class's counts in two folds, and two folds' sizes,
+    differ by at most one. ValueError unless 2 <= folds <= len(labels).
+    Usage: val_index = stratified_folds([0, 0, 0, 1, 1, 1], 3, seed=0)[k]; train: every other index
+    """
+    if not 2 <= folds <= len(labels):
+        raise ValueError(f"{len(labels)} samples cannot make {folds} folds: choose 2 to {len(labels)}")
+    dealt = np.concatenate(list(_shuffled_classes(labels, seed))).tolist()
+    return [sorted(dealt[fold::folds]) for fold in range(folds)]
 
 
 def drop_unreadable_images(samples, max_workers=8):
@@ -512,23 +559,45 @@ class ImageSamples(torch.utils.data.Dataset):
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def image_transforms(image_size, *, train, normalize=True, crop_scale=(0.25, 1.0), mean_std=None):
-    """Training: random resized crop (area `crop_scale`) and horizontal flip; validation: resize to
-    image_size * 256/224 and center crop. Then a float tensor normalised with `mean_std` ((mean, std);
-    None: IMAGENET_MEAN_STD, which pretrained weights expect), or with normalize=False the PIL image (for
-    display). crop_scale is milder than ImageNet's (0.08, 1) because a hazard may sit anywhere in a
-    corridor photo and must stay in the crop.
-    Usage: transform = image_transforms(256, train=True)
+def image_transforms(image_size, *, train, normalize=True, crop_scale=(0.25, 1.0), mean_std=None, augment="none",
+                     random_erase=0.0):
+    """Training: random resized crop (area `crop_scale`) and horizontal flip, then, as torchvision's
+    classification recipe adds them, the `augment` policy ("trivialaugment": TrivialAugmentWide,
+    "randaugment": RandAugment, "none") and, on the normalised tensor, random erasing with probability
+    `random_erase`; validation: resize to image_size * 256/224 and center crop. Then a float tensor
+    normalised with `mean_std` ((mean, std); None: IMAGENET_MEAN_STD, which pretrained weights expect), or
+    with normalize=False the PIL image (for display). crop_scale is milder than ImageNet's (0.08, 1)
+    because a hazard may sit anywhere in a corridor photo and must stay in the crop.
+    Usage: transform = image_transforms(256, train=True, augment="trivialaugment", random_erase=0.1)
     """
     from torchvision.transforms import v2
+    policies = {"none": [], "trivialaugment": [v2.TrivialAugmentWide()], "randaugment": [v2.RandAugment()]}
+    if augment not in policies:
+        raise ValueError(f"augment must be one of {', '.join(policies)}, not {augment!r}")
     if train:
-        steps = [v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True), v2.RandomHorizontalFlip()]
+        steps = [v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True), v2.RandomHorizontalFlip(),
+                 *policies[augment]]
     else:
         steps = [v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)]
     if normalize:
+        erase = [v2.RandomErasing(random_erase)] if train and random_erase else []
         steps = [v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True),
-                 v2.Normalize(*(mean_std or IMAGENET_MEAN_STD))]
+                 v2.Normalize(*(mean_std or IMAGENET_MEAN_STD)), *erase]
     return v2.Compose(steps)
+
+
+def mix_batches(num_classes, *, mixup=0.0, cutmix=0.0):
+    """torchvision's MixUp (Beta(mixup, mixup) shares) and CutMix (alpha `cutmix`) of a training batch, as
+    its classification recipe uses them: a transform (images, labels) -> (mixed images, soft labels
+    [N, num_classes]) that applies one of them per batch (each half the time when both alphas are set),
+    or None when both are 0. Give it to classifier_loaders(batch_transform=...); nn.CrossEntropyLoss takes
+    soft labels, and classification_loss counts a prediction correct when it is the larger share's class.
+    Usage: train_loader, _ = classifier_loaders(train_set, val_set, 32, batch_transform=mix_batches(5, cutmix=1.0))
+    """
+    from torchvision.transforms import v2
+    mixers = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup else []) + (
+        [v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else [])
+    return v2.RandomChoice(mixers) if len(mixers) > 1 else next(iter(mixers), None)
 
 
 def _leave_stop_signals_to_main(worker_id):
@@ -540,8 +609,42 @@ def _leave_stop_signals_to_main(worker_id):
         signal.signal(number, signal.SIG_IGN)
 
 
+def default_num_workers(most=4):
+    """Loader workers for each process: `most`, but never more than this process's share (LOCAL_WORLD_SIZE
+    processes on the node) of the cores it may use.
+    Usage: train_loader, val_loader = classifier_loaders(train_set, val_set, 32, num_workers=default_num_workers())
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(most, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+class _KeyedSamples(torch.utils.data.Dataset):
+    # classifier_loaders' training set under a batch_transform: each sample comes with the sampler's key, for
+    # _transformed_batch to seed the batch's transform with
+    def __init__(self, dataset):
+        self.dataset, self.seeded_augmentation = dataset, getattr(dataset, "seeded_augmentation", False)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        return key, self.dataset[key]
+
+
+def _transformed_batch(batch_transform, keyed_samples):
+    # collate, then batch_transform(images, labels) on torch's CPU generator seeded by the samples' keys (index,
+    # seed, epoch): a batch is mixed the same way in any worker, and after a resume (a module-level function, so
+    # that spawned workers can unpickle it)
+    keys, samples = zip(*keyed_samples)
+    images, labels = torch.utils.data.default_collate(list(samples))
+    seed = np.random.SeedSequence([int(number) for key in keys for number in np.atleast_1d(key)]).generate_state(1)[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return batch_transform(images, labels)
+
+
 def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device="cpu", seed=0,
-                       rank=0, world_size=1, sample_weights=None):
+                       rank=0, world_size=1, sample_weights=None, batch_transform=None):
     """(train_loader, val_loader) for one process of `world_size`.
 
     Training batches come from a seeded DistributedSampler (also when world_size is 1, so the order
@@ -553,6 +656,10 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
     replacement in proportion to them (torch.multinomial, seeded by seed + epoch as the shuffle is),
     every rank its share of the same draw. A dataset with seeded_augmentation = True (ImageSamples) is asked for
     (index, seed, epoch) keys, so its augmentation does not depend on workers or resumes.
+    `batch_transform` (e.g. mix_batches' MixUp / CutMix) turns each collated training batch (images,
+    labels) into another, in the loader's workers, on torch's CPU generator seeded by the keys of the
+    batch's samples: the same batch of an epoch is transformed the same way whatever the worker count,
+    and when a resumed run skips to it.
     Validation is sharded by rank without padding, so all-reduced sums count every image once.
     Pinned memory on CUDA; workers persist across epochs and ignore SIGINT and SIGTERM, which the
     main process handles (see stop_on_signals). The loaders draw their worker seeds from their own
@@ -578,11 +685,13 @@ def classifier_loaders(train_set, val_set, batch_size, *, num_workers=0, device=
             keys = getattr(train_set, "seeded_augmentation", False)
             return iter([(index, self.seed, self.epoch) for index in indices] if keys else indices)
 
-    sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    keyed = train_set if batch_transform is None else _KeyedSamples(train_set)
+    sampler = EpochSampler(keyed, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     options = {"num_workers": num_workers, "pin_memory": torch.device(device).type == "cuda",
                "persistent_workers": num_workers > 0, "worker_init_fn": _leave_stop_signals_to_main,
                "generator": torch.Generator().manual_seed(seed + rank)}  # worker seeds: not from torch's global RNG
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler,
+    collate = None if batch_transform is None else functools.partial(_transformed_batch, batch_transform)
+    train_loader = torch.utils.data.DataLoader(keyed, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                                                drop_last=len(sampler) > batch_size, **options)
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=batch_size, shuffle=False, **options)
@@ -756,34 +865,55 @@ class FlowUNet(nn.Module):
         return self.output(h)
 
 
-CLASSIFIER_NAMES = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "efficientnet_b4")
+def build_classifier(name, num_classes, weights="none", state_dict=None, image_size=None):
+    """torchvision's classification model `name` (any of torchvision.models.list_models(module=
+    torchvision.models): resnet50, convnext_tiny, efficientnet_v2_s, regnet_y_1_6gf, swin_t, vit_b_16, ...)
+    with its ImageNet head (the last layer with 1000 outputs: a Linear, or SqueezeNet's 1x1 convolution)
+    replaced by a new one for `num_classes`. Inception v3 and GoogLeNet keep their main head only.
 
-
-def build_classifier(name, num_classes, weights="none"):
-    """A torchvision `name` (see CLASSIFIER_NAMES) with its last layer replaced for `num_classes`.
-
-    weights="imagenet" loads torchvision's default ImageNet weights from the torch hub cache
-    ($TORCH_HOME/hub/checkpoints, ~/.cache/torch by default), downloading them there when missing
+    weights="imagenet" loads the weights of the model's own weights enum (its DEFAULT) from the torch hub
+    cache ($TORCH_HOME/hub/checkpoints, ~/.cache/torch by default), downloading them there when missing
     (hash-checked); when that fails, FileNotFoundError says which file to put where, or to pass
     --weights none; a damaged cached file is a ValueError naming it. weights="none" (or None) starts
-    from random weights.
-    Usage: model = build_classifier("resnet50", num_classes=5, weights="imagenet")
+    from random weights; `state_dict` (a trained model's) is then loaded into it. An unknown name is a
+    ValueError naming the close ones; so is, with `image_size`, a model that cannot take images of that
+    side (ViT's fixed 224, a side too small for the network's strides), found by one forward on the CPU.
+    Usage: model = build_classifier("convnext_tiny", num_classes=5, weights="imagenet")
     """
-    if name not in CLASSIFIER_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(CLASSIFIER_NAMES)}")
+    names = torchvision.models.list_models(module=torchvision.models)
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        raise ValueError(f"unknown model {name!r}: not a torchvision classification model"
+                         + (f" (did you mean {', '.join(close)}?)" if close else
+                            " (see torchvision.models.list_models(module=torchvision.models))"))
     if weights not in ("imagenet", "none", None):
         raise ValueError(f"weights must be 'imagenet' or 'none', not {weights!r}")
-    model = torchvision.models.get_model(name, weights=None)
-    if weights == "imagenet":
-        url = torchvision.models.get_model_weights(name).DEFAULT.url
-        path = _hub_cached_file(url, f"the ImageNet weights for {name}", "pass --weights none to train from scratch",
-                                check_hash=True)
-        model.load_state_dict(load_checkpoint(path))
-    if hasattr(model, "fc"):
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
-    else:
-        model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
-    return model
+    enum = torchvision.models.get_model_weights(name).DEFAULT if weights == "imagenet" else None
+    if enum is not None:  # torchvision loads the cached file; first, our download and a weights_only check of it
+        load_checkpoint(_hub_cached_file(enum.url, f"the ImageNet weights for {name}",
+                                         "pass --weights none to train from scratch", check_hash=True))
+    model = torchvision.models.get_model(name, weights=enum)
+    if getattr(model, "aux_logits", False):  # Inception v3, GoogLeNet: their auxiliary heads would be unused
+        model.aux_logits = False
+        for aux in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(model, aux):
+                setattr(model, aux, None)
+    head_name, head = [(path, layer) for path, layer in model.named_modules()
+                       if getattr(layer, "out_features", getattr(layer, "out_channels", None)) == 1000][-1]
+    new_head = (nn.Linear(head.in_features, num_classes) if isinstance(head, nn.Linear)
+                else nn.Conv2d(head.in_channels, num_classes, kernel_size=1))
+    parent, _, attribute = head_name.rpartition(".")
+    setattr(model.get_submodule(parent), attribute, new_head)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    if image_size:  # refused here, not at the first training step
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, 3, image_size, image_size))
+        except (RuntimeError, AssertionError, ValueError) as error:
+            raise ValueError(f"{name} does not take {image_size}x{image_size} images ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0]})") from None
+    return model.train()
 
 
 def _hub_cached_file(url, what, alternative, check_hash=False):
@@ -823,12 +953,15 @@ def build_optimizer(name, parameters, learning_rate, *, weight_decay=0.0, moment
 def classification_loss(criterion):
     """Wrap a criterion (e.g. nn.CrossEntropyLoss()) into a `loss_fn(model, batch)` for train_epoch.
 
-    The returned function reads batch = (images, labels) and returns (loss, n_correct, n_samples).
+    The returned function reads batch = (images, labels) and returns (loss, n_correct, n_samples). Labels
+    are class indices, or soft labels [N, K] (mix_batches' MixUp / CutMix), where a prediction counts as
+    correct when it is the class of the larger share.
     Usage: train_epoch(model, loader, optimizer, classification_loss(nn.CrossEntropyLoss()))
     """
     def loss_fn(model, batch):
         logits, labels = model(batch[0]), batch[1]
-        return criterion(logits, labels), (logits.argmax(dim=1) == labels).sum(), labels.shape[0]
+        dominant = labels.argmax(dim=1) if labels.dim() > 1 else labels  # soft labels (MixUp): the larger share
+        return criterion(logits, labels), (logits.argmax(dim=1) == dominant).sum(), labels.shape[0]
     return loss_fn
 
 
@@ -1034,6 +1167,22 @@ def make_ema(model, decay=0.9999):
     ema_model = _EMAModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
     torch.optim.swa_utils.AveragedModel.update_parameters(ema_model, model)  # the first update copies the weights
     return ema_model
+
+
+def warmup_cosine_schedule(optimizer, total_steps, warmup_steps=0):
+    """A per-step learning-rate schedule: a linear warm-up over `warmup_steps` steps (from 1 / (warmup_steps
+    + 1) of the rate up to it), then a cosine decay over the remaining steps (torch's LinearLR and
+    CosineAnnealingLR in a SequentialLR); without warm-up, CosineAnnealingLR over all of them.
+    Usage: scheduler = warmup_cosine_schedule(optimizer, epochs * len(loader), 2 * len(loader)); scheduler.step()
+    """
+    schedulers = torch.optim.lr_scheduler
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"the warm-up ({warmup_steps} steps) must be shorter than the run ({total_steps} steps)")
+    cosine = schedulers.CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps)
+    if not warmup_steps:
+        return cosine
+    warmup = schedulers.LinearLR(optimizer, 1 / (warmup_steps + 1), 1.0, total_iters=warmup_steps)
+    return schedulers.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
 def _to_device(batch, device):
@@ -1395,42 +1544,136 @@ def predict_logits(model, dataset, *, device=None, amp_dtype=None, batch_size=64
     return tuple(torch.cat([part[which] for part in parts if part])[order] for which in (0, 1))
 
 
+def evaluate_classifier(model, dataset, criterion, weights, *, device=None, amp_dtype=None, batch_size=64,
+                        num_workers=0):
+    """(scores, probabilities [N, K], labels [N]) of `model` on every (image, label) of `dataset` (predict_logits:
+    eval mode, DDP-aware, every rank gets them all): scores are "loss" (criterion on all the logits) and
+    classification_scores' "acc", "macro_f1", "score" (weighted_f1_score with `weights`) and "f1". For the
+    weights' EMA (make_ema), pass ema_model.module.
+    Usage: scores, probs, labels = evaluate_classifier(model, val_set, nn.CrossEntropyLoss(), [2.0, 1.0, 1.0])
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    logits, labels = predict_logits(model, dataset, device=device, amp_dtype=amp_dtype, batch_size=batch_size,
+                                    num_workers=num_workers)
+    loss = float(criterion(logits.to(device), labels.to(device)))
+    return {"loss": loss, **classification_scores(labels, logits.argmax(dim=1), weights)}, logits.softmax(dim=1), labels
+
+
 def predict_images(model, paths, transform, *, device=None, amp_dtype=None, batch_size=64, num_workers=0, tta=False,
                    progress=False):
     """Class probabilities [N, K] (float32, CPU) of the image files `paths`, in order: each through
     `transform` (e.g. image_transforms(256, train=False)) and predict_logits (amp_dtype, tta, progress as
-    there). A file that cannot be read gets a row of NaN, and one warning names them
-    (drop_unreadable_images); ValueError when none can be read.
+    there). `model` may be a list or an iterable of models, an ensemble: the mean of their probabilities,
+    the models predicting one after another (a generator that builds each model holds one at a time). A
+    file that cannot be read gets a row of NaN, and one warning names them (drop_unreadable_images);
+    ValueError when none can be read.
     Usage: probs = predict_images(model, ["a.jpg", "b.jpg"], image_transforms(256, train=False))
     """
     readable = {path for path, _ in drop_unreadable_images([(path, 0) for path in paths])}
     kept = [index for index, path in enumerate(paths) if path in readable]
     if not kept:
         raise ValueError(f"none of the {len(paths)} image file(s) can be read")
-    logits, _ = predict_logits(model, ImageSamples([(paths[index], 0) for index in kept], transform), device=device,
-                               amp_dtype=amp_dtype, batch_size=batch_size, num_workers=num_workers, tta=tta,
-                               progress=progress)
-    probs = logits.new_full((len(paths), logits.shape[1]), math.nan)
-    probs[kept] = logits.softmax(dim=1)
+    dataset = ImageSamples([(paths[index], 0) for index in kept], transform)
+    members = [model] if isinstance(model, nn.Module) else model
+    kept_probs = torch.stack([predict_logits(member, dataset, device=device, amp_dtype=amp_dtype, batch_size=batch_size,
+                                             num_workers=num_workers, tta=tta, progress=progress)[0].softmax(dim=1)
+                              for member in members]).mean(dim=0)
+    probs = kept_probs.new_full((len(paths), kept_probs.shape[1]), math.nan)
+    probs[kept] = kept_probs
     return probs
 
 
-def write_submission(path, names, probs, class_names, fallback=0):
+def predict_submission(states, names, paths, submission, *, offsets=None, device="cpu", amp_dtype=None, batch_size=64,
+                       num_workers=0, tta=False, progress=False):
+    """Predict the image files `paths` (named `names` in the submission) with the classifier(s) of checkpoint
+    `states` and write `submission` (write_submission, with `offsets`). Each state holds "model" (a state dict)
+    and a "config" naming the build_classifier "model", its "classes", "image_size" and "mean_std", and its
+    training set's "class_counts" (train_fire.py's best_model.pth; the first's preprocessing serves all).
+    Several states are an ensemble: the mean of their probabilities (predict_images), each model built in its
+    turn. An unreadable image gets the training set's most frequent class (without class_counts: the most
+    frequent prediction). Returns (probabilities [N, K], predicted class indices, that fallback class).
+    Usage: probs, predicted, _ = predict_submission([load_checkpoint("best_model.pth")], ["a"], ["A/a.jpg"], "s.txt")
+    """
+    config = states[0]["config"]
+    models = (build_classifier(state["config"]["model"], len(state["config"]["classes"]),
+                               state_dict=state["model"]).to(device) for state in states)
+    transform = image_transforms(config["image_size"], train=False, mean_std=config.get("mean_std"))
+    probs = predict_images(models, paths, transform, device=device, amp_dtype=amp_dtype, batch_size=batch_size,
+                           num_workers=num_workers, tta=tta, progress=progress)
+    read = ~probs.isnan().any(dim=1)
+    counts = config.get("class_counts") or torch.bincount(probs[read].argmax(1), minlength=probs.shape[1]).tolist()
+    fallback = max(range(len(counts)), key=counts.__getitem__)
+    return probs, write_submission(submission, names, probs, config["classes"], fallback, offsets), fallback
+
+
+def apply_class_offsets(probs, offsets=None):
+    """The predicted class of each row of `probs` [N, K]: argmax(log p + offsets), in float64 (offsets:
+    one per class, fit_class_offsets'), or argmax p without offsets.
+    Usage: predicted = apply_class_offsets(probs, [0.4, 0.2, 0.0, -0.1, 0.0])
+    """
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    return (probs if offsets is None else probs.log() + torch.as_tensor(offsets, dtype=torch.float64)).argmax(dim=1)
+
+
+def write_submission(path, names, probs, class_names, fallback=0, offsets=None):
     """Write a competition's submission to `path`: one `name<TAB>label` line per image of `names`, in
-    order (UTF-8, no header), the label being the most probable class, or class `fallback` for a row of
-    NaN (an image predict_images could not read); and predictions.csv beside it: a name column, then one
-    probability column per class (empty for NaN). Both through write_atomically. Returns the label indices.
+    order (UTF-8, no header), the label being the most probable class (with `offsets`, apply_class_offsets'
+    class), or class `fallback` for a row of NaN (an image predict_images could not read); and
+    predictions.csv beside it (write_probability_csv). Both through write_atomically. Returns the label indices.
     Usage: predicted = write_submission("submission.txt", ["a.jpg"], torch.tensor([[0.2, 0.8]]), ["cat", "dog"])
     """
-    predicted = torch.where(probs.isnan().any(dim=1), fallback, probs.nan_to_num().argmax(dim=1)).tolist()
+    unread = probs.isnan().any(dim=1)
+    predicted = torch.where(unread, fallback, apply_class_offsets(probs.nan_to_num(0.5), offsets)).tolist()
     lines = [f"{name}\t{class_names[label]}\n" for name, label in zip(names, predicted)]
     write_atomically(path, lambda file: file.write("".join(lines).encode()))
+    write_probability_csv(Path(path).with_name("predictions.csv"), names, probs, class_names)
+    return predicted
+
+
+def write_probability_csv(path, names, probs, class_names, labels=None):
+    """Write `path` atomically (UTF-8, the csv module's quoting): a name column, with `labels` (class indices)
+    a label column of class names, then one probability column per class (6 decimals; empty for NaN), as
+    predictions.csv and out-of-fold predictions (oof.csv) are. read_probability_csv reads it back.
+    Usage: write_probability_csv("oof.csv", ["a.jpg"], torch.tensor([[0.2, 0.8]]), ["cat", "dog"], labels=[1])
+    """
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")  # quotes a name with a comma or a quote in it
-    writer.writerow(["name", *class_names])
-    writer.writerows([name, *(f"{p:.6f}" if p == p else "" for p in row)] for name, row in zip(names, probs.tolist()))
-    write_atomically(Path(path).with_name("predictions.csv"), lambda file: file.write(table.getvalue().encode()))
-    return predicted
+    writer.writerow(["name", *(["label"] if labels is not None else []), *class_names])
+    for index, (name, row) in enumerate(zip(names, torch.as_tensor(probs).tolist())):
+        label = [] if labels is None else [class_names[int(labels[index])]]
+        writer.writerow([name, *label, *(f"{p:.6f}" if p == p else "" for p in row)])
+    return write_atomically(path, lambda file: file.write(table.getvalue().encode()))
+
+
+def read_probability_csv(*paths):
+    """(names, probabilities [N, K] float64, label indices or None, class names) of files that
+    write_probability_csv wrote, one after another (a K-fold run's out-of-fold files). ValueError naming the
+    file when one is not such a table, when two name other classes or when a name repeats.
+    Usage: names, probs, labels, class_names = read_probability_csv("runs/cv/fold0/oof.csv", "runs/cv/fold1/oof.csv")
+    """
+    names, probs, labels, class_names, first_column = [], [], [], None, None
+    for path in paths:
+        with open(path, newline="", encoding="utf-8") as file:
+            rows = [row for row in csv.reader(file) if row]
+        header = rows[0] if rows else []
+        first = 2 if header[1:2] == ["label"] else 1  # of the probabilities
+        if header[:1] != ["name"] or len(header) < first + 2 or any(len(row) != len(header) for row in rows):
+            raise ValueError(f"{path} is not a table of names, labels and class probabilities")
+        if class_names is not None and (header[first:], first) != (class_names, first_column):
+            raise ValueError(f"{path} has other columns than {paths[0]}: {','.join(header)}")
+        class_names, first_column = header[first:], first
+        try:
+            probs.append(torch.tensor([[float(cell) if cell else math.nan for cell in row[first:]] for row in rows[1:]],
+                                      dtype=torch.float64).reshape(-1, len(class_names)))
+            labels += [class_names.index(row[1]) for row in rows[1:]] if first == 2 else []
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        names += [row[0] for row in rows[1:]]
+    repeated = [name for name, count in collections.Counter(names).items() if count > 1]
+    if repeated:
+        raise ValueError(f"{len(repeated)} name(s) appear twice in {', '.join(map(str, paths))}: "
+                         f"{', '.join(repeated[:3])}")
+    return names, torch.cat(probs), labels if first_column == 2 else None, class_names
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -1731,6 +1974,80 @@ def f1_scores(y_true, y_pred, num_classes):
           for label, (p, r) in enumerate(zip(precision, recall))]
     present = [value for value in f1 if value == value]
     return f1, sum(present) / len(present) if present else math.nan
+
+
+def weighted_f1_score(y_true, y_pred, weights):
+    """A competition's score: sum over the classes of weights[c] * F1_c (f1_scores' per-class F1, one weight
+    per class), so its maximum is sum(weights). A class that occurs in neither y_true nor y_pred, which has
+    no F1 there, counts 0 here, as in torchmetrics' MulticlassF1Score(average=None); so does a class that is
+    never found or only wrongly predicted.
+    Usage: score = weighted_f1_score([0, 1, 2, 2], [0, 1, 2, 1], [2.0, 1.5, 1.0])  # 2 * 1 + 1.5 * 2/3 + 1 * 2/3
+    """
+    f1, _ = f1_scores(y_true, y_pred, len(weights))
+    return float(sum(weight * value for weight, value in zip(weights, f1) if value == value))
+
+
+def weights_by_name(weights, class_names, default=1.0):
+    """One weight per class of `class_names`, from {class name: weight}; a class not named gets `default`.
+    ValueError names the keys that are no class.
+    Usage: weights = weights_by_name({"高风险": 2.0, "中风险": 1.5}, class_names)  # a score's class weights
+    """
+    unknown = sorted(set(weights) - set(class_names))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: no class of {', '.join(class_names)}")
+    return [float(weights.get(name, default)) for name in class_names]
+
+
+def classification_scores(y_true, y_pred, weights):
+    """{"acc": accuracy in percent, "macro_f1", "score": weighted_f1_score with `weights` (one per class), "f1":
+    f1_scores' per-class list (NaN: a class in neither)} of class indices.
+    Usage: scores = classification_scores(labels, logits.argmax(dim=1), [2.0, 1.5, 1.0]); print(scores["score"])
+    """
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    f1, macro_f1 = f1_scores(y_true, y_pred, len(weights))
+    return {"acc": 100.0 * float((y_true == y_pred).mean()) if len(y_true) else math.nan, "macro_f1": macro_f1,
+            "score": weighted_f1_score(y_true, y_pred, weights), "f1": f1}
+
+
+def fit_class_offsets(probs, labels, weights, *, grid=None, rounds=10):
+    """Per-class offsets b on the log-probabilities that raise weighted_f1_score(labels, argmax(log probs + b),
+    weights) on held-out (out-of-fold) predictions: a coordinate search from b = 0, setting one class's
+    offset at a time to the best value of `grid` (default -3 to 3 in steps of 0.05) with the others fixed,
+    a change kept only when it raises the score, until a round over the classes changes nothing (at most
+    `rounds`). So the score never falls. Returns (offsets as a list of floats, score before, score after);
+    apply_class_offsets(probs, offsets) predicts with them.
+    Usage: offsets, before, after = fit_class_offsets(oof_probs, oof_labels, [2.0, 1.5, 1.0, 1.0, 1.0])
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    grid = np.arange(-60, 61) / 20 if grid is None else np.asarray(grid, dtype=np.float64)
+    offsets = [0.0] * len(weights)
+
+    def score(trial):
+        return weighted_f1_score(labels, apply_class_offsets(probs, trial).numpy(), weights)
+    before = best = score(offsets)
+    for _ in range(rounds):
+        changed = False
+        for label in range(len(weights)):
+            for value in grid.tolist():
+                trial = offsets[:label] + [value] + offsets[label + 1:]
+                trial_score = score(trial)
+                if trial_score > best:
+                    best, offsets, changed = trial_score, trial, True
+        if not changed:
+            break
+    return offsets, before, best
+
+
+def warn_of_absent_classes(labels, class_names, where, metric):
+    """One warning naming the classes without an image in `labels` (class indices): `metric` averages
+    the others (f1_scores), and a class in neither labels nor predictions has no F1.
+    Usage: warn_of_absent_classes(val_set.labels, ["cat", "dog"], "the validation set", "val_macro_f1")
+    """
+    present = set(labels)
+    absent = [repr(name) for index, name in enumerate(class_names) if index not in present]
+    if absent:
+        warnings.warn(f"{where} has no image of class(es) {', '.join(absent)}: {metric} is the mean over the classes "
+                      f"that occur in its labels or predictions, and a class in neither has no F1", stacklevel=2)
 
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -2387,6 +2704,19 @@ def wandb_run(config=None, project="wbflow", *, enabled=True, run_id=None, init_
     guarded.finish()
 
 
+def define_metrics(run, summaries, step_metric, *, global_step=()):
+    """Declare a run's metrics: each key (or glob) of `summaries` plotted against `step_metric`, or against
+    W&B's global step when it starts with one of `global_step` (per-step series), its summary holding
+    summaries[key] ("min", "max", "last" or None) rather than the last value. Nothing without a run.
+    Usage: define_metrics(run, {"train_loss": "min", "val_acc": "max"}, "epoch", global_step=("train_",))
+    """
+    if run:
+        run.define_metric(step_metric)
+        for key, summary in summaries.items():
+            run.define_metric(key, step_metric=None if key.startswith(tuple(global_step)) else step_metric,
+                              summary=summary)
+
+
 def flush_run(run, timeout=2.0):
     """Commit the run's pending history row and wait (at most `timeout` seconds) until W&B's service has
     written the run's record (run-*.wandb) to disk, so that a process killed after it (kill -9, the OOM
@@ -2954,6 +3284,80 @@ def load_checked(reference, *, program, flag, driver, device="cpu", project=None
     return path, state
 
 
+def load_checkpoints(references, *, same=(), program, flag, driver, **check):
+    """load_checked of each of `references`, as a list of (path, state): the models of an ensemble, each
+    holding the first's state["config"] values of the keys `same` (else one line names the first difference).
+    Usage: members = load_checkpoints(["a.pth", "b.pth"], same=("classes",), program="p", flag="--model", driver="d")
+    """
+    first = load_checked(references[0], program=program, flag=flag, driver=driver, **check)
+    expected = {**check.pop("expected", {}), **{key: first[1]["config"].get(key) for key in same}}
+    hints = {**check.pop("hints", {}), **dict.fromkeys(same, f" (the models of an ensemble share {', '.join(same)}: "
+                                                           f"{references[0]}'s)")}
+    return [first] + [load_checked(reference, program=program, flag=flag, driver=driver, expected=expected,
+                                   hints=hints, **check) for reference in references[1:]]
+
+
+def write_ensemble(path, checkpoints, class_names, offsets=None, **metadata):
+    """Write `path`, a JSON file (atomically) naming an ensemble: its model files `checkpoints` (paths relative
+    to the file's folder, each with its sha256), the `class_names` they share, per-class decision `offsets`
+    (fit_class_offsets'; None: zeros) and `metadata`. read_ensemble reads it back.
+    Usage: write_ensemble("runs/cv/ensemble.json", ["runs/cv/fold0/best_model.pth"], ["cat", "dog"], [0.2, 0.0])
+    """
+    folder = Path(path).resolve().parent
+    document = {"checkpoints": [{"path": os.path.relpath(Path(checkpoint).resolve(), folder),
+                                 "sha256": file_sha256(checkpoint)} for checkpoint in checkpoints],
+                "class_names": list(class_names),
+                "offsets": [float(value) for value in offsets or [0] * len(class_names)],
+                **metadata}
+    return write_atomically(path, lambda file: file.write(json.dumps(document, indent=2, ensure_ascii=False).encode()))
+
+
+def read_ensemble(path):
+    """(checkpoint paths, class names, offsets, the whole document) of write_ensemble's file. ValueError when
+    it is not one, when the offsets are not one per class, or when a checkpoint file has changed since it was
+    written (its sha256); FileNotFoundError when one is missing.
+    Usage: checkpoints, class_names, offsets, document = read_ensemble("runs/cv/ensemble.json")
+    """
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        members, class_names, offsets = document["checkpoints"], document["class_names"], document["offsets"]
+        paths = [Path(path).parent / member["path"] for member in members]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not an ensemble file ({type(error).__name__}: {error})") from None
+    if len(offsets) != len(class_names):
+        raise ValueError(f"{path} has {len(offsets)} offsets for {len(class_names)} classes")
+    for member, checkpoint in zip(members, paths):
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{path} names {checkpoint}, which does not exist")
+        if file_sha256(checkpoint) != member["sha256"]:
+            raise ValueError(f"{checkpoint} has changed since {path} was written (its sha256 differs): run --cv again")
+    return paths, class_names, offsets, document
+
+
+def fit_ensemble(oof_paths, checkpoints, class_names, weights, path, *, run=None):
+    """Fit the ensemble of a K-fold run on its out-of-fold predictions `oof_paths` (write_probability_csv's
+    tables with labels, one per fold; they must name `class_names` and each image once): per-class decision
+    offsets (fit_class_offsets) that raise weighted_f1_score with `weights`, written with the folds' model
+    files `checkpoints` to `path` (write_ensemble). Logs to `run` oof_score and oof_score_with_offsets (the
+    score before and after the offsets), oof_acc, oof_macro_f1, oof_f1/<class> and the confusion matrix
+    (log_classification_report). Returns (those scores, the offsets).
+    Usage: scores, offsets = fit_ensemble(["cv/fold0/oof.csv", "cv/fold1/oof.csv"], models, ["a", "b"], [2, 1], "e")
+    """
+    names, probs, labels, found = read_probability_csv(*oof_paths)
+    if labels is None or found != list(class_names):
+        raise ValueError(f"{oof_paths[0]} holds no labels or other classes than {', '.join(class_names)}")
+    offsets, before, after = fit_class_offsets(probs, labels, weights)
+    write_ensemble(path, checkpoints, class_names, offsets, score_weights=list(weights), oof_score=before,
+                   oof_score_with_offsets=after, oof_images=len(names))
+    oof = classification_scores(labels, probs.argmax(dim=1), weights)
+    scores = {"oof_score": before, "oof_score_with_offsets": after, "oof_acc": oof["acc"], "oof_macro_f1":
+              oof["macro_f1"], **{f"oof_f1/{name}": f1 for name, f1 in zip(class_names, oof["f1"]) if f1 == f1}}
+    if run:
+        run.log(scores)
+        log_classification_report(run, probs, labels, class_names)
+    return scores, offsets
+
+
 # ----------------------------------------------------------------------------- config & command line
 
 def _fit_type(value, default, written):
@@ -3055,6 +3459,35 @@ def str2bool(value):
     if text not in true_words + ("false", "f", "no", "n", "0", "off"):
         raise argparse.ArgumentTypeError(f"expected a boolean (true/false), not {value!r}")
     return text in true_words
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's formatter that appends "(default: VALUE)" to each flag's help, except where the default is
+    None (that help says what happens then).
+    Usage: parser = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter)
+    """
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def name_values(text):
+    """argparse type for `NAME=VALUE,NAME=VALUE,...` (numbers), as {name: float}: per-class weights, say.
+    Usage: parser.add_argument("--score-weights", type=name_values)  # --score-weights 高风险=2,中风险=1.5
+    """
+    pairs = [pair.partition("=") for pair in str(text).split(",")]
+    try:
+        return {name.strip(): float(value) for name, _, value in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER,NAME=NUMBER,..., not {text!r}") from None
+
+
+def output_file(path, default_folder, name):
+    """The file an output flag names: `path` itself, or `name` in it when it is a folder or ends with a path
+    separator (a folder to make); without `path`, `name` in `default_folder`.
+    Usage: submission = output_file(args.submission, "runs/fire", "submission.txt")
+    """
+    folder = path is None or os.path.isdir(path) or str(path).endswith(("/", os.sep))
+    return Path(path or default_folder) / name if folder else Path(path)
 
 
 def add_sweep_argument(parser, flag, **kwargs):
