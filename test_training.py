@@ -342,13 +342,10 @@ FLOW = ["--smoke", "--epochs", "3", "--set", "data.max_images=48", "--set", "tra
         "--set", "sampling.table_nfes=[1, 2]", "--set", "sampling.rk45_tolerance=0.01"]
 
 
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory):
-    """The uninterrupted run, W&B offline in its own folder: argv (all but --out-dir), out dir, RunLog, the W&B
-    folder and what it printed. Tests only read it."""
-    root = tmp_path_factory.mktemp("whole")
-    write_cifar_batches(root / "data", per_batch=10, test_images=2)
-    argv, threads = FLOW + ["--data-dir", str(root / "data")], torch.get_num_threads()
+def uninterrupted_flow_run(root, argv):
+    """train_flow.main(argv + --out-dir root/out) on one thread, W&B offline in root (staging in root/staging): argv,
+    out dir, RunLog, the W&B folder and what it printed, for a module's tests to read."""
+    threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as printed:
         for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(root), "WANDB_SILENT": "true",
                            "WANDB_CONSOLE": "off", "WANDB_DATA_DIR": str(root / "staging")}.items():
@@ -360,6 +357,14 @@ def whole(tmp_path_factory):
             torch.set_num_threads(threads)
     [log] = run_logs(root)
     return SimpleNamespace(argv=argv, out=root / "out", log=log, root=root, printed=printed.getvalue())
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """The uninterrupted run (uninterrupted_flow_run) on CIFAR-10 files. Tests only read it."""
+    root = tmp_path_factory.mktemp("whole")
+    write_cifar_batches(root / "data", per_batch=10, test_images=2)
+    return uninterrupted_flow_run(root, FLOW + ["--data-dir", str(root / "data")])
 
 
 def table_keys(checkpoint):
