@@ -5,7 +5,7 @@
     python bench_wbflow.py fid        # Fréchet distance vs pytorch-fid / torchmetrics; Inception features
     python bench_wbflow.py flow       # DeviceImageLoader vs torchvision; euler_sample vs steps x forward
     python bench_wbflow.py flow --data-dir data --device cuda
-    python bench_wbflow.py fewer      # 8 Gaussians: 1-RF vs OT coupling vs 2-RF (W2 at NFE 1/2/100, straightness)
+    python bench_wbflow.py fewer      # 8 Gaussians: 1-RF vs OT vs 2-RF vs MeanFlow (W2 at NFE 1/2/100, time)
     python bench_wbflow.py conditional  # overlapping 2-D classes: guidance 1-3 vs unconditional (own-class share, W2)
     python bench_wbflow.py competition  # the fire competition: one model vs the 5-fold ensemble and its offsets
     python bench_wbflow.py --gpu      # CUDA: flow training vs torchcfm, Euler and guided sampling, FID, train_fire
@@ -295,14 +295,16 @@ def bench_flow(data_dir=None, batch_size=128, steps=20, device="cpu"):
 
 # ----------------------------------------------------------------------------- fewer steps: OT coupling and reflow
 
-class _VelocityMLP(nn.Module):  # v(x, t) on the plane
-    def __init__(self, width=128):
+class _VelocityMLP(nn.Module):  # v(x, t) on the plane; with second_time, the average velocity u(x, t, r)
+    def __init__(self, width=128, second_time=False):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(3, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+        self.second_time = second_time  # then the jump's length r - t is a third input
+        self.net = nn.Sequential(nn.Linear(3 + second_time, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
                                  nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2))
 
-    def forward(self, x, t):
-        return self.net(torch.cat([x, t[:, None]], dim=1))
+    def forward(self, x, t, r=None):
+        jump = [(t if r is None else r)[:, None] - t[:, None]] if self.second_time else []
+        return self.net(torch.cat([x, t[:, None]] + jump, dim=1))
 
 
 def _eight_gaussians(count, generator, radius=4.0, std=0.2):
@@ -310,10 +312,10 @@ def _eight_gaussians(count, generator, radius=4.0, std=0.2):
     return torch.stack([angles.cos(), angles.sin()], 1) * radius + std * torch.randn(count, 2, generator=generator)
 
 
-def _fit(model, batches, coupling="independent", lr=1e-3):
+def _fit(model, batches, loss_fn=wbflow.rectified_flow_loss, lr=1e-3):
+    """(train_epoch's stats, the model in eval mode) after one pass of Adam over `batches`."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    loss = functools.partial(wbflow.rectified_flow_loss, coupling=coupling)
-    return wbflow.train_epoch(model, batches, optimizer, loss, progress=False)["loss"], model.eval()
+    return wbflow.train_epoch(model, batches, optimizer, loss_fn, progress=False), model.eval()
 
 
 def _w2(samples, held_out):
@@ -325,9 +327,10 @@ def _w2(samples, held_out):
 
 
 def bench_fewer_steps(steps=3000, batch_size=256, num_pairs=50_000, evaluated=2000, seed=0):
-    """Plain 1-RF vs OT coupling vs 2-RF (reflow of that 1-RF) on a 2-D mixture of 8 Gaussians, each trained
-    with train_epoch: exact W2 to held-out data at NFE 1, 2 and 100 (Euler), and straightness; then the cost of
-    ot_pairs on one CIFAR batch of 128 (CPU).
+    """Plain 1-RF vs OT coupling vs 2-RF (reflow of that 1-RF) vs MeanFlow from scratch on a 2-D mixture of 8
+    Gaussians, each trained with train_epoch on the same batches: exact W2 to held-out data at NFE 1, 2 and 100
+    (Euler; MeanFlow's NFE k is k jumps of 1/k, meanflow_velocity), straightness and training seconds; then the
+    cost of ot_pairs on one CIFAR batch of 128 (CPU).
 
     Usage: numbers = bench_fewer_steps()  # or python bench_wbflow.py fewer
     """
@@ -335,25 +338,35 @@ def bench_fewer_steps(steps=3000, batch_size=256, num_pairs=50_000, evaluated=20
     torch.manual_seed(seed)
     batches = list(_eight_gaussians(steps * batch_size, generator).split(batch_size))
     held_out, noise = _eight_gaussians(evaluated, generator), torch.randn(evaluated, 2, generator=generator)
-    models = {"1-RF": _fit(_VelocityMLP(), batches)[1], "OT": _fit(_VelocityMLP(), batches, coupling="ot")[1]}
+    fits = {"1-RF": _fit(_VelocityMLP(), batches),
+            "OT": _fit(_VelocityMLP(), batches, functools.partial(wbflow.rectified_flow_loss, coupling="ot"))}
     pair_noise = torch.randn(num_pairs, 2, generator=generator)  # 2-RF: the 1-RF's own pairs, from its weights
-    pairs = {"noise": pair_noise, "data": wbflow.euler_sample(models["1-RF"], pair_noise, 100)}
-    student = copy.deepcopy(models["1-RF"])
+    pairs = {"noise": pair_noise, "data": wbflow.euler_sample(fits["1-RF"][1], pair_noise, 100)}
+    student = copy.deepcopy(fits["1-RF"][1])
     pair_batches = [{"noise": pairs["noise"][index], "data": pairs["data"][index]}
                     for index in torch.randint(num_pairs, (steps, batch_size), generator=generator)]
-    models["2-RF"] = _fit(student, pair_batches)[1]
+    fits["2-RF"] = _fit(student, pair_batches)
+    fits["MeanFlow"] = _fit(_VelocityMLP(second_time=True), batches, wbflow.meanflow_loss)  # no teacher
     numbers = {}
     print(f"fewer steps (8 Gaussians, radius 4, std 0.2; {steps} steps of batch {batch_size} each; W2 on "
-          f"{evaluated} held-out points; 2-RF on {num_pairs} pairs of the 1-RF, Euler NFE 100):")
-    print(f"  {'model':6} {'W2 NFE 1':>9} {'NFE 2':>7} {'NFE 100':>8} {'straightness':>13}")
-    for name, model in models.items():
-        row = {nfe: _w2(wbflow.euler_sample(model, noise, nfe), held_out) for nfe in (1, 2, 100)}
-        row["straightness"] = wbflow.straightness(model, noise, steps=100)
+          f"{evaluated} held-out points; 2-RF on {num_pairs} pairs of the 1-RF, Euler NFE 100, its seconds without "
+          f"them; MeanFlow: meanflow_loss's defaults, NFE k = k jumps):")
+    print(f"  {'model':8} {'W2 NFE 1':>9} {'NFE 2':>7} {'NFE 100':>8} {'straightness':>13} {'train s':>8}")
+    for name, (stats, model) in fits.items():
+        velocity = functools.partial(wbflow.meanflow_velocity, model) if name == "MeanFlow" else lambda nfe: model
+        row = {nfe: _w2(wbflow.euler_sample(velocity(nfe), noise, nfe), held_out) for nfe in (1, 2, 100)}
+        row["straightness"] = wbflow.straightness(velocity(100), noise, steps=100)
+        row["seconds"], row["steps"] = stats["seconds"], stats["steps"]
         numbers[name] = row
-        print(f"  {name:6} {row[1]:9.3f} {row[2]:7.3f} {row[100]:8.3f} {row['straightness']:13.4f}")
+        print(f"  {name:8} {row[1]:9.3f} {row[2]:7.3f} {row[100]:8.3f} {row['straightness']:13.4f} "
+              f"{row['seconds']:8.1f}")
     for name in ("OT", "2-RF"):
         print(f"  {name}: one-step W2 {numbers[name][1] / numbers['1-RF'][1]:.2f}x 1-RF's (target <= 0.5x), "
               f"straightness {numbers[name]['straightness'] / numbers['1-RF']['straightness']:.3f}x (target <= 0.25x)")
+    print(f"  MeanFlow: one-step W2 {numbers['MeanFlow'][1] / numbers['1-RF'][100]:.2f}x 1-RF's 100-step W2 "
+          f"(target <= 1.2x) in {numbers['MeanFlow']['steps'] / numbers['1-RF']['steps']:.2f}x 1-RF's steps "
+          f"(target <= 2x), "
+          f"{numbers['MeanFlow']['seconds'] / numbers['1-RF']['seconds']:.1f}x its training seconds")
     x0, x1 = torch.randn(128, 3, 32, 32), torch.rand(128, 3, 32, 32) * 2 - 1
     numbers["ot_pairs_ms"] = _best_seconds(lambda: wbflow.ot_pairs(x0, x1), 10) * 1000
     print(f"  ot_pairs on a CIFAR batch of 128 (3072 dims, CPU, {torch.get_num_threads()} threads): "
@@ -602,11 +615,16 @@ def _torchcfm_ema(source, target, decay):
         target_dict[key].data.copy_(target_dict[key].data * decay + source_dict[key].data * (1 - decay))
 
 
-def _flow_recipe(model_config, training, *, device, channels_last, compile_backend, image_size=32):
+FLOW_LOSSES = {"rectified_flow": wbflow.rectified_flow_loss, "meanflow": wbflow.meanflow_loss}
+
+
+def _flow_recipe(model_config, training, *, device, channels_last, compile_backend, image_size=32,
+                 objective="rectified_flow"):
     """train(loader, amp, on_log=None) -> train_epoch's stats: one epoch of train_flow.py's loop (a FlowUNet,
-    fused Adam, the warm-up schedule, EMA, clipping, a window every log_interval steps), each call continuing."""
+    fused Adam, the warm-up schedule, EMA, clipping, a window every log_interval steps) on the objective's loss
+    (FLOW_LOSSES), each call continuing."""
     torch.manual_seed(0)
-    model = wbflow.FlowUNet(**model_config, image_size=image_size).to(device)
+    model = wbflow.FlowUNet(**model_config, image_size=image_size, second_time=objective == "meanflow").to(device)
     model = model.to(memory_format=torch.channels_last) if channels_last else model
     ema_model = wbflow.make_ema(model, training["ema_decay"])
     optimizer = torch.optim.Adam(model.parameters(), lr=training["learning_rate"], fused=True)
@@ -616,7 +634,7 @@ def _flow_recipe(model_config, training, *, device, channels_last, compile_backe
     progress = {"step": 0}
 
     def train(loader, amp, on_log=None):
-        stats = wbflow.train_epoch(train_model, loader, optimizer, wbflow.rectified_flow_loss, device=device,
+        stats = wbflow.train_epoch(train_model, loader, optimizer, FLOW_LOSSES[objective], device=device,
                                    scheduler=scheduler, ema_model=ema_model, grad_clip=training["gradient_clip"],
                                    amp_dtype=wbflow.autocast_dtype(device, amp), step=progress["step"],
                                    log_every=training["log_interval"], on_log=on_log, progress=False)
@@ -625,11 +643,12 @@ def _flow_recipe(model_config, training, *, device, channels_last, compile_backe
     return train
 
 
-def _flow_recipe_rate(images_uint8, model_config, training, *, device, amp, channels_last, compile_backend, run):
+def _flow_recipe_rate(images_uint8, model_config, training, *, device, amp, channels_last, compile_backend, run,
+                      objective="rectified_flow"):
     """images/s of train_flow.py's training loop on a DeviceImageLoader, with W&B logging every log_interval
     steps, from its first log point to its last."""
     train = _flow_recipe(model_config, training, device=device, channels_last=channels_last,
-                         compile_backend=compile_backend, image_size=images_uint8.shape[-1])
+                         compile_backend=compile_backend, image_size=images_uint8.shape[-1], objective=objective)
     reached = {}
 
     def log_window(step, window):  # train_epoch has just read its sums: every step before this one has run
@@ -688,7 +707,8 @@ def _recipe_training(sizes):
 
 def gpu_train_rows(sizes, peak_flops):
     """Flow training images/s of the default recipe, each row as soon as it is measured: torchcfm's step first
-    (the reference), then ours in float32 eager, bf16 + channels_last eager, and bf16 + channels_last + compile."""
+    (the reference), then ours in float32 eager, bf16 + channels_last eager, and bf16 + channels_last + compile,
+    then MeanFlow's step (meanflow_loss on the same UNet with its second time) in bf16 + channels_last eager."""
     model_config, training, images_uint8 = _recipe_training(sizes)
     device, batch_size = sizes["device"], training["batch_size"]
     cfm_rate = None
@@ -701,29 +721,44 @@ def gpu_train_rows(sizes, peak_flops):
                    f"{_rate(cfm_rate)} ({1000 * batch_size / cfm_rate:.1f} ms/step)",
                    mfu=_mfu(cfm_rate, cfm_flops, peak_flops), reference="1.00x torchcfm",
                    settings=f"{cfm_flops / 1e9:.2f} GFLOP/image measured; the same recipe, torchcfm's step")
-    # the model's FLOPs, counted once in float32 (the counter misses some fused attention kernels of other layouts)
-    model = wbflow.FlowUNet(**model_config, image_size=sizes["image_size"]).to(device)
-    flops = _training_flops_per_image(lambda: wbflow.rectified_flow_loss(
-        model, images_uint8[:batch_size].to(device).float() / 127.5 - 1), batch_size)
-    settings = (f"{flops / 1e9:.2f} GFLOP/image measured; FlowUNet of {sum(p.numel() for p in model.parameters()):,} "
-                f"parameters, batch {batch_size}, Adam (fused), EMA {training['ema_decay']}, clip "
-                f"{training['gradient_clip']}, W&B log at every log_interval ({training['log_interval']}) steps, "
+    flops, parameters = _flow_flops_per_image(model_config, sizes, images_uint8[:batch_size], "rectified_flow")
+    meanflow_flops, _ = _flow_flops_per_image(model_config, sizes, images_uint8[:batch_size], "meanflow")
+    settings = (f"FlowUNet of {parameters:,} parameters, batch {batch_size}, Adam (fused), "
+                f"EMA {training['ema_decay']}, clip {training['gradient_clip']}, "
+                f"W&B log at every log_interval ({training['log_interval']}) steps, "
                 f"timed from step {training['log_interval']} to {sizes['train_steps']}")
-    del model
-    variants = {"float32 eager (TF32 convolutions: PyTorch's CUDA default)": (False, False, None),
-                "bf16 + channels_last eager (train_flow's default)": (True, True, None),
+    default = "bf16 + channels_last eager (train_flow's default)"
+    variants = {"float32 eager (TF32 convolutions: PyTorch's CUDA default)": (False, False, None, "rectified_flow"),
+                default: (True, True, None, "rectified_flow"),
                 f"bf16 + channels_last + torch.compile ({sizes['compile_backend']})":
-                    (True, True, sizes["compile_backend"])}
+                    (True, True, sizes["compile_backend"], "rectified_flow"),
+                f"MeanFlow (meanflow_loss), {default}": (True, True, None, "meanflow")}
     os.environ.setdefault("WANDB_MODE", "offline")
+    rates = {}
     with tempfile.TemporaryDirectory() as wandb_dir:
         os.environ["WANDB_DIR"] = wandb_dir
         with wbflow.wandb_run({"bench": "gpu train"}, project="bench") as run:
-            for name, (amp, channels_last, backend) in variants.items():
-                rate = _flow_recipe_rate(images_uint8, model_config, training, device=device, amp=amp,
-                                         channels_last=channels_last, compile_backend=backend, run=run)
+            for name, (amp, channels_last, backend, objective) in variants.items():
+                rates[name] = rate = _flow_recipe_rate(images_uint8, model_config, training, device=device, amp=amp,
+                                                       channels_last=channels_last, compile_backend=backend, run=run,
+                                                       objective=objective)
+                reference = [f"{rate / cfm_rate:.2f}x torchcfm"] if cfm_rate else []
+                if objective == "meanflow":  # beside rectified flow's step on the same UNet
+                    reference.append(f"{rate / rates[default]:.2f}x rectified flow's")
+                objective_flops = meanflow_flops if objective == "meanflow" else flops
                 yield _row("flow training", name, f"{_rate(rate)} ({1000 * batch_size / rate:.1f} ms/step)",
-                           mfu=_mfu(rate, flops, peak_flops), settings=settings,
-                           reference=f"{rate / cfm_rate:.2f}x torchcfm" if cfm_rate else "")
+                           mfu=_mfu(rate, objective_flops, peak_flops), reference=", ".join(reference),
+                           settings=f"{objective_flops / 1e9:.2f} GFLOP/image measured; {settings}")
+
+
+def _flow_flops_per_image(model_config, sizes, images_uint8, objective):
+    """(training FLOPs per image of the objective's loss, counted once in float32, parameters) of the recipe's
+    FlowUNet; the counter misses some fused attention kernels of other layouts, and counts MeanFlow's JVP."""
+    model = wbflow.FlowUNet(**model_config, image_size=sizes["image_size"], second_time=objective == "meanflow")
+    model = model.to(sizes["device"])
+    images = images_uint8.to(sizes["device"]).float() / 127.5 - 1
+    flops = _training_flops_per_image(lambda: FLOW_LOSSES[objective](model, images), len(images))
+    return flops, sum(parameter.numel() for parameter in model.parameters())
 
 
 def _kernel_kind(name):

@@ -307,6 +307,30 @@ def _(drop_labels, tmp_path, fixture):
     assert seen[0].tolist() == [3, 3]
 
 
+class JumpVelocity(nn.Module):  # an average velocity u(x, t, r) = r - t, the same for every x
+    def forward(self, x, t, r=None):
+        return (t if r is None else r)[:, None] - t[:, None] + torch.zeros_like(x)
+
+
+@call("meanflow_times")
+def _(meanflow_times, tmp_path, fixture):
+    t, r = meanflow_times(8)
+    assert t.shape == (8,) and (t <= r).all() and (r <= 1).all()
+
+
+@call("meanflow_target")
+def _(meanflow_target, tmp_path, fixture):
+    # du/dt = -1 along the path; the jump from 0.25 to 0.75: velocity - (-0.5) * (-1)
+    target = meanflow_target(JumpVelocity(), torch.zeros(2, 3), torch.full((2,), 0.25), torch.full((2,), 0.75),
+                             torch.ones(2, 3))
+    assert torch.equal(target, torch.full((2, 3), 0.5))
+
+
+@call("meanflow_loss")
+def _(meanflow_loss, tmp_path, fixture):
+    assert meanflow_loss(JumpVelocity(), torch.randn(4, 2)) > 0
+
+
 @call("focal_loss")
 def _(focal_loss, tmp_path, fixture):
     logits, targets = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
@@ -570,6 +594,12 @@ def _(class_grid, tmp_path, fixture):
     model = wbflow.FlowUNet(base_channels=8, channel_mults=(1,), num_res_blocks=1, head_channels=8, num_classes=2)
     grid, caption, used = class_grid(model.eval(), torch.randn(3, 3, 8, 8), ["cat", "dog"], guidance=2.0, nfe=2)
     assert grid.shape == (22, 32, 3) and caption == "rows: cat, dog" and used == 2
+
+
+@call("meanflow_velocity")
+def _(meanflow_velocity, tmp_path, fixture):
+    samples = wbflow.euler_sample(meanflow_velocity(JumpVelocity(), 2), torch.zeros(2, 3), 2)  # two jumps of 1/2
+    torch.testing.assert_close(samples, torch.full((2, 3), 0.5))
 
 
 @call("reflow_shards")

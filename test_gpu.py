@@ -25,6 +25,7 @@ import train_fire
 import train_flow
 import wbflow
 from conftest import run_logs
+from test_meanflow import jump_times, tiny_meanflow_unet
 from test_wbflow import fire_args, pattern_image, write_cifar_batches, write_pattern_folders
 
 HERE = Path(__file__).resolve().parent
@@ -242,6 +243,7 @@ def test_gpu_benchmark_dry_run_prints_every_row_of_the_table(weights_path, capsy
     expected = [("flow training", "torchcfm train_cifar10.py step"), ("flow training", "float32 eager"),
                 ("flow training", "bf16 + channels_last eager"),
                 ("flow training", "bf16 + channels_last + torch.compile (aot_eager)"),
+                ("flow training", "MeanFlow (meanflow_loss), bf16 + channels_last eager"),
                 ("profile", "train_flow step, bf16 + channels_last eager"),
                 ("profile", "train_flow step, bf16 + channels_last compiled (aot_eager)"),
                 ("FID features", "wbflow.inception_features"),
@@ -260,13 +262,17 @@ def test_gpu_benchmark_dry_run_prints_every_row_of_the_table(weights_path, capsy
     torchcfm_row, other_rows = rows[0], rows[1:]
     if importlib.util.find_spec("torchcfm"):
         assert re.fullmatch(r"[\d.,]+ images/s \([\d.]+ ms/step\)", torchcfm_row["result"])
-        assert all(row["reference"].endswith("x torchcfm") for row in rows[1:4])
+        assert all(re.match(r"[\d.]+x torchcfm", row["reference"]) for row in rows[1:5])
     else:
         assert torchcfm_row["result"].startswith("not run: torchcfm is not installed")
+    assert re.search(r"(^|, )[\d.]+x rectified flow's$", rows[4]["reference"])  # MeanFlow beside the same UNet's
+    meanflow_flops, flow_flops = (float(re.match(r"([\d.]+) GFLOP/image", row["settings"]).group(1))
+                                  for row in (rows[4], rows[2]))
+    assert meanflow_flops > flow_flops  # its JVP counted
     assert all(float(re.match(r"[\d.,]+", row["result"]).group().replace(",", "")) > 0 for row in other_rows)
-    shares = re.findall(r"(\d+)%", rows[4]["settings"])
+    shares = re.findall(r"(\d+)%", rows[5]["settings"])
     assert len(shares) == 3 and abs(sum(map(int, shares)) - 100) <= 2
-    difference = float(re.search(r"max feature difference ([\d.e+-]+)", rows[6]["settings"]).group(1))
+    difference = float(re.search(r"max feature difference ([\d.e+-]+)", rows[7]["settings"]).group(1))
     assert difference < 1e-4
 
 
@@ -455,6 +461,41 @@ def test_guided_sampling_runs_one_bf16_forward_of_both_halves_a_step_and_matches
                                        12, nfe=4, batch_size=6, shape=(3, 16, 16), seed=2)
     difference = (images_uint8.float() - expected.float()).abs()
     assert difference.mean() < 2.0 and difference.max() <= 32  # bf16 against float32, in 0..255 levels
+
+
+@cuda
+def test_a_bf16_meanflow_step_predicts_in_bf16_and_takes_its_jvp_in_float32_on_cuda():
+    device = torch.device("cuda")
+    model = tiny_meanflow_unet().to(device).to(memory_format=torch.channels_last)
+    conv_outputs = record_conv_outputs(model)
+    images = wbflow.synthetic_images(8, size=8).to(device).float() / 127.5 - 1
+    images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    results = [wbflow.train_step(model, images, optimizer, wbflow.meanflow_loss, amp_dtype=torch.bfloat16,
+                                 grad_clip=1.0) for _ in range(3)]
+    assert all(bool(result["finite"]) for result in results)
+    assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
+    assert set(conv_outputs) == {(torch.bfloat16, True), (torch.float32, True)}  # the prediction, the JVP
+    z, velocity = torch.randn(8, 3, 8, 8, device=device), torch.randn(8, 3, 8, 8, device=device)
+    t, r = (time.to(device) for time in jump_times(8))
+    float32_target = wbflow.meanflow_target(model, z, t, r, velocity)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.testing.assert_close(wbflow.meanflow_target(model, z, t, r, velocity), float32_target,
+                                   rtol=0, atol=1e-5)
+
+
+@cuda
+def test_one_step_meanflow_samples_on_cuda_are_the_noise_plus_the_jump_from_0_to_1():
+    model = tiny_meanflow_unet().eval()
+    noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = wbflow.images_to_uint8(noise + model(noise, 0, r=1))  # on the CPU, float32
+    model = model.cuda()
+    for amp_dtype, levels in ((None, 1), (torch.bfloat16, 4)):  # 2 levels apart on the CPU in bf16
+        images_uint8, nfe = wbflow.sample_images(wbflow.meanflow_velocity(model, 1), 4, device="cuda", nfe=1,
+                                                 shape=(3, 8, 8), seed=3, amp_dtype=amp_dtype)
+        assert nfe == 1 and images_uint8.device.type == "cpu"
+        assert (images_uint8.int() - expected.int()).abs().max() <= levels
 
 
 @cuda

@@ -340,17 +340,21 @@ FLOW = ["--smoke", "--epochs", "3", "--set", "data.max_images=48", "--set", "tra
         "--set", "sampling.table_nfes=[1, 2]", "--set", "sampling.rk45_tolerance=0.01"]
 
 
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory):
-    """The uninterrupted run, W&B offline in its own folder: argv (all but --out-dir), out dir, RunLog, the W&B
-    folder and what it printed. Tests only read it."""
-    root = tmp_path_factory.mktemp("whole")
-    write_cifar_batches(root / "data", per_batch=10, test_images=2)
-    argv = FLOW + ["--data-dir", str(root / "data")]
+def uninterrupted_flow_run(root, argv):
+    """train_flow.main(argv + --out-dir root/out) on one thread, W&B offline in root (staging in root/staging): argv,
+    out dir, RunLog, the W&B folder and what it printed, for a module's tests to read."""
     printed = run_offline(train_flow.main, argv + ["--out-dir", str(root / "out")], root,
                           WANDB_DATA_DIR=str(root / "staging"))[1]
     [log] = run_logs(root)
     return SimpleNamespace(argv=argv, out=root / "out", log=log, root=root, printed=printed)
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """The uninterrupted run (uninterrupted_flow_run) on CIFAR-10 files. Tests only read it."""
+    root = tmp_path_factory.mktemp("whole")
+    write_cifar_batches(root / "data", per_batch=10, test_images=2)
+    return uninterrupted_flow_run(root, FLOW + ["--data-dir", str(root / "data")])
 
 
 def table_keys(checkpoint):

@@ -1,4 +1,4 @@
-"""Rectified flow on CIFAR-10, tracked in W&B the way seed 000 describes.
+"""Rectified flow (or one-step MeanFlow) on CIFAR-10, tracked in W&B the way seed 000 describes.
 
   python train_flow.py                                         # one GPU, configs/cifar10_rectified_flow.yaml
   torchrun --standalone --nproc_per_node=8 train_flow.py       # DDP on one node (gloo on CPU)
@@ -6,6 +6,7 @@
   python train_flow.py --epochs 10 --batch-size 256 --set training.gradient_clip=0.5 --no-wandb
   python train_flow.py --resume runs/flow/checkpoint_epoch_10.pt         # or --resume model-<run id>:latest
   python train_flow.py --reflow runs/flow/checkpoint_epoch_1020.pt       # 2-rectified flow from that teacher
+  python train_flow.py --set training.objective=meanflow                 # one-step MeanFlow from scratch
   python train_flow.py --eval --checkpoint runs/flow/checkpoint_epoch_1020.pt --num-samples 10000 \
       --metric both --solver euler --nfe 100 --use-wandb --wandb-project flow_matching_cifar10_eval
   python train_flow.py --set model.num_classes=10                        # class-conditional, for guidance
@@ -38,12 +39,13 @@ CONFIG_FLAGS = {"--data-dir": ("data.data_dir", "folder holding cifar-10-batches
 POSITIVE = {"model": ("base_channels", "head_channels"), "logging": ("log_images_interval", "log_model_interval"),
             "training": ("epochs", "batch_size", "learning_rate", "log_interval", "save_interval", "sample_interval"),
             "sampling": ("num_images", "nfe", "rk45_tolerance"), "reflow": ("num_pairs", "shard_size", "nfe"),
-            "eval": ("sample_batch_size", "inception_batch_size", "fid_num_samples")}
+            "eval": ("sample_batch_size", "inception_batch_size", "fid_num_samples"),
+            "meanflow": ("norm_eps", "std_t", "std_r")}
 NOT_NEGATIVE = {"model": ("num_res_blocks",), "training": ("warmup_steps", "gradient_clip", "keep_checkpoints"),
-                "eval": ("fid_interval",)}
-FRACTIONS = {"training": ("ema_decay", "label_dropout"), "model": ("dropout",)}  # in [0, 1)
+                "eval": ("fid_interval",), "meanflow": ("norm_p",)}
+FRACTIONS = {"training": ("ema_decay", "label_dropout"), "model": ("dropout",), "meanflow": ("equal_share",)}  # [0, 1)
 TEXT_OR_NULL = {"logging": ("entity", "run_name"), "eval": ("stats_dir", "fid_weights")}  # null in the YAML: any type
-SOLVERS, COUPLINGS = ("euler", "heun", "rk45"), ("independent", "ot")
+SOLVERS, COUPLINGS, OBJECTIVES = ("euler", "heun", "rk45"), ("independent", "ot"), ("rectified_flow", "meanflow")
 SOLVER_SETTINGS = {"sampling": ("solver", "table_solvers"), "reflow": ("solver",)}
 # Where a run stands, in every checkpoint beside the model, EMA, optimiser, scheduler and scaler: the epoch and whether
 # its end (FID, grid, solver table, W&B row) is done; a stopped epoch's place and sums (train_state); the epoch's last
@@ -52,7 +54,8 @@ PROGRESS = {"epoch": 0, "ended": True, "train_state": None, "last_window": None,
             "images_per_second": None, "global_step": 0, "skipped_steps": 0, "best_loss": None, "best_epoch": None,
             "best_checkpoint": None, "last_fid": None, "table_rows": []}
 # settings a resume must keep (else the W&B config lies, or the resume is inexact), among them what the run trains on:
-# the images (their hash), the coupling, and the teacher whose pairs it trains on (its file's hash; None: images)
+# the images (their hash), the coupling, and the teacher whose pairs it trains on (its file's hash; None: images);
+# the objective through model.second_time (a MeanFlow model's), and a MeanFlow run's meanflow.*
 RESUME_FIXED = {"training": ("batch_size", "learning_rate", "warmup_steps", "gradient_clip", "ema_decay", "seed",
                              "coupling"),
                 "data": ("max_images", "images_sha256"), "sampling": ("num_images", "seed"),
@@ -88,7 +91,8 @@ def parse_args(argv=None):
     add("--checkpoint", metavar="PATH|ARTIFACT", help="what --eval samples from (default: none)")
     add("--num-samples", type=int, default=10000, help="images to sample (default: %(default)s)")
     add("--metric", choices=("fid", "is", "both"), default="both", help="default: %(default)s")
-    add("--solver", choices=SOLVERS, help=f"default: sampling.solver, {defaults['sampling']['solver']}")
+    add("--solver", choices=SOLVERS + ("meanflow",),
+        help=f"default: sampling.solver, {defaults['sampling']['solver']}; a MeanFlow checkpoint's: meanflow (jumps)")
     add("--nfe", type=int, help=f"model evaluations per sample (default: sampling.nfe, {defaults['sampling']['nfe']})")
     add("--guidance", type=lambda text: [float(scale) for scale in text.split(",")], metavar="S[,S...]",
         help=f"a class-conditional checkpoint's guidance scales, FID and IS at each (default: sampling.guidance, "
@@ -121,6 +125,9 @@ def load_config(args):
         config["data"]["out_dir"] += "-reflow"
     if args.no_wandb:
         config["logging"]["use_wandb"] = False
+    if config["training"]["objective"] == "meanflow":  # a FlowUNet with a second time, sampled by jumps
+        config["model"]["second_time"] = True
+        config["sampling"].update(solver="meanflow", table_solvers=["meanflow"])
     config["class_names"] = list(wbflow.CIFAR10_CLASSES) if config["model"]["num_classes"] else None  # in checkpoints
     return config
 
@@ -155,7 +162,9 @@ def check_settings(args, config):
                           **{name: value for name, value in optional.items() if value is not None}},
                          settings(config, NOT_NEGATIVE), settings(config, FRACTIONS))
     wbflow.check_choices("coupling", COUPLINGS, {"training.coupling": training["coupling"]})
-    wbflow.check_choices("solver", SOLVERS, settings(config, SOLVER_SETTINGS))
+    wbflow.check_choices("objective", OBJECTIVES, {"training.objective": training["objective"]})
+    meanflow = training["objective"] == "meanflow"
+    wbflow.check_choices("solver", SOLVERS + (("meanflow",) if meanflow else ()), settings(config, SOLVER_SETTINGS))
     references = {"--resume": args.resume, "--checkpoint": args.checkpoint, "--reflow": args.reflow}
     refusals = [
         *[(value is not None and not isinstance(value, str), f"{name} must be text or null, not {value!r}")
@@ -174,7 +183,11 @@ def check_settings(args, config):
           for flag, (key, _) in CONFIG_FLAGS.items() if key.startswith("data.")],
         *[(reference and os.path.isdir(reference), f"{flag} {reference} is a folder, not a checkpoint file")
           for flag, reference in references.items()],
-        (args.eval and not args.checkpoint, "--eval needs --checkpoint PATH|ARTIFACT")]
+        (args.eval and not args.checkpoint, "--eval needs --checkpoint PATH|ARTIFACT"),
+        (meanflow and training["coupling"] != "independent", "training.coupling ot is rectified flow's: "
+                                                             "meanflow_loss pairs noise and images independently"),
+        (meanflow and config["model"]["num_classes"], "model.num_classes is rectified flow's: meanflow_loss trains "
+                                                      "without labels")]
     for message in [message for refused, message in refusals if refused][:1]:
         raise ValueError(message)
     if not args.eval:  # --eval checks its checkpoint first, then its model and files
@@ -251,7 +264,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
             path.unlink(missing_ok=True)
         for epoch in range(state["epoch"] + 1 if state["ended"] else state["epoch"], training["epochs"] + 1):
             if state["ended"] or state["train_state"]:  # else a resume into this epoch's end: trained already
-                train_one_epoch(epoch, state, train_model, loader, run, stop, training, amp_dtype)
+                train_one_epoch(epoch, state, train_model, loader, flow_loss(config), run, stop, training, amp_dtype)
             if state["train_state"]:  # stopped: last.pt of where this epoch stands
                 stop_run(stop, state, config, argv)
             trained = checkpoint(state, config)  # every rank gathers its RNG state
@@ -266,6 +279,17 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
         torch.distributed.destroy_process_group()
     say(headline(out_dir, state))
     return {"step": state["global_step"], "best_loss": state["best_loss"], "out_dir": out_dir}
+
+
+def flow_loss(config):
+    """The objective's loss_fn(model, batch): rectified flow with its coupling (and label dropout for a class-conditional
+    model, which learns its null class from the dropped labels), or MeanFlow with meanflow.*."""
+    training, meanflow, classes = config["training"], dict(config["meanflow"]), config["model"]["num_classes"]
+    if training["objective"] == "rectified_flow":
+        loss_fn = functools.partial(wbflow.rectified_flow_loss, coupling=training["coupling"])
+        return wbflow.drop_labels(loss_fn, training["label_dropout"], null_label=classes) if classes else loss_fn
+    weight = {key: meanflow.pop(key) for key in ("norm_p", "norm_eps")}  # the rest are meanflow_times'
+    return functools.partial(wbflow.meanflow_loss, times=functools.partial(wbflow.meanflow_times, **meanflow), **weight)
 
 
 def say(*args):
@@ -337,10 +361,10 @@ def load_images(data, seed, synthetic):
 
 
 def model_settings(config):
-    """What a checkpoint's model must share with this run's; num_classes as class_names, None when unconditional (as in
-    checkpoints written before model.num_classes)."""
-    return {"model": {key: value for key, value in config["model"].items() if key != "num_classes"},
-            "class_names": config["class_names"]}
+    """What a checkpoint's model must share with this run's; num_classes as class_names, None when unconditional,
+    and second_time None when not MeanFlow's (as in checkpoints written before these keys)."""
+    return {"model": {"second_time": None, **{key: value for key, value in config["model"].items()
+                                              if key != "num_classes"}}, "class_names": config["class_names"]}
 
 
 def load_checked(flag, reference, config, device="cpu", **check):  # wbflow.load_checked with this run's W&B project
@@ -354,8 +378,9 @@ def load_resume(resume, config, state, device):
     path, saved = load_checked(
         "--resume", resume, config, device, required=(*state, "rng", "config", "wandb_last_act"),
         expected={**model_settings(config), "world_size": wbflow.rank_and_world_size()[1],
-                  **{section: {key: config[section][key] for key in keys} for section, keys in fixed.items()}},
-        hints={"model": ": pass the --config/--set (and --smoke) of the run it came from",
+                  **{section: {key: config[section][key] for key in keys} for section, keys in fixed.items()},
+                  **({"meanflow": config["meanflow"]} if config["training"]["objective"] == "meanflow" else {})},
+        hints={"model": ": pass the --config/--set (and --smoke, training.objective) of the run it came from",
                "class_names": ": pass the model.num_classes of the run it came from",
                **dict.fromkeys(RESUME_FIXED, ": a resumed run keeps the settings it trained with (only "
                                              "training.epochs and the intervals may change)"),
@@ -376,7 +401,7 @@ def load_resume(resume, config, state, device):
     return resumed_from
 
 
-def train_one_epoch(epoch, state, train_model, loader, run, stop, training, amp_dtype):
+def train_one_epoch(epoch, state, train_model, loader, loss_fn, run, stop, training, amp_dtype):
     """Train `epoch` on from where `state` stands; its last window's row waits in state for the epoch's end."""
     logged = []
 
@@ -391,9 +416,6 @@ def train_one_epoch(epoch, state, train_model, loader, run, stop, training, amp_
             state["last_window"] = row
 
     loader.set_epoch(epoch, skip_batches=state["train_state"]["batches"] if state["train_state"] else 0)
-    loss_fn = functools.partial(wbflow.rectified_flow_loss, coupling=training["coupling"])
-    if state["model"].num_classes:  # classifier-free guidance learns the null class from the dropped labels
-        loss_fn = wbflow.drop_labels(loss_fn, training["label_dropout"], null_label=state["model"].num_classes)
     stats = wbflow.train_epoch(train_model, loader, state["optimizer"], loss_fn, resume=state["train_state"],
                                scheduler=state["scheduler"], ema_model=state["ema"], scaler=state["scaler"],
                                grad_clip=training["gradient_clip"], amp_dtype=amp_dtype, step=state["global_step"],
@@ -435,7 +457,8 @@ def epoch_end(epoch, ema_module, statistics, config, stop, amp_dtype):
                 guidance=sampling["guidance"], solver=solver, nfe=nfe, tolerance=tolerance, amp_dtype=amp_dtype)
             end["caption"] = f"epoch {epoch}, EMA, {solver} NFE {used}, guidance {sampling['guidance']:g}; {rows}"
         else:
-            samples, used = wbflow.sample_flow(ema_module, noise, solver, nfe, tolerance=tolerance, amp_dtype=amp_dtype)
+            samples, used = wbflow.sample_flow(ema_module, noise, solver, 1 if solver == "meanflow" else nfe,  # MeanFlow:
+                                               tolerance=tolerance, amp_dtype=amp_dtype)  # its grid is one step
             end["grid"], end["caption"] = wbflow.sample_grid(samples), f"epoch {epoch}, EMA, {solver} NFE {used}"
         wbflow.save_png(end["grid"], Path(config["data"]["out_dir"]) / "samples" / f"epoch_{epoch:04d}.png")
     if rank == 0 and not stopped and (epoch % training["sample_interval"] == 0 or epoch == training["epochs"]):
@@ -584,12 +607,16 @@ def reflow_pairs(teacher_checkpoint, config, state, amp_dtype, *, new, overwrite
 def evaluate(args, config):
     """--eval: FID and/or IS of --checkpoint's EMA model (--solver, --nfe), logged to a run in --wandb-project."""
     data, sampling, evaluation, logging = (config[key] for key in ("data", "sampling", "eval", "logging"))
-    sampling.update(solver=args.solver or sampling["solver"], nfe=sampling["nfe"] if args.nfe is None else args.nfe)
     device, metric = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"), args.metric
     # everything the scores need is checked first: sampling can take hours
     path, state = load_checked("--checkpoint", args.checkpoint, config, device,
                                required=("ema", "config", "epoch", "global_step"),
                                hints={"ema": " (not a train_flow checkpoint: every one holds the EMA weights)"})
+    meanflow = state["config"]["model"].get("second_time", False)  # a MeanFlow model: sampled by jumps
+    sampling.update(solver=args.solver or ("meanflow" if meanflow else sampling["solver"]),
+                    nfe=sampling["nfe"] if args.nfe is None else args.nfe)
+    if sampling["solver"] == "meanflow" and not meanflow:
+        raise SystemExit(f"train_flow.py: --solver meanflow samples a MeanFlow checkpoint; {path} is a rectified flow")
     grid_png = Path(data["out_dir"]) / "samples" / f"eval_epoch_{state['epoch']:04d}.png"
     classes, scales = state["config"].get("class_names"), args.guidance or [sampling["guidance"]]
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):

@@ -11,14 +11,14 @@ Sections, in data-flow order:
                     (image folders, name<TAB>label / path,label lists, a competition's train.txt)
   models            FlowUNet, build_classifier (any torchvision classification model), build_optimizer
   losses            classification_loss, focal_loss, class_balanced_weights, ot_pairs, rectified_flow_loss,
-                    drop_labels
+                    drop_labels, meanflow_times, meanflow_target, meanflow_loss
   training          autocast_dtype, make_scaler, make_ema, warmup_cosine_schedule, train_step, RunningSums,
                     train_epoch, validate, stop_on_signals, exit_stopped, capture_rng_state, restore_rng_state,
                     gather_from_ranks, predict_logits, evaluate_classifier, predict_images (a model or an
                     ensemble), predict_submission, apply_class_offsets, write_submission, write_probability_csv,
                     read_probability_csv
   sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers, straightness,
-                    guided_velocity, class_grid
+                    guided_velocity, class_grid, meanflow_velocity
   reflow            reflow_shards, generate_reflow_pairs, load_reflow_pairs, ReflowPairLoader
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, images_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, statistics_path,
@@ -784,12 +784,15 @@ class _FlowResample(nn.Module):
 class FlowUNet(nn.Module):
     """A time-conditioned UNet for velocity fields, called as model(x, t) with t (N,) in [0, 1] (a velocity
     callable for the samplers), or model(x, t, r=None, labels=None): `embed` turns (t, r, labels) into the one
-    embedding every block adds; a second time r and class labels are for a model built for them (else a ValueError).
+    embedding every block adds; a second time r and class labels are for a model built for them, and one built
+    without them refuses them (a ValueError). With second_time=True, model(x, t, r=r) is the average velocity
+    of the jump from t to r >= t (meanflow_loss), r=None the instantaneous velocity (r = t); the jump's length
+    r - t gets its own embedding (`interval_embed`), added to the time's.
 
     num_classes=C adds a class embedding to the time embedding (flow_matching's and py-meanflow's
     Embedding(C + 1), its last row, index C, the null class that label dropout trains and classifier-free
-    guidance subtracts); labels=None is the null class then. num_classes=None (or 0) builds the model for t
-    alone, with exactly the state_dict it always had.
+    guidance subtracts); labels=None is the null class then. num_classes=None (or 0) and second_time=False build
+    the model for t alone, with exactly the state_dict it always had.
 
     The architecture of guided-diffusion's UNet as torchcfm's CIFAR-10 example configures it:
     residual blocks with the time embedding added, self-attention at the resolutions listed (and in
@@ -800,11 +803,14 @@ class FlowUNet(nn.Module):
     """
 
     def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
-                 attention_resolutions=(16,), head_channels=64, dropout=0.1, image_size=32, num_classes=None):
+                 attention_resolutions=(16,), head_channels=64, dropout=0.1, image_size=32, second_time=False,
+                 num_classes=None):
         super().__init__()
         embed_dim = 4 * base_channels
-        self.time_embed = nn.Sequential(nn.Linear(base_channels, embed_dim), nn.SiLU(),
-                                        nn.Linear(embed_dim, embed_dim))
+        def embedding_mlp():  # sinusoidal features -> the embedding
+            return nn.Sequential(nn.Linear(base_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+        self.time_embed = embedding_mlp()
+        self.interval_embed = embedding_mlp() if second_time else None
         self.num_classes = num_classes or None
         self.label_embed = nn.Embedding(num_classes + 1, embed_dim) if num_classes else None  # row C: the null class
         self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
@@ -843,21 +849,27 @@ class FlowUNet(nn.Module):
 
     def embed(self, t, r=None, labels=None):
         """The embedding the blocks add, of the time t (N,) and of what else the model was built to take."""
-        for name, value, module in (("r", r, None), ("labels", labels, self.label_embed)):
+        for name, value, module in (("r", r, self.interval_embed), ("labels", labels, self.label_embed)):
             if value is not None and module is None:
                 raise ValueError(f"FlowUNet: {name} given, but this model was built for the time t alone")
-        half = self.time_embed[0].in_features // 2  # sinusoidal features of t as guided-diffusion's (t as given)
-        frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        angles = t.float()[:, None] * frequencies
-        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
-        embedding = self.time_embed(features.to(self.input_conv.weight.dtype))
+        embedding = self.time_embed(self._sinusoid(t))
+        if self.interval_embed is not None:  # the jump's length, 0 for the instantaneous velocity
+            embedding = embedding + self.interval_embed(self._sinusoid(t - t if r is None else r - t))
         if self.label_embed is not None:  # no labels: the null class, the unconditional velocity
             labels = torch.full_like(t, self.num_classes, dtype=torch.long) if labels is None else labels
             embedding = embedding + self.label_embed(torch.as_tensor(labels, device=t.device))
         return embedding
 
+    def _sinusoid(self, t):
+        half = self.time_embed[0].in_features // 2  # sinusoidal features of t as guided-diffusion's (t as given)
+        frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = t.float()[:, None] * frequencies
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).to(self.input_conv.weight.dtype)
+
     def forward(self, x, t, r=None, labels=None):
-        embedding = self.embed(torch.as_tensor(t, device=x.device).expand(x.shape[0]), r, labels)
+        def per_sample(time):  # a number or an (N,) tensor -> (N,)
+            return torch.as_tensor(time, device=x.device).expand(x.shape[0])
+        embedding = self.embed(per_sample(t), None if r is None else per_sample(r), labels)
         h = self.input_conv(x)
         skips = [h]
         for layers in self.down:
@@ -1035,6 +1047,81 @@ def drop_labels(loss_fn, rate, null_label):
         labels = torch.where(torch.rand(labels.shape, device=labels.device) < rate, null_label, labels)
         return loss_fn(model, {**batch, "labels": labels} if isinstance(batch, dict) else (batch[0], labels))
     return dropped
+
+
+def meanflow_times(count, *, device="cpu", mean_t=0.6, std_t=1.6, mean_r=4.0, std_r=1.6, equal_share=0.25):
+    """(t, r), each (count,), for meanflow_loss: t and r logit-normal (sigmoid of a normal of that mean and
+    std), then r = t for a random `equal_share` of the samples (there the target is the velocity itself), then
+    r = max(t, r). The defaults are py-meanflow's CIFAR-10 recipe (its v1 sampler, P_mean_t -0.6, P_mean_r -4.0,
+    std 1.6, ratio 0.75) in wbflow's time: there noise is at 1, here at 0, and 1 - sigmoid(x) = sigmoid(-x)
+    flips the sign of each mean. Draws from the global RNG, in py-meanflow's order and mirrored, so that the
+    same seed gives 1 - its times.
+
+    Usage: t, r = meanflow_times(256, device="cuda")
+    """
+    t = torch.sigmoid(mean_t - std_t * torch.randn(count, device=device))
+    r = torch.sigmoid(mean_r - std_r * torch.randn(count, device=device))
+    r = torch.where(torch.rand(count, device=device) < equal_share, t, r)
+    return t, torch.maximum(t, r)
+
+
+def meanflow_target(model, z, t, r, velocity):
+    """MeanFlow's regression target for the average velocity model(z, t, r=r) of the jump from t to r >= t, at
+    z on the path whose velocity at t is `velocity`: velocity - (t - r) * du/dt, with du/dt = d/dt model(z_t,
+    t, r) along the path (z moving at `velocity`, t at 1, r fixed). du/dt is one torch.func.jvp along
+    (velocity, 1, 0), in float32 (autocast off), with the math attention kernel (the fused ones have no
+    forward-mode derivative), without a graph: the target is a constant to the optimiser. `model` is the bare
+    module (torch.func cannot pass through DistributedDataParallel). Returns float32, z's shape.
+
+    Usage: target = meanflow_target(model, z, t, r, data - noise)
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    z, t, r, velocity = z.float(), t.float(), r.float(), velocity.float()
+    with torch.no_grad(), torch.autocast(z.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
+        _, du_dt = torch.func.jvp(lambda z, t: model(z, t, r=r), (z, t), (velocity, torch.ones_like(t)))
+    return velocity - (t - r).view(-1, *([1] * (z.dim() - 1))) * du_dt.float()
+
+
+def _bare_module(model):
+    # the module under torch.compile's and DistributedDataParallel's wrappers
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def meanflow_loss(model, batch, *, times=meanflow_times, norm_p=0.75, norm_eps=1e-3):
+    """MeanFlow's loss (Geng et al. 2025) for one-step generation from scratch: model(z, t, r=r) regresses
+    the average velocity of the jump from t to r >= t onto meanflow_target, per sample the squared error
+    summed over its elements, L, weighted adaptively as L / (L + norm_eps)^norm_p (the weight detached),
+    averaged over the batch. z = t*x1 + (1-t)*x0 and the velocity x1 - x0 as in rectified_flow_loss; (t, r)
+    from times(count, device=...) (meanflow_times: py-meanflow's CIFAR-10 recipe). `batch` is data x1, an
+    (x1, labels) pair, or {"noise": x0, "data": x1}. Sample in one step with x = noise + model(noise, 0, r=1),
+    or in k with euler_sample(meanflow_velocity(model, k), noise, k).
+
+    Convention: wbflow has noise at t=0 and data at t=1; the paper and py-meanflow data at 0, noise at 1.
+    With their time s = 1 - t: their z_s = (1-s)x + s*e is our z_t (e = x0, x = x1); their v = e - x is minus
+    ours; their u(z, r_p, t_p), the jump from t_p down to r_p, is -model(z, 1 - t_p, r=1 - r_p); their target
+    v - (t_p - r_p) du/dt_p is minus ours, v - (t - r) du/dt; their one step z_0 = z_1 - u(z_1, 0, 1) is ours.
+
+    Under DistributedDataParallel, torch.compile and autocast: the prediction goes through `model` as given
+    (so DDP all-reduces its gradients and a compiled model runs compiled, under the caller's autocast); the
+    target's JVP runs on the bare module, in float32, drawing the prediction's dropout masks (the same RNG
+    state; under torch.compile the compiled forward draws its own). A non-finite loss is returned as it is,
+    for train_step to skip the step.
+    Usage: train_epoch(model, loader, optimizer, meanflow_loss)  # model = FlowUNet(second_time=True)
+    """
+    if isinstance(batch, dict):
+        noise, data = batch["noise"], batch["data"]
+    else:
+        data = batch[0] if isinstance(batch, (tuple, list)) else batch
+        noise = torch.randn_like(data)
+    t, r = times(data.shape[0], device=data.device)
+    t_data = t.view(-1, *([1] * (data.dim() - 1)))
+    z, velocity = t_data * data + (1 - t_data) * noise, data - noise
+    with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
+        prediction = model(z, t, r=r)  # the RNG comes back to where it was: the JVP draws the same masks
+    target = meanflow_target(_bare_module(model), z, t, r, velocity)
+    squared_error = (prediction.float() - target).square().flatten(1).sum(1)
+    return (squared_error / (squared_error.detach() + norm_eps).pow(norm_p)).mean()
 
 
 def focal_loss(logits, targets, *, gamma=2.0, alpha=None, reduction="mean"):
@@ -1682,15 +1769,27 @@ def rk45_sample(velocity, noise, *, tolerance=1e-5, amp_dtype=None):
     return samples, int(solution.nfev)
 
 
+def meanflow_velocity(model, steps):
+    """The velocity callable for `steps` Euler steps of a MeanFlow model (meanflow_loss): at time t, the
+    average velocity of the jump to t + 1/steps, so euler_sample(meanflow_velocity(model, k), noise, k) makes
+    k jumps, and k = 1 is the one step noise + model(noise, 0, r=1).
+
+    Usage: images = euler_sample(meanflow_velocity(ema_model.module.eval(), 1), torch.randn(64, 3, 32, 32), 1)
+    """
+    return lambda x, t: model(x, t, r=t + 1 / steps)
+
+
 def sample_flow(velocity, noise, solver="euler", nfe=100, *, tolerance=1e-5, amp_dtype=None):
     """Samples of the velocity callable from `noise` with solver "euler" (nfe steps), "heun" (nfe // 2 steps of
-    two evaluations) or "rk45" (adaptive at `tolerance`; nfe unused); returns (samples float32, evaluations used).
+    two evaluations) or "rk45" (adaptive at `tolerance`; nfe unused), or "meanflow": nfe jumps of a MeanFlow
+    model (`velocity` is the model; Euler on meanflow_velocity); returns (samples float32, evaluations used).
 
     Usage: images, nfe_used = sample_flow(ema_model.module.eval(), torch.randn(64, 3, 32, 32), "heun", 100)
     """
     if solver == "rk45":
         return rk45_sample(velocity, noise, tolerance=tolerance, amp_dtype=amp_dtype)
     steps = max(1, nfe // 2) if solver == "heun" else nfe
+    velocity = meanflow_velocity(velocity, steps) if solver == "meanflow" else velocity
     samples = euler_sample(velocity, noise, steps, heun=solver == "heun", amp_dtype=amp_dtype)
     return samples, steps * (1 + (solver == "heun"))
 
@@ -1720,14 +1819,16 @@ def compare_solvers(velocity, noise, *, solvers=("euler", "heun", "rk45"), nfes=
                     tolerance=1e-5, amp_dtype=None, stop=None):
     """Sample the same noise with every solver at every NFE budget; returns a list of rows
     {"solver", "nfe" (evaluations used), "seconds", "images"}. Heun takes the even budgets (2 per
-    step), RK45 runs once at `tolerance` and reports the evaluations it needed. `stop` (a callable, e.g.
+    step), RK45 runs once at `tolerance` and reports the evaluations it needed; "meanflow" (sample_flow) takes
+    each budget as that many jumps of a MeanFlow model. `stop` (a callable, e.g.
     stop_on_signals()'s event.is_set) is checked before each row: when it returns True, the result is None.
 
     Usage: rows = compare_solvers(ema_model.module.eval(), fixed_noise, nfes=(1, 2, 4, 10, 50, 100))
     """
     rows = []
     for solver in solvers:
-        for budget in {"euler": nfes, "heun": [n for n in nfes if n >= 2 and n % 2 == 0], "rk45": [None]}[solver]:
+        for budget in {"euler": nfes, "meanflow": nfes, "heun": [n for n in nfes if n >= 2 and n % 2 == 0],
+                       "rk45": [None]}[solver]:
             if stop is not None and stop():
                 return None
             started = time.perf_counter()
