@@ -80,6 +80,15 @@ def test_a_label_adds_its_embedding_row_to_the_time_embedding_and_no_labels_is_t
         assert not torch.allclose(cats, dogs)
 
 
+def test_a_flow_unet_with_a_second_time_and_classes_adds_both_terms_to_the_time_embedding():
+    model = randomised(wbflow.FlowUNet(**TINY, second_time=True, num_classes=3))
+    t, r, labels = torch.tensor([0.1, 0.5]), torch.tensor([0.6, 0.5]), torch.tensor([2, 0])
+    with torch.no_grad():
+        expected = (model.time_embed(model._sinusoid(t)) + model.interval_embed(model._sinusoid(r - t))
+                    + model.label_embed.weight[labels])
+        torch.testing.assert_close(model.embed(t, r=r, labels=labels), expected)
+
+
 def test_a_conditional_flow_unet_trains_its_label_embedding_on_labelled_batches_with_dropout():
     model = wbflow.FlowUNet(**TINY, num_classes=2)
     torch.manual_seed(0)
@@ -403,6 +412,8 @@ def test_a_conditional_run_refuses_what_does_not_fit_in_one_line(conditional_run
             r"holds another training \(label_dropout 0\.1 there, 0\.2 here\)")
     refused(train_flow.main, argv + ["--set", "model.num_classes=5"],
             r"^train_flow\.py: model\.num_classes must be 0 \(unconditional\) or 10 \(CIFAR-10's classes\), not 5$")
+    refused(train_flow.main, argv + ["--set", "training.objective=meanflow", "--set", "training.coupling=independent"],
+            r"^train_flow\.py: model\.num_classes is rectified flow's: meanflow_loss trains without labels$")
     refused(train_flow.main, argv + ["--set", "training.label_dropout=1.0"],
             r"^train_flow\.py: training\.label_dropout must be in \[0, 1\), not 1\.0$")
     unconditional = tiny_flow_checkpoint(tmp_path / "unconditional.pt")
