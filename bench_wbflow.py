@@ -6,8 +6,9 @@
     python bench_wbflow.py flow       # DeviceImageLoader vs torchvision; euler_sample vs steps x forward
     python bench_wbflow.py flow --data-dir data --device cuda
     python bench_wbflow.py fewer      # 8 Gaussians: 1-RF vs OT vs 2-RF vs MeanFlow (W2 at NFE 1/2/100, time)
+    python bench_wbflow.py conditional  # overlapping 2-D classes: guidance 1-3 vs unconditional (own-class share, W2)
     python bench_wbflow.py competition  # the fire competition: one model vs the 5-fold ensemble and its offsets
-    python bench_wbflow.py --gpu      # CUDA: flow training vs torchcfm, Euler sampling, FID features, train_fire
+    python bench_wbflow.py --gpu      # CUDA: flow training vs torchcfm, Euler and guided sampling, FID, train_fire
     python bench_wbflow.py --gpu --dry-run             # the same sections and table at toy sizes on the CPU
 
 The fid benchmark and --gpu need the test-only peers (pip install -r requirements-test.txt); --gpu's torchcfm
@@ -373,6 +374,83 @@ def bench_fewer_steps(steps=3000, batch_size=256, num_pairs=50_000, evaluated=20
     return numbers
 
 
+# ----------------------------------------------------------------------------- conditional: classifier-free guidance
+
+class _LabelledVelocityMLP(nn.Module):  # v(x, t, labels) on the plane; labels=None is the null class (index C)
+    def __init__(self, num_classes, width=128):
+        super().__init__()
+        self.num_classes = num_classes
+        self.label_embed = nn.Embedding(num_classes + 1, width)
+        self.net = nn.Sequential(nn.Linear(3, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2))
+
+    def forward(self, x, t, labels=None):
+        labels = torch.full((len(x),), self.num_classes, device=x.device) if labels is None else labels
+        hidden = self.net[1](self.net[0](torch.cat([x, t[:, None]], dim=1)) + self.label_embed(labels))
+        return self.net[2:](hidden)
+
+
+def _overlapping_classes(count, generator, centres, std):
+    """`count` points of the classes 0, 1, ... in turn, class c a Gaussian of `std` around centres[c]."""
+    labels = torch.arange(count) % len(centres)
+    return centres[labels] + std * torch.randn(count, 2, generator=generator), labels
+
+
+def _class_scores(samples, labels, held_out, held_out_labels, centres):
+    """(share of samples in their own class's region (the nearest centre: the Bayes region of equal isotropic
+    classes), mean over the classes of the exact W2 between the class's samples and its held-out points)."""
+    own = (torch.cdist(samples, centres).argmin(dim=1) == labels).float().mean().item()
+    return own, statistics.mean(_w2(samples[labels == label], held_out[held_out_labels == label])
+                                for label in range(len(centres)))
+
+
+def bench_conditional(steps=3000, batch_size=256, evaluated=3000, guidance=(1.0, 1.5, 2.0, 3.0), seed=0):
+    """A class-conditional flow with classifier-free guidance on a 2-D problem whose classes overlap (3 Gaussians
+    of std 1 around centres 1.5 apart from the origin), trained with train_epoch and drop_labels (rate 0.1), beside
+    an unconditional flow on the same data: for samples of class-balanced labels (Euler NFE 100, the same noise),
+    the share that lands in its own class's region and the per-class W2 to held-out points of that class, at each
+    guidance scale. The "held-out data" row is a second held-out draw: the best a sampler of the true classes gets.
+
+    Usage: numbers = bench_conditional()  # or python bench_wbflow.py conditional
+    """
+    generator, num_classes = torch.Generator().manual_seed(seed), 3
+    torch.manual_seed(seed)
+    angles = torch.arange(num_classes) * (2 * torch.pi / num_classes)
+    centres = 1.5 * torch.stack([angles.cos(), angles.sin()], dim=1)
+    points, labels = _overlapping_classes(steps * batch_size, generator, centres, 1.0)
+    batches = list(zip(points.split(batch_size), labels.split(batch_size)))
+    held_out, held_out_labels = _overlapping_classes(evaluated, generator, centres, 1.0)
+    noise = torch.randn(evaluated, 2, generator=generator)
+    models = {"unconditional": _VelocityMLP(), "conditional": _LabelledVelocityMLP(num_classes)}
+    losses = {"unconditional": wbflow.rectified_flow_loss,
+              "conditional": wbflow.drop_labels(wbflow.rectified_flow_loss, 0.1, null_label=num_classes)}
+    for name, model in models.items():
+        started = time.perf_counter()
+        wbflow.train_epoch(model, [batch[0] for batch in batches] if name == "unconditional" else batches,
+                           torch.optim.Adam(model.parameters(), lr=1e-3), losses[name], progress=False)
+        print(f"  {name}: trained in {time.perf_counter() - started:.1f} s", flush=True)
+        model.eval()
+    sample_labels = torch.arange(evaluated) % num_classes
+    rows = {"held-out data": _class_scores(_overlapping_classes(evaluated, generator, centres, 1.0)[0],
+                                           sample_labels, held_out, held_out_labels, centres),
+            "unconditional": _class_scores(wbflow.euler_sample(models["unconditional"], noise, 100), sample_labels,
+                                           held_out, held_out_labels, centres)}
+    for scale in guidance:
+        velocity = wbflow.guided_velocity(models["conditional"], torch.arange(num_classes), scale)
+        rows[f"guidance {scale:g}"] = _class_scores(wbflow.euler_sample(velocity, noise, 100), sample_labels, held_out,
+                                                   held_out_labels, centres)
+    print(f"conditional (3 Gaussians of std 1, centres 1.5 from the origin; {steps} steps of batch {batch_size}, "
+          f"label dropout 0.1; {evaluated} class-balanced samples, Euler NFE 100, the same noise):")
+    print(f"  {'sampler':15} {'own-class share':>15} {'per-class W2':>13}")
+    for name, (own, w2) in rows.items():
+        print(f"  {name:15} {own:15.3f} {w2:13.3f}")
+    conditional = rows["guidance 1"]
+    print(f"  guidance 1: per-class W2 {conditional[1] / rows['unconditional'][1]:.2f}x the unconditional model's "
+          f"(target < 1); own-class share at guidance {max(guidance):g} {rows[f'guidance {max(guidance):g}'][0]:.3f} "
+          f"vs {conditional[0]:.3f} at 1 (target: higher)")
+    return {name: {"own_class_share": own, "per_class_w2": w2} for name, (own, w2) in rows.items()}
+
+
 # ----------------------------------------------------------------------------- --gpu: the GPU run, side by side
 
 GPU_SECTIONS = ("train", "profile", "inception", "fire", "euler")
@@ -733,29 +811,41 @@ def gpu_profile_rows(sizes, steps=5):
 
 def gpu_euler_rows(sizes):
     """Seconds for `samples` Euler samples of the recipe's FlowUNet (channels_last on CUDA, as train_flow's EMA
-    model), in batches of eval.sample_batch_size, to uint8 on the CPU as train_flow's sample_images does."""
+    model), in batches of eval.sample_batch_size, to uint8 on the CPU as train_flow's sample_images does; then
+    the same with classifier-free guidance (a 10-class FlowUNet, guided_velocity at scale 2: 2N rows a forward)."""
     device = torch.device(sizes["device"])
     torch.manual_seed(0)
-    model = wbflow.FlowUNet(**(sizes["unet"] or _recipe()["model"]), image_size=sizes["image_size"]).to(device)
-    for parameter in model.parameters():  # non-zero output layers, so the field is not trivially zero
-        torch.nn.init.normal_(parameter, std=0.02)
-    model = (model.to(memory_format=torch.channels_last) if device.type == "cuda" else model).eval()
+    unet = sizes["unet"] or _recipe()["model"]
+    model, conditional = (_sampling_model(wbflow.FlowUNet(**unet, image_size=sizes["image_size"], num_classes=classes),
+                                          device) for classes in (None, 10))
     generator, shape = torch.Generator(device).manual_seed(0), (3, sizes["image_size"], sizes["image_size"])
     noise = [torch.randn(min(sizes["sample_batch"], sizes["samples"] - start), *shape, device=device,
                          generator=generator) for start in range(0, sizes["samples"], sizes["sample_batch"])]
-    seconds = {}
-    for name, amp_dtype in (("bf16", wbflow.autocast_dtype(device, True)), ("float32", None)):  # bf16 first: faster
-        wbflow.euler_sample(model, noise[0], 1, amp_dtype=amp_dtype)  # warm-up
+    bf16, guided = wbflow.autocast_dtype(device, True), wbflow.guided_velocity(conditional, torch.arange(10), 2.0)
+    runs = {"bf16": (model, bf16, ""), "float32": (model, None, ", TF32 convolutions (PyTorch's CUDA default)"),
+            "guidance 2, bf16": (guided, bf16, ", 10 classes, guided_velocity: one forward of 2 x batch a step")}
+    seconds, what = {}, f"{sizes['samples']:,} Euler-{sizes['euler_steps']} samples"
+    for name, (velocity, amp_dtype, note) in runs.items():
+        wbflow.euler_sample(velocity, noise[0], 1, amp_dtype=amp_dtype)  # warm-up
         _synchronize(device)
         started = time.perf_counter()
         for batch in noise:
-            wbflow.images_to_uint8(wbflow.euler_sample(model, batch, sizes["euler_steps"], amp_dtype=amp_dtype)).cpu()
+            samples = wbflow.euler_sample(velocity, batch, sizes["euler_steps"], amp_dtype=amp_dtype)
+            wbflow.images_to_uint8(samples).cpu()
         seconds[name] = time.perf_counter() - started
-        yield _row("sampling", f"{sizes['samples']:,} Euler-{sizes['euler_steps']} samples, {name}",
+        yield _row("sampling", f"{what}, {name}",
                    f"{_seconds(seconds[name])} ({_rate(sizes['samples'] / seconds[name], 'samples/s')})",
-                   reference="" if name == "bf16" else f"{seconds['float32'] / seconds['bf16']:.2f}x bf16's time",
-                   settings=f"batch {sizes['sample_batch']}, the recipe's FlowUNet, to uint8 on the CPU"
-                   + (", TF32 convolutions (PyTorch's CUDA default)" if name == "float32" else ""))
+                   reference="" if name == "bf16" else f"{seconds[name] / seconds['bf16']:.2f}x bf16's time",
+                   settings=f"batch {sizes['sample_batch']}, the recipe's FlowUNet, to uint8 on the CPU{note}")
+
+
+def _sampling_model(model, device):
+    """`model` with non-zero output layers (so the field is not trivially zero), in eval mode on `device`
+    (channels_last on CUDA, as train_flow's EMA model)."""
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    model = model.to(device)
+    return (model.to(memory_format=torch.channels_last) if device.type == "cuda" else model).eval()
 
 
 def gpu_inception_rows(sizes, weights_path=None):
@@ -933,6 +1023,7 @@ BENCHMARKS = {"train": lambda args: bench_train_epoch(),
               "fid": lambda args: bench_fid(),
               "flow": lambda args: bench_flow(args.data_dir, args.batch_size, args.steps, args.device),
               "fewer": lambda args: bench_fewer_steps(),
+              "conditional": lambda args: bench_conditional(),
               "competition": lambda args: bench_competition()}
 
 if __name__ == "__main__":

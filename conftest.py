@@ -125,6 +125,24 @@ def kill_when_marked(script, marker, settle=0.0, timeout=120):
     process.wait()
 
 
+def run_offline(main, argv, wandb_dir, **environment):
+    """main(argv) with W&B offline and silent under `wandb_dir` (and these other environment variables), one torch
+    thread and its stdout captured, for a module-scoped fixture's run: (what main returned, what it printed)."""
+    import contextlib
+    import io
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as printed:
+        for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true",
+                           "WANDB_CONSOLE": "off", **environment}.items():
+            patch.setenv(key, value)
+        torch.set_num_threads(1)
+        try:
+            result = main(argv)
+        finally:
+            torch.set_num_threads(threads)
+    return result, printed.getvalue()
+
+
 @pytest.fixture
 def offline_wandb(tmp_path, monkeypatch):
     """Offline, silent W&B writing under a temp WANDB_DIR; yields that folder."""

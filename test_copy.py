@@ -299,6 +299,14 @@ def _(ot_pairs, tmp_path, fixture):
     assert ot_pairs(torch.tensor([[5.0], [0.0]]), torch.tensor([[0.1], [4.9]])).tolist() == [[0.0], [5.0]]
 
 
+@call("drop_labels")
+def _(drop_labels, tmp_path, fixture):
+    seen = []
+    loss_fn = drop_labels(lambda model, batch: seen.append(batch[1]), 1.0, null_label=3)
+    loss_fn(None, (torch.zeros(2, 1), torch.tensor([0, 2])))
+    assert seen[0].tolist() == [3, 3]
+
+
 class JumpVelocity(nn.Module):  # an average velocity u(x, t, r) = r - t, the same for every x
     def forward(self, x, t, r=None):
         return (t if r is None else r)[:, None] - t[:, None] + torch.zeros_like(x)
@@ -572,6 +580,22 @@ def _(straightness, tmp_path, fixture):
     assert straightness(ConstantVelocity(), torch.randn(2, 3), steps=4) == 0
 
 
+@call("guided_velocity")
+def _(guided_velocity, tmp_path, fixture):
+    model = wbflow.FlowUNet(base_channels=8, channel_mults=(1,), num_res_blocks=1, head_channels=8, num_classes=2)
+    x, t = torch.randn(4, 3, 8, 8), torch.rand(4)
+    with torch.no_grad():
+        expected = model.eval()(x, t, labels=torch.tensor([0, 1, 0, 1]))
+        assert torch.equal(guided_velocity(model, torch.arange(2), 1.0)(x, t), expected)
+
+
+@call("class_grid")
+def _(class_grid, tmp_path, fixture):
+    model = wbflow.FlowUNet(base_channels=8, channel_mults=(1,), num_res_blocks=1, head_channels=8, num_classes=2)
+    grid, caption, used = class_grid(model.eval(), torch.randn(3, 3, 8, 8), ["cat", "dog"], guidance=2.0, nfe=2)
+    assert grid.shape == (22, 32, 3) and caption == "rows: cat, dog" and used == 2
+
+
 @call("meanflow_velocity")
 def _(meanflow_velocity, tmp_path, fixture):
     samples = wbflow.euler_sample(meanflow_velocity(JumpVelocity(), 2), torch.zeros(2, 3), 2)  # two jumps of 1/2
@@ -600,8 +624,8 @@ def _(generate_reflow_pairs, tmp_path, fixture):
 def _(load_reflow_pairs, tmp_path, fixture):
     wbflow.save_checkpoint({"first": 0, "count": 2, "seed": 5, "images_uint8": torch.zeros(2, 3, dtype=torch.uint8)},
                            tmp_path / "pairs_00000.pt")
-    images_uint8, seed = load_reflow_pairs(tmp_path, 2)
-    assert images_uint8.shape == (2, 3) and seed == 5
+    images_uint8, seed, labels = load_reflow_pairs(tmp_path, 2)
+    assert images_uint8.shape == (2, 3) and seed == 5 and labels is None  # a shard of an unconditional teacher
 
 
 @call("ReflowPairLoader")
@@ -890,6 +914,14 @@ def _(samples_table_rows, tmp_path, fixture):
     assert rows == [{"epoch": 3, "solver": "heun", "nfe": 2, "seconds": 0.5, "straightness": 0.25,
                      "samples": str(Path("samples") / "epoch_0003_heun_nfe002.png")}]
     assert (tmp_path / rows[0]["samples"]).is_file() and len(wbflow.samples_table(rows, root=tmp_path).data) == 1
+
+
+@call("log_guidance_sweep")
+def _(log_guidance_sweep, tmp_path, fixture):
+    with offline_run(fixture) as run:
+        scores = [{"guidance": 1.0, "eval/fid_score": 9.0}, {"guidance": 2.0, "eval/fid_score": 7.0}]
+        best = log_guidance_sweep(run, scores)
+    assert best == {"guidance": 2.0, "eval/fid_score": 7.0}
 
 
 @call("log_classification_report")

@@ -4,6 +4,8 @@ the --gpu benchmark's dry run); the CUDA ones (names ending in `on_cuda`) skip o
 
 tools/gpu_check.sh runs the CUDA tests on the device machine: python -m pytest test_gpu.py -k on_cuda
 """
+import copy
+import functools
 import importlib.util
 import math
 import os
@@ -248,7 +250,8 @@ def test_gpu_benchmark_dry_run_prints_every_row_of_the_table(weights_path, capsy
                 ("FID features", "torch-fidelity 0.4.0 inception-v3-compat"),
                 *[("train_fire resnet18", f"{size} px: {what}") for size in (32, 40)
                   for what in ("training", "loader alone", "loader alone", "GPU alone")],
-                ("sampling", "4 Euler-2 samples, bf16"), ("sampling", "4 Euler-2 samples, float32")]
+                ("sampling", "4 Euler-2 samples, bf16"), ("sampling", "4 Euler-2 samples, float32"),
+                ("sampling", "4 Euler-2 samples, guidance 2, bf16")]
     assert len(rows) == len(expected)
     for row, (section, measurement) in zip(rows, expected):
         assert row["section"] == section and row["measurement"].startswith(measurement), row
@@ -408,6 +411,56 @@ def test_sample_images_starts_from_the_cpus_seeded_noise_and_runs_a_velocity_clo
     expected = wbflow.images_to_uint8(torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4)))
     assert torch.equal(images_uint8, expected) and nfe == 2  # uint8 on the CPU, the same noise as a CPU run's
     assert set(seen) == {("cuda", "cuda", torch.bfloat16)}
+
+
+@cuda
+def test_a_conditional_flow_unet_trains_with_label_dropout_and_class_wise_ot_in_bf16_on_cuda():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = wbflow.FlowUNet(**TINY_UNET, num_classes=5).to(device).to(memory_format=torch.channels_last)
+    conv_outputs, labels = record_conv_outputs(model), torch.arange(64) % 5
+    held_out = next(iter(wbflow.DeviceImageLoader(wbflow.synthetic_images(64, size=16), 64, device=device,
+                                                  shuffle=False, flip=False, labels=labels)))
+
+    def held_out_loss():  # the same t and noise every call, in bf16
+        with torch.random.fork_rng(devices=[device]), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            torch.manual_seed(1234)
+            return wbflow.rectified_flow_loss(model, held_out).item()
+
+    before, embedding = held_out_loss(), model.label_embed.weight.detach().clone()
+    loader = wbflow.DeviceImageLoader(wbflow.synthetic_images(64, size=16, seed=1), 16, device=device,
+                                      channels_last=True, labels=labels)
+    loss_fn = wbflow.drop_labels(functools.partial(wbflow.rectified_flow_loss, coupling="ot"), 0.1, null_label=5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, fused=True)
+    for epoch in range(5):
+        loader.set_epoch(epoch)
+        stats = wbflow.train_epoch(model, loader, optimizer, loss_fn, grad_clip=1.0, epoch=epoch, progress=False,
+                                   amp_dtype=wbflow.autocast_dtype(device))
+        assert stats["skipped"] == 0
+    assert set(conv_outputs) == {(torch.bfloat16, True)}
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert (model.label_embed.weight - embedding).abs().amax(dim=1).gt(0).all()  # every class and the null row
+    assert held_out_loss() < 0.85 * before
+
+
+@cuda
+def test_guided_sampling_runs_one_bf16_forward_of_both_halves_a_step_and_matches_the_cpus_float32_on_cuda():
+    torch.manual_seed(0)
+    model = wbflow.FlowUNet(**TINY_UNET, num_classes=3)
+    for parameter in model.parameters():  # non-zero output layers: a field that depends on the label
+        nn.init.normal_(parameter, std=0.05)
+    on_cuda = copy.deepcopy(model).cuda().to(memory_format=torch.channels_last).eval()
+    seen = []
+    on_cuda.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].shape[0], output.dtype)))
+    guided = wbflow.guided_velocity(on_cuda, torch.arange(3), 2.0, interval=(0.0, 0.7))
+    images_uint8, nfe = wbflow.sample_images(guided, 12, device="cuda", nfe=4, amp_dtype=torch.bfloat16,
+                                             batch_size=6, shape=(3, 16, 16), seed=2)
+    assert images_uint8.device.type == "cpu" and images_uint8.shape == (12, 3, 16, 16) and nfe == 4
+    assert seen == [(12, torch.bfloat16)] * 8  # 2 batches x 4 steps, each one forward of the cond and null rows
+    expected, _ = wbflow.sample_images(wbflow.guided_velocity(model.eval(), torch.arange(3), 2.0, interval=(0.0, 0.7)),
+                                       12, nfe=4, batch_size=6, shape=(3, 16, 16), seed=2)
+    difference = (images_uint8.float() - expected.float()).abs()
+    assert difference.mean() < 2.0 and difference.max() <= 32  # bf16 against float32, in 0..255 levels
 
 
 @cuda

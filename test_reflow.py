@@ -92,7 +92,8 @@ def test_a_killed_pair_generation_resumes_at_the_next_shard_without_duplicates(t
     resumed = wbflow.generate_reflow_pairs(model, tmp_path / "cut", 10, **settings_)
     assert [path.name for path in resumed] == [path.name for path in whole] == [
         "pairs_00000.pt", "pairs_00001.pt", "pairs_00002.pt"]
-    images_uint8, seed = wbflow.load_reflow_pairs(tmp_path / "cut", 10)
+    images_uint8, seed, labels = wbflow.load_reflow_pairs(tmp_path / "cut", 10)
+    assert labels is None
     torch.testing.assert_close(images_uint8, wbflow.load_reflow_pairs(tmp_path / "whole", 10)[0])
     with pytest.raises(ValueError, match=r"pairs_00000\.pt and 2 more files hold pairs of another generation "
                                          r"\(nfe 2 there, 4 here\)"):

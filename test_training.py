@@ -1,8 +1,6 @@
 """train_epoch's windows, stop and resume, the private-API guards; both drivers' exact resume, read back from the
 W&B record logs: train_flow's stops and kills anywhere (mid-epoch, in an epoch's end) against one uninterrupted run."""
-import contextlib
 import glob
-import io
 import math
 import os
 import shlex
@@ -21,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 import train_fire
 import train_flow
 import wbflow
-from conftest import RunLog, kill_when_marked, run_logs
+from conftest import RunLog, kill_when_marked, run_logs, run_offline
 from test_wbflow import (CE_LOSS, _table_data, fire_args, linear_batches, linear_classifier, write_cifar_batches,
                         write_pattern_folders)
 
@@ -345,18 +343,10 @@ FLOW = ["--smoke", "--epochs", "3", "--set", "data.max_images=48", "--set", "tra
 def uninterrupted_flow_run(root, argv):
     """train_flow.main(argv + --out-dir root/out) on one thread, W&B offline in root (staging in root/staging): argv,
     out dir, RunLog, the W&B folder and what it printed, for a module's tests to read."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as printed:
-        for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(root), "WANDB_SILENT": "true",
-                           "WANDB_CONSOLE": "off", "WANDB_DATA_DIR": str(root / "staging")}.items():
-            patch.setenv(key, value)
-        torch.set_num_threads(1)
-        try:
-            train_flow.main(argv + ["--out-dir", str(root / "out")])
-        finally:
-            torch.set_num_threads(threads)
+    printed = run_offline(train_flow.main, argv + ["--out-dir", str(root / "out")], root,
+                          WANDB_DATA_DIR=str(root / "staging"))[1]
     [log] = run_logs(root)
-    return SimpleNamespace(argv=argv, out=root / "out", log=log, root=root, printed=printed.getvalue())
+    return SimpleNamespace(argv=argv, out=root / "out", log=log, root=root, printed=printed)
 
 
 @pytest.fixture(scope="module")

@@ -890,16 +890,17 @@ def test_device_loader_gives_every_rank_the_same_number_of_batches(count, batch_
 def test_rectified_flow_loss_regresses_the_straight_line_velocity():
     seen = {}
 
-    def model(x, t):
-        seen["x"], seen["t"] = x, t
+    def model(x, t, labels=None):
+        seen["x"], seen["t"], seen["labels"] = x, t, labels
         return torch.zeros_like(x)
 
-    data = torch.randn(8, 3, 4, 4)
+    data, labels = torch.randn(8, 3, 4, 4), torch.zeros(8, dtype=torch.long)
     torch.manual_seed(0)
-    loss = wbflow.rectified_flow_loss(model, (data, torch.zeros(8)))
+    loss = wbflow.rectified_flow_loss(model, (data, labels))
     torch.manual_seed(0)
     noise, t = torch.randn_like(data), torch.rand(8)
     torch.testing.assert_close(seen["t"], t)
+    assert seen["labels"] is labels  # an (x1, labels) batch trains a class-conditional model
     torch.testing.assert_close(seen["x"], t.view(-1, 1, 1, 1) * data + (1 - t.view(-1, 1, 1, 1)) * noise)
     torch.testing.assert_close(loss, ((data - noise) ** 2).mean())
 

@@ -9,6 +9,8 @@
   python train_flow.py --set training.objective=meanflow                 # one-step MeanFlow from scratch
   python train_flow.py --eval --checkpoint runs/flow/checkpoint_epoch_1020.pt --num-samples 10000 \
       --metric both --solver euler --nfe 100 --use-wandb --wandb-project flow_matching_cifar10_eval
+  python train_flow.py --set model.num_classes=10                        # class-conditional, for guidance
+  python train_flow.py --eval --checkpoint runs/flow/last.pt --guidance 1.0,1.5,2.0,3.0  # FID against the scale
 
 Recipe: config -> data, model, optimiser -> each epoch: train_epoch, last.pt, its end (FID, grid, solver table),
 its W&B row, checkpoints, artifact -> (--eval) FID and Inception Score of a checkpoint.
@@ -41,7 +43,7 @@ POSITIVE = {"model": ("base_channels", "head_channels"), "logging": ("log_images
             "meanflow": ("norm_eps", "std_t", "std_r")}
 NOT_NEGATIVE = {"model": ("num_res_blocks",), "training": ("warmup_steps", "gradient_clip", "keep_checkpoints"),
                 "eval": ("fid_interval",), "meanflow": ("norm_p",)}
-FRACTIONS = {"training": ("ema_decay",), "model": ("dropout",), "meanflow": ("equal_share",)}  # in [0, 1)
+FRACTIONS = {"training": ("ema_decay", "label_dropout"), "model": ("dropout",), "meanflow": ("equal_share",)}  # [0, 1)
 TEXT_OR_NULL = {"logging": ("entity", "run_name"), "eval": ("stats_dir", "fid_weights")}  # null in the YAML: any type
 SOLVERS, COUPLINGS, OBJECTIVES = ("euler", "heun", "rk45"), ("independent", "ot"), ("rectified_flow", "meanflow")
 SOLVER_SETTINGS = {"sampling": ("solver", "table_solvers"), "reflow": ("solver",)}
@@ -92,6 +94,9 @@ def parse_args(argv=None):
     add("--solver", choices=SOLVERS + ("meanflow",),
         help=f"default: sampling.solver, {defaults['sampling']['solver']}; a MeanFlow checkpoint's: meanflow (jumps)")
     add("--nfe", type=int, help=f"model evaluations per sample (default: sampling.nfe, {defaults['sampling']['nfe']})")
+    add("--guidance", type=lambda text: [float(scale) for scale in text.split(",")], metavar="S[,S...]",
+        help=f"a class-conditional checkpoint's guidance scales, FID and IS at each (default: sampling.guidance, "
+             f"{defaults['sampling']['guidance']})")
     add("--use-wandb", type=wbflow.str2bool, default=False, help="log the scores to W&B (default: off)")
     add("--wandb-project", help=f"default: {defaults['logging']['project_name']}_eval")
     return parser.parse_args(argv)
@@ -123,6 +128,7 @@ def load_config(args):
     if config["training"]["objective"] == "meanflow":  # a FlowUNet with a second time, sampled by jumps
         config["model"]["second_time"] = True
         config["sampling"].update(solver="meanflow", table_solvers=["meanflow"])
+    config["class_names"] = list(wbflow.CIFAR10_CLASSES) if config["model"]["num_classes"] else None  # in checkpoints
     return config
 
 
@@ -163,6 +169,8 @@ def check_settings(args, config):
     refusals = [
         *[(value is not None and not isinstance(value, str), f"{name} must be text or null, not {value!r}")
           for name, value in settings(config, TEXT_OR_NULL).items()],
+        (config["model"]["num_classes"] not in (0, 10), f"model.num_classes must be 0 (unconditional) or 10 "
+                                                        f"(CIFAR-10's classes), not {config['model']['num_classes']}"),
         (training["batch_size"] < world_size, f"training.batch_size {training['batch_size']} is smaller than the "
                                               f"{world_size} ranks (it is the global batch, split over them)"),
         (args.eval and fid and args.num_samples < 2,
@@ -177,7 +185,9 @@ def check_settings(args, config):
           for flag, reference in references.items()],
         (args.eval and not args.checkpoint, "--eval needs --checkpoint PATH|ARTIFACT"),
         (meanflow and training["coupling"] != "independent", "training.coupling ot is rectified flow's: "
-                                                             "meanflow_loss pairs noise and images independently")]
+                                                             "meanflow_loss pairs noise and images independently"),
+        (meanflow and config["model"]["num_classes"], "model.num_classes is rectified flow's: meanflow_loss trains "
+                                                      "without labels")]
     for message in [message for refused, message in refusals if refused][:1]:
         raise ValueError(message)
     if not args.eval:  # --eval checks its checkpoint first, then its model and files
@@ -224,7 +234,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     device = torch.device("cpu") if smoke else device
     config["world_size"] = world_size  # in W&B and in checkpoints: a resume needs the same number of ranks
     torch.manual_seed(training["seed"] + rank)
-    images_uint8 = load_images(config["data"], training["seed"], synthetic)
+    images_uint8, labels = load_images(config["data"], training["seed"], synthetic)
     config["data"]["images_sha256"] = wbflow.images_sha256(images_uint8)  # what it trains on, which a resume keeps
     channels_last = training["channels_last"] and device.type == "cuda"
     state = new_state(config, device, channels_last)
@@ -232,7 +242,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     say(f"FlowUNet: {parameters / 1e6:.2f}M parameters, {world_size} x {device}")
     amp_dtype, teacher_checkpoint = wbflow.autocast_dtype(device), load_teacher(teacher, config)  # before a resume
     resumed_from = load_resume(resume, config, state, device) if resume else None
-    pairs, dataset = (images_uint8, None), None  # what it trains on: the images, or the teacher's pairs
+    pairs, dataset = (images_uint8, None, labels if config["class_names"] else None), None  # or the teacher's pairs
     if teacher:  # a new student starts from its teacher's EMA weights
         pairs, dataset = reflow_pairs(teacher_checkpoint, config, state, amp_dtype, new=not resume, overwrite=overwrite)
     loader = training_loader(*pairs, training, device, channels_last)
@@ -272,10 +282,12 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
 
 
 def flow_loss(config):
-    """The objective's loss_fn(model, batch): rectified flow with its coupling, or MeanFlow with meanflow.*."""
-    training, meanflow = config["training"], dict(config["meanflow"])
+    """The objective's loss_fn(model, batch): rectified flow with its coupling (and label dropout for a class-conditional
+    model, which learns its null class from the dropped labels), or MeanFlow with meanflow.*."""
+    training, meanflow, classes = config["training"], dict(config["meanflow"]), config["model"]["num_classes"]
     if training["objective"] == "rectified_flow":
-        return functools.partial(wbflow.rectified_flow_loss, coupling=training["coupling"])
+        loss_fn = functools.partial(wbflow.rectified_flow_loss, coupling=training["coupling"])
+        return wbflow.drop_labels(loss_fn, training["label_dropout"], null_label=classes) if classes else loss_fn
     weight = {key: meanflow.pop(key) for key in ("norm_p", "norm_eps")}  # the rest are meanflow_times'
     return functools.partial(wbflow.meanflow_loss, times=functools.partial(wbflow.meanflow_times, **meanflow), **weight)
 
@@ -319,14 +331,15 @@ def stop_run(stop, state, config, argv, where=""):
                         where=f" at step {state['global_step']} (epoch {state['epoch']}){where}")
 
 
-def training_loader(images_uint8, noise_seed, training, device, channels_last):
-    """Batches of the images, or with a noise seed of the reflow pairs, each rank its share."""
+def training_loader(images_uint8, noise_seed, labels, training, device, channels_last):
+    """Batches of the images, or with a noise seed of the reflow pairs (with their labels), each rank its share."""
     rank, world_size = wbflow.rank_and_world_size()
     batch_size = training["batch_size"] // world_size
     loader = (wbflow.DeviceImageLoader(images_uint8, batch_size, device=device, seed=training["seed"], rank=rank,
-                                       world_size=world_size, channels_last=channels_last) if noise_seed is None else
+                                       world_size=world_size, channels_last=channels_last, labels=labels)
+              if noise_seed is None else
               wbflow.ReflowPairLoader(images_uint8, noise_seed, batch_size, device=device, seed=training["seed"],
-                                      rank=rank, world_size=world_size))
+                                      rank=rank, world_size=world_size, labels=labels))
     if len(loader) == 0:
         raise SystemExit(f"train_flow.py: {len(images_uint8)} {'images' if noise_seed is None else 'pairs'} make "
                          f"no batch of {batch_size} per rank")
@@ -334,16 +347,24 @@ def training_loader(images_uint8, noise_seed, training, device, channels_last):
 
 
 def load_images(data, seed, synthetic):
-    """The training images as one uint8 tensor, the same count on every rank."""
+    """The training images as one uint8 tensor and their labels, the same count on every rank."""
     if synthetic:
         images_uint8 = wbflow.synthetic_images(data["max_images"], seed=seed)
+        labels = torch.arange(len(images_uint8)) % len(wbflow.CIFAR10_CLASSES)  # stand-ins for CIFAR-10's
         say(f"smoke: {len(images_uint8)} synthetic images (pass --data-dir to use CIFAR-10)")
     else:
-        images_uint8 = wbflow.load_cifar10(data["data_dir"])[0][:data["max_images"]]
+        images_uint8, labels = (part[:data["max_images"]] for part in wbflow.load_cifar10(data["data_dir"]))
         say(f"CIFAR-10: {len(images_uint8)} training images from {data['data_dir']}")
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
         wbflow.check_same_on_every_rank({"training images": len(images_uint8)})
-    return images_uint8
+    return images_uint8, labels
+
+
+def model_settings(config):
+    """What a checkpoint's model must share with this run's; num_classes as class_names, None when unconditional,
+    and second_time None when not MeanFlow's (as in checkpoints written before these keys)."""
+    return {"model": {"second_time": None, **{key: value for key, value in config["model"].items()
+                                              if key != "num_classes"}}, "class_names": config["class_names"]}
 
 
 def load_checked(flag, reference, config, device="cpu", **check):  # wbflow.load_checked with this run's W&B project
@@ -353,12 +374,14 @@ def load_checked(flag, reference, config, device="cpu", **check):  # wbflow.load
 
 def load_resume(resume, config, state, device):
     """Load --resume into `state` and this rank's RNG once it fits this run; a new W&B run's resumed_from, or None."""
+    fixed = {**RESUME_FIXED, "training": RESUME_FIXED["training"] + ("label_dropout",) * bool(config["class_names"])}
     path, saved = load_checked(
         "--resume", resume, config, device, required=(*state, "rng", "config", "wandb_last_act"),
-        expected={"model": {"second_time": None, **config["model"]}, "world_size": wbflow.rank_and_world_size()[1],
-                  **{section: {key: config[section][key] for key in keys} for section, keys in RESUME_FIXED.items()},
+        expected={**model_settings(config), "world_size": wbflow.rank_and_world_size()[1],
+                  **{section: {key: config[section][key] for key in keys} for section, keys in fixed.items()},
                   **({"meanflow": config["meanflow"]} if config["training"]["objective"] == "meanflow" else {})},
         hints={"model": ": pass the --config/--set (and --smoke, training.objective) of the run it came from",
+               "class_names": ": pass the model.num_classes of the run it came from",
                **dict.fromkeys(RESUME_FIXED, ": a resumed run keeps the settings it trained with (only "
                                              "training.epochs and the intervals may change)"),
                "data": ": a resumed run trains on the images it trained on (the same data.max_images images of a "
@@ -428,27 +451,47 @@ def epoch_end(epoch, ema_module, statistics, config, stop, amp_dtype):
                         generator=torch.Generator().manual_seed(sampling["seed"])).to(device)
     stopped = rank == 0 and stop.is_set()
     if rank == 0 and not stopped and epoch % logging["log_images_interval"] == 0:
-        samples, used = wbflow.sample_flow(ema_module, noise, solver, 1 if solver == "meanflow" else nfe,  # MeanFlow:
-                                           tolerance=tolerance, amp_dtype=amp_dtype)  # its grid is one step
-        end["grid"], end["caption"] = wbflow.sample_grid(samples), f"epoch {epoch}, EMA, {solver} NFE {used}"
+        if config["class_names"]:  # one row per class, each from the same noise
+            end["grid"], rows, used = wbflow.class_grid(
+                ema_module, noise[:max(1, len(noise) // len(config["class_names"]))], config["class_names"],
+                guidance=sampling["guidance"], solver=solver, nfe=nfe, tolerance=tolerance, amp_dtype=amp_dtype)
+            end["caption"] = f"epoch {epoch}, EMA, {solver} NFE {used}, guidance {sampling['guidance']:g}; {rows}"
+        else:
+            samples, used = wbflow.sample_flow(ema_module, noise, solver, 1 if solver == "meanflow" else nfe,  # MeanFlow:
+                                               tolerance=tolerance, amp_dtype=amp_dtype)  # its grid is one step
+            end["grid"], end["caption"] = wbflow.sample_grid(samples), f"epoch {epoch}, EMA, {solver} NFE {used}"
         wbflow.save_png(end["grid"], Path(config["data"]["out_dir"]) / "samples" / f"epoch_{epoch:04d}.png")
     if rank == 0 and not stopped and (epoch % training["sample_interval"] == 0 or epoch == training["epochs"]):
-        straightness = wbflow.straightness(ema_module, noise, nfe, amp_dtype=amp_dtype)
-        compared = wbflow.compare_solvers(ema_module, noise, solvers=sampling["table_solvers"], stop=stop.is_set,
-                                          nfes=sampling["table_nfes"], tolerance=tolerance, amp_dtype=amp_dtype)
-        stopped = compared is None
+        straightness = wbflow.straightness(velocity(ema_module, sampling["guidance"]), noise, nfe, amp_dtype=amp_dtype)
+        for scale in sampling["table_guidance"] if config["class_names"] else [None]:  # solver x NFE (x guidance)
+            compared = wbflow.compare_solvers(velocity(ema_module, scale), noise, solvers=sampling["table_solvers"],
+                                              nfes=sampling["table_nfes"], tolerance=tolerance, amp_dtype=amp_dtype,
+                                              stop=stop.is_set)
+            stopped = compared is None
+            if stopped:
+                break
+            end["rows"] += wbflow.samples_table_rows(compared, epoch, config["data"]["out_dir"], guidance=scale,
+                                                     straightness=straightness if scale in (None, sampling["guidance"])
+                                                     else None)  # measured at sampling.guidance
         if not stopped:
             end["metrics"]["eval/straightness"] = straightness
-            end["rows"] = wbflow.samples_table_rows(compared, epoch, config["data"]["out_dir"],
-                                                    straightness=straightness)
     return None if wbflow.gather_from_ranks(stopped)[0] else end
 
 
-def sample_and_score(ema_module, count, statistics, config, stop, *, seed, progress=False):
-    """eval/fid_score and eval/inception_score_* of `count` samples: (metrics, samples, NFE), or None after a stop."""
+def velocity(ema_module, scale, labels=None):
+    """What the samplers call: the EMA model, or a class-conditional one guided at `scale` (class-balanced labels)."""
+    if not ema_module.num_classes:
+        return ema_module
+    return wbflow.guided_velocity(ema_module, torch.arange(ema_module.num_classes) if labels is None else labels, scale)
+
+
+def sample_and_score(ema_module, count, statistics, config, stop, *, seed, scale=None, progress=False):
+    """eval/fid_score and eval/inception_score_* of `count` samples (guided at `scale`, else sampling.guidance, when
+    class-conditional): (metrics, samples, NFE), or None after a stop."""
     evaluation, sampling = config["eval"], config["sampling"]
     scored = wbflow.sample_and_score(
-        ema_module, count, statistics, device=next(ema_module.parameters()).device, solver=sampling["solver"],
+        velocity(ema_module, sampling["guidance"] if scale is None else scale), count, statistics,
+        device=next(ema_module.parameters()).device, solver=sampling["solver"],
         nfe=sampling["nfe"], tolerance=sampling["rk45_tolerance"], batch_size=evaluation["sample_batch_size"],
         seed=seed, inception_batch_size=evaluation["inception_batch_size"], weights_path=evaluation["fid_weights"],
         stop=stop.is_set, progress=progress)
@@ -494,7 +537,7 @@ def save_epoch(run, epoch, state, config):
         if epoch % logging["log_model_interval"] == 0:
             wbflow.log_artifact(run, path, f"model-{run.id}", aliases=["latest", f"epoch-{epoch}"] + ["best"] * (
                 state["best_epoch"] == epoch), metadata={"epoch": epoch, "global_step": state["global_step"],
-                                                         "config": config})
+                                                         "class_names": config["class_names"], "config": config})
     wbflow.save_checkpoint(ended, out_dir / "last.pt")
 
 
@@ -520,9 +563,9 @@ def load_teacher(teacher, config):
     config["reflow"].update(teacher=None, teacher_sha256=None)  # a run on images
     if not teacher:
         return None
-    path, state = load_checked("--reflow", teacher, config, required=("ema", "config"),
-                               expected={"model": {"second_time": None, **config["model"]}},
-                               hints={"model": ": the student is the teacher's FlowUNet: pass its --config/--set"})
+    path, state = load_checked("--reflow", teacher, config, required=("ema", "config"), expected=model_settings(config),
+                               hints=dict.fromkeys(("model", "class_names"), ": the student is the teacher's FlowUNet: "
+                                                                             "pass its --config/--set"))
     config["reflow"].update(teacher=str(teacher), teacher_sha256=wbflow.file_sha256(path))
     return path, state
 
@@ -534,18 +577,19 @@ def reflow_pairs(teacher_checkpoint, config, state, amp_dtype, *, new, overwrite
     folder = Path(config["data"]["out_dir"]) / "reflow_pairs"
     teacher_name = teacher_state.get("wandb_run_id") or path.stem
     made_by = {"teacher_sha256": reflow["teacher_sha256"], "solver": reflow["solver"], "nfe": reflow["nfe"],
-               **({"rk45_tolerance": tolerance} if reflow["solver"] == "rk45" else {})}
+               **({"rk45_tolerance": tolerance} if reflow["solver"] == "rk45" else {}),
+               **({"guidance": config["sampling"]["guidance"]} if config["class_names"] else {})}
     if new:
         state["ema"].load_state_dict(teacher_state["ema"])
         state["model"].load_state_dict(state["ema"].module.state_dict())
         teacher = state["ema"].module.eval()  # the teacher's velocity, without dropout
         with wbflow.stop_on_signals() as stop, wbflow.exit_on_error("train_flow.py", (ValueError,)):
-            written = wbflow.generate_reflow_pairs(
-                lambda noise: wbflow.images_to_uint8(wbflow.sample_flow(
-                    teacher, noise, reflow["solver"], reflow["nfe"], amp_dtype=amp_dtype, tolerance=tolerance)[0]),
-                folder, reflow["num_pairs"], settings=made_by, shard_size=reflow["shard_size"], seed=reflow["seed"],
-                stop=stop.is_set, overwrite=overwrite, rank=rank, world_size=world_size,
-                device=next(teacher.parameters()).device)
+            written = wbflow.generate_reflow_pairs(  # a class-conditional teacher's pair i is of class i % 10
+                lambda noise, labels=None: wbflow.images_to_uint8(wbflow.sample_flow(
+                    velocity(teacher, made_by.get("guidance"), labels), noise, reflow["solver"], reflow["nfe"],
+                    amp_dtype=amp_dtype, tolerance=tolerance)[0]), folder, reflow["num_pairs"], settings=made_by,
+                shard_size=reflow["shard_size"], seed=reflow["seed"], num_classes=teacher.num_classes, stop=stop.is_set,
+                overwrite=overwrite, rank=rank, world_size=world_size, device=next(teacher.parameters()).device)
         if written is None:
             print(f"train_flow.py: pair generation stopped; the same command goes on at the next shard of "
                   f"{folder}", file=sys.stderr)
@@ -574,7 +618,10 @@ def evaluate(args, config):
     if sampling["solver"] == "meanflow" and not meanflow:
         raise SystemExit(f"train_flow.py: --solver meanflow samples a MeanFlow checkpoint; {path} is a rectified flow")
     grid_png = Path(data["out_dir"]) / "samples" / f"eval_epoch_{state['epoch']:04d}.png"
+    classes, scales = state["config"].get("class_names"), args.guidance or [sampling["guidance"]]
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
+        if args.guidance and not classes:
+            raise ValueError(f"--guidance needs a class-conditional checkpoint; {path} holds a model for t alone")
         wbflow.check_outputs({"the sample grid": grid_png}, {"--checkpoint": path})
         check_files(args, config)
     # the images the statistics are of (their hash names the cache a training run fills too); downloads, or says where
@@ -585,30 +632,37 @@ def evaluate(args, config):
         with wbflow.stop_on_signals() as stop:
             with wbflow.exit_on_error("train_flow.py", (ValueError,)):  # before sampling: nothing fails after it
                 statistics = None if metric == "is" else fid_statistics(real_images, config, device, progress=True)
-            scored = sample_and_score(ema_model.module.eval(), args.num_samples, statistics, config, stop,
-                                      seed=sampling["seed"], progress=True)
-            if scored is None or stop.is_set():  # between sampling batches, or in the Inception pass
+            scored = {scale: sample_and_score(ema_model.module.eval(), args.num_samples, statistics, config, stop,
+                                              seed=sampling["seed"], scale=scale, progress=True) for scale in scales}
+            if None in scored.values() or stop.is_set():  # between sampling batches, or in the Inception pass
                 raise KeyboardInterrupt  # as a second signal does: the except below says so in one line
     except KeyboardInterrupt:
         number = stop.signal or signal.SIGINT
         print(f"train_flow.py: --eval stopped by {signal.Signals(number).name}; nothing was saved", file=sys.stderr)
         raise SystemExit(128 + number) from None
-    metrics, samples_uint8, used = scored
-    print(f"sampled {len(samples_uint8)} images from {path} (epoch {state['epoch']}) with {sampling['solver']}, "
-          f"NFE {used}")
+    scores = [{"guidance": scale, **metrics} for scale, (metrics, _, _) in scored.items()]
+    best = wbflow.log_guidance_sweep(None, scores) or scores[0]  # the lowest FID's scale (the first without FID)
+    metrics, samples_uint8, used = scored[best["guidance"]]
+    print(f"sampled {len(samples_uint8)} images a scale from {path} (epoch {state['epoch']}) with "
+          f"{sampling['solver']}, NFE {used}" + (f", guidance {', '.join(map(str, scales))}" if classes else ""))
     metrics = {key: value for key, value in metrics.items()  # --metric fid, is or both
                if value is not None and (metric != "fid" or key == "eval/fid_score")}
-    print(", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
-    grid = wbflow.sample_grid(samples_uint8[:64])
+    print(", ".join(f"{key} {value:.4f}" for key, value in metrics.items()) + (
+        f" (guidance {best['guidance']:g}, the best of {len(scales)})" if classes else ""))
+    grid = wbflow.sample_grid(samples_uint8[:100 if classes else 64], nrow=len(classes) if classes else None)
     wbflow.save_png(grid, grid_png)
     eval_config = {"checkpoint": str(args.checkpoint), "epoch": state["epoch"], "global_step": state["global_step"],
                    "num_samples": args.num_samples, "metric": metric, "solver": sampling["solver"], "nfe": used,
-                   "model": state["config"]["model"], "fid_reference": wbflow.fid_reference()}
+                   "model": state["config"]["model"], "class_names": classes, "guidance": scales if classes else None,
+                   "fid_reference": wbflow.fid_reference()}
     with wbflow.wandb_run(eval_config, project=args.wandb_project or f"{logging['project_name']}_eval",
                           enabled=args.use_wandb, entity=logging["entity"], job_type="eval") as run:
         run.log(metrics)
-        wbflow.log_image_grid(run, "eval/sample_images", grid,
-                              caption=f"{sampling['solver']} NFE {used}, epoch {state['epoch']}")
+        if args.guidance:  # FID and IS against the scale: eval/guidance_table, eval/fid_vs_guidance, the best
+            wbflow.log_guidance_sweep(run, scores)
+        wbflow.log_image_grid(run, "eval/sample_images", grid, caption=f"{sampling['solver']} NFE {used}, epoch "
+                              f"{state['epoch']}" + (f", guidance {best['guidance']:g}; columns: {', '.join(classes)}"
+                                                     if classes else ""))
     return metrics
 
 

@@ -2,7 +2,8 @@
 
 Sections, in data-flow order:
   device & data     rank_and_world_size, setup_distributed,
-                    CIFAR10_URL, load_cifar10, synthetic_images, DeviceImageLoader (CIFAR-10 on the device),
+                    CIFAR10_URL, CIFAR10_CLASSES, load_cifar10, synthetic_images,
+                    DeviceImageLoader (CIFAR-10 on the device),
                     write_pattern_dataset (generated images in a competition's layout), list_images,
                     find_image_samples, stratified_split, stratified_folds,
                     drop_unreadable_images, ImageSamples, IMAGENET_MEAN_STD, image_transforms, mix_batches,
@@ -10,14 +11,14 @@ Sections, in data-flow order:
                     (image folders, name<TAB>label / path,label lists, a competition's train.txt)
   models            FlowUNet, build_classifier (any torchvision classification model), build_optimizer
   losses            classification_loss, focal_loss, class_balanced_weights, ot_pairs, rectified_flow_loss,
-                    meanflow_times, meanflow_target, meanflow_loss
+                    drop_labels, meanflow_times, meanflow_target, meanflow_loss
   training          autocast_dtype, make_scaler, make_ema, warmup_cosine_schedule, train_step, RunningSums,
                     train_epoch, validate, stop_on_signals, exit_stopped, capture_rng_state, restore_rng_state,
                     gather_from_ranks, predict_logits, evaluate_classifier, predict_images (a model or an
                     ensemble), predict_submission, apply_class_offsets, write_submission, write_probability_csv,
                     read_probability_csv
   sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers, straightness,
-                    meanflow_velocity
+                    guided_velocity, class_grid, meanflow_velocity
   reflow            reflow_shards, generate_reflow_pairs, load_reflow_pairs, ReflowPairLoader
   metrics           FIDInceptionV3, fid_weights_path, load_fid_inception, file_sha256, images_sha256, fid_reference,
                     inception_features, feature_statistics, frechet_distance, fid, kid, statistics_path,
@@ -26,7 +27,7 @@ Sections, in data-flow order:
                     weights_by_name, classification_scores, fit_class_offsets, warn_of_absent_classes
   images & W&B      wandb_run, define_metrics, flush_run, watch_model, log_model_graph, log_artifact, use_artifact,
                     images_to_uint8, sample_grid, save_png, log_image_grid, samples_table, samples_table_rows,
-                    log_classification_report
+                    log_guidance_sweep, log_classification_report
   checkpoints       write_atomically, save_checkpoint, load_checkpoint, check_outputs, prepare_out_dir,
                     rotate_checkpoints, save_best, checkpoint_state, restore_state, check_checkpoint, resume_command,
                     wandb_resume_plan, fetch_checkpoint, load_checked, load_checkpoints, write_ensemble,
@@ -110,6 +111,8 @@ def setup_distributed():
 
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+# CIFAR-10's class names in the order of its labels 0..9 (batches.meta)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def load_cifar10(data_dir, train=True, download=True):
@@ -189,15 +192,19 @@ class DeviceImageLoader:
     Under DDP each rank takes every world_size-th index of the same permutation (pass the per-rank
     batch size). The order depends only on (seed, epoch): call set_epoch(epoch) before iterating,
     and a resumed run sees the same batches; set_epoch(epoch, skip_batches=k) starts that epoch at
-    its batch k (continuing an epoch that a stop interrupted).
+    its batch k (continuing an epoch that a stop interrupted). With `labels` (N,) it yields (images, labels)
+    batches, the labels on the device too (for a class-conditional model).
     Usage: loader = DeviceImageLoader(images_uint8, 128, device="cuda"); loader.set_epoch(1); for x in loader: ...
     """
 
     def __init__(self, images_uint8, batch_size, *, device="cpu", shuffle=True, flip=True, drop_last=True,
-                 seed=0, rank=0, world_size=1, channels_last=False):
+                 seed=0, rank=0, world_size=1, channels_last=False, labels=None):
         self.device = torch.device(device)
         images_uint8 = images_uint8.to(self.device, non_blocking=True)
         self.count = images_uint8.shape[0]
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long).to(self.device)
+        if self.labels is not None and self.labels.shape != (self.count,):
+            raise ValueError(f"DeviceImageLoader: {tuple(self.labels.shape)} labels for {self.count} images")
         self.images_and_mirrors = torch.cat([images_uint8, images_uint8.flip(3)]) if flip else images_uint8
         self.batch_size, self.shuffle, self.flip, self.drop_last = batch_size, shuffle, flip, drop_last
         self.seed, self.rank, self.world_size, self.channels_last = seed, rank, world_size, channels_last
@@ -218,10 +225,12 @@ class DeviceImageLoader:
             order = order + self.count * (torch.rand(self.count, generator=generator, device=self.device) < 0.5)
         order = order[self.rank:self.count // self.world_size * self.world_size:self.world_size]
         for start in range(self.skip_batches * self.batch_size, len(self) * self.batch_size, self.batch_size):
-            images = self.images_and_mirrors.index_select(0, order[start:start + self.batch_size])
+            index = order[start:start + self.batch_size]
+            images = self.images_and_mirrors.index_select(0, index)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            yield images.float().div_(127.5).sub_(1.0)
+            images = images.float().div_(127.5).sub_(1.0)
+            yield images if self.labels is None else (images, self.labels.index_select(0, index % self.count))
 
 
 def write_pattern_dataset(folder, class_counts, *, test_images=0, size=32, seed=0):
@@ -780,6 +789,11 @@ class FlowUNet(nn.Module):
     of the jump from t to r >= t (meanflow_loss), r=None the instantaneous velocity (r = t); the jump's length
     r - t gets its own embedding (`interval_embed`), added to the time's.
 
+    num_classes=C adds a class embedding to the time embedding (flow_matching's and py-meanflow's
+    Embedding(C + 1), its last row, index C, the null class that label dropout trains and classifier-free
+    guidance subtracts); labels=None is the null class then. num_classes=None (or 0) and second_time=False build
+    the model for t alone, with exactly the state_dict it always had.
+
     The architecture of guided-diffusion's UNet as torchcfm's CIFAR-10 example configures it:
     residual blocks with the time embedding added, self-attention at the resolutions listed (and in
     the middle), strided-conv down / nearest+conv up, skip connections. The defaults are that recipe
@@ -789,13 +803,16 @@ class FlowUNet(nn.Module):
     """
 
     def __init__(self, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
-                 attention_resolutions=(16,), head_channels=64, dropout=0.1, image_size=32, second_time=False):
+                 attention_resolutions=(16,), head_channels=64, dropout=0.1, image_size=32, second_time=False,
+                 num_classes=None):
         super().__init__()
         embed_dim = 4 * base_channels
         def embedding_mlp():  # sinusoidal features -> the embedding
             return nn.Sequential(nn.Linear(base_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
         self.time_embed = embedding_mlp()
         self.interval_embed = embedding_mlp() if second_time else None
+        self.num_classes = num_classes or None
+        self.label_embed = nn.Embedding(num_classes + 1, embed_dim) if num_classes else None  # row C: the null class
         self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def block(in_channels, out_channels):  # a residual block, with attention at the listed resolutions
@@ -832,12 +849,15 @@ class FlowUNet(nn.Module):
 
     def embed(self, t, r=None, labels=None):
         """The embedding the blocks add, of the time t (N,) and of what else the model was built to take."""
-        for name, value in (("r", r if self.interval_embed is None else None), ("labels", labels)):
-            if value is not None:
+        for name, value, module in (("r", r, self.interval_embed), ("labels", labels, self.label_embed)):
+            if value is not None and module is None:
                 raise ValueError(f"FlowUNet: {name} given, but this model was built for the time t alone")
         embedding = self.time_embed(self._sinusoid(t))
         if self.interval_embed is not None:  # the jump's length, 0 for the instantaneous velocity
             embedding = embedding + self.interval_embed(self._sinusoid(t - t if r is None else r - t))
+        if self.label_embed is not None:  # no labels: the null class, the unconditional velocity
+            labels = torch.full_like(t, self.num_classes, dtype=torch.long) if labels is None else labels
+            embedding = embedding + self.label_embed(torch.as_tensor(labels, device=t.device))
         return embedding
 
     def _sinusoid(self, t):
@@ -965,22 +985,28 @@ def classification_loss(criterion):
     return loss_fn
 
 
-def ot_pairs(noise, data):
+def ot_pairs(noise, data, labels=None):
     """`noise` reordered so that the pairs (noise[i], data[i]) have the least total squared Euclidean
     distance: the exact optimal transport plan of two equal batches with uniform weights, a
-    permutation (scipy's linear_sum_assignment on the flattened float64 costs; no resampling). Under
-    DDP each rank pairs its own batch.
+    permutation (scipy's linear_sum_assignment on the flattened float64 costs; no resampling). With
+    `labels` (N,) the plan is made within each class (C2OT): the noise at the positions of class c is
+    paired optimally with the data of class c, so a pair keeps its data's label. Under DDP each rank pairs
+    its own batch.
 
-    Usage: x0 = ot_pairs(torch.randn_like(x1), x1)
+    Usage: x0 = ot_pairs(torch.randn_like(x1), x1, labels)
     """
     from scipy.optimize import linear_sum_assignment
     if noise.shape != data.shape:
         raise ValueError(f"ot_pairs needs batches of one shape, not {tuple(noise.shape)} and {tuple(data.shape)}")
     x0, x1 = noise.detach().flatten(1).double(), data.detach().flatten(1).double()
-    cost = (x0.square().sum(1, keepdim=True) + x1.square().sum(1) - 2 * x0 @ x1.T).cpu().numpy()
-    noise_index, data_index = linear_sum_assignment(cost)
-    order = torch.empty(len(data_index), dtype=torch.long)
-    order[torch.from_numpy(data_index)] = torch.from_numpy(noise_index)  # data[j] gets noise[order[j]]
+    order = torch.arange(len(data))
+    groups = [order] if labels is None else [order[labels.cpu() == label] for label in labels.cpu().unique()]
+    for group in groups:
+        on_device = group.to(x0.device)
+        a, b = x0[on_device], x1[on_device]
+        cost = (a.square().sum(1, keepdim=True) + b.square().sum(1) - 2 * a @ b.T).cpu().numpy()
+        noise_index, data_index = linear_sum_assignment(cost)
+        order[group[data_index]] = group[noise_index]  # data[j] gets noise[order[j]]
     return noise[order.to(noise.device)]
 
 
@@ -988,20 +1014,39 @@ def rectified_flow_loss(model, batch, *, coupling="independent"):
     """Rectified-flow (flow-matching) loss: x_t = t*x1 + (1-t)*x0 with t ~ U(0, 1), regressing
     model(x_t, t) onto the velocity x1 - x0 (mean squared error, float32).
 
-    `batch` is data x1 of any shape (N, ...) or an (x1, labels) pair, with noise x0 ~ N(0, I) paired
-    independently or, with coupling="ot", by ot_pairs; or {"noise": x0, "data": x1}, fixed pairs (reflow).
+    `batch` is data x1 of any shape (N, ...), with noise x0 ~ N(0, I) paired independently or, with
+    coupling="ot", by ot_pairs; or an (x1, labels) pair for a class-conditional model, called as
+    model(x_t, t, labels=labels), its OT plan made within each class; or {"noise": x0, "data": x1} (and
+    "labels"), fixed pairs (reflow). Label dropout for classifier-free guidance wraps it: drop_labels.
     Usage: stats = wbflow.train_epoch(model, loader, optimizer, rectified_flow_loss)
     """
     if isinstance(batch, dict):
-        noise, data = batch["noise"], batch["data"]
+        noise, data, labels = batch["noise"], batch["data"], batch.get("labels")
     else:
-        data = batch[0] if isinstance(batch, (tuple, list)) else batch
+        data, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
         noise = torch.randn_like(data)
-        noise = ot_pairs(noise, data) if coupling == "ot" else noise
+        noise = ot_pairs(noise, data, labels) if coupling == "ot" else noise
     t = torch.rand(data.shape[0], device=data.device, dtype=data.dtype)
     t_data = t.view(-1, *([1] * (data.dim() - 1)))
-    velocity = model(t_data * data + (1 - t_data) * noise, t)
+    x_t = t_data * data + (1 - t_data) * noise
+    velocity = model(x_t, t) if labels is None else model(x_t, t, labels=labels)
     return F.mse_loss(velocity.float(), (data - noise).float())
+
+
+def drop_labels(loss_fn, rate, null_label):
+    """`loss_fn` (e.g. rectified_flow_loss) trained for classifier-free guidance: each sample's label of an
+    (x1, labels) batch (or a {"labels": ...} batch) is replaced by `null_label` (a model's num_classes: its
+    null class) with probability `rate`, independently per sample (flow_matching drops a whole batch at once).
+    Dropped before the loss pairs noise and data, so coupling="ot" pairs the dropped samples among themselves
+    (an unconditional batch) and every other class within itself.
+
+    Usage: loss_fn = drop_labels(functools.partial(rectified_flow_loss, coupling="ot"), 0.1, null_label=10)
+    """
+    def dropped(model, batch):
+        labels = batch["labels"] if isinstance(batch, dict) else batch[1]
+        labels = torch.where(torch.rand(labels.shape, device=labels.device) < rate, null_label, labels)
+        return loss_fn(model, {**batch, "labels": labels} if isinstance(batch, dict) else (batch[0], labels))
+    return dropped
 
 
 def meanflow_times(count, *, device="cpu", mean_t=0.6, std_t=1.6, mean_r=4.0, std_r=1.6, equal_share=0.25):
@@ -1811,6 +1856,57 @@ def straightness(velocity, noise, steps=100, *, amp_dtype=None):
     return (squares / steps - (total / steps).square()).mean().clamp(min=0).item()
 
 
+def guided_velocity(model, labels, scale, interval=None):
+    """The velocity callable v(x, t) of classifier-free guidance for the samplers: v_uncond + scale * (v_cond -
+    v_uncond), with v_cond = model(x, t, labels=labels) and v_uncond the model's at the null class (index
+    model.num_classes; FlowUNet(num_classes=...)), both in one batched forward of 2N rows. scale = 1 is the
+    conditional velocity (one forward of N rows); flow_matching's guidance weight w is scale = 1 + w, since its
+    (1 + w) * cond - w * uncond is the same sum. interval=(t_lo, t_hi) guides only where t_lo <= t <= t_hi
+    (Kynkäänniemi et al. 2024: guidance mid-way helps, at high noise it hurts) and gives the conditional velocity
+    elsewhere. `labels` (class indices) are the batch's, a shorter tensor repeated along it: torch.arange(C)
+    draws class-balanced batches (sample i of a batch is class i % C) for any batch size.
+
+    Usage: images = euler_sample(guided_velocity(ema_model.module.eval(), torch.arange(10), 2.0), noise, 100)
+    """
+    null_label = getattr(model, "num_classes", None)
+    if not null_label:
+        raise ValueError("guided_velocity needs a model built with num_classes (its null class is index num_classes)")
+    labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+
+    def velocity(x, t):
+        batch, t = x.shape[0], torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        conditional = labels.to(x.device).repeat(-(-batch // len(labels)))[:batch]
+        if scale == 1:
+            return model(x, t, labels=conditional)
+        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), labels=torch.cat(
+            [conditional, torch.full_like(conditional, null_label)])).float().chunk(2)
+        guided = v_uncond + scale * (v_cond - v_uncond)
+        if interval is None:
+            return guided
+        inside = (t >= interval[0]) & (t <= interval[1])  # on the device: no host read a step
+        return torch.where(inside.view(-1, *[1] * (x.dim() - 1)), guided, v_cond)
+    return velocity
+
+
+def class_grid(model, noise, class_names, *, guidance=1.0, interval=None, solver="euler", nfe=100, tolerance=1e-5,
+               amp_dtype=None):
+    """A class-conditional model's grid with one row per class: row c is class c drawn from each row of `noise`,
+    the same noise in every row (a column shows what the label changes; the same noise every epoch shows
+    training's progress), with guided_velocity at `guidance` and `interval`, sampled by sample_flow (solver, nfe,
+    tolerance, amp_dtype). Returns (grid_uint8, a caption naming the rows' classes, evaluations a sample used).
+
+    Usage: grid, caption, nfe_used = class_grid(ema_model.module.eval(), fixed_noise[:8], CIFAR10_CLASSES)
+    """
+    if len(class_names) != getattr(model, "num_classes", None):
+        raise ValueError(f"class_grid: {len(class_names)} class names for a model of "
+                         f"{getattr(model, 'num_classes', None)} classes")
+    labels = torch.arange(len(class_names)).repeat_interleave(len(noise))
+    samples, used = sample_flow(guided_velocity(model, labels, guidance, interval),
+                                noise.repeat(len(class_names), *[1] * (noise.dim() - 1)), solver, nfe,
+                                tolerance=tolerance, amp_dtype=amp_dtype)
+    return sample_grid(samples, nrow=len(noise)), "rows: " + ", ".join(class_names), used
+
+
 # ----------------------------------------------------------------------------- reflow
 
 def _pair_noise(indices, seed, shape):
@@ -1819,17 +1915,19 @@ def _pair_noise(indices, seed, shape):
                         for i in indices])
 
 
-def reflow_shards(folder, num_pairs, *, shard_size=1000, shape=(3, 32, 32), seed=0, settings=None):
+def reflow_shards(folder, num_pairs, *, shard_size=1000, shape=(3, 32, 32), seed=0, settings=None, num_classes=None):
     """One generation of reflow pairs, and what in `folder` is not of it: (the metadata each shard pairs_00000.pt,
     ... of the generation holds besides its samples, {path: why} for every file pairs_*.pt in `folder` that is no
     shard of it). A generation is keyed by `settings` (what makes the samples: e.g. the teacher's file hash, the
-    solver and NFE), the noise seed, the sample shape, the pair count and the shard size, so pairs of another
-    teacher or settings are never mixed into it: refuse such files, or delete them and generate again. The files
-    are read with mmap, so their samples stay on disk.
+    solver and NFE), the noise seed, the sample shape, the pair count, the shard size and the classes of a
+    class-conditional teacher (None: unconditional), so pairs of another teacher or settings are never mixed into
+    it: refuse such files, or delete them and generate again. The files are read with mmap, so their samples stay
+    on disk.
 
     Usage: plan, others = reflow_shards("out/pairs", 10_000, settings={"teacher_sha256": file_sha256("teacher.pt")})
     """
-    key = {**(settings or {}), "num_pairs": num_pairs, "shard_size": shard_size, "seed": seed, "shape": list(shape)}
+    key = {**(settings or {}), "num_pairs": num_pairs, "shard_size": shard_size, "seed": seed, "shape": list(shape),
+           "num_classes": num_classes}  # a shard written before num_classes existed reads as None: unconditional
     plan = [{**key, "first": first, "count": min(shard_size, num_pairs - first)}
             for first in range(0, num_pairs, shard_size)]
     names, others = {f"pairs_{index:05d}.pt": meta for index, meta in enumerate(plan)}, {}
@@ -1850,7 +1948,7 @@ def reflow_shards(folder, num_pairs, *, shard_size=1000, shape=(3, 32, 32), seed
 
 
 def generate_reflow_pairs(sample, folder, num_pairs, *, shard_size=1000, shape=(3, 32, 32), seed=0, settings=None,
-                          device="cpu", rank=0, world_size=1, stop=None, overwrite=False):
+                          num_classes=None, device="cpu", rank=0, world_size=1, stop=None, overwrite=False):
     """Write `num_pairs` (noise, sample) pairs into `folder` as shards pairs_00000.pt, ... of
     `shard_size` pairs: sample(noise) (a trained flow's uint8 samples, 3 KB a CIFAR pair) and what
     regenerates the noise (pair i's own seed). Each shard is written atomically and a shard already
@@ -1860,11 +1958,14 @@ def generate_reflow_pairs(sample, folder, num_pairs, *, shard_size=1000, shape=(
     ValueError before anything is written, or with overwrite=True those files are deleted first. Under
     DDP pass rank and world_size: each writes every world_size-th shard, rank 0 deletes, and every rank
     returns once all shards are written. `stop` is checked before each shard: the result is then
-    None, else this rank's shard paths.
+    None, else this rank's shard paths. With `num_classes` (a class-conditional teacher) pair i is made for
+    class i % num_classes, by sample(noise, labels), and its shard keeps the labels, so the student trains
+    every pair with the label it was generated for.
 
     Usage: generate_reflow_pairs(lambda x0: images_to_uint8(sample_flow(ema, x0)[0]), "out/pairs", 10_000)
     """
-    plan, others = reflow_shards(folder, num_pairs, shard_size=shard_size, shape=shape, seed=seed, settings=settings)
+    plan, others = reflow_shards(folder, num_pairs, shard_size=shard_size, shape=shape, seed=seed, settings=settings,
+                                 num_classes=num_classes)
     for path, why in list(others.items())[:1] if not overwrite else ():
         more = f" and {len(others) - 1} more files hold" if len(others) > 1 else " holds"
         raise ValueError(f"{path}{more} pairs of another generation ({why}): pass --overwrite to delete them and "
@@ -1879,8 +1980,14 @@ def generate_reflow_pairs(sample, folder, num_pairs, *, shard_size=1000, shape=(
         if not path.is_file():
             if stop is not None and stop():
                 return None
-            noise = _pair_noise(range(meta["first"], meta["first"] + meta["count"]), seed, shape).to(device)
-            save_checkpoint({**meta, "images_uint8": sample(noise).cpu()}, path)
+            indices = torch.arange(meta["first"], meta["first"] + meta["count"])
+            noise = _pair_noise(indices, seed, shape).to(device)
+            if num_classes is None:
+                save_checkpoint({**meta, "images_uint8": sample(noise).cpu()}, path)
+            else:
+                labels = indices % num_classes
+                images_uint8 = sample(noise, labels.to(device)).cpu()
+                save_checkpoint({**meta, "images_uint8": images_uint8, "labels": labels}, path)
         paths.append(path)
     if world_size > 1:
         dist.barrier()  # every rank's shards are written
@@ -1888,16 +1995,17 @@ def generate_reflow_pairs(sample, folder, num_pairs, *, shard_size=1000, shape=(
 
 
 def load_reflow_pairs(folder, num_pairs, settings=None):
-    """The samples of generate_reflow_pairs' shards in `folder`, in pair order, and their noise seed:
-    (images_uint8, seed). Missing pairs, shards of two generations (another teacher or settings), or
-    shards whose metadata differs from `settings` ({key: value}, e.g. the teacher's hash) are a ValueError.
+    """The samples of generate_reflow_pairs' shards in `folder`, in pair order, their noise seed and the labels they
+    were made for (None for an unconditional teacher's): (images_uint8, seed, labels). Missing pairs, shards of two
+    generations (another teacher or settings), or shards whose metadata differs from `settings` ({key: value}, e.g.
+    the teacher's hash) are a ValueError.
 
-    Usage: images_uint8, seed = load_reflow_pairs("out/pairs", 100_000, {"teacher_sha256": teacher_hash})
+    Usage: images_uint8, seed, labels = load_reflow_pairs("out/pairs", 100_000, {"teacher_sha256": teacher_hash})
     """
     paths = sorted(Path(folder).glob("pairs_*.pt"))
     shards = [load_checkpoint(path) for path in paths]
-    keys = [{name: value for name, value in shard.items() if name not in ("first", "count", "images_uint8")}
-            for shard in shards]
+    keys = [{"num_classes": None, **{name: value for name, value in shard.items()  # num_classes: None in older shards
+                                     if name not in ("first", "count", "images_uint8", "labels")}} for shard in shards]
     for path, key in [(path, key) for path, key in zip(paths, keys) if key != keys[0]][:1]:
         name = next(name for name in sorted(key.keys() | keys[0].keys()) if key.get(name) != keys[0].get(name))
         raise ValueError(f"{folder} mixes pairs of two generations: {name} {keys[0].get(name)!r} in {paths[0].name}, "
@@ -1910,20 +2018,25 @@ def load_reflow_pairs(folder, num_pairs, settings=None):
             a["first"] + a["count"] != b["first"] for a, b in zip(shards, shards[1:])):
         raise ValueError(f"{folder} does not hold the {num_pairs} pairs of one generation "
                          f"({len(shards)} shards, {sum(shard['count'] for shard in shards)} pairs)")
-    return torch.cat([shard["images_uint8"] for shard in shards]), shards[0]["seed"]
+    labels = torch.cat([shard["labels"] for shard in shards]) if keys[0]["num_classes"] else None
+    return torch.cat([shard["images_uint8"] for shard in shards]), shards[0]["seed"], labels
 
 
 class ReflowPairLoader:
     """Batches {"noise": x0, "data": x1} of reflow pairs (load_reflow_pairs' images and seed) for
     rectified_flow_loss: the samples stay one uint8 tensor on the device, the noise is regenerated
     per pair. Order, DDP shares and resume as DeviceImageLoader: set_epoch(epoch, skip_batches=k).
+    With `labels` (a class-conditional teacher's pairs) each batch holds the pairs' "labels" too.
 
-    Usage: loader = ReflowPairLoader(*load_reflow_pairs("out/pairs", 100_000), 128, device="cuda")
+    Usage: images_uint8, seed, labels = load_reflow_pairs("out/pairs", 100_000)
+           loader = ReflowPairLoader(images_uint8, seed, 128, labels=labels, device="cuda")
     """
 
-    def __init__(self, images_uint8, noise_seed, batch_size, *, device="cpu", seed=0, rank=0, world_size=1):
+    def __init__(self, images_uint8, noise_seed, batch_size, *, device="cpu", seed=0, rank=0, world_size=1,
+                 labels=None):
         self.device = torch.device(device)
         self.images_uint8 = images_uint8.to(self.device, non_blocking=True)
+        self.labels = None if labels is None else labels.to(self.device, non_blocking=True)
         self.noise_seed, self.batch_size, self.seed, self.rank, self.world_size = (
             noise_seed, batch_size, seed, rank, world_size)
         self.epoch, self.skip_batches = 0, 0
@@ -1940,8 +2053,10 @@ class ReflowPairLoader:
         for batch in range(self.skip_batches, len(self)):
             index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
             noise = _pair_noise(index.tolist(), self.noise_seed, self.images_uint8.shape[1:])
-            yield {"noise": noise.to(self.device, non_blocking=True),
-                   "data": self.images_uint8[index.to(self.device)].float().div_(127.5).sub_(1.0)}
+            index = index.to(self.device)
+            batch = {"noise": noise.to(self.device, non_blocking=True),
+                     "data": self.images_uint8[index].float().div_(127.5).sub_(1.0)}
+            yield batch if self.labels is None else {**batch, "labels": self.labels[index]}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -2858,32 +2973,62 @@ def log_image_grid(run, key, grid_uint8, *, step=None, caption=None):
 
 
 def samples_table(rows, root="."):
-    """A wandb.Table with columns epoch, solver, nfe, seconds, straightness (None where a row has none),
-    samples from rows holding those keys, "samples" being a uint8 grid or a PNG path relative to
-    `root`, so solvers and NFEs compare side by side. Relative paths keep rows saved in a checkpoint
-    valid when the folder moves.
+    """A wandb.Table with columns epoch, solver, nfe, guidance (only when rows hold one: a class-conditional
+    model's, solver x NFE x guidance scale), seconds, straightness (None where a row has none), samples from rows
+    holding those keys, "samples" being a uint8 grid or a PNG path relative to `root`, so solvers and NFEs compare
+    side by side. Relative paths keep rows saved in a checkpoint valid when the folder moves.
 
     Usage: run.log({"eval/samples_table": samples_table(rows, root="checkpoints")})
     """
     import wandb
-    data = [[row["epoch"], row["solver"], row["nfe"], round(row["seconds"], 3), row.get("straightness"),
+    guided = any("guidance" in row for row in rows)
+    columns = ["epoch", "solver", "nfe", *["guidance"] * guided, "seconds", "straightness", "samples"]
+    data = [[row["epoch"], row["solver"], row["nfe"], *[row.get("guidance")] * guided, round(row["seconds"], 3),
+             row.get("straightness"),
              wandb.Image(row["samples"] if not isinstance(row["samples"], (str, os.PathLike))
                          else str(Path(root) / row["samples"]),
-                         caption=f"epoch {row['epoch']} {row['solver']} NFE {row['nfe']}")]
+                         caption=f"epoch {row['epoch']} {row['solver']} NFE {row['nfe']}"
+                                 + (f" guidance {row['guidance']}" if row.get("guidance") is not None else ""))]
             for row in rows]
-    return wandb.Table(columns=["epoch", "solver", "nfe", "seconds", "straightness", "samples"], data=data)
+    return wandb.Table(columns=columns, data=data)
 
 
-def samples_table_rows(compared, epoch, root, *, folder="samples", straightness=None):
-    """compare_solvers' rows as samples_table rows of `epoch` (with `straightness` in each): every row's
-    images saved as a grid PNG in root/folder (epoch_0001_euler_nfe001.png) and named relative to `root`,
-    so rows kept in a checkpoint stay valid when `root` moves.
+def samples_table_rows(compared, epoch, root, *, folder="samples", straightness=None, guidance=None):
+    """compare_solvers' rows as samples_table rows of `epoch` (with `straightness` in each, and the `guidance`
+    scale they were sampled at for a class-conditional model): every row's images saved as a grid PNG in
+    root/folder (epoch_0001_euler_nfe001.png, epoch_0001_euler_nfe001_guidance1.5.png) and named relative to
+    `root`, so rows kept in a checkpoint stay valid when `root` moves.
     Usage: rows = samples_table_rows(compare_solvers(ema_model.module, noise), 10, "runs/flow")
     """
-    return [{"epoch": epoch, "solver": row["solver"], "nfe": row["nfe"], "seconds": row["seconds"],
+    scale = {} if guidance is None else {"guidance": guidance}
+    return [{"epoch": epoch, "solver": row["solver"], "nfe": row["nfe"], **scale, "seconds": row["seconds"],
              "straightness": straightness, "samples": str(save_png(sample_grid(row["images"]), Path(root) / folder / (
-                 f"epoch_{epoch:04d}_{row['solver']}_nfe{row['nfe']:03d}.png")).relative_to(root))}
+                 f"epoch_{epoch:04d}_{row['solver']}_nfe{row['nfe']:03d}"
+                 + (f"_guidance{guidance:g}" if scale else "") + ".png")).relative_to(root))}
             for row in compared]
+
+
+def log_guidance_sweep(run, scores, *, metric="eval/fid_score", step=None):
+    """Log scores against the guidance scale: `scores` is one row per scale, {"guidance": scale, name: value, ...}
+    (e.g. eval/fid_score, eval/inception_score_mean; None where not computed). W&B keys: eval/guidance_table (a
+    wandb.Table of the rows, by scale), eval/fid_vs_guidance (the line plot of `metric` against the scale) and in
+    the summary eval/best_guidance and eval/best_<metric's name> (the lowest `metric`'s scale and value; lower is
+    better, as for FID). Returns that best row (None when no row has `metric`); logs nothing without a run.
+
+    Usage: log_guidance_sweep(run, [{"guidance": scale, **metrics} for scale, metrics in scored.items()])
+    """
+    rows = sorted(scores, key=lambda row: row["guidance"])
+    best = min([row for row in rows if row.get(metric) is not None], key=lambda row: row[metric], default=None)
+    if run:
+        import wandb
+        columns = list(dict.fromkeys(name for row in rows for name in row))
+        table = wandb.Table(columns=columns, data=[[row.get(column) for column in columns] for row in rows])
+        run.log({"eval/guidance_table": table, **({"eval/fid_vs_guidance": wandb.plot.line(
+            table, "guidance", metric, title=f"{metric} against the guidance scale")} if best else {})}, step=step)
+        if best:
+            run.summary["eval/best_guidance"] = best["guidance"]
+            run.summary[f"eval/best_{metric.rsplit('/', 1)[-1]}"] = best[metric]
+    return best
 
 
 def log_classification_report(run, probs, labels, class_names, *, images=None, table_rows=32, step=None):
