@@ -2456,13 +2456,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
             raise ValueError(f"{name} is not symmetric, so it is no covariance matrix")
 
     def positive_part(eigenvalues, name):
-        # Eigenvalues that are zero in exact arithmetic come out as +-eps * largest; their square roots
-        # (thousands of them) would add a visible bias when covariances are singular. Below that noise
-        # floor a negative eigenvalue is real: the matrix is no covariance.
-        noise_floor = np.abs(eigenvalues).max(initial=0.0) * eigenvalues.size * epsilon
-        if eigenvalues.min(initial=0.0) < -noise_floor:
+        # Eigenvalues that are zero in exact arithmetic come out as +-eps * largest, and more when the covariance
+        # carries the rounding of its own computation from the data (a constant feature next to large means);
+        # their square roots (thousands of them) would add a visible bias when covariances are singular, so
+        # they count as 0. A negative eigenvalue beyond sqrt(eps) of the largest is no rounding: no covariance.
+        largest = np.abs(eigenvalues).max(initial=0.0)
+        if eigenvalues.min(initial=0.0) < -np.sqrt(epsilon) * largest:
             raise ValueError(f"{name} is not positive semi-definite (eigenvalue {eigenvalues.min():.3g})")
-        return np.where(eigenvalues > noise_floor, eigenvalues, 0.0)
+        return np.where(eigenvalues > largest * eigenvalues.size * epsilon, eigenvalues, 0.0)
 
     try:
         factor = scipy.linalg.cholesky(sigma1, lower=True, check_finite=False)
