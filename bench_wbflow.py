@@ -907,26 +907,36 @@ def _write_jpeg_folder(root, count, size, classes=5):
         list(pool.map(write, range(count)))
 
 
-def _fire_loader(train_samples, image_size, sizes, workers):
-    """train_fire.py's training loader (ImageSamples, its augmentation, classifier_loaders) at `image_size`."""
-    train_set = wbflow.ImageSamples(train_samples, wbflow.image_transforms(image_size, train=True))
+# docs/competition.md's recipe: --augment trivialaugment --random-erase 0.25 --mixup 0.2 --cutmix 1.0 --ema-decay 0.999
+FIRE_RECIPE = {"augment": "trivialaugment", "random_erase": 0.25, "mixup": 0.2, "cutmix": 1.0, "ema_decay": 0.999}
+
+
+def _fire_loader(train_samples, image_size, sizes, workers, recipe=None):
+    """train_fire.py's training loader (ImageSamples, its augmentation, classifier_loaders) at `image_size`;
+    with `recipe` (FIRE_RECIPE), its augmentation policy, random erasing and MixUp / CutMix too."""
+    recipe = recipe or {}
+    train_set = wbflow.ImageSamples(train_samples, wbflow.image_transforms(
+        image_size, train=True, augment=recipe.get("augment", "none"), random_erase=recipe.get("random_erase", 0.0)))
+    mix = wbflow.mix_batches(5, mixup=recipe.get("mixup", 0.0), cutmix=recipe.get("cutmix", 0.0))
     return wbflow.classifier_loaders(train_set, train_set, sizes["fire_batch"], num_workers=workers,
-                                     device=sizes["device"], seed=0)[0]
+                                     device=sizes["device"], seed=0, batch_transform=mix)[0]
 
 
-def _fire_trainer(sizes, steps):
+def _fire_trainer(sizes, steps, ema_decay=0.0):
     """train(batches, epoch) -> train_epoch's stats, with train_fire.py's model, Adam, cosine schedule over
-    `steps`, AMP, clipping and logging interval."""
+    `steps`, AMP, clipping and logging interval (and its EMA of the weights, with `ema_decay`)."""
     device = torch.device(sizes["device"])
     torch.manual_seed(0)
     model = wbflow.build_classifier(sizes["classifier"], 5, "none").to(device)
     optimizer = wbflow.build_optimizer("adam", model.parameters(), 0.003, fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     scaler, loss_fn = wbflow.make_scaler(device), wbflow.classification_loss(nn.CrossEntropyLoss())
+    ema_model = wbflow.make_ema(model, ema_decay) if ema_decay else None
 
     def train(batches, epoch):
         return wbflow.train_epoch(model, batches, optimizer, loss_fn, device=device, scheduler=scheduler,
                                   grad_clip=1.0, amp_dtype=wbflow.autocast_dtype(device), scaler=scaler, epoch=epoch,
+                                  ema_model=ema_model,
                                   log_every=10, progress=False)
     return train
 
@@ -959,6 +969,16 @@ def _fire_rates(train_samples, image_size, sizes):
     return rates
 
 
+def _fire_recipe_rate(train_samples, image_size, sizes):
+    """images/s of train_fire's training epoch with FIRE_RECIPE (after a warm-up epoch)."""
+    train_loader = _fire_loader(train_samples, image_size, sizes, sizes["workers"], recipe=FIRE_RECIPE)
+    train = _fire_trainer(sizes, steps=2 * len(train_loader), ema_decay=FIRE_RECIPE["ema_decay"])
+    for epoch in range(2):
+        train_loader.sampler.set_epoch(epoch)
+        stats = train(train_loader, epoch)
+    return stats["samples"] / stats["seconds"]
+
+
 def gpu_fire_rows(sizes):
     """train_fire.py --model resnet50 training images/s at each size from a JPEG folder, and where the time goes."""
     device = torch.device(sizes["device"])
@@ -966,8 +986,10 @@ def gpu_fire_rows(sizes):
     with tempfile.TemporaryDirectory() as data_dir:
         _write_jpeg_folder(data_dir, sizes["jpegs"], sizes["jpeg_size"])
         train_samples, _, _ = wbflow.find_image_samples(data_dir, val_split=0.2, seed=0)
+        rates_by_size = {}
         for image_size in sizes["fire_sizes"]:
             rates = _fire_rates(train_samples, image_size, sizes)
+            rates_by_size[image_size] = rates["training"]
             bound = "decode-bound" if rates["training"] < 0.8 * rates["gpu"] else "GPU-bound"
             settings = (f"{len(train_samples):,} training JPEGs of {sizes['jpeg_size'][0]}x{sizes['jpeg_size'][1]}, "
                         f"batch {sizes['fire_batch']}, {wbflow.autocast_dtype(device) or 'float32'}, Adam, clip 1.0")
@@ -980,6 +1002,11 @@ def gpu_fire_rows(sizes):
                      _rate(rates["every_core_loader"]), settings="one worker per core"),
                 _row(name, f"{image_size} px: GPU alone", _rate(rates["gpu"]),
                      settings="train_epoch on one pre-decoded batch on the device, repeated")]
+        image_size = sizes["fire_sizes"][0]
+        recipe_rate = _fire_recipe_rate(train_samples, image_size, sizes)
+        yield _row(name, f"{image_size} px: training with the competition recipe, {_workers(sizes['workers'])}",
+                   _rate(recipe_rate), reference=f"{recipe_rate / rates_by_size[image_size]:.2f}x plain training",
+                   settings=", ".join(f"{key} {value}" for key, value in FIRE_RECIPE.items()))
 
 
 def format_gpu_table(rows, peak_flops):

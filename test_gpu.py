@@ -250,6 +250,7 @@ def test_gpu_benchmark_dry_run_prints_every_row_of_the_table(weights_path, capsy
                 ("FID features", "torch-fidelity 0.4.0 inception-v3-compat"),
                 *[("train_fire resnet18", f"{size} px: {what}") for size in (32, 40)
                   for what in ("training", "loader alone", "loader alone", "GPU alone")],
+                ("train_fire resnet18", "32 px: training with the competition recipe"),
                 ("sampling", "4 Euler-2 samples, bf16"), ("sampling", "4 Euler-2 samples, float32"),
                 ("sampling", "4 Euler-2 samples, guidance 2, bf16")]
     assert len(rows) == len(expected)
@@ -274,6 +275,9 @@ def test_gpu_benchmark_dry_run_prints_every_row_of_the_table(weights_path, capsy
     assert len(shares) == 3 and abs(sum(map(int, shares)) - 100) <= 2
     difference = float(re.search(r"max feature difference ([\d.e+-]+)", rows[7]["settings"]).group(1))
     assert difference < 1e-4
+    recipe_row = rows[17]
+    assert re.fullmatch(r"[\d.]+x plain training", recipe_row["reference"])
+    assert recipe_row["settings"] == "augment trivialaugment, random_erase 0.25, mixup 0.2, cutmix 1.0, ema_decay 0.999"
 
 
 # ============================================================================= on CUDA (skipped only where it is absent)

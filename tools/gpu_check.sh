@@ -29,7 +29,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND under min(SECONDS, time 
 }
 
 section_seconds() {  # each --gpu section's limit: about twice what it should take on an H200
-    case $1 in train) echo 200 ;; profile) echo 60 ;; inception) echo 45 ;; fire) echo 75 ;; *) echo 150 ;; esac
+    case $1 in train) echo 200 ;; profile) echo 60 ;; inception) echo 45 ;; fire) echo 90 ;; *) echo 150 ;; esac
 }
 
 main() {
