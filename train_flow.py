@@ -375,8 +375,10 @@ def load_checked(flag, reference, config, device="cpu", **check):  # wbflow.load
 def load_resume(resume, config, state, device):
     """Load --resume into `state` and this rank's RNG once it fits this run; a new W&B run's resumed_from, or None."""
     fixed = {**RESUME_FIXED, "training": RESUME_FIXED["training"] + ("label_dropout",) * bool(config["class_names"])}
-    path, saved = load_checked(
-        "--resume", resume, config, device, required=(*state, "rng", "config", "wandb_last_act"),
+    logging = config["logging"]
+    saved, (run_id, resumed_from, plan) = wbflow.resume_from(
+        resume, state, program="train_flow.py", driver="train_flow", step_key="global_step", device=device,
+        project=logging["project_name"], entity=logging["entity"], required=("config",),
         expected={**model_settings(config), "world_size": wbflow.rank_and_world_size()[1],
                   **{section: {key: config[section][key] for key in keys} for section, keys in fixed.items()},
                   **({"meanflow": config["meanflow"]} if config["training"]["objective"] == "meanflow" else {})},
@@ -389,14 +391,12 @@ def load_resume(resume, config, state, device):
                "reflow": ": a resumed run trains on what it trained on: the pairs of the --reflow teacher it came "
                          "from, with its reflow.* settings, or images without --reflow",
                "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)"})
-    wbflow.restore_state(state, saved)
     place = (f"batch {saved['train_state']['batches']}" if saved["train_state"] else
              "before its end" if not saved["ended"] else "after its end")
     say(f"resumed from {resume} at epoch {saved['epoch']} ({place}), step {saved['global_step']}")
-    if not config["logging"]["use_wandb"]:  # the run id stays in the checkpoints, for a resume with W&B
+    if not logging["use_wandb"]:  # the run id stays in the checkpoints, for a resume with W&B
         return None
-    state["wandb_run_id"], resumed_from, plan = wbflow.wandb_resume_plan(
-        saved["wandb_run_id"], saved["wandb_last_act"], saved["global_step"], path)
+    state["wandb_run_id"] = run_id
     say(f"W&B: {plan}")
     return resumed_from
 
@@ -628,18 +628,14 @@ def evaluate(args, config):
     real_images = None if metric == "is" else wbflow.load_cifar10(data["data_dir"])[0][:evaluation["num_real_images"]]
     ema_model = wbflow.make_ema(wbflow.FlowUNet(**state["config"]["model"]).to(device))
     ema_model.load_state_dict(state["ema"])
-    try:  # SIGTERM or Ctrl-C stops between sampling batches or after the Inception pass, saving nothing
-        with wbflow.stop_on_signals() as stop:
-            with wbflow.exit_on_error("train_flow.py", (ValueError,)):  # before sampling: nothing fails after it
-                statistics = None if metric == "is" else fid_statistics(real_images, config, device, progress=True)
-            scored = {scale: sample_and_score(ema_model.module.eval(), args.num_samples, statistics, config, stop,
-                                              seed=sampling["seed"], scale=scale, progress=True) for scale in scales}
-            if None in scored.values() or stop.is_set():  # between sampling batches, or in the Inception pass
-                raise KeyboardInterrupt  # as a second signal does: the except below says so in one line
-    except KeyboardInterrupt:
-        number = stop.signal or signal.SIGINT
-        print(f"train_flow.py: --eval stopped by {signal.Signals(number).name}; nothing was saved", file=sys.stderr)
-        raise SystemExit(128 + number) from None
+    # SIGTERM or Ctrl-C stops between sampling batches or after the Inception pass, saving nothing
+    with wbflow.exit_when_stopped("train_flow.py", "--eval") as stop:
+        with wbflow.exit_on_error("train_flow.py", (ValueError,)):  # before sampling: nothing fails after it
+            statistics = None if metric == "is" else fid_statistics(real_images, config, device, progress=True)
+        scored = {scale: sample_and_score(ema_model.module.eval(), args.num_samples, statistics, config, stop,
+                                          seed=sampling["seed"], scale=scale, progress=True) for scale in scales}
+        if None in scored.values():  # any rank's stop, between sampling batches
+            raise KeyboardInterrupt
     scores = [{"guidance": scale, **metrics} for scale, (metrics, _, _) in scored.items()]
     best = wbflow.log_guidance_sweep(None, scores) or scores[0]  # the lowest FID's scale (the first without FID)
     metrics, samples_uint8, used = scored[best["guidance"]]
