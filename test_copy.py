@@ -10,6 +10,7 @@ import csv
 import functools
 import io
 import math
+import signal
 import subprocess
 import sys
 import threading
@@ -442,6 +443,15 @@ def _(exit_stopped, tmp_path, fixture):
     with pytest.raises(SystemExit) as exit_code:
         exit_stopped(stop, {"step": 3}, tmp_path / "last.pt", script="train.py", argv=["--epochs", "2"])
     assert exit_code.value.code == 143 and wbflow.load_checkpoint(tmp_path / "last.pt") == {"step": 3}
+
+
+@call("exit_when_stopped")
+def _(exit_when_stopped, tmp_path, fixture):
+    with pytest.raises(SystemExit) as exit_code:
+        with exit_when_stopped("eval.py", "--eval") as stop:
+            stop.signal = signal.SIGTERM
+            stop.set()
+    assert exit_code.value.code == 128 + signal.SIGTERM
 
 
 @call("capture_rng_state")
@@ -1015,6 +1025,19 @@ def _(resume_command, tmp_path, fixture):
 def _(wandb_resume_plan, tmp_path, fixture):
     assert wandb_resume_plan("abc", True, 7, "last.pt")[:2] == ("abc", None)
     assert wandb_resume_plan("abc", False, 7, "e.pt")[:2] == (None, {"run_id": "abc", "step": 7, "checkpoint": "e.pt"})
+
+
+@call("resume_from")
+def _(resume_from, tmp_path, fixture):
+    model = nn.Linear(2, 1)
+    saved = wbflow.checkpoint_state({"model": model, "step": 7}, config={"lr": 0.1}, driver="train",
+                                    wandb_run_id="abc", wandb_last_act=True)
+    path = wbflow.save_checkpoint(saved, tmp_path / "last.pt")
+    state = {"model": nn.Linear(2, 1), "step": 0}
+    checkpoint, plan = resume_from(str(path), state, program="train.py", driver="train", expected={"lr": 0.1})
+    assert state["step"] == 7 and torch.equal(state["model"].weight, model.weight) and plan[:2] == ("abc", None)
+    with pytest.raises(SystemExit, match="lr 0.1, this run has 0.2"):
+        resume_from(str(path), state, program="train.py", driver="train", expected={"lr": 0.2})
 
 
 @call("fetch_checkpoint")

@@ -202,18 +202,14 @@ def resume_run(args, state, device, rank):
              "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)",
              **dict.fromkeys(("train_images", "val_images"), " (the data is not the data the run trained on: resume "
                                                              "with the run's data, or start a new run)")}
-    _, saved = wbflow.load_checked(args.resume, program="train_fire", flag="--resume", driver="train_fire", device=device,
-                                   artifacts=False, required=RESUME_KEYS,
-                                   hints={"optimizer": " (best_model.pth holds weights only; resume from OUT/last.pth)"})
-    with wbflow.exit_on_error(f"train_fire: --resume {args.resume}", (ValueError,)):
-        wbflow.check_checkpoint(saved, driver="train_fire", expected=expected, hints=hints)
-    for name in ("model", "optimizer", "scheduler", "scaler", "ema"):
-        if saved.get(name):  # the scaler's is empty when saved without fp16 (bf16 or CPU); ema: with --ema-decay
-            getattr(state, name).load_state_dict(saved[name])
-    wbflow.restore_rng_state(saved["rng"][rank])
-    state.step, state.best, state.skipped_steps = saved["step"], saved["best"], saved["skipped_steps"]
-    state.wandb_run_id, resumed_from, wandb_plan = wbflow.wandb_resume_plan(
-        saved["wandb_run_id"], saved["wandb_last_act"], saved["step"], args.resume)
+    restored = {key: getattr(state, key) for key in ("model", "optimizer", "scheduler", "step", "scaler", "best",
+                                                     "skipped_steps", "ema")}  # the scaler's is empty without fp16
+    saved, (state.wandb_run_id, resumed_from, wandb_plan) = wbflow.resume_from(
+        args.resume, restored, program="train_fire", driver="train_fire", device=device, artifacts=False,
+        required=RESUME_KEYS, expected=expected, hints=hints,
+        missing_hints={"optimizer": " (best_model.pth holds weights only; resume from OUT/last.pth)"})
+    for key, value in restored.items():
+        setattr(state, key, value)
     state.epoch_state = saved["train_state"]  # a stopped epoch's, which train_epochs finishes first
     state.epoch = saved["epoch"] + (state.epoch_state is None)
     if rank == 0:

@@ -19,7 +19,6 @@ import argparse
 import functools
 import math
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -112,11 +111,9 @@ def smoke_overrides():
 
 
 def load_config(args):
-    try:
+    with wbflow.exit_on_error("train_flow.py", (OSError, KeyError, ValueError)):  # no file, no such key, a wrong type
         config = wbflow.load_yaml_config(args.config, (smoke_overrides() if args.smoke else []) + args.set,
                                          reference=DEFAULT_CONFIG)
-    except (OSError, KeyError, ValueError) as error:  # a missing file, an unknown key, a value of the wrong type
-        raise SystemExit(f"train_flow.py: {error.args[0] if isinstance(error, KeyError) else error}") from None
     for flag, (key, _) in CONFIG_FLAGS.items():  # as given (argparse typed it): a path is not parsed as YAML
         section, name = key.split(".")
         value = vars(args)[flag[2:].replace("-", "_")]
@@ -312,11 +309,9 @@ def new_state(config, device, channels_last):
 
 def define_metrics(run):
     """Per-step series on the global step, epoch ones on train/epoch; summaries hold the best, not the last."""
-    for key, summary in {"train/loss": "min", "train/epoch": None, "train/epoch_loss": "min",
-                         "train/images_per_second": None, "eval/fid_score": "min", "eval/inception_score_*": None,
-                         "eval/straightness": "min"}.items():
-        run.define_metric(key, step_metric=None if key in ("train/loss", "train/epoch") else "train/epoch",
-                          summary=summary)
+    wbflow.define_metrics(run, {"train/loss": "min", "train/epoch_loss": "min", "train/images_per_second": None,
+                                "eval/fid_score": "min", "eval/inception_score_*": None, "eval/straightness": "min"},
+                          "train/epoch", global_step=("train/loss",))
 
 
 def checkpoint(state, config, last_act=False):
@@ -375,8 +370,10 @@ def load_checked(flag, reference, config, device="cpu", **check):  # wbflow.load
 def load_resume(resume, config, state, device):
     """Load --resume into `state` and this rank's RNG once it fits this run; a new W&B run's resumed_from, or None."""
     fixed = {**RESUME_FIXED, "training": RESUME_FIXED["training"] + ("label_dropout",) * bool(config["class_names"])}
-    path, saved = load_checked(
-        "--resume", resume, config, device, required=(*state, "rng", "config", "wandb_last_act"),
+    logging = config["logging"]
+    saved, (run_id, resumed_from, plan) = wbflow.resume_from(
+        resume, state, program="train_flow.py", driver="train_flow", step_key="global_step", device=device,
+        project=logging["project_name"], entity=logging["entity"], required=("config",),
         expected={**model_settings(config), "world_size": wbflow.rank_and_world_size()[1],
                   **{section: {key: config[section][key] for key in keys} for section, keys in fixed.items()},
                   **({"meanflow": config["meanflow"]} if config["training"]["objective"] == "meanflow" else {})},
@@ -389,14 +386,12 @@ def load_resume(resume, config, state, device):
                "reflow": ": a resumed run trains on what it trained on: the pairs of the --reflow teacher it came "
                          "from, with its reflow.* settings, or images without --reflow",
                "world_size": " processes (each rank resumes its own batches and RNG: resume with the same number)"})
-    wbflow.restore_state(state, saved)
     place = (f"batch {saved['train_state']['batches']}" if saved["train_state"] else
              "before its end" if not saved["ended"] else "after its end")
     say(f"resumed from {resume} at epoch {saved['epoch']} ({place}), step {saved['global_step']}")
-    if not config["logging"]["use_wandb"]:  # the run id stays in the checkpoints, for a resume with W&B
+    if not logging["use_wandb"]:  # the run id stays in the checkpoints, for a resume with W&B
         return None
-    state["wandb_run_id"], resumed_from, plan = wbflow.wandb_resume_plan(
-        saved["wandb_run_id"], saved["wandb_last_act"], saved["global_step"], path)
+    state["wandb_run_id"] = run_id
     say(f"W&B: {plan}")
     return resumed_from
 
@@ -583,17 +578,17 @@ def reflow_pairs(teacher_checkpoint, config, state, amp_dtype, *, new, overwrite
         state["ema"].load_state_dict(teacher_state["ema"])
         state["model"].load_state_dict(state["ema"].module.state_dict())
         teacher = state["ema"].module.eval()  # the teacher's velocity, without dropout
-        with wbflow.stop_on_signals() as stop, wbflow.exit_on_error("train_flow.py", (ValueError,)):
-            written = wbflow.generate_reflow_pairs(  # a class-conditional teacher's pair i is of class i % 10
+        goes_on = f"the same command goes on at the next shard of {folder}"
+        with wbflow.exit_when_stopped("train_flow.py", "pair generation", goes_on) as stop, \
+                wbflow.exit_on_error("train_flow.py", (ValueError,)):
+            if wbflow.generate_reflow_pairs(  # a class-conditional teacher's pair i is of class i % 10
                 lambda noise, labels=None: wbflow.images_to_uint8(wbflow.sample_flow(
                     velocity(teacher, made_by.get("guidance"), labels), noise, reflow["solver"], reflow["nfe"],
                     amp_dtype=amp_dtype, tolerance=tolerance)[0]), folder, reflow["num_pairs"], settings=made_by,
                 shard_size=reflow["shard_size"], seed=reflow["seed"], num_classes=teacher.num_classes, stop=stop.is_set,
-                overwrite=overwrite, rank=rank, world_size=world_size, device=next(teacher.parameters()).device)
-        if written is None:
-            print(f"train_flow.py: pair generation stopped; the same command goes on at the next shard of "
-                  f"{folder}", file=sys.stderr)
-            raise SystemExit(128 + (stop.signal or signal.SIGTERM))
+                overwrite=overwrite, rank=rank, world_size=world_size,
+                device=next(teacher.parameters()).device) is None:
+                raise KeyboardInterrupt  # stopped before a shard: the shards written are kept
         with wbflow.wandb_run({"teacher": reflow["teacher"], "reflow": reflow}, project=logging["project_name"],
                               entity=logging["entity"], enabled=logging["use_wandb"], job_type="reflow-pairs") as run:
             wbflow.use_artifact(run, path, f"model-{teacher_name}", metadata={"epoch": teacher_state.get("epoch")})
@@ -606,8 +601,8 @@ def reflow_pairs(teacher_checkpoint, config, state, amp_dtype, *, new, overwrite
 
 def evaluate(args, config):
     """--eval: FID and/or IS of --checkpoint's EMA model (--solver, --nfe), logged to a run in --wandb-project."""
-    data, sampling, evaluation, logging = (config[key] for key in ("data", "sampling", "eval", "logging"))
-    device, metric = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"), args.metric
+    data, sampling, evaluation, metric = config["data"], config["sampling"], config["eval"], args.metric
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     # everything the scores need is checked first: sampling can take hours
     path, state = load_checked("--checkpoint", args.checkpoint, config, device,
                                required=("ema", "config", "epoch", "global_step"),
@@ -615,12 +610,11 @@ def evaluate(args, config):
     meanflow = state["config"]["model"].get("second_time", False)  # a MeanFlow model: sampled by jumps
     sampling.update(solver=args.solver or ("meanflow" if meanflow else sampling["solver"]),
                     nfe=sampling["nfe"] if args.nfe is None else args.nfe)
-    if sampling["solver"] == "meanflow" and not meanflow:
-        raise SystemExit(f"train_flow.py: --solver meanflow samples a MeanFlow checkpoint; {path} is a rectified flow")
     grid_png = Path(data["out_dir"]) / "samples" / f"eval_epoch_{state['epoch']:04d}.png"
-    classes, scales = state["config"].get("class_names"), args.guidance or [sampling["guidance"]]
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
-        if args.guidance and not classes:
+        if sampling["solver"] == "meanflow" and not meanflow:
+            raise ValueError(f"--solver meanflow samples a MeanFlow checkpoint; {path} is a rectified flow")
+        if args.guidance and not state["config"].get("class_names"):
             raise ValueError(f"--guidance needs a class-conditional checkpoint; {path} holds a model for t alone")
         wbflow.check_outputs({"the sample grid": grid_png}, {"--checkpoint": path})
         check_files(args, config)
@@ -628,18 +622,23 @@ def evaluate(args, config):
     real_images = None if metric == "is" else wbflow.load_cifar10(data["data_dir"])[0][:evaluation["num_real_images"]]
     ema_model = wbflow.make_ema(wbflow.FlowUNet(**state["config"]["model"]).to(device))
     ema_model.load_state_dict(state["ema"])
-    try:  # SIGTERM or Ctrl-C stops between sampling batches or after the Inception pass, saving nothing
-        with wbflow.stop_on_signals() as stop:
-            with wbflow.exit_on_error("train_flow.py", (ValueError,)):  # before sampling: nothing fails after it
-                statistics = None if metric == "is" else fid_statistics(real_images, config, device, progress=True)
-            scored = {scale: sample_and_score(ema_model.module.eval(), args.num_samples, statistics, config, stop,
-                                              seed=sampling["seed"], scale=scale, progress=True) for scale in scales}
-            if None in scored.values() or stop.is_set():  # between sampling batches, or in the Inception pass
-                raise KeyboardInterrupt  # as a second signal does: the except below says so in one line
-    except KeyboardInterrupt:
-        number = stop.signal or signal.SIGINT
-        print(f"train_flow.py: --eval stopped by {signal.Signals(number).name}; nothing was saved", file=sys.stderr)
-        raise SystemExit(128 + number) from None
+    # SIGTERM or Ctrl-C stops between sampling batches or after the Inception pass, saving nothing
+    with wbflow.exit_when_stopped("train_flow.py", "--eval") as stop:
+        with wbflow.exit_on_error("train_flow.py", (ValueError,)):  # before sampling: nothing fails after it
+            statistics = None if metric == "is" else fid_statistics(real_images, config, device, progress=True)
+        scored = {scale: sample_and_score(ema_model.module.eval(), args.num_samples, statistics, config, stop,
+                                          seed=sampling["seed"], scale=scale, progress=True)
+                  for scale in args.guidance or [sampling["guidance"]]}
+        if None in scored.values():  # any rank's stop, between sampling batches
+            raise KeyboardInterrupt
+    return log_eval(args, config, path, state, scored, grid_png)
+
+
+def log_eval(args, config, path, state, scored, grid_png):
+    """--eval's scores at the best guidance scale (FID's lowest) printed and logged to a run in --wandb-project, with
+    its sample grid (saved to `grid_png`); the scores against the scale too when --guidance names them."""
+    sampling, logging, metric, scales = config["sampling"], config["logging"], args.metric, list(scored)
+    classes = state["config"].get("class_names")
     scores = [{"guidance": scale, **metrics} for scale, (metrics, _, _) in scored.items()]
     best = wbflow.log_guidance_sweep(None, scores) or scores[0]  # the lowest FID's scale (the first without FID)
     metrics, samples_uint8, used = scored[best["guidance"]]

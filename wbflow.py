@@ -13,8 +13,8 @@ Sections, in data-flow order:
   losses            classification_loss, focal_loss, class_balanced_weights, ot_pairs, rectified_flow_loss,
                     drop_labels, meanflow_times, meanflow_target, meanflow_loss
   training          autocast_dtype, make_scaler, make_ema, warmup_cosine_schedule, train_step, RunningSums,
-                    train_epoch, validate, stop_on_signals, exit_stopped, capture_rng_state, restore_rng_state,
-                    gather_from_ranks, predict_logits, evaluate_classifier, predict_images (a model or an
+                    train_epoch, validate, stop_on_signals, exit_stopped, exit_when_stopped, capture_rng_state,
+                    restore_rng_state, gather_from_ranks, predict_logits, evaluate_classifier, predict_images (a model or an
                     ensemble), predict_submission, apply_class_offsets, write_submission, write_probability_csv,
                     read_probability_csv
   sampling          euler_sample, rk45_sample, sample_flow, sample_images, compare_solvers, straightness,
@@ -30,7 +30,7 @@ Sections, in data-flow order:
                     log_guidance_sweep, log_classification_report
   checkpoints       write_atomically, save_checkpoint, load_checkpoint, check_outputs, prepare_out_dir,
                     rotate_checkpoints, save_best, checkpoint_state, restore_state, check_checkpoint, resume_command,
-                    wandb_resume_plan, fetch_checkpoint, load_checked, load_checkpoints, write_ensemble,
+                    wandb_resume_plan, fetch_checkpoint, load_checked, load_checkpoints, resume_from, write_ensemble,
                     read_ensemble, fit_ensemble
   config            load_yaml_config, str2bool, name_values, output_file, DefaultsHelpFormatter, add_sweep_argument,
                     check_numbers, check_choices, exit_on_error
@@ -1500,6 +1500,26 @@ def exit_stopped(stop, state, path, *, script, argv, where=""):
         save_checkpoint(state, path)
         print(f"stopped{where}; continue with:\n  {resume_command(script, argv, path, world_size)}", flush=True)
     raise SystemExit(128 + (stop.signal or signal.SIGTERM))
+
+
+@contextlib.contextmanager
+def exit_when_stopped(program, what, then="nothing was saved"):
+    """stop_on_signals for work that keeps nothing when stopped (an evaluation): yields the stop event; when the
+    block raises KeyboardInterrupt (it saw a stop, or a second signal came) or ends with the stop set, the program
+    ends with one line on stderr, "PROGRAM: WHAT stopped by SIGTERM; THEN", and exit code 128 + the signal's
+    number (SIGINT's when no handler caught it).
+    Usage: with exit_when_stopped("eval.py", "--eval") as stop: scores = sample_and_score(..., stop=stop.is_set)
+    """
+    stop = None
+    try:
+        with stop_on_signals() as stop:
+            yield stop
+            if stop.is_set():
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        number = getattr(stop, "signal", None) or signal.SIGINT
+        print(f"{program}: {what} stopped by {signal.Signals(number).name}; {then}", file=sys.stderr)
+        raise SystemExit(128 + number) from None
 
 
 def capture_rng_state():
@@ -3441,6 +3461,25 @@ def load_checkpoints(references, *, same=(), program, flag, driver, **check):
                                                            f"{references[0]}'s)")}
     return [first] + [load_checked(reference, program=program, flag=flag, driver=driver, expected=expected,
                                    hints=hints, **check) for reference in references[1:]]
+
+
+def resume_from(reference, state, *, program, driver, step_key="step", required=(), expected=None, hints=None,
+                missing_hints=None, **load):
+    """Continue a run from the checkpoint `reference` names, before any of its state is touched: load_checked
+    (weights_only; `load`: device, project, entity, artifacts) requires state's keys, "rng", `required` and what
+    W&B's plan reads (`missing_hints`, default `hints`, name what a missing key means), then check_checkpoint
+    refuses a config that differs from `expected` (`hints` appended), each in one line "PROGRAM: --resume
+    REFERENCE: why"; then restore_state(state, checkpoint) in place (this rank's RNG too). Returns (checkpoint,
+    wandb_resume_plan(its run id, its last act, checkpoint[step_key], its path)).
+    Usage: saved, (run_id, resumed_from, plan) = resume_from("out/last.pt", state, program="train.py", driver="train")
+    """
+    required = tuple(dict.fromkeys((*state, "rng", *required, "wandb_run_id", "wandb_last_act", step_key)))
+    path, saved = load_checked(reference, program=program, flag="--resume", driver=driver, required=required,
+                               hints=hints if missing_hints is None else missing_hints, **load)
+    with exit_on_error(f"{program}: --resume {reference}", (ValueError,)):
+        check_checkpoint(saved, driver=driver, expected=expected, hints=hints)
+    restore_state(state, saved)
+    return saved, wandb_resume_plan(saved["wandb_run_id"], saved["wandb_last_act"], saved[step_key], path)
 
 
 def write_ensemble(path, checkpoints, class_names, offsets=None, **metadata):
