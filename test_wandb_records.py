@@ -1,7 +1,7 @@
-"""What the W&B dashboard shows, read back from real offline record logs: summaries, artifacts,
-keys that never collide, credentials, an unreachable server, W&B errors, the model graph, and each
-public W&B function pasted alone."""
+"""What W&B records: the run helper, summaries, artifacts and their aliases, tables, credentials and an
+unreachable server, errors after init, flush_run and the model graph. W&B runs offline; the record is read back."""
 import glob
+import json
 import os
 import re
 import shutil
@@ -17,9 +17,83 @@ import torch
 
 import train_fire
 import wbflow
-from conftest import run_logs
+from conftest import CE_LOSS, RunLog, linear_batches, linear_classifier, run_logs
 
 HERE = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------- the W&B run helper
+
+def test_wandb_run_without_wandb_installed_warns_once_and_trains(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with wbflow.wandb_run({"a": 1}) as run:
+        model = torch.nn.Linear(2, 1)
+        stats = wbflow.train_epoch(model, [torch.randn(4, 2)], torch.optim.SGD(model.parameters(), lr=0.1),
+                                   lambda m, b: m(b).pow(2).mean(), log_every=1, progress=False)
+        run.log({"x": 1})
+        run.summary["best"] = 1.0
+    assert not run and stats["steps"] == 1
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "wandb" in line]
+    assert len(warnings) == 1 and "not installed" in warnings[0]
+
+
+@pytest.mark.parametrize("enabled, mode", [(False, "offline"), (True, "disabled")])
+def test_wandb_run_is_none_when_switched_off(enabled, mode, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", mode)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    with wbflow.wandb_run(project="test", enabled=enabled) as run:
+        assert not run
+        run.log({"x": 1})
+        run.summary["best"] = 1.0
+        assert wbflow.log_artifact(run, __file__, "nothing") is None
+    assert not list(tmp_path.glob("wandb/*run-*"))
+
+
+def test_wandb_run_finishes_with_exit_code_1_when_training_raises(offline_wandb):
+    with pytest.raises(KeyboardInterrupt):
+        with wbflow.wandb_run(project="test") as run:
+            run.log({"x": 1.0}, step=1)
+            raise KeyboardInterrupt
+    log = run_logs(offline_wandb)[0]
+    assert log.exit_code == 1 and log.values("x") == [1.0]
+
+
+def test_wandb_run_resumes_the_same_run_id_and_steps_keep_increasing(offline_wandb):
+    with wbflow.wandb_run(project="test") as run:
+        run_id = run.id
+        run.log({"train/loss": 1.0}, step=10)
+    with wbflow.wandb_run(project="test", run_id=run_id) as run:
+        assert run.id == run_id
+        run.log({"train/loss": 0.5}, step=11)
+    logs = run_logs(offline_wandb)
+    assert [log.run_id for log in logs] == [run_id, run_id]
+    assert [row["_step"] for log in logs for row in log.rows_with("train/loss")] == [10, 11]
+
+
+def test_define_metric_through_the_guard_puts_epoch_metrics_on_the_epoch_axis(offline_wandb):
+    with wbflow.wandb_run(project="test") as run:
+        run.define_metric("epoch")
+        for name in ["val/*", "train/epoch_loss"]:
+            run.define_metric(name, step_metric="epoch")
+    metrics = {(m.name or m.glob_name): m.step_metric for m in run_logs(offline_wandb)[0].metrics}
+    assert metrics["val/*"] == "epoch" and metrics["train/epoch_loss"] == "epoch"
+
+
+def test_watch_model_refuses_log_freq_below_100_and_logs_histograms(offline_wandb):
+    model = linear_classifier()
+    with pytest.raises(ValueError, match="log_freq"):
+        wbflow.watch_model(None, model, log_freq=10)
+    with wbflow.wandb_run(project="test") as run:
+        wbflow.watch_model(run, model, log="all", log_freq=100)
+        wbflow.train_epoch(model, linear_batches(100, batch_size=2), torch.optim.SGD(model.parameters(), lr=0.01),
+                           CE_LOSS, log_every=50, progress=False,
+                           on_log=lambda step, window: run.log({"train/loss": window["loss"]}, step=step))
+    # wandb names the histograms of the n-th model watched in a process gradients/graph_<n>weight
+    keys = {re.sub(r"/graph_\d+", "/", key) for key in set().union(*run_logs(offline_wandb)[0].history)}
+    assert {"gradients/weight", "gradients/bias", "parameters/weight"} <= keys
+    [gradients] = [key for key in set().union(*run_logs(offline_wandb)[0].history)
+                   if key.startswith("gradients/") and key.endswith("weight")]
+    assert run_logs(offline_wandb)[0].values(gradients)[0]["_type"] == "histogram"
 
 
 def clean_python(code, tmp_path, **env):
@@ -39,44 +113,34 @@ def closed_port():
         return sock.getsockname()[1]  # nothing listens once the socket closes
 
 
-# ----------------------------------------------------------------------------- summaries
-
-def test_val_acc_summary_is_the_best_value_not_the_last(offline_wandb, tmp_path):
-    val_accs = [50.0, 80.0, 60.0]
-    with wbflow.wandb_run(project="test") as run:
-        run.define_metric("epoch")
-        run.define_metric("val_acc", step_metric="epoch", summary="max")
-        run.define_metric("val_loss", step_metric="epoch", summary="min")
-        best = None
-        for epoch, (val_acc, val_loss) in enumerate(zip(val_accs, [2.0, 1.0, 1.5])):
-            best, improved = wbflow.save_best({"epoch": epoch}, val_acc, best, tmp_path / "best.pth", run=run)
-            run.log({"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss,
-                     **({"best_val_acc": best} if improved else {})})
-    [log] = run_logs(offline_wandb)
-    assert log.summary["val_acc"] == {"max": max(log.values("val_acc"))} == {"max": 80.0}
-    assert log.summary["val_loss"] == {"min": 1.0}
-    assert log.summary["best_val_acc"] == 80.0
-
-
-# ----------------------------------------------------------------------------- a small train_fire run (the runs below)
-
-def write_patterns(root, per_class, classes=("a", "b", "c", "d", "e")):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for label, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for index in range(per_class):
-            pixels = np.full((16, 16, 3), 40 * label, np.uint8) + rng.integers(0, 20, (16, 16, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{index}.png")
-    return root
-
-
-def fire_argv(data, out, *extra):
-    return ["--data-dir", str(data), "--out-dir", str(out), "--model", "resnet18", "--weights", "none",
-            "--image-size", "16", "--batch-size", "2", "--num-workers", "0", "--project", "test", *extra]
-
-
 # ----------------------------------------------------------------------------- artifacts
+
+def test_fetch_checkpoint_downloads_the_model_artifact(tmp_path, monkeypatch):
+    import wandb
+    asked = {}
+
+    class FakeArtifact:
+        def download(self, root=None):
+            folder = tmp_path / "artifact"
+            folder.mkdir()
+            wbflow.save_checkpoint({"epoch": 10}, folder / "checkpoint_epoch_10.pt")
+            return str(folder)
+
+    class FakeApi:
+        default_entity = "me"
+
+        def artifact(self, name, type=None):
+            asked["name"], asked["type"] = name, type
+            return FakeArtifact()
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    path = wbflow.fetch_checkpoint("model-epoch-10", project="flow")
+    assert asked == {"name": "me/flow/model-epoch-10:latest", "type": "model"}
+    assert wbflow.load_checkpoint(path)["epoch"] == 10
+    assert wbflow.fetch_checkpoint(path) == path
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        wbflow.fetch_checkpoint(str(tmp_path / "missing.pt"))
+
 
 def staging_bytes(data_dir):
     return sum(path.stat().st_size for path in Path(data_dir).rglob("*") if path.is_file())
@@ -133,6 +197,76 @@ def test_fetch_checkpoint_resolves_the_best_alias_of_the_run_collection(tmp_path
     assert wbflow.load_checkpoint(wbflow.fetch_checkpoint("model-abc123:best", project="flow"))["epoch"] == 7
     wbflow.fetch_checkpoint("team/flow/model-abc123", project="x")
     assert asked == ["me/flow/model-abc123:best", "team/flow/model-abc123:latest"]
+
+
+# ----------------------------------------------------------------------------- tables: the guidance column and sweep
+
+def test_samples_table_has_a_guidance_column_only_for_rows_that_hold_one(tmp_path):
+    compared = [{"solver": "euler", "nfe": 2, "seconds": 0.5, "images": torch.zeros(2, 3, 8, 8)}]
+    rows = [*wbflow.samples_table_rows(compared, 3, tmp_path, guidance=1.0),
+            *wbflow.samples_table_rows(compared, 3, tmp_path, guidance=2.5)]
+    assert [row["samples"] for row in rows] == [str(Path("samples") / f"epoch_0003_euler_nfe002_guidance{scale}.png")
+                                                for scale in ("1", "2.5")]
+    assert all((tmp_path / row["samples"]).is_file() for row in rows)
+    table = wbflow.samples_table(rows, root=tmp_path)
+    assert table.columns == ["epoch", "solver", "nfe", "guidance", "seconds", "straightness", "samples"]
+    assert [row[3] for row in table.data] == [1.0, 2.5] and table.data[1][6]._caption.endswith("guidance 2.5")
+    unguided = wbflow.samples_table(wbflow.samples_table_rows(compared, 3, tmp_path), root=tmp_path)
+    assert unguided.columns == ["epoch", "solver", "nfe", "seconds", "straightness", "samples"]
+
+
+def test_log_guidance_sweep_logs_a_table_and_a_line_plot_and_puts_the_best_scale_in_the_summary(offline_wandb):
+    scores = [{"guidance": scale, "eval/fid_score": fid, "eval/inception_score_mean": 5.0 + scale}
+              for scale, fid in ((3.0, 14.0), (1.0, 20.0), (2.0, 11.5), (1.5, 12.0))]
+    with wbflow.wandb_run(project="test") as run:
+        best = wbflow.log_guidance_sweep(run, scores)
+    assert best["guidance"] == 2.0
+    [log] = run_logs(offline_wandb)
+    [row] = log.rows_with("eval/guidance_table")
+    assert row["eval/guidance_table"]["_type"] == "table-file" and row["eval/fid_vs_guidance_table"]["nrows"] == 4
+    [table_file] = offline_wandb.glob(f"wandb/*run-*/files/{row['eval/guidance_table']['path']}")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["guidance", "eval/fid_score", "eval/inception_score_mean"]
+    assert [(line[0], line[1]) for line in table["data"]] == [(1.0, 20.0), (1.5, 12.0), (2.0, 11.5), (3.0, 14.0)]
+    assert log.summary["eval/best_guidance"] == 2.0 and log.summary["eval/best_fid_score"] == 11.5
+    assert wbflow.log_guidance_sweep(None, scores)["eval/fid_score"] == 11.5  # without a run: the best, no log
+
+
+# ----------------------------------------------------------------------------- summaries
+
+def test_val_acc_summary_is_the_best_value_not_the_last(offline_wandb, tmp_path):
+    val_accs = [50.0, 80.0, 60.0]
+    with wbflow.wandb_run(project="test") as run:
+        run.define_metric("epoch")
+        run.define_metric("val_acc", step_metric="epoch", summary="max")
+        run.define_metric("val_loss", step_metric="epoch", summary="min")
+        best = None
+        for epoch, (val_acc, val_loss) in enumerate(zip(val_accs, [2.0, 1.0, 1.5])):
+            best, improved = wbflow.save_best({"epoch": epoch}, val_acc, best, tmp_path / "best.pth", run=run)
+            run.log({"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss,
+                     **({"best_val_acc": best} if improved else {})})
+    [log] = run_logs(offline_wandb)
+    assert log.summary["val_acc"] == {"max": max(log.values("val_acc"))} == {"max": 80.0}
+    assert log.summary["val_loss"] == {"min": 1.0}
+    assert log.summary["best_val_acc"] == 80.0
+
+
+# ----------------------------------------------------------------------------- a small train_fire run (the runs below)
+
+def write_patterns(root, per_class, classes=("a", "b", "c", "d", "e")):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = np.full((16, 16, 3), 40 * label, np.uint8) + rng.integers(0, 20, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index}.png")
+    return root
+
+
+def fire_argv(data, out, *extra):
+    return ["--data-dir", str(data), "--out-dir", str(out), "--model", "resnet18", "--weights", "none",
+            "--image-size", "16", "--batch-size", "2", "--num-workers", "0", "--project", "test", *extra]
 
 
 # ----------------------------------------------------------------------------- credentials and server
@@ -241,6 +375,19 @@ def test_a_failing_wandb_call_warns_once_and_training_goes_on(offline_wandb, tmp
     assert len(warnings) == 1 and "upload failed" in warnings[0]
     [log] = run_logs(offline_wandb)
     assert log.exit_code == 0 and log.summary["after"] == 1.0 and not log.rows_with("x")
+
+
+def test_flush_run_puts_the_pending_row_on_disk_while_the_run_goes_on(offline_wandb):
+    with wbflow.wandb_run(project="test") as run:
+        # wandb_run's experimental setting, without which wandb-core writes the record every 15 s
+        assert run.settings.x_transaction_log_flush_interval == 0.1
+        run.log({"train/loss": 0.5}, step=3)
+        wbflow.flush_run(run)
+        [record] = glob.glob(str(offline_wandb / "wandb" / "offline-run-*" / "*.wandb"))
+        assert RunLog(record).values("train/loss") == [0.5]
+        run.log({"train/loss": 0.25}, step=4)  # the run goes on after it
+    [log] = run_logs(offline_wandb)
+    assert log.values("train/loss") == [0.5, 0.25]
 
 
 # ----------------------------------------------------------------------------- the model graph
