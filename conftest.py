@@ -10,6 +10,9 @@ import os
 import pickle
 import re
 import signal
+import socket
+import subprocess
+import sys
 import struct
 import threading
 import time
@@ -573,3 +576,45 @@ def _help_blocks(main):
         else:
             current = None
     return {option: re.sub(r"\s+", " ", block) for option, block in blocks.items()}
+
+
+# ----------------------------------------------------------------------------- a W&B server that does not answer
+
+def start_clean_python(code, tmp_path, **env):
+    """Start `code` in a fresh interpreter with no W&B credentials or mode, HOME in tmp_path: its Popen."""
+    base = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "NETRC"))}
+    base.update({"HOME": str(tmp_path), "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+                 "PYTHONPATH": str(Path(__file__).resolve().parent), "WANDB_DATA_DIR": str(tmp_path / "data"), **env})
+    return subprocess.Popen([sys.executable, "-c", code], env=base, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def closed_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket closes
+
+
+@pytest.fixture(scope="session", autouse=True)
+def unreachable_server_process(request, tmp_path_factory):
+    """For test_wandb_records: a run with a key whose server does not answer, in a fresh interpreter with wandb's
+    own output on, started with the session's first test where a test reads it: it mostly waits (wandb's init
+    timeout, its account lookups) while the other tests run. (the Popen, WANDB_DIR, the interpreter's folder)."""
+    if not any("unreachable_server_run" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    tmp_path = tmp_path_factory.mktemp("unreachable")
+    code = ("import time, wbflow\n"
+            "started = time.monotonic()\n"
+            "with wbflow.wandb_run({'lr': 0.1}, project='p') as run:\n"
+            "    print('started after', time.monotonic() - started)\n"
+            "    for step in range(1, 4):\n"
+            "        run.log({'train/loss': 1.0 / step}, step=step)\n")
+    wandb_dir = tmp_path / "elsewhere"
+    wandb_dir.mkdir()
+    process = start_clean_python(code, tmp_path, WANDB_API_KEY="k" * 40, WANDB_DIR=str(wandb_dir),
+                                 WANDB_SILENT="false", WANDB_BASE_URL=f"http://127.0.0.1:{closed_port()}")
+    yield process, wandb_dir, tmp_path
+    if process.poll() is None:
+        process.terminate()
+        process.communicate()

@@ -5,10 +5,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import torch
 
 import train_fire
 import wbflow
-from conftest import CE_LOSS, RunLog, linear_batches, linear_classifier, run_logs
+from conftest import CE_LOSS, RunLog, closed_port, linear_batches, linear_classifier, run_logs
 
 HERE = Path(__file__).resolve().parent
 
@@ -94,23 +92,6 @@ def test_watch_model_refuses_log_freq_below_100_and_logs_histograms(offline_wand
     [gradients] = [key for key in set().union(*run_logs(offline_wandb)[0].history)
                    if key.startswith("gradients/") and key.endswith("weight")]
     assert run_logs(offline_wandb)[0].values(gradients)[0]["_type"] == "histogram"
-
-
-def clean_python(code, tmp_path, **env):
-    """Run `code` in a fresh interpreter with no W&B credentials or mode, HOME in tmp_path."""
-    base = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "NETRC"))}
-    base.update({"HOME": str(tmp_path), "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
-                 "PYTHONPATH": str(HERE), "WANDB_DATA_DIR": str(tmp_path / "data"), **env})
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", code], env=base, cwd=tmp_path, stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=180)
-    return result, time.monotonic() - started
-
-
-def closed_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # nothing listens once the socket closes
 
 
 # ----------------------------------------------------------------------------- artifacts
@@ -311,45 +292,6 @@ def test_a_netrc_entry_for_the_configured_host_counts_as_credentials(logged_out_
     assert f"127.0.0.1:{port} did not answer" in errors  # it tried the server
 
 
-@pytest.fixture(scope="module")
-def unreachable_server_run(tmp_path_factory):
-    """A run with a key whose server does not answer, in a fresh interpreter with wandb's own output on:
-    (result, seconds to start, WANDB_DIR, the interpreter's folder)."""
-    tmp_path = tmp_path_factory.mktemp("unreachable")
-    code = ("import time, wbflow\n"
-            "started = time.monotonic()\n"
-            "with wbflow.wandb_run({'lr': 0.1}, project='p') as run:\n"
-            "    print('started after', time.monotonic() - started)\n"
-            "    for step in range(1, 4):\n"
-            "        run.log({'train/loss': 1.0 / step}, step=step)\n")
-    wandb_dir = tmp_path / "elsewhere"
-    wandb_dir.mkdir()
-    result, _ = clean_python(code, tmp_path, WANDB_API_KEY="k" * 40, WANDB_DIR=str(wandb_dir), WANDB_SILENT="false",
-                             WANDB_BASE_URL=f"http://127.0.0.1:{closed_port()}")
-    assert result.returncode == 0, result.stderr
-    return result, float(result.stdout.split("started after")[1].split()[0]), wandb_dir, tmp_path
-
-
-def test_a_key_without_a_reachable_server_starts_fast_and_keeps_the_record_offline(unreachable_server_run):
-    result, started_after, wandb_dir, _ = unreachable_server_run
-    # init_timeout=10 (wandb's default is 90 s), plus wandb's two 5 s account lookups when its output is on
-    assert started_after < 45
-    [log] = run_logs(wandb_dir)
-    assert log.values("train/loss") == [1.0, 0.5, 1.0 / 3] and log.config["lr"] == 0.1 and log.exit_code == 0
-    [folder] = glob.glob(str(wandb_dir / "wandb" / "offline-run-*"))
-    assert f"wandb sync {folder}" in result.stderr
-    assert not glob.glob(str(wandb_dir / "wandb" / "run-*" / "*.wandb"))  # no empty record of the failed attempt
-
-
-def test_the_offline_fallback_prints_only_paths_that_exist(unreachable_server_run):
-    result, _, _, cwd = unreachable_server_run
-    output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
-    assert output.count("Find logs at:") == 2  # the failed online attempt's and the offline run's
-    assert "upload this run later with: wandb sync" in output
-    paths = re.findall(r"(?:Find logs at:|wandb sync|saved locally in) (\S+)", output)
-    assert paths and [path for path in paths if not (cwd / path).exists()] == []  # relative ones are from the cwd
-
-
 # ----------------------------------------------------------------------------- W&B errors after init
 
 def test_a_failing_wandb_call_warns_once_and_training_goes_on(offline_wandb, tmp_path, capsys):
@@ -416,3 +358,35 @@ def test_log_graph_without_dot_says_what_to_install_and_uses_wandbs_graph(offlin
     # wandb.watch(..., log_graph=True): W&B's own graph, numbered per process (graph_0, graph_1, ...)
     graphs = [value for key, value in log.summary.items() if key.startswith("graph_")]
     assert [graph["_type"] for graph in graphs] == ["graph-file"]
+
+
+# ----------------------------------------------------------------------------- a server that does not answer
+
+@pytest.fixture(scope="module")
+def unreachable_server_run(unreachable_server_process):
+    """The unreachable server's run once it ended: (result, seconds to start, WANDB_DIR, the interpreter's folder)."""
+    process, wandb_dir, tmp_path = unreachable_server_process
+    stdout, stderr = process.communicate(timeout=180)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    assert result.returncode == 0, result.stderr
+    return result, float(result.stdout.split("started after")[1].split()[0]), wandb_dir, tmp_path
+
+
+def test_a_key_without_a_reachable_server_starts_fast_and_keeps_the_record_offline(unreachable_server_run):
+    result, started_after, wandb_dir, _ = unreachable_server_run
+    # init_timeout=10 (wandb's default is 90 s), plus wandb's two 5 s account lookups when its output is on
+    assert started_after < 45
+    [log] = run_logs(wandb_dir)
+    assert log.values("train/loss") == [1.0, 0.5, 1.0 / 3] and log.config["lr"] == 0.1 and log.exit_code == 0
+    [folder] = glob.glob(str(wandb_dir / "wandb" / "offline-run-*"))
+    assert f"wandb sync {folder}" in result.stderr
+    assert not glob.glob(str(wandb_dir / "wandb" / "run-*" / "*.wandb"))  # no empty record of the failed attempt
+
+
+def test_the_offline_fallback_prints_only_paths_that_exist(unreachable_server_run):
+    result, _, _, cwd = unreachable_server_run
+    output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
+    assert output.count("Find logs at:") == 2  # the failed online attempt's and the offline run's
+    assert "upload this run later with: wandb sync" in output
+    paths = re.findall(r"(?:Find logs at:|wandb sync|saved locally in) (\S+)", output)
+    assert paths and [path for path in paths if not (cwd / path).exists()] == []  # relative ones are from the cwd
