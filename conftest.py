@@ -1,6 +1,8 @@
-"""Shared test helpers: one torch thread, offline W&B, and reading a run's record log back.
+"""Shared test helpers: one torch thread, offline W&B and reading a run's record back, the FID weights, the data
+the tests write, one finished run per driver for the whole session (finished_flow_run, finished_fire_run), and
+the helpers several test files use.
 
-Test files import the helpers with `from conftest import RunLog, run_logs, read_records`."""
+Test files import the helpers with `from conftest import RunLog, run_logs, fire_args, refused`."""
 import contextlib
 import glob
 import hashlib
@@ -18,15 +20,14 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
 import train_fire
 import train_flow
 import wbflow
+
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
@@ -205,62 +206,7 @@ def images_uint8():
                          generator=torch.Generator().manual_seed(1))
 
 
-# ============================================================================= shared by several test files
-
-# ----------------------------------------------------------------------------- small fixtures
-
-def linear_batches(n_batches=6, batch_size=8, features=4, classes=3, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch_size, features, generator=generator),
-             torch.randint(0, classes, (batch_size,), generator=generator)) for _ in range(n_batches)]
-
-
-def linear_classifier(features=4, classes=3, seed=0):
-    torch.manual_seed(seed)
-    return nn.Linear(features, classes)
-
-
-CE_LOSS = wbflow.classification_loss(nn.CrossEntropyLoss())
-
-
-def within(seconds, function, *args, fifo=None):
-    """function(*args), failing the test when it runs longer than `seconds` (a regression that hangs fails
-    rather than hanging the suite); a reader blocked on `fifo` is then released by a writer's open and close."""
-    outcome = {}
-
-    def run():
-        try:
-            outcome["result"] = function(*args)
-        except BaseException as error:  # noqa: BLE001 - re-raised in the test's thread
-            outcome["error"] = error
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        if fifo is not None:
-            with contextlib.suppress(OSError):
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        pytest.fail(f"{function.__name__} still ran after {seconds} s (reading a FIFO waits for a writer)")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-class _Hostile:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
-# ----------------------------------------------------------------------------- rectified flow: data, model, samplers, train_flow.py
-
-TINY_UNET = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, head_channels=16, dropout=0.0)
-
+# ----------------------------------------------------------------------------- data the tests write
 
 def write_cifar_batches(data_dir, per_batch=40, test_images=20, seed=0):
     """CIFAR-10's python layout (data_batch_1..5, test_batch, batches.meta) with small learnable images."""
@@ -279,25 +225,6 @@ def write_cifar_batches(data_dir, per_batch=40, test_images=20, seed=0):
                                      "ship", "truck"], "num_cases_per_batch": per_batch}, file)
     return images.reshape(-1, 3, 32, 32), labels
 
-
-def _table_data(wandb_dir, run_id=""):
-    """Columns and rows of the eval/samples_table a run under wandb_dir wrote (the one with run_id)."""
-    [path] = glob.glob(str(Path(wandb_dir) / "wandb" / f"*run-*{run_id}" / "files" / "media" / "table" / "eval" /
-                           "samples_table_*.table.json"))
-    table = json.loads(Path(path).read_text())
-    return table["columns"], table["data"]
-
-
-def tiny_flow_checkpoint(path):
-    """A train_flow checkpoint of an untrained 8-channel FlowUNet, all --eval reads."""
-    model_config = {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
-                    "head_channels": 8, "dropout": 0.0}
-    ema = wbflow.make_ema(wbflow.FlowUNet(**model_config))
-    return wbflow.save_checkpoint({"ema": ema.state_dict(), "config": {"model": model_config}, "epoch": 1,
-                                   "global_step": 2, "driver": "train_flow"}, path)
-
-
-# ----------------------------------------------------------------------------- fire-safety classifier: data, losses, train_fire.py
 
 SEED_CLASSES = ["高风险", "中风险", "低风险", "无风险", "非楼道"]
 
@@ -323,6 +250,39 @@ def write_pattern_folders(root, per_class, classes=SEED_CLASSES, seed=0):
     return root
 
 
+# the download's mix, as the competition's (无风险 59%, 低风险 19%, 中风险 14%, 非楼道 5%, 高风险 3%): 高风险's one image
+# is for training, so the validation set has none of it
+MIX = {"无风险": 20, "低风险": 7, "中风险": 5, "非楼道": 2, "高风险": 1}
+
+
+def hashed_jpeg(folder, label, rng):
+    """A pattern of class `label` (SEED_CLASSES' index) of a random size, saved as <md5 of its bytes>.jpg."""
+    image = pattern_image(label, rng, size=32).resize(tuple(int(side) for side in rng.integers(24, 64, 2)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    name = hashlib.md5(buffer.getvalue()).hexdigest() + ".jpg"
+    (folder / name).write_bytes(buffer.getvalue())
+    return name
+
+
+def write_download(root, mix=MIX, test_images=6, seed=0):
+    """The competition's download: train/ and train.txt (name<TAB>label, shuffled, no header), A/ and A.txt (names
+    only, not sorted, one of them a broken file). Returns {name: label} of train.txt and A.txt's names."""
+    rng = np.random.default_rng(seed)
+    (root / "train").mkdir(parents=True)
+    (root / "A").mkdir()
+    labelled = {hashed_jpeg(root / "train", SEED_CLASSES.index(label), rng): label
+                for label, count in mix.items() for _ in range(count)}
+    lines = [f"{name}\t{label}" for name, label in labelled.items()]
+    rng.shuffle(lines)
+    (root / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    test_names = [hashed_jpeg(root / "A", index % 5, rng) for index in range(test_images)]
+    test_names.insert(2, "0badc0de.jpg")
+    (root / "A" / "0badc0de.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "A.txt").write_text("\n".join(test_names) + "\n", encoding="utf-8")
+    return labelled, test_names
+
+
 def fire_args(data_dir, out_dir, *extra):
     """A tiny train_fire run's flags; best_model.pth follows val_acc, as the tests of its keys expect (the default,
     val_score for the competition's classes, has tests of its own in test_train_fire_competition.py)."""
@@ -331,12 +291,134 @@ def fire_args(data_dir, out_dir, *extra):
             "--project", "test", "--best-metric", "val_acc", *extra]
 
 
-def table_json(wandb_dir, key):
-    [path] = glob.glob(os.path.join(wandb_dir, "wandb", "*run-*", "files", "media", "table", f"{key}_*.table.json"))
-    return json.loads(Path(path).read_text())
+# ----------------------------------------------------------------------------- the finished runs, one per driver
+
+# 48 images of CIFAR-10 files, batch 16: 3 steps an epoch, 9 in all, windows at steps 2, 3 | 4, 6 | 8, 9 (the
+# epochs' ends); every epoch has a grid, 4 table rows (Euler NFE 1 and 2, Heun 2, RK45) and a checkpoint
+FLOW = ["--smoke", "--epochs", "3", "--set", "data.max_images=48", "--set", "training.batch_size=16",
+        "--set", "training.log_interval=2", "--set", "training.warmup_steps=4", "--set", "model.base_channels=8",
+        "--set", "model.channel_mults=[1, 2]", "--set", "model.head_channels=8", "--set", "sampling.num_images=4",
+        "--set", "sampling.table_nfes=[1, 2]", "--set", "sampling.rk45_tolerance=0.01"]
 
 
-# ----------------------------------------------------------------------------- exact resume: history compared
+def uninterrupted_flow_run(root, argv):
+    """train_flow.main(argv + --out-dir root/out) on one thread, W&B offline in root (staging in root/staging): argv,
+    out dir, RunLog, the W&B folder and what it printed, for a module's tests to read."""
+    printed = run_offline(train_flow.main, argv + ["--out-dir", str(root / "out")], root,
+                          WANDB_DATA_DIR=str(root / "staging"))[1]
+    [log] = run_logs(root)
+    return SimpleNamespace(argv=argv, out=root / "out", log=log, root=root, printed=printed)
+
+
+@pytest.fixture(scope="session")
+def finished_flow_run(tmp_path_factory):
+    """train_flow's one finished run for the session: FLOW on CIFAR-10 files, W&B offline (uninterrupted_flow_run).
+    Tests only read it: its record, its out dir, its checkpoints; a stopped or killed run is compared with it."""
+    root = tmp_path_factory.mktemp("whole")
+    write_cifar_batches(root / "data", per_batch=10, test_images=2)
+    return uninterrupted_flow_run(root, FLOW + ["--data-dir", str(root / "data")])
+
+
+@pytest.fixture(scope="session")
+def finished_fire_run(tmp_path_factory):
+    """train_fire's one finished run for the session: 2 epochs without W&B (1 step an epoch): (data, out dir,
+    argv, stdout). Tests only read it: its out dir, its checkpoints, what it printed."""
+    root = tmp_path_factory.mktemp("fire")
+    data = write_pattern_folders(root / "data", per_class=4)  # 15 training images
+    argv = fire_args(data, root / "whole", "--epochs", "2", "--no-wandb")
+    printed, threads = io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)  # as conftest's one_torch_thread sets for each test, which runs after this fixture
+    try:
+        with contextlib.redirect_stdout(printed):
+            train_fire.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return data, root / "whole", argv, printed.getvalue()
+
+
+FLOW_SMOKE = ["--smoke", "--set", "data.max_images=64", "--set", "sampling.table_nfes=[1]",
+              "--set", "sampling.table_solvers=[euler]"]
+
+
+# 64 synthetic images, batch 32: two steps an epoch; every epoch has samples, a one-row table and a checkpoint;
+# a UNet of 8 channels that downsamples once, so its attention is at 16x16
+SMALL_FLOW = FLOW_SMOKE + ["--set", "training.log_interval=1", "--set", "model.base_channels=8",
+                           "--set", "model.head_channels=8", "--set", "sampling.num_images=4"]
+
+
+# ----------------------------------------------------------------------------- small models and fields
+
+def linear_batches(n_batches=6, batch_size=8, features=4, classes=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch_size, features, generator=generator),
+             torch.randint(0, classes, (batch_size,), generator=generator)) for _ in range(n_batches)]
+
+
+def linear_classifier(features=4, classes=3, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(features, classes)
+
+
+CE_LOSS = wbflow.classification_loss(nn.CrossEntropyLoss())
+
+
+TINY_UNET = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, head_channels=16, dropout=0.0)
+
+
+TINY = dict(base_channels=8, channel_mults=(1,), num_res_blocks=1, head_channels=8, dropout=0.0)
+
+
+def randomised(model, seed=0):
+    """`model` with every parameter drawn at random: FlowUNet's zero-initialised output layer would hide the rest."""
+    torch.manual_seed(seed)
+    for parameter in model.parameters():
+        nn.init.normal_(parameter, std=0.05)
+    return model.eval()
+
+
+def tiny_flow_checkpoint(path):
+    """A train_flow checkpoint of an untrained 8-channel FlowUNet, all --eval reads."""
+    model_config = {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
+                    "head_channels": 8, "dropout": 0.0}
+    ema = wbflow.make_ema(wbflow.FlowUNet(**model_config))
+    return wbflow.save_checkpoint({"ema": ema.state_dict(), "config": {"model": model_config}, "epoch": 1,
+                                   "global_step": 2, "driver": "train_flow"}, path)
+
+
+# a FlowUNet with every block kind (residual blocks, the middle attention, skips), for 8x8 images
+TINY_MEANFLOW_UNET = dict(base_channels=8, channel_mults=(1,), num_res_blocks=1, head_channels=8, dropout=0.0,
+                          image_size=8, second_time=True)
+
+
+def tiny_meanflow_unet(seed=0, std=0.3):
+    """A tiny FlowUNet built for (t, r), every weight random (the zero-initialised output layers too), so that
+    its average velocity depends on z, t and r."""
+    torch.manual_seed(seed)
+    model = wbflow.FlowUNet(**TINY_MEANFLOW_UNET)
+    for parameter in model.parameters():
+        nn.init.normal_(parameter, std=std)
+    return model
+
+
+def jump_times(count, seed=0):
+    """(t, r): t in [0, 0.9], r between t and 1, r = t for the first sample."""
+    generator = torch.Generator().manual_seed(seed)
+    t = 0.9 * torch.rand(count, generator=generator)
+    r = t + (1 - t) * torch.rand(count, generator=generator)
+    r[0] = t[0]
+    return t, r
+
+
+class Constant(nn.Module):
+    def __init__(self, velocity):
+        super().__init__()
+        self.velocity = nn.Parameter(torch.as_tensor(velocity, dtype=torch.float32))
+
+    def forward(self, x, t):
+        return self.velocity.expand_as(x)
+
+
+# ----------------------------------------------------------------------------- stops, kills and the records they leave
 
 COMPARED = ("train/loss", "train/grad_norm", "train/learning_rate", "train/epoch", "train/skipped_steps",
             "train/epoch_loss", "epoch", "batch", "train_loss", "train_acc", "learning_rate", "val_loss", "val_acc",
@@ -394,34 +476,6 @@ def read_run(wandb_dir, run_id, ready, timeout=30):
         time.sleep(0.2)
 
 
-# ----------------------------------------------------------------------------- train_flow against one uninterrupted run
-
-# 48 images of CIFAR-10 files, batch 16: 3 steps an epoch, 9 in all, windows at steps 2, 3 | 4, 6 | 8, 9 (the
-# epochs' ends); every epoch has a grid, 4 table rows (Euler NFE 1 and 2, Heun 2, RK45) and a checkpoint
-FLOW = ["--smoke", "--epochs", "3", "--set", "data.max_images=48", "--set", "training.batch_size=16",
-        "--set", "training.log_interval=2", "--set", "training.warmup_steps=4", "--set", "model.base_channels=8",
-        "--set", "model.channel_mults=[1, 2]", "--set", "model.head_channels=8", "--set", "sampling.num_images=4",
-        "--set", "sampling.table_nfes=[1, 2]", "--set", "sampling.rk45_tolerance=0.01"]
-
-
-def uninterrupted_flow_run(root, argv):
-    """train_flow.main(argv + --out-dir root/out) on one thread, W&B offline in root (staging in root/staging): argv,
-    out dir, RunLog, the W&B folder and what it printed, for a module's tests to read."""
-    printed = run_offline(train_flow.main, argv + ["--out-dir", str(root / "out")], root,
-                          WANDB_DATA_DIR=str(root / "staging"))[1]
-    [log] = run_logs(root)
-    return SimpleNamespace(argv=argv, out=root / "out", log=log, root=root, printed=printed)
-
-
-@pytest.fixture(scope="session")
-def finished_flow_run(tmp_path_factory):
-    """train_flow's one finished run for the session: FLOW on CIFAR-10 files, W&B offline (uninterrupted_flow_run).
-    Tests only read it: its record, its out dir, its checkpoints; a stopped or killed run is compared with it."""
-    root = tmp_path_factory.mktemp("whole")
-    write_cifar_batches(root / "data", per_batch=10, test_images=2)
-    return uninterrupted_flow_run(root, FLOW + ["--data-dir", str(root / "data")])
-
-
 _HANG = """
 import sys, time
 sys.path.insert(0, {here!r})
@@ -440,9 +494,20 @@ train_flow.main({argv!r})
 """
 
 
-FLOW_SMOKE = ["--smoke", "--set", "data.max_images=64", "--set", "sampling.table_nfes=[1]",
-              "--set", "sampling.table_solvers=[euler]"]
+def _table_data(wandb_dir, run_id=""):
+    """Columns and rows of the eval/samples_table a run under wandb_dir wrote (the one with run_id)."""
+    [path] = glob.glob(str(Path(wandb_dir) / "wandb" / f"*run-*{run_id}" / "files" / "media" / "table" / "eval" /
+                           "samples_table_*.table.json"))
+    table = json.loads(Path(path).read_text())
+    return table["columns"], table["data"]
 
+
+def table_json(wandb_dir, key):
+    [path] = glob.glob(os.path.join(wandb_dir, "wandb", "*run-*", "files", "media", "table", f"{key}_*.table.json"))
+    return json.loads(Path(path).read_text())
+
+
+# ----------------------------------------------------------------------------- refusals, help texts and reads that must not hang
 
 def refused(main, argv, match):
     """main(argv) exits with one line matching `match`: a SystemExit whose code is that message, so status 1."""
@@ -454,108 +519,6 @@ def refused(main, argv, match):
     assert re.search(match, message), message
     return message
 
-
-# the download's mix, as the competition's (无风险 59%, 低风险 19%, 中风险 14%, 非楼道 5%, 高风险 3%): 高风险's one image
-# is for training, so the validation set has none of it
-MIX = {"无风险": 20, "低风险": 7, "中风险": 5, "非楼道": 2, "高风险": 1}
-
-
-def hashed_jpeg(folder, label, rng):
-    """A pattern of class `label` (SEED_CLASSES' index) of a random size, saved as <md5 of its bytes>.jpg."""
-    image = pattern_image(label, rng, size=32).resize(tuple(int(side) for side in rng.integers(24, 64, 2)))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG")
-    name = hashlib.md5(buffer.getvalue()).hexdigest() + ".jpg"
-    (folder / name).write_bytes(buffer.getvalue())
-    return name
-
-
-def write_download(root, mix=MIX, test_images=6, seed=0):
-    """The competition's download: train/ and train.txt (name<TAB>label, shuffled, no header), A/ and A.txt (names
-    only, not sorted, one of them a broken file). Returns {name: label} of train.txt and A.txt's names."""
-    rng = np.random.default_rng(seed)
-    (root / "train").mkdir(parents=True)
-    (root / "A").mkdir()
-    labelled = {hashed_jpeg(root / "train", SEED_CLASSES.index(label), rng): label
-                for label, count in mix.items() for _ in range(count)}
-    lines = [f"{name}\t{label}" for name, label in labelled.items()]
-    rng.shuffle(lines)
-    (root / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    test_names = [hashed_jpeg(root / "A", index % 5, rng) for index in range(test_images)]
-    test_names.insert(2, "0badc0de.jpg")
-    (root / "A" / "0badc0de.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    (root / "A.txt").write_text("\n".join(test_names) + "\n", encoding="utf-8")
-    return labelled, test_names
-
-
-TINY = dict(base_channels=8, channel_mults=(1,), num_res_blocks=1, head_channels=8, dropout=0.0)
-
-
-def randomised(model, seed=0):
-    """`model` with every parameter drawn at random: FlowUNet's zero-initialised output layer would hide the rest."""
-    torch.manual_seed(seed)
-    for parameter in model.parameters():
-        nn.init.normal_(parameter, std=0.05)
-    return model.eval()
-
-
-@pytest.fixture(scope="session")
-def finished_fire_run(tmp_path_factory):
-    """train_fire's one finished run for the session: 2 epochs without W&B (1 step an epoch): (data, out dir,
-    argv, stdout). Tests only read it: its out dir, its checkpoints, what it printed."""
-    root = tmp_path_factory.mktemp("fire")
-    data = write_pattern_folders(root / "data", per_class=4)  # 15 training images
-    argv = fire_args(data, root / "whole", "--epochs", "2", "--no-wandb")
-    printed, threads = io.StringIO(), torch.get_num_threads()
-    torch.set_num_threads(1)  # as conftest's one_torch_thread sets for each test, which runs after this fixture
-    try:
-        with contextlib.redirect_stdout(printed):
-            train_fire.main(argv)
-    finally:
-        torch.set_num_threads(threads)
-    return data, root / "whole", argv, printed.getvalue()
-
-
-# 64 synthetic images, batch 32: two steps an epoch; every epoch has samples, a one-row table and a checkpoint;
-# a UNet of 8 channels that downsamples once, so its attention is at 16x16
-SMALL_FLOW = FLOW_SMOKE + ["--set", "training.log_interval=1", "--set", "model.base_channels=8",
-                     "--set", "model.head_channels=8", "--set", "sampling.num_images=4"]
-
-
-# a FlowUNet with every block kind (residual blocks, the middle attention, skips), for 8x8 images
-TINY_MEANFLOW_UNET = dict(base_channels=8, channel_mults=(1,), num_res_blocks=1, head_channels=8, dropout=0.0,
-                          image_size=8, second_time=True)
-
-
-def tiny_meanflow_unet(seed=0, std=0.3):
-    """A tiny FlowUNet built for (t, r), every weight random (the zero-initialised output layers too), so that
-    its average velocity depends on z, t and r."""
-    torch.manual_seed(seed)
-    model = wbflow.FlowUNet(**TINY_MEANFLOW_UNET)
-    for parameter in model.parameters():
-        nn.init.normal_(parameter, std=std)
-    return model
-
-
-def jump_times(count, seed=0):
-    """(t, r): t in [0, 0.9], r between t and 1, r = t for the first sample."""
-    generator = torch.Generator().manual_seed(seed)
-    t = 0.9 * torch.rand(count, generator=generator)
-    r = t + (1 - t) * torch.rand(count, generator=generator)
-    r[0] = t[0]
-    return t, r
-
-
-class Constant(nn.Module):
-    def __init__(self, velocity):
-        super().__init__()
-        self.velocity = nn.Parameter(torch.as_tensor(velocity, dtype=torch.float32))
-
-    def forward(self, x, t):
-        return self.velocity.expand_as(x)
-
-
-# ----------------------------------------------------------------------------- --help and W&B config
 
 def _help_blocks(main):
     """{option: its help text} from `main(["--help"])`."""
@@ -576,6 +539,38 @@ def _help_blocks(main):
         else:
             current = None
     return {option: re.sub(r"\s+", " ", block) for option, block in blocks.items()}
+
+
+def within(seconds, function, *args, fifo=None):
+    """function(*args), failing the test when it runs longer than `seconds` (a regression that hangs fails
+    rather than hanging the suite); a reader blocked on `fifo` is then released by a writer's open and close."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = function(*args)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        if fifo is not None:
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"{function.__name__} still ran after {seconds} s (reading a FIFO waits for a writer)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+class _Hostile:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
 
 
 # ----------------------------------------------------------------------------- a W&B server that does not answer

@@ -12,7 +12,7 @@ import torch
 import train_fire
 import train_flow
 import wbflow
-from conftest import (FLOW_SMOKE, SEED_CLASSES, SMALL_FLOW, _help_blocks, fire_args, refused, write_cifar_batches,
+from conftest import (FLOW_SMOKE, SEED_CLASSES, _help_blocks, fire_args, refused, write_cifar_batches,
                       write_pattern_folders)
 
 HERE = Path(__file__).resolve().parent
@@ -141,10 +141,10 @@ def test_eval_of_a_checkpoint_that_is_not_train_flows_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- --resume must fit
 
-@pytest.fixture(scope="module")
-def flow_checkpoint(flow_run):
-    """The first checkpoint of flow_run (SMALL_FLOW: base_channels 8)."""
-    return flow_run / "checkpoint_epoch_1.pt"
+@pytest.fixture
+def flow_checkpoint(finished_flow_run):
+    """The first checkpoint of finished_flow_run (FLOW: base_channels 8)."""
+    return finished_flow_run.out / "checkpoint_epoch_1.pt"
 
 
 def _resume_targets(tmp_path, finished_fire_run, flow_checkpoint):
@@ -211,16 +211,19 @@ def test_train_fire_resume_refuses_an_older_format_or_another_number_of_ranks(fi
     (lambda state: state.pop("rng"), r"lacks rng"),
     (lambda state: state["config"].update(world_size=2), r"world_size 2, this run has 1 processes"),
 ])
-def test_train_flow_resume_refuses_an_older_format_or_another_number_of_ranks(tmp_path, flow_checkpoint, change, match):
+def test_train_flow_resume_refuses_an_older_format_or_another_number_of_ranks(tmp_path, finished_flow_run,
+                                                                             flow_checkpoint, change, match):
     state = wbflow.load_checkpoint(flow_checkpoint)
     change(state)
     path = wbflow.save_checkpoint(state, tmp_path / "changed.pt")
-    refused(train_flow.main, SMALL_FLOW + ["--out-dir", str(tmp_path / "new"), "--resume", str(path)], match)
+    refused(train_flow.main, finished_flow_run.argv + ["--out-dir", str(tmp_path / "new"), "--resume", str(path)],
+            match)
 
 
 @pytest.mark.parametrize("case", ["missing", "directory", "truncated", "pickled code", "fire checkpoint",
                                   "another model"])
-def test_train_flow_resume_refuses_a_file_that_does_not_fit(tmp_path, finished_fire_run, flow_checkpoint, case):
+def test_train_flow_resume_refuses_a_file_that_does_not_fit(tmp_path, finished_fire_run, finished_flow_run,
+                                                           flow_checkpoint, case):
     targets = _resume_targets(tmp_path, finished_fire_run, flow_checkpoint)
     path, match = {**{key: targets[key] for key in ("missing", "directory", "truncated", "pickled code")},
                    "fire checkpoint": (finished_fire_run[1] / "last.pth", "not a train_flow checkpoint"),
@@ -228,9 +231,9 @@ def test_train_flow_resume_refuses_a_file_that_does_not_fit(tmp_path, finished_f
     if case == "missing":
         path = tmp_path / "nope.pt"
         match = r"not found: .*nope\.pt"
-    refused(train_flow.main, SMALL_FLOW + ["--out-dir", str(tmp_path / "new"), "--resume", str(path),
-                                           "--set", f"model.base_channels={16 if case == 'another model' else 8}"],
-            match)
+    base_channels = 16 if case == "another model" else 8
+    refused(train_flow.main, finished_flow_run.argv + ["--out-dir", str(tmp_path / "new"), "--resume", str(path),
+                                                       "--set", f"model.base_channels={base_channels}"], match)
 
 
 # ----------------------------------------------------------------------------- DDP ranks that disagree
@@ -324,34 +327,28 @@ def test_train_fire_resume_refuses_other_initial_weights_or_other_data(finished_
 
 # ----------------------------------------------------------------------------- --resume must fit: train_flow's settings
 
-@pytest.fixture(scope="module")
-def flow_run(tmp_path_factory):
-    """A finished 1-epoch train_flow run without W&B: its out dir."""
-    out = tmp_path_factory.mktemp("flow") / "out"
-    train_flow.main(SMALL_FLOW + ["--no-wandb", "--epochs", "1", "--out-dir", str(out)])
-    return out
-
-
 @pytest.mark.parametrize("change, match", [
-    (["--batch-size", "16"], r"holds another training \(batch_size 32 there, 16 here\)"),
+    (["--batch-size", "8"], r"holds another training \(batch_size 16 there, 8 here\)"),
     (["--set", "training.learning_rate=1e-3"], r"holds another training \(learning_rate 0\.0002 there, 0\.001 here\)"),
     (["--set", "training.ema_decay=0.99"], r"ema_decay 0\.9 there, 0\.99 here"),
-    (["--set", "training.warmup_steps=5"], r"warmup_steps 10 there, 5 here"),
+    (["--set", "training.warmup_steps=5"], r"warmup_steps 4 there, 5 here"),
     (["--set", "training.gradient_clip=0.5"], r"gradient_clip 1\.0 there, 0\.5 here"),
     (["--set", "training.seed=7"], r"seed 42 there, 7 here"),
     (["--set", "training.coupling=ot"], r"holds another training \(coupling 'independent' there, 'ot' here\)"),
-    (["--set", "data.max_images=32"], r"holds another data \(max_images 64 there, 32 here; images_sha256 "),
+    (["--set", "data.max_images=32"], r"holds another data \(max_images 48 there, 32 here; images_sha256 "),
     (["--set", "sampling.seed=3"], r"holds another sampling \(seed 0 there, 3 here\)"),
     (["--set", "reflow.nfe=7"], r"holds another reflow \(nfe 4 there, 7 here\)"),
 ])
-def test_a_resume_with_other_training_settings_is_refused_naming_the_checkpoints_value(flow_run, change, match):
-    message = refused(train_flow.main, SMALL_FLOW + ["--out-dir", str(flow_run), "--epochs", "2",
-                                               "--resume", str(flow_run / "last.pt"), *change], match)
+def test_a_resume_with_other_training_settings_is_refused_naming_the_checkpoints_value(finished_flow_run, change,
+                                                                                       match):
+    flow_run = finished_flow_run.out
+    message = refused(train_flow.main, finished_flow_run.argv + ["--out-dir", str(flow_run), "--epochs", "4",
+                                                                 "--resume", str(flow_run / "last.pt"), *change], match)
     assert "keeps the settings it trained with" in message or "trains on" in message
 
 
-def test_a_resume_refuses_a_change_of_what_the_run_trains_on_the_teacher_or_the_images(flow_run, tmp_path):
-    resume = SMALL_FLOW + ["--epochs", "2", "--resume"]
+def test_a_resume_refuses_a_change_of_what_the_run_trains_on_the_teacher_or_the_images(finished_flow_run, tmp_path):
+    flow_run, resume = finished_flow_run.out, finished_flow_run.argv + ["--epochs", "4", "--resume"]
     teacher = tmp_path / "teacher.pt"  # a teacher whose UNet is this run's, outside the run's out-dir
     teacher.write_bytes((flow_run / "checkpoint_epoch_1.pt").read_bytes())
     refused(train_flow.main, resume + [str(flow_run / "last.pt"), "--out-dir", str(flow_run), "--reflow", str(teacher)],
@@ -362,7 +359,7 @@ def test_a_resume_refuses_a_change_of_what_the_run_trains_on_the_teacher_or_the_
     student = wbflow.save_checkpoint(state, tmp_path / "student.pt")
     refused(train_flow.main, resume + [str(student), "--out-dir", str(tmp_path / "student")],
             rf"holds another reflow \(teacher_sha256 '{'ab' * 32}' there, None here\)")
-    write_cifar_batches(tmp_path / "cifar", per_batch=13)  # CIFAR-10 where the run trained on synthetic images
+    write_cifar_batches(tmp_path / "cifar", per_batch=13)  # other CIFAR-10 files than those the run trained on
     refused(train_flow.main, resume + [str(flow_run / "last.pt"), "--out-dir", str(flow_run),
                                        "--data-dir", str(tmp_path / "cifar")],
             r"holds another data \(images_sha256 '[0-9a-f]{64}' there, '[0-9a-f]{64}' here\): a resumed run trains on "

@@ -614,11 +614,15 @@ def test_inception_features_of_uneven_shards_are_gathered_in_rank_order(inceptio
 
 # ----------------------------------------------------------------------------- the command line and the package
 
-def _run(*command, cwd=HERE, **environment):
-    result = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=cwd,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **environment}, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+def _start(*command, cwd=HERE, **environment):
+    return subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **environment})
+
+
+def _output(process):
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    return stdout
 
 
 @pytest.fixture(scope="module")
@@ -650,12 +654,14 @@ def test_python_m_wbflow_from_any_folder_prints_what_pytorch_fids_command_line_p
     os.link(weights_path, torch_home / "hub" / "checkpoints" / wbflow.FID_WEIGHTS_FILE)
     first = _write_folder(tmp_path / "first", images_uint8[:3], ["png", "jpg"])
     second = _write_folder(tmp_path / "second", images_uint8.flip(0)[:2].roll(7, dims=2), ["png", "ppm"])
-    expected = _run("-m", "pytorch_fid", str(first), str(second), "--device", "cpu", "--num-workers", "0",
-                    "--batch-size", "3", TORCH_HOME=str(torch_home))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    printed = _run("-m", "wbflow", "fid", str(first), str(second), "--resize", "pytorch-fid", "--device", "cpu",
-                   "--weights", weights_path, cwd=elsewhere, PYTHONPATH=str(installed))
+    # side by side: pytorch-fid's sqrtm of a 2048 x 2048 matrix takes most of the time
+    theirs = _start("-m", "pytorch_fid", str(first), str(second), "--device", "cpu", "--num-workers", "0",
+                    "--batch-size", "3", TORCH_HOME=str(torch_home))
+    ours = _start("-m", "wbflow", "fid", str(first), str(second), "--resize", "pytorch-fid", "--device", "cpu",
+                  "--weights", weights_path, cwd=elsewhere, PYTHONPATH=str(installed))
+    expected, printed = _output(theirs), _output(ours)
     assert printed.startswith("FID:  ") and expected.strip().splitlines()[-1].startswith("FID:  ")
     # 5 images in 2048 dims: singular covariances, where pytorch-fid's sqrtm is the approximate one (see README)
     assert float(printed.split()[-1]) == pytest.approx(float(expected.split()[-1]), rel=1e-4)

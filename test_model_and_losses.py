@@ -393,7 +393,7 @@ def test_fixed_pairs_train_on_their_own_noise_and_ot_pairs_train_on_shorter_path
     assert losses[1] < 0.2 * losses[0]
 
 
-# ----------------------------------------------------------------------------- MeanFlow: the second time, (t, r), the target and the loss
+# ----------------------------------------------------------------------------- MeanFlow: (t, r), the target and the loss
 
 def test_a_flow_unet_built_for_a_second_time_takes_r_and_r_none_is_the_instantaneous_velocity():
     model = tiny_meanflow_unet()

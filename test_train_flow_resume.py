@@ -206,9 +206,9 @@ def test_sigterm_during_fid_sampling_stops_between_batches_and_the_resume_logs_t
     monkeypatch.setenv("WBFLOW_FID_WEIGHTS", weights_path)
     out = tmp_path / "out"
     argv = SMALL_FLOW + ["--epochs", "2", "--set", "data.max_images=16", "--set", "training.batch_size=8",
-                   "--set", "eval.fid_interval=2", "--set", "eval.fid_num_samples=3",
-                   "--set", "eval.sample_batch_size=1", "--set", "eval.inception_batch_size=32",
-                   "--set", "training.keep_checkpoints=1", "--out-dir", str(out)]
+                         "--set", "eval.fid_interval=2", "--set", "eval.fid_num_samples=3",
+                         "--set", "eval.sample_batch_size=1", "--set", "eval.inception_batch_size=32",
+                         "--set", "training.keep_checkpoints=1", "--out-dir", str(out)]
     real_sample = wbflow.sample_flow
     sampled = signal_on_call(real_sample, 3)  # epoch 1: grid, table row; epoch 2: the first FID batch of three
     monkeypatch.setattr(wbflow, "sample_flow", sampled)

@@ -94,6 +94,24 @@ def test_watch_model_refuses_log_freq_below_100_and_logs_histograms(offline_wand
     assert run_logs(offline_wandb)[0].values(gradients)[0]["_type"] == "histogram"
 
 
+# ----------------------------------------------------------------------------- a small train_fire run (the runs below)
+
+def write_patterns(root, per_class, classes=("a", "b", "c", "d", "e")):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = np.full((16, 16, 3), 40 * label, np.uint8) + rng.integers(0, 20, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index}.png")
+    return root
+
+
+def fire_argv(data, out, *extra):
+    return ["--data-dir", str(data), "--out-dir", str(out), "--model", "resnet18", "--weights", "none",
+            "--image-size", "16", "--batch-size", "2", "--num-workers", "0", "--project", "test", *extra]
+
+
 # ----------------------------------------------------------------------------- artifacts
 
 def test_fetch_checkpoint_downloads_the_model_artifact(tmp_path, monkeypatch):
@@ -230,24 +248,6 @@ def test_val_acc_summary_is_the_best_value_not_the_last(offline_wandb, tmp_path)
     assert log.summary["val_acc"] == {"max": max(log.values("val_acc"))} == {"max": 80.0}
     assert log.summary["val_loss"] == {"min": 1.0}
     assert log.summary["best_val_acc"] == 80.0
-
-
-# ----------------------------------------------------------------------------- a small train_fire run (the runs below)
-
-def write_patterns(root, per_class, classes=("a", "b", "c", "d", "e")):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for label, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for index in range(per_class):
-            pixels = np.full((16, 16, 3), 40 * label, np.uint8) + rng.integers(0, 20, (16, 16, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{index}.png")
-    return root
-
-
-def fire_argv(data, out, *extra):
-    return ["--data-dir", str(data), "--out-dir", str(out), "--model", "resnet18", "--weights", "none",
-            "--image-size", "16", "--batch-size", "2", "--num-workers", "0", "--project", "test", *extra]
 
 
 # ----------------------------------------------------------------------------- credentials and server
