@@ -613,3 +613,43 @@ def unreachable_server_process(request, tmp_path_factory):
     if process.poll() is None:
         process.terminate()
         process.communicate()
+
+
+# ----------------------------------------------------------------------------- pytorch-fid's command line
+
+def _write_folder(folder, images_uint8, extensions):
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images_uint8):
+        array = image.permute(1, 2, 0).numpy()
+        extension = extensions[index % len(extensions)]
+        if extension == "pgm":
+            array = array[:, :, 0]
+        Image.fromarray(array).save(folder / f"{index:03d}.{extension}", **({"lossless": True} if extension == "webp" else {}))
+    return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pytorch_fid_process(request, tmp_path_factory):
+    """For test_metrics: `python -m pytorch_fid` on two small folders of images_uint8, started with the session's
+    first test where a test reads it: its sqrtm of a 2048 x 2048 matrix takes one core about 15 s, while the other
+    tests run. (the Popen, its two folders)."""
+    if not any("pytorch_fid_printed" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    weights_path, images_uint8 = request.getfixturevalue("weights_path"), request.getfixturevalue("images_uint8")
+    root = tmp_path_factory.mktemp("pytorch_fid")
+    # pytorch-fid downloads its weights into the torch hub cache; put the same file there instead.
+    torch_home = root / "torch_home"
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    os.link(weights_path, torch_home / "hub" / "checkpoints" / wbflow.FID_WEIGHTS_FILE)
+    first = _write_folder(root / "first", images_uint8[:3], ["png", "jpg"])
+    second = _write_folder(root / "second", images_uint8.flip(0)[:2].roll(7, dims=2), ["png", "ppm"])
+    process = subprocess.Popen([sys.executable, "-m", "pytorch_fid", str(first), str(second), "--device", "cpu",
+                                "--num-workers", "0", "--batch-size", "3"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(torch_home)})
+    yield process, first, second
+    if process.poll() is None:
+        process.kill()
+        process.communicate()

@@ -28,20 +28,14 @@ from conftest import (fire_args, jump_times, pattern_image, run_logs, tiny_meanf
                       write_pattern_folders)
 
 HERE = Path(__file__).resolve().parent
-
-
 # The smallest FlowUNet that still has every block kind a compile must handle (residual blocks, the
 # middle attention, skips): inductor's C++ kernels for it build in about a minute on 2 cores.
 TINY_UNET = dict(base_channels=8, channel_mults=(1,), num_res_blocks=1, head_channels=8, dropout=0.0)
-
-
 TINY_FLOW = ["--smoke", "--epochs", "1", "--set", "data.max_images=24", "--set", "training.batch_size=8",
              "--set", "model.base_channels=8", "--set", "model.channel_mults=[1]", "--set", "model.head_channels=8",
              "--set", "training.learning_rate=1.0e-3", "--set", "training.warmup_steps=0",
              "--set", "training.log_interval=1", "--set", "sampling.num_images=4", "--set", "sampling.nfe=2",
              "--set", "sampling.table_nfes=[1]"]
-
-
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -145,7 +139,7 @@ def assert_resnet_trains(device, dtype, *, amp=None, scaler=None):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-# ----------------------------------------------------------------------------- on the CPU: every path torch runs there
+# ============================================================================= on the CPU: every path torch runs there
 
 def test_compiled_smoke_run_trains_with_the_eager_runs_loss(offline_wandb, tmp_path, monkeypatch, fresh_dynamo):
     train_flow.main(TINY_FLOW + ["--out-dir", str(tmp_path / "eager")])
@@ -281,7 +275,7 @@ def test_gpu_benchmark_dry_run_prints_every_row_of_the_table(weights_path, capsy
     assert difference < 1e-4
 
 
-# ----------------------------------------------------------------------------- on CUDA (skipped only where it is absent)
+# ============================================================================= on CUDA (skipped only where it is absent)
 
 @cuda
 def test_bf16_steps_train_flow_unet_and_resnet_on_cuda():

@@ -19,7 +19,7 @@ from hypothesis.extra.numpy import arrays
 import train_fire
 import train_flow
 import wbflow
-from conftest import SEED_CLASSES, within
+from conftest import SEED_CLASSES, _write_folder, within
 
 HERE = Path(__file__).resolve().parent
 
@@ -497,18 +497,6 @@ def test_features_agree_with_torch_fidelity_and_pytorch_fid_on_every_input_kind(
 
 # ----------------------------------------------------------------------------- every input kind
 
-def _write_folder(folder, images_uint8, extensions):
-    from PIL import Image
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(images_uint8):
-        array = image.permute(1, 2, 0).numpy()
-        extension = extensions[index % len(extensions)]
-        if extension == "pgm":
-            array = array[:, :, 0]
-        Image.fromarray(array).save(folder / f"{index:03d}.{extension}", **({"lossless": True} if extension == "webp" else {}))
-    return folder
-
-
 IMAGE_KINDS = ["uint8 tensor", "float tensor", "batches", "(images, labels) batches", "folder"]
 
 
@@ -614,15 +602,20 @@ def test_inception_features_of_uneven_shards_are_gathered_in_rank_order(inceptio
 
 # ----------------------------------------------------------------------------- the command line and the package
 
-def _start(*command, cwd=HERE, **environment):
-    return subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **environment})
+def _run(*command, cwd=HERE, **environment):
+    result = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=cwd,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **environment}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
-def _output(process):
+@pytest.fixture(scope="module")
+def pytorch_fid_printed(pytorch_fid_process):
+    """What conftest's pytorch_fid_process printed, once it ended: (its stdout, its two folders)."""
+    process, first, second = pytorch_fid_process
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
-    return stdout
+    return stdout, first, second
 
 
 @pytest.fixture(scope="module")
@@ -647,21 +640,12 @@ def test_the_installed_package_needs_the_runtime_libraries_and_none_of_the_test_
 
 
 def test_python_m_wbflow_from_any_folder_prints_what_pytorch_fids_command_line_prints(installed, weights_path,
-                                                                                       images_uint8, tmp_path):
-    # pytorch-fid downloads its weights into the torch hub cache; put the same file there instead.
-    torch_home = tmp_path / "torch_home"
-    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
-    os.link(weights_path, torch_home / "hub" / "checkpoints" / wbflow.FID_WEIGHTS_FILE)
-    first = _write_folder(tmp_path / "first", images_uint8[:3], ["png", "jpg"])
-    second = _write_folder(tmp_path / "second", images_uint8.flip(0)[:2].roll(7, dims=2), ["png", "ppm"])
+                                                                                       pytorch_fid_printed, tmp_path):
+    expected, first, second = pytorch_fid_printed  # `python -m pytorch_fid first second`
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    # side by side: pytorch-fid's sqrtm of a 2048 x 2048 matrix takes most of the time
-    theirs = _start("-m", "pytorch_fid", str(first), str(second), "--device", "cpu", "--num-workers", "0",
-                    "--batch-size", "3", TORCH_HOME=str(torch_home))
-    ours = _start("-m", "wbflow", "fid", str(first), str(second), "--resize", "pytorch-fid", "--device", "cpu",
-                  "--weights", weights_path, cwd=elsewhere, PYTHONPATH=str(installed))
-    expected, printed = _output(theirs), _output(ours)
+    printed = _run("-m", "wbflow", "fid", str(first), str(second), "--resize", "pytorch-fid", "--device", "cpu",
+                   "--weights", weights_path, cwd=elsewhere, PYTHONPATH=str(installed))
     assert printed.startswith("FID:  ") and expected.strip().splitlines()[-1].startswith("FID:  ")
     # 5 images in 2048 dims: singular covariances, where pytorch-fid's sqrtm is the approximate one (see README)
     assert float(printed.split()[-1]) == pytest.approx(float(expected.split()[-1]), rel=1e-4)
