@@ -157,7 +157,7 @@ def _(setup_distributed, tmp_path, fixture):
 
 @call("load_cifar10")
 def _(load_cifar10, tmp_path, fixture):
-    from test_wbflow import write_cifar_batches
+    from conftest import write_cifar_batches
     write_cifar_batches(tmp_path, per_batch=4)
     images, labels = load_cifar10(tmp_path, download=False)
     assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8 and len(labels) == 20
@@ -184,7 +184,7 @@ def _(DeviceImageLoader, tmp_path, fixture):
 
 
 def image_folders(tmp_path):
-    from test_wbflow import write_pattern_folders
+    from conftest import write_pattern_folders
     data = write_pattern_folders(tmp_path / "data", per_class=3, classes=["a", "b"])
     return data, [(str(path), index % 2) for index, path in enumerate(sorted(data.rglob("*.png"))[:2])]
 

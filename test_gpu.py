@@ -24,9 +24,8 @@ import bench_wbflow
 import train_fire
 import train_flow
 import wbflow
-from conftest import run_logs
-from test_meanflow import jump_times, tiny_meanflow_unet
-from test_wbflow import fire_args, pattern_image, write_cifar_batches, write_pattern_folders
+from conftest import (fire_args, jump_times, pattern_image, run_logs, tiny_meanflow_unet, write_cifar_batches,
+                      write_pattern_folders)
 
 HERE = Path(__file__).resolve().parent
 # The smallest FlowUNet that still has every block kind a compile must handle (residual blocks, the

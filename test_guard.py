@@ -1,174 +1,24 @@
-"""Nothing lost, nothing half-done: out-dir policy, checkpoint rotation and files, settings refused before
-training, --resume that must fit, 16-bit images, DDP data checks, --help defaults and the copy rule."""
-import errno
+"""Refused before any work, in one line: bad settings and config files, --eval without what it needs, a --resume
+that does not fit its run, DDP ranks that disagree; and --help that says every default once."""
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
 
 import train_fire
 import train_flow
 import wbflow
-from conftest import run_logs
-from test_wbflow import fire_args, write_cifar_batches, write_pattern_folders
+from conftest import (FLOW_SMOKE, SEED_CLASSES, _help_blocks, fire_args, refused, write_cifar_batches,
+                      write_pattern_folders)
 
 HERE = Path(__file__).resolve().parent
-FLOW_SMOKE = ["--smoke", "--set", "data.max_images=64", "--set", "sampling.table_nfes=[1]",
-              "--set", "sampling.table_solvers=[euler]"]
 
 
-def refused(main, argv, match, seconds=10):
-    """main(argv) exits with one line matching `match`, quickly."""
-    start = time.monotonic()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    message = str(exit_info.value.code)
-    assert "\n" not in message.strip(), message
-    assert re.search(match, message), message
-    assert time.monotonic() - start < seconds
-    return message
-
-
-# ----------------------------------------------------------------------------- checkpoint files
-
-def test_checkpoint_files_get_the_users_umask_permissions(tmp_path):
-    old_umask = os.umask(0o022)
-    try:
-        path = wbflow.save_checkpoint({"w": torch.ones(2)}, tmp_path / "c.pt")
-    finally:
-        os.umask(old_umask)
-    assert path.stat().st_mode & 0o777 == 0o644
-
-
-def test_full_disk_during_save_is_one_clear_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = wbflow.save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
-    real_save = torch.save
-
-    def disk_full(state, file, *args, **kwargs):
-        file.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match=r"no space left .*last\.pt.*unchanged") as error:
-        wbflow.save_checkpoint({"epoch": 2}, path)
-    assert error.value.errno == errno.ENOSPC and "\n" not in str(error.value)
-    monkeypatch.setattr(torch, "save", real_save)
-    assert wbflow.load_checkpoint(path) == {"epoch": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left
-
-
-def test_full_disk_in_a_driver_is_one_line_without_traceback(tmp_path, monkeypatch):
-    def disk_full(state, path):
-        raise OSError(errno.ENOSPC, f"no space left on the device while saving {path}; the previous file there "
-                                    f"is unchanged")
-
-    monkeypatch.setattr(wbflow, "save_checkpoint", disk_full)
-    refused(train_flow.main, FLOW_SMOKE + ["--no-wandb", "--epochs", "1", "--out-dir", str(tmp_path / "out")],
-            r"no space left .*last\.pt", seconds=120)
-
-
-def test_stale_temp_files_of_a_killed_save_are_removed_at_start(tmp_path):
-    (tmp_path / ".last.pt.123.abcd.tmp").write_bytes(b"half")
-    (tmp_path / "keep.txt").write_text("mine")
-    wbflow.prepare_out_dir(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "keep.txt"]
-
-
-def test_both_drivers_clear_stale_temp_files_before_refusing_anything(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / ".checkpoint_epoch_3.pt.1.ff.tmp").write_bytes(b"half")
-    refused(train_flow.main, ["--epochs", "0", "--out-dir", str(out)], "training.epochs")  # settings come first
-    assert (out / ".checkpoint_epoch_3.pt.1.ff.tmp").exists()
-    data = write_pattern_folders(tmp_path / "data", per_class=1, classes=["a"])
-    refused(train_fire.main, fire_args(data, out), "at least two classes")
-    assert [p.name for p in out.iterdir()] == [".lock"]
-
-
-# ----------------------------------------------------------------------------- out-dir policy
-
-@pytest.mark.parametrize("earlier", ["best_model.pth", "last.pth", "last.pt", "checkpoint_epoch_7.pt"])
-def test_a_new_run_refuses_an_out_dir_holding_an_earlier_runs_checkpoints(tmp_path, earlier):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / earlier).write_bytes(b"an earlier, better result")
-    data = write_pattern_folders(tmp_path / "data", per_class=2, classes=["a", "b"])
-    if earlier in train_fire.OUT_FILES:  # train_fire guards the files it writes
-        refused(train_fire.main, fire_args(data, out), f"holds an earlier run's checkpoints.*{earlier}.*another --out-dir")
-    refused(train_flow.main, FLOW_SMOKE + ["--out-dir", str(out)], f"{earlier}.*--overwrite")
-    assert (out / earlier).read_bytes() == b"an earlier, better result"
-
-
-def test_resume_into_the_folder_or_overwrite_lets_the_run_start(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "checkpoint_epoch_1.pt").write_bytes(b"x")
-    (out / "best_model.pth").write_bytes(b"y")
-    assert wbflow.prepare_out_dir(out, resume=out / "checkpoint_epoch_1.pt") == (out, [])
-    assert (out / "best_model.pth").exists()
-    elsewhere = tmp_path / "other.pt"
-    elsewhere.write_bytes(b"z")
-    with pytest.raises(ValueError, match="earlier run"):
-        wbflow.prepare_out_dir(out, resume=elsewhere)
-    earlier = [out / "best_model.pth", out / "checkpoint_epoch_1.pt"]
-    assert wbflow.prepare_out_dir(out, overwrite=True) == (out, earlier)
-    assert all(path.exists() for path in earlier)  # the driver deletes them once every check has passed
-
-
-@pytest.mark.parametrize("driver", ["flow", "fire"])
-def test_an_out_dir_that_is_a_file_or_unwritable_is_refused(tmp_path, driver):
-    data = write_pattern_folders(tmp_path / "data", per_class=2, classes=["a", "b"])
-    main, base = ((train_flow.main, FLOW_SMOKE) if driver == "flow" else (train_fire.main, fire_args(data, "x")))
-    a_file = tmp_path / "file"
-    a_file.write_text("")
-    refused(main, base + ["--out-dir", str(a_file)], r"--out-dir .*file is a file")
-    if os.geteuid() == 0:
-        return  # root writes anywhere
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    refused(main, base + ["--out-dir", str(locked)], r"--out-dir .*locked is not writable")
-
-
-# ----------------------------------------------------------------------------- rotation
-
-@settings(max_examples=60, deadline=None)
-@given(losses=st.lists(st.floats(0.1, 10) | st.just(float("nan")), min_size=1, max_size=9), keep=st.integers(1, 4))
-def test_rotation_keeps_the_newest_k_and_the_lowest_loss(tmp_path_factory, losses, keep):
-    folder = tmp_path_factory.mktemp("rotation")
-    for epoch, loss in enumerate(losses, start=1):
-        wbflow.save_checkpoint({"epoch": epoch, "epoch_loss": loss}, folder / f"checkpoint_epoch_{epoch}.pt")
-        wbflow.rotate_checkpoints(folder, keep=keep)
-    kept = sorted(int(p.stem.rsplit("_", 1)[1]) for p in folder.glob("checkpoint_epoch_*.pt"))
-    finite = [(loss, epoch) for epoch, loss in enumerate(losses, start=1) if not np.isnan(loss)]
-    newest = list(range(max(1, len(losses) - keep + 1), len(losses) + 1))
-    best = [min(finite)[1]] if finite else []
-    assert kept == sorted(set(newest + best))
-
-
-def test_flow_run_keeps_the_last_k_checkpoints_plus_the_best(tmp_path, monkeypatch):
-    losses = iter([0.5, 0.1, 0.4])  # epoch 2 is the best and is rotated out of the last 1
-    real_train_epoch = wbflow.train_epoch
-
-    def scripted_loss(*args, **kwargs):
-        return {**real_train_epoch(*args, **kwargs), "loss": next(losses)}
-
-    monkeypatch.setattr(wbflow, "train_epoch", scripted_loss)
-    out = tmp_path / "out"
-    train_flow.main(FLOW_SMOKE + ["--no-wandb", "--epochs", "3", "--out-dir", str(out), "--set",
-                                  "training.keep_checkpoints=1", "--set", "logging.log_images_interval=100",
-                                  "--set", "training.sample_interval=100"])
-    assert sorted(p.name for p in out.glob("checkpoint_epoch_*.pt")) == ["checkpoint_epoch_2.pt", "checkpoint_epoch_3.pt"]
-    assert wbflow.load_checkpoint(out / "checkpoint_epoch_2.pt")["epoch_loss"] == 0.1
-
-
-# ----------------------------------------------------------------------------- bad settings, refused in seconds
+# ----------------------------------------------------------------------------- bad settings, refused before training
 
 @pytest.mark.parametrize("argv, match", [
     (["--epochs", "0"], r"training\.epochs must be positive, not 0"),
@@ -291,25 +141,14 @@ def test_eval_of_a_checkpoint_that_is_not_train_flows_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- --resume must fit
 
-@pytest.fixture(scope="module")
-def fire_run(tmp_path_factory):
-    """A finished 1-epoch train_fire run on two classes: (data, out dir, argv)."""
-    root = tmp_path_factory.mktemp("fire")
-    data = write_pattern_folders(root / "data", per_class=4, classes=["a", "b"])
-    argv = fire_args(data, root / "out", "--epochs", "2", "--no-wandb")
-    train_fire.main(argv)
-    return data, root / "out", argv
+@pytest.fixture
+def flow_checkpoint(finished_flow_run):
+    """The first checkpoint of finished_flow_run (FLOW: base_channels 8)."""
+    return finished_flow_run.out / "checkpoint_epoch_1.pt"
 
 
-@pytest.fixture(scope="module")
-def flow_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("flow") / "out"
-    train_flow.main(FLOW_SMOKE + ["--no-wandb", "--epochs", "1", "--out-dir", str(out)])
-    return out / "checkpoint_epoch_1.pt"
-
-
-def _resume_targets(tmp_path, fire_run, flow_checkpoint):
-    data, out, _ = fire_run
+def _resume_targets(tmp_path, finished_fire_run, flow_checkpoint):
+    data, out, *_ = finished_fire_run
     truncated = tmp_path / "cut.pth"
     truncated.write_bytes((out / "last.pth").read_bytes()[:3000])
     evil = tmp_path / "evil.pth"
@@ -331,43 +170,25 @@ class _Hostile:
         return (open, (self.target, "w"))
 
 
-def test_load_checked_maps_a_checkpoint_saved_on_cuda_to_the_cpu(tmp_path):
-    """A model trained on a GPU predicts (or teaches a reflow) on a machine without one: the storages that a CUDA run
-    saved are tagged cuda:0, and load_checked maps them to the CPU unless told another device."""
-    import struct
-    import zipfile
-    saved = wbflow.save_checkpoint({"model": {"w": torch.ones(2)}, "driver": "train"}, tmp_path / "cpu.pt")
-    on_cuda = tmp_path / "cuda.pt"
-    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(on_cuda, "w", zipfile.ZIP_STORED) as target:
-        for item in source.infolist():
-            data = source.read(item.filename)
-            if item.filename.endswith("data.pkl"):  # the pickled location string "cpu" -> "cuda:0"
-                data = data.replace(b"X" + struct.pack("<I", 3) + b"cpu", b"X" + struct.pack("<I", 6) + b"cuda:0")
-            target.writestr(item, data)
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA"):  # the file really says CUDA
-            torch.load(on_cuda, weights_only=True)
-    _, state = wbflow.load_checked(str(on_cuda), program="p", flag="--checkpoint", driver="train")
-    assert state["model"]["w"].device.type == "cpu" and state["model"]["w"].tolist() == [1.0, 1.0]
-
-
 @pytest.mark.parametrize("case", ["missing", "missing, no suffix", "directory", "truncated", "pickled code",
                                   "other driver", "best model"])
-def test_train_fire_resume_refuses_a_file_that_does_not_fit(tmp_path, fire_run, flow_checkpoint, case):
-    data, out, argv = fire_run
-    path, match = _resume_targets(tmp_path, fire_run, flow_checkpoint)[case]
+def test_train_fire_resume_refuses_a_file_that_does_not_fit(tmp_path, finished_fire_run, flow_checkpoint, case):
+    data, out, argv, _ = finished_fire_run
+    path, match = _resume_targets(tmp_path, finished_fire_run, flow_checkpoint)[case]
     refused(train_fire.main, fire_args(data, tmp_path / "new") + ["--epochs", "2", "--resume", str(path)], match)
     assert not (tmp_path / "pwned").exists()
 
 
 @pytest.mark.parametrize("change, match", [
     (["--model", "resnet34"], r"trained with model resnet18, this run has resnet34"),
-    (["--class-names", "b,a"], r"classes \['a', 'b'\], this run has \['b', 'a'\].*--class-names"),
+    (["--class-names", ",".join(reversed(SEED_CLASSES))],
+     r"classes \['中风险', '低风险', '无风险', '非楼道', '高风险'\], this run has \['非楼道', '无风险', '低风险', "
+     r"'中风险', '高风险'\].*--class-names"),
     (["--image-size", "48"], r"image_size 32, this run has 48"),
     (["--epochs", "4"], r"epochs 2, this run has 4 .*climb back up"),
 ])
-def test_train_fire_resume_refuses_another_model_class_order_image_size_or_epochs(fire_run, change, match):
-    data, out, argv = fire_run
+def test_train_fire_resume_refuses_another_model_class_order_image_size_or_epochs(finished_fire_run, change, match):
+    data, out, argv, _ = finished_fire_run
     refused(train_fire.main, argv + ["--resume", str(out / "last.pth")] + change, match)
 
 
@@ -375,8 +196,8 @@ def test_train_fire_resume_refuses_another_model_class_order_image_size_or_epoch
     (lambda state: state.pop("train_state"), r"lacks train_state"),  # a last.pth written before exact resume
     (lambda state: state["config"].update(world_size=2), r"world_size 2, this run has 1 processes"),
 ])
-def test_train_fire_resume_refuses_an_older_format_or_another_number_of_ranks(fire_run, change, match):
-    data, out, argv = fire_run
+def test_train_fire_resume_refuses_an_older_format_or_another_number_of_ranks(finished_fire_run, change, match):
+    data, out, argv, _ = finished_fire_run
     state = wbflow.load_checkpoint(out / "last.pth")
     change(state)
     path = wbflow.save_checkpoint(state, out / "changed.pth")
@@ -390,56 +211,32 @@ def test_train_fire_resume_refuses_an_older_format_or_another_number_of_ranks(fi
     (lambda state: state.pop("rng"), r"lacks rng"),
     (lambda state: state["config"].update(world_size=2), r"world_size 2, this run has 1 processes"),
 ])
-def test_train_flow_resume_refuses_an_older_format_or_another_number_of_ranks(tmp_path, flow_checkpoint, change, match):
+def test_train_flow_resume_refuses_an_older_format_or_another_number_of_ranks(tmp_path, finished_flow_run,
+                                                                             flow_checkpoint, change, match):
     state = wbflow.load_checkpoint(flow_checkpoint)
     change(state)
     path = wbflow.save_checkpoint(state, tmp_path / "changed.pt")
-    refused(train_flow.main, FLOW_SMOKE + ["--out-dir", str(tmp_path / "new"), "--resume", str(path)], match)
+    refused(train_flow.main, finished_flow_run.argv + ["--out-dir", str(tmp_path / "new"), "--resume", str(path)],
+            match)
 
 
 @pytest.mark.parametrize("case", ["missing", "directory", "truncated", "pickled code", "fire checkpoint",
                                   "another model"])
-def test_train_flow_resume_refuses_a_file_that_does_not_fit(tmp_path, fire_run, flow_checkpoint, case):
-    targets = _resume_targets(tmp_path, fire_run, flow_checkpoint)
+def test_train_flow_resume_refuses_a_file_that_does_not_fit(tmp_path, finished_fire_run, finished_flow_run,
+                                                           flow_checkpoint, case):
+    targets = _resume_targets(tmp_path, finished_fire_run, flow_checkpoint)
     path, match = {**{key: targets[key] for key in ("missing", "directory", "truncated", "pickled code")},
-                   "fire checkpoint": (fire_run[1] / "last.pth", "not a train_flow checkpoint"),
-                   "another model": (flow_checkpoint, r"holds another model \(base_channels 16 there, 8 here")}[case]
+                   "fire checkpoint": (finished_fire_run[1] / "last.pth", "not a train_flow checkpoint"),
+                   "another model": (flow_checkpoint, r"holds another model \(base_channels 8 there, 16 here")}[case]
     if case == "missing":
         path = tmp_path / "nope.pt"
         match = r"not found: .*nope\.pt"
-    refused(train_flow.main, FLOW_SMOKE + ["--out-dir", str(tmp_path / "new"), "--resume", str(path),
-                                           "--set", f"model.base_channels={8 if case == 'another model' else 16}"],
-            match)
+    base_channels = 16 if case == "another model" else 8
+    refused(train_flow.main, finished_flow_run.argv + ["--out-dir", str(tmp_path / "new"), "--resume", str(path),
+                                                       "--set", f"model.base_channels={base_channels}"], match)
 
 
-def test_train_flow_resumed_with_more_epochs_follows_the_longer_runs_learning_rate(offline_wandb, tmp_path):
-    flags = FLOW_SMOKE + ["--set", "training.log_interval=1", "--set", "training.warmup_steps=3"]
-    train_flow.main(flags + ["--epochs", "3", "--out-dir", str(tmp_path / "whole")])
-    train_flow.main(flags + ["--epochs", "2", "--out-dir", str(tmp_path / "short")])
-    train_flow.main(flags + ["--epochs", "3", "--out-dir", str(tmp_path / "short"),
-                             "--resume", str(tmp_path / "short" / "checkpoint_epoch_2.pt")])
-    whole, short, resumed = run_logs(offline_wandb)
-    rates = short.values("train/learning_rate") + resumed.values("train/learning_rate")
-    assert rates == pytest.approx(whole.values("train/learning_rate"))
-    after_warmup = rates[3:]
-    assert after_warmup and all(later <= earlier for earlier, later in zip(after_warmup, after_warmup[1:]))
-
-
-# ----------------------------------------------------------------------------- images
-
-def test_a_16_bit_grayscale_png_keeps_its_contrast(tmp_path):
-    from PIL import Image
-    gradient = np.tile(np.linspace(0, 65535, 16).astype(np.uint16), (16, 1))
-    Image.fromarray(gradient).save(tmp_path / "g16.png")
-    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
-    image, _ = wbflow.ImageSamples([(str(tmp_path / "g16.png"), 0)])[0]
-    pixels = np.asarray(image)
-    assert pixels.shape == (16, 16, 3)
-    assert pixels[0, 0, 0] == 0 and pixels[0, -1, 0] == 255
-    np.testing.assert_allclose(pixels[0, :, 0], np.round(gradient[0] / 257), atol=1)
-
-
-# ----------------------------------------------------------------------------- DDP and workers
+# ----------------------------------------------------------------------------- DDP ranks that disagree
 
 def test_torchrun_ranks_with_different_data_stop_at_start(tmp_path):
     # rank 1 reads a partial copy: its CIFAR-10 is cut short by data.max_images set through its environment
@@ -466,35 +263,7 @@ def test_torchrun_ranks_with_different_data_stop_at_start(tmp_path):
     assert time.monotonic() - start < 90
 
 
-@pytest.mark.parametrize("cores, local_ranks, expected", [(16, 1, 4), (2, 1, 2), (1, 1, 1), (4, 2, 2), (2, 4, 0)])
-def test_default_num_workers_never_exceeds_the_available_cores(monkeypatch, cores, local_ranks, expected):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_ranks))
-    assert train_fire.parse_args([]).num_workers == expected
-
-
 # ----------------------------------------------------------------------------- --help and W&B config
-
-def _help_blocks(main):
-    """{option: its help text} from `main(["--help"])`."""
-    import contextlib
-    import io
-    import re
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text), pytest.raises(SystemExit):
-        main(["--help"])
-    blocks, current = {}, None
-    for line in text.getvalue().splitlines():
-        match = re.match(r"\s{2}(-[-\w]+)", line)
-        if match:
-            current = match.group(1)
-            blocks[current] = line
-        elif current and line.startswith("    "):
-            blocks[current] += " " + line.strip()
-        else:
-            current = None
-    return {option: re.sub(r"\s+", " ", block) for option, block in blocks.items()}
-
 
 @pytest.mark.parametrize("module", [train_flow, train_fire])
 def test_help_shows_every_default(module, monkeypatch):
@@ -522,3 +291,149 @@ def test_load_yaml_config_accepts_values_of_the_files_type(override, value):
     config = wbflow.load_yaml_config(train_flow.DEFAULT_CONFIG, [override])
     section, key = override.split("=")[0].split(".")
     assert config[section][key] == value and type(config[section][key]) is type(value)
+
+
+# ----------------------------------------------------------------------------- --resume must fit: train_fire's settings
+
+@pytest.mark.parametrize("change, match", [
+    (["--learning-rate", "0.01"], r"trained with learning_rate 0.001, this run has 0.01 .*--learning-rate"),
+    (["--batch-size", "4"], r"trained with batch_size 8, this run has 4 .*--batch-size"),
+    (["--weight-decay", "0.1"], r"trained with weight_decay 0.0, this run has 0.1"),
+    (["--optimizer", "sgd"], r"trained with optimizer Adam, this run has SGD .*--optimizer"),
+    (["--loss", "focal"], r"trained with loss ce, this run has focal"),
+    (["--focal-gamma", "1"], r"trained with focal_gamma 2.0, this run has 1.0"),
+    (["--class-weights", "balanced"], r"trained with class_weights none, this run has balanced"),
+    (["--grad-clip", "0.5"], r"trained with grad_clip 1.0, this run has 0.5"),
+    (["--seed", "1"], r"trained with seed 0, this run has 1 .*--seed"),
+    (["--val-split", "0.3"], r"trained with val_split 0.2, this run has 0.3"),
+])
+def test_train_fire_resume_refuses_another_setting_naming_the_checkpoints_value(finished_fire_run, change, match):
+    data, whole, argv, _ = finished_fire_run
+    refused(train_fire.main, argv + ["--resume", str(whole / "last.pth")] + change, match)
+
+
+@pytest.mark.parametrize("key, saved, match", [
+    ("weights", "imagenet", r"trained with weights imagenet, this run has none"),
+    ("train_images", 99, r"trained with train_images 99, this run has 15 \(the data is not the data"),
+])
+def test_train_fire_resume_refuses_other_initial_weights_or_other_data(finished_fire_run, tmp_path, key, saved, match):
+    data, whole, argv, _ = finished_fire_run
+    state = wbflow.load_checkpoint(whole / "last.pth")
+    state["config"][key] = saved
+    path = wbflow.save_checkpoint(state, tmp_path / "changed.pth")
+    refused(train_fire.main, fire_args(data, tmp_path / "out", "--epochs", "2", "--no-wandb", "--resume", str(path)),
+            match)
+
+
+# ----------------------------------------------------------------------------- --resume must fit: train_flow's settings
+
+@pytest.mark.parametrize("change, match", [
+    (["--batch-size", "8"], r"holds another training \(batch_size 16 there, 8 here\)"),
+    (["--set", "training.learning_rate=1e-3"], r"holds another training \(learning_rate 0\.0002 there, 0\.001 here\)"),
+    (["--set", "training.ema_decay=0.99"], r"ema_decay 0\.9 there, 0\.99 here"),
+    (["--set", "training.warmup_steps=5"], r"warmup_steps 4 there, 5 here"),
+    (["--set", "training.gradient_clip=0.5"], r"gradient_clip 1\.0 there, 0\.5 here"),
+    (["--set", "training.seed=7"], r"seed 42 there, 7 here"),
+    (["--set", "training.coupling=ot"], r"holds another training \(coupling 'independent' there, 'ot' here\)"),
+    (["--set", "data.max_images=32"], r"holds another data \(max_images 48 there, 32 here; images_sha256 "),
+    (["--set", "sampling.seed=3"], r"holds another sampling \(seed 0 there, 3 here\)"),
+    (["--set", "reflow.nfe=7"], r"holds another reflow \(nfe 4 there, 7 here\)"),
+])
+def test_a_resume_with_other_training_settings_is_refused_naming_the_checkpoints_value(finished_flow_run, change,
+                                                                                       match):
+    flow_run = finished_flow_run.out
+    message = refused(train_flow.main, finished_flow_run.argv + ["--out-dir", str(flow_run), "--epochs", "4",
+                                                                 "--resume", str(flow_run / "last.pt"), *change], match)
+    assert "keeps the settings it trained with" in message or "trains on" in message
+
+
+def test_a_resume_refuses_a_change_of_what_the_run_trains_on_the_teacher_or_the_images(finished_flow_run, tmp_path):
+    flow_run, resume = finished_flow_run.out, finished_flow_run.argv + ["--epochs", "4", "--resume"]
+    teacher = tmp_path / "teacher.pt"  # a teacher whose UNet is this run's, outside the run's out-dir
+    teacher.write_bytes((flow_run / "checkpoint_epoch_1.pt").read_bytes())
+    refused(train_flow.main, resume + [str(flow_run / "last.pt"), "--out-dir", str(flow_run), "--reflow", str(teacher)],
+            rf"holds another reflow \(teacher_sha256 None there, '{wbflow.file_sha256(teacher)}' here\): a resumed run "
+            rf"trains on what it trained on: the pairs of the --reflow teacher")
+    state = wbflow.load_checkpoint(flow_run / "last.pt")  # a 2-RF student, resumed without --reflow
+    state["config"]["reflow"]["teacher_sha256"] = "ab" * 32
+    student = wbflow.save_checkpoint(state, tmp_path / "student.pt")
+    refused(train_flow.main, resume + [str(student), "--out-dir", str(tmp_path / "student")],
+            rf"holds another reflow \(teacher_sha256 '{'ab' * 32}' there, None here\)")
+    write_cifar_batches(tmp_path / "cifar", per_batch=13)  # other CIFAR-10 files than those the run trained on
+    refused(train_flow.main, resume + [str(flow_run / "last.pt"), "--out-dir", str(flow_run),
+                                       "--data-dir", str(tmp_path / "cifar")],
+            r"holds another data \(images_sha256 '[0-9a-f]{64}' there, '[0-9a-f]{64}' here\): a resumed run trains on "
+            r"the images it trained on")
+
+
+# ----------------------------------------------------------------------------- every bad setting in one line
+
+def _config_file(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _default_config(change):
+    """The default config's text after change(config)."""
+    import yaml
+    config = wbflow.load_yaml_config(train_flow.DEFAULT_CONFIG)
+    change(config)
+    return yaml.safe_dump(config)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--set", "model.channel_mults=[1, two]"],
+     r"model\.channel_mults=\[1, two\]: expected a list of int like the config's \[1, 2\], got list \[1, 'two'\]"),
+    (["--set", "model.channel_mults=[1, 2"], r"model\.channel_mults=\[1, 2: not a YAML value"),
+    (["--set", "training.learning_rate=-1"], r"training\.learning_rate must be positive, not -1\.0"),
+    (["--set", "training.learning_rate=.nan"], r"training\.learning_rate must be positive, not nan"),
+    (["--set", "training.ema_decay=1"], r"training\.ema_decay must be in \[0, 1\), not 1\.0"),
+    (["--set", "training.ema_decay=-0.1"], r"training\.ema_decay must be in \[0, 1\), not -0\.1"),
+    (["--set", "training.gradient_clip=-1"], r"training\.gradient_clip must not be negative, not -1\.0"),
+    (["--set", "eval.num_real_images=many"], r"eval\.num_real_images must be positive, not 'many'"),  # null: any type
+    (["--set", "sampling.rk45_tolerance=0"], r"sampling\.rk45_tolerance must be positive, not 0\.0"),
+    (["--set", "eval.fid_interval=1", "--set", "eval.fid_num_samples=1"],
+     r"eval\.fid_num_samples is 1: FID needs at least two samples"),
+    (["--eval", "--checkpoint", "c.pt", "--num-samples", "1"], r"--num-samples is 1: FID needs at least two samples"),
+    (["--eval", "--checkpoint", "c.pt", "--set", "eval.num_real_images=1"],
+     r"eval\.num_real_images is 1: FID needs at least two real images"),
+    (["--eval", "--checkpoint", "c.pt", "--nfe", "0"], r"--nfe must be positive, not 0"),
+    (["--set", "data.max_images=0"], r"data\.max_images must be positive, not 0"),
+    (["--set", "eval.stats_dir=5"], r"eval\.stats_dir must be text or null, not 5"),  # null in the YAML: any type
+    (["--set", "model.base_channels=0"], r"model\.base_channels must be positive, not 0"),
+    (["--set", "model.dropout=1.5"], r"model\.dropout must be in \[0, 1\), not 1\.5"),
+    (["--set", "model.base_channels=9"], r"model settings .*'base_channels': 9.* make no FlowUNet"),  # odd channels
+])
+def test_train_flow_refuses_a_bad_value_in_one_line(argv, match, tmp_path):
+    refused(train_flow.main, FLOW_SMOKE + ["--out-dir", str(tmp_path / "out")] + argv, match)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, match", [
+    ("- data\n- model\n", r"config\.yaml is a YAML list, not a mapping of settings"),
+    ("", r"config\.yaml is empty, not a mapping of settings"),
+    ("# only a comment\n", r"config\.yaml is empty"),
+    ("data: [unclosed\n", r"config\.yaml is not valid YAML \(.* at line 2, column 1\)"),
+    ("data:\n  data_dir: data\n   out_dir: x\n", r"config\.yaml is not valid YAML \(mapping values are not allowed"),
+    (_default_config(lambda config: config.pop("sampling")), r"config\.yaml lacks sampling \(every section and key"),
+    (_default_config(lambda config: config["training"].pop("ema_decay")), r"config\.yaml lacks training\.ema_decay"),
+    (_default_config(lambda config: config["training"].update(sead=1)), r"training\.sead in .*config\.yaml is not a key"),
+    (_default_config(lambda config: config["training"].update(epochs="many")),
+     r"training\.epochs: 'many' in .*config\.yaml: expected int"),
+    (_default_config(lambda config: config.update(model=3)), r"model in .*config\.yaml is 3, not a section"),
+    pytest.param(train_flow.DEFAULT_CONFIG.read_text().replace("  learning_rate: 2.0e-4",
+                                                               "  learning_rate: 2.0e-4\n  learning_rate: 1"),
+                 r"config\.yaml is not valid YAML \(key 'learning_rate' of line (\d+) repeated at line (?!\1)\d+, "
+                 r"column 3\)", id="a repeated key"),  # plain YAML would keep the last value
+])
+def test_a_config_file_of_another_shape_is_refused_in_one_line(text, match, tmp_path):
+    refused(train_flow.main, FLOW_SMOKE + ["--out-dir", str(tmp_path / "out"), "--config", _config_file(tmp_path, text)],
+            match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_with_every_key_of_the_default_is_accepted(tmp_path):
+    text = train_flow.DEFAULT_CONFIG.read_text().replace("learning_rate: 2.0e-4", "learning_rate: 1e-3")
+    config = train_flow.load_config(train_flow.parse_args(["--config", _config_file(tmp_path, text)]))
+    assert config["training"]["learning_rate"] == 1e-3  # YAML 1.1 reads "1e-3" as a string: a float here

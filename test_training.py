@@ -1,36 +1,307 @@
-"""train_epoch's windows, stop and resume, the private-API guards; both drivers' exact resume, read back from the
-W&B record logs: train_flow's stops and kills anywhere (mid-epoch, in an epoch's end) against one uninterrupted run."""
-import glob
+"""wbflow's training loop: train_epoch, validate and predict_logits, every step in one logging window, stops
+and exact continuation, the EMA, loaders that resume where they stopped, warm-up and RNG states."""
 import math
 import os
-import shlex
-import shutil
+import random
 import signal
 import threading
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
-import train_fire
-import train_flow
 import wbflow
-from conftest import RunLog, kill_when_marked, run_logs, run_offline
-from test_wbflow import (CE_LOSS, _table_data, fire_args, linear_batches, linear_classifier, write_cifar_batches,
-                        write_pattern_folders)
+from conftest import CE_LOSS, linear_batches, linear_classifier, run_logs, write_pattern_folders
 
-HERE = Path(__file__).resolve().parent
+# ----------------------------------------------------------------------------- train_epoch
 
+def test_train_epoch_logs_loss_lr_grad_norm_epoch_at_global_steps(offline_wandb):
+    model = linear_classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with wbflow.wandb_run({"lr": 0.1}, project="test") as run:
+        def on_log(step, window):
+            run.log({"train/loss": window["loss"], "train/learning_rate": window["learning_rate"],
+                     "train/grad_norm": window["grad_norm"], "train/epoch": window["epoch"]}, step=step)
+
+        stats = wbflow.train_epoch(model, linear_batches(25), optimizer, CE_LOSS, step=5, epoch=3,
+                                   log_every=10, on_log=on_log, progress=False)
+    assert stats["step"] == 30 and stats["steps"] == 25 and stats["samples"] == 200
+    log = run_logs(offline_wandb)[0]
+    rows = log.rows_with("train/loss")
+    assert [row["_step"] for row in rows] == [10, 20, 30]
+    for row in rows:
+        assert row["train/learning_rate"] == pytest.approx(0.1)
+        assert row["train/epoch"] == 3
+        assert row["train/grad_norm"] > 0 and math.isfinite(row["train/loss"])
+    assert log.config["lr"] == 0.1 and log.exit_code == 0
+
+
+def test_train_epoch_logged_loss_is_the_mean_since_the_last_log():
+    losses = [float(i) for i in range(1, 9)]
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def loss_fn(model, batch):
+        return model(batch[0]).sum() * 0 + batch[1][0]
+
+    batches = [(torch.ones(1, 1), torch.tensor([value])) for value in losses]
+    windows = []
+    stats = wbflow.train_epoch(model, batches, optimizer, loss_fn, log_every=4, progress=False,
+                               on_log=lambda step, window: windows.append(window))
+    assert [window["loss"] for window in windows] == [2.5, 6.5] and "accuracy" not in windows[0]
+    assert stats["loss"] == pytest.approx(4.5) and stats["accuracy"] is None
+
+
+def test_train_epoch_accuracy_counts_correct_predictions():
+    model = linear_classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: predictions stay put
+    batches = linear_batches(4)
+    expected = sum((model(x).argmax(1) == y).sum().item() for x, y in batches) / 32 * 100
+    stats = wbflow.train_epoch(model, batches, optimizer, CE_LOSS, progress=False)
+    assert stats["accuracy"] == pytest.approx(expected)
+
+
+_SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_train_epoch_makes_no_host_sync_per_step(monkeypatch):
+    """Only the end-of-epoch reads touch the host when log_every exceeds the epoch: as many for 60 steps as for 30,
+    with the EMA, clipping, a scheduler, a fused optimiser and a stop event checked after every step."""
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10))
+    ema_model = wbflow.make_ema(model, decay=0.9)
+    calls = []
+    for name in _SYNC_METHODS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _original=original, _name=name, **k: (calls.append(_name), _original(self, *a, **k))[1])
+    syncs = []
+    for steps in (30, 60):
+        calls.clear()
+        stats = wbflow.train_epoch(model, linear_batches(steps), optimizer, CE_LOSS, scheduler=scheduler,
+                                   ema_model=ema_model, grad_clip=1.0, log_every=1000, stop=threading.Event(),
+                                   progress=False)
+        assert stats["steps"] == steps
+        syncs.append(list(calls))
+    monkeypatch.undo()
+    assert syncs[0] == syncs[1] and set(syncs[0]) == {"tolist"} and len(syncs[0]) <= 2, syncs
+
+
+def test_grad_norm_is_pre_clip_norm_and_clipping_scales_the_step():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False)
+    weight_before = model.weight.detach().clone()
+    x, target = torch.randn(5, 3), torch.randn(5, 1)
+    # d/dw mean((x w - t)^2) = 2/n * x^T (x w - t)
+    hand_grad = (2 / 5 * (x @ weight_before.T - target).T @ x)
+    hand_norm = hand_grad.norm().item()
+    clip = hand_norm / 4
+
+    def loss_fn(model, batch):
+        return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+    stats = wbflow.train_epoch(model, [(x, target)], torch.optim.SGD(model.parameters(), lr=0.5), loss_fn,
+                               grad_clip=clip, progress=False)
+    assert stats["grad_norm"] == pytest.approx(hand_norm, rel=1e-5)
+    expected_weight = weight_before - 0.5 * hand_grad * (clip / (hand_norm + 1e-6))
+    torch.testing.assert_close(model.weight.detach(), expected_weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    lambda params: torch.optim.Adam(params, lr=0.1, fused=True),
+], ids=["sgd-host-skip", "fused-adam-device-skip"])
+def test_non_finite_loss_skips_the_step_and_counts_it(make_optimizer):
+    model = linear_classifier()
+    optimizer = make_optimizer(model.parameters())
+    batches = linear_batches(4)
+    snapshots = []
+
+    def loss_fn(model, batch):
+        snapshots.append(model.weight.detach().clone())
+        loss, n_correct, n = CE_LOSS(model, batch)
+        return (loss * math.nan if len(snapshots) == 3 else loss), n_correct, n
+
+    windows, ema_model = [], wbflow.make_ema(model, 0.9)
+    stats = wbflow.train_epoch(model, batches, optimizer, loss_fn, log_every=4, progress=False, ema_model=ema_model,
+                               on_log=lambda step, window: windows.append(window))
+    after_bad_step = model.weight.detach()
+    assert stats["skipped"] == 1 and math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
+    assert not torch.equal(snapshots[1], snapshots[2])  # good steps moved the weights
+    # The bad step (third) changed nothing: the fourth step starts where the third did.
+    torch.testing.assert_close(snapshots[3], snapshots[2], rtol=0, atol=0)
+    assert torch.isfinite(after_bad_step).all()
+    assert [(window["steps"], window["skipped"]) for window in windows] == [(4, 1)]
+    assert all(torch.isfinite(p).all() for p in ema_model.parameters())
+    if "step" in optimizer.state[model.weight]:  # Adam counts the 3 good steps, SGD keeps no count
+        assert int(optimizer.state[model.weight]["step"]) == 3
+
+
+def test_train_epoch_updates_ema_after_each_step():
+    model = linear_classifier()
+    ema_model = wbflow.make_ema(model, decay=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    expected = model.weight.detach().clone()
+
+    def loss_fn(model, batch):
+        return CE_LOSS(model, batch)
+
+    for batch in linear_batches(3):
+        wbflow.train_epoch(model, [batch], optimizer, loss_fn, ema_model=ema_model, progress=False)
+        expected = 0.5 * expected + 0.5 * model.weight.detach()
+    torch.testing.assert_close(ema_model.module.weight.detach(), expected)
+    assert int(ema_model.n_averaged) == 4
+
+
+def test_amp_on_cpu_autocasts_to_bfloat16_when_asked():
+    seen = []
+
+    def loss_fn(model, batch):
+        logits = model(batch[0])
+        seen.append(logits.dtype)
+        return nn.functional.cross_entropy(logits.float(), batch[1])
+
+    model, amp_dtype = linear_classifier(), wbflow.autocast_dtype("cpu", amp=True)
+    wbflow.train_epoch(model, linear_batches(1), torch.optim.SGD(model.parameters(), lr=0.1), loss_fn,
+                       amp_dtype=amp_dtype, progress=False)
+    wbflow.train_epoch(model, linear_batches(1), torch.optim.SGD(model.parameters(), lr=0.1), loss_fn,
+                       progress=False)
+    wbflow.validate(model, linear_batches(1), loss_fn, amp_dtype=amp_dtype)
+    assert seen == [torch.bfloat16, torch.float32, torch.bfloat16]
+    assert wbflow.autocast_dtype("cpu") is None and not wbflow.make_scaler("cpu").is_enabled()
+
+
+# ----------------------------------------------------------------------------- validate
+
+def test_validate_returns_per_sample_mean_loss_and_accuracy_and_restores_mode():
+    model = linear_classifier()
+    model.train()
+    batches = linear_batches(3, batch_size=8) + linear_batches(1, batch_size=3, seed=1)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    metrics = wbflow.validate(model, batches, CE_LOSS)
+    with torch.no_grad():
+        logits = model(x)
+    assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+    assert metrics["accuracy"] == pytest.approx((logits.argmax(1) == y).float().mean().item() * 100)
+    assert metrics["samples"] == 27 and model.training
+
+
+def _validate_worker(rank, world_size, init_file, result_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    batches = linear_batches(4, batch_size=6)
+    metrics = wbflow.validate(linear_classifier(), batches[rank::world_size], CE_LOSS)
+    torch.save(metrics, f"{result_file}.{rank}")
+    model = linear_classifier()
+    train = wbflow.train_epoch(model, batches[rank::world_size], torch.optim.SGD(model.parameters(), lr=0.0),
+                               CE_LOSS, progress=False)
+    torch.save(train, f"{result_file}.train.{rank}")
+    best = wbflow.save_best({"rank": rank}, 50.0, None, f"{result_file}.best")
+    torch.save(best, f"{result_file}.best-return.{rank}")
+    dist.destroy_process_group()
+
+
+def test_train_epoch_and_validate_all_reduce_and_only_rank_0_saves_best(tmp_path):
+    import torch.multiprocessing as mp
+    result_file = tmp_path / "metrics"
+    mp.spawn(_validate_worker, args=(2, tmp_path / "init", result_file), nprocs=2)
+    whole = wbflow.validate(linear_classifier(), linear_batches(4, batch_size=6), CE_LOSS)
+    model = linear_classifier()
+    whole_train = wbflow.train_epoch(model, linear_batches(4, batch_size=6), torch.optim.SGD(model.parameters(), lr=0.0),
+                                     CE_LOSS, progress=False)
+    for rank in range(2):
+        metrics = torch.load(f"{result_file}.{rank}", weights_only=True)
+        assert metrics["samples"] == 24
+        assert metrics["loss"] == pytest.approx(whole["loss"]) and metrics["accuracy"] == pytest.approx(whole["accuracy"])
+        assert torch.load(f"{result_file}.best-return.{rank}", weights_only=True) == (50.0, True)
+        train = torch.load(f"{result_file}.train.{rank}", weights_only=True)
+        assert train["samples"] == 24 and train["steps"] == 2
+        assert train["loss"] == pytest.approx(whole_train["loss"]) and train["accuracy"] == pytest.approx(whole_train["accuracy"])
+    assert wbflow.load_checkpoint(f"{result_file}.best") == {"rank": 0}
+
+
+def small_conv_classifier():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 3))
+
+
+def indexed_images(count=7):
+    """(image, its index): row i of a prediction must be sample i."""
+    return torch.utils.data.TensorDataset(torch.randn(count, 3, 4, 4, generator=torch.Generator().manual_seed(0)),
+                                          torch.arange(count))
+
+
+def test_predict_logits_is_the_eval_forward_under_autocast_in_dataset_order_and_restores_the_mode():
+    model, dataset = small_conv_classifier().train(), indexed_images()
+    logits, labels = wbflow.predict_logits(model, dataset, batch_size=3)
+    bf16_logits, _ = wbflow.predict_logits(model, dataset, batch_size=3, amp_dtype=torch.bfloat16)
+    assert model.training and labels.tolist() == list(range(7)) and bf16_logits.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model.eval()(dataset.tensors[0]))  # BatchNorm's running statistics
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(bf16_logits, model(dataset.tensors[0]).float())
+
+
+def _predict_worker(rank, world_size, init_file, result_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    model, images_seen = small_conv_classifier(), []
+    model.register_forward_hook(lambda module, inputs, output: images_seen.append(len(inputs[0])))
+    logits, labels = wbflow.predict_logits(model, indexed_images(), batch_size=2, tta=True)
+    torch.save({"logits": logits, "labels": labels, "images_seen": sum(images_seen)}, f"{result_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_predict_logits_on_two_ranks_predicts_a_share_on_each_and_gives_every_rank_all_rows_in_order(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_predict_worker, args=(2, tmp_path / "init", tmp_path / "logits"), nprocs=2)
+    whole, _ = wbflow.predict_logits(small_conv_classifier(), indexed_images(), batch_size=2, tta=True)
+    results = [torch.load(f"{tmp_path / 'logits'}.{rank}", weights_only=True) for rank in range(2)]
+    assert [result["images_seen"] for result in results] == [2 * 4, 2 * 3]  # samples 0, 2, 4, 6 and 1, 3, 5; mirrored
+    for result in results:
+        assert result["labels"].tolist() == list(range(7))
+        torch.testing.assert_close(result["logits"], whole)
+
+
+# ----------------------------------------------------------------------------- learning rate, RNG states, mixed batches
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.randn()  # leaves a cached gaussian in numpy's state
+    wbflow.save_checkpoint({"rng": wbflow.capture_rng_state()}, tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.randn(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    wbflow.restore_rng_state(wbflow.load_checkpoint(tmp_path / "rng.pt")["rng"])
+    again = (torch.rand(3), np.random.randn(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_linear_lr_warmup_rises_linearly_then_stays_constant_and_resumes(tmp_path):
+    """train_flow's warm-up: LinearLR(1 / warmup_steps, total_iters=warmup_steps - 1) is lr * (step + 1) / warmup_steps."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1 / 4, total_iters=3)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step(), scheduler.step()
+    assert rates == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    wbflow.save_checkpoint({"scheduler": scheduler.state_dict()}, tmp_path / "s.pt")
+    fresh_optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    fresh = torch.optim.lr_scheduler.LinearLR(fresh_optimizer, 1 / 4, total_iters=3)
+    fresh.load_state_dict(wbflow.load_checkpoint(tmp_path / "s.pt")["scheduler"])
+    assert fresh.last_epoch == 6 and fresh.get_last_lr() == pytest.approx([0.1])
+
+
+# ----------------------------------------------------------------------------- every step in one window
 
 def collect(windows):
     return lambda step, window: windows.append((step, window))
 
-
-# ----------------------------------------------------------------------------- every step in one window
 
 @settings(max_examples=40, deadline=None)
 @given(n_batches=st.integers(1, 23), log_every=st.integers(1, 9), start_step=st.integers(0, 30))
@@ -81,6 +352,14 @@ def test_windows_count_skipped_steps_and_the_epoch_total_adds_up():
                                log_every=4, on_log=collect(windows), progress=False)
     assert [(window["steps"], window["skipped"]) for _, window in windows] == [(4, 2), (3, 1)]
     assert stats["skipped"] == 3 and all(math.isfinite(window["loss"]) for _, window in windows)
+
+
+def test_accuracy_on_mixed_batches_counts_the_larger_share():
+    loss_fn = wbflow.classification_loss(torch.nn.CrossEntropyLoss())
+    model = torch.nn.Flatten()  # logits: the two inputs
+    soft = torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.9, 0.1]])
+    _, correct, count = loss_fn(model, (torch.tensor([[2.0, 1.0], [2.0, 1.0], [0.0, 1.0]]), soft))
+    assert (int(correct), count) == (1, 3)
 
 
 # ----------------------------------------------------------------------------- stop and exact continuation
@@ -239,328 +518,3 @@ def test_image_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     train_loader.sampler.set_epoch(1, skip_batches=2)
     rest = [images for images, _ in train_loader]
     assert len(rest) == len(whole) - 2 and all(torch.equal(a, b) for a, b in zip(rest, whole[2:]))
-
-
-# ----------------------------------------------------------------------------- exact resume: history compared
-
-COMPARED = ("train/loss", "train/grad_norm", "train/learning_rate", "train/epoch", "train/skipped_steps",
-            "train/epoch_loss", "epoch", "batch", "train_loss", "train_acc", "learning_rate", "val_loss", "val_acc",
-            "best_val_acc")
-
-
-def scalar_rows(*logs):
-    """(step, {compared key: value}) of every history row holding one of the compared keys."""
-    rows = [(row["_step"], {key: row[key] for key in COMPARED if key in row}) for log in logs for row in log.history]
-    return [(step, values) for step, values in rows if values]
-
-
-def assert_same_history(rows, expected):
-    assert [step for step, _ in rows] == [step for step, _ in expected]
-    for (step, values), (_, expected_values) in zip(rows, expected):
-        assert values.keys() == expected_values.keys(), step
-        for key, value in expected_values.items():
-            assert values[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (step, key)
-
-
-def sigterm_after(steps):
-    """A loss_fn wrapper that sends this process SIGTERM after `steps` calls, as a scheduler would."""
-    calls = []
-
-    def wrap(loss_fn):
-        def counted(model, batch):
-            calls.append(1)
-            if len(calls) == steps:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return loss_fn(model, batch)
-        return counted
-    return wrap
-
-
-def signal_on_call(function, on_call, signal_number=signal.SIGTERM):
-    """`function` wrapped to send this process `signal_number` (a real signal) during its `on_call`-th call,
-    with the calls counted in wrapper.calls."""
-    def wrapper(*args, **kwargs):
-        wrapper.calls += 1
-        if wrapper.calls == on_call:
-            os.kill(os.getpid(), signal_number)
-        return function(*args, **kwargs)
-    wrapper.calls = 0
-    return wrapper
-
-
-def read_run(wandb_dir, run_id, ready, timeout=30):
-    """The RunLog of run `run_id` under wandb_dir, once ready(log) holds (or the timeout passes)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        [path] = glob.glob(str(Path(wandb_dir) / "wandb" / f"*run-*{run_id}" / "*.wandb"))
-        log = RunLog(path)
-        if (log.run_id == run_id and ready(log)) or time.monotonic() > deadline:
-            return log
-        time.sleep(0.2)
-
-
-
-def test_train_fire_stopped_by_sigterm_mid_epoch_resumes_the_same_run_with_the_same_history(
-        offline_wandb, tmp_path, monkeypatch, capsys):
-    data = write_pattern_folders(tmp_path / "data", per_class=10)  # 40 training images: 5 steps an epoch
-    train_fire.main(fire_args(data, tmp_path / "whole", "--epochs", "2"))
-    argv = fire_args(data, tmp_path / "split", "--epochs", "2")
-    real_loss = wbflow.classification_loss
-    wraps = iter([sigterm_after(7)])  # the training loss_fn, the only one train_fire builds: 5 + 2 steps
-    monkeypatch.setattr(wbflow, "classification_loss", lambda criterion: next(wraps, lambda fn: fn)(real_loss(criterion)))
-    with pytest.raises(SystemExit) as stopped:
-        train_fire.main(argv)
-    assert stopped.value.code == 128 + signal.SIGTERM
-    assert f"--resume {tmp_path / 'split' / 'last.pth'}" in capsys.readouterr().out
-    saved = wbflow.load_checkpoint(tmp_path / "split" / "last.pth")
-    assert saved["epoch"] == 1 and saved["step"] == 7 and saved["train_state"]["batches"] == 2  # mid-window
-
-    monkeypatch.setattr(wbflow, "classification_loss", real_loss)
-    train_fire.main(argv + ["--resume", str(tmp_path / "split" / "last.pth")])
-    printed = capsys.readouterr().out
-    assert "resuming epoch 1 at batch 2, step 7" in printed and "W&B: continuing run" in printed
-    whole, first, second = run_logs(offline_wandb)
-    assert first.exit_code == 1 and second.exit_code == 0 and first.run_id == second.run_id
-    assert [step for step, _ in scalar_rows(whole)] == [5, 10]
-    assert_same_history(scalar_rows(first, second), scalar_rows(whole))
-    end = {run: wbflow.load_checkpoint(tmp_path / run / "last.pth") for run in ("whole", "split")}
-    assert end["split"]["step"] == end["whole"]["step"] == 10 and end["split"]["train_state"] is None
-    assert end["split"]["best"] == end["whole"]["best"]
-    for name, tensor in end["whole"]["model"].items():
-        torch.testing.assert_close(end["split"]["model"][name], tensor, rtol=1e-5, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------- train_flow against one uninterrupted run
-
-# 48 images of CIFAR-10 files, batch 16: 3 steps an epoch, 9 in all, windows at steps 2, 3 | 4, 6 | 8, 9 (the
-# epochs' ends); every epoch has a grid, 4 table rows (Euler NFE 1 and 2, Heun 2, RK45) and a checkpoint
-FLOW = ["--smoke", "--epochs", "3", "--set", "data.max_images=48", "--set", "training.batch_size=16",
-        "--set", "training.log_interval=2", "--set", "training.warmup_steps=4", "--set", "model.base_channels=8",
-        "--set", "model.channel_mults=[1, 2]", "--set", "model.head_channels=8", "--set", "sampling.num_images=4",
-        "--set", "sampling.table_nfes=[1, 2]", "--set", "sampling.rk45_tolerance=0.01"]
-
-
-def uninterrupted_flow_run(root, argv):
-    """train_flow.main(argv + --out-dir root/out) on one thread, W&B offline in root (staging in root/staging): argv,
-    out dir, RunLog, the W&B folder and what it printed, for a module's tests to read."""
-    printed = run_offline(train_flow.main, argv + ["--out-dir", str(root / "out")], root,
-                          WANDB_DATA_DIR=str(root / "staging"))[1]
-    [log] = run_logs(root)
-    return SimpleNamespace(argv=argv, out=root / "out", log=log, root=root, printed=printed)
-
-
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory):
-    """The uninterrupted run (uninterrupted_flow_run) on CIFAR-10 files. Tests only read it."""
-    root = tmp_path_factory.mktemp("whole")
-    write_cifar_batches(root / "data", per_batch=10, test_images=2)
-    return uninterrupted_flow_run(root, FLOW + ["--data-dir", str(root / "data")])
-
-
-def table_keys(checkpoint):
-    return [(row["epoch"], row["solver"], row["nfe"], row["samples"]) for row in checkpoint["table_rows"]]
-
-
-def assert_same_end(out, whole):
-    """out's last.pt, checkpoints and sample PNGs are the uninterrupted run's: every table row and grid once."""
-    end, expected = wbflow.load_checkpoint(out / "last.pt"), wbflow.load_checkpoint(whole.out / "last.pt")
-    assert end["global_step"] == 9 and end["ended"] and table_keys(end) == table_keys(expected)
-    for folder in (".", "samples"):
-        assert sorted(path.name for path in (out / folder).glob("*.p*")) == sorted(
-            path.name for path in (whole.out / folder).glob("*.p*"))
-    for key in ("model", "ema"):
-        for name, tensor in expected[key].items():
-            torch.testing.assert_close(end[key][name], tensor, rtol=1e-5, atol=1e-6)
-
-
-def stopped(argv, capsys):
-    """What train_flow.main(argv) printed before a SIGTERM stopped it, with exit code 143."""
-    with pytest.raises(SystemExit) as stop:
-        train_flow.main(argv)
-    assert stop.value.code == 128 + signal.SIGTERM
-    return capsys.readouterr().out
-
-
-def test_a_run_logs_every_seed_key_table_image_and_artifact(whole):
-    log, out = whole.log, whole.out
-    assert "CIFAR-10: 48 training images" in whole.printed and log.exit_code == 0
-    windows = log.rows_with("train/loss")
-    assert [row["_step"] for row in windows] == [2, 3, 4, 6, 8, 9]
-    assert [row["train/epoch"] for row in windows] == [1, 1, 2, 2, 3, 3]
-    assert all({"train/learning_rate", "train/grad_norm", "train/skipped_steps"} <= set(row) for row in windows)
-    epoch_rows = log.rows_with("train/epoch_loss")  # each epoch's last window, loss, speed and grid: one row
-    assert [row["_step"] for row in epoch_rows] == [3, 6, 9] and all(
-        "train/loss" in row and row["train/images_per_second"] > 0 and math.isfinite(row["train/epoch_loss"])
-        and row["eval/generated_samples"]["_type"] == "image-file" for row in epoch_rows)
-    assert log.summary["train/epoch_loss"] == {"min": min(log.values("train/epoch_loss"))}
-    assert log.summary["train/loss"] == {"min": min(log.values("train/loss"))}
-    step_metrics = {(metric.name or metric.glob_name): metric.step_metric for metric in log.metrics}
-    assert step_metrics == {"train/loss": "", "train/epoch": "", **dict.fromkeys(
-        ["train/epoch_loss", "train/images_per_second", "eval/fid_score", "eval/inception_score_*",
-         "eval/straightness"], "train/epoch")}
-    assert sorted(path.name for path in (out / "samples").glob("epoch_000?.png")) == [
-        "epoch_0001.png", "epoch_0002.png", "epoch_0003.png"]
-
-    [table_row] = log.rows_with("eval/samples_table")  # with the last epoch's row
-    assert table_row["_step"] == 9 and table_row["eval/samples_table"]["nrows"] == 12
-    columns, data = _table_data(whole.root)
-    assert columns == ["epoch", "solver", "nfe", "seconds", "straightness", "samples"]
-    straightness = {row["train/epoch"]: row["eval/straightness"] for row in log.rows_with("eval/straightness")}
-    assert all(row[4] == pytest.approx(straightness[row[0]]) and row[4] > 0 for row in data)
-    assert [(row[0], row[1], row[2]) for row in data if row[1] != "rk45"] == [
-        (epoch, solver, nfe) for epoch in (1, 2, 3) for solver, nfe in [("euler", 1), ("euler", 2), ("heun", 2)]]
-    assert [row[0] for row in data if row[1] == "rk45"] == [1, 2, 3]
-    [table_artifact] = [artifact for artifact in log.artifacts if artifact["type"] == "run_table"]
-    assert sorted(Path(name).name for name in table_artifact["files"] if name.endswith(".png")) == sorted(
-        f"epoch_{row[0]:04d}_{row[1]}_nfe{row[2]:03d}.png" for row in data)
-
-    models = [artifact for artifact in log.artifacts if artifact["type"] == "model"]  # one collection, 3 versions
-    losses = log.values("train/epoch_loss")
-    assert [model["name"] for model in models] == [f"model-{log.run_id}"] * 3
-    for epoch, model in enumerate(models, 1):
-        best = losses[epoch - 1] == min(losses[:epoch])
-        assert set(model["aliases"]) == {"latest", f"epoch-{epoch}"} | ({"best"} if best else set())
-        assert model["metadata"]["epoch"] == epoch and model["metadata"]["global_step"] == 3 * epoch
-        assert model["files"] == [f"checkpoint_epoch_{epoch}.pt"]
-    assert models[2]["metadata"]["config"]["training"]["gradient_clip"] == 1.0
-    staged = {wbflow.file_sha256(path) for path in (whole.root / "staging").rglob("*") if path.is_file()}
-    assert staged and not staged & {wbflow.file_sha256(path) for path in out.glob("*.pt")}  # no checkpoint copies
-    assert {"data", "model", "training", "logging", "sampling", "eval"} <= set(log.config)
-    assert wbflow.load_checkpoint(out / "checkpoint_epoch_3.pt")["wandb_run_id"] == log.run_id
-    assert sorted(path.name for path in out.glob("*.pt")) == [
-        "checkpoint_epoch_1.pt", "checkpoint_epoch_2.pt", "checkpoint_epoch_3.pt", "last.pt"]
-
-
-def test_stops_mid_epoch_before_the_grid_and_between_table_rows_resume_the_same_run_to_the_same_record(
-        whole, offline_wandb, tmp_path, monkeypatch, capsys):
-    argv = whole.argv + ["--out-dir", str(tmp_path / "split")]
-    last = tmp_path / "split" / "last.pt"
-    resume = argv + ["--resume", str(last)]
-    real_loss, real_save, real_sample = wbflow.rectified_flow_loss, wbflow.save_checkpoint, wbflow.sample_flow
-    monkeypatch.setattr(wbflow, "rectified_flow_loss", signal_on_call(real_loss, 5))  # epoch 2, mid-window
-    printed = stopped(argv, capsys)
-    assert "stopped at step 5 (epoch 2); continue with:" in printed
-    assert shlex.join(["python", "train_flow.py", *resume]) in printed
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
-    assert wbflow.load_checkpoint(last)["train_state"]["batches"] == 2
-
-    def signal_after_epoch_2s_training(state, path):
-        saved = real_save(state, path)
-        if state["epoch"] == 2 and not state["ended"] and not state["wandb_last_act"]:  # not the stop's own last.pt
-            os.kill(os.getpid(), signal.SIGTERM)
-        return saved
-
-    monkeypatch.setattr(wbflow, "rectified_flow_loss", real_loss)
-    monkeypatch.setattr(wbflow, "save_checkpoint", signal_after_epoch_2s_training)
-    monkeypatch.setattr(wbflow, "sample_flow", lambda *args, **kwargs: pytest.fail("drew the grid"))
-    assert "stopped at step 6 (epoch 2), in its end" in stopped(resume, capsys)
-    monkeypatch.setattr(wbflow, "save_checkpoint", real_save)
-    sample = signal_on_call(real_sample, 3)  # the grid, table rows 1 and 2: row 3 never starts
-    monkeypatch.setattr(wbflow, "sample_flow", sample)
-    printed = stopped(resume, capsys)
-    assert "W&B: continuing run" in printed and "stopped at step 6 (epoch 2), in its end" in printed
-    assert sample.calls == 3 and [row["epoch"] for row in wbflow.load_checkpoint(last)["table_rows"]] == [1] * 4
-    monkeypatch.setattr(wbflow, "sample_flow", real_sample)
-    train_flow.main(resume)
-
-    logs = run_logs(offline_wandb)
-    assert [log.exit_code for log in logs] == [1, 1, 1, 0] and len({log.run_id for log in logs}) == 1
-    assert_same_history(scalar_rows(*logs), scalar_rows(whole.log))
-    assert [row["_step"] for log in logs for row in log.rows_with("eval/generated_samples")] == [3, 6, 9]
-    assert_same_end(tmp_path / "split", whole)
-
-
-_HANG = """
-import sys, time
-sys.path.insert(0, {here!r})
-import train_flow, wbflow
-def hang_at(function, call):
-    def wrapper(*args, **kwargs):
-        wrapper.calls += 1
-        if wrapper.calls == call:
-            open({marker!r}, "w").close()
-            time.sleep(120)
-        return function(*args, **kwargs)
-    wrapper.calls = 0
-    return wrapper
-{patch}
-train_flow.main({argv!r})
-"""
-
-
-def test_kills_mid_epoch_and_in_an_epochs_end_resume_in_new_runs_that_lose_and_repeat_nothing(
-        whole, offline_wandb, tmp_path, capsys):
-    argv = whole.argv + ["--out-dir", str(tmp_path / "killed")]
-    last = tmp_path / "killed" / "last.pt"
-    resume = argv + ["--resume", str(last)]
-    # step 6 (epoch 2), past epoch 1's checkpoint; then, resumed, inside epoch 3's solver table
-    kill_when_marked(_HANG.format(here=str(HERE), marker=str(tmp_path / "in_epoch_2"), argv=argv,
-                                  patch="wbflow.rectified_flow_loss = hang_at(wbflow.rectified_flow_loss, 6)"),
-                     tmp_path / "in_epoch_2")
-    first_id = wbflow.load_checkpoint(last)["wandb_run_id"]
-    kill_when_marked(_HANG.format(here=str(HERE), marker=str(tmp_path / "in_the_end"), argv=resume,
-                                  patch="wbflow.compare_solvers = hang_at(wbflow.compare_solvers, 2)"),
-                     tmp_path / "in_the_end")
-    state = wbflow.load_checkpoint(last)  # right after epoch 3's training: none of it is lost
-    assert (state["epoch"], state["global_step"], state["ended"], state["train_state"]) == (3, 9, False, None)
-    assert not state["wandb_last_act"] and [row["epoch"] for row in state["table_rows"]] == [1] * 4 + [2] * 4
-    second_id = state["wandb_run_id"]
-    train_flow.main(resume)
-    assert "W&B: a new run" in capsys.readouterr().out
-
-    # the killed runs have no exit record; W&B's orphaned service may still be writing them
-    first = read_run(offline_wandb, first_id, lambda log: log.rows_with("train/epoch_loss"))
-    second = read_run(offline_wandb, second_id, lambda log: len(log.rows_with("train/loss")) >= 3)
-    [third_id] = {path.name.rsplit("-", 1)[1] for path in (offline_wandb / "wandb").glob("offline-run-*")} - {
-        first_id, second_id}
-    third = read_run(offline_wandb, third_id, lambda log: log.exit_code is not None)
-    assert second.config["resumed_from"] == {"run_id": first_id, "step": 3, "checkpoint": str(last)}
-    assert third.config["resumed_from"] == {"run_id": second_id, "step": 9, "checkpoint": str(last)}
-    assert [row["_step"] for row in second.rows_with("train/loss")] == [4, 6, 8]  # all it trained is on disk
-    kept = [(step, values) for step, values in scalar_rows(first) if step <= 3] + scalar_rows(second, third)
-    assert_same_history(kept, scalar_rows(whole.log))
-    assert [row["_step"] for log in (first, second, third) for row in log.rows_with("eval/generated_samples")] == [
-        3, 6, 9]
-    assert_same_end(tmp_path / "killed", whole)
-    assert sorted(row[0] for row in _table_data(offline_wandb, third_id)[1]) == [1] * 4 + [2] * 4 + [3] * 4
-
-
-def test_a_crash_in_an_epochs_end_resumes_from_a_moved_out_dir_in_a_new_run(whole, offline_wandb, tmp_path,
-                                                                            monkeypatch, capsys):
-    real_save = wbflow.save_checkpoint
-
-    def save_then_crash(state, path):
-        saved = real_save(state, path)
-        if state["epoch"] == 2 and not state["ended"]:
-            raise KeyboardInterrupt
-        return saved
-
-    monkeypatch.setattr(wbflow, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train_flow.main(whole.argv + ["--out-dir", str(tmp_path / "first")])
-    monkeypatch.setattr(wbflow, "save_checkpoint", real_save)
-    shutil.move(tmp_path / "first", tmp_path / "moved")  # another machine, or another --out-dir
-    last = tmp_path / "moved" / "last.pt"
-    train_flow.main(whole.argv + ["--out-dir", str(tmp_path / "moved"), "--resume", str(last)])
-    assert "W&B: a new run" in capsys.readouterr().out
-    crashed, resumed = run_logs(offline_wandb)
-    assert crashed.exit_code == 1 and resumed.exit_code == 0
-    assert resumed.config["resumed_from"] == {"run_id": crashed.run_id, "step": 6, "checkpoint": str(last)}
-    assert_same_history(scalar_rows(crashed, resumed), scalar_rows(whole.log))
-    assert_same_end(tmp_path / "moved", whole)  # the table's rows name their PNGs relative to the out dir
-    assert sorted(row[0] for row in _table_data(offline_wandb, resumed.run_id)[1]) == [1] * 4 + [2] * 4 + [3] * 4
-
-
-def test_without_wandb_a_stopped_and_a_finished_run_resume_to_the_uninterrupted_weights(whole, tmp_path,
-                                                                                       monkeypatch, capsys):
-    argv = whole.argv + ["--no-wandb", "--out-dir", str(tmp_path / "split")]
-    last = tmp_path / "split" / "last.pt"
-    real_loss = wbflow.rectified_flow_loss
-    monkeypatch.setattr(wbflow, "rectified_flow_loss", signal_on_call(real_loss, 4))  # epoch 2, first step
-    stopped(argv + ["--epochs", "2"], capsys)
-    monkeypatch.setattr(wbflow, "rectified_flow_loss", real_loss)
-    train_flow.main(argv + ["--epochs", "2", "--resume", str(last)])  # after a stop
-    train_flow.main(argv + ["--epochs", "3", "--resume", str(last)])  # after a finished run
-    printed = capsys.readouterr().out
-    assert printed.count("resumed from") == 2 and "W&B" not in printed
-    assert_same_end(tmp_path / "split", whole)

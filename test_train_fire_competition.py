@@ -1,11 +1,11 @@
-"""The fire-safety competition end to end (issue 17): its download as it is (hash-named JPEGs of many sizes,
-train.txt of name<TAB>中文label lines without a header, an imbalanced class mix, A/ with A.txt), training on it
-with per-class F1 and macro-F1 in W&B, --predict's submission file, and every refusal in one line."""
+"""train_fire.py on the competition: its download's layout, --predict and the submission, the score, --smoke,
+k-fold runs, --cv and ensembles, and torchvision's recipe (augmentation, MixUp/CutMix, EMA, any backbone)."""
 import contextlib
-import hashlib
 import io
-import math
+import json
 import os
+import shutil
+import signal
 import warnings
 
 import numpy as np
@@ -13,46 +13,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
 
 import train_fire
 import wbflow
-from conftest import read_records, run_logs
-from test_guard import refused
-from test_wbflow import SEED_CLASSES, fire_args, pattern_image, table_json, within
+from conftest import (MIX, SEED_CLASSES, fire_args, read_records, refused, run_logs, sigterm_after, table_json,
+                      within, write_download, write_pattern_folders)
 
-# the download's mix, as the competition's (无风险 59%, 低风险 19%, 中风险 14%, 非楼道 5%, 高风险 3%): 高风险's one image
-# is for training, so the validation set has none of it
-MIX = {"无风险": 20, "低风险": 7, "中风险": 5, "非楼道": 2, "高风险": 1}
+# ----------------------------------------------------------------------------- the competition's download
+
 SEED_ORDER = ",".join(SEED_CLASSES)  # 高风险,中风险,低风险,无风险,非楼道: the seed's label indices
-
-
-def hashed_jpeg(folder, label, rng):
-    """A pattern of class `label` (SEED_CLASSES' index) of a random size, saved as <md5 of its bytes>.jpg."""
-    image = pattern_image(label, rng, size=32).resize(tuple(int(side) for side in rng.integers(24, 64, 2)))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG")
-    name = hashlib.md5(buffer.getvalue()).hexdigest() + ".jpg"
-    (folder / name).write_bytes(buffer.getvalue())
-    return name
-
-
-def write_download(root, mix=MIX, test_images=6, seed=0):
-    """The competition's download: train/ and train.txt (name<TAB>label, shuffled, no header), A/ and A.txt (names
-    only, not sorted, one of them a broken file). Returns {name: label} of train.txt and A.txt's names."""
-    rng = np.random.default_rng(seed)
-    (root / "train").mkdir(parents=True)
-    (root / "A").mkdir()
-    labelled = {hashed_jpeg(root / "train", SEED_CLASSES.index(label), rng): label
-                for label, count in mix.items() for _ in range(count)}
-    lines = [f"{name}\t{label}" for name, label in labelled.items()]
-    rng.shuffle(lines)
-    (root / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    test_names = [hashed_jpeg(root / "A", index % 5, rng) for index in range(test_images)]
-    test_names.insert(2, "0badc0de.jpg")
-    (root / "A" / "0badc0de.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    (root / "A.txt").write_text("\n".join(test_names) + "\n", encoding="utf-8")
-    return labelled, test_names
 
 
 @pytest.fixture(scope="module")
@@ -126,59 +95,115 @@ def test_the_data_dir_may_name_the_list_or_its_folder_and_a_tab_list_reads_names
     assert all(path == str(data / "train" / name) for name, path, _ in rows)
 
 
-@pytest.mark.parametrize("text", [
-    "\ufeffname,label\na.png,x\nsub/b.png,y\n",  # comma, a BOM and a header; a name with a folder
-    "a.png\tx\nsub/b.png\ty\n",  # tab, no header
-])
-def test_a_list_is_tab_or_comma_separated_with_or_without_header_and_bom_and_a_name_is_found_beside_it(tmp_path, text):
-    from PIL import Image
-    (tmp_path / "list").mkdir()
-    (tmp_path / "sub").mkdir()
-    Image.new("RGB", (4, 4)).save(tmp_path / "list" / "a.png")  # in the folder named like the list
-    Image.new("RGB", (4, 4)).save(tmp_path / "sub" / "b.png")  # only beside the list
-    (tmp_path / "list.txt").write_text(text, encoding="utf-8")
-    assert wbflow.list_images(tmp_path / "list.txt") == (
-        [("a.png", str(tmp_path / "list" / "a.png"), 0), ("sub/b.png", str(tmp_path / "sub" / "b.png"), 1)], ["x", "y"])
+# the competition's classes, imbalanced as its download is: 25 training images, 6 to predict
+CLASS_COUNTS = {"高风险": 3, "中风险": 4, "低风险": 5, "无风险": 10, "非楼道": 3}
 
 
-@pytest.mark.parametrize("text, names", [
-    ("a\tx\nb\ty\n", ["a", "b"]),  # names without suffixes: the first row is an image, not a header
-    ("gone\tx\nb\ty\n", ["gone", "b"]),  # nor when its file is missing: it is named, not lost
-    ("gone.png\tx\nc.png\ty\n", ["gone.png", "c.png"]),
-    ("Image_ID\tlabel\na\tx\nb\ty\n", ["a", "b"]),  # a usual column name is a header
-    ("file,label\nc.png,x\n", ["c.png"]),  # a first cell without the suffix the names have is a header
-])
-def test_a_header_is_only_a_first_row_that_cannot_be_a_name_in_the_folder(tmp_path, text, names):
-    (tmp_path / "list").mkdir()
-    for name in ("a", "b", "c.png"):
-        (tmp_path / "list" / name).write_bytes(b"")
-    (tmp_path / "list.txt").write_text(text, encoding="utf-8")
-    rows, _ = wbflow.list_images(tmp_path / "list.txt", strict=False)
-    assert [name for name, _, _ in rows] == names
+FOLDS_RECIPE = ["--augment", "trivialaugment", "--random-erase", "0.25", "--mixup", "0.2", "--cutmix", "1.0",
+          "--ema-decay", "0.5"]
 
 
-def test_labels_that_differ_only_by_whitespace_are_two_classes_named_in_one_warning(tmp_path):
-    write_download(tmp_path / "data", mix=dict.fromkeys(SEED_CLASSES, 2), test_images=0)
-    rng = np.random.default_rng(0)
-    spaced = [hashed_jpeg(tmp_path / "data" / "train", SEED_CLASSES.index("无风险"), rng) for _ in range(2)]
-    with open(tmp_path / "data" / "train.txt", "a", encoding="utf-8") as file:
-        file.write("".join(f"{name}\t无 风险\n" for name in spaced))
-    with pytest.warns(UserWarning, match=r"train\.txt: classes that differ only by whitespace: '无 风险' and '无风险'$"):
-        _, _, class_names = wbflow.find_image_samples(tmp_path / "data")
-    assert len(class_names) == 6 and "无 风险" in class_names
+@pytest.fixture(scope="module")
+def folds_run(tmp_path_factory):
+    """`--folds 2` on the competition's layout, one epoch a fold, with torchvision's recipe (TrivialAugment, random
+    erasing, MixUp and CutMix, an EMA) and W&B offline: two fold runs, then --cv. (root, experiment folder, argv,
+    {training image: class}, [fold 0's RunLog, fold 1's, the cv run's], what it printed)."""
+    root = tmp_path_factory.mktemp("folds")
+    labelled, _ = wbflow.write_pattern_dataset(root / "data", CLASS_COUNTS, test_images=6, seed=0)
+    argv = fire_args(root / "data", root / "cv", "--folds", "2", "--epochs", "1", "--best-metric", "val_score",
+                     *FOLDS_RECIPE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as conftest's one_torch_thread sets for each test, which runs after this fixture
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as printed:
+        for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(root), "WANDB_SILENT": "true",
+                           "WANDB_CONSOLE": "off"}.items():
+            patch.setenv(key, value)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a fold's validation set may lack a class: that warning is tested
+                train_fire.main(argv)
+        finally:
+            torch.set_num_threads(threads)
+    labelled = {str(root / "data" / "train" / name): label for name, label in labelled.items()}
+    return root, root / "cv", argv, labelled, run_logs(root), printed.getvalue()
 
 
-def test_a_gbk_list_reads_its_chinese_labels_and_a_list_of_no_known_encoding_is_one_line(tmp_path):
-    from PIL import Image
-    (tmp_path / "train").mkdir()
-    for name in ("a.jpg", "b.jpg"):
-        Image.new("RGB", (4, 4)).save(tmp_path / "train" / name)
-    (tmp_path / "train.txt").write_bytes("a.jpg\t高风险\nb.jpg\t无风险\n".encode("gbk"))  # as Chinese Windows saves it
-    rows, class_names = wbflow.list_images(tmp_path / "train.txt", SEED_CLASSES)
-    assert [(name, SEED_CLASSES[label]) for name, _, label in rows] == [("a.jpg", "高风险"), ("b.jpg", "无风险")]
-    (tmp_path / "train.txt").write_bytes(b"a.jpg\t\x81\x30\n")  # a GB18030 four-byte sequence cut short
-    with pytest.raises(ValueError, match=r"^\S*train\.txt is neither UTF-8 nor GBK / GB18030 text$"):
-        wbflow.list_images(tmp_path / "train.txt", SEED_CLASSES)
+RECIPE = ["--augment", "randaugment", "--random-erase", "0.5", "--mixup", "0.2", "--cutmix", "1.0",
+          "--ema-decay", "0.8", "--warmup-epochs", "1"]
+
+
+def _last(out):
+    return wbflow.load_checkpoint(out / "last.pth")
+
+
+def test_the_recipe_stopped_mid_epoch_and_resumed_trains_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    # 15 training images, batches of 4: 3 steps an epoch, a warm-up epoch and a cosine one; the stop at step 4
+    data = write_pattern_folders(tmp_path / "data", per_class=6, classes=["a", "b", "c"])
+    flags = ["--epochs", "2", "--batch-size", "4", "--no-wandb", *RECIPE]
+    train_fire.main(fire_args(data, tmp_path / "whole", *flags))
+    argv = fire_args(data, tmp_path / "split", *flags)
+    real_loss, wraps = wbflow.classification_loss, iter([sigterm_after(4)])
+    monkeypatch.setattr(wbflow, "classification_loss", lambda criterion: next(wraps)(real_loss(criterion)))
+    with pytest.raises(SystemExit) as stopped:
+        train_fire.main(argv)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert _last(tmp_path / "split")["train_state"]["batches"] == 1 and _last(tmp_path / "split")["ema"]
+    monkeypatch.setattr(wbflow, "classification_loss", real_loss)
+    refused(train_fire.main, [*argv, "--resume", str(tmp_path / "split" / "last.pth"), "--mixup", "0.3"],
+            r"trained with mixup 0\.2, this run has 0\.3")
+    train_fire.main([*argv, "--resume", str(tmp_path / "split" / "last.pth")])
+    assert "resuming epoch 1 at batch 1, step 4" in capsys.readouterr().out
+    whole, split = _last(tmp_path / "whole"), _last(tmp_path / "split")
+    assert split["step"] == whole["step"] == 6 and split["config"]["scheduler"] == "SequentialLR"
+    for key in ("model", "ema"):  # the weights and their EMA, as if never stopped
+        for name, tensor in whole[key].items():
+            torch.testing.assert_close(split[key][name], tensor, rtol=1e-5, atol=1e-6)
+    assert split["best"] == whole["best"]
+
+
+def test_a_convnext_trains_and_predicts_with_the_preprocessing_its_checkpoint_keeps(tmp_path, monkeypatch):
+    data = write_pattern_folders(tmp_path / "data", per_class=4, classes=["a", "b", "c"])
+    train_fire.main(fire_args(data, tmp_path / "out", "--model", "convnext_tiny", "--epochs", "1", "--image-size",
+                              "40", "--no-wandb"))
+    best = wbflow.load_checkpoint(tmp_path / "out" / "best_model.pth")
+    assert best["config"]["model"] == "convnext_tiny" and best["model"]["classifier.2.weight"].shape == (3, 768)
+    assert (best["config"]["image_size"], best["config"]["mean_std"]) == (40, wbflow.IMAGENET_MEAN_STD)
+    used, real = [], wbflow.image_transforms
+    monkeypatch.setattr(wbflow, "image_transforms", lambda *args, **kwargs: used.append((args, kwargs)) or real(
+        *args, **kwargs))
+    train_fire.main(["--predict", str(data / "a"), "--checkpoint", str(tmp_path / "out" / "best_model.pth"),
+                     "--num-workers", "0", "--no-wandb"])
+    assert used == [((40,), {"train": False, "mean_std": wbflow.IMAGENET_MEAN_STD})]
+    assert len((tmp_path / "out" / "submission.txt").read_text().splitlines()) == 4
+
+
+def _argv(data, *extra):
+    return ["--data-dir", str(data), "--num-workers", "0", *extra]
+
+
+def test_the_competitions_classes_select_on_its_score_by_default_and_others_on_val_acc(tmp_path):
+    other = write_pattern_folders(tmp_path / "other", per_class=3, classes=["a", "b"])
+    competition = write_pattern_folders(tmp_path / "competition", per_class=3)
+    for data, extra, weights, metric in ((other, [], [1.0, 1.0], "val_acc"),
+                                         (other, ["--score-weights", "b=3"], [1.0, 3.0], "val_acc"),
+                                         (competition, [], None, "val_score")):
+        args = train_fire.parse_args(_argv(data, *extra))
+        class_names, *_ = train_fire.load_data(args, torch.device("cpu"), 0, 1)
+        assert args.best_metric == metric
+        assert args.score_weights == (weights or [train_fire.COMPETITION_WEIGHTS[name] for name in class_names])
+    assert sorted(class_names) == sorted(SEED_CLASSES) and sum(args.score_weights) == 6.5
+
+
+def test_the_new_flags_take_the_sweep_agents_spelling_and_a_resume_keeps_them():
+    args = train_fire.parse_args(["--random_erase=0.1", "--ema_decay=0.99", "--warmup_epochs=1", "--folds=5",
+                                  "--fold=1", "--augment=randaugment", "--mixup=0.2", "--cutmix=1",
+                                  "--score_weights=a=2,b=0.5", "--best_metric=val_score"])
+    assert (args.random_erase, args.ema_decay, args.warmup_epochs, args.folds, args.fold, args.augment) == (
+        0.1, 0.99, 1, 5, 1, "randaugment")
+    assert (args.mixup, args.cutmix, args.score_weights, args.best_metric) == (0.2, 1.0, {"a": 2.0, "b": 0.5},
+                                                                               "val_score")
+    assert {"random_erase", "ema_decay", "warmup_epochs", "folds", "fold", "augment", "mixup", "cutmix",
+            "score_weights", "best_metric"} <= set(train_fire.RESUME_SAME)
 
 
 # ----------------------------------------------------------------------------- predict and submit
@@ -350,59 +375,7 @@ def test_predict_on_a_labelled_list_prints_and_logs_its_accuracy_and_macro_f1(tr
     assert log.summary["accuracy"] == pytest.approx(accuracy) and log.summary["macro_f1"] == pytest.approx(macro_f1)
 
 
-def test_f1_scores_equal_torchmetrics_per_class_and_macro():
-    from torchmetrics.classification import MulticlassF1Score
-    generator = torch.Generator().manual_seed(0)
-    y_true, y_pred = torch.randint(0, 5, (200,), generator=generator), torch.randint(0, 4, (200,), generator=generator)
-    f1, macro_f1 = wbflow.f1_scores(y_true.tolist(), y_pred.tolist(), 5)  # class 4 never predicted: F1 0
-    torch.testing.assert_close(torch.tensor(f1, dtype=torch.float32), MulticlassF1Score(5, average=None)(y_pred, y_true))
-    assert macro_f1 == pytest.approx(float(MulticlassF1Score(5, average="macro")(y_pred, y_true)))
-
-
-def test_macro_f1_leaves_out_a_class_in_neither_labels_nor_predictions_and_counts_one_only_predicted():
-    # by hand, as sklearn's f1_score(average="macro", zero_division=0) on the labels it finds, 2 tp / (2 tp + fp + fn):
-    # class 0 2/3, class 1 4/6, class 2 (no label, predicted once) 0, class 3 (in neither) left out
-    f1, macro_f1 = wbflow.f1_scores([0, 0, 1, 1, 1], [0, 1, 1, 1, 2], 4)
-    assert f1[:3] == pytest.approx([2 / 3, 4 / 6, 0.0]) and math.isnan(f1[3])
-    assert macro_f1 == pytest.approx((2 / 3 + 4 / 6 + 0.0) / 3)  # not / 4: the class in neither caps nothing
-
-
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=1, max_size=30))
-def test_macro_f1_is_torchmetrics_macro_f1_and_per_class_f1_its_per_class_f1_where_a_class_occurs(pairs):
-    from torchmetrics.classification import MulticlassF1Score
-    y_true, y_pred = (torch.tensor(values) for values in zip(*pairs))
-    f1, macro_f1 = wbflow.f1_scores(y_true.tolist(), y_pred.tolist(), 5)
-    occurring = set(y_true.tolist()) | set(y_pred.tolist())
-    assert [label for label, value in enumerate(f1) if value == value] == sorted(occurring)
-    expected = MulticlassF1Score(5, average=None)(y_pred, y_true)
-    assert [f1[label] for label in sorted(occurring)] == pytest.approx(expected[sorted(occurring)].tolist(), abs=1e-6)
-    assert macro_f1 == pytest.approx(float(MulticlassF1Score(5, average="macro")(y_pred, y_true)), abs=1e-6)
-
-
 # ----------------------------------------------------------------------------- the competition's score
-
-def test_the_score_is_each_classs_f1_weighted_as_the_competition_weighs_them_computed_by_hand():
-    weights = [train_fire.COMPETITION_WEIGHTS[name] for name in SEED_CLASSES]
-    assert weights == [2.0, 1.5, 1.0, 1.0, 1.0]  # 高风险 2, 中风险 1.5, the others 1
-    y_true, y_pred = [0, 0, 1, 1, 2, 3, 4, 4], [0, 1, 1, 1, 2, 3, 4, 0]
-    # F1 = 2 tp / (2 tp + fp + fn): 高风险 2/4, 中风险 4/5, 低风险 1, 无风险 1, 非楼道 2/3
-    assert wbflow.weighted_f1_score(y_true, y_pred, weights) == pytest.approx(2 * 2 / 4 + 1.5 * 4 / 5 + 1 + 1 + 2 / 3)
-    assert wbflow.weighted_f1_score(y_true, y_true, weights) == 6.5  # the maximum
-    # a class in neither the labels nor the predictions counts 0, its weight still in the maximum
-    assert wbflow.weighted_f1_score([0, 1], [0, 1], [1.0, 1.0, 5.0]) == 2.0
-
-
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=1, max_size=30),
-       st.lists(st.floats(0, 3), min_size=5, max_size=5))
-def test_the_score_is_torchmetrics_per_class_f1_weighted(pairs, weights):
-    from torchmetrics.classification import MulticlassF1Score
-    y_true, y_pred = (torch.tensor(values) for values in zip(*pairs))
-    per_class = MulticlassF1Score(5, average=None)(y_pred, y_true).double()
-    expected = float((per_class * torch.tensor(weights, dtype=torch.float64)).sum())
-    assert wbflow.weighted_f1_score(y_true.tolist(), y_pred.tolist(), weights) == pytest.approx(expected, abs=1e-6)
-
 
 def test_val_score_is_logged_every_epoch_as_the_score_of_the_validation_predictions(trained):
     data, out, *_, log = trained
@@ -418,25 +391,7 @@ def test_val_score_is_logged_every_epoch_as_the_score_of_the_validation_predicti
     assert best_row["val_score"] == best["val_score"] == pytest.approx(score)
 
 
-# ----------------------------------------------------------------------------- imbalance: sampler and label smoothing
-
-def test_the_balanced_sampler_draws_each_class_equally_often_seeded_shared_by_the_ranks_and_exact_on_resume():
-    labels = [0] * 90 + [1] * 10
-    weights = wbflow.class_balanced_weights(labels, 2)[labels]
-
-    def epoch_order(rank=0, world_size=1, epoch=3, skip_batches=0):
-        loader, _ = wbflow.classifier_loaders(list(range(100)), [0], 5, sample_weights=weights, seed=7, rank=rank,
-                                              world_size=world_size)
-        loader.sampler.set_epoch(epoch, skip_batches=skip_batches)
-        return [index for batch in loader for index in batch.tolist()]
-
-    order = epoch_order()
-    assert len(order) == 100 and 35 <= sum(index >= 90 for index in order) <= 65  # 10% of the data, half the draws
-    assert order == epoch_order() and order != epoch_order(epoch=4)
-    assert epoch_order(skip_batches=4) == order[20:]
-    halves = [epoch_order(rank, 2) for rank in (0, 1)]
-    assert [index for pair in zip(*halves) for index in pair] == order
-
+# ----------------------------------------------------------------------------- label smoothing
 
 def test_label_smoothing_goes_into_the_cross_entropy(tmp_path):
     args = train_fire.parse_args(fire_args(tmp_path, tmp_path / "out", "--label-smoothing", "0.2"))
@@ -446,31 +401,6 @@ def test_label_smoothing_goes_into_the_cross_entropy(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the smoke run and its generated data
-
-def test_write_pattern_dataset_writes_the_competitions_layout_with_classes_a_small_cnn_learns(tmp_path):
-    counts = {"高风险": 24, "中风险": 24, "低风险": 24, "无风险": 24, "非楼道": 24, "sixth": 24}
-    labelled, test = wbflow.write_pattern_dataset(tmp_path, counts, test_images=60, size=24, seed=1)
-    rows, classes = wbflow.list_images(tmp_path / "train.txt")  # name<TAB>label, found in train/
-    assert {name: classes[label] for name, _, label in rows} == labelled and sorted(classes) == sorted(counts)
-    assert [line for line in (tmp_path / "A.txt").read_text(encoding="utf-8").splitlines()] == list(test)
-    assert all((tmp_path / "A" / name).is_file() for name in test) and set(test.values()) <= set(counts)
-    assert wbflow.write_pattern_dataset(tmp_path / "again", counts, test_images=60, size=24, seed=1) == (labelled, test)
-    train_set = wbflow.ImageSamples([(path, label) for _, path, label in rows],
-                                    wbflow.image_transforms(24, train=True, crop_scale=(0.5, 1)))
-    test_set = wbflow.ImageSamples([(str(tmp_path / "A" / name), classes.index(label)) for name, label in test.items()],
-                                   wbflow.image_transforms(24, train=False))
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 6))
-    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(8):  # epochs: flips and crops keep each class's shape
-        for images, labels in torch.utils.data.DataLoader(train_set, batch_size=16, shuffle=True):
-            optimizer.zero_grad()
-            F.cross_entropy(model(images), labels).backward()
-            optimizer.step()
-    logits, labels = wbflow.predict_logits(model, test_set)
-    assert (logits.argmax(1) == labels).double().mean() > 0.6  # chance: 1/6
-
 
 def test_smoke_flags_given_win_over_its_defaults():
     smoke = train_fire.parse_args(["--smoke", "--epochs", "1", "--out-dir", "elsewhere"])
@@ -551,7 +481,7 @@ def test_predict_refuses_in_one_line_before_writing_anything(trained, tmp_path, 
     _, out, *_ = trained
     before = sorted(path.name for path in out.iterdir())
     with warnings_allowed():
-        refused(train_fire.main, predict_argv(trained, "--no-wandb", *change(tmp_path, out)), match, seconds=60)
+        refused(train_fire.main, predict_argv(trained, "--no-wandb", *change(tmp_path, out)), match)
     assert sorted(path.name for path in out.iterdir()) == before and not (tmp_path / "submission.txt").exists()
 
 
@@ -567,3 +497,172 @@ def warnings_allowed():
         warnings.simplefilter("ignore")  # "skipped 2 unreadable image file(s)" before its refusal
         yield
 
+
+# ----------------------------------------------------------------------------- k-fold cross-validation: a fold is one run
+
+def test_a_fold_of_find_image_samples_validates_on_that_fold_and_trains_on_the_others(folds_run):
+    root, *_ = folds_run
+    train0, val0, classes = wbflow.find_image_samples(root / "data", fold=(0, 2), seed=0)
+    train1, val1, _ = wbflow.find_image_samples(root / "data", fold=(1, 2), seed=0)
+    assert sorted(val0 + val1) == sorted(train0 + val0) == sorted(train1 + val1)
+    assert not set(val0) & set(val1) and sorted(classes) == sorted(CLASS_COUNTS)
+    with pytest.raises(ValueError, match="cannot make 26 folds"):
+        wbflow.find_image_samples(root / "data", fold=(0, 26))
+
+
+def test_each_fold_is_one_run_in_the_experiments_w_and_b_group_and_cv_a_run_of_its_own(folds_run):
+    _, out, _, _, (fold0, fold1, cv), printed = folds_run
+    assert [log.exit_code for log in (fold0, fold1, cv)] == [0, 0, 0]
+    assert [(log.group, log.job_type) for log in (fold0, fold1, cv)] == [("cv", "fold"), ("cv", "fold"), ("cv", "cv")]
+    assert [(log.config["fold"], log.config["folds"], log.config["out_dir"]) for log in (fold0, fold1)] == [
+        (0, 2, str(out / "fold0")), (1, 2, str(out / "fold1"))]
+    for log in (fold0, fold1):  # each fold's own history, the competition's score its best model's metric
+        assert log.rows_with("val_score") and log.summary["best_val_score"] == max(log.values("val_score"))
+    assert {"oof_score", "oof_score_with_offsets", "oof_acc", "oof_macro_f1"} <= set(cv.summary)
+    assert cv.rows_with("confusion_matrix_table") and any(key.startswith("oof_f1/") for key in cv.summary)
+    assert "out-of-fold score" in printed and str(out / "ensemble.json") in printed
+
+
+def test_out_of_fold_rows_cover_every_training_image_once_with_its_label(folds_run):
+    _, out, _, labelled, _, _ = folds_run
+    tables = [wbflow.read_probability_csv(out / f"fold{fold}" / "oof.csv") for fold in (0, 1)]
+    names = tables[0][0] + tables[1][0]
+    assert sorted(names) == sorted(labelled) and len(set(names)) == len(names)
+    for fold, (fold_names, probs, labels, classes) in enumerate(tables):
+        assert [classes[label] for label in labels] == [labelled[name] for name in fold_names]
+        torch.testing.assert_close(probs.sum(1), torch.ones(len(fold_names), dtype=torch.float64), atol=1e-5, rtol=0)
+        config = wbflow.load_checkpoint(out / f"fold{fold}" / "best_model.pth")["config"]
+        assert config["val_images"] == len(fold_names) and config["classes"] == classes
+
+
+def test_with_an_ema_the_best_model_and_the_oof_predictions_are_the_emas(folds_run):
+    _, out, *_ = folds_run
+    last, best = (wbflow.load_checkpoint(out / "fold0" / name) for name in ("last.pth", "best_model.pth"))
+    ema_weights = {name[len("module."):]: tensor for name, tensor in last["ema"].items() if name.startswith("module.")}
+    assert best["epoch"] == 0 and best["model"].keys() == ema_weights.keys()
+    assert all(torch.equal(best["model"][name], tensor) for name, tensor in ema_weights.items())
+    assert not torch.equal(best["model"]["fc.weight"], last["model"]["fc.weight"])  # not the trained weights
+
+
+# ----------------------------------------------------------------------------- --cv: offsets and ensemble.json
+
+def test_cv_stores_offsets_that_reproduce_its_oof_score_and_never_lower_it(folds_run):
+    _, out, _, _, (*_, cv), _ = folds_run
+    document = json.loads((out / "ensemble.json").read_text(encoding="utf-8"))
+    paths, classes, offsets, _ = wbflow.read_ensemble(out / "ensemble.json")
+    assert paths == [out / "fold0" / "best_model.pth", out / "fold1" / "best_model.pth"]
+    assert classes == wbflow.load_checkpoint(paths[0])["config"]["classes"] and len(offsets) == len(classes)
+    _, probs, labels, _ = wbflow.read_probability_csv(out / "fold0" / "oof.csv", out / "fold1" / "oof.csv")
+    weights = document["score_weights"]
+    assert sorted(weights) == [1.0, 1.0, 1.0, 1.5, 2.0]  # the competition's, one a class
+    assert document["oof_score"] == pytest.approx(wbflow.weighted_f1_score(labels, probs.argmax(1), weights))
+    with_offsets = wbflow.weighted_f1_score(labels, wbflow.apply_class_offsets(probs, offsets), weights)
+    assert with_offsets == document["oof_score_with_offsets"] == cv.summary["oof_score_with_offsets"]
+    assert with_offsets >= document["oof_score"] and document["oof_images"] == 25
+
+
+def predictions(folder):
+    """predictions.csv's probabilities in `folder` ([N, K] float64) and the submission's labels."""
+    _, probs, _, classes = wbflow.read_probability_csv(folder / "predictions.csv")
+    labels = [line.split("\t")[1] for line in (folder / "submission.txt").read_text(encoding="utf-8").splitlines()]
+    return probs, [classes.index(label) for label in labels]
+
+
+def test_an_ensemble_predicts_the_mean_of_its_models_probabilities_with_tta_and_the_offsets(folds_run, tmp_path):
+    root, out, *_ = folds_run
+    listed = ["--predict", str(root / "data" / "A.txt"), "--tta", "--num-workers", "0", "--no-wandb"]
+    models = ["fold0/best_model.pth", "fold1/best_model.pth"]
+    runs = {"fold0": models[:1], "fold1": models[1:], "both": models, "json": ["ensemble.json"]}
+    for name, checkpoints in runs.items():
+        train_fire.main([*listed, "--checkpoint", *[str(out / path) for path in checkpoints],
+                         "--submission", str(tmp_path / name) + "/"])
+    (fold0, _), (fold1, _) = predictions(tmp_path / "fold0"), predictions(tmp_path / "fold1")
+    mean = (fold0 + fold1) / 2
+    both, both_labels = predictions(tmp_path / "both")
+    torch.testing.assert_close(both, mean, atol=2e-6, rtol=0)  # 6 decimals in the file
+    assert both_labels == both.argmax(1).tolist()
+    ensemble, ensemble_labels = predictions(tmp_path / "json")
+    offsets = wbflow.read_ensemble(out / "ensemble.json")[2]
+    torch.testing.assert_close(ensemble, both)
+    assert ensemble_labels == wbflow.apply_class_offsets(ensemble, offsets).tolist()
+
+
+def test_folds_alone_keep_the_done_folds_resume_a_stopped_one_and_score_them_again(folds_run, tmp_path, capsys):
+    root, out, argv, *_ = folds_run
+    shutil.copytree(out, tmp_path / "cv", ignore=shutil.ignore_patterns("ensemble.json"))
+    (tmp_path / "cv" / "fold1" / "oof.csv").unlink()  # fold 1 stopped after its last epoch, before its report
+    train_fire.main([*argv, "--out-dir", str(tmp_path / "cv"), "--no-wandb"])
+    printed = capsys.readouterr().out
+    assert "resuming epoch 1 at batch 0, step 1" in printed and printed.count("resuming") == 1  # fold 1 alone
+    assert (tmp_path / "cv" / "fold1" / "oof.csv").read_bytes() == (out / "fold1" / "oof.csv").read_bytes()
+    assert wbflow.read_ensemble(tmp_path / "cv" / "ensemble.json")[2] == wbflow.read_ensemble(out / "ensemble.json")[2]
+
+
+# ----------------------------------------------------------------------------- k-fold refusals, in one line
+
+def _with_other_classes(tmp_path, out):
+    state = wbflow.load_checkpoint(out / "fold1" / "best_model.pth")
+    state["config"]["classes"] = state["config"]["classes"][::-1]
+    return [str(out / "fold0" / "best_model.pth"), str(wbflow.save_checkpoint(state, tmp_path / "other.pth"))]
+
+
+def _reordered_ensemble(tmp_path, out):
+    document = json.loads((out / "ensemble.json").read_text(encoding="utf-8"))
+    document["class_names"] = document["class_names"][::-1]
+    document["checkpoints"] = [{**member, "path": str(out / member["path"])} for member in document["checkpoints"]]
+    (tmp_path / "ensemble.json").write_text(json.dumps(document), encoding="utf-8")
+    return [str(tmp_path / "ensemble.json")]
+
+
+def _changed_model(tmp_path, out):
+    shutil.copytree(out, tmp_path / "cv")
+    state = wbflow.load_checkpoint(tmp_path / "cv" / "fold1" / "best_model.pth")
+    wbflow.save_checkpoint({**state, "epoch": 7}, tmp_path / "cv" / "fold1" / "best_model.pth")
+    return [str(tmp_path / "cv" / "ensemble.json")]
+
+
+@pytest.mark.parametrize("checkpoints, match", [
+    (_with_other_classes, r"other\.pth: trained with classes \[.*\], this run has \[.*\] \(the models of an ensemble "
+                          r"share classes, image_size, mean_std"),
+    (_reordered_ensemble, r"fold0/best_model\.pth: trained with classes \[.*\], this run has \["),
+    (_changed_model, r"fold1/best_model\.pth has changed since \S*ensemble\.json was written .* run --cv again$"),
+])
+def test_an_ensemble_of_other_classes_or_offsets_or_a_changed_model_is_refused(folds_run, tmp_path, checkpoints, match):
+    root, out, *_ = folds_run
+    refused(train_fire.main, ["--predict", str(root / "data" / "A.txt"), "--checkpoint", *checkpoints(tmp_path, out),
+                              "--submission", str(tmp_path / "s.txt"), "--no-wandb"], match)
+    assert not (tmp_path / "s.txt").exists()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--folds", "2", "--fold", "2"], r"^train_fire: --fold 2 --folds 2: K is at least 2, and fold k from 0 to K-1$"),
+    (["--fold", "0"], r"--fold 0 --folds None: K is at least 2"),
+    (["--folds", "1"], r"--fold None --folds 1: K is at least 2"),
+    (["--folds", "26", "--fold", "0"], r"25 samples cannot make 26 folds: choose 2 to 25$"),
+    (["--score-weights", "消防=3"], r"^train_fire: --score-weights: 消防: no class of "),
+    (["--mixup", "0.2", "--loss", "focal"], r"--mixup and --cutmix make soft labels: they need --loss ce$"),
+    (["--ema-decay", "1"], r"--ema-decay must be in \[0, 1\), not 1\.0$"),
+    (["--warmup-epochs", "1", "--epochs", "1"], r"the warm-up \(\d+ steps\) must be shorter than the run \(\d+ st"),
+    (["--class-names", "高风险,中风险,高风险"], r"^train_fire: the class names repeat a name: 高风险,中风险,高风险$"),
+    (["--model", "vit_b_32"], r"^train_fire: vit_b_32 does not take 32x32 images \(AssertionError: Wrong image "
+                              r"height! Expected 224 but got 32!\)$"),
+    (["--model", "convnext_tiyn"], r"unknown model 'convnext_tiyn': not a torchvision classification model \(did you "
+                                   r"mean convnext_tiny"),
+])
+def test_bad_fold_and_recipe_settings_are_refused_in_one_line_before_training(folds_run, tmp_path, extra, match):
+    root, *_ = folds_run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        refused(train_fire.main, fire_args(root / "data", tmp_path / "out", "--no-wandb", *extra), match)
+    assert not list(tmp_path.rglob("*.pth"))
+
+
+def test_cv_of_an_experiment_with_a_fold_missing_says_which_to_train(folds_run, tmp_path):
+    _, out, *_ = folds_run
+    shutil.copytree(out, tmp_path / "cv", ignore=shutil.ignore_patterns("ensemble.json"))
+    (tmp_path / "cv" / "fold1" / "oof.csv").unlink()
+    refused(train_fire.main, ["--cv", str(tmp_path / "cv"), "--no-wandb"],
+            r"^train_fire: --cv \S+: no oof\.csv of fold\(s\) 1: train \(or resume\) each fold$")
+    refused(train_fire.main, ["--cv", str(tmp_path / "nothing"), "--no-wandb"],
+            r"--cv \S+nothing/fold0/best_model\.pth")
+    assert not (tmp_path / "cv" / "ensemble.json").exists()
