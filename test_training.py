@@ -518,3 +518,30 @@ def test_image_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     train_loader.sampler.set_epoch(1, skip_batches=2)
     rest = [images for images, _ in train_loader]
     assert len(rest) == len(whole) - 2 and all(torch.equal(a, b) for a, b in zip(rest, whole[2:]))
+
+
+# ----------------------------------------------------------------------------- exit_when_stopped
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_exit_when_stopped_ends_in_one_line_with_128_plus_the_signal(capsys, number):
+    with pytest.raises(SystemExit) as stopped:
+        with wbflow.exit_when_stopped("eval.py", "--eval") as stop:
+            signal.raise_signal(number)  # the handler sets the stop; the block goes on to its end
+            assert stop.is_set()
+    assert stopped.value.code == 128 + number
+    assert capsys.readouterr().err == f"eval.py: --eval stopped by {signal.Signals(number).name}; nothing was saved\n"
+
+
+def test_exit_when_stopped_turns_a_second_signal_into_the_same_line(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        with wbflow.exit_when_stopped("eval.py", "pair generation", "run it again") as stop:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # a stop that will not wait: KeyboardInterrupt
+            raise AssertionError("not reached")
+    assert stopped.value.code == 128 + signal.SIGTERM and stop.signal == signal.SIGTERM
+    assert capsys.readouterr().err == "eval.py: pair generation stopped by SIGTERM; run it again\n"
+
+
+def test_exit_when_stopped_lets_work_that_was_not_stopped_finish():
+    with wbflow.exit_when_stopped("eval.py", "--eval") as stop:
+        result = 3
+    assert result == 3 and not stop.is_set()
