@@ -1,5 +1,7 @@
-"""wbflow off Linux and off Python 3.11: it imports without fcntl (Windows), hashes files on Python 3.10,
-writes binary files in binary mode where the system has a text mode, and quotes predictions.csv."""
+"""The module as a whole, wherever it runs: off Linux and off Python 3.11 it imports without fcntl (Windows), hashes
+files on Python 3.10, writes binary files in binary mode where the system has a text mode, and quotes predictions.csv.
+Its functions' own tests are in the files named by unit (test_data, test_model_and_losses, test_training,
+test_sampling, test_metrics, test_files, test_wandb_records)."""
 import ast
 import csv
 import hashlib
