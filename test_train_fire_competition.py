@@ -6,7 +6,10 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +24,7 @@ from conftest import (MIX, SEED_CLASSES, fire_args, read_records, refused, run_l
 
 # ----------------------------------------------------------------------------- the competition's download
 
+HERE = Path(__file__).resolve().parent
 SEED_ORDER = ",".join(SEED_CLASSES)  # 高风险,中风险,低风险,无风险,非楼道: the seed's label indices
 
 
@@ -533,6 +537,25 @@ def test_out_of_fold_rows_cover_every_training_image_once_with_its_label(folds_r
         torch.testing.assert_close(probs.sum(1), torch.ones(len(fold_names), dtype=torch.float64), atol=1e-5, rtol=0)
         config = wbflow.load_checkpoint(out / f"fold{fold}" / "best_model.pth")["config"]
         assert config["val_images"] == len(fold_names) and config["classes"] == classes
+
+
+def test_torchrun_trains_every_fold_in_one_launch_then_scores_them_once(offline_wandb, tmp_path):
+    labelled, _ = wbflow.write_pattern_dataset(tmp_path / "data", CLASS_COUNTS, test_images=2, seed=0)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(HERE / "train_fire.py"), *fire_args(tmp_path / "data", tmp_path / "cv", "--folds", "2",
+                                                       "--epochs", "1", "--best-metric", "val_score")]
+    env = {**os.environ, "PYTHONPATH": str(HERE), "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU, also on a GPU host
+    result = subprocess.run(command, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("out-of-fold score") == 1  # --cv on rank 0 alone
+    fold0, fold1, cv = run_logs(offline_wandb)
+    assert [(log.exit_code, log.job_type, log.config["world_size"]) for log in (fold0, fold1)] == [(0, "fold", 2)] * 2
+    assert (cv.exit_code, cv.job_type) == (0, "cv") and "oof_score" in cv.summary
+    names = [name for fold in (0, 1) for name in wbflow.read_probability_csv(tmp_path / "cv" / f"fold{fold}" /
+                                                                            "oof.csv")[0]]
+    assert sorted(names) == sorted(str(tmp_path / "data" / "train" / name) for name in labelled)  # each image once
+    assert (tmp_path / "cv" / "ensemble.json").is_file()
 
 
 def test_with_an_ema_the_best_model_and_the_oof_predictions_are_the_emas(folds_run):

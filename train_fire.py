@@ -365,11 +365,16 @@ def main(argv=None):
         args.group = args.run_name or Path(args.out_dir).resolve().name
         args.out_dir, args.run_name = str(Path(args.out_dir) / f"fold{args.fold}"), f"{args.group}-fold{args.fold}"
     out_dir, earlier_run = check_settings(args, int(os.environ.get("WORLD_SIZE", 1)))
+    joined = not dist.is_initialized()  # under torchrun, --folds K's runs share one process group: its first joins
     if args.folds and args.fold is None:  # --folds K: each fold's run in turn (done: with its oof.csv), then --cv
+        rank = wbflow.setup_distributed()[0]
         for fold, last in enumerate(Path(args.out_dir, f"fold{fold}", "last.pth") for fold in range(args.folds)):
             if args.overwrite or not last.with_name("oof.csv").is_file():  # a stopped fold resumes from its last.pth
                 main([*argv, "--fold", str(fold), *["--resume", str(last)] * (last.is_file() and not args.overwrite)])
-        return cross_validate(argparse.Namespace(**{**vars(args), "cv": args.out_dir}))
+        scores = cross_validate(argparse.Namespace(**{**vars(args), "cv": args.out_dir})) if rank == 0 else None
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
+        return scores
     rank, world_size, device = wbflow.setup_distributed()
     master, device = rank == 0, torch.device("cpu") if args.smoke else device  # rank 0 alone prints, logs, writes
     if not master:
@@ -405,7 +410,7 @@ def main(argv=None):
         for path in earlier_run if master else []:  # --overwrite: every check has passed, the earlier run's files go
             path.unlink(missing_ok=True)
         train_epochs(args, argv, run, stop, state, (train_loader, val_set))
-    if dist.is_initialized():
+    if joined and dist.is_initialized():
         dist.destroy_process_group()
     if args.smoke and master and args.fold is None and (Path(args.data_dir) / "A.txt").is_file():  # its submission
         predict(argparse.Namespace(**{**vars(args), "predict": str(Path(args.data_dir) / "A.txt")}))

@@ -98,6 +98,7 @@ def setup_distributed():
     """Join the torchrun process group when launched by torchrun; returns (rank, world_size, device).
 
     nccl on CUDA (one GPU per local rank), gloo on CPU; (0, 1, CUDA if present else CPU) when not under torchrun.
+    A group already joined is kept (several runs in one launch share it).
     Usage: rank, world_size, device = setup_distributed()
     """
     cuda = torch.cuda.is_available()
@@ -106,7 +107,8 @@ def setup_distributed():
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
