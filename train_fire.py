@@ -365,9 +365,9 @@ def main(argv=None):
         args.group = args.run_name or Path(args.out_dir).resolve().name
         args.out_dir, args.run_name = str(Path(args.out_dir) / f"fold{args.fold}"), f"{args.group}-fold{args.fold}"
     out_dir, earlier_run = check_settings(args, int(os.environ.get("WORLD_SIZE", 1)))
-    joined = not dist.is_initialized()  # under torchrun, --folds K's runs share one process group: its first joins
+    joined = not dist.is_initialized()  # under torchrun, --folds K's fold runs share the group it joins
+    rank, world_size, device = wbflow.setup_distributed()
     if args.folds and args.fold is None:  # --folds K: each fold's run in turn (done: with its oof.csv), then --cv
-        rank = wbflow.setup_distributed()[0]
         for fold, last in enumerate(Path(args.out_dir, f"fold{fold}", "last.pth") for fold in range(args.folds)):
             if args.overwrite or not last.with_name("oof.csv").is_file():  # a stopped fold resumes from its last.pth
                 main([*argv, "--fold", str(fold), *["--resume", str(last)] * (last.is_file() and not args.overwrite)])
@@ -375,7 +375,6 @@ def main(argv=None):
         if joined and dist.is_initialized():
             dist.destroy_process_group()
         return scores
-    rank, world_size, device = wbflow.setup_distributed()
     master, device = rank == 0, torch.device("cpu") if args.smoke else device  # rank 0 alone prints, logs, writes
     if not master:
         warnings.simplefilter("ignore")
