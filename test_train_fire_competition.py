@@ -539,7 +539,7 @@ def test_out_of_fold_rows_cover_every_training_image_once_with_its_label(folds_r
         assert config["val_images"] == len(fold_names) and config["classes"] == classes
 
 
-def test_torchrun_trains_every_fold_in_one_launch_then_scores_them_once(offline_wandb, tmp_path):
+def test_under_torchrun_the_folds_train_in_one_launch_and_cv_and_predict_run_once_on_rank_0(offline_wandb, tmp_path):
     labelled, _ = wbflow.write_pattern_dataset(tmp_path / "data", CLASS_COUNTS, test_images=2, seed=0)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(HERE / "train_fire.py"), *fire_args(tmp_path / "data", tmp_path / "cv", "--folds", "2",
@@ -556,6 +556,11 @@ def test_torchrun_trains_every_fold_in_one_launch_then_scores_them_once(offline_
                                                                             "oof.csv")[0]]
     assert sorted(names) == sorted(str(tmp_path / "data" / "train" / name) for name in labelled)  # each image once
     assert (tmp_path / "cv" / "ensemble.json").is_file()
+    predict = subprocess.run([*command[:6], "--predict", str(tmp_path / "data" / "A.txt"), "--checkpoint",
+                              str(tmp_path / "cv" / "ensemble.json"), "--project", "test"], cwd=tmp_path, env=env,
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert predict.returncode == 0, predict.stderr[-4000:]
+    assert predict.stdout.count(" predictions (") == 1 and len(run_logs(offline_wandb)) == 4  # rank 0 alone predicts
 
 
 def test_with_an_ema_the_best_model_and_the_oof_predictions_are_the_emas(folds_run):

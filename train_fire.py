@@ -357,8 +357,8 @@ def main(argv=None):
         raise SystemExit("train_fire: --out-dir is empty: name a folder")
     if args.smoke:
         os.environ.setdefault("WANDB_MODE", "offline")
-    if args.predict or args.cv:
-        return predict(args) if args.predict else cross_validate(args)
+    if args.predict or args.cv:  # one process's work: under torchrun the other ranks leave it to rank 0
+        return (predict if args.predict else cross_validate)(args) if os.environ.get("RANK", "0") == "0" else None
     generate = args.smoke and args.data_dir is None  # --smoke's data, unless --data-dir names some
     args.data_dir = str(Path(args.out_dir) / "data") if generate else args.data_dir
     if args.fold is not None:  # fold k: one run of its own in OUT/fold{k}, in the experiment's W&B group
