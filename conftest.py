@@ -38,6 +38,16 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def wandb_staging_in_the_session_temp_folder(tmp_path_factory):
+    """W&B keeps a copy of every artifact file logged with policy="mutable" in ~/.local/share/wandb until it is
+    uploaded, which offline is never: gigabytes a suite, left behind. The session's temp folder holds them instead
+    (subprocesses inherit it); a test that reads the staging folder sets its own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_DATA_DIR", str(tmp_path_factory.mktemp("wandb_data")))
+        yield
+
+
 # ----------------------------------------------------------------------------- reading a run back
 
 def read_records(wandb_file):
