@@ -44,8 +44,9 @@ def test_readme_is_at_most_250_lines():
 def test_readme_first_screen_gives_both_smoke_commands_and_ci_runs_its_test_command():
     first_screen = "\n".join(README.read_text(encoding="utf-8").splitlines()[:30])
     assert "python train_flow.py --smoke" in first_screen and "python train_fire.py --smoke" in first_screen
-    assert "\npython -m pytest -q\n" in README.read_text(encoding="utf-8")
-    assert (HERE / ".ci" / "run").read_text().rstrip().endswith("python -m pytest -q")
+    command = "python -m pytest -q -n auto"
+    assert f"\n{command} " in README.read_text(encoding="utf-8")
+    assert (HERE / ".ci" / "run").read_text().rstrip().endswith(command)
 
 
 def test_readme_links_every_docs_page():
