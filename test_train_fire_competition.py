@@ -541,9 +541,10 @@ def test_out_of_fold_rows_cover_every_training_image_once_with_its_label(folds_r
 
 def test_under_torchrun_the_folds_train_in_one_launch_and_cv_and_predict_run_once_on_rank_0(offline_wandb, tmp_path):
     labelled, _ = wbflow.write_pattern_dataset(tmp_path / "data", CLASS_COUNTS, test_images=2, seed=0)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(HERE / "train_fire.py"), *fire_args(tmp_path / "data", tmp_path / "cv", "--folds", "2",
-                                                       "--epochs", "1", "--best-metric", "val_score")]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+              str(HERE / "train_fire.py")]
+    command = [*launch, *fire_args(tmp_path / "data", tmp_path / "cv", "--folds", "2", "--epochs", "1",
+                                   "--best-metric", "val_score")]
     env = {**os.environ, "PYTHONPATH": str(HERE), "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU, also on a GPU host
     result = subprocess.run(command, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                             timeout=300)
@@ -556,7 +557,7 @@ def test_under_torchrun_the_folds_train_in_one_launch_and_cv_and_predict_run_onc
                                                                             "oof.csv")[0]]
     assert sorted(names) == sorted(str(tmp_path / "data" / "train" / name) for name in labelled)  # each image once
     assert (tmp_path / "cv" / "ensemble.json").is_file()
-    predict = subprocess.run([*command[:6], "--predict", str(tmp_path / "data" / "A.txt"), "--checkpoint",
+    predict = subprocess.run([*launch, "--predict", str(tmp_path / "data" / "A.txt"), "--checkpoint",
                               str(tmp_path / "cv" / "ensemble.json"), "--project", "test"], cwd=tmp_path, env=env,
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert predict.returncode == 0, predict.stderr[-4000:]
