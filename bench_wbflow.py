@@ -590,9 +590,9 @@ def _rate_between_log_points(reached, batch_size):
 
 
 def _recipe():
-    """train_flow.py's default config: the model and training sections of configs/cifar10_rectified_flow.yaml."""
-    import train_flow
-    return wbflow.load_yaml_config(train_flow.DEFAULT_CONFIG)
+    """the flow scripts' default config: the model and training sections of configs/cifar10_rectified_flow.yaml."""
+    import flow_config
+    return wbflow.load_yaml_config(flow_config.DEFAULT_CONFIG)
 
 
 def _torchcfm():

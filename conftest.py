@@ -387,7 +387,7 @@ def randomised(model, seed=0):
 
 
 def tiny_flow_checkpoint(path):
-    """A train_flow checkpoint of an untrained 8-channel FlowUNet, all --eval reads."""
+    """A train_flow checkpoint of an untrained 8-channel FlowUNet, all evaluate_flow.py reads."""
     model_config = {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
                     "head_channels": 8, "dropout": 0.0}
     ema = wbflow.make_ema(wbflow.FlowUNet(**model_config))

@@ -6,7 +6,6 @@ CALLS holds one call per public definition, grouped by the module's sections; ea
 definition (not wbflow's) and checks what it returns."""
 import ast
 import contextlib
-import csv
 import functools
 import io
 import math
@@ -1098,8 +1097,8 @@ def _(fit_ensemble, tmp_path, fixture):
 
 @call("load_yaml_config")
 def _(load_yaml_config, tmp_path, fixture):
-    import train_flow
-    assert load_yaml_config(train_flow.DEFAULT_CONFIG, ["training.epochs=3"])["training"]["epochs"] == 3
+    import flow_config
+    assert load_yaml_config(flow_config.DEFAULT_CONFIG, ["training.epochs=3"])["training"]["epochs"] == 3
 
 
 @call("str2bool")

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torchvision
 
 import bench_wbflow
+import flow_config
 import train_fire
 import train_flow
 import wbflow
@@ -517,7 +518,7 @@ def test_inception_features_on_cuda_match_the_cpus_within_1e_4(weights_path):
 
 def flow_flags_on_cuda(data_dir, out_dir):
     """--smoke's settings without --smoke, which keeps a run on the CPU: the same small run, on the GPU."""
-    smoke_settings = [flag for override in train_flow.smoke_overrides() for flag in ("--set", override)]
+    smoke_settings = [flag for override in flow_config.smoke_overrides("train_flow.py") for flag in ("--set", override)]
     return smoke_settings + ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--epochs", "2"]
 
 

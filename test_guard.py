@@ -1,4 +1,4 @@
-"""Refused before any work, in one line: bad settings and config files, --eval without what it needs, a --resume
+"""Refused before any work, in one line: bad settings and config files, an evaluation without what it needs, a --resume
 that does not fit its run, DDP ranks that disagree; and --help that says every default once."""
 import os
 import subprocess
@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluate_flow
+import flow_config
 import train_fire
 import train_flow
 import wbflow
@@ -24,7 +26,6 @@ HERE = Path(__file__).resolve().parent
     (["--epochs", "0"], r"training\.epochs must be positive, not 0"),
     (["--epochs", "-3"], r"training\.epochs must be positive, not -3"),
     (["--batch-size", "0"], r"training\.batch_size must be positive, not 0"),
-    (["--eval", "--checkpoint", "c.pt", "--num-samples", "0"], r"--num-samples must be positive, not 0"),
     (["--set", "training.no_such_key=1"], r"'training\.no_such_key' is not a key"),
     (["--set", "training.epochs=1.5"], r"training\.epochs=1\.5: expected int"),
     (["--set", "training.compile=yes please"], r"training\.compile=yes please: expected bool"),
@@ -82,7 +83,7 @@ def test_a_bad_setting_prints_no_traceback(tmp_path, script, argv):
     assert time.monotonic() - start < 30
 
 
-# ----------------------------------------------------------------------------- --eval checks before sampling
+# ----------------------------------------------------------------------------- evaluate_flow.py checks before sampling
 
 def _flow_like_checkpoint(path):
     return wbflow.save_checkpoint({"ema": {}, "config": {"model": {}}, "epoch": 1, "global_step": 1}, path)
@@ -92,7 +93,7 @@ def test_eval_without_fid_weights_stops_before_sampling(tmp_path, monkeypatch):
     monkeypatch.setattr(wbflow, "sample_images", lambda *a, **k: pytest.fail("sampled before checking"))
     monkeypatch.setenv("WBFLOW_FID_WEIGHTS", str(tmp_path / "absent.pth"))
     checkpoint = _flow_like_checkpoint(tmp_path / "c.pt")
-    refused(train_flow.main, ["--eval", "--smoke", "--checkpoint", str(checkpoint)], r"absent\.pth.*does not exist")
+    refused(evaluate_flow.main, ["--smoke", "--checkpoint", str(checkpoint)], r"absent\.pth.*does not exist")
 
 
 def test_eval_without_cifar10_or_cached_statistics_stops_before_sampling(tmp_path, monkeypatch):
@@ -106,21 +107,21 @@ def test_eval_without_cifar10_or_cached_statistics_stops_before_sampling(tmp_pat
     (tmp_path / "weights.pth").write_bytes(b"any file: only its hash names the cache")
     monkeypatch.setenv("WBFLOW_FID_WEIGHTS", str(tmp_path / "weights.pth"))
     checkpoint = _flow_like_checkpoint(tmp_path / "c.pt")
-    argv = ["--eval", "--smoke", "--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "nodata")]
-    refused(train_flow.main, argv, r"CIFAR-10 is not in .*nodata")
+    argv = ["--smoke", "--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "nodata")]
+    refused(evaluate_flow.main, argv, r"CIFAR-10 is not in .*nodata")
     def reached_the_model(*args, **kwargs):
         raise RuntimeError("checks passed")
 
     monkeypatch.setattr(wbflow, "make_ema", reached_the_model)
     with pytest.raises(RuntimeError, match="checks passed"):  # --metric is needs no CIFAR-10
-        train_flow.main(argv + ["--metric", "is"])
+        evaluate_flow.main(argv + ["--metric", "is"])
 
 
 def test_eval_refuses_to_write_its_sample_grid_over_the_checkpoint_before_sampling(tmp_path, monkeypatch):
     monkeypatch.setattr(wbflow, "sample_images", lambda *a, **k: pytest.fail("sampled before checking"))
     checkpoint = _flow_like_checkpoint(tmp_path / "out" / "samples" / "eval_epoch_0001.png")  # its epoch is 1
     before = checkpoint.read_bytes()
-    refused(train_flow.main, ["--eval", "--smoke", "--checkpoint", str(checkpoint), "--out-dir", str(tmp_path / "out")],
+    refused(evaluate_flow.main, ["--smoke", "--checkpoint", str(checkpoint), "--out-dir", str(tmp_path / "out")],
             r"the sample grid \S*/eval_epoch_0001\.png would overwrite an input of this command \(--checkpoint ")
     assert checkpoint.read_bytes() == before
 
@@ -136,7 +137,7 @@ def test_a_reflow_run_refuses_an_out_dir_whose_checkpoints_it_would_replace_incl
 
 def test_eval_of_a_checkpoint_that_is_not_train_flows_is_refused(tmp_path):
     path = wbflow.save_checkpoint({"model": {}, "config": {"model": "resnet18"}}, tmp_path / "last.pth")
-    refused(train_flow.main, ["--eval", "--smoke", "--checkpoint", str(path)], "not a train_flow checkpoint")
+    refused(evaluate_flow.main, ["--smoke", "--checkpoint", str(path)], "not a train_flow checkpoint")
 
 
 # ----------------------------------------------------------------------------- --resume must fit
@@ -265,7 +266,7 @@ def test_torchrun_ranks_with_different_data_stop_at_start(tmp_path):
 
 # ----------------------------------------------------------------------------- --help and W&B config
 
-@pytest.mark.parametrize("module", [train_flow, train_fire])
+@pytest.mark.parametrize("module", [train_flow, evaluate_flow, train_fire])
 def test_help_shows_every_default(module, monkeypatch):
     blocks = _help_blocks(module.main)
     parser_defaults = vars(module.parse_args([]))
@@ -288,7 +289,7 @@ def test_help_shows_every_default(module, monkeypatch):
     ("training.gradient_clip=1", 1.0), ("training.learning_rate=1e-3", 1e-3), ("logging.notes=123", "123"),
     ("logging.entity=me", "me"), ("data.max_images=100", 100), ("training.compile=true", True)])
 def test_load_yaml_config_accepts_values_of_the_files_type(override, value):
-    config = wbflow.load_yaml_config(train_flow.DEFAULT_CONFIG, [override])
+    config = wbflow.load_yaml_config(flow_config.DEFAULT_CONFIG, [override])
     section, key = override.split("=")[0].split(".")
     assert config[section][key] == value and type(config[section][key]) is type(value)
 
@@ -377,7 +378,7 @@ def _config_file(tmp_path, text):
 def _default_config(change):
     """The default config's text after change(config)."""
     import yaml
-    config = wbflow.load_yaml_config(train_flow.DEFAULT_CONFIG)
+    config = wbflow.load_yaml_config(flow_config.DEFAULT_CONFIG)
     change(config)
     return yaml.safe_dump(config)
 
@@ -395,10 +396,6 @@ def _default_config(change):
     (["--set", "sampling.rk45_tolerance=0"], r"sampling\.rk45_tolerance must be positive, not 0\.0"),
     (["--set", "eval.fid_interval=1", "--set", "eval.fid_num_samples=1"],
      r"eval\.fid_num_samples is 1: FID needs at least two samples"),
-    (["--eval", "--checkpoint", "c.pt", "--num-samples", "1"], r"--num-samples is 1: FID needs at least two samples"),
-    (["--eval", "--checkpoint", "c.pt", "--set", "eval.num_real_images=1"],
-     r"eval\.num_real_images is 1: FID needs at least two real images"),
-    (["--eval", "--checkpoint", "c.pt", "--nfe", "0"], r"--nfe must be positive, not 0"),
     (["--set", "data.max_images=0"], r"data\.max_images must be positive, not 0"),
     (["--set", "eval.stats_dir=5"], r"eval\.stats_dir must be text or null, not 5"),  # null in the YAML: any type
     (["--set", "model.base_channels=0"], r"model\.base_channels must be positive, not 0"),
@@ -408,6 +405,26 @@ def _default_config(change):
 def test_train_flow_refuses_a_bad_value_in_one_line(argv, match, tmp_path):
     refused(train_flow.main, FLOW_SMOKE + ["--out-dir", str(tmp_path / "out")] + argv, match)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--num-samples", "0"], r"--num-samples must be positive, not 0"),
+    (["--num-samples", "1"], r"--num-samples is 1: FID needs at least two samples"),
+    (["--set", "eval.num_real_images=1"], r"eval\.num_real_images is 1: FID needs at least two real images"),
+    (["--nfe", "0"], r"--nfe must be positive, not 0"),
+    (["--set", "sampling.solver=midpoint"], r"unknown solver 'midpoint'"),
+])
+def test_evaluate_flow_refuses_a_bad_value_in_one_line(argv, match, tmp_path, monkeypatch):
+    monkeypatch.setattr(wbflow, "load_checked", lambda *args, **kwargs: pytest.fail("read the checkpoint"))
+    refused(evaluate_flow.main, ["--smoke", "--checkpoint", "c.pt", "--out-dir", str(tmp_path / "out")] + argv, match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_flow_refuses_no_checkpoint_and_a_folder_in_one_line(tmp_path):
+    refused(evaluate_flow.main, ["--smoke"],
+            r"^evaluate_flow\.py: --checkpoint PATH\|ARTIFACT is needed: the checkpoint to score$")
+    refused(evaluate_flow.main, ["--smoke", "--checkpoint", str(tmp_path)],
+            rf"^evaluate_flow\.py: --checkpoint {tmp_path} is a folder, not a checkpoint file$")
 
 
 @pytest.mark.parametrize("text, match", [
@@ -422,7 +439,7 @@ def test_train_flow_refuses_a_bad_value_in_one_line(argv, match, tmp_path):
     (_default_config(lambda config: config["training"].update(epochs="many")),
      r"training\.epochs: 'many' in .*config\.yaml: expected int"),
     (_default_config(lambda config: config.update(model=3)), r"model in .*config\.yaml is 3, not a section"),
-    pytest.param(train_flow.DEFAULT_CONFIG.read_text().replace("  learning_rate: 2.0e-4",
+    pytest.param(flow_config.DEFAULT_CONFIG.read_text().replace("  learning_rate: 2.0e-4",
                                                                "  learning_rate: 2.0e-4\n  learning_rate: 1"),
                  r"config\.yaml is not valid YAML \(key 'learning_rate' of line (\d+) repeated at line (?!\1)\d+, "
                  r"column 3\)", id="a repeated key"),  # plain YAML would keep the last value
@@ -434,6 +451,6 @@ def test_a_config_file_of_another_shape_is_refused_in_one_line(text, match, tmp_
 
 
 def test_a_config_with_every_key_of_the_default_is_accepted(tmp_path):
-    text = train_flow.DEFAULT_CONFIG.read_text().replace("learning_rate: 2.0e-4", "learning_rate: 1e-3")
-    config = train_flow.load_config(train_flow.parse_args(["--config", _config_file(tmp_path, text)]))
+    text = flow_config.DEFAULT_CONFIG.read_text().replace("learning_rate: 2.0e-4", "learning_rate: 1e-3")
+    config = flow_config.load_config(train_flow.parse_args(["--config", _config_file(tmp_path, text)]), "train_flow.py")
     assert config["training"]["learning_rate"] == 1e-3  # YAML 1.1 reads "1e-3" as a string: a float here

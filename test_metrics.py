@@ -16,8 +16,8 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
+import evaluate_flow
 import train_fire
-import train_flow
 import wbflow
 from conftest import SEED_CLASSES, _write_folder, within
 
@@ -208,8 +208,8 @@ def test_offline_without_weights_says_which_file_to_put_where(tmp_path, monkeypa
                                                                    attention_resolutions=(), head_channels=8)).state_dict(),
                             "epoch": 1, "global_step": 2}, checkpoint)
     with pytest.raises(SystemExit) as exit_info:  # the driver ends with the message, not a traceback
-        train_flow.main(["--eval", "--smoke", "--checkpoint", str(checkpoint), "--num-samples", "4", "--nfe", "1",
-                         "--data-dir", str(tmp_path)])
+        evaluate_flow.main(["--smoke", "--checkpoint", str(checkpoint), "--num-samples", "4", "--nfe", "1",
+                            "--data-dir", str(tmp_path)])
     assert expected_path in str(exit_info.value.code)
 
 

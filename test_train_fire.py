@@ -17,8 +17,8 @@ import torchvision
 import yaml
 from PIL import Image
 
+import flow_config
 import train_fire
-import train_flow
 import wbflow
 from conftest import (SEED_CLASSES, _help_blocks, assert_same_history, fire_args, refused, run_logs, scalar_rows,
                       sigterm_after, table_json, write_pattern_folders)
@@ -435,7 +435,7 @@ def test_torchrun_ranks_with_the_same_counts_but_other_class_names_stop_at_start
 # ----------------------------------------------------------------------------- a newcomer's first run
 
 def test_train_fire_run_after_train_flow_in_the_same_folder_uses_its_own_default_folders(tmp_path, monkeypatch):
-    flow_defaults = wbflow.load_yaml_config(train_flow.DEFAULT_CONFIG)["data"]
+    flow_defaults = wbflow.load_yaml_config(flow_config.DEFAULT_CONFIG)["data"]
     fire_defaults = train_fire.parse_args([])
     assert fire_defaults.out_dir != flow_defaults["out_dir"] and fire_defaults.data_dir != flow_defaults["data_dir"]
     monkeypatch.chdir(tmp_path)

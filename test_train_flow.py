@@ -1,10 +1,11 @@
-"""train_flow.py as a user runs it: what a finished run logs, the command line and --eval, FID during training
-and its statistics cache, a newcomer's first run."""
+"""train_flow.py and evaluate_flow.py as a user runs them: what a finished run logs, the command lines and a
+checkpoint's evaluation, FID during training and its statistics cache, a newcomer's first run."""
 import contextlib
 import io
 import math
 import re
 import signal
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate_flow
+import flow_config
 import train_fire
 import train_flow
 import wbflow
@@ -20,7 +23,7 @@ from conftest import _table_data, refused, run_logs, signal_on_call, tiny_flow_c
 HERE = Path(__file__).resolve().parent
 
 
-# ----------------------------------------------------------------------------- the command line and --eval
+# ----------------------------------------------------------------------------- the command lines and evaluate_flow.py
 
 @pytest.fixture
 def cifar_dir(tmp_path):
@@ -51,13 +54,13 @@ def test_load_yaml_config_applies_typed_overrides_and_rejects_unknown_keys():
         wbflow.load_yaml_config(path, ["training.gradient_clp=0.5"])
 
 
-def test_driver_accepts_the_seed_spelling_of_the_eval_flags_and_plain_training_flags():
-    args = train_flow.parse_args(["--eval", "--checkpoint", "c.pt", "--num_samples", "10000", "--metric", "both",
-                                  "--use_wandb", "--wandb_project", "flow_matching_cifar10_eval"])
+def test_the_drivers_accept_the_seed_spelling_of_the_eval_flags_and_plain_training_flags():
+    args = evaluate_flow.parse_args(["--checkpoint", "c.pt", "--num_samples", "10000", "--metric", "both",
+                                     "--use_wandb", "--wandb_project", "flow_matching_cifar10_eval"])
     assert args.num_samples == 10000 and args.use_wandb and args.wandb_project == "flow_matching_cifar10_eval"
-    config = train_flow.load_config(train_flow.parse_args(
+    config = flow_config.load_config(train_flow.parse_args(
         ["--data-dir", "/d", "--out-dir", "/o", "--epochs", "3", "--batch-size", "64", "--no-wandb",
-         "--set", "training.gradient_clip=0.5", "--set", "logging.tags=[a, b]"]))
+         "--set", "training.gradient_clip=0.5", "--set", "logging.tags=[a, b]"]), "train_flow.py")
     assert (config["data"]["data_dir"], config["data"]["out_dir"]) == ("/d", "/o")
     assert (config["training"]["epochs"], config["training"]["batch_size"]) == (3, 64)
     assert config["training"]["gradient_clip"] == 0.5 and config["logging"]["tags"] == ["a", "b"]
@@ -72,14 +75,14 @@ def test_eval_samples_the_checkpoints_ema_model_in_eval_mode_on_its_device(tmp_p
     checkpoint = tiny_flow_checkpoint(tmp_path / "checkpoint_epoch_1.pt")
     seen = []
 
-    def sample_images(velocity, count, **options):  # what --eval hands the sampler; then a stop, as Ctrl-C's
+    def sample_images(velocity, count, **options):  # what evaluate_flow hands the sampler; then a stop, as Ctrl-C's
         seen.append((velocity.training, options["device"], count))
         return None, None
 
     monkeypatch.setattr(wbflow, "sample_images", sample_images)
     with pytest.raises(SystemExit) as stopped:
-        train_flow.main(["--smoke", "--eval", "--checkpoint", str(checkpoint), "--metric", "is", "--num-samples", "3",
-                         "--out-dir", str(tmp_path / "out")])
+        evaluate_flow.main(["--smoke", "--checkpoint", str(checkpoint), "--metric", "is", "--num-samples", "3",
+                            "--out-dir", str(tmp_path / "out")])
     assert stopped.value.code == 128 + signal.SIGINT and seen == [(False, torch.device("cpu"), 3)]
 
 
@@ -88,10 +91,10 @@ def test_eval_logs_fid_and_inception_score_against_cached_training_statistics(of
     out_dir = tmp_path / "out"
     checkpoint = tiny_flow_checkpoint(tmp_path / "checkpoint_epoch_1.pt")
     monkeypatch.setenv("WBFLOW_FID_WEIGHTS", weights_path)
-    flags = ["--smoke", "--eval", "--checkpoint", str(checkpoint), "--num-samples", "10",
+    flags = ["--smoke", "--checkpoint", str(checkpoint), "--num-samples", "10",
              "--metric", "both", "--solver", "heun", "--nfe", "4", "--data-dir", str(cifar_dir),
              "--out-dir", str(out_dir), "--set", "eval.num_real_images=20"]
-    metrics = train_flow.main(flags + ["--use-wandb", "--wandb-project", "flow_eval"])
+    metrics = evaluate_flow.main(flags + ["--use-wandb", "--wandb-project", "flow_eval"])
     [log] = run_logs(offline_wandb)
     for key in ("eval/fid_score", "eval/inception_score_mean", "eval/inception_score_std"):
         assert log.summary[key] == pytest.approx(metrics[key]) and math.isfinite(metrics[key])
@@ -103,7 +106,7 @@ def test_eval_logs_fid_and_inception_score_against_cached_training_statistics(of
     assert np.load(statistics)["num_images"] == 20  # eval.num_real_images: the first 20 of the 200
 
     cached = statistics.stat()  # reused, not written again (os.replace would give a new inode)
-    again = train_flow.main(flags + ["--metric", "fid"])  # W&B off without --use-wandb
+    again = evaluate_flow.main(flags + ["--metric", "fid"])  # W&B off without --use-wandb
     assert again["eval/fid_score"] == pytest.approx(metrics["eval/fid_score"], rel=1e-6)
     assert len(run_logs(offline_wandb)) == 1 and (statistics.stat().st_ino, statistics.stat().st_mtime_ns) == (
         cached.st_ino, cached.st_mtime_ns)
@@ -112,26 +115,26 @@ def test_eval_logs_fid_and_inception_score_against_cached_training_statistics(of
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
 def test_eval_stopped_by_a_signal_ends_between_batches_in_one_line(tmp_path, monkeypatch, capsys, number):
     (tmp_path / "weights.pth").write_bytes(b"any file: sampling comes before the network")
-    argv = ["--eval", "--smoke", "--checkpoint", str(tiny_flow_checkpoint(tmp_path / "c.pt")), "--metric", "is",
+    argv = ["--smoke", "--checkpoint", str(tiny_flow_checkpoint(tmp_path / "c.pt")), "--metric", "is",
             "--num-samples", "6", "--set", "eval.sample_batch_size=2", "--nfe", "1",
             "--set", f"eval.fid_weights={tmp_path / 'weights.pth'}", "--out-dir", str(tmp_path / "out")]
     sampled = signal_on_call(wbflow.sample_flow, 1, number)
     monkeypatch.setattr(wbflow, "sample_flow", sampled)
     with pytest.raises(SystemExit) as stopped:
-        train_flow.main(argv)
+        evaluate_flow.main(argv)
     assert stopped.value.code == 128 + number and sampled.calls == 1  # the second batch never started
     lines = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line.strip() and "sampling" not in line]
-    assert lines == [f"train_flow.py: --eval stopped by {signal.Signals(number).name}; nothing was saved"]
+    assert lines == [f"evaluate_flow.py: the evaluation stopped by {signal.Signals(number).name}; nothing was saved"]
     assert not (tmp_path / "out").exists()
 
 
 def test_eval_shows_progress_bars_for_sampling_and_the_inception_pass(weights_path, tmp_path):  # noqa: F811
-    argv = ["--eval", "--smoke", "--checkpoint", str(tiny_flow_checkpoint(tmp_path / "c.pt")), "--metric", "is",
+    argv = ["--smoke", "--checkpoint", str(tiny_flow_checkpoint(tmp_path / "c.pt")), "--metric", "is",
             "--num-samples", "4", "--set", "eval.sample_batch_size=2", "--set", "eval.inception_batch_size=2",
             "--nfe", "1", "--set", f"eval.fid_weights={weights_path}", "--out-dir", str(tmp_path / "out")]
     errors = io.StringIO()
     with contextlib.redirect_stderr(errors):
-        train_flow.main(argv)
+        evaluate_flow.main(argv)
     assert re.search(r"sampling: .*\| \d/2 \[", errors.getvalue()), errors.getvalue()  # tqdm: batches done / all
     assert re.search(r"Inception: .*\| \d/2 \[", errors.getvalue()), errors.getvalue()
 
@@ -213,16 +216,23 @@ def test_the_readmes_first_command_offline_names_the_fid_weights_and_cifar10_at_
     assert "weights_path" not in message and not (tmp_path / "out").exists()
 
 
-def test_a_copied_train_flow_reads_the_smoke_overrides_only_for_smoke_and_names_a_missing_file(tmp_path):
+def _copied_module(name, folder):
     import importlib.util
+    (folder / f"{name}.py").write_text((HERE / f"{name}.py").read_text())
+    spec = importlib.util.spec_from_file_location(f"copied_{name}", folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_copied_train_flow_reads_the_smoke_overrides_only_for_smoke_and_names_a_missing_file(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "cifar10_rectified_flow.yaml").write_text(train_flow.DEFAULT_CONFIG.read_text())
-    (tmp_path / "train_flow.py").write_text((HERE / "train_flow.py").read_text())
-    spec = importlib.util.spec_from_file_location("copied_train_flow", tmp_path / "train_flow.py")
-    copied = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(copied)  # the recipe alone, without configs/smoke_overrides.txt
+    (tmp_path / "configs" / "cifar10_rectified_flow.yaml").write_text(flow_config.DEFAULT_CONFIG.read_text())
+    monkeypatch.setitem(sys.modules, "flow_config", _copied_module("flow_config", tmp_path))  # as its import finds it
+    copied = _copied_module("train_flow", tmp_path)  # the recipe alone, without configs/smoke_overrides.txt
     assert "--smoke" in _help_text(lambda: copied.main(["--help"]))
-    assert copied.load_config(copied.parse_args(["--epochs", "2"]))["training"]["epochs"] == 2
+    config = sys.modules["flow_config"].load_config(copied.parse_args(["--epochs", "2"]), "train_flow.py")
+    assert config["training"]["epochs"] == 2
     missing = tmp_path / "configs" / "smoke_overrides.txt"
     refused(copied.main, ["--smoke"], rf"^train_flow\.py: --smoke reads its settings from {re.escape(str(missing))}, "
                                       rf"which could not be read \(No such file or directory\)$")
@@ -234,17 +244,27 @@ def test_a_copied_train_flow_reads_the_smoke_overrides_only_for_smoke_and_names_
 @pytest.mark.parametrize("argv, expected", [
     (["--no_wandb=True", "--smoke=true", "--overwrite=False"], (True, True, False)),  # as the sweep agent writes them
     (["--no-wandb", "--smoke", "--overwrite"], (True, True, True)),
-    (["--no-wandb=0", "--smoke=no", "--eval=yes", "--use_wandb=1"], (False, False, False)),
+    (["--no-wandb=0", "--smoke=no"], (False, False, False)),
 ])
 def test_train_flows_boolean_flags_take_the_sweep_agents_spelling_and_still_work_bare(argv, expected):
     args = train_flow.parse_args(argv)
     assert (args.no_wandb, args.smoke, args.overwrite) == expected
-    assert args.eval == ("--eval=yes" in argv) and args.use_wandb == ("--use_wandb=1" in argv)
+    assert evaluate_flow.parse_args(["--use_wandb=1", "--smoke=no"]).use_wandb is True
+    assert evaluate_flow.parse_args(["--use-wandb", "--smoke"]).smoke is True
+
+
+def test_train_flow_names_the_evaluation_script_for_an_earlier_eval_command(monkeypatch):
+    monkeypatch.setattr(flow_config, "load_config", lambda *args: pytest.fail("read the config"))
+    for eval_flag in ("--eval", "--eval=yes"):
+        refused(train_flow.main, [eval_flag, "--checkpoint", "c.pt"],
+                r"^train_flow\.py: a checkpoint's FID and IS are evaluate_flow\.py's: python evaluate_flow\.py "
+                r"--checkpoint PATH\|ARTIFACT")
 
 
 def test_path_flags_are_taken_as_given_and_an_empty_one_is_refused():
     odd = " runs/a=b null [1, 2] # x "  # YAML-looking text, '=' and spaces at both ends: a folder name all the same
-    config = train_flow.load_config(train_flow.parse_args(["--out-dir", odd, "--data-dir", "null", "--epochs", "3"]))
+    config = flow_config.load_config(train_flow.parse_args(["--out-dir", odd, "--data-dir", "null", "--epochs", "3"]),
+                                     "train_flow.py")
     assert (config["data"]["out_dir"], config["data"]["data_dir"], config["training"]["epochs"]) == (odd, "null", 3)
     for flag in ("--out-dir", "--data-dir"):  # "$OUT" unset: not the current folder
         refused(train_flow.main, [flag, ""], f"{flag} \\(data\\.\\w+\\) is empty: name a folder")
@@ -253,8 +273,8 @@ def test_path_flags_are_taken_as_given_and_an_empty_one_is_refused():
 
 def test_train_flow_has_its_own_default_folders(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    flow = train_flow.load_config(train_flow.parse_args([]))["data"]
-    smoke = train_flow.load_config(train_flow.parse_args(["--smoke"]))["data"]
+    flow = flow_config.load_config(train_flow.parse_args([]), "train_flow.py")["data"]
+    smoke = flow_config.load_config(train_flow.parse_args(["--smoke"]), "train_flow.py")["data"]
     assert flow["out_dir"] == "runs/flow" and smoke["out_dir"] == "runs/flow-smoke" and flow["data_dir"] == "data"
     assert train_fire.parse_args([]).out_dir not in (flow["out_dir"], smoke["out_dir"])
     assert "`runs/flow`" in (HERE / "README.md").read_text()
@@ -269,7 +289,7 @@ def _help_text(call):
 
 def test_help_has_no_doubled_defaults_and_every_fid_option_explained():
     for text in (_help_text(lambda: wbflow._command_line(["fid", "--help"])),
-                 _help_text(lambda: train_flow.main(["--help"]))):
+                 _help_text(lambda: train_flow.main(["--help"])), _help_text(lambda: evaluate_flow.main(["--help"]))):
         assert "(default: None)" not in text and not re.search(r"\(default:[^)]*\) \(default:", text), text
     fid_help = _help_text(lambda: wbflow._command_line(["fid", "--help"]))
     options = fid_help.split("options:")[1]
@@ -310,15 +330,15 @@ def test_fid_during_training_without_weights_stops_before_training(tmp_path, mon
 
 def test_one_stats_dir_keeps_each_data_folders_statistics_and_a_damaged_one_is_computed_again(
         tmp_path, weights_path):
-    """train_flow's one cache key (training and --eval both call fid_statistics): the statistics' file is named by
-    what they were computed from, so two data folders sharing eval.stats_dir get their own."""
+    """The flow scripts' one cache key (training and evaluate_flow.py both call fid_statistics): the statistics' file
+    is named by what they were computed from, so two data folders sharing eval.stats_dir get their own."""
     stats = tmp_path / "stats"
-    config = train_flow.load_config(train_flow.parse_args([
+    config = flow_config.load_config(train_flow.parse_args([
         "--smoke", "--out-dir", str(tmp_path / "out"), "--set", f"eval.stats_dir={stats}",
-        "--set", f"eval.fid_weights={weights_path}", "--set", "eval.inception_batch_size=4"]))
+        "--set", f"eval.fid_weights={weights_path}", "--set", "eval.inception_batch_size=4"]), "train_flow.py")
     real_images = [torch.from_numpy(write_cifar_batches(tmp_path / name, per_batch=2, test_images=0, seed=seed)[0][:4])
                    for name, seed in (("a", 0), ("b", 1))]  # two data folders' first four images
-    paths = [Path(train_flow.fid_statistics(images, config, "cpu", False)) for images in real_images]
+    paths = [Path(flow_config.fid_statistics(images, config, "cpu", False)) for images in real_images]
     assert paths[0] != paths[1] and sorted(stats.iterdir()) == sorted(paths)
     means = [wbflow.feature_statistics(wbflow.inception_features(images, weights_path=weights_path)[0])[0]
              for images in real_images]
@@ -326,7 +346,7 @@ def test_one_stats_dir_keeps_each_data_folders_statistics_and_a_damaged_one_is_c
         with np.load(path) as stored:
             np.testing.assert_allclose(stored["mu"], mu, rtol=1e-5, atol=1e-5)
     paths[0].write_bytes(paths[0].read_bytes()[:100])  # damaged: computed again, not a traceback after sampling
-    assert Path(train_flow.fid_statistics(real_images[0], config, "cpu", False)) == paths[0]
+    assert Path(flow_config.fid_statistics(real_images[0], config, "cpu", False)) == paths[0]
     with np.load(paths[0]) as stored:
         np.testing.assert_allclose(stored["mu"], means[0], rtol=1e-5, atol=1e-5)
 
@@ -339,12 +359,12 @@ def test_an_unwritable_statistics_folder_or_out_dir_is_refused_before_sampling_o
     write_cifar_batches(tmp_path / "data", per_batch=2, test_images=0)
     (tmp_path / "file").write_text("a file where a folder would be: not writable, even by root")
     unwritable = tmp_path / "file" / "stats"
-    argv = ["--eval", "--smoke", "--checkpoint", str(tiny_flow_checkpoint(tmp_path / "c.pt")), "--num-samples", "2",
+    argv = ["--smoke", "--checkpoint", str(tiny_flow_checkpoint(tmp_path / "c.pt")), "--num-samples", "2",
             "--data-dir", str(tmp_path / "data"), "--set", "eval.num_real_images=4"]
-    refused(train_flow.main, argv + ["--out-dir", str(tmp_path / "out"), "--set", f"eval.stats_dir={unwritable}"],
+    refused(evaluate_flow.main, argv + ["--out-dir", str(tmp_path / "out"), "--set", f"eval.stats_dir={unwritable}"],
             rf"the FID statistics file \(eval\.stats_dir\) {re.escape(str(unwritable))}/\S+\.npz cannot be written "
             rf"\({re.escape(str(tmp_path / 'file'))}: Not a directory\)")
-    refused(train_flow.main, argv + ["--out-dir", str(unwritable)],
+    refused(evaluate_flow.main, argv + ["--out-dir", str(unwritable)],
             rf"the sample grid {re.escape(str(unwritable))}/samples/\S+\.png cannot be written")
     refused(train_flow.main, ["--smoke", "--no-wandb", "--out-dir", str(tmp_path / "train"), *SMALL, "--set",
                               "eval.fid_interval=1", "--set", f"eval.stats_dir={unwritable}"],

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate_flow
+import flow_config
 import train_flow
 import wbflow
 from conftest import (_HANG, _table_data, assert_same_history, kill_when_marked, read_run, refused, run_logs,
@@ -72,11 +74,11 @@ def test_a_conditional_smoke_run_logs_a_class_grid_of_fixed_noise_and_the_guidan
 
 def test_eval_guidance_logs_fid_and_is_per_scale_and_the_best_scale_in_the_summary(conditional_run, offline_wandb,
                                                                                   weights_path, tmp_path):
-    argv = ["--smoke", "--eval", "--checkpoint", str(conditional_run.out / "last.pt"), "--guidance", "2.0,1.0",
+    argv = ["--smoke", "--checkpoint", str(conditional_run.out / "last.pt"), "--guidance", "2.0,1.0",
             "--num-samples", "4", "--nfe", "1", "--use-wandb", "--data-dir", str(conditional_run.root / "data"),
             "--out-dir", str(tmp_path / "eval"), "--set", f"eval.fid_weights={weights_path}",
             "--set", "eval.num_real_images=4", "--set", "eval.inception_batch_size=4"]
-    metrics = train_flow.main(argv)
+    metrics = evaluate_flow.main(argv)
     [log] = run_logs(offline_wandb)
     [row] = log.rows_with("eval/guidance_table")
     [table_file] = offline_wandb.glob(f"wandb/*run-*/files/{row['eval/guidance_table']['path']}")
@@ -123,8 +125,8 @@ def test_a_conditional_run_refuses_what_does_not_fit_in_one_line(conditional_run
     refused(train_flow.main, argv + ["--set", "training.label_dropout=1.0"],
             r"^train_flow\.py: training\.label_dropout must be in \[0, 1\), not 1\.0$")
     unconditional = tiny_flow_checkpoint(tmp_path / "unconditional.pt")
-    refused(train_flow.main, ["--eval", "--checkpoint", str(unconditional), "--guidance", "1,2",
-                              "--set", f"eval.fid_weights={weights_path}", "--out-dir", str(tmp_path / "eval")],
+    refused(evaluate_flow.main, ["--checkpoint", str(unconditional), "--guidance", "1,2",
+                                 "--set", f"eval.fid_weights={weights_path}", "--out-dir", str(tmp_path / "eval")],
             r"--guidance needs a class-conditional checkpoint; .*unconditional\.pt holds a model for t alone$")
     refused(train_flow.main, argv + ["--out-dir", str(tmp_path / "student"), "--reflow", last,
                                      "--set", "model.num_classes=0"],
@@ -157,7 +159,7 @@ def test_a_checkpoint_written_before_model_num_classes_resumes_and_teaches_as_un
     wbflow.save_checkpoint(old, tmp_path / "old" / "last.pt")
     result = train_flow.main(argv + ["--epochs", "2", "--resume", str(tmp_path / "old" / "last.pt")])
     assert result["step"] == 4
-    config = train_flow.load_config(train_flow.parse_args(argv))
+    config = flow_config.load_config(train_flow.parse_args(argv), "train_flow.py")
     assert train_flow.load_teacher(str(tmp_path / "old" / "checkpoint_epoch_1.pt"), config) is not None
 
 
@@ -215,13 +217,13 @@ def test_a_meanflow_run_resumes_only_with_its_objective_and_settings(meanflow_ru
 def test_eval_samples_a_meanflow_checkpoint_by_jumps_and_refuses_the_meanflow_solver_for_a_rectified_flow(
         meanflow_run, tmp_path, monkeypatch, weights_path, capsys):
     monkeypatch.setenv("WBFLOW_FID_WEIGHTS", weights_path)
-    flags = ["--smoke", "--eval", "--metric", "is", "--num-samples", "2", "--out-dir", str(tmp_path / "out")]
-    metrics = train_flow.main(flags + ["--checkpoint", str(meanflow_run.out / "last.pt"), "--nfe", "1"])
+    flags = ["--smoke", "--metric", "is", "--num-samples", "2", "--out-dir", str(tmp_path / "out")]
+    metrics = evaluate_flow.main(flags + ["--checkpoint", str(meanflow_run.out / "last.pt"), "--nfe", "1"])
     assert "with meanflow, NFE 1" in capsys.readouterr().out and metrics["eval/inception_score_mean"] >= 1
     rectified_flow = tiny_flow_checkpoint(tmp_path / "rectified_flow.pt")
-    with pytest.raises(SystemExit, match=r"^train_flow.py: --solver meanflow samples a MeanFlow checkpoint; .* is a "
-                                         r"rectified flow$"):
-        train_flow.main(flags + ["--checkpoint", str(rectified_flow), "--solver", "meanflow"])
+    with pytest.raises(SystemExit, match=r"^evaluate_flow.py: --solver meanflow samples a MeanFlow checkpoint; .* "
+                                         r"is a rectified flow$"):
+        evaluate_flow.main(flags + ["--checkpoint", str(rectified_flow), "--solver", "meanflow"])
 
 
 def test_a_killed_meanflow_run_resumes_to_the_uninterrupted_runs_record_and_weights(meanflow_run, offline_wandb,

@@ -47,7 +47,7 @@ def test_wbflow_imports_and_prepares_an_out_dir_without_fcntl_with_one_warning(t
 def test_the_code_parses_as_the_oldest_python_that_pyproject_allows():
     oldest = re.search(r'requires-python = ">=3\.(\d+)"', (HERE / "pyproject.toml").read_text())
     assert oldest, "pyproject.toml names no requires-python >=3.N"
-    for name in ("wbflow.py", "train_flow.py", "train_fire.py"):
+    for name in ("wbflow.py", "flow_config.py", "train_flow.py", "evaluate_flow.py", "train_fire.py"):
         ast.parse((HERE / name).read_text(encoding="utf-8"), name, feature_version=(3, int(oldest[1])))
 
 

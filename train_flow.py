@@ -7,15 +7,11 @@
   python train_flow.py --resume runs/flow/checkpoint_epoch_10.pt         # or --resume model-<run id>:latest
   python train_flow.py --reflow runs/flow/checkpoint_epoch_1020.pt       # 2-rectified flow from that teacher
   python train_flow.py --set training.objective=meanflow                 # one-step MeanFlow from scratch
-  python train_flow.py --eval --checkpoint runs/flow/checkpoint_epoch_1020.pt --num-samples 10000 \
-      --metric both --solver euler --nfe 100 --use-wandb --wandb-project flow_matching_cifar10_eval
   python train_flow.py --set model.num_classes=10                        # class-conditional, for guidance
-  python train_flow.py --eval --checkpoint runs/flow/last.pt --guidance 1.0,1.5,2.0,3.0  # FID against the scale
 
 Recipe: config -> data, model, optimiser -> each epoch: train_epoch, last.pt, its end (FID, grid, solver table),
-its W&B row, checkpoints, artifact -> (--eval) FID and Inception Score of a checkpoint.
+its W&B row, checkpoints, artifact. evaluate_flow.py scores a checkpoint (FID and Inception Score).
 """
-import argparse
 import functools
 import math
 import os
@@ -24,28 +20,9 @@ from pathlib import Path
 
 import torch
 
+import flow_config
 import wbflow
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_CONFIG = HERE / "configs" / "cifar10_rectified_flow.yaml"
-# --smoke: a tiny UNet on a few hundred images, every interval one epoch (a --set override a line)
-SMOKE_OVERRIDES = HERE / "configs" / "smoke_overrides.txt"
-CONFIG_FLAGS = {"--data-dir": ("data.data_dir", "folder holding cifar-10-batches-py/"),  # flags that set a config key
-                "--out-dir": ("data.out_dir", "checkpoints and sample PNGs; a new run refuses one holding checkpoints"),
-                "--epochs": ("training.epochs", "epochs to train"),
-                "--batch-size": ("training.batch_size", "global, over all ranks")}
-# the rules of the settings, checked before anything runs (check_settings)
-POSITIVE = {"model": ("base_channels", "head_channels"), "logging": ("log_images_interval", "log_model_interval"),
-            "training": ("epochs", "batch_size", "learning_rate", "log_interval", "save_interval", "sample_interval"),
-            "sampling": ("num_images", "nfe", "rk45_tolerance"), "reflow": ("num_pairs", "shard_size", "nfe"),
-            "eval": ("sample_batch_size", "inception_batch_size", "fid_num_samples"),
-            "meanflow": ("norm_eps", "std_t", "std_r")}
-NOT_NEGATIVE = {"model": ("num_res_blocks",), "training": ("warmup_steps", "gradient_clip", "keep_checkpoints"),
-                "eval": ("fid_interval",), "meanflow": ("norm_p",)}
-FRACTIONS = {"training": ("ema_decay", "label_dropout"), "model": ("dropout",), "meanflow": ("equal_share",)}  # [0, 1)
-TEXT_OR_NULL = {"logging": ("entity", "run_name"), "eval": ("stats_dir", "fid_weights")}  # null in the YAML: any type
-SOLVERS, COUPLINGS, OBJECTIVES = ("euler", "heun", "rk45"), ("independent", "ot"), ("rectified_flow", "meanflow")
-SOLVER_SETTINGS = {"sampling": ("solver", "table_solvers"), "reflow": ("solver",)}
 # Where a run stands, in every checkpoint beside the model, EMA, optimiser, scheduler and scaler: the epoch and whether
 # its end (FID, grid, solver table, W&B row) is done; a stopped epoch's place and sums (train_state); the epoch's last
 # window row, loss and speed, which wait for its end; the totals the W&B rows and the closing headline show.
@@ -62,166 +39,58 @@ RESUME_FIXED = {"training": ("batch_size", "learning_rate", "warmup_steps", "gra
 
 
 def parse_args(argv=None):
-    if not DEFAULT_CONFIG.is_file():  # a copied train_flow.py without its configs/
-        raise SystemExit(f"train_flow.py: its default config {DEFAULT_CONFIG} is missing (copy configs/ beside it)")
-    defaults = wbflow.load_yaml_config(DEFAULT_CONFIG)  # for the defaults --help shows
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = functools.partial(wbflow.add_sweep_argument, parser)  # --out-dir and the seed's --out_dir
-    add("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: %(default)s)")
-    add("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="override any config key, e.g. --set training.gradient_clip=0.5 (default: none)")
-    for flag, (key, text) in CONFIG_FLAGS.items():
-        section, name = key.split(".")
-        add(flag, type=type(defaults[section][name]), help=f"{text} (default: {key}, {defaults[section][name]})")
+    parser, add, _ = flow_config.config_parser("train_flow.py", __doc__.splitlines()[0], flow_config.CONFIG_FLAGS,
+                                               "tiny UNet, a few hundred images (--data-dir, else synthetic), CPU, "
+                                               "W&B offline, --out-dir runs/flow-smoke")
     add("--overwrite", type=wbflow.str2bool, default=False,
         help="delete an earlier run's checkpoints (and --reflow's pairs of another teacher or settings) in "
              "--out-dir, not refuse (default: off)")
     add("--no-wandb", type=wbflow.str2bool, default=False,
         help="train without W&B (default: logging.use_wandb decides)")
-    add("--smoke", type=wbflow.str2bool, default=False, help="tiny UNet, a few hundred images (--data-dir, else "
-                                                             "synthetic), CPU, W&B offline, --out-dir runs/flow-smoke "
-                                                             "(default: off)")
     add("--resume", metavar="PATH|ARTIFACT",
         help="checkpoint file or W&B model artifact of the run to continue (default: none)")
     add("--reflow", metavar="PATH|ARTIFACT", help="train a 2-rectified flow on pairs of this teacher checkpoint "
                                                  "(reflow.*), in --out-dir + '-reflow' (default: none)")
-    add = functools.partial(wbflow.add_sweep_argument, parser.add_argument_group("evaluation (--eval)"))
-    add("--eval", type=wbflow.str2bool, default=False, help="FID / Inception Score of --checkpoint (default: off)")
-    add("--checkpoint", metavar="PATH|ARTIFACT", help="what --eval samples from (default: none)")
-    add("--num-samples", type=int, default=10000, help="images to sample (default: %(default)s)")
-    add("--metric", choices=("fid", "is", "both"), default="both", help="default: %(default)s")
-    add("--solver", choices=SOLVERS + ("meanflow",),
-        help=f"default: sampling.solver, {defaults['sampling']['solver']}; a MeanFlow checkpoint's: meanflow (jumps)")
-    add("--nfe", type=int, help=f"model evaluations per sample (default: sampling.nfe, {defaults['sampling']['nfe']})")
-    add("--guidance", type=lambda text: [float(scale) for scale in text.split(",")], metavar="S[,S...]",
-        help=f"a class-conditional checkpoint's guidance scales, FID and IS at each (default: sampling.guidance, "
-             f"{defaults['sampling']['guidance']})")
-    add("--use-wandb", type=wbflow.str2bool, default=False, help="log the scores to W&B (default: off)")
-    add("--wandb-project", help=f"default: {defaults['logging']['project_name']}_eval")
     return parser.parse_args(argv)
-
-
-def smoke_overrides():
-    try:
-        lines = [line.strip() for line in SMOKE_OVERRIDES.read_text(encoding="utf-8").splitlines()]
-    except OSError as error:
-        raise SystemExit(f"train_flow.py: --smoke reads its settings from {SMOKE_OVERRIDES}, which could not be read "
-                         f"({error.strerror or error})") from None
-    return [line for line in lines if line and not line.startswith("#")]
-
-
-def load_config(args):
-    with wbflow.exit_on_error("train_flow.py", (OSError, KeyError, ValueError)):  # no file, no such key, a wrong type
-        config = wbflow.load_yaml_config(args.config, (smoke_overrides() if args.smoke else []) + args.set,
-                                         reference=DEFAULT_CONFIG)
-    for flag, (key, _) in CONFIG_FLAGS.items():  # as given (argparse typed it): a path is not parsed as YAML
-        section, name = key.split(".")
-        value = vars(args)[flag[2:].replace("-", "_")]
-        config[section][name] = config[section][name] if value is None else value
-    if args.reflow and not args.out_dir:  # the teacher's folder holds its checkpoints
-        config["data"]["out_dir"] += "-reflow"
-    if args.no_wandb:
-        config["logging"]["use_wandb"] = False
-    if config["training"]["objective"] == "meanflow":  # a FlowUNet with a second time, sampled by jumps
-        config["model"]["second_time"] = True
-        config["sampling"].update(solver="meanflow", table_solvers=["meanflow"])
-    config["class_names"] = list(wbflow.CIFAR10_CLASSES) if config["model"]["num_classes"] else None  # in checkpoints
-    return config
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg.split("=")[0] == "--eval" for arg in argv):
+        raise SystemExit("train_flow.py: a checkpoint's FID and IS are evaluate_flow.py's: python evaluate_flow.py "
+                         "--checkpoint PATH|ARTIFACT (its other flags as before, without --eval)")
     args = parse_args(argv)
-    config = load_config(args)
+    config = flow_config.load_config(args, "train_flow.py")
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
         check_settings(args, config)
-        earlier_run = () if args.eval else wbflow.prepare_out_dir(config["data"]["out_dir"], resume=args.resume,
-                                                                  overwrite=args.overwrite)[1]
+        earlier_run = wbflow.prepare_out_dir(config["data"]["out_dir"], resume=args.resume,
+                                             overwrite=args.overwrite)[1]
         out_dir = Path(config["data"]["out_dir"])  # what --overwrite deletes and the run writes or rotates away
-        wbflow.check_outputs({} if args.eval else {"--out-dir": [*earlier_run, out_dir / "last.pt",
-                                                                 *out_dir.glob("checkpoint_epoch_*.pt")]},
+        wbflow.check_outputs({"--out-dir": [*earlier_run, out_dir / "last.pt", *out_dir.glob("checkpoint_epoch_*.pt")]},
                              {"--reflow": args.reflow})
     if args.smoke:
         os.environ.setdefault("WANDB_MODE", "offline")
     with wbflow.exit_on_error("train_flow.py"):  # missing data, checkpoint or weights; a full disk
-        if args.eval:
-            return evaluate(args, config)
         return train(config, argv, resume=args.resume, smoke=args.smoke, synthetic=args.smoke and not args.data_dir,
                      earlier_run=earlier_run, teacher=args.reflow, overwrite=args.overwrite)
 
 
 def check_settings(args, config):
     """A ValueError naming the first bad setting or flag, before any data, process group or W&B."""
-    data, training, evaluation = config["data"], config["training"], config["eval"]
-    world_size, real, fid = int(os.environ.get("WORLD_SIZE", 1)), evaluation["num_real_images"], args.metric != "is"
-    optional = {"--nfe": args.nfe, "data.max_images": data["max_images"], "eval.num_real_images": real}  # None: unset
-    wbflow.check_numbers({**settings(config, POSITIVE), "--num-samples": args.num_samples,
-                          **{name: value for name, value in optional.items() if value is not None}},
-                         settings(config, NOT_NEGATIVE), settings(config, FRACTIONS))
-    wbflow.check_choices("coupling", COUPLINGS, {"training.coupling": training["coupling"]})
-    wbflow.check_choices("objective", OBJECTIVES, {"training.objective": training["objective"]})
-    meanflow = training["objective"] == "meanflow"
-    wbflow.check_choices("solver", SOLVERS + (("meanflow",) if meanflow else ()), settings(config, SOLVER_SETTINGS))
-    references = {"--resume": args.resume, "--checkpoint": args.checkpoint, "--reflow": args.reflow}
-    refusals = [
-        *[(value is not None and not isinstance(value, str), f"{name} must be text or null, not {value!r}")
-          for name, value in settings(config, TEXT_OR_NULL).items()],
-        (config["model"]["num_classes"] not in (0, 10), f"model.num_classes must be 0 (unconditional) or 10 "
-                                                        f"(CIFAR-10's classes), not {config['model']['num_classes']}"),
+    training, evaluation, world_size = config["training"], config["eval"], int(os.environ.get("WORLD_SIZE", 1))
+    flow_config.check_config(config, refusals=[
         (training["batch_size"] < world_size, f"training.batch_size {training['batch_size']} is smaller than the "
                                               f"{world_size} ranks (it is the global batch, split over them)"),
-        (args.eval and fid and args.num_samples < 2,
-         f"--num-samples is {args.num_samples}: FID needs at least two samples"),
-        (args.eval and fid and real is not None and real < 2,
-         f"eval.num_real_images is {real}: FID needs at least two real images"),
-        (not args.eval and evaluation["fid_interval"] and evaluation["fid_num_samples"] < max(2, world_size),
+        (evaluation["fid_interval"] and evaluation["fid_num_samples"] < max(2, world_size),
          f"eval.fid_num_samples is {evaluation['fid_num_samples']}: FID needs at least two samples, and one per rank"),
-        *[(data[key[5:]] == "", f"{flag} ({key}) is empty: name a folder")
-          for flag, (key, _) in CONFIG_FLAGS.items() if key.startswith("data.")],
         *[(reference and os.path.isdir(reference), f"{flag} {reference} is a folder, not a checkpoint file")
-          for flag, reference in references.items()],
-        (args.eval and not args.checkpoint, "--eval needs --checkpoint PATH|ARTIFACT"),
-        (meanflow and training["coupling"] != "independent", "training.coupling ot is rectified flow's: "
-                                                             "meanflow_loss pairs noise and images independently"),
-        (meanflow and config["model"]["num_classes"], "model.num_classes is rectified flow's: meanflow_loss trains "
-                                                      "without labels")]
-    for message in [message for refused, message in refusals if refused][:1]:
-        raise ValueError(message)
-    if not args.eval:  # --eval checks its checkpoint first, then its model and files
-        check_model(config["model"])
-        check_files(args, config)
-
-
-def check_model(model_config):
-    """A ValueError unless these settings build a FlowUNet that keeps a CIFAR batch's shape (on the meta device)."""
-    try:
-        with torch.device("meta"):
-            wbflow.FlowUNet(**model_config)(torch.zeros(1, 3, 32, 32), torch.zeros(1))
-    except (RuntimeError, ValueError, TypeError, ArithmeticError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"the model settings {model_config} make no FlowUNet ({reason})") from None
-
-
-def check_files(args, config):
-    """The FID weights when FID runs, and then CIFAR-10 if it is missing too: an offline first run learns of both."""
-    fid_interval, missing = None if args.eval else config["eval"]["fid_interval"], []
-    if args.eval or fid_interval:
-        try:
-            wbflow.fid_weights_path(config["eval"]["fid_weights"], pass_as="--set eval.fid_weights=PATH")
-        except FileNotFoundError as error:
-            missing.append(f"FID every {fid_interval} epochs (eval.fid_interval): {error}; or train without FID: "
-                           f"--set eval.fid_interval=0" if fid_interval else f"--eval: {error}")
-    if missing and (args.metric != "is" if args.eval else not (args.smoke and not args.data_dir)):  # reads CIFAR-10
-        try:
-            wbflow.load_cifar10(config["data"]["data_dir"], download=False)
-        except (FileNotFoundError, ValueError) as error:
-            missing.append(str(error))
-    if missing:
-        raise ValueError("; and ".join(missing))
-
-
-def settings(config, names):  # {"section.key": value} for names {section: keys}
-    return {f"{section}.{key}": config[section][key] for section, keys in names.items() for key in keys}
+          for flag, reference in {"--resume": args.resume, "--reflow": args.reflow}.items()]])
+    flow_config.check_model(config["model"])
+    if evaluation["fid_interval"]:  # an offline first run learns of the weights and of CIFAR-10 at once
+        flow_config.check_fid_files(
+            config, lambda error: f"FID every {evaluation['fid_interval']} epochs (eval.fid_interval): {error}; or "
+                                  f"train without FID: --set eval.fid_interval=0",
+            reads_cifar10=not (args.smoke and not args.data_dir))
 
 
 def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=(), teacher=None, overwrite=False):
@@ -235,8 +104,6 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     config["data"]["images_sha256"] = wbflow.images_sha256(images_uint8)  # what it trains on, which a resume keeps
     channels_last = training["channels_last"] and device.type == "cuda"
     state = new_state(config, device, channels_last)
-    parameters = sum(parameter.numel() for parameter in state["model"].parameters())
-    say(f"FlowUNet: {parameters / 1e6:.2f}M parameters, {world_size} x {device}")
     amp_dtype, teacher_checkpoint = wbflow.autocast_dtype(device), load_teacher(teacher, config)  # before a resume
     resumed_from = load_resume(resume, config, state, device) if resume else None
     pairs, dataset = (images_uint8, None, labels if config["class_names"] else None), None  # or the teacher's pairs
@@ -247,7 +114,8 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
         state["model"], device_ids=[device.index] if device.type == "cuda" else None)
     train_model = torch.compile(train_model) if training["compile"] else train_model  # outside DDP: it splits the graph
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
-        statistics = fid_statistics(images_uint8, config, device, synthetic) if config["eval"]["fid_interval"] else None
+        statistics = (flow_config.fid_statistics(images_uint8, config, device, synthetic)
+                      if config["eval"]["fid_interval"] else None)
 
     with wbflow.stop_on_signals() as stop, wbflow.wandb_run(
             {**config, "resumed_from": resumed_from} if resumed_from else config, project=logging["project_name"],
@@ -296,10 +164,13 @@ def say(*args):
 
 
 def new_state(config, device, channels_last):
-    """A new run's state: the FlowUNet, its EMA, Adam with a linear warm-up, the fp16 GradScaler, and PROGRESS."""
+    """A new run's state: the FlowUNet (its size printed), its EMA, Adam with a linear warm-up, the fp16 GradScaler,
+    and PROGRESS."""
     training = config["training"]
     model = wbflow.FlowUNet(**config["model"]).to(device, memory_format=torch.channels_last if channels_last else
                                                   torch.preserve_format)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    say(f"FlowUNet: {parameters / 1e6:.2f}M parameters, {wbflow.rank_and_world_size()[1]} x {device}")
     optimizer = torch.optim.Adam(model.parameters(), lr=training["learning_rate"], fused=True)
     warmup_steps = max(1, training["warmup_steps"])  # lr * (step + 1) / warmup_steps, then constant
     return {"model": model, "ema": wbflow.make_ema(model, training["ema_decay"]), "optimizer": optimizer,
@@ -360,11 +231,6 @@ def model_settings(config):
     and second_time None when not MeanFlow's (as in checkpoints written before these keys)."""
     return {"model": {"second_time": None, **{key: value for key, value in config["model"].items()
                                               if key != "num_classes"}}, "class_names": config["class_names"]}
-
-
-def load_checked(flag, reference, config, device="cpu", **check):  # wbflow.load_checked with this run's W&B project
-    return wbflow.load_checked(reference, program="train_flow.py", flag=flag, driver="train_flow", device=device,
-                               project=config["logging"]["project_name"], entity=config["logging"]["entity"], **check)
 
 
 def load_resume(resume, config, state, device):
@@ -436,8 +302,8 @@ def epoch_end(epoch, ema_module, statistics, config, stop, amp_dtype):
     end = {"metrics": {}, "grid": None, "caption": None, "rows": []}
     ema_module.eval()  # the velocity every sampler below calls, without dropout
     if evaluation["fid_interval"] and epoch % evaluation["fid_interval"] == 0:  # every rank samples a share
-        scored = sample_and_score(ema_module, evaluation["fid_num_samples"], statistics, config, stop,
-                                  seed=sampling["seed"] + 1)
+        scored = flow_config.sample_and_score(ema_module, evaluation["fid_num_samples"], statistics, config, stop,
+                                              seed=sampling["seed"] + 1)
         if scored is None:
             return None
         end["metrics"] = scored[0]
@@ -457,11 +323,12 @@ def epoch_end(epoch, ema_module, statistics, config, stop, amp_dtype):
             end["grid"], end["caption"] = wbflow.sample_grid(samples), f"epoch {epoch}, EMA, {solver} NFE {used}"
         wbflow.save_png(end["grid"], Path(config["data"]["out_dir"]) / "samples" / f"epoch_{epoch:04d}.png")
     if rank == 0 and not stopped and (epoch % training["sample_interval"] == 0 or epoch == training["epochs"]):
-        straightness = wbflow.straightness(velocity(ema_module, sampling["guidance"]), noise, nfe, amp_dtype=amp_dtype)
+        straightness = wbflow.straightness(flow_config.velocity(ema_module, sampling["guidance"]), noise, nfe,
+                                           amp_dtype=amp_dtype)
         for scale in sampling["table_guidance"] if config["class_names"] else [None]:  # solver x NFE (x guidance)
-            compared = wbflow.compare_solvers(velocity(ema_module, scale), noise, solvers=sampling["table_solvers"],
-                                              nfes=sampling["table_nfes"], tolerance=tolerance, amp_dtype=amp_dtype,
-                                              stop=stop.is_set)
+            compared = wbflow.compare_solvers(flow_config.velocity(ema_module, scale), noise,
+                                              solvers=sampling["table_solvers"], nfes=sampling["table_nfes"],
+                                              tolerance=tolerance, amp_dtype=amp_dtype, stop=stop.is_set)
             stopped = compared is None
             if stopped:
                 break
@@ -471,30 +338,6 @@ def epoch_end(epoch, ema_module, statistics, config, stop, amp_dtype):
         if not stopped:
             end["metrics"]["eval/straightness"] = straightness
     return None if wbflow.gather_from_ranks(stopped)[0] else end
-
-
-def velocity(ema_module, scale, labels=None):
-    """What the samplers call: the EMA model, or a class-conditional one guided at `scale` (class-balanced labels)."""
-    if not ema_module.num_classes:
-        return ema_module
-    return wbflow.guided_velocity(ema_module, torch.arange(ema_module.num_classes) if labels is None else labels, scale)
-
-
-def sample_and_score(ema_module, count, statistics, config, stop, *, seed, scale=None, progress=False):
-    """eval/fid_score and eval/inception_score_* of `count` samples (guided at `scale`, else sampling.guidance, when
-    class-conditional): (metrics, samples, NFE), or None after a stop."""
-    evaluation, sampling = config["eval"], config["sampling"]
-    scored = wbflow.sample_and_score(
-        velocity(ema_module, sampling["guidance"] if scale is None else scale), count, statistics,
-        device=next(ema_module.parameters()).device, solver=sampling["solver"],
-        nfe=sampling["nfe"], tolerance=sampling["rk45_tolerance"], batch_size=evaluation["sample_batch_size"],
-        seed=seed, inception_batch_size=evaluation["inception_batch_size"], weights_path=evaluation["fid_weights"],
-        stop=stop.is_set, progress=progress)
-    if scored is None:
-        return None
-    (fid, (is_mean, is_std)), samples_uint8, used = scored
-    return ({"eval/fid_score": fid, "eval/inception_score_mean": is_mean, "eval/inception_score_std": is_std},
-            samples_uint8, used)
 
 
 def log_epoch(run, epoch, state, end, config):
@@ -544,23 +387,15 @@ def headline(out_dir, state):
     return f"done at step {state['global_step']}: {best}{fid}\n  last checkpoint: {out_dir / 'last.pt'}{lowest}"
 
 
-def fid_statistics(images_uint8, config, device, synthetic=False, progress=False):
-    """The FID statistics of these images, cached in eval.stats_dir, else <out_dir>/fid_stats (training, --eval)."""
-    evaluation = config["eval"]
-    return wbflow.cached_statistics(
-        images_uint8, evaluation["stats_dir"] or Path(config["data"]["out_dir"]) / "fid_stats",
-        "synthetic" if synthetic else "cifar10-train", what="the FID statistics file (eval.stats_dir)", device=device,
-        batch_size=evaluation["inception_batch_size"], weights_path=evaluation["fid_weights"], progress=progress)
-
-
 def load_teacher(teacher, config):
     """--reflow's checkpoint of this FlowUNet, (path, state) or None; reflow.teacher_sha256 is its file's hash."""
     config["reflow"].update(teacher=None, teacher_sha256=None)  # a run on images
     if not teacher:
         return None
-    path, state = load_checked("--reflow", teacher, config, required=("ema", "config"), expected=model_settings(config),
-                               hints=dict.fromkeys(("model", "class_names"), ": the student is the teacher's FlowUNet: "
-                                                                             "pass its --config/--set"))
+    path, state = flow_config.load_checked(
+        "train_flow.py", "--reflow", teacher, config, required=("ema", "config"), expected=model_settings(config),
+        hints=dict.fromkeys(("model", "class_names"), ": the student is the teacher's FlowUNet: pass its "
+                                                      "--config/--set"))
     config["reflow"].update(teacher=str(teacher), teacher_sha256=wbflow.file_sha256(path))
     return path, state
 
@@ -583,10 +418,10 @@ def reflow_pairs(teacher_checkpoint, config, state, amp_dtype, *, new, overwrite
                 wbflow.exit_on_error("train_flow.py", (ValueError,)):
             if wbflow.generate_reflow_pairs(  # a class-conditional teacher's pair i is of class i % 10
                 lambda noise, labels=None: wbflow.images_to_uint8(wbflow.sample_flow(
-                    velocity(teacher, made_by.get("guidance"), labels), noise, reflow["solver"], reflow["nfe"],
-                    amp_dtype=amp_dtype, tolerance=tolerance)[0]), folder, reflow["num_pairs"], settings=made_by,
-                shard_size=reflow["shard_size"], seed=reflow["seed"], num_classes=teacher.num_classes, stop=stop.is_set,
-                overwrite=overwrite, rank=rank, world_size=world_size,
+                    flow_config.velocity(teacher, made_by.get("guidance"), labels), noise, reflow["solver"],
+                    reflow["nfe"], amp_dtype=amp_dtype, tolerance=tolerance)[0]), folder, reflow["num_pairs"],
+                settings=made_by, shard_size=reflow["shard_size"], seed=reflow["seed"], num_classes=teacher.num_classes,
+                stop=stop.is_set, overwrite=overwrite, rank=rank, world_size=world_size,
                 device=next(teacher.parameters()).device) is None:
                 raise KeyboardInterrupt  # stopped before a shard: the shards written are kept
         with wbflow.wandb_run({"teacher": reflow["teacher"], "reflow": reflow}, project=logging["project_name"],
@@ -597,72 +432,6 @@ def reflow_pairs(teacher_checkpoint, config, state, amp_dtype, *, new, overwrite
         pairs = wbflow.load_reflow_pairs(folder, reflow["num_pairs"], {**made_by, "seed": reflow["seed"]})
     say(f"reflow: {len(pairs[0])} pairs of {reflow['teacher']} in {folder}")
     return pairs, (folder, f"reflow-pairs-{teacher_name}")
-
-
-def evaluate(args, config):
-    """--eval: FID and/or IS of --checkpoint's EMA model (--solver, --nfe), logged to a run in --wandb-project."""
-    data, sampling, evaluation, metric = config["data"], config["sampling"], config["eval"], args.metric
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    # everything the scores need is checked first: sampling can take hours
-    path, state = load_checked("--checkpoint", args.checkpoint, config, device,
-                               required=("ema", "config", "epoch", "global_step"),
-                               hints={"ema": " (not a train_flow checkpoint: every one holds the EMA weights)"})
-    meanflow = state["config"]["model"].get("second_time", False)  # a MeanFlow model: sampled by jumps
-    sampling.update(solver=args.solver or ("meanflow" if meanflow else sampling["solver"]),
-                    nfe=sampling["nfe"] if args.nfe is None else args.nfe)
-    grid_png = Path(data["out_dir"]) / "samples" / f"eval_epoch_{state['epoch']:04d}.png"
-    with wbflow.exit_on_error("train_flow.py", (ValueError,)):
-        if sampling["solver"] == "meanflow" and not meanflow:
-            raise ValueError(f"--solver meanflow samples a MeanFlow checkpoint; {path} is a rectified flow")
-        if args.guidance and not state["config"].get("class_names"):
-            raise ValueError(f"--guidance needs a class-conditional checkpoint; {path} holds a model for t alone")
-        wbflow.check_outputs({"the sample grid": grid_png}, {"--checkpoint": path})
-        check_files(args, config)
-    # the images the statistics are of (their hash names the cache a training run fills too); downloads, or says where
-    real_images = None if metric == "is" else wbflow.load_cifar10(data["data_dir"])[0][:evaluation["num_real_images"]]
-    ema_model = wbflow.make_ema(wbflow.FlowUNet(**state["config"]["model"]).to(device))
-    ema_model.load_state_dict(state["ema"])
-    # SIGTERM or Ctrl-C stops between sampling batches or after the Inception pass, saving nothing
-    with wbflow.exit_when_stopped("train_flow.py", "--eval") as stop:
-        with wbflow.exit_on_error("train_flow.py", (ValueError,)):  # before sampling: nothing fails after it
-            statistics = None if metric == "is" else fid_statistics(real_images, config, device, progress=True)
-        scored = {scale: sample_and_score(ema_model.module.eval(), args.num_samples, statistics, config, stop,
-                                          seed=sampling["seed"], scale=scale, progress=True)
-                  for scale in args.guidance or [sampling["guidance"]]}
-        if None in scored.values():  # any rank's stop, between sampling batches
-            raise KeyboardInterrupt
-    return log_eval(args, config, path, state, scored, grid_png)
-
-
-def log_eval(args, config, path, state, scored, grid_png):
-    """--eval's scores at the best guidance scale (FID's lowest) printed and logged to a run in --wandb-project, with
-    its sample grid (saved to `grid_png`); the scores against the scale too when --guidance names them."""
-    sampling, logging, metric, scales = config["sampling"], config["logging"], args.metric, list(scored)
-    classes = state["config"].get("class_names")
-    scores = [{"guidance": scale, **metrics} for scale, (metrics, _, _) in scored.items()]
-    best = wbflow.log_guidance_sweep(None, scores) or scores[0]  # the lowest FID's scale (the first without FID)
-    metrics, samples_uint8, used = scored[best["guidance"]]
-    print(f"sampled {len(samples_uint8)} images a scale from {path} (epoch {state['epoch']}) with "
-          f"{sampling['solver']}, NFE {used}" + (f", guidance {', '.join(map(str, scales))}" if classes else ""))
-    metrics = {key: value for key, value in metrics.items()  # --metric fid, is or both
-               if value is not None and (metric != "fid" or key == "eval/fid_score")}
-    print(", ".join(f"{key} {value:.4f}" for key, value in metrics.items()) + (
-        f" (guidance {best['guidance']:g}, the best of {len(scales)})" if classes else ""))
-    grid = wbflow.sample_grid(samples_uint8[:100 if classes else 64], nrow=len(classes) if classes else None)
-    wbflow.save_png(grid, grid_png)
-    eval_config = {"checkpoint": str(args.checkpoint), "epoch": state["epoch"], "global_step": state["global_step"],
-                   "num_samples": args.num_samples, "metric": metric, "solver": sampling["solver"], "nfe": used,
-                   "model": state["config"]["model"], "class_names": classes, "guidance": scales if classes else None,
-                   "fid_reference": wbflow.fid_reference()}
-    with wbflow.wandb_run(eval_config, project=args.wandb_project or f"{logging['project_name']}_eval",
-                          enabled=args.use_wandb, entity=logging["entity"], job_type="eval") as run:
-        run.log(metrics)
-        if args.guidance:  # FID and IS against the scale: eval/guidance_table, eval/fid_vs_guidance, the best
-            wbflow.log_guidance_sweep(run, scores)
-        wbflow.log_image_grid(run, "eval/sample_images", grid, caption=f"{sampling['solver']} NFE {used}, epoch "
-                              f"{state['epoch']}" + (f", guidance {best['guidance']:g}; columns: {', '.join(classes)}"
-                                                     if classes else ""))
-    return metrics
 
 
 if __name__ == "__main__":
