@@ -590,7 +590,7 @@ def _rate_between_log_points(reached, batch_size):
 
 
 def _recipe():
-    """the flow scripts' default config: the model and training sections of configs/cifar10_rectified_flow.yaml."""
+    """The flow scripts' default config: the model and training sections of configs/cifar10_rectified_flow.yaml."""
     import flow_config
     return wbflow.load_yaml_config(flow_config.DEFAULT_CONFIG)
 

@@ -10,7 +10,6 @@ Recipe: config (train_flow.py's: data, sampling, eval) -> every check (checkpoin
 CIFAR-10) -> the real images' FID statistics -> sample and score at each guidance scale -> print, grid, W&B.
 """
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -20,11 +19,11 @@ import wbflow
 
 
 def parse_args(argv=None):
-    out_dir = ("data.out_dir", "its sample grid goes to samples/, the real images' FID statistics to fid_stats/ (or "
-                               "eval.stats_dir)")
     parser, add, defaults = flow_config.config_parser(
-        "evaluate_flow.py", __doc__.splitlines()[0], {"--data-dir": flow_config.CONFIG_FLAGS["--data-dir"],
-                                                      "--out-dir": out_dir},
+        "evaluate_flow.py", __doc__.splitlines()[0],
+        {"--data-dir": flow_config.CONFIG_FLAGS["--data-dir"],
+         "--out-dir": ("data.out_dir", "its sample grid goes to samples/, the real images' FID statistics to "
+                                       "fid_stats/ (or eval.stats_dir)")},
         "configs/smoke_overrides.txt's sampling and eval settings, CPU, W&B offline, --out-dir runs/flow-smoke")
     add("--checkpoint", metavar="PATH|ARTIFACT", help="the train_flow checkpoint file or W&B model artifact to score "
                                                      "(required; default: none)")
@@ -42,15 +41,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     config = flow_config.load_config(args, "evaluate_flow.py")
     real, fid = config["eval"]["num_real_images"], args.metric != "is"
     with wbflow.exit_on_error("evaluate_flow.py", (ValueError,)):
-        flow_config.check_config(config, {"--num-samples": args.num_samples, "--nfe": args.nfe}, refusals=[
+        flow_config.check_config(config, {"--num-samples": args.num_samples, "--nfe": args.nfe}, more_refusals=[
             (fid and args.num_samples < 2, f"--num-samples is {args.num_samples}: FID needs at least two samples"),
             (fid and real is not None and real < 2, f"eval.num_real_images is {real}: FID needs at least two real "
                                                     f"images"),
             (not args.checkpoint, "--checkpoint PATH|ARTIFACT is needed: the checkpoint to score"),
+            (int(os.environ.get("WORLD_SIZE", 1)) > 1, "it runs in one process: launch it with python, not torchrun"),
             (args.checkpoint and os.path.isdir(args.checkpoint),
              f"--checkpoint {args.checkpoint} is a folder, not a checkpoint file")])
     if args.smoke:
@@ -78,7 +78,7 @@ def evaluate(args, config):
         if args.guidance and not state["config"].get("class_names"):
             raise ValueError(f"--guidance needs a class-conditional checkpoint; {path} holds a model for t alone")
         wbflow.check_outputs({"the sample grid": grid_png}, {"--checkpoint": path})
-        flow_config.check_fid_files(config, str, reads_cifar10=metric != "is")  # the Inception weights IS needs too
+        flow_config.check_fid_files(config, reads_cifar10=metric != "is")  # the Inception weights IS needs too
     # the images the statistics are of (their hash names the cache a training run fills too); downloads, or says where
     real_images = None if metric == "is" else wbflow.load_cifar10(data["data_dir"])[0][:evaluation["num_real_images"]]
     ema_model = wbflow.make_ema(wbflow.FlowUNet(**state["config"]["model"]).to(device))
@@ -91,7 +91,7 @@ def evaluate(args, config):
         scored = {scale: flow_config.sample_and_score(ema_model.module.eval(), args.num_samples, statistics, config,
                                                      stop, seed=sampling["seed"], scale=scale, progress=True)
                   for scale in args.guidance or [sampling["guidance"]]}
-        if None in scored.values():  # any rank's stop, between sampling batches
+        if None in scored.values():  # a stop, between sampling batches
             raise KeyboardInterrupt
     return log_eval(args, config, path, state, scored, grid_png)
 

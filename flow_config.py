@@ -36,9 +36,9 @@ SOLVERS, COUPLINGS, OBJECTIVES = ("euler", "heun", "rk45"), ("independent", "ot"
 SOLVER_SETTINGS = {"sampling": ("solver", "table_solvers"), "reflow": ("solver",)}
 
 
-def config_parser(program, description, flags, smoke):
+def config_parser(program, description, flags, smoke_help):
     """(parser, its add, the default config) with what load_config reads: --config, --set, `flags` (a few of
-    CONFIG_FLAGS, their help) and --smoke (`smoke` says what it does): train_flow.py's and evaluate_flow.py's."""
+    CONFIG_FLAGS, their help) and --smoke (`smoke_help` says what it does): train_flow.py's and evaluate_flow.py's."""
     if not DEFAULT_CONFIG.is_file():  # copied scripts without their configs/
         raise SystemExit(f"{program}: its default config {DEFAULT_CONFIG} is missing (copy configs/ beside it)")
     defaults = wbflow.load_yaml_config(DEFAULT_CONFIG)  # for the defaults --help shows
@@ -50,7 +50,7 @@ def config_parser(program, description, flags, smoke):
     for flag, (key, text) in flags.items():
         section, name = key.split(".")
         add(flag, type=type(defaults[section][name]), help=f"{text} (default: {key}, {defaults[section][name]})")
-    add("--smoke", type=wbflow.str2bool, default=False, help=f"{smoke} (default: off)")
+    add("--smoke", type=wbflow.str2bool, default=False, help=f"{smoke_help} (default: off)")
     return parser, add, defaults
 
 
@@ -84,11 +84,11 @@ def load_config(args, program):
     return config
 
 
-def check_config(config, numbers=None, refusals=()):
-    """A ValueError naming the first bad setting, or `numbers` ({flag: value}) that is not positive (None: unset), or
-    the first of the caller's `refusals` [(refused, message)]: the rules train_flow.py and evaluate_flow.py share."""
+def check_config(config, positive_flags=None, more_refusals=()):
+    """A ValueError naming the first bad setting, or flag of `positive_flags` ({flag: value}; None: unset) that is not
+    positive, or the first of `more_refusals` [(refused, message)], the caller's own: the rules both scripts share."""
     data, training = config["data"], config["training"]
-    optional = {**(numbers or {}), "data.max_images": data["max_images"],
+    optional = {**(positive_flags or {}), "data.max_images": data["max_images"],
                 "eval.num_real_images": config["eval"]["num_real_images"]}  # None: unset
     wbflow.check_numbers({**settings(config, POSITIVE), **{name: value for name, value in optional.items()
                                                             if value is not None}},
@@ -108,7 +108,7 @@ def check_config(config, numbers=None, refusals=()):
                                                              "meanflow_loss pairs noise and images independently"),
         (meanflow and config["model"]["num_classes"], "model.num_classes is rectified flow's: meanflow_loss trains "
                                                       "without labels"),
-        *refusals]
+        *more_refusals]
     for message in [message for refused, message in refusals if refused][:1]:
         raise ValueError(message)
 
@@ -123,14 +123,14 @@ def check_model(model_config):
         raise ValueError(f"the model settings {model_config} make no FlowUNet ({reason})") from None
 
 
-def check_fid_files(config, needed_by, reads_cifar10):
-    """A ValueError if the FID weights are missing (`needed_by(error)` words it), naming CIFAR-10 too when it is read
-    and missing as well, so that an offline first run learns of both."""
+def check_fid_files(config, reads_cifar10, word_missing_weights=str):
+    """A ValueError if the FID weights are missing (`word_missing_weights(error)` says so), naming CIFAR-10 too when it
+    is read and missing as well, so that an offline first run learns of both."""
     try:
         wbflow.fid_weights_path(config["eval"]["fid_weights"], pass_as="--set eval.fid_weights=PATH")
         return
     except FileNotFoundError as error:
-        missing = [needed_by(error)]
+        missing = [word_missing_weights(error)]
     if reads_cifar10:
         try:
             wbflow.load_cifar10(config["data"]["data_dir"], download=False)
@@ -173,7 +173,8 @@ def sample_and_score(ema_module, count, statistics, config, stop, *, seed, scale
 
 
 def fid_statistics(images_uint8, config, device, synthetic=False, progress=False):
-    """The FID statistics of these images, cached in eval.stats_dir, else <out_dir>/fid_stats (training, evaluate_flow.py)."""
+    """The FID statistics of these images, cached in eval.stats_dir, else <out_dir>/fid_stats (training and
+    evaluate_flow.py)."""
     evaluation = config["eval"]
     return wbflow.cached_statistics(
         images_uint8, evaluation["stats_dir"] or Path(config["data"]["out_dir"]) / "fid_stats",

@@ -39,9 +39,10 @@ def test_train_flow_refuses_a_bad_setting_in_one_line(argv, match, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_train_flow_refuses_an_unknown_solver_flag_and_a_batch_smaller_than_the_ranks(tmp_path, monkeypatch):
+def test_the_flow_scripts_refuse_an_unknown_solver_flag_and_a_batch_smaller_than_the_ranks(tmp_path, monkeypatch):
+    assert evaluate_flow.parse_args(["--checkpoint", "c.pt", "--solver", "heun"]).solver == "heun"
     with pytest.raises(SystemExit):
-        train_flow.parse_args(["--solver", "midpoint"])
+        evaluate_flow.parse_args(["--checkpoint", "c.pt", "--solver", "midpoint"])
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.delenv("RANK", raising=False)
     refused(train_flow.main, FLOW_SMOKE + ["--batch-size", "2"], r"batch_size 2 is smaller than the 4 ranks")
@@ -70,6 +71,7 @@ def test_a_data_folder_with_one_class_is_refused(tmp_path):
 @pytest.mark.parametrize("script, argv", [
     ("train_flow.py", ["--smoke", "--set", "training.nope=1"]),
     ("train_flow.py", ["--smoke", "--config", "broken.yaml"]),
+    ("evaluate_flow.py", ["--smoke", "--checkpoint", "c.pt", "--nfe", "0"]),
     ("train_fire.py", ["--epochs", "-1"]),
 ])
 def test_a_bad_setting_prints_no_traceback(tmp_path, script, argv):
@@ -420,11 +422,14 @@ def test_evaluate_flow_refuses_a_bad_value_in_one_line(argv, match, tmp_path, mo
     assert not (tmp_path / "out").exists()
 
 
-def test_evaluate_flow_refuses_no_checkpoint_and_a_folder_in_one_line(tmp_path):
+def test_evaluate_flow_refuses_no_checkpoint_a_folder_and_torchrun_in_one_line(tmp_path, monkeypatch):
     refused(evaluate_flow.main, ["--smoke"],
             r"^evaluate_flow\.py: --checkpoint PATH\|ARTIFACT is needed: the checkpoint to score$")
     refused(evaluate_flow.main, ["--smoke", "--checkpoint", str(tmp_path)],
             rf"^evaluate_flow\.py: --checkpoint {tmp_path} is a folder, not a checkpoint file$")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # each process would score alone and log a run of its own
+    refused(evaluate_flow.main, ["--smoke", "--checkpoint", "c.pt"],
+            r"^evaluate_flow\.py: it runs in one process: launch it with python, not torchrun$")
 
 
 @pytest.mark.parametrize("text, match", [

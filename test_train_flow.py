@@ -249,13 +249,20 @@ def test_a_copied_train_flow_reads_the_smoke_overrides_only_for_smoke_and_names_
 def test_train_flows_boolean_flags_take_the_sweep_agents_spelling_and_still_work_bare(argv, expected):
     args = train_flow.parse_args(argv)
     assert (args.no_wandb, args.smoke, args.overwrite) == expected
-    assert evaluate_flow.parse_args(["--use_wandb=1", "--smoke=no"]).use_wandb is True
-    assert evaluate_flow.parse_args(["--use-wandb", "--smoke"]).smoke is True
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--use_wandb=1", "--smoke=no"], (True, False)), (["--use-wandb", "--smoke"], (True, True)),
+    (["--use-wandb=false", "--smoke=True"], (False, True)), ([], (False, False)),
+])
+def test_evaluate_flows_boolean_flags_take_the_sweep_agents_spelling_and_still_work_bare(argv, expected):
+    args = evaluate_flow.parse_args(argv)
+    assert (args.use_wandb, args.smoke) == expected
 
 
 def test_train_flow_names_the_evaluation_script_for_an_earlier_eval_command(monkeypatch):
     monkeypatch.setattr(flow_config, "load_config", lambda *args: pytest.fail("read the config"))
-    for eval_flag in ("--eval", "--eval=yes"):
+    for eval_flag in ("--eval", "--eval=yes", "--eval=false"):
         refused(train_flow.main, [eval_flag, "--checkpoint", "c.pt"],
                 r"^train_flow\.py: a checkpoint's FID and IS are evaluate_flow\.py's: python evaluate_flow\.py "
                 r"--checkpoint PATH\|ARTIFACT")

@@ -56,9 +56,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if any(arg.split("=")[0] == "--eval" for arg in argv):
+    if any(arg.partition("=")[0] == "--eval" for arg in argv):  # any spelling: train_flow.py has no --eval now
         raise SystemExit("train_flow.py: a checkpoint's FID and IS are evaluate_flow.py's: python evaluate_flow.py "
-                         "--checkpoint PATH|ARTIFACT (its other flags as before, without --eval)")
+                         "--checkpoint PATH|ARTIFACT and --eval's other flags (python evaluate_flow.py --help)")
     args = parse_args(argv)
     config = flow_config.load_config(args, "train_flow.py")
     with wbflow.exit_on_error("train_flow.py", (ValueError,)):
@@ -78,7 +78,7 @@ def main(argv=None):
 def check_settings(args, config):
     """A ValueError naming the first bad setting or flag, before any data, process group or W&B."""
     training, evaluation, world_size = config["training"], config["eval"], int(os.environ.get("WORLD_SIZE", 1))
-    flow_config.check_config(config, refusals=[
+    flow_config.check_config(config, more_refusals=[
         (training["batch_size"] < world_size, f"training.batch_size {training['batch_size']} is smaller than the "
                                               f"{world_size} ranks (it is the global batch, split over them)"),
         (evaluation["fid_interval"] and evaluation["fid_num_samples"] < max(2, world_size),
@@ -88,9 +88,9 @@ def check_settings(args, config):
     flow_config.check_model(config["model"])
     if evaluation["fid_interval"]:  # an offline first run learns of the weights and of CIFAR-10 at once
         flow_config.check_fid_files(
-            config, lambda error: f"FID every {evaluation['fid_interval']} epochs (eval.fid_interval): {error}; or "
-                                  f"train without FID: --set eval.fid_interval=0",
-            reads_cifar10=not (args.smoke and not args.data_dir))
+            config, reads_cifar10=not (args.smoke and not args.data_dir),
+            word_missing_weights=lambda error: f"FID every {evaluation['fid_interval']} epochs (eval.fid_interval): "
+                                               f"{error}; or train without FID: --set eval.fid_interval=0")
 
 
 def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_run=(), teacher=None, overwrite=False):
