@@ -350,18 +350,6 @@ def cross_validate(args):
     return scores
 
 
-def run_folds(args, argv, rank, joined):
-    """--folds K: each fold's run in turn (one that is done has its oof.csv; a stopped one resumes from its last.pth),
-    then --cv on rank 0; the process group is left if this launch joined it. The out-of-fold scores (rank 0)."""
-    for fold, last in enumerate(Path(args.out_dir, f"fold{fold}", "last.pth") for fold in range(args.folds)):
-        if args.overwrite or not last.with_name("oof.csv").is_file():
-            main([*argv, "--fold", str(fold), *["--resume", str(last)] * (last.is_file() and not args.overwrite)])
-    scores = cross_validate(argparse.Namespace(**{**vars(args), "cv": args.out_dir})) if rank == 0 else None
-    if joined and dist.is_initialized():
-        dist.destroy_process_group()
-    return scores
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -379,8 +367,14 @@ def main(argv=None):
     out_dir, earlier_run = check_settings(args, int(os.environ.get("WORLD_SIZE", 1)))
     joined = not dist.is_initialized()  # under torchrun, --folds K's fold runs share the group it joins
     rank, world_size, device = wbflow.setup_distributed()
-    if args.folds and args.fold is None:
-        return run_folds(args, argv, rank, joined)
+    if args.folds and args.fold is None:  # --folds K: each fold's run in turn (done: with its oof.csv), then --cv
+        for fold, last in enumerate(Path(args.out_dir, f"fold{fold}", "last.pth") for fold in range(args.folds)):
+            if args.overwrite or not last.with_name("oof.csv").is_file():  # a stopped fold resumes from its last.pth
+                main([*argv, "--fold", str(fold), *["--resume", str(last)] * (last.is_file() and not args.overwrite)])
+        scores = cross_validate(argparse.Namespace(**{**vars(args), "cv": args.out_dir})) if rank == 0 else None
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
+        return scores
     master, device = rank == 0, torch.device("cpu") if args.smoke else device  # rank 0 alone prints, logs, writes
     if not master:
         warnings.simplefilter("ignore")
