@@ -1,6 +1,7 @@
 """What train_flow.py and evaluate_flow.py share: their YAML config, the flags that set its keys, the rules every
 value is checked against before any data, process group, W&B run or sampling, and the wbflow calls both make with it
-(a checkpoint checked against the config, the real images' FID statistics, sampling and scoring at a guidance scale).
+(a checkpoint checked against the config, --reflow's teacher among them; the real images' FID statistics; sampling
+and scoring at a guidance scale).
 
   parser, add, defaults = config_parser("my_flow.py", "what it does", {"--out-dir": CONFIG_FLAGS["--out-dir"]}, "CPU")
   config = load_config(parser.parse_args(), "my_flow.py")    # the YAML, --smoke's overrides, --set, then the flags
@@ -146,6 +147,27 @@ def settings(config, names):  # {"section.key": value} for names {section: keys}
 def load_checked(program, flag, reference, config, device="cpu", **check):  # wbflow's, with the run's W&B project
     return wbflow.load_checked(reference, program=program, flag=flag, driver="train_flow", device=device,
                                project=config["logging"]["project_name"], entity=config["logging"]["entity"], **check)
+
+
+def model_settings(config):
+    """What a checkpoint's model must share with this run's; num_classes as class_names, None when unconditional,
+    and second_time None when not MeanFlow's (as in checkpoints written before these keys)."""
+    return {"model": {"second_time": None, **{key: value for key, value in config["model"].items()
+                                              if key != "num_classes"}}, "class_names": config["class_names"]}
+
+
+def load_teacher(teacher, config):
+    """--reflow's checkpoint of this FlowUNet, (path, state) or None; reflow.teacher_sha256 is its file's hash, which
+    a resume checks, so train_flow loads the teacher before a resume."""
+    config["reflow"].update(teacher=None, teacher_sha256=None)  # a run on images
+    if not teacher:
+        return None
+    path, state = load_checked(
+        "train_flow.py", "--reflow", teacher, config, required=("ema", "config"), expected=model_settings(config),
+        hints=dict.fromkeys(("model", "class_names"), ": the student is the teacher's FlowUNet: pass its "
+                                                      "--config/--set"))
+    config["reflow"].update(teacher=str(teacher), teacher_sha256=wbflow.file_sha256(path))
+    return path, state
 
 
 def velocity(ema_module, scale, labels=None):

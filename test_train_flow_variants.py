@@ -160,7 +160,7 @@ def test_a_checkpoint_written_before_model_num_classes_resumes_and_teaches_as_un
     result = train_flow.main(argv + ["--epochs", "2", "--resume", str(tmp_path / "old" / "last.pt")])
     assert result["step"] == 4
     config = flow_config.load_config(train_flow.parse_args(argv), "train_flow.py")
-    assert train_flow.load_teacher(str(tmp_path / "old" / "checkpoint_epoch_1.pt"), config) is not None
+    assert flow_config.load_teacher(str(tmp_path / "old" / "checkpoint_epoch_1.pt"), config) is not None
 
 
 # ----------------------------------------------------------------------------- train_flow's meanflow objective

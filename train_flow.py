@@ -23,15 +23,11 @@ import torch
 import flow_config
 import wbflow
 
-# Where a run stands, in every checkpoint beside the model, EMA, optimiser, scheduler and scaler: the epoch and whether
-# its end (FID, grid, solver table, W&B row) is done; a stopped epoch's place and sums (train_state); the epoch's last
-# window row, loss and speed, which wait for its end; the totals the W&B rows and the closing headline show.
+# where a run stands, in every checkpoint beside the model, EMA, optimiser, scheduler and scaler (docs/flow.md)
 PROGRESS = {"epoch": 0, "ended": True, "train_state": None, "last_window": None, "epoch_loss": None,
             "images_per_second": None, "global_step": 0, "skipped_steps": 0, "best_loss": None, "best_epoch": None,
             "best_checkpoint": None, "last_fid": None, "table_rows": []}
-# settings a resume must keep (else the W&B config lies, or the resume is inexact), among them what the run trains on:
-# the images (their hash), the coupling, and the teacher whose pairs it trains on (its file's hash; None: images);
-# the objective through model.second_time (a MeanFlow model's), and a MeanFlow run's meanflow.*
+# what a resume keeps, else the W&B config lies or the resume is inexact (docs/guarantees.md, stop and resume)
 RESUME_FIXED = {"training": ("batch_size", "learning_rate", "warmup_steps", "gradient_clip", "ema_decay", "seed",
                              "coupling"),
                 "data": ("max_images", "images_sha256"), "sampling": ("num_images", "seed"),
@@ -104,7 +100,7 @@ def train(config, argv, *, resume=None, smoke=False, synthetic=False, earlier_ru
     config["data"]["images_sha256"] = wbflow.images_sha256(images_uint8)  # what it trains on, which a resume keeps
     channels_last = training["channels_last"] and device.type == "cuda"
     state = new_state(config, device, channels_last)
-    amp_dtype, teacher_checkpoint = wbflow.autocast_dtype(device), load_teacher(teacher, config)  # before a resume
+    amp_dtype, teacher_checkpoint = wbflow.autocast_dtype(device), flow_config.load_teacher(teacher, config)
     resumed_from = load_resume(resume, config, state, device) if resume else None
     pairs, dataset = (images_uint8, None, labels if config["class_names"] else None), None  # or the teacher's pairs
     if teacher:  # a new student starts from its teacher's EMA weights
@@ -226,13 +222,6 @@ def load_images(data, seed, synthetic):
     return images_uint8, labels
 
 
-def model_settings(config):
-    """What a checkpoint's model must share with this run's; num_classes as class_names, None when unconditional,
-    and second_time None when not MeanFlow's (as in checkpoints written before these keys)."""
-    return {"model": {"second_time": None, **{key: value for key, value in config["model"].items()
-                                              if key != "num_classes"}}, "class_names": config["class_names"]}
-
-
 def load_resume(resume, config, state, device):
     """Load --resume into `state` and this rank's RNG once it fits this run; a new W&B run's resumed_from, or None."""
     fixed = {**RESUME_FIXED, "training": RESUME_FIXED["training"] + ("label_dropout",) * bool(config["class_names"])}
@@ -240,7 +229,7 @@ def load_resume(resume, config, state, device):
     saved, (run_id, resumed_from, plan) = wbflow.resume_from(
         resume, state, program="train_flow.py", driver="train_flow", step_key="global_step", device=device,
         project=logging["project_name"], entity=logging["entity"], required=("config",),
-        expected={**model_settings(config), "world_size": wbflow.rank_and_world_size()[1],
+        expected={**flow_config.model_settings(config), "world_size": wbflow.rank_and_world_size()[1],
                   **{section: {key: config[section][key] for key in keys} for section, keys in fixed.items()},
                   **({"meanflow": config["meanflow"]} if config["training"]["objective"] == "meanflow" else {})},
         hints={"model": ": pass the --config/--set (and --smoke, training.objective) of the run it came from",
@@ -385,19 +374,6 @@ def headline(out_dir, state):
     fid = f", last FID {fid['fid']:.2f} (epoch {fid['epoch']}, {fid['samples']} samples)" if fid else ""
     lowest = (f"; the lowest-loss checkpoint: {out_dir / lowest['path']} (epoch {lowest['epoch']})" if lowest else "")
     return f"done at step {state['global_step']}: {best}{fid}\n  last checkpoint: {out_dir / 'last.pt'}{lowest}"
-
-
-def load_teacher(teacher, config):
-    """--reflow's checkpoint of this FlowUNet, (path, state) or None; reflow.teacher_sha256 is its file's hash."""
-    config["reflow"].update(teacher=None, teacher_sha256=None)  # a run on images
-    if not teacher:
-        return None
-    path, state = flow_config.load_checked(
-        "train_flow.py", "--reflow", teacher, config, required=("ema", "config"), expected=model_settings(config),
-        hints=dict.fromkeys(("model", "class_names"), ": the student is the teacher's FlowUNet: pass its "
-                                                      "--config/--set"))
-    config["reflow"].update(teacher=str(teacher), teacher_sha256=wbflow.file_sha256(path))
-    return path, state
 
 
 def reflow_pairs(teacher_checkpoint, config, state, amp_dtype, *, new, overwrite=False):
